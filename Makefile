@@ -1,0 +1,45 @@
+# Set-up and entry points. Every target is idempotent: a second run reuses the venv.
+#   make demo   set up, then run the main job (agent + collector on loopback, report at the end)
+#   make test   set up, then run the whole test suite
+#   make quick  the test suite without the slow end-to-end tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first and pinned: this machine's pip finds the 2.13.0 CPU wheel locally, while an
+# unpinned torch pulls a multi-GB CUDA build. The package itself only asks for a range.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.grokwatch-installed
+
+.PHONY: setup demo test quick prometheus bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[agent,hf,collector,dev]"
+	touch $@
+
+# The real Prometheus binary (Debian's package) for the integration tests.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+
+demo: setup
+	$(VENV)/bin/grokwatch demo
+
+test: setup prometheus
+	$(PY) -m pytest
+
+quick: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) bench/collector_throughput.py
+	$(PY) bench/edit_distance.py
+	$(PY) bench/agent_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

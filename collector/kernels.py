@@ -1,0 +1,253 @@
+"""Numba kernels of the collector's hot path. Plain arrays in, plain arrays out.
+
+Each kernel names the METRICS.md definition it implements; ``reference.py``
+holds the plain-Python version the tests compare against.
+
+Legend: L layers, E experts, S symbols of a pathway, W 64-bit words, B buckets.
+Pathway symbols (the `expert` unit) are int16: expert ids 0..E-1 and SEP = E.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_ONE = np.uint64(1)
+_ZERO = np.uint64(0)
+_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+_HIGH = np.uint64(1) << np.uint64(63)
+_WORD = 64
+
+
+@njit(cache=True, nogil=True)
+def build_pathway(probs_LE, tau, sym_S, starts_L1):
+    """METRICS.md §1 layer lists e_l and pathway s = e_1 ⊕ SEP ⊕ … ⊕ e_L.
+
+    Writes the symbols into ``sym_S`` (capacity L*(E+1)) and the start of each
+    layer's list into ``starts_L1`` (starts_L1[L] = S + 1, as if a SEP
+    followed the last layer). Returns S. Ties keep the lower expert index first
+    (stable sort); cumulative weights are summed in float64 like the reference.
+    """
+    num_layers, num_experts = probs_LE.shape
+    sep = num_experts
+    n = 0
+    for layer in range(num_layers):
+        if layer > 0:
+            sym_S[n] = sep
+            n += 1
+        starts_L1[layer] = n
+        order_E = np.argsort(-probs_LE[layer].astype(np.float64), kind="mergesort")
+        total = 0.0
+        for r in range(num_experts):
+            k = order_E[r]
+            sym_S[n] = k
+            n += 1
+            total += np.float64(probs_LE[layer, k])
+            if total >= tau:
+                break
+    starts_L1[num_layers] = n + 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def pathway_chars(sym_S, length, sep, out_C):
+    """The paper's string form of a pathway as ASCII codes: ',' between experts
+    of a layer, '-' between layers. Returns the number of characters."""
+    n = 0
+    first_in_layer = True
+    for i in range(length):
+        s = sym_S[i]
+        if s == sep:
+            out_C[n] = 45  # '-'
+            n += 1
+            first_in_layer = True
+            continue
+        if not first_in_layer:
+            out_C[n] = 44  # ','
+            n += 1
+        first_in_layer = False
+        if s == 0:
+            out_C[n] = 48
+            n += 1
+            continue
+        digits = 0
+        v = s
+        while v > 0:
+            digits += 1
+            v //= 10
+        v = s
+        for d in range(digits - 1, -1, -1):
+            out_C[n + d] = 48 + v % 10
+            v //= 10
+        n += digits
+    return n
+
+
+@njit(cache=True, nogil=True)
+def build_peq(a, length, alphabet, peq_AW):
+    """Match masks of pattern ``a`` for the bit-parallel edit distance:
+    bit i of peq_AW[c, i // 64] is set iff a[i] == c. Returns the words used."""
+    words = (length + _WORD - 1) // _WORD
+    for c in range(alphabet):
+        for w in range(words):
+            peq_AW[c, w] = _ZERO
+    for i in range(length):
+        peq_AW[a[i], i // _WORD] |= _ONE << np.uint64(i % _WORD)
+    return words
+
+
+@njit(cache=True, nogil=True)
+def levenshtein_peq(peq_AW, m, b, n, pv_W, mv_W):
+    """METRICS.md §1 Levenshtein (unit costs) of pattern (given as ``peq_AW``,
+    length m) against ``b[:n]``: Myers' bit-vector algorithm in Hyyrö's
+    multi-word form, O(ceil(m/64) * n). Rows below m in the last word are
+    computed but never read, since carries only flow downwards."""
+    if m == 0:
+        return n
+    if n == 0:
+        return m
+    words = (m + _WORD - 1) // _WORD
+    for w in range(words):
+        pv_W[w] = _ALL
+        mv_W[w] = _ZERO
+    last_bit = np.uint64((m - 1) % _WORD)
+    score = m
+    for j in range(n):
+        c = b[j]
+        hin = 1  # row 0 of the DP grows by one per column
+        for w in range(words):
+            eq = peq_AW[c, w]
+            pv = pv_W[w]
+            mv = mv_W[w]
+            xv = eq | mv
+            if hin < 0:
+                eq |= _ONE
+            xh = (((eq & pv) + pv) ^ pv) | eq
+            ph = mv | (~(xh | pv))
+            mh = pv & xh
+            if w == words - 1:
+                score += np.int64((ph >> last_bit) & _ONE) - np.int64((mh >> last_bit) & _ONE)
+            hout = 0
+            if ph & _HIGH:
+                hout = 1
+            elif mh & _HIGH:
+                hout = -1
+            ph = ph << _ONE
+            mh = mh << _ONE
+            if hin < 0:
+                mh |= _ONE
+            elif hin > 0:
+                ph |= _ONE
+            pv_W[w] = mh | (~(xv | ph))
+            mv_W[w] = ph & xv
+            hin = hout
+    return score
+
+
+@njit(cache=True, nogil=True)
+def levenshtein(a, m, b, n, alphabet):
+    """One-off edit distance of a[:m] and b[:n] (allocates its scratch)."""
+    words = max(1, (m + _WORD - 1) // _WORD)
+    peq = np.empty((alphabet, words), np.uint64)
+    build_peq(a, m, alphabet, peq)
+    pv = np.empty(words, np.uint64)
+    mv = np.empty(words, np.uint64)
+    return levenshtein_peq(peq, m, b, n, pv, mv)
+
+
+@njit(cache=True, nogil=True)
+def compare_to_window(a_S, a_len, win_sym_NS, win_len_N, picks_P, alphabet, peq_AW, pv_W, mv_W,
+                      out_dist_P, out_norm_P):
+    """Distances of one new pathway to the window pathways ``picks_P``:
+    D (METRICS.md §1, in whatever unit the symbols are) and D / max length.
+    ``peq_AW`` needs ceil(S/64) words for the longest pattern."""
+    build_peq(a_S, a_len, alphabet, peq_AW)
+    for p in range(picks_P.shape[0]):
+        slot = picks_P[p]
+        b_len = win_len_N[slot]
+        d = levenshtein_peq(peq_AW, a_len, win_sym_NS[slot], b_len, pv_W, mv_W)
+        out_dist_P[p] = d
+        longest = max(a_len, b_len)
+        out_norm_P[p] = d / longest if longest > 0 else 0.0
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def layer_distances(a_S, a_starts_L1, win_sym_NS, win_starts_NL1, picks_P, alphabet, out_layer_PL):
+    """METRICS.md §1 layer-wise distance: Levenshtein of e_l(i) and e_l(j)."""
+    num_layers = a_starts_L1.shape[0] - 1
+    max_len = 0
+    for layer in range(num_layers):
+        max_len = max(max_len, a_starts_L1[layer + 1] - 1 - a_starts_L1[layer])
+    words = max(1, (max_len + _WORD - 1) // _WORD)
+    peq = np.empty((alphabet, words), np.uint64)
+    pv = np.empty(words, np.uint64)
+    mv = np.empty(words, np.uint64)
+    for layer in range(num_layers):
+        a0 = a_starts_L1[layer]
+        a_seg = a_S[a0:a_starts_L1[layer + 1] - 1]
+        build_peq(a_seg, a_seg.shape[0], alphabet, peq)
+        for p in range(picks_P.shape[0]):
+            slot = picks_P[p]
+            b0 = win_starts_NL1[slot, layer]
+            b_seg = win_sym_NS[slot, b0:win_starts_NL1[slot, layer + 1] - 1]
+            out_layer_PL[p, layer] = levenshtein_peq(peq, a_seg.shape[0], b_seg, b_seg.shape[0], pv, mv)
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def histogram_observe(bounds_B, counts_B1, values):
+    """Classic-histogram update: counts_B1[i] += #values in (bounds[i-1], bounds[i]],
+    the last slot is +Inf. Returns the sum of the values (for the _sum series)."""
+    total = 0.0
+    nb = bounds_B.shape[0]
+    for v in values:
+        total += v
+        lo = 0
+        hi = nb
+        while lo < hi:  # first bound >= v
+            mid = (lo + hi) // 2
+            if bounds_B[mid] < v:
+                lo = mid + 1
+            else:
+                hi = mid
+        counts_B1[lo] += 1
+    return total
+
+
+@njit(cache=True, nogil=True)
+def fingerprint(sym_S, length):
+    """64-bit FNV-1a of a pathway (deterministic across processes, unlike hash())."""
+    h = np.uint64(0xCBF29CE484222325)
+    prime = np.uint64(0x100000001B3)
+    for i in range(length):
+        h ^= np.uint64(sym_S[i] & 0xFFFF)
+        h *= prime
+    return h
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel once, before serving."""
+    probs = np.full((3, 4), 0.25, np.float32)
+    sym = np.empty(3 * 5, np.int16)
+    starts = np.empty(4, np.int32)
+    n = build_pathway(probs, 0.7, sym, starts)
+    chars = np.empty(64, np.int16)
+    pathway_chars(sym, n, 4, chars)
+    win = np.zeros((2, sym.shape[0]), np.int16)
+    win[0, :n] = sym[:n]
+    win_len = np.array([n, 0], np.int32)
+    win_starts = np.zeros((2, 4), np.int32)
+    win_starts[0] = starts
+    picks = np.array([0], np.int64)
+    peq = np.empty((5, 1), np.uint64)
+    pv = np.empty(1, np.uint64)
+    mv = np.empty(1, np.uint64)
+    out_d = np.empty(1, np.int64)
+    out_n = np.empty(1, np.float64)
+    out_l = np.empty((1, 3), np.int64)
+    compare_to_window(sym, n, win, win_len, picks, 5, peq, pv, mv, out_d, out_n)
+    layer_distances(sym, starts, win, win_starts, picks, 5, out_l)
+    histogram_observe(np.array([1.0, 2.0]), np.zeros(3), np.array([0.5, 3.0]))
+    levenshtein(sym, n, sym, n, 5)
+    fingerprint(sym, n)

@@ -1,0 +1,101 @@
+"""The ``grokwatch`` command line. Only ``main()`` exits.
+
+    grokwatch collector --listen tcp://0.0.0.0:5557 --metrics-port 9464 --state-dir /var/lib/grokwatch
+    grokwatch collector --check-config collector.toml
+    grokwatch demo
+    grokwatch report --state-dir DIR --out DIR
+    grokwatch version
+
+Each subcommand imports its side lazily: the collector's commands never import
+torch, so they run in the torch-free sidecar image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+from grokwatch._version import __version__
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    print(f"grokwatch {__version__}")
+    return 0
+
+
+def _cmd_collector(args: argparse.Namespace) -> int:
+    from grokwatch.collector.service import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from grokwatch.demo import run_demo
+
+    return run_demo(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from grokwatch.collector.report import run_report
+
+    return run_report(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grokwatch",
+        description="Memorization-to-generalization telemetry for MoE pretraining.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=_cmd_version)
+
+    p = sub.add_parser("collector", help="run the collector sidecar (ZeroMQ in, /metrics out)")
+    p.add_argument("--listen", action="append", metavar="ENDPOINT",
+                   help="ZeroMQ endpoint to bind, tcp://HOST:PORT or ipc://PATH (repeatable)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="port of the Prometheus /metrics endpoint; 0 picks a free one and logs it")
+    p.add_argument("--metrics-addr", metavar="ADDR", help="bind address of /metrics (default 0.0.0.0)")
+    p.add_argument("--state-dir", metavar="DIR", help="directory for snapshots and the journal")
+    p.add_argument("--config", metavar="FILE", help="TOML file with every other setting")
+    p.add_argument("--check-config", metavar="FILE", help="validate FILE, print the result, and exit")
+    p.set_defaults(func=_cmd_collector)
+
+    p = sub.add_parser("demo", help="the main job: a small MoE trains under the agent, a collector "
+                                    "watches it, a report is written")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the benchmark's)")
+    p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
+    p.add_argument("--metrics-port", type=int, default=9464, help="/metrics port while it runs (0: any)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("report", help="write an HTML report with PNGs from a collector's journal")
+    p.add_argument("--state-dir", required=True, help="the collector's state directory")
+    p.add_argument("--out", required=True, help="directory for report.html and the PNG files")
+    p.add_argument("--run", default=None, help="only this run (default: all)")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        code = func(args)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

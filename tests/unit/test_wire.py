@@ -1,0 +1,248 @@
+"""The wire contract: round trips, one test per rejection reason, hostile bytes."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from grokwatch.wire import (
+    REASONS,
+    Eval,
+    Heartbeat,
+    Hello,
+    Limits,
+    Routing,
+    WireError,
+    decode,
+    encode,
+)
+from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
+
+HEADER = ("run", "rank", "sender", "seq", "wall_time", "kind")
+
+
+def assert_same(a, b):
+    assert type(a) is type(b)
+    for name in a.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            assert x is not None and y is not None, name
+            assert x.shape == y.shape, name
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+        else:
+            assert x == y, name
+
+
+# ------------------------------------------------------------------ round trips
+
+text = st.text(min_size=0, max_size=40)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 5), num_layers=st.integers(1, 6),
+       num_experts=st.integers(2, 10), data=st.data(), cosines=st.booleans(), loss=st.booleans(),
+       source=st.sampled_from(["train", "probe", "replay"]), step=st.integers(0, 2**40),
+       run=text, group=text)
+def test_routing_round_trips_every_field(seed, n, num_layers, num_experts, data, cosines, loss, source,
+                                          step, run, group):
+    top_k = data.draw(st.integers(1, num_experts))
+    msg = make_routing(rng=np.random.default_rng(seed), n=n, num_layers=num_layers, num_experts=num_experts,
+                       top_k=top_k, cosines=cosines, loss=loss, source=source, step=step, run=run,
+                       groups=(group,) * n)
+    out = decode(encode(msg))
+    assert_same(msg, out)
+    assert out.num_samples == n
+    assert out.mean_probs_NLE.dtype == np.float32 and out.topk_counts_NLE.dtype == np.uint32
+
+
+@given(rank=st.integers(0, 7), layers=st.integers(1, 64), experts=st.integers(2, 256),
+       dist=st.sampled_from(["softmax", "sigmoid", "topk"]), cos=st.booleans(), host=text)
+def test_hello_round_trips(rank, layers, experts, dist, cos, host):
+    msg = Hello(run="r", rank=rank, sender="abc", seq=0, wall_time=12.5, world_size=8, host=host,
+                agent_version="0.1.0", num_layers=layers, num_experts=experts, top_k=min(2, experts),
+                distribution=dist, has_cosines=cos)
+    assert_same(msg, decode(encode(msg)))
+
+
+@given(scores=st.dictionaries(text, st.floats(allow_nan=False, allow_infinity=False), max_size=10),
+       step=st.integers(0, 10**9))
+def test_eval_round_trips(scores, step):
+    assert_same(make_eval(scores=scores, step=step), decode(encode(make_eval(scores=scores, step=step))))
+
+
+@given(dropped=st.dictionaries(text, st.integers(0, 2**62), max_size=5), sent=st.integers(0, 2**62),
+       errors=st.integers(0, 1000), disabled=st.booleans())
+def test_heartbeat_round_trips(dropped, sent, errors, disabled):
+    msg = make_heartbeat(messages_dropped=dropped, messages_sent=sent, hook_errors=errors, disabled=disabled)
+    assert_same(msg, decode(encode(msg)))
+
+
+def test_decoded_arrays_are_read_only_views_without_copy():
+    out = decode(encode(make_routing()))
+    assert not out.mean_probs_NLE.flags.writeable  # np.frombuffer over the received bytes
+    assert out.mean_probs_NLE.base is not None
+
+
+# ------------------------------------------------------------------ rejections
+
+
+def raw(message) -> dict:
+    return msgpack.unpackb(encode(message), raw=False)
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def set_array(obj, key, arr, dtype=None):
+    arr = np.ascontiguousarray(arr, dtype=dtype or obj[key]["dtype"])
+    obj[key] = {"dtype": obj[key]["dtype"], "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+def arr(obj, key):
+    a = obj[key]
+    return np.frombuffer(a["data"], a["dtype"]).reshape(a["shape"]).copy()
+
+
+def _mutate(fn, message=None):
+    obj = raw(message if message is not None else make_routing())
+    fn(obj)
+    return pack(obj)
+
+
+def _probs_scaled(obj):
+    set_array(obj, "mean_probs", arr(obj, "mean_probs") * 1.5)
+
+
+def _probs_out_of_range(obj):
+    p = arr(obj, "mean_probs")
+    p[0, 0, 0] += 0.5
+    p[0, 0, 1] -= 0.5 + p[0, 0, 1] * 0 + 0.5  # keeps the sum, leaves one weight negative
+    p[0, 0, 2] += 0.5
+    set_array(obj, "mean_probs", p)
+
+
+def _counts_exceed(obj):
+    c = arr(obj, "topk_counts")
+    c[0, 0, :] = arr(obj, "token_counts")[0]  # every expert on every token: > tokens x top_k
+    set_array(obj, "topk_counts", c)
+
+
+def _nan_entropy(obj):
+    e = arr(obj, "entropy")
+    e[0, 0] = np.nan
+    set_array(obj, "entropy", e)
+
+
+def _cosine_out_of_range(obj):
+    set_array(obj, "adj_cosine", arr(obj, "adj_cosine") * 0 + 1.5)
+
+
+def _long_string(obj):
+    obj["run"] = "x" * 300
+
+
+REJECTIONS = {
+    "too_large": lambda: b"\x80" + b"\x00" * 2000,
+    "malformed": lambda: b"\xc1 definitely not msgpack",
+    "version": lambda: _mutate(lambda o: o.update(v=2)),
+    "kind": lambda: _mutate(lambda o: o.update(kind="gossip")),
+    "missing_field": lambda: _mutate(lambda o: o.pop("step")),
+    "field_type": lambda: _mutate(lambda o: o.update(step="ten")),
+    "string_length": lambda: _mutate(_long_string),
+    "too_many": lambda: _mutate(lambda o: o.update(scores={str(i): 0.0 for i in range(300)}), make_eval()),
+    "shape": lambda: _mutate(lambda o: o.update(groups=["a"])),
+    "dtype": lambda: _mutate(lambda o: o["entropy"].update(dtype="<f8")),
+    "non_finite": lambda: _mutate(_nan_entropy),
+    "probability_range": lambda: _mutate(_probs_out_of_range),
+    "probability_sum": lambda: _mutate(_probs_scaled),
+    "counts_exceed": lambda: _mutate(_counts_exceed),
+    "value_range": lambda: _mutate(_cosine_out_of_range),
+}
+
+
+def test_every_reason_has_a_rejection_test():
+    assert set(REJECTIONS) == set(REASONS)
+
+
+@pytest.mark.parametrize("reason", sorted(REJECTIONS))
+def test_invalid_message_is_rejected_with_its_reason(reason):
+    data = REJECTIONS[reason]()
+    with pytest.raises(WireError) as info:
+        decode(data, Limits(max_message_bytes=1500) if reason == "too_large" else Limits())
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda o: o.update(rank=True),  # bool is not an integer here
+        lambda o: o.update(seq=-1),
+        lambda o: o.update(t=float("inf")),
+        lambda o: o.update(source="eval"),
+        lambda o: o.update(top_k=99),
+        lambda o: o.update(sample_ids=[], groups=[]),
+        lambda o: o["mean_probs"].update(shape=[3, 4]),
+        lambda o: o["mean_probs"].update(data=b"\x00" * 3),
+        lambda o: o.update(token_counts={"dtype": "<u4", "shape": [3], "data": b"\x00" * 12}),
+        lambda o: o.update(loss={"dtype": "<f4", "shape": [3], "data": np.full(3, -1, "<f4").tobytes()}),
+    ],
+)
+def test_structural_violations_are_wire_errors(mutate):
+    with pytest.raises(WireError):
+        decode(_mutate(mutate))
+
+
+def test_hello_rank_must_be_below_world_size():
+    with pytest.raises(WireError) as info:
+        decode(encode(make_hello(rank=4, world_size=4)))
+    assert info.value.reason == "value_range"
+
+
+def test_heartbeat_counts_must_be_non_negative():
+    with pytest.raises(WireError):
+        decode(_mutate(lambda o: o.update(messages_dropped={"queue_full": -1}), make_heartbeat()))
+
+
+def test_eval_scores_must_be_finite():
+    with pytest.raises(WireError) as info:
+        decode(_mutate(lambda o: o.update(scores={"math": math.nan}), make_eval()))
+    assert info.value.reason == "non_finite"
+
+
+# ------------------------------------------------------------------ hostile bytes
+
+
+@given(st.binary(max_size=512))
+def test_random_bytes_raise_only_wire_error(data):
+    try:
+        decode(data)
+    except WireError:
+        pass
+
+
+@given(cut=st.integers(0, 10_000), seed=st.integers(0, 1000))
+def test_truncated_messages_raise_only_wire_error(cut, seed):
+    data = encode(make_routing(rng=np.random.default_rng(seed)))
+    with pytest.raises(WireError):
+        decode(data[: cut % len(data)])
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=5) | st.binary(max_size=8),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                    max_leaves=20))
+def test_arbitrary_msgpack_values_raise_only_wire_error(value):
+    for obj in (value, {"v": 1, "kind": "routing", "x": value}, {**raw(make_routing()), "mean_probs": value}):
+        try:
+            decode(pack(obj))
+        except WireError:
+            pass
+
+
+def test_encode_refuses_non_messages():
+    with pytest.raises(TypeError):
+        encode({"kind": "hello"})

@@ -1,0 +1,40 @@
+"""grokwatch.wire — the contract between agent and collector (protocol v1).
+
+Imported by both sides; needs only numpy and msgpack. Format: docs/wire.md.
+
+    from grokwatch.wire import Routing, encode, decode, WireError
+    msg = decode(encode(routing))   # raises only WireError for bad bytes
+"""
+
+from grokwatch.wire.codec import DEFAULT_LIMITS, DEFAULT_MAX_MESSAGE_BYTES, Limits, decode, encode
+from grokwatch.wire.errors import REASONS, WireError
+from grokwatch.wire.messages import (
+    DISTRIBUTIONS,
+    KINDS,
+    PROTOCOL_VERSION,
+    SOURCES,
+    Eval,
+    Heartbeat,
+    Hello,
+    Message,
+    Routing,
+)
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DISTRIBUTIONS",
+    "KINDS",
+    "PROTOCOL_VERSION",
+    "REASONS",
+    "SOURCES",
+    "Eval",
+    "Heartbeat",
+    "Hello",
+    "Limits",
+    "Message",
+    "Routing",
+    "WireError",
+    "decode",
+    "encode",
+]

@@ -1,0 +1,385 @@
+"""encode / decode of wire protocol v1 (format: docs/wire.md).
+
+A message is one msgpack map. Header keys: ``v`` (protocol version), ``kind``,
+``run``, ``rank``, ``sender``, ``seq``, ``t`` (wall time). Arrays are maps
+``{"dtype": "<f4", "shape": [...], "data": <bin>}`` holding raw little-endian
+bytes. ``decode`` validates each message on its own and raises ``WireError``
+with a machine-readable ``reason`` for anything invalid; it never raises
+anything else, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import msgpack
+import numpy as np
+
+from grokwatch.wire.errors import WireError
+from grokwatch.wire.messages import (
+    DISTRIBUTIONS,
+    KIND_EVAL,
+    KIND_HEARTBEAT,
+    KIND_HELLO,
+    KIND_ROUTING,
+    PROTOCOL_VERSION,
+    SOURCES,
+    Eval,
+    Heartbeat,
+    Hello,
+    Message,
+    Routing,
+)
+
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+F32 = "<f4"
+U32 = "<u4"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Bounds a decoded message must respect. The defaults fit OLMoE-class
+    models (L=16, E=64) with thousands of samples per message."""
+
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_str_len: int = 256
+    max_samples: int = 8192
+    max_layers: int = 1024
+    max_experts: int = 4096
+    max_top_k: int = 256
+    max_map_entries: int = 256
+    # Mean routing weights are float32 means of float32 distributions.
+    prob_sum_tol: float = 1e-3
+    prob_range_tol: float = 1e-5
+    unit_tol: float = 1e-4  # entropy ratio in [0, 1], cosine in [-1, 1]
+
+
+DEFAULT_LIMITS = Limits()
+_INT64_MAX = 2**63 - 1
+
+
+# ----------------------------------------------------------------- encode
+
+
+def _array(x: np.ndarray, dtype: str) -> dict:
+    arr = np.ascontiguousarray(x, dtype=dtype)
+    return {"dtype": dtype, "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+def encode(message: Message) -> bytes:
+    """Serialize a message. Arrays are converted to the wire dtype; the result
+    is not validated here (``decode`` is the single place that does)."""
+    if not isinstance(message, (Hello, Routing, Eval, Heartbeat)):
+        raise TypeError(f"not a grokwatch.wire message: {type(message).__name__}")
+    out: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "kind": message.kind,
+        "run": message.run,
+        "rank": int(message.rank),
+        "sender": message.sender,
+        "seq": int(message.seq),
+        "t": float(message.wall_time),
+    }
+    if isinstance(message, Hello):
+        out.update(
+            world_size=int(message.world_size),
+            host=message.host,
+            agent_version=message.agent_version,
+            num_layers=int(message.num_layers),
+            num_experts=int(message.num_experts),
+            top_k=int(message.top_k),
+            distribution=message.distribution,
+            has_cosines=bool(message.has_cosines),
+        )
+    elif isinstance(message, Routing):
+        out.update(
+            source=message.source,
+            step=int(message.step),
+            top_k=int(message.top_k),
+            sample_ids=list(message.sample_ids),
+            groups=list(message.groups),
+            token_counts=_array(message.token_counts_N, U32),
+            mean_probs=_array(message.mean_probs_NLE, F32),
+            topk_counts=_array(message.topk_counts_NLE, U32),
+            entropy=_array(message.entropy_NL, F32),
+        )
+        if message.adj_cosine_NL1 is not None:
+            out["adj_cosine"] = _array(message.adj_cosine_NL1, F32)
+        if message.loss_N is not None:
+            out["loss"] = _array(message.loss_N, F32)
+    elif isinstance(message, Eval):
+        out.update(step=int(message.step), scores={str(k): float(v) for k, v in message.scores.items()})
+    else:
+        out.update(
+            messages_sent=int(message.messages_sent),
+            messages_dropped={str(k): int(v) for k, v in message.messages_dropped.items()},
+            hook_errors=int(message.hook_errors),
+            disabled=bool(message.disabled),
+        )
+    return msgpack.packb(out, use_bin_type=True)
+
+
+# ----------------------------------------------------------------- decode
+
+
+class _Reader:
+    """Typed field access over one decoded map; every failure is a WireError."""
+
+    def __init__(self, obj: dict, limits: Limits):
+        self.obj = obj
+        self.limits = limits
+
+    def _get(self, key: str) -> Any:
+        if key not in self.obj:
+            raise WireError("missing_field", f"missing field {key!r}")
+        return self.obj[key]
+
+    def str(self, key: str) -> str:
+        value = self._get(key)
+        if not isinstance(value, str):
+            raise WireError("field_type", f"{key!r} must be a string")
+        _check_str(value, key, self.limits)
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
+        value = self.str(key)
+        if value not in allowed:
+            raise WireError("value_range", f"{key!r} must be one of {allowed}, got {value!r}")
+        return value
+
+    def int(self, key: str, lo: int = 0, hi: int = _INT64_MAX) -> int:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise WireError("field_type", f"{key!r} must be an integer")
+        if not lo <= value <= hi:
+            raise WireError("value_range", f"{key!r}={value} outside [{lo}, {hi}]")
+        return value
+
+    def bool(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            raise WireError("field_type", f"{key!r} must be a boolean")
+        return value
+
+    def float(self, key: str) -> float:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WireError("field_type", f"{key!r} must be a number")
+        if not math.isfinite(value):
+            raise WireError("non_finite", f"{key!r} is not finite")
+        return float(value)
+
+    def str_list(self, key: str) -> tuple[str, ...]:
+        value = self._get(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise WireError("field_type", f"{key!r} must be a list of strings")
+        for v in value:
+            _check_str(v, key, self.limits)
+        return tuple(value)
+
+    def number_map(self, key: str, integer: bool) -> dict:
+        value = self._get(key)
+        if not isinstance(value, dict):
+            raise WireError("field_type", f"{key!r} must be a map")
+        if len(value) > self.limits.max_map_entries:
+            raise WireError("too_many", f"{key!r} has {len(value)} entries")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise WireError("field_type", f"{key!r} keys must be strings")
+            _check_str(k, key, self.limits)
+            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+                raise WireError("field_type", f"{key!r}[{k!r}] must be {'an integer' if integer else 'a number'}")
+            if integer and not 0 <= v <= _INT64_MAX:
+                raise WireError("value_range", f"{key!r}[{k!r}]={v} must be a non-negative count")
+            if not integer and not math.isfinite(v):
+                raise WireError("non_finite", f"{key!r}[{k!r}] is not finite")
+            out[k] = v if integer else float(v)
+        return out
+
+    def array(self, key: str, dtype: str, shape: tuple[int, ...], optional: bool = False) -> Optional[np.ndarray]:
+        if optional and key not in self.obj:
+            return None
+        value = self._get(key)
+        if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
+            raise WireError("field_type", f"{key!r} must be an array map with dtype, shape, data")
+        if value["dtype"] != dtype:
+            raise WireError("dtype", f"{key!r} must have dtype {dtype}, got {value['dtype']!r}")
+        got_shape = value["shape"]
+        if not isinstance(got_shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in got_shape
+        ):
+            raise WireError("field_type", f"{key!r} shape must be a list of integers")
+        if tuple(got_shape) != shape:
+            raise WireError("shape", f"{key!r} has shape {tuple(got_shape)}, expected {shape}")
+        data = value["data"]
+        if not isinstance(data, bytes):
+            raise WireError("field_type", f"{key!r} data must be bytes")
+        count = math.prod(shape)
+        if len(data) != count * 4:
+            raise WireError("shape", f"{key!r} holds {len(data)} bytes, expected {count * 4}")
+        return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+
+
+def _check_str(value: str, key: str, limits: Limits) -> None:
+    if len(value) > limits.max_str_len:
+        raise WireError("string_length", f"{key!r} is {len(value)} characters, limit {limits.max_str_len}")
+
+
+def _header(r: _Reader) -> dict:
+    return dict(
+        run=r.str("run"),
+        rank=r.int("rank", hi=1 << 20),
+        sender=r.str("sender"),
+        seq=r.int("seq"),
+        wall_time=r.float("t"),
+    )
+
+
+def _decode_hello(r: _Reader) -> Hello:
+    lim = r.limits
+    msg = Hello(
+        **_header(r),
+        world_size=r.int("world_size", lo=1, hi=1 << 20),
+        host=r.str("host"),
+        agent_version=r.str("agent_version"),
+        num_layers=r.int("num_layers", lo=1, hi=lim.max_layers),
+        num_experts=r.int("num_experts", lo=2, hi=lim.max_experts),
+        top_k=r.int("top_k", lo=1, hi=lim.max_top_k),
+        distribution=r.choice("distribution", DISTRIBUTIONS),
+        has_cosines=r.bool("has_cosines"),
+    )
+    if msg.rank >= msg.world_size:
+        raise WireError("value_range", f"rank {msg.rank} not below world_size {msg.world_size}")
+    if msg.top_k > msg.num_experts:
+        raise WireError("value_range", f"top_k {msg.top_k} exceeds num_experts {msg.num_experts}")
+    return msg
+
+
+def _decode_routing(r: _Reader) -> Routing:
+    lim = r.limits
+    header = _header(r)
+    source = r.choice("source", SOURCES)
+    step = r.int("step")
+    top_k = r.int("top_k", lo=1, hi=lim.max_top_k)
+    sample_ids = r.str_list("sample_ids")
+    groups = r.str_list("groups")
+    n = len(sample_ids)
+    if n == 0:
+        raise WireError("shape", "a routing message needs at least one sample")
+    if n > lim.max_samples:
+        raise WireError("too_many", f"{n} samples, limit {lim.max_samples}")
+    if len(groups) != n:
+        raise WireError("shape", f"{len(groups)} groups for {n} samples")
+    mean_probs = r._get("mean_probs")
+    shape = mean_probs.get("shape") if isinstance(mean_probs, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        raise WireError("shape", "mean_probs must be a 3-d array [N, L, E]")
+    _, num_layers, num_experts = shape
+    if not 1 <= num_layers <= lim.max_layers or not 2 <= num_experts <= lim.max_experts:
+        raise WireError("too_many", f"L={num_layers}, E={num_experts} outside the limits")
+    if top_k > num_experts:
+        raise WireError("value_range", f"top_k {top_k} exceeds {num_experts} experts")
+    nle, nl = (n, num_layers, num_experts), (n, num_layers)
+    token_counts = r.array("token_counts", U32, (n,))
+    probs = r.array("mean_probs", F32, nle)
+    counts = r.array("topk_counts", U32, nle)
+    entropy = r.array("entropy", F32, nl)
+    cosine = r.array("adj_cosine", F32, (n, num_layers - 1), optional=True)
+    loss = r.array("loss", F32, (n,), optional=True)
+
+    for name, arr in (("mean_probs", probs), ("entropy", entropy), ("adj_cosine", cosine), ("loss", loss)):
+        if arr is not None and not np.isfinite(arr).all():
+            raise WireError("non_finite", f"{name!r} holds a NaN or infinity")
+    if (token_counts == 0).any():
+        raise WireError("value_range", "every sample needs at least one token")
+    if probs.min() < -lim.prob_range_tol or probs.max() > 1 + lim.prob_range_tol:
+        raise WireError("probability_range", "mean_probs outside [0, 1]")
+    sums = probs.sum(axis=2, dtype=np.float64)
+    if np.abs(sums - 1.0).max() > lim.prob_sum_tol:
+        raise WireError("probability_sum", f"mean_probs rows sum to {sums.min():.6g}..{sums.max():.6g}, not 1")
+    tokens = token_counts.astype(np.int64)[:, None]
+    if (counts.astype(np.int64).max(axis=2) > tokens).any() or (
+        counts.sum(axis=2, dtype=np.int64) > tokens * top_k
+    ).any():
+        raise WireError("counts_exceed", "top-k counts exceed tokens x top_k")
+    if entropy.min() < -lim.unit_tol or entropy.max() > 1 + lim.unit_tol:
+        raise WireError("value_range", "entropy ratio outside [0, 1]")
+    if cosine is not None and cosine.size and np.abs(cosine).max() > 1 + lim.unit_tol:
+        raise WireError("value_range", "adjacent cosine outside [-1, 1]")
+    if loss is not None and loss.min() < 0:
+        raise WireError("value_range", "negative loss")
+    return Routing(
+        **header,
+        source=source,
+        step=step,
+        top_k=top_k,
+        sample_ids=sample_ids,
+        groups=groups,
+        token_counts_N=token_counts,
+        mean_probs_NLE=probs,
+        topk_counts_NLE=counts,
+        entropy_NL=entropy,
+        adj_cosine_NL1=cosine,
+        loss_N=loss,
+    )
+
+
+def _decode_eval(r: _Reader) -> Eval:
+    return Eval(**_header(r), step=r.int("step"), scores=r.number_map("scores", integer=False))
+
+
+def _decode_heartbeat(r: _Reader) -> Heartbeat:
+    return Heartbeat(
+        **_header(r),
+        messages_sent=r.int("messages_sent"),
+        messages_dropped=r.number_map("messages_dropped", integer=True),
+        hook_errors=r.int("hook_errors"),
+        disabled=r.bool("disabled"),
+    )
+
+
+_DECODERS = {
+    KIND_HELLO: _decode_hello,
+    KIND_ROUTING: _decode_routing,
+    KIND_EVAL: _decode_eval,
+    KIND_HEARTBEAT: _decode_heartbeat,
+}
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse and validate one message. Raises only ``WireError``."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("malformed", f"expected bytes, got {type(data).__name__}")
+    if len(data) > limits.max_message_bytes:
+        raise WireError("too_large", f"{len(data)} bytes, limit {limits.max_message_bytes}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=max(limits.max_str_len * 4, 64),
+            max_bin_len=limits.max_message_bytes,
+            # Generous safety nets; the field checks below give the precise reason.
+            max_array_len=limits.max_samples * 4,
+            max_map_len=limits.max_map_entries * 16,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireError("malformed", f"not a msgpack message: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise WireError("malformed", "a message is a msgpack map")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise WireError("version", f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}")
+    decoder = _DECODERS.get(obj.get("kind")) if isinstance(obj.get("kind"), str) else None
+    if decoder is None:
+        raise WireError("kind", f"unknown message kind {obj.get('kind')!r}")
+    try:
+        return decoder(_Reader(obj, limits))
+    except WireError:
+        raise
+    except Exception as exc:  # a shape or type the checks above did not foresee
+        raise WireError("malformed", f"{type(exc).__name__}: {exc}") from None

@@ -1,0 +1,119 @@
+"""The four message kinds of wire protocol v1, as plain dataclasses.
+
+Shape legend (array field names end with their shape):
+  N  sampled samples in the message      L  MoE layers      E  experts
+  L1 adjacent layer pairs (L - 1)
+
+Every message carries the same header: which run and rank sent it, a random
+``sender`` id chosen once per agent process (so a restarted agent is a new
+sender), a per-sender sequence number shared by all kinds (gaps = lost
+messages), and the sender's wall-clock time in seconds since the epoch.
+
+Arrays are numpy arrays. After ``decode`` they are read-only views over the
+received bytes (no copy after the msgpack parse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+KIND_HELLO = "hello"
+KIND_ROUTING = "routing"
+KIND_EVAL = "eval"
+KIND_HEARTBEAT = "heartbeat"
+KINDS = (KIND_HELLO, KIND_ROUTING, KIND_EVAL, KIND_HEARTBEAT)
+
+SOURCES = ("train", "probe", "replay")
+# What the mean routing weights are the mean of (METRICS.md, Notation).
+DISTRIBUTIONS = ("softmax", "sigmoid", "topk")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Hello:
+    """First message of a sender: who it is and the shape of what follows."""
+
+    run: str
+    rank: int
+    sender: str
+    seq: int
+    wall_time: float
+    world_size: int
+    host: str
+    agent_version: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    distribution: str
+    has_cosines: bool
+    kind: str = field(default=KIND_HELLO, init=False)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Routing:
+    """Per-sample routing summaries of one step (or one probe / replay pass).
+
+    ``entropy_NL`` is the mean over the sample's tokens of H(p(t)) / log E, in
+    [0, 1]. ``adj_cosine_NL1`` (needs router weights) and ``loss_N`` (the
+    probe's per-sample mean NLL) are optional.
+    """
+
+    run: str
+    rank: int
+    sender: str
+    seq: int
+    wall_time: float
+    source: str
+    step: int
+    top_k: int
+    sample_ids: tuple[str, ...]
+    groups: tuple[str, ...]
+    token_counts_N: np.ndarray  # uint32
+    mean_probs_NLE: np.ndarray  # float32, rows on the simplex
+    topk_counts_NLE: np.ndarray  # uint32
+    entropy_NL: np.ndarray  # float32
+    adj_cosine_NL1: Optional[np.ndarray] = None  # float32
+    loss_N: Optional[np.ndarray] = None  # float32
+    kind: str = field(default=KIND_ROUTING, init=False)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sample_ids)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Eval:
+    """The user's own held-out scores per group at a step: ground truth for
+    reports, never an input of the metrics."""
+
+    run: str
+    rank: int
+    sender: str
+    seq: int
+    wall_time: float
+    step: int
+    scores: dict[str, float]
+    kind: str = field(default=KIND_EVAL, init=False)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Heartbeat:
+    """The agent's own counters, cumulative since the sender started."""
+
+    run: str
+    rank: int
+    sender: str
+    seq: int
+    wall_time: float
+    messages_sent: int
+    messages_dropped: dict[str, int]  # by reason
+    hook_errors: int
+    disabled: bool = False
+    kind: str = field(default=KIND_HEARTBEAT, init=False)
+
+
+Message = Hello | Routing | Eval | Heartbeat
