@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from grokwatch.wire import Eval, Heartbeat, Hello, Routing
@@ -9,7 +11,7 @@ from grokwatch.wire import Eval, Heartbeat, Hello, Routing
 
 def make_hello(*, run="run-a", rank=0, sender="s0", seq=0, num_layers=4, num_experts=8, top_k=2,
                distribution="softmax", has_cosines=True, world_size=1) -> Hello:
-    return Hello(run=run, rank=rank, sender=sender, seq=seq, wall_time=1_700_000_000.0,
+    return Hello(run=run, rank=rank, sender=sender, seq=seq, wall_time=time.time(),
                  world_size=world_size, host="localhost", agent_version="0.1.0",
                  num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                  distribution=distribution, has_cosines=has_cosines)
@@ -40,7 +42,7 @@ def make_routing(*, rng=None, n=3, num_layers=4, num_experts=8, top_k=2, run="ru
     rng = rng if rng is not None else np.random.default_rng(0)
     tokens, probs, counts, entropy = routing_arrays(rng, n, num_layers, num_experts, top_k, concentration)
     return Routing(
-        run=run, rank=rank, sender=sender, seq=seq, wall_time=1_700_000_001.5, source=source,
+        run=run, rank=rank, sender=sender, seq=seq, wall_time=time.time(), source=source,
         step=step, top_k=top_k,
         sample_ids=tuple(sample_ids or (f"sample-{i}" for i in range(n))),
         groups=tuple(groups or ("math",) * n),
@@ -51,13 +53,13 @@ def make_routing(*, rng=None, n=3, num_layers=4, num_experts=8, top_k=2, run="ru
 
 
 def make_eval(**kw) -> Eval:
-    base = dict(run="run-a", rank=0, sender="s0", seq=2, wall_time=1.0, step=10, scores={"math": 0.4})
+    base = dict(run="run-a", rank=0, sender="s0", seq=2, wall_time=time.time(), step=10, scores={"math": 0.4})
     base.update(kw)
     return Eval(**base)
 
 
 def make_heartbeat(**kw) -> Heartbeat:
-    base = dict(run="run-a", rank=0, sender="s0", seq=3, wall_time=1.0, messages_sent=5,
+    base = dict(run="run-a", rank=0, sender="s0", seq=3, wall_time=time.time(), messages_sent=5,
                 messages_dropped={"queue_full": 2}, hook_errors=0)
     base.update(kw)
     return Heartbeat(**base)

@@ -71,7 +71,8 @@ def test_hello_round_trips(rank, layers, experts, dist, cos, host):
 @given(scores=st.dictionaries(text, st.floats(allow_nan=False, allow_infinity=False), max_size=10),
        step=st.integers(0, 10**9))
 def test_eval_round_trips(scores, step):
-    assert_same(make_eval(scores=scores, step=step), decode(encode(make_eval(scores=scores, step=step))))
+    msg = make_eval(scores=scores, step=step)
+    assert_same(msg, decode(encode(msg)))
 
 
 @given(dropped=st.dictionaries(text, st.integers(0, 2**62), max_size=5), sent=st.integers(0, 2**62),

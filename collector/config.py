@@ -1,0 +1,140 @@
+"""Collector configuration: one typed dataclass, validated at start-up.
+
+Precedence: command-line flag > ``GROKWATCH_*`` environment variable > TOML
+file (``--config``) > default. Every key, its variable and its default are
+declared here and nowhere else. Example file::
+
+    listen = ["tcp://0.0.0.0:5557"]
+    metrics_port = 9464
+    state_dir = "/var/lib/grokwatch"
+    pathway_tau = 0.7
+    distance_unit = "expert"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+DEFAULT_LISTEN = ("tcp://127.0.0.1:5557",)
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_TAU = 0.7  # METRICS.md §1; the paper's threshold
+DEFAULT_COMPARISONS = 16  # m: pairs per arriving sample; raise for less noise, costs linear CPU
+DEFAULT_WINDOW = 256  # samples kept per (run, source, group) for pairs and router health
+DEFAULT_MAX_GROUPS = 32  # METRICS.md §4: label values beyond this go to "other"
+DEFAULT_QUEUE = 10_000  # messages between the receive and the processing thread
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the key as the user writes it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectorConfig:
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    metrics_addr: str = "0.0.0.0"
+    metrics_port: int = DEFAULT_METRICS_PORT
+    tls_certfile: Optional[str] = None
+    tls_keyfile: Optional[str] = None
+    state_dir: Optional[str] = None
+    snapshot_interval_s: float = 30.0
+    journal_max_bytes: int = 64 * 1024 * 1024  # one rotation kept: at most twice this on disk
+    queue_capacity: int = DEFAULT_QUEUE
+    max_message_bytes: int = 8 * 1024 * 1024
+    max_message_age_s: float = 3600.0  # older messages (queued before a restart) are rejected as stale
+    pathway_tau: float = DEFAULT_TAU
+    distance_unit: str = "expert"  # or "string": the paper's text form
+    comparisons_per_sample: int = DEFAULT_COMPARISONS
+    window_samples: int = DEFAULT_WINDOW
+    max_groups: int = DEFAULT_MAX_GROUPS
+    max_runs: int = 16
+    memorization_delta: float = 0.05  # METRICS.md §4 δ
+    memorization_consecutive: int = 3  # METRICS.md §4 M
+    memorization_epsilon: Mapping[str, float] = field(default_factory=dict)  # per group; else q0.25
+    memorization_bucket_steps: int = 1000  # probe groups: samples memorized in the same bucket
+    max_probe_samples: int = 100_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ConfigError("listen: at least one endpoint is needed")
+        for ep in self.listen:
+            if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ConfigError(f"listen: {ep!r} is not a tcp://, ipc:// or inproc:// endpoint")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port: {self.metrics_port} is not a port number")
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ConfigError("tls_certfile and tls_keyfile: set both or neither")
+        if not 0.0 < self.pathway_tau <= 1.0:
+            raise ConfigError(f"pathway_tau: {self.pathway_tau} must be in (0, 1]")
+        if self.distance_unit not in ("expert", "string"):
+            raise ConfigError(f"distance_unit: {self.distance_unit!r} must be 'expert' or 'string'")
+        for key in ("comparisons_per_sample", "window_samples", "max_groups", "max_runs", "queue_capacity",
+                    "max_message_bytes", "memorization_consecutive", "memorization_bucket_steps",
+                    "max_probe_samples", "journal_max_bytes"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if self.window_samples < 2:
+            raise ConfigError("window_samples: must be at least 2")
+        for key in ("snapshot_interval_s", "max_message_age_s", "memorization_delta"):
+            if not float(getattr(self, key)) > 0:
+                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+
+
+_ENV_PREFIX = "GROKWATCH_"
+_TUPLE_KEYS = {"listen"}
+
+
+def _coerce(key: str, value: Any, target: Any) -> Any:
+    """Convert a file or environment value to the type of the field's default."""
+    try:
+        if key in _TUPLE_KEYS:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(value)
+        if key == "memorization_epsilon":
+            if isinstance(value, str):
+                value = dict(kv.split("=", 1) for kv in value.split(",") if kv)
+            return {str(k): float(v) for k, v in dict(value).items()}
+        if isinstance(target, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if isinstance(target, int):
+            return int(value)
+        if isinstance(target, float):
+            return float(value)
+        return None if value in (None, "") else str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot read {value!r} ({exc})") from None
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
+                environ: Optional[Mapping[str, str]] = None) -> CollectorConfig:
+    """Build the config from a TOML file, GROKWATCH_* variables and overrides."""
+    environ = os.environ if environ is None else environ
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(CollectorConfig)}
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+        unknown = sorted(set(data) - set(defaults))
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown key in {path}")
+        values.update(data)
+    for key in defaults:
+        env = environ.get(_ENV_PREFIX + key.upper())
+        if env is not None:
+            values[key] = env
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    typed = {k: _coerce(k, v, defaults[k]) for k, v in values.items()}
+    return CollectorConfig(**typed)

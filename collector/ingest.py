@@ -1,0 +1,106 @@
+"""ZeroMQ ingest: the collector's PULL socket (the stable side binds; agents
+connect with PUSH). The receive thread only receives, size-checks and enqueues;
+the processing thread decodes, validates and applies. Both count what they drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Sequence
+
+import zmq
+
+from grokwatch.collector.state import Rejected, State
+from grokwatch.wire import Limits, WireError, decode
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100  # how often the threads look at the stop flag
+
+
+class Ingest:
+    def __init__(self, state: State, endpoints: Sequence[str], *, queue_capacity: int, max_message_bytes: int,
+                 context: zmq.Context | None = None):
+        self.state = state
+        self.limits = Limits(max_message_bytes=max_message_bytes)
+        self.queue: "queue.Queue[bytes]" = queue.Queue(maxsize=queue_capacity)
+        self.capacity = queue_capacity
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # Safety net only: libzmq drops the peer's connection (and what is in flight on it)
+        # for a bigger message; agents guard sizes themselves and count oversize drops.
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + 1024)
+        self.sock.setsockopt(zmq.RCVHWM, 10_000)
+        self.endpoints = []
+        for ep in endpoints:
+            self.sock.bind(ep)
+            self.endpoints.append(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.on_processed: Callable[[], None] = lambda: None
+
+    def queue_stats(self) -> tuple[int, int]:
+        return self.queue.qsize(), self.capacity
+
+    def start(self) -> None:
+        for target, name in ((self._receive_loop, "grokwatch-receive"), (self._process_loop, "grokwatch-process")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, drain_timeout_s: float = 2.0) -> None:
+        """Stop receiving, process what is queued (bounded wait), close the socket."""
+        self._stop.set()
+        deadline = time.monotonic() + drain_timeout_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.sock.close(linger=0)
+
+    def _receive_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                if not poller.poll(POLL_MS):
+                    continue
+                while True:
+                    data = self.sock.recv(zmq.NOBLOCK, copy=True)
+                    self.state.count_received()
+                    if len(data) > self.limits.max_message_bytes:
+                        self.state.count_rejected("too_large")
+                        continue
+                    try:
+                        self.queue.put_nowait(data)
+                    except queue.Full:
+                        self.state.count_rejected("queue_full")
+            except zmq.Again:
+                continue
+            except zmq.ZMQError as exc:
+                if self._stop.is_set() or exc.errno == zmq.ETERM:
+                    return
+                log.warning("receive error: %s", exc)
+
+    def _process_loop(self) -> None:
+        while not (self._stop.is_set() and self.queue.empty()):
+            try:
+                data = self.queue.get(timeout=POLL_MS / 1000)
+            except queue.Empty:
+                continue
+            self.process(data)
+
+    def process(self, data: bytes) -> None:
+        """Decode and apply one message; every failure is counted, none escapes."""
+        try:
+            self.state.handle(decode(data, self.limits))
+        except WireError as exc:
+            self.state.count_rejected(exc.reason)
+        except Rejected as exc:
+            self.state.count_rejected(exc.reason)
+        except Exception:  # a bug of ours must not stop the collector
+            log.exception("internal error while processing a message")
+            self.state.count_rejected("internal")
+        self.on_processed()

@@ -1,0 +1,136 @@
+"""The collector process: config -> state (restored from the snapshot) ->
+ingest threads -> /metrics (+ OTLP) -> periodic snapshots; SIGTERM snapshots
+and exits cleanly.
+
+    from grokwatch.collector.service import Collector
+    from grokwatch.collector.config import CollectorConfig
+    c = Collector(CollectorConfig(listen=("tcp://127.0.0.1:0",), metrics_port=0, state_dir="/tmp/gw"))
+    c.start(); print(c.endpoints, c.metrics_port); ...; c.stop()
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from typing import Optional
+
+from grokwatch.collector import kernels
+from grokwatch.collector.config import CollectorConfig, ConfigError, load_config
+from grokwatch.collector.ingest import Ingest
+from grokwatch.collector.persist import Journal, read_snapshot, write_snapshot
+from grokwatch.collector.prometheus import make_registry, serve
+from grokwatch.collector.state import State
+
+log = logging.getLogger("grokwatch.collector")
+
+
+class Collector:
+    def __init__(self, config: CollectorConfig, *, otel_readers: Optional[list] = None, environ=None):
+        self.config = config
+        self.environ = os.environ if environ is None else environ
+        self.journal = Journal(config.state_dir, config.journal_max_bytes) if config.state_dir else None
+        self.state = State(config, journal=self.journal)
+        if config.state_dir:
+            snap = read_snapshot(config.state_dir)
+            if snap is not None:
+                self.state.restore(snap)
+                log.info("resumed from the snapshot in %s", config.state_dir)
+        self.otel_readers = otel_readers
+        self.ingest: Optional[Ingest] = None
+        self.otel = None
+        self.metrics_port: Optional[int] = None
+        self._server = None
+        self._stop = threading.Event()
+        self._snapshot_thread: Optional[threading.Thread] = None
+
+    @property
+    def endpoints(self) -> list[str]:
+        return self.ingest.endpoints if self.ingest else []
+
+    def start(self) -> "Collector":
+        kernels.warm_up()  # compile or load from the cache before the first message
+        self.ingest = Ingest(self.state, self.config.listen, queue_capacity=self.config.queue_capacity,
+                             max_message_bytes=self.config.max_message_bytes)
+        registry = make_registry(self.state, self.ingest.queue_stats)
+        self._server, _, self.metrics_port = serve(registry, self.config.metrics_addr, self.config.metrics_port,
+                                                   self.config.tls_certfile, self.config.tls_keyfile)
+        from grokwatch.collector.otlp import OtelView, otlp_readers_from_env
+
+        readers = self.otel_readers if self.otel_readers is not None else otlp_readers_from_env(self.environ)
+        if readers:
+            self.otel = OtelView(self.state, readers, self.ingest.queue_stats)
+        self.ingest.start()
+        if self.config.state_dir:
+            self._snapshot_thread = threading.Thread(target=self._snapshot_loop, name="grokwatch-snapshot",
+                                                     daemon=True)
+            self._snapshot_thread.start()
+        log.info("listening on %s", ", ".join(self.endpoints))
+        return self
+
+    def snapshot(self) -> None:
+        if not self.config.state_dir:
+            return
+        if self.journal:
+            self.journal.flush()
+        write_snapshot(self.config.state_dir, self.state.snapshot())
+
+    def _snapshot_loop(self) -> None:
+        while not self._stop.wait(self.config.snapshot_interval_s):
+            try:
+                self.snapshot()
+            except Exception:
+                log.exception("snapshot failed; will retry")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.ingest:
+            self.ingest.stop()
+        try:
+            self.snapshot()
+        except Exception:
+            log.exception("final snapshot failed")
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+        if self.otel:
+            self.otel.shutdown()
+        if self.journal:
+            self.journal.close()
+
+    def wait(self) -> None:
+        self._stop.wait()
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``grokwatch collector``: runs until SIGTERM/SIGINT; bad config is one line and exit 2."""
+    try:
+        if args.check_config:
+            config = load_config(args.check_config)
+            print(f"{args.check_config}: ok")
+            return 0
+        config = load_config(args.config, overrides=dict(
+            listen=tuple(args.listen) if args.listen else None, metrics_port=args.metrics_port,
+            metrics_addr=args.metrics_addr, state_dir=args.state_dir))
+    except ConfigError as exc:
+        print(f"grokwatch collector: {exc}", flush=True)
+        return 2
+    collector = Collector(config)
+    try:
+        collector.start()
+    except Exception as exc:  # e.g. an endpoint or port already in use
+        print(f"grokwatch collector: cannot start: {exc}", flush=True)
+        return 2
+    print(f"grokwatch collector: listening on {', '.join(collector.endpoints)}; "
+          f"/metrics on port {collector.metrics_port}", flush=True)
+
+    def on_signal(signum, frame):
+        collector._stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    collector.wait()
+    collector.stop()
+    return 0

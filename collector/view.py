@@ -1,0 +1,137 @@
+"""One snapshot of the collector's state as metric families — the single
+source of truth that both exporters (Prometheus, OpenTelemetry) render.
+
+Names, types and label sets here are frozen by tests/unit/test_metric_names.py:
+dashboards and alerts depend on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from grokwatch.collector.state import CROSS_GROUP, State
+from grokwatch.wire import REASONS as WIRE_REASONS
+
+# Rejections decided by the collector itself (beyond the wire contract's).
+COLLECTOR_REASONS = ("queue_full", "stale", "duplicate", "shape_mismatch", "too_many_runs", "internal")
+ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS
+
+GROUP_LABELS = ("run", "source", "group")
+LAYER_LABELS = ("run", "source", "group", "layer")
+
+HISTOGRAMS = {
+    # name suffix -> (state histogram key, help)
+    "pathway_distance": ("distance", "Pathway edit distance of sample pairs of the group (METRICS.md §1)"),
+    "pathway_distance_normalized": ("distance_normalized", "Pathway edit distance over the longer pathway's length"),
+    "pathway_consistency": ("consistency", "Per-sample pathway consistency 1 - C_i, higher is smoother (METRICS.md §2)"),
+    "pathway_adjacent_cosine": ("adjacent_cosine", "Per-sample mean cosine of adjacent-layer routing embeddings"),
+    "probe_loss": ("probe_loss", "Per-sample mean NLL measured by the probe"),
+}
+
+
+@dataclass
+class Family:
+    name: str
+    kind: str  # counter | gauge | histogram | summary
+    help: str
+    labels: tuple[str, ...]
+    samples: list = field(default_factory=list)  # (label values tuple, value)
+
+    def add(self, values: tuple, value) -> None:
+        self.samples.append((tuple(str(v) for v in values), value))
+
+
+def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]] = None) -> list[Family]:
+    """All families, read under the state's lock (a consistent snapshot)."""
+    F = {}
+
+    def fam(name, kind, help_, labels):
+        F[name] = Family("grokwatch_" + name, kind, help_, labels)
+        return F[name]
+
+    for suffix, (_, help_) in HISTOGRAMS.items():
+        fam(suffix, "histogram", help_, GROUP_LABELS)
+    fam("pathway_layer_distance", "summary", "Layer-wise pathway edit distance (sum and count per layer)",
+        LAYER_LABELS)
+    fam("pathway_samples_total", "counter", "Samples whose pathways entered the group's window", GROUP_LABELS)
+    fam("pathway_consistency_undefined_total", "counter",
+        "Samples without a defined consistency (L < 3 or max adjacent cosine <= 0.05)", GROUP_LABELS)
+    fam("expert_load_imbalance_ratio", "gauge", "Max over mean expert load share over the window", LAYER_LABELS)
+    fam("expert_load_cv", "gauge", "Coefficient of variation of the expert load shares over the window",
+        LAYER_LABELS)
+    fam("dead_experts", "gauge", "Experts no token put in its top-k over the window", LAYER_LABELS)
+    fam("routing_entropy_ratio", "gauge", "Mean per-token routing entropy over log E, over the window",
+        LAYER_LABELS)
+    fam("distinct_pathways", "gauge", "Distinct pathways in the group's window (exact)", GROUP_LABELS)
+    fam("memorized_samples", "gauge", "Probe samples memorized (METRICS.md §4)", GROUP_LABELS)
+    fam("group_latest_step", "gauge", "Latest training step seen for the group", GROUP_LABELS)
+    fam("train_step", "gauge", "Latest training step seen from the run's train source", ("run",))
+    fam("eval_score", "gauge", "The user's own held-out score per group (ground truth, not a metric input)",
+        ("run", "group"))
+    fam("eval_step", "gauge", "Step of the latest eval score per group", ("run", "group"))
+    fam("collector_messages_received_total", "counter", "Messages received", ())
+    fam("collector_messages_rejected_total", "counter", "Messages rejected, by reason", ("reason",))
+    fam("collector_messages_lost_total", "counter", "Messages lost in transit (sequence gaps)", ())
+    fam("collector_samples_processed_total", "counter", "Routing samples processed", ())
+    fam("collector_queue_size", "gauge", "Messages waiting for the processing thread", ())
+    fam("collector_queue_capacity", "gauge", "Capacity of the processing queue", ())
+    fam("collector_processing_seconds", "summary", "Processing time per message", ())
+    fam("collector_ingest_lag_seconds", "gauge", "Receive time minus send time of the latest message", ())
+    fam("agent_messages_sent_total", "counter", "Messages the agents sent (from heartbeats)", ("run", "rank"))
+    fam("agent_messages_dropped_total", "counter", "Messages the agents dropped, by reason (from heartbeats)",
+        ("run", "rank", "reason"))
+    fam("agent_hook_errors_total", "counter", "Errors caught inside the agents' hooks", ("run", "rank"))
+
+    with state.lock:
+        for (run, source), stream in sorted(state.streams.items()):
+            memorized = stream.memorization.memorized_counts() if stream.memorization else {}
+            series_items = [(name, g.series, g.window) for name, g in sorted(stream.groups.items())]
+            series_items.append((CROSS_GROUP, stream.cross, None))
+            for name, series, window in series_items:
+                key = (run, source, name)
+                for suffix, (hkey, _) in HISTOGRAMS.items():
+                    h = series.hist[hkey]
+                    F[suffix].add(key, (h.bounds.copy(), h.counts.copy(), h.sum))
+                for layer in range(stream.num_layers):
+                    F["pathway_layer_distance"].add(key + (layer,), (float(series.layer_distance_count_L[layer]),
+                                                                     float(series.layer_distance_sum_L[layer])))
+                if window is None:
+                    continue
+                F["pathway_samples_total"].add(key, series.samples_total)
+                F["pathway_consistency_undefined_total"].add(key, series.consistency_undefined_total)
+                F["group_latest_step"].add(key, series.latest_step)
+                if stream.memorization is not None:
+                    F["memorized_samples"].add(key, memorized.get(name, 0))
+                health = window.health(stream.top_k)
+                if health is None:
+                    continue
+                F["distinct_pathways"].add(key, health["distinct"])
+                for layer in range(stream.num_layers):
+                    lk = key + (layer,)
+                    F["expert_load_imbalance_ratio"].add(lk, float(health["imbalance_L"][layer]))
+                    F["expert_load_cv"].add(lk, float(health["cv_L"][layer]))
+                    F["dead_experts"].add(lk, int(health["dead_L"][layer]))
+                    F["routing_entropy_ratio"].add(lk, float(health["entropy_L"][layer]))
+        for run, step in sorted(state.train_step.items()):
+            F["train_step"].add((run,), step)
+        for (run, group), (step, score) in sorted(state.evals.items()):
+            F["eval_score"].add((run, group), score)
+            F["eval_step"].add((run, group), step)
+        F["collector_messages_received_total"].add((), state.received_total)
+        for reason in ALL_REASONS:
+            F["collector_messages_rejected_total"].add((reason,), state.rejected_total.get(reason, 0))
+        F["collector_messages_lost_total"].add((), state.lost_total)
+        F["collector_samples_processed_total"].add((), state.samples_total)
+        F["collector_processing_seconds"].add((), (float(state.processing_seconds_count),
+                                                   state.processing_seconds_sum))
+        F["collector_ingest_lag_seconds"].add((), state.last_message_lag_s)
+        for (run, rank), totals in sorted(state.agent_totals().items()):
+            F["agent_messages_sent_total"].add((run, rank), totals["sent"])
+            F["agent_hook_errors_total"].add((run, rank), totals["hook_errors"])
+            for reason, n in sorted(totals["dropped"].items()):
+                F["agent_messages_dropped_total"].add((run, rank, reason), n)
+    size, capacity = queue_stats() if queue_stats else (0, 0)
+    F["collector_queue_size"].add((), size)
+    F["collector_queue_capacity"].add((), capacity)
+    return list(F.values())

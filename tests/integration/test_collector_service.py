@@ -1,0 +1,128 @@
+"""The collector on real loopback sockets: ingest, /metrics, OTel, restart."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from grokwatch.collector import reference
+from grokwatch.wire import encode
+from helpers import Pusher, scrape, scrape_text, start_collector, value, wait_until
+from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
+
+
+@pytest.fixture
+def collector(tmp_path):
+    c = start_collector(tmp_path, comparisons_per_sample=64)
+    yield c
+    c.stop()
+
+
+def send_all(collector, messages, raw=()):
+    st = collector.state
+
+    def done():
+        return st.processing_seconds_count + sum(st.rejected_total.values())
+
+    before = done()
+    pusher = Pusher(collector.endpoints[0])
+    try:
+        for m in messages:
+            pusher.send(encode(m))
+        for data in raw:
+            pusher.send(data)
+        wait_until(lambda: done() >= before + len(messages) + len(raw))
+    finally:
+        pusher.close()
+
+
+def test_metrics_equal_reference_of_what_was_sent(collector):
+    rng = np.random.default_rng(1)
+    msgs = [make_hello()] + [make_routing(rng=rng, seq=i + 1, n=3, step=i * 5, concentration=0.3) for i in range(4)]
+    send_all(collector, msgs + [make_eval(seq=9, step=15), make_heartbeat(seq=10)])
+    s = scrape(collector.metrics_port)
+    paths = []
+    for m in msgs[1:]:
+        for i in range(m.num_samples):
+            paths.append(reference.pathway_symbols(reference.pathway_layers(m.mean_probs_NLE[i], 0.7), 8))
+    dists = [reference.levenshtein(paths[i], paths[j]) for j in range(len(paths)) for i in range(j)]
+    g = dict(run="run-a", source="train", group="math")
+    assert value(s, "grokwatch_pathway_distance_count", **g) == len(dists)
+    assert value(s, "grokwatch_pathway_distance_sum", **g) == pytest.approx(sum(dists))
+    le = {float(dict(k)["le"]): v for k, v in s["grokwatch_pathway_distance_bucket"].items() if dict(k)["group"] == "math"}
+    for bound, count in le.items():
+        assert count == sum(1 for d in dists if d <= bound)
+    assert value(s, "grokwatch_train_step", run="run-a") == 15
+    assert value(s, "grokwatch_eval_score", run="run-a", group="math") == 0.4
+    assert value(s, "grokwatch_collector_messages_received_total") == 7
+    assert value(s, "grokwatch_collector_messages_lost_total") == 4  # seq 5..8 never sent
+    assert value(s, "grokwatch_agent_messages_dropped_total", run="run-a", rank=0, reason="queue_full") == 2
+    assert value(s, "grokwatch_distinct_pathways", **g) == len({tuple(p) for p in paths})
+    assert value(s, "grokwatch_collector_queue_capacity") == collector.config.queue_capacity
+
+
+def test_invalid_messages_are_counted_by_reason_and_the_collector_keeps_going(collector):
+    good = make_routing(seq=1)
+    send_all(collector, [good], raw=[b"\x00garbage", b"\x81\xa1v\x02", encode(make_routing(seq=1))])
+    send_all(collector, [make_routing(seq=2)])
+    s = scrape(collector.metrics_port)
+    assert value(s, "grokwatch_collector_messages_rejected_total", reason="malformed") == 1
+    assert value(s, "grokwatch_collector_messages_rejected_total", reason="version") == 1
+    assert value(s, "grokwatch_collector_messages_rejected_total", reason="duplicate") == 1
+    assert value(s, "grokwatch_pathway_samples_total", run="run-a", source="train", group="math") == 6
+
+
+def test_exposition_passes_promtool_check_metrics(collector):
+    send_all(collector, [make_hello(), make_routing(seq=1), make_heartbeat(seq=2)])
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (make prometheus)")
+    result = subprocess.run([promtool, "check", "metrics"], input=scrape_text(collector.metrics_port),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_snapshot_and_restart_resume_counters(tmp_path):
+    c = start_collector(tmp_path)
+    send_all(c, [make_hello(), make_routing(seq=1), make_routing(seq=2)])
+    before = scrape(c.metrics_port)
+    c.stop()
+    assert os.path.exists(tmp_path / "state" / "snapshot.pkl")
+    c2 = start_collector(tmp_path)
+    try:
+        after = scrape(c2.metrics_port)
+        for name in ("grokwatch_collector_messages_received_total", "grokwatch_pathway_distance_count",
+                     "grokwatch_pathway_samples_total"):
+            assert after[name] == before[name], name
+        send_all(c2, [make_routing(seq=2), make_routing(seq=3)])  # seq 2 was processed before the restart
+        s = scrape(c2.metrics_port)
+        assert value(s, "grokwatch_collector_messages_rejected_total", reason="duplicate") == 1
+        assert value(s, "grokwatch_pathway_samples_total", run="run-a", source="train", group="math") == 9
+    finally:
+        c2.stop()
+
+
+def test_otel_view_reads_the_same_snapshot(tmp_path):
+    reader = InMemoryMetricReader()
+    c = start_collector(tmp_path, otel_readers=[reader])
+    try:
+        send_all(c, [make_hello(), make_routing(seq=1, n=4)])
+        prom = scrape(c.metrics_port)
+        data = reader.get_metrics_data()
+        points = {}
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for p in metric.data.data_points:
+                        points[(metric.name, frozenset(p.attributes.items()))] = p.value
+        key = frozenset(dict(run="run-a", source="train", group="math").items())
+        assert points[("grokwatch_pathway_distance_count", key)] == prom["grokwatch_pathway_distance_count"][key]
+        assert points[("grokwatch_pathway_distance_sum", key)] == pytest.approx(prom["grokwatch_pathway_distance_sum"][key])
+        assert points[("grokwatch_collector_messages_received_total", frozenset())] == 2
+    finally:
+        c.stop()

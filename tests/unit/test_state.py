@@ -1,0 +1,172 @@
+"""Collector state against the METRICS.md reference, message by message."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from grokwatch.collector import reference
+from grokwatch.collector.config import CollectorConfig
+from grokwatch.collector.state import CROSS_GROUP, Rejected, State
+from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
+
+
+def new_state(**kw):
+    kw.setdefault("comparisons_per_sample", 64)
+    kw.setdefault("window_samples", 64)
+    records = []
+    state = State(CollectorConfig(**kw), journal=records.append, clock=time.time)
+    return state, records
+
+
+def pathways(msgs, tau=0.7, unit="expert"):
+    out = []
+    for m in msgs:
+        E = m.mean_probs_NLE.shape[2]
+        for i in range(m.num_samples):
+            layers = reference.pathway_layers(m.mean_probs_NLE[i], tau)
+            out.append((reference.pathway_symbols(layers, E) if unit == "expert" else reference.pathway_string(layers),
+                        layers))
+    return out
+
+
+@pytest.mark.parametrize("unit", ["expert", "string"])
+def test_group_distance_sums_equal_all_pairs_reference_when_window_holds_everything(unit):
+    state, records = new_state(distance_unit=unit)
+    rng = np.random.default_rng(3)
+    msgs = [make_routing(rng=rng, seq=s + 1, n=4, num_layers=3, num_experts=12, top_k=2, step=s * 10,
+                         concentration=0.3) for s in range(5)]
+    for m in msgs:
+        state.handle(m)
+    series = state.streams[("run-a", "train")].groups["math"].series
+    paths = pathways(msgs, unit=unit)
+    pairs = list(itertools.combinations(range(len(paths)), 2))
+    dists = [reference.levenshtein(paths[i][0], paths[j][0]) for i, j in pairs]
+    norms = [reference.normalized_distance(d, len(paths[i][0]), len(paths[j][0])) for d, (i, j) in zip(dists, pairs)]
+    h = series.hist["distance"]
+    assert h.count == len(pairs)
+    assert h.sum == sum(dists)
+    assert series.hist["distance_normalized"].sum == pytest.approx(sum(norms), rel=1e-9)
+    for layer in range(3):
+        expected = sum(reference.levenshtein(paths[i][1][layer], paths[j][1][layer]) for i, j in pairs)
+        assert series.layer_distance_sum_L[layer] == expected
+        assert series.layer_distance_count_L[layer] == len(pairs)
+    # The journal point of the last message: the mean over that message's comparisons.
+    last = [r for r in records if r["kind"] == "point"][-1]
+    new = range(16, 20)
+    exp = [reference.levenshtein(paths[i][0], paths[j][0]) for i in new for j in range(i)]
+    assert last["distance"] == pytest.approx(np.mean(exp))
+    assert last["step"] == 40 and last["samples"] == 4
+
+
+def test_consistency_and_cosine_follow_the_definition_and_undefined_cases_are_counted():
+    state, records = new_state()
+    msg = make_routing(n=6, num_layers=4, num_experts=8)
+    cos = np.array(msg.adj_cosine_NL1, np.float64)
+    state.handle(msg)
+    series = state.streams[("run-a", "train")].groups["math"].series
+    expected = [reference.consistency(list(c)) for c in cos]
+    defined = [e[0] for e in expected if e[0] is not None]
+    assert series.hist["consistency"].count == len(defined)
+    assert series.hist["consistency"].sum == pytest.approx(sum(defined), rel=1e-6)
+    assert series.consistency_undefined_total == len(expected) - len(defined)
+    assert series.hist["adjacent_cosine"].sum == pytest.approx(sum(e[1] for e in expected), rel=1e-6)
+
+
+def test_two_moe_layers_export_only_the_raw_cosine():
+    state, _ = new_state()
+    state.handle(make_routing(n=5, num_layers=2))
+    series = state.streams[("run-a", "train")].groups["math"].series
+    assert series.hist["consistency"].count == 0
+    assert series.consistency_undefined_total == 5
+    assert series.hist["adjacent_cosine"].count == 5
+
+
+def test_router_health_equals_reference_over_the_window():
+    state, _ = new_state(window_samples=8)
+    rng = np.random.default_rng(5)
+    msgs = [make_routing(rng=rng, seq=s + 1, n=3, num_layers=3, num_experts=6, top_k=2) for s in range(4)]
+    for m in msgs:
+        state.handle(m)
+    window = state.streams[("run-a", "train")].groups["math"].window
+    health = window.health(2)
+    # The window keeps the last 8 of 12 samples.
+    counts = np.concatenate([m.topk_counts_NLE for m in msgs])[-8:]
+    tokens = np.concatenate([m.token_counts_N for m in msgs])[-8:]
+    entropy = np.concatenate([m.entropy_NL for m in msgs])[-8:]
+    ref = reference.router_health(counts, tokens, entropy, 2)
+    for layer, r in enumerate(ref):
+        assert health["imbalance_L"][layer] == pytest.approx(r["imbalance"], rel=1e-9)
+        assert health["cv_L"][layer] == pytest.approx(r["cv"], rel=1e-9)
+        assert health["dead_L"][layer] == r["dead"]
+        assert health["entropy_L"][layer] == pytest.approx(r["entropy"], rel=1e-6)
+    paths = {tuple(p[0]) for p in pathways(msgs)[-8:]}
+    assert health["distinct"] == len(paths)
+
+
+def test_cross_group_baseline_compares_with_other_groups_only():
+    state, _ = new_state(comparisons_per_sample=16)
+    rng = np.random.default_rng(9)
+    a = make_routing(rng=rng, seq=1, n=4, groups=("math",) * 4, sample_ids=[f"m{i}" for i in range(4)])
+    b = make_routing(rng=rng, seq=2, n=3, groups=("code",) * 3, sample_ids=[f"c{i}" for i in range(3)])
+    state.handle(a)
+    state.handle(b)
+    stream = state.streams[("run-a", "train")]
+    cross = stream.cross.hist["distance"]
+    assert cross.count == 3 * 16  # every code sample drew 16 pairs from math's window
+    pa, pb = pathways([a]), pathways([b])
+    all_cross = [reference.levenshtein(x[0], y[0]) for x in pa for y in pb]
+    assert min(all_cross) * cross.count <= cross.sum <= max(all_cross) * cross.count
+    assert CROSS_GROUP not in stream.groups
+
+
+def test_group_labels_are_capped_into_other():
+    state, _ = new_state(max_groups=2)
+    state.handle(make_routing(n=4, groups=("a", "b", "c", "d")))
+    assert set(state.streams[("run-a", "train")].groups) == {"a", "b", "other"}
+
+
+def test_sequence_gaps_count_as_lost_and_replays_as_duplicates():
+    state, _ = new_state()
+    state.handle(make_hello(seq=0))
+    state.handle(make_routing(seq=1))
+    state.handle(make_routing(seq=4))
+    assert state.lost_total == 2
+    with pytest.raises(Rejected) as info:
+        state.handle(make_routing(seq=4))
+    assert info.value.reason == "duplicate"
+
+
+def test_shape_mismatch_against_the_runs_hello_is_rejected():
+    state, _ = new_state()
+    state.handle(make_hello(num_layers=4, num_experts=8, top_k=2))
+    with pytest.raises(Rejected) as info:
+        state.handle(make_routing(num_layers=3, seq=1))
+    assert info.value.reason == "shape_mismatch"
+
+
+def test_stale_messages_are_rejected():
+    state = State(CollectorConfig(max_message_age_s=10), clock=lambda: time.time() + 11)
+    with pytest.raises(Rejected) as info:
+        state.handle(make_routing())
+    assert info.value.reason == "stale"
+
+
+def test_heartbeats_of_a_restarted_agent_never_make_totals_go_backwards():
+    state, _ = new_state()
+    state.handle(make_heartbeat(sender="old", seq=1, messages_sent=10, messages_dropped={"queue_full": 3}))
+    state.handle(make_heartbeat(sender="new", seq=1, messages_sent=2, messages_dropped={"queue_full": 1}))
+    totals = state.agent_totals()[("run-a", 0)]
+    assert totals["sent"] == 12 and totals["dropped"] == {"queue_full": 4}
+
+
+def test_eval_scores_are_kept_and_journaled():
+    state, records = new_state()
+    state.handle(make_eval(step=30, scores={"math": 0.5, "code": 0.25}))
+    assert state.evals[("run-a", "math")] == (30, 0.5)
+    record = dict(records[-1])
+    record.pop("t")
+    assert record == dict(kind="eval", run="run-a", step=30, scores={"math": 0.5, "code": 0.25})
