@@ -1,0 +1,70 @@
+"""Dashboards and alerts depend on these names, types and label sets: freeze them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from grokwatch.collector.config import CollectorConfig
+from grokwatch.collector.prometheus import PrometheusCollector
+from grokwatch.collector.state import State
+from grokwatch.collector.view import build_view
+from wire_factories import make_heartbeat, make_hello, make_routing
+
+G = ("run", "source", "group")
+GL = ("run", "source", "group", "layer")
+
+FROZEN = {
+    "grokwatch_pathway_distance": ("histogram", G),
+    "grokwatch_pathway_distance_normalized": ("histogram", G),
+    "grokwatch_pathway_consistency": ("histogram", G),
+    "grokwatch_pathway_adjacent_cosine": ("histogram", G),
+    "grokwatch_probe_loss": ("histogram", G),
+    "grokwatch_pathway_layer_distance": ("summary", GL),
+    "grokwatch_pathway_samples_total": ("counter", G),
+    "grokwatch_pathway_consistency_undefined_total": ("counter", G),
+    "grokwatch_expert_load_imbalance_ratio": ("gauge", GL),
+    "grokwatch_expert_load_cv": ("gauge", GL),
+    "grokwatch_dead_experts": ("gauge", GL),
+    "grokwatch_routing_entropy_ratio": ("gauge", GL),
+    "grokwatch_distinct_pathways": ("gauge", G),
+    "grokwatch_memorized_samples": ("gauge", G),
+    "grokwatch_group_latest_step": ("gauge", G),
+    "grokwatch_train_step": ("gauge", ("run",)),
+    "grokwatch_eval_score": ("gauge", ("run", "group")),
+    "grokwatch_eval_step": ("gauge", ("run", "group")),
+    "grokwatch_collector_messages_received_total": ("counter", ()),
+    "grokwatch_collector_messages_rejected_total": ("counter", ("reason",)),
+    "grokwatch_collector_messages_lost_total": ("counter", ()),
+    "grokwatch_collector_samples_processed_total": ("counter", ()),
+    "grokwatch_collector_queue_size": ("gauge", ()),
+    "grokwatch_collector_queue_capacity": ("gauge", ()),
+    "grokwatch_collector_processing_seconds": ("summary", ()),
+    "grokwatch_collector_ingest_lag_seconds": ("gauge", ()),
+    "grokwatch_agent_messages_sent_total": ("counter", ("run", "rank")),
+    "grokwatch_agent_messages_dropped_total": ("counter", ("run", "rank", "reason")),
+    "grokwatch_agent_hook_errors_total": ("counter", ("run", "rank")),
+}
+
+
+def populated_state():
+    state = State(CollectorConfig())
+    state.handle(make_hello())
+    state.handle(make_routing(seq=1, source="train"))
+    state.handle(make_routing(seq=2, source="probe", loss=True, rng=np.random.default_rng(1)))
+    state.handle(make_heartbeat(seq=3))
+    return state
+
+
+def test_exported_names_types_and_labels_are_frozen():
+    fams = {f.name: (f.kind, f.labels) for f in build_view(populated_state())}
+    assert fams == FROZEN
+
+
+def test_prometheus_families_carry_the_frozen_label_sets():
+    for fam in PrometheusCollector(populated_state()).collect():
+        full = fam.name + ("_total" if fam.type == "counter" else "")
+        kind, labels = FROZEN[full]
+        assert fam.type == kind
+        for sample in fam.samples:
+            extra = {"le"} if sample.name.endswith("_bucket") else set()
+            assert set(sample.labels) == set(labels) | extra, (sample.name, sample.labels)
