@@ -1,0 +1,22 @@
+"""grokwatch.agent — runs inside the training process.
+
+    import grokwatch.agent as gw
+    mon = gw.attach(model, endpoint="tcp://127.0.0.1:5557", run="olmoe-a")
+
+Data path: discover -> hooks (monitor) -> reduce (on the device) -> staging
+(pinned host buffers) -> sender (thread, ZeroMQ PUSH). Plus the probe and the
+Hugging Face Trainer callback (integrations).
+"""
+
+from grokwatch.agent.discover import NoMoELayersError, discover
+from grokwatch.agent.monitor import AgentConfig, Monitor, attach
+
+__all__ = ["AgentConfig", "GrokwatchCallback", "Monitor", "NoMoELayersError", "attach", "discover"]
+
+
+def __getattr__(name):
+    if name == "GrokwatchCallback":  # imports transformers only when asked for
+        from grokwatch.agent.integrations import GrokwatchCallback
+
+        return GrokwatchCallback
+    raise AttributeError(name)

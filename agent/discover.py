@@ -1,0 +1,99 @@
+"""Find the MoE routers of a model (transformers 5.x) and what they return.
+
+Every 5.x MoE block has a router module (``mlp.gate``; ``mlp.router`` in
+GPT-OSS) whose class is named by
+``type(model.model)._can_record_outputs["router_logits"]``. In 5.24 each router
+returns ``(router_logits[T,E], top_k_weights[T,K], top_k_index[T,K])``; the
+index tensor is the exact routing decision. Where a router returns no indices
+(DeepSeek-V3 before 5.13) the sibling ``experts`` module's forward pre-hook
+receives ``(hidden[T,H], top_k_index[T,K], top_k_weights[T,K])`` instead.
+
+We never turn on ``output_router_logits``: in 5.x it adds the aux loss to the
+training loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+# Families whose routers score experts with a sigmoid (METRICS.md Notation:
+# the distribution is the sigmoid scores divided by their sum).
+SIGMOID_MODEL_TYPES = frozenset({"deepseek_v3", "glm4_moe", "dots1", "kimi_k2"})
+
+
+@dataclass
+class MoELayer:
+    name: str  # module path of the router, e.g. "model.layers.3.mlp.gate"
+    router: nn.Module
+    experts: Optional[nn.Module]  # sibling experts module (indices fallback)
+    logits_index: int  # which output of the router holds the logits
+    weight_EH: Optional[torch.Tensor]  # router weight rows: expert embeddings (METRICS.md §2)
+
+
+@dataclass
+class MoEShape:
+    num_layers: int
+    num_experts: int
+    top_k: int
+    distribution: str  # "softmax" | "sigmoid"
+    layers: list[MoELayer]
+
+
+class NoMoELayersError(ValueError):
+    pass
+
+
+def _recorder(model: nn.Module):
+    for module in model.modules():
+        record = getattr(type(module), "_can_record_outputs", None)
+        if isinstance(record, dict) and "router_logits" in record:
+            return record["router_logits"]
+    return None
+
+
+def _config_value(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def discover(model: nn.Module) -> MoEShape:
+    """The MoE layers of a transformers 5.x model, in forward order.
+    Raises ``NoMoELayersError`` naming the class when there are none."""
+    recorder = _recorder(model)
+    router_cls = getattr(recorder, "target_class", None)
+    if router_cls is None:
+        raise NoMoELayersError(
+            f"{type(model).__name__}: no MoE router found (the model declares no 'router_logits' output). "
+            "For other models call attach(..., num_layers=, num_experts=, top_k=) and mon.record() "
+            "from your router's forward.")
+    index = int(getattr(recorder, "index", 0) or 0)
+    modules = dict(model.named_modules())
+    layers = []
+    for name, module in model.named_modules():
+        if type(module) is not router_cls:
+            continue
+        parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+        experts = getattr(parent, "experts", None) if parent is not None else None
+        weight = getattr(module, "weight", None)
+        layers.append(MoELayer(name, module, experts if isinstance(experts, nn.Module) else None, index,
+                               weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None))
+    if not layers:
+        raise NoMoELayersError(f"{type(model).__name__}: declares router class {router_cls.__name__} "
+                               "but contains none (all layers dense?)")
+    config = getattr(model, "config", None)
+    first = layers[0].router
+    num_experts = int(_config_value(first, "num_experts", default=None)
+                      or _config_value(config, "num_experts", "num_local_experts", "n_routed_experts")
+                      or layers[0].weight_EH.shape[0])
+    top_k = int(_config_value(first, "top_k", default=None)
+                or _config_value(config, "num_experts_per_tok", "moe_topk", "top_k"))
+    model_type = getattr(config, "model_type", "")
+    sigmoid = model_type in SIGMOID_MODEL_TYPES or _config_value(config, "scoring_func", default="") == "sigmoid"
+    return MoEShape(len(layers), num_experts, top_k, "sigmoid" if sigmoid else "softmax", layers)

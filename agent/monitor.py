@@ -1,0 +1,403 @@
+"""``attach()`` and the Monitor: hooks on the model, sampling, the probe.
+
+Threads: every hook runs on the training thread and only enqueues device work
+(see reduce.py); encoding and sending happen on the sender thread (sender.py).
+After ``attach()`` returns, nothing here raises into the training loop: hook
+errors are caught, counted and logged once, and after ``max_hook_errors`` the
+monitor removes its hooks and training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.optim.optimizer as torch_optimizer
+from torch import nn
+
+from grokwatch.agent.discover import MoELayer, MoEShape, discover
+from grokwatch.agent.reduce import BatchContext, Staging, build_context, reduce_layer
+from grokwatch.agent.sender import Pending, Sender
+
+log = logging.getLogger("grokwatch.agent")
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
+DEFAULT_EVERY_N_STEPS = 10  # summarizing costs a handful of small ops per router call; every step for tiny runs
+DEFAULT_SAMPLES_PER_STEP = 8
+DEFAULT_DOCS_PER_SAMPLE = 4  # packed rows: documents kept per row (only when position_ids are passed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    endpoint: str = DEFAULT_ENDPOINT
+    run: str = "default"
+    every_n_steps: int = DEFAULT_EVERY_N_STEPS
+    max_samples_per_step: int = DEFAULT_SAMPLES_PER_STEP
+    max_docs_per_sample: int = DEFAULT_DOCS_PER_SAMPLE
+    probe_every_n_steps: int = 0  # 0: no probe
+    probe_size: int = 0
+    max_hook_errors: int = 10
+    queue_size: int = 64
+    heartbeat_interval_s: float = 5.0
+    close_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"endpoint: {self.endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
+        if not self.run or len(self.run) > 200:
+            raise ValueError("run: a non-empty name of at most 200 characters")
+        for key in ("every_n_steps", "max_samples_per_step", "max_docs_per_sample", "max_hook_errors", "queue_size"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if self.probe_every_n_steps < 0 or self.probe_size < 0:
+            raise ValueError("probe_every_n_steps and probe_size: must not be negative")
+        if bool(self.probe_every_n_steps) != bool(self.probe_size):
+            raise ValueError("probe_every_n_steps and probe_size: set both (or neither)")
+        if self.heartbeat_interval_s <= 0 or self.close_timeout_s < 0:
+            raise ValueError("heartbeat_interval_s must be positive and close_timeout_s not negative")
+
+
+def _first_tensor(args, kwargs, name, position):
+    value = kwargs.get(name)
+    if value is None and len(args) > position:
+        value = args[position]
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _stable_key(sample_id: str) -> int:
+    return zlib.crc32(sample_id.encode())
+
+
+class Monitor:
+    """Returned by ``attach``. Public: tag, step, log_eval, record, run_probe, close, stats."""
+
+    def __init__(self, model: nn.Module, config: AgentConfig, shape: MoEShape,
+                 router_weights: Optional[Sequence[Optional[torch.Tensor]]] = None):
+        self.model = model
+        self.config = config
+        self.shape = shape
+        self.layers: list[MoELayer] = shape.layers
+        self._router_weights = list(router_weights) if router_weights is not None else [l.weight_EH for l in self.layers]
+        self.has_cosines = shape.num_layers > 1 and all(w is not None for w in self._router_weights)
+        try:
+            self.device = next(model.parameters()).device
+        except StopIteration:
+            self.device = torch.device("cpu")
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.rank, self.world_size = rank, world
+        self.slots = config.max_samples_per_step * config.max_docs_per_sample
+        self.staging = Staging(num_layers=shape.num_layers, slots=self.slots, num_experts=shape.num_experts,
+                               device=self.device)
+        self.sender = Sender(endpoint=config.endpoint, run=config.run, rank=rank, world_size=world,
+                             num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
+                             distribution="sigmoid" if shape.distribution == "sigmoid" else
+                             ("topk" if shape.distribution == "topk" else "softmax"),
+                             has_cosines=self.has_cosines, staging=self.staging, queue_size=config.queue_size,
+                             heartbeat_interval_s=config.heartbeat_interval_s)
+        self._pid = os.getpid()
+        self._handles: list[Any] = []
+        self._ctx: Optional[BatchContext] = None
+        self._tag: Optional[tuple[list[str], list[str]]] = None
+        self._step = 0
+        self._manual_step = False
+        self._taken_step = -1
+        self._taken = 0
+        self._hook_errors = 0
+        self._logged_error = False
+        self.disabled = False
+        self._probe_active = False
+        self._experts_idx: dict[int, torch.Tensor] = {}
+        from grokwatch.agent.probe import Probe
+
+        self.probe = Probe(self, config.probe_size) if config.probe_size else None
+        self._install()
+
+    # ------------------------------------------------------------------ hooks
+
+    def _install(self) -> None:
+        h = self._handles
+        h.append(self.model.register_forward_pre_hook(self._guard(self._on_forward_start), with_kwargs=True))
+        h.append(self.model.register_forward_hook(self._guard(self._on_forward_end), with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            if layer.router is not None:
+                h.append(layer.router.register_forward_hook(self._guard(self._router_hook(i))))
+            if layer.experts is not None:
+                h.append(layer.experts.register_forward_pre_hook(self._guard(self._experts_hook(i))))
+        h.append(torch_optimizer.register_optimizer_step_post_hook(self._guard(self._on_optimizer_step)))
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self.disabled = True  # a forked DataLoader worker never touches the parent's socket
+
+    def _guard(self, fn: Callable) -> Callable:
+        def hook(*args, **kwargs):
+            if self.disabled or os.getpid() != self._pid:
+                return None
+            try:
+                fn(*args, **kwargs)
+            except Exception as exc:  # never into the training loop
+                self._hook_error(exc)
+            return None
+        return hook
+
+    def _hook_error(self, exc: BaseException) -> None:
+        self._hook_errors += 1
+        self.sender.hook_errors = self._hook_errors
+        self._ctx = None
+        if not self._logged_error:
+            self._logged_error = True
+            log.warning("grokwatch: error inside a hook (counted; training goes on): %r", exc, exc_info=exc)
+        if self._hook_errors >= self.config.max_hook_errors:
+            log.warning("grokwatch: %d hook errors; monitor disabled", self._hook_errors)
+            self._disable()
+
+    def _disable(self) -> None:
+        self.disabled = True
+        self.sender.disabled = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_forward_start(self, module, args, kwargs) -> None:
+        if self._probe_active:
+            return  # the probe has built its own context
+        self._ctx = None
+        if not (torch.is_grad_enabled() and module.training):
+            return  # the user's own eval forwards are not ours to summarize
+        step = self._step
+        if step % self.config.every_n_steps:
+            self._tag = None
+            return
+        if self._taken_step != step:
+            self._taken_step, self._taken = step, 0
+        budget = self.config.max_samples_per_step - self._taken
+        tag, self._tag = self._tag, None
+        if budget <= 0:
+            return
+        input_ids = _first_tensor(args, kwargs, "input_ids", 0)
+        embeds = kwargs.get("inputs_embeds")
+        ref = input_ids if input_ids is not None else embeds
+        if ref is None or ref.dim() < 2:
+            return
+        num_rows, seq_len = int(ref.shape[0]), int(ref.shape[1])
+        if tag is not None and len(tag[0]) == num_rows:
+            ids, groups = tag
+            order = sorted(range(num_rows), key=lambda r: (_stable_key(ids[r]), r))
+            rows = sorted(order[:budget])
+        else:
+            ids = [f"{step}:{r}" for r in range(num_rows)]
+            groups = ["all"] * num_rows
+            rows = list(range(min(budget, num_rows)))
+        self._taken += len(rows)
+        self._ctx = self._context("train", step, rows, ids, groups, num_rows, seq_len,
+                                  kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        if self.probe is not None and input_ids is not None:
+            self.probe.remember(input_ids, kwargs.get("attention_mask"), rows, ids, groups)
+
+    def _context(self, source, step, rows, ids, groups, num_rows, seq_len, attention_mask, position_ids):
+        D = self.config.max_docs_per_sample
+        slot_ids = [""] * self.slots
+        slot_groups = ["all"] * self.slots
+        packed = position_ids is not None and D > 1
+        for m, r in enumerate(rows):
+            for d in range(D if packed else 1):
+                slot_ids[m * D + d] = f"{ids[r]}#{d}" if packed and d else str(ids[r])
+                slot_groups[m * D + d] = str(groups[r])
+        return build_context(source=source, step=step, attention_mask_BS=attention_mask,
+                             position_ids_BS=position_ids if packed else None, num_rows=num_rows,
+                             seq_len=seq_len, rows=rows, max_rows=self.config.max_samples_per_step,
+                             docs_per_row=D, device=self.device, sample_ids=slot_ids, groups=slot_groups,
+                             staging=self.staging)
+
+    def _router_hook(self, index: int):
+        layer = self.layers[index]
+
+        def hook(module, args, output):
+            ctx = self._ctx
+            if ctx is None:
+                return  # not sampled, or an activation-checkpoint recompute in backward
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            logits = outputs[layer.logits_index]
+            indices = next((t for t in outputs if isinstance(t, torch.Tensor) and t.dtype == torch.int64
+                            and t.dim() == 2), None)
+            if indices is None:
+                indices = self._experts_idx.pop(index, None)
+            reduce_layer(ctx, index, logits, indices, self._router_weights[index], self.shape.distribution,
+                         self.shape.top_k)
+        return hook
+
+    def _experts_hook(self, index: int):
+        def hook(module, args):
+            if self._ctx is not None and len(args) >= 2 and isinstance(args[1], torch.Tensor):
+                self._experts_idx[index] = args[1]
+        return hook
+
+    def _on_forward_end(self, module, args, kwargs, output) -> None:
+        ctx = self._ctx
+        if ctx is not None and not ctx.deferred:
+            self.finalize(ctx)
+
+    def finalize(self, ctx: BatchContext, with_loss: bool = False) -> None:
+        """One non-blocking copy into pinned host memory, one event; hand over."""
+        self._ctx = None
+        if ctx.layers_done != self.shape.num_layers:
+            self.sender.count_drop("incomplete")
+            return
+        index = self.staging.take()
+        if index is None:
+            self.sender.count_drop("staging_busy")
+            return
+        host = self.staging.pool[index]
+        host.copy_(self.staging.device_buf, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.sender.submit(Pending(source=ctx.source, step=ctx.step, sample_ids=ctx.sample_ids, groups=ctx.groups,
+                                   host_index=index, event=event, with_cosines=self.has_cosines,
+                                   with_loss=with_loss))
+
+    def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._manual_step:
+            return
+        self._step += 1
+        self._maybe_probe()
+
+    def _maybe_probe(self) -> None:
+        if self.probe is not None and self._step % self.config.probe_every_n_steps == 0:
+            self.probe.run(self._step)
+
+    # ------------------------------------------------------------------ public
+
+    def tag(self, sample_ids: Sequence, groups: Optional[Sequence] = None) -> None:
+        """Name the rows of the next forward (stable ids let the same sample be
+        followed over time; groups are data domains). Never raises."""
+        try:
+            ids = [str(s)[:200] for s in sample_ids]
+            grp = [str(g)[:200] for g in groups] if groups is not None else ["all"] * len(ids)
+            self._tag = (ids, grp) if len(grp) == len(ids) else None
+        except Exception as exc:
+            self._hook_error(exc)
+
+    def step(self, global_step: int) -> None:
+        """Set the training step (else the optimizer's step hook counts)."""
+        if self.disabled:
+            return
+        try:
+            changed = int(global_step) != self._step
+            self._manual_step = True
+            self._step = int(global_step)
+            if changed:
+                self._maybe_probe()
+        except Exception as exc:
+            self._hook_error(exc)
+
+    def log_eval(self, step: int, scores: dict) -> None:
+        """Forward the user's own held-out scores (ground truth for reports)."""
+        if self.disabled:
+            return
+        try:
+            self.sender.submit_eval(int(step), {str(k): float(v) for k, v in scores.items()})
+        except Exception as exc:
+            self._hook_error(exc)
+
+    def record(self, layer: int, *, logits: Optional[torch.Tensor] = None, probs: Optional[torch.Tensor] = None,
+               topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+               router_weight: Optional[torch.Tensor] = None) -> None:
+        """For models we do not auto-detect: call from the router's forward with
+        the router's output for MoE layer ``layer`` (0-based, forward order).
+        ``logits`` [T,E] (or [B,S,E]), or ``probs`` [T,E], or ``topk=(ids [T,K],
+        weights [T,K])`` alone; ``router_weight`` [E,H] enables cosines."""
+        ctx = self._ctx
+        if ctx is None or self.disabled or os.getpid() != self._pid:
+            return
+        try:
+            E = self.shape.num_experts
+            ids = topk[0].reshape(-1, topk[0].shape[-1]) if topk is not None else None
+            if router_weight is not None:
+                self._router_weights[layer] = router_weight
+            if logits is not None:
+                dist, x = self.shape.distribution, logits.reshape(-1, E)
+            elif probs is not None:
+                dist, x = "probs", probs.reshape(-1, E)
+            elif topk is not None:
+                weights = topk[1].reshape(ids.shape).float()
+                dense = torch.zeros(ids.shape[0], E, device=weights.device).scatter_(1, ids, weights)
+                dist, x = "probs", dense / dense.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+            else:
+                raise ValueError("record() needs logits=, probs= or topk=")
+            reduce_layer(ctx, layer, x, ids, self._router_weights[layer], dist, self.shape.top_k)
+        except Exception as exc:
+            self._hook_error(exc)
+
+    def run_probe(self, step: Optional[int] = None) -> None:
+        if self.probe is not None and not self.disabled:
+            self.probe.run(self._step if step is None else int(step))
+
+    def stats(self) -> dict:
+        return dict(step=self._step, sent=self.sender.sent, dropped=dict(self.sender.dropped),
+                    hook_errors=self._hook_errors, disabled=self.disabled)
+
+    def close(self) -> None:
+        """Remove the hooks and flush with a bounded wait. Never raises."""
+        try:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self.sender.close(self.config.close_timeout_s)
+        except Exception as exc:
+            log.warning("grokwatch: error while closing: %r", exc)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def attach(model: nn.Module, endpoint: Optional[str] = None, run: Optional[str] = None, *,
+           every_n_steps: int = DEFAULT_EVERY_N_STEPS, max_samples_per_step: int = DEFAULT_SAMPLES_PER_STEP,
+           probe_every_n_steps: int = 0, probe_size: int = 0, num_layers: Optional[int] = None,
+           num_experts: Optional[int] = None, top_k: Optional[int] = None, distribution: str = "softmax",
+           router_weights: Optional[Sequence[torch.Tensor]] = None, **options) -> Monitor:
+    """Hook the MoE routers of ``model`` and stream pathway summaries to a collector.
+
+        import grokwatch.agent as gw
+        mon = gw.attach(model, endpoint="tcp://127.0.0.1:5557", run="olmoe-a")
+        for step, batch in enumerate(loader):
+            mon.tag(sample_ids=batch["ids"], groups=batch["domain"])   # optional
+            loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
+        mon.close()
+
+    transformers 5.x MoE models are found automatically. For any other model
+    pass ``num_layers``, ``num_experts``, ``top_k`` and call ``mon.record()``
+    from the router's forward. Fails fast (ValueError) on a bad configuration
+    or a model without MoE layers; afterwards never raises into training.
+    Endpoint and run default to GROKWATCH_ENDPOINT and GROKWATCH_RUN.
+    """
+    config = AgentConfig(
+        endpoint=endpoint or os.environ.get("GROKWATCH_ENDPOINT", DEFAULT_ENDPOINT),
+        run=run or os.environ.get("GROKWATCH_RUN", "default"),
+        every_n_steps=every_n_steps, max_samples_per_step=max_samples_per_step,
+        probe_every_n_steps=probe_every_n_steps, probe_size=probe_size, **options)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
+    if num_layers is not None:
+        if not (num_experts and top_k) or num_layers < 1 or num_experts < 2 or not 1 <= top_k <= num_experts:
+            raise ValueError("manual mode: num_layers >= 1, num_experts >= 2 and 1 <= top_k <= num_experts")
+        if distribution not in ("softmax", "sigmoid", "topk"):
+            raise ValueError(f"distribution: {distribution!r} must be softmax, sigmoid or topk")
+        layers = [MoELayer(f"manual.{i}", None, None, 0, None) for i in range(num_layers)]
+        shape = MoEShape(num_layers, num_experts, top_k, distribution, layers)
+        weights = list(router_weights) if router_weights is not None else [None] * num_layers
+        if len(weights) != num_layers:
+            raise ValueError(f"router_weights: {len(weights)} given for {num_layers} layers")
+        return Monitor(model, config, shape, router_weights=weights)
+    return Monitor(model, config, discover(model))

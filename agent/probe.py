@@ -1,0 +1,87 @@
+"""The probe: a fixed set of already-seen training samples, re-run forward-only
+every P steps (no grad, eval mode, micro-batched), for per-sample loss and
+memorization exactly as the paper measures them (METRICS.md §4).
+
+Cost: probe_size / max_samples_per_step forward passes of micro-batches of
+max_samples_per_step rows every P steps, on the training thread, plus the
+routing reductions of each. The samples' token ids stay on the device
+(probe_size x seq_len int64).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from grokwatch.agent.monitor import Monitor
+
+
+class Probe:
+    def __init__(self, monitor: "Monitor", size: int):
+        self.monitor = monitor
+        self.size = size
+        self.samples: dict[str, tuple[torch.Tensor, str]] = {}  # id -> (token ids [S_i] on device, group)
+
+    def remember(self, input_ids_BS: torch.Tensor, attention_mask_BS: Optional[torch.Tensor], rows, ids, groups):
+        """Keep the first ``size`` distinct samples seen (their real tokens)."""
+        for r in rows:
+            if len(self.samples) >= self.size:
+                return
+            sid = str(ids[r])
+            if sid in self.samples:
+                continue
+            tokens = input_ids_BS[r].detach()
+            if attention_mask_BS is not None:
+                # Real tokens only. Boolean indexing would sync; keep the row and its mask instead.
+                tokens = torch.where(attention_mask_BS[r].bool(), tokens, torch.full_like(tokens, -1))
+            self.samples[sid] = (tokens.clone(), str(groups[r]))
+
+    @torch.no_grad()
+    def run(self, step: int) -> None:
+        mon = self.monitor
+        if not self.samples or mon.disabled:
+            return
+        model = mon.model
+        was_training = model.training
+        model.eval()
+        mon._probe_active = True
+        try:
+            items = list(self.samples.items())
+            batch = mon.config.max_samples_per_step
+            for start in range(0, len(items), batch):
+                self._micro_batch(step, items[start:start + batch])
+        finally:
+            mon._probe_active = False
+            model.train(was_training)
+
+    def _micro_batch(self, step: int, items) -> None:
+        mon = self.monitor
+        width = max(t.shape[0] for _, (t, _) in items)
+        rows = []
+        for _, (tokens, _) in items:
+            rows.append(F.pad(tokens, (0, width - tokens.shape[0]), value=-1))
+        ids_BS = torch.stack(rows)
+        mask_BS = (ids_BS >= 0).to(torch.long)
+        input_ids = ids_BS.clamp_min(0)
+        sample_ids = [sid for sid, _ in items]
+        groups = [g for _, (_, g) in items]
+        ctx = mon._context("probe", step, list(range(len(items))), sample_ids, groups, len(items), width,
+                           mask_BS, None)
+        ctx.deferred = True
+        mon._ctx = ctx
+        out = mon.model(input_ids=input_ids, attention_mask=mask_BS)
+        if mon._ctx is not ctx:  # a hook error cleared it
+            return
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        # Per-sample mean next-token NLL over real tokens (METRICS.md §4).
+        nll_BS = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+        target_mask = (mask_BS[:, 1:] * mask_BS[:, :-1]).float()
+        loss_B = (nll_BS * target_mask).sum(1) / target_mask.sum(1).clamp_min(1.0)
+        D = mon.config.max_docs_per_sample
+        loss_MD = torch.zeros(mon.config.max_samples_per_step, D, device=loss_B.device)
+        loss_MD[: len(items), 0] = loss_B
+        mon.staging.views["loss_N"].copy_(loss_MD.reshape(-1))
+        mon.finalize(ctx, with_loss=True)

@@ -1,0 +1,166 @@
+"""On-device reductions of router outputs — runs on the training thread.
+
+Nothing here synchronizes the device with the host: every op is a device op
+on the sampled rows only, writing into one preallocated flat float32 buffer
+(``Staging.device``) that is copied to pinned host memory once per forward
+with ``non_blocking=True``, after which a CUDA event is recorded. The sender
+thread waits on the event, never the training thread.
+
+Legend: B batch rows, S sequence positions, T = B*S tokens, E experts,
+K top-k, H hidden size, M sampled rows, D documents per row (packing),
+N = M*D sample slots, L MoE layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+_LOG_FLOOR = 1e-30
+
+
+@dataclass
+class BatchContext:
+    """What the top-level pre-hook learned about the batch of one forward."""
+
+    source: str
+    step: int
+    num_rows: int  # B
+    seq_len: int  # S
+    rows_M: torch.Tensor  # long, device: sampled batch rows (padding slots repeat row 0)
+    weights_MSD: torch.Tensor  # float32, device: token -> slot weights (mask x document one-hot)
+    tokens_MD: torch.Tensor  # float32, device: real tokens per slot
+    sample_ids: list[str]  # N host-side ids ("" for unused slots)
+    groups: list[str]
+    staging: "Staging"
+    layers_done: int = 0
+    emb_prev_NH: Optional[torch.Tensor] = None
+    deferred: bool = False  # the probe finalizes itself after adding losses
+    extra: dict = field(default_factory=dict)
+
+
+def build_context(*, source: str, step: int, attention_mask_BS: Optional[torch.Tensor],
+                  position_ids_BS: Optional[torch.Tensor], num_rows: int, seq_len: int, rows: list[int],
+                  max_rows: int, docs_per_row: int, device: torch.device, sample_ids: list[str],
+                  groups: list[str], staging: "Staging") -> BatchContext:
+    """Slots: M rows x D documents. Rows beyond ``rows`` are padding with zero
+    weight; documents of a packed row are split where position_ids restart."""
+    D = docs_per_row
+    padded = list(rows) + [0] * (max_rows - len(rows))
+    rows_M = torch.tensor(padded, dtype=torch.long, device=device)
+    valid_M = torch.zeros(max_rows, dtype=torch.float32, device=device)
+    valid_M[: len(rows)] = 1.0
+    if attention_mask_BS is not None:
+        mask_MS = attention_mask_BS.index_select(0, rows_M).to(torch.float32)
+    else:
+        mask_MS = torch.ones(max_rows, seq_len, dtype=torch.float32, device=device)
+    mask_MS = mask_MS * valid_M[:, None]
+    if D > 1 and position_ids_BS is not None:
+        pos_MS = position_ids_BS.index_select(0, rows_M)
+        starts_MS = (pos_MS == 0).to(torch.long)
+        starts_MS[:, 0] = 1
+        doc_MS = starts_MS.cumsum(dim=1) - 1  # document index of each token
+        onehot_MSD = (doc_MS[..., None] == torch.arange(D, device=device)).to(torch.float32)
+        # Documents beyond D in a row are left out (their one-hot is all zero).
+    else:
+        onehot_MSD = torch.zeros(max_rows, seq_len, D, dtype=torch.float32, device=device)
+        onehot_MSD[..., 0] = 1.0
+    weights_MSD = onehot_MSD * mask_MS[..., None]
+    tokens_MD = weights_MSD.sum(dim=1)
+    return BatchContext(source=source, step=step, num_rows=num_rows, seq_len=seq_len, rows_M=rows_M,
+                        weights_MSD=weights_MSD, tokens_MD=tokens_MD, sample_ids=sample_ids, groups=groups,
+                        staging=staging)
+
+
+class Staging:
+    """One flat device buffer with named views, and a small pool of pinned host
+    buffers of the same size (one per in-flight message)."""
+
+    def __init__(self, *, num_layers: int, slots: int, num_experts: int, device: torch.device, pool_size: int = 4):
+        L, N, E = num_layers, slots, num_experts
+        self.shapes = {
+            "mean_LNE": (L, N, E),
+            "counts_LNE": (L, N, E),
+            "entropy_LN": (L, N),
+            "cosine_LN": (L, N),  # row l holds cos(layer l-1, layer l); row 0 unused
+            "tokens_N": (N,),
+            "loss_N": (N,),
+        }
+        self.offsets = {}
+        total = 0
+        for name, shape in self.shapes.items():
+            self.offsets[name] = (total, math.prod(shape))
+            total += math.prod(shape)
+        self.size = total
+        self.device = device
+        self.device_buf = torch.zeros(total, dtype=torch.float32, device=device)
+        self.views = self.split(self.device_buf)
+        pin = device.type == "cuda"
+        self.pool = [torch.zeros(total, dtype=torch.float32, pin_memory=pin) for _ in range(pool_size)]
+        self.free = list(range(pool_size))
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: flat[o:o + n].view(self.shapes[name]) for name, (o, n) in self.offsets.items()}
+
+    def take(self) -> Optional[int]:
+        return self.free.pop() if self.free else None  # list.pop is atomic under the GIL
+
+    def give_back(self, index: int) -> None:
+        self.free.append(index)
+
+
+def routing_distribution(logits_MSE: torch.Tensor, distribution: str) -> torch.Tensor:
+    """METRICS.md Notation p(t): softmax of the logits, or sigmoid scores over
+    their sum. transformers 5.0-5.5 routers return probabilities in the logits
+    slot: where the input already lies on the simplex it is used as is —
+    decided on the device (torch.where), so there is no host sync and never a
+    second softmax."""
+    x = logits_MSE.float()
+    if distribution == "probs":  # given as a distribution (record(probs=...) or top-k weights)
+        return x
+    if distribution == "sigmoid":
+        s = torch.sigmoid(x)
+        dist = s / s.sum(dim=-1, keepdim=True)
+    else:
+        dist = torch.softmax(x, dim=-1)
+    on_simplex = (x.amin() >= 0) & ((x.sum(dim=-1) - 1).abs().amax() < 1e-4)
+    return torch.where(on_simplex, x, dist)
+
+
+@torch.no_grad()
+def reduce_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_idx_TK: Optional[torch.Tensor],
+                 weight_EH: Optional[torch.Tensor], distribution: str, top_k: int) -> None:
+    """Per sampled slot: mean routing distribution, top-k counts, mean entropy
+    ratio, and the cosine with the previous layer's routing embedding."""
+    views = ctx.staging.views
+    M = ctx.rows_M.shape[0]
+    E = logits_TE.shape[-1]
+    logits_MSE = logits_TE.detach().reshape(ctx.num_rows, ctx.seq_len, E).index_select(0, ctx.rows_M)
+    p_MSE = routing_distribution(logits_MSE, distribution)
+    w_MSD = ctx.weights_MSD
+    denom_MD = ctx.tokens_MD.clamp_min(1.0)
+    mean_MDE = torch.einsum("msd,mse->mde", w_MSD, p_MSE) / denom_MD[..., None]
+    ent_MS = -(p_MSE * p_MSE.clamp_min(_LOG_FLOOR).log()).sum(dim=-1) / math.log(E)
+    ent_MD = torch.einsum("msd,ms->md", w_MSD, ent_MS) / denom_MD
+    N = mean_MDE.shape[0] * mean_MDE.shape[1]
+    views["mean_LNE"][layer].copy_(mean_MDE.reshape(N, E))
+    views["entropy_LN"][layer].copy_(ent_MD.reshape(N))
+    if topk_idx_TK is not None:
+        idx_MSK = topk_idx_TK.detach().reshape(ctx.num_rows, ctx.seq_len, -1).index_select(0, ctx.rows_M)
+        hits_MSE = torch.zeros(M, ctx.seq_len, E, dtype=torch.float32, device=idx_MSK.device)
+        hits_MSE.scatter_(2, idx_MSK, 1.0)
+    else:  # no decision exposed: the top-k of the distribution itself
+        hits_MSE = torch.zeros_like(p_MSE).scatter_(2, p_MSE.topk(top_k, dim=-1).indices, 1.0)
+    views["counts_LNE"][layer].copy_(torch.einsum("msd,mse->mde", w_MSD, hits_MSE).reshape(N, E))
+    if weight_EH is not None:
+        emb_NH = mean_MDE.reshape(N, E) @ weight_EH.detach().float()  # METRICS.md §2 routing embedding
+        if ctx.emb_prev_NH is not None and layer > 0:
+            views["cosine_LN"][layer].copy_(torch.nn.functional.cosine_similarity(ctx.emb_prev_NH, emb_NH, dim=-1,
+                                                                                  eps=1e-12))
+        ctx.emb_prev_NH = emb_NH
+    if layer == 0:
+        views["tokens_N"].copy_(ctx.tokens_MD.reshape(N))
+    ctx.layers_done += 1

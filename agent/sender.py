@@ -1,0 +1,210 @@
+"""The agent's sender thread and its ZeroMQ PUSH socket.
+
+The training thread only calls ``submit`` / ``submit_message``: a
+``put_nowait`` on a bounded queue (full -> counted drop). This thread waits for
+the device copy (CUDA event), turns the pinned host buffer into a wire message,
+encodes it and sends with ``NOBLOCK`` (``zmq.Again`` -> counted drop). It
+never blocks the training loop, and ``close`` waits a bounded time.
+
+The socket connects (the collector binds). ``IMMEDIATE=0`` with a small
+``SNDHWM``: a short collector restart loses nothing (up to the HWM queues in
+libzmq); a long one drops and counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket as pysocket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import zmq
+
+from grokwatch._version import __version__
+from grokwatch.wire import Eval, Heartbeat, Hello, Routing, encode
+
+log = logging.getLogger("grokwatch.agent")
+
+DROP_REASONS = ("queue_full", "send_blocked", "too_large", "staging_busy", "incomplete", "encode_error",
+                "closed")
+
+
+@dataclass
+class Pending:
+    """One forward's summaries, waiting on the device copy."""
+
+    source: str
+    step: int
+    sample_ids: list[str]
+    groups: list[str]
+    host_index: int
+    event: Any  # torch.cuda.Event or None on CPU
+    with_cosines: bool
+    with_loss: bool
+
+
+class Sender:
+    def __init__(self, *, endpoint: str, run: str, rank: int, world_size: int, num_layers: int, num_experts: int,
+                 top_k: int, distribution: str, has_cosines: bool, staging=None, queue_size: int = 64,
+                 sndhwm: int = 256, linger_ms: int = 500, max_message_bytes: int = 8 * 1024 * 1024,
+                 heartbeat_interval_s: float = 5.0):
+        self.endpoint = endpoint
+        self.run, self.rank, self.world_size = run, rank, world_size
+        self.shape = (num_layers, num_experts, top_k)
+        self.distribution, self.has_cosines = distribution, has_cosines
+        self.staging = staging
+        self.sender_id = uuid.uuid4().hex[:16]
+        self.max_message_bytes = max_message_bytes
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=queue_size)
+        self.sent = 0
+        self.dropped: dict[str, int] = {}
+        self.hook_errors = 0  # maintained by the monitor, reported in heartbeats
+        self.disabled = False
+        self._seq = 0
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self._sock.setsockopt(zmq.LINGER, linger_ms)
+        self._sock.setsockopt(zmq.IMMEDIATE, 0)
+        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        self._sock.connect(endpoint)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="grokwatch-sender", daemon=True)
+        self._thread.start()
+        self._enqueue(("hello",))
+
+    # ----------------------------------------------------------- training thread
+
+    def count_drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def _enqueue(self, item) -> bool:
+        if self._closed.is_set():
+            self.count_drop("closed")
+            return False
+        try:
+            self.queue.put_nowait(item)
+            return True
+        except queue.Full:
+            self.count_drop("queue_full")
+            return False
+
+    def submit(self, pending: Pending) -> None:
+        if not self._enqueue(pending):
+            self.staging.give_back(pending.host_index)
+
+    def submit_eval(self, step: int, scores: dict[str, float]) -> None:
+        self._enqueue(("eval", step, dict(scores)))
+
+    # ----------------------------------------------------------- sender thread
+
+    def _next_seq(self) -> int:
+        seq = self._seq
+        self._seq += 1
+        return seq
+
+    def _header(self) -> dict:
+        return dict(run=self.run, rank=self.rank, sender=self.sender_id, seq=self._next_seq(), wall_time=time.time())
+
+    def _hello(self) -> Hello:
+        L, E, K = self.shape
+        return Hello(**self._header(), world_size=self.world_size, host=pysocket.gethostname()[:200],
+                     agent_version=__version__, num_layers=L, num_experts=E, top_k=K,
+                     distribution=self.distribution, has_cosines=self.has_cosines)
+
+    def _heartbeat(self) -> Heartbeat:
+        return Heartbeat(**self._header(), messages_sent=self.sent, messages_dropped=dict(self.dropped),
+                         hook_errors=self.hook_errors, disabled=self.disabled)
+
+    def _routing(self, p: Pending) -> Optional[Routing]:
+        if p.event is not None:
+            p.event.synchronize()  # waits here, on the sender thread, not in training
+        v = self.staging.split(self.staging.pool[p.host_index])
+        tokens = v["tokens_N"].numpy()
+        keep = np.nonzero(tokens > 0)[0]
+        keep = keep[[bool(p.sample_ids[i]) for i in keep]] if keep.size else keep
+        if keep.size == 0:
+            return None
+        mean = v["mean_LNE"].numpy()[:, keep].transpose(1, 0, 2)
+        # Renormalize away float32 rounding of the device mean (a few ulp).
+        mean = mean / mean.sum(axis=2, keepdims=True)
+        L = mean.shape[1]
+        return Routing(
+            **self._header(), source=p.source, step=p.step, top_k=self.shape[2],
+            sample_ids=tuple(p.sample_ids[i] for i in keep), groups=tuple(p.groups[i] for i in keep),
+            token_counts_N=np.rint(tokens[keep]).astype(np.uint32),
+            mean_probs_NLE=mean.astype(np.float32),
+            topk_counts_NLE=np.rint(v["counts_LNE"].numpy()[:, keep].transpose(1, 0, 2)).astype(np.uint32),
+            entropy_NL=np.clip(v["entropy_LN"].numpy()[:, keep].T, 0.0, 1.0).astype(np.float32),
+            adj_cosine_NL1=(np.clip(v["cosine_LN"].numpy()[1:, keep].T, -1.0, 1.0).astype(np.float32)
+                            if p.with_cosines and L > 1 else None),
+            loss_N=v["loss_N"].numpy()[keep].astype(np.float32) if p.with_loss else None,
+        )
+
+    def _send(self, message) -> None:
+        try:
+            data = encode(message)
+        except Exception:
+            self.count_drop("encode_error")
+            return
+        if len(data) > self.max_message_bytes:
+            self.count_drop("too_large")
+            return
+        try:
+            self._sock.send(data, zmq.NOBLOCK, copy=True)
+            self.sent += 1
+        except zmq.Again:
+            self.count_drop("send_blocked")
+
+    def _process(self, item) -> None:
+        if isinstance(item, Pending):
+            try:
+                message = self._routing(item)
+            finally:
+                self.staging.give_back(item.host_index)
+            if message is not None:
+                self._send(message)
+        elif item[0] == "hello":
+            self._send(self._hello())
+        elif item[0] == "eval":
+            self._send(Eval(**self._header(), step=item[1], scores=item[2]))
+
+    def _loop(self) -> None:
+        next_beat = time.monotonic() + self.heartbeat_interval_s
+        while True:
+            timeout = max(0.0, next_beat - time.monotonic())
+            try:
+                item = self.queue.get(timeout=min(timeout, 0.1))
+            except queue.Empty:
+                item = None
+            if item is not None:
+                try:
+                    self._process(item)
+                except Exception:  # never let the sender die; count it
+                    log.exception("grokwatch sender error")
+                    self.count_drop("encode_error")
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.heartbeat_interval_s
+                self._send(self._hello())  # a restarted collector learns the shape again
+                self._send(self._heartbeat())
+            if self._closed.is_set() and self.queue.empty():
+                break
+        self._send(self._heartbeat())
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Flush what is queued (bounded wait), send a last heartbeat, close."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():  # still sending: leave the socket to it (daemon thread)
+            log.warning("grokwatch sender did not finish within %.1f s; leaving it behind", timeout_s)
+            return
+        self._sock.close(linger=min(int(timeout_s * 1000), 500))
+        self._ctx.term()
