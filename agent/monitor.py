@@ -42,6 +42,7 @@ class AgentConfig:
     probe_size: int = 0
     max_hook_errors: int = 10
     queue_size: int = 64
+    sndhwm: int = 256  # messages libzmq queues while the collector is away, then counted drops
     heartbeat_interval_s: float = 5.0
     close_timeout_s: float = 2.0
 
@@ -50,7 +51,8 @@ class AgentConfig:
             raise ValueError(f"endpoint: {self.endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
         if not self.run or len(self.run) > 200:
             raise ValueError("run: a non-empty name of at most 200 characters")
-        for key in ("every_n_steps", "max_samples_per_step", "max_docs_per_sample", "max_hook_errors", "queue_size"):
+        for key in ("every_n_steps", "max_samples_per_step", "max_docs_per_sample", "max_hook_errors", "queue_size",
+                    "sndhwm"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
         if self.probe_every_n_steps < 0 or self.probe_size < 0:
@@ -99,7 +101,7 @@ class Monitor:
                              distribution="sigmoid" if shape.distribution == "sigmoid" else
                              ("topk" if shape.distribution == "topk" else "softmax"),
                              has_cosines=self.has_cosines, staging=self.staging, queue_size=config.queue_size,
-                             heartbeat_interval_s=config.heartbeat_interval_s)
+                             sndhwm=config.sndhwm, heartbeat_interval_s=config.heartbeat_interval_s)
         self._pid = os.getpid()
         self._handles: list[Any] = []
         self._ctx: Optional[BatchContext] = None
@@ -260,6 +262,9 @@ class Monitor:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
+        # record() may supply router weights after attach(): decide per message.
+        self.has_cosines = self.shape.num_layers > 1 and all(w is not None for w in self._router_weights)
+        self.sender.has_cosines = self.has_cosines
         self.sender.submit(Pending(source=ctx.source, step=ctx.step, sample_ids=ctx.sample_ids, groups=ctx.groups,
                                    host_index=index, event=event, with_cosines=self.has_cosines,
                                    with_loss=with_loss))

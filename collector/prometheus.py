@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.samples import Sample
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -55,6 +56,13 @@ class PrometheusCollector:
                     cum = np.cumsum(counts)
                     buckets = [(_le(b), float(c)) for b, c in zip(bounds, cum[:-1])] + [("+Inf", float(cum[-1]))]
                     out.add_metric(list(values), buckets, float(total))
+                    if bounds[0] < 0:
+                        # prometheus-client leaves _sum and _count out when a bucket is negative
+                        # (OpenMetrics wants a monotonic sum). METRICS.md §2 needs the group mean of
+                        # consistency and cosine as sum / count, so they are written all the same.
+                        labels_map = dict(zip(fam.labels, values))
+                        out.samples.append(Sample(name + "_count", labels_map, float(cum[-1])))
+                        out.samples.append(Sample(name + "_sum", labels_map, float(total)))
             else:  # summary: count and sum, no quantiles (aggregatable)
                 out = SummaryMetricFamily(name, fam.help, labels=labels)
                 for values, (count, total) in fam.samples:

@@ -1,0 +1,335 @@
+"""The agent on real tiny transformers models, read back through a real PULL socket."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+import grokwatch.agent as gw
+from grokwatch.agent.discover import discover
+from grokwatch.wire import Hello, Routing, decode
+from tiny_models import FAMILIES, VOCAB, tiny_model
+
+
+class Sink:
+    """A PULL socket on loopback that decodes everything it receives."""
+
+    def __init__(self):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:0")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.messages = []
+
+    def drain(self, timeout_s: float = 3.0, until=None):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.sock.poll(50):
+                self.messages.append(decode(self.sock.recv()))
+                continue
+            if until is not None and until(self.messages):
+                break
+        return self.messages
+
+    def routing(self, source=None):
+        return [m for m in self.messages if isinstance(m, Routing) and (source is None or m.source == source)]
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def sink():
+    s = Sink()
+    yield s
+    s.close()
+
+
+class RouterTap:
+    """Independent capture of each router's own outputs (logits, indices)."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handles = [layer.router.register_forward_hook(self._hook) for layer in discover(model).layers]
+
+    def _hook(self, module, args, output):
+        if torch.is_grad_enabled() or not module.training:
+            self.calls.append((output[0].detach().double().clone(), output[2].detach().clone()))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def reference_summaries(logits_list, indices_list, mask_BS, rows, weights, distribution, top_k, num_experts):
+    """METRICS.md Notation, §1-3 per sample, in float64 numpy."""
+    B, S = mask_BS.shape
+    out = []
+    for r in rows:
+        m = mask_BS[r].astype(bool)
+        per_layer = []
+        for logits, idx, w in zip(logits_list, indices_list, weights):
+            x = logits.reshape(B, S, -1)[r][m].numpy()
+            if distribution == "sigmoid":
+                s = 1 / (1 + np.exp(-x))
+                p = s / s.sum(-1, keepdims=True)
+            else:
+                e = np.exp(x - x.max(-1, keepdims=True))
+                p = e / e.sum(-1, keepdims=True)
+            mean = p.mean(0)
+            counts = np.bincount(idx.reshape(B, S, -1)[r][m].numpy().ravel(), minlength=num_experts)
+            ent = (-(p * np.log(np.clip(p, 1e-30, None))).sum(-1) / math.log(num_experts)).mean()
+            emb = mean @ w.double().numpy()
+            per_layer.append((mean, counts, ent, emb))
+        cos = [float(a[3] @ b[3] / np.linalg.norm(a[3]) / np.linalg.norm(b[3])) for a, b in zip(per_layer, per_layer[1:])]
+        out.append(dict(tokens=int(m.sum()), mean=np.stack([p[0] for p in per_layer]),
+                        counts=np.stack([p[1] for p in per_layer]), entropy=np.array([p[2] for p in per_layer]),
+                        cosine=np.array(cos)))
+    return out
+
+
+def check_against_reference(msg: Routing, ref: list[dict]):
+    assert msg.num_samples == len(ref)
+    for i, r in enumerate(ref):
+        assert msg.token_counts_N[i] == r["tokens"]
+        np.testing.assert_allclose(msg.mean_probs_NLE[i], r["mean"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(msg.topk_counts_NLE[i], r["counts"])
+        np.testing.assert_allclose(msg.entropy_NL[i], r["entropy"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(msg.adj_cosine_NL1[i], r["cosine"], rtol=1e-4, atol=1e-5)
+
+
+def run_one_step(model, mon, input_ids, attention_mask=None, position_ids=None, ids=None, groups=None):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    if ids is not None:
+        mon.tag(ids, groups)
+    kwargs = dict(input_ids=input_ids, labels=input_ids)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    out = model(**kwargs)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_agent_ships_what_the_routers_computed(family, sink):
+    model = tiny_model(family)
+    shape = discover(model)
+    assert shape.distribution == ("sigmoid" if family == "deepseek_v3" else "softmax")
+    tap = RouterTap(model)
+    mon = gw.attach(model, sink.endpoint, f"t-{family}", every_n_steps=1, max_samples_per_step=3)
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (4, 12))
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[1, 9:] = 0  # right padding
+    mask[2, :4] = 0  # left padding
+    ids = ["d", "a", "c", "b"]
+    run_one_step(model, mon, input_ids, mask, ids=ids, groups=["g1", "g2", "g1", "g2"])
+    mon.close()
+    tap.remove()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    hello = next(m for m in sink.messages if isinstance(m, Hello))
+    assert (hello.num_layers, hello.num_experts, hello.top_k) == (shape.num_layers, 8, 2)
+    [msg] = sink.routing("train")
+    # Three rows chosen deterministically by their ids, in batch order.
+    order = sorted(range(4), key=lambda r: (__import__("zlib").crc32(ids[r].encode()), r))
+    rows = sorted(order[:3])
+    assert list(msg.sample_ids) == [ids[r] for r in rows]
+    assert list(msg.groups) == [["g1", "g2", "g1", "g2"][r] for r in rows]
+    weights = [layer.weight_EH.detach() for layer in shape.layers]
+    ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask.numpy(), rows, weights,
+                              shape.distribution, 2, 8)
+    check_against_reference(msg, ref)
+
+
+def test_gradient_checkpointing_records_each_layer_once(sink):
+    results, router_calls = {}, {}
+    for mode in ("off", "non_reentrant", "reentrant"):
+        model = tiny_model("olmoe")
+        if mode != "off":
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+        calls = []
+        handle = discover(model).layers[0].router.register_forward_hook(lambda *a: calls.append(1))
+        s = Sink()
+        try:
+            mon = gw.attach(model, s.endpoint, "gc", every_n_steps=1, max_samples_per_step=2)
+            torch.manual_seed(2)
+            ids = torch.randint(0, VOCAB, (2, 10))
+            for _ in range(3):
+                run_one_step(model, mon, ids)
+            mon.close()
+            s.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 3)
+            results[mode] = s.routing("train")
+            router_calls[mode] = len(calls)
+        finally:
+            handle.remove()
+            s.close()
+    assert router_calls["off"] == 3
+    assert router_calls["non_reentrant"] == router_calls["reentrant"] == 6  # recomputed in backward
+    for mode in ("non_reentrant", "reentrant"):
+        assert len(results[mode]) == len(results["off"]) == 3
+        for a, b in zip(results["off"], results[mode]):
+            np.testing.assert_array_equal(a.topk_counts_NLE, b.topk_counts_NLE)
+            np.testing.assert_allclose(a.mean_probs_NLE, b.mean_probs_NLE, rtol=1e-6)
+
+
+def test_packed_sequences_split_where_position_ids_restart(sink):
+    model = tiny_model("olmoe")
+    tap = RouterTap(model)
+    mon = gw.attach(model, sink.endpoint, "packed", every_n_steps=1, max_samples_per_step=1)
+    input_ids = torch.randint(0, VOCAB, (1, 12))
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+    run_one_step(model, mon, input_ids, position_ids=position_ids, ids=["row"], groups=["g"])
+    mon.close()
+    tap.remove()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    assert list(msg.sample_ids) == ["row", "row#1", "row#2"]
+    assert msg.token_counts_N.tolist() == [5, 3, 4]
+    shape = discover(model)
+    for doc, (lo, hi) in enumerate([(0, 5), (5, 8), (8, 12)]):
+        mask = np.zeros((1, 12), np.int64)
+        mask[0, lo:hi] = 1
+        ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask, [0],
+                                  [l.weight_EH.detach() for l in shape.layers], "softmax", 2, 8)[0]
+        np.testing.assert_allclose(msg.mean_probs_NLE[doc], ref["mean"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(msg.topk_counts_NLE[doc], ref["counts"])
+
+
+def test_loss_and_gradients_are_bit_identical_with_and_without_the_agent(sink):
+    grads = {}
+    for attached in (False, True):
+        model = tiny_model("olmoe", seed=3)
+        mon = gw.attach(model, sink.endpoint, "bits", every_n_steps=1) if attached else None
+        torch.manual_seed(4)
+        ids = torch.randint(0, VOCAB, (3, 16))
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads[attached] = (out.loss.detach().clone(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        if mon:
+            mon.close()
+    assert torch.equal(grads[False][0], grads[True][0])
+    assert len(grads[False][1]) == len(grads[True][1])
+    for a, b in zip(grads[False][1], grads[True][1]):
+        assert torch.equal(a, b)
+
+
+def test_training_runs_with_no_collector_and_drops_are_counted():
+    model = tiny_model("olmoe")
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.bind("tcp://127.0.0.1:0")
+    endpoint = s.getsockopt_string(zmq.LAST_ENDPOINT)
+    s.close(0)  # nobody listens there any more
+    ctx.term()
+    mon = gw.attach(model, endpoint, "alone", every_n_steps=1, sndhwm=2, heartbeat_interval_s=0.05)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    for _ in range(20):
+        run_one_step(model, mon, ids)
+    time.sleep(0.3)
+    stats = mon.stats()
+    mon.close()
+    assert stats["hook_errors"] == 0
+    assert sum(stats["dropped"].values()) > 0
+    assert stats["dropped"].get("send_blocked", 0) > 0
+
+
+def test_an_exception_inside_a_hook_never_reaches_training(sink, caplog):
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "broken", every_n_steps=1, max_hook_errors=3)
+    mon._router_weights[1] = torch.zeros(5, 5)  # the cosine matmul now fails inside the hook
+    ids = torch.randint(0, VOCAB, (2, 8))
+    for _ in range(6):
+        run_one_step(model, mon, ids)  # must not raise
+    stats = mon.stats()
+    mon.close()
+    assert stats["hook_errors"] == 3
+    assert stats["disabled"] is True
+    assert sum("error inside a hook" in r.message for r in caplog.records) == 1
+
+
+def test_attach_fails_fast_on_bad_config_and_dense_models():
+    import transformers as tf
+
+    dense = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        gw.attach(dense, "tcp://127.0.0.1:5999", "x")
+    with pytest.raises(ValueError, match="endpoint"):
+        gw.attach(tiny_model("olmoe"), "http://nope", "x")
+    with pytest.raises(ValueError, match="every_n_steps"):
+        gw.attach(tiny_model("olmoe"), "tcp://127.0.0.1:5999", "x", every_n_steps=0)
+
+
+def test_sampling_follows_the_same_sample_ids_over_steps(sink):
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "follow", every_n_steps=2, max_samples_per_step=2)
+    pool = [f"doc-{i}" for i in range(6)]
+    for step in range(4):
+        ids = torch.randint(0, VOCAB, (6, 8))
+        perm = list(np.random.default_rng(step).permutation(6))
+        run_one_step(model, mon, ids, ids=[pool[i] for i in perm], groups=["g"] * 6)
+    mon.close()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    msgs = sink.routing()
+    assert [m.step for m in msgs] == [0, 2]  # every_n_steps=2, counted by the optimizer hook
+    assert set(msgs[0].sample_ids) == set(msgs[1].sample_ids)
+
+
+def test_probe_reruns_seen_samples_with_their_loss(sink):
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "probe", every_n_steps=1, max_samples_per_step=2, probe_every_n_steps=2,
+                    probe_size=3)
+    for step in range(4):
+        ids = torch.randint(0, VOCAB, (2, 8))
+        run_one_step(model, mon, ids, ids=[f"s{step}a", f"s{step}b"], groups=["g", "h"])
+    mon.close()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing) and m.source == "probe"]) >= 4)
+    probes = sink.routing("probe")
+    assert sorted({m.step for m in probes}) == [2, 4]
+    ids_at_4 = [sid for m in probes if m.step == 4 for sid in m.sample_ids]
+    assert sorted(ids_at_4) == ["s0a", "s0b", "s1a"]
+    for m in probes:
+        assert m.loss_N is not None and (m.loss_N > 0).all()
+    assert model.training  # the probe restores train mode
+
+
+def test_manual_record_for_a_hand_written_moe(sink):
+    torch.manual_seed(0)
+
+    class TinyMoE(torch.nn.Module):
+        def __init__(self, layers=3, experts=4, hidden=8):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, hidden)
+            self.routers = torch.nn.ModuleList(torch.nn.Linear(hidden, experts, bias=False) for _ in range(layers))
+            self.mon = None
+
+        def forward(self, input_ids):
+            h = self.emb(input_ids)
+            for i, router in enumerate(self.routers):
+                logits = router(h)
+                if self.mon is not None:
+                    self.mon.record(i, logits=logits, router_weight=router.weight)
+                h = h + torch.softmax(logits, -1).sum(-1, keepdim=True) * h
+            return h.sum()
+
+    model = TinyMoE()
+    mon = gw.attach(model, sink.endpoint, "manual", num_layers=3, num_experts=4, top_k=1, every_n_steps=1)
+    model.mon = mon
+    model(torch.randint(0, 16, (2, 5))).backward()
+    mon.close()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    assert msg.mean_probs_NLE.shape == (2, 3, 4)
+    assert msg.topk_counts_NLE.sum(axis=2).tolist() == [[5, 5, 5], [5, 5, 5]]
+    assert msg.adj_cosine_NL1 is not None

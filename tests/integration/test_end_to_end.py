@@ -1,0 +1,97 @@
+"""A real agent on a tiny OLMoE training -> a collector on loopback -> /metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import grokwatch.agent as gw
+from grokwatch.agent.discover import discover
+from grokwatch.collector import reference
+from helpers import scrape, start_collector, value, wait_until
+from test_agent_capture import RouterTap
+from tiny_models import VOCAB, tiny_model
+
+
+def test_training_to_metrics_equals_the_reference_of_the_routers(tmp_path):
+    collector = start_collector(tmp_path, comparisons_per_sample=64, window_samples=64)
+    try:
+        model = tiny_model("olmoe", seed=5)
+        tap = RouterTap(model)
+        mon = gw.attach(model, collector.endpoints[0], "e2e", every_n_steps=1, max_samples_per_step=4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        steps, batch = 5, 4
+        per_group = {"math": [], "code": []}
+        for step in range(steps):
+            ids = torch.randint(0, VOCAB, (batch, 10))
+            groups = ["math", "code"] * (batch // 2)
+            mon.tag([f"s{step}-{i}" for i in range(batch)], groups)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            logits = [c[0] for c in tap.calls[-3:]]
+            for i, g in enumerate(groups):
+                means = np.stack([torch.softmax(l.reshape(batch, 10, -1)[i], -1).mean(0).numpy() for l in logits])
+                per_group[g].append(reference.pathway_symbols(reference.pathway_layers(means, 0.7), 8))
+        mon.log_eval(steps, {"math": 0.25, "code": 0.75})
+        mon.close()
+        tap.remove()
+        wait_until(lambda: collector.state.evals.get(("e2e", "code")) is not None)
+        s = scrape(collector.metrics_port)
+        for g, paths in per_group.items():
+            labels = dict(run="e2e", source="train", group=g)
+            dists = [reference.levenshtein(paths[i], paths[j]) for j in range(len(paths)) for i in range(j)]
+            assert value(s, "grokwatch_pathway_samples_total", **labels) == len(paths)
+            assert value(s, "grokwatch_pathway_distance_count", **labels) == len(dists)
+            assert value(s, "grokwatch_pathway_distance_sum", **labels) == pytest.approx(sum(dists))
+            for layer in range(3):
+                assert value(s, "grokwatch_routing_entropy_ratio", layer=layer, **labels) > 0.5
+            assert value(s, "grokwatch_pathway_adjacent_cosine_count", **labels) == len(paths)
+        cross = value(s, "grokwatch_pathway_distance_count", run="e2e", source="train", group="_cross")
+        assert cross > 0
+        assert value(s, "grokwatch_train_step", run="e2e") == steps - 1
+        assert value(s, "grokwatch_eval_score", run="e2e", group="code") == 0.75
+        assert value(s, "grokwatch_collector_messages_lost_total") == 0
+        assert sum(s["grokwatch_collector_messages_rejected_total"].values()) == 0
+        assert value(s, "grokwatch_agent_messages_sent_total", run="e2e", rank=0) >= steps
+    finally:
+        collector.stop()
+
+
+class _TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n=16, length=8):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, VOCAB, (n, length), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_hf_trainer_callback_streams_a_real_training(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from grokwatch.agent import GrokwatchCallback
+
+    collector = start_collector(tmp_path)
+    try:
+        model = tiny_model("qwen3_moe")
+        args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=4, per_device_train_batch_size=4,
+                                 logging_steps=100, save_strategy="no", report_to=[], use_cpu=True,
+                                 dataloader_num_workers=0, disable_tqdm=True)
+        callback = GrokwatchCallback(endpoint=collector.endpoints[0], run="trainer", every_n_steps=1)
+        trainer = Trainer(model=model, args=args, train_dataset=_TokenDataset(), callbacks=[callback])
+        trainer.train()
+        assert callback.monitor is None  # closed at train end
+        wait_until(lambda: collector.state.train_step.get("trainer") == 3)
+        s = scrape(collector.metrics_port)
+        assert value(s, "grokwatch_train_step", run="trainer") == 3
+        assert value(s, "grokwatch_pathway_samples_total", run="trainer", source="train", group="all") == 4 * 4
+        # The loss the Trainer optimized is the model's own: no aux loss switched on by us.
+        assert model.config.output_router_logits is False
+    finally:
+        collector.stop()
