@@ -78,7 +78,8 @@ class Monitor:
     """Returned by ``attach``. Public: tag, step, log_eval, record, run_probe, close, stats."""
 
     def __init__(self, model: nn.Module, config: AgentConfig, shape: MoEShape,
-                 router_weights: Optional[Sequence[Optional[torch.Tensor]]] = None):
+                 router_weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                 probe_fn: Optional[Callable] = None):
         self.model = model
         self.config = config
         self.shape = shape
@@ -117,7 +118,7 @@ class Monitor:
         self._experts_idx: dict[int, torch.Tensor] = {}
         from grokwatch.agent.probe import Probe
 
-        self.probe = Probe(self, config.probe_size) if config.probe_size else None
+        self.probe = Probe(self, config.probe_size, probe_fn) if config.probe_size else None
         self._install()
 
     # ------------------------------------------------------------------ hooks
@@ -325,6 +326,11 @@ class Monitor:
             return
         try:
             E = self.shape.num_experts
+            given = next((t for t in (logits, probs, topk[0] if topk is not None else None) if t is not None), None)
+            if given is None:
+                raise ValueError("record() needs logits=, probs= or topk=")
+            # [B, S', ...] with S' other than the input's length: only S' positions per row are routed.
+            seq_len = int(given.shape[1]) if given.dim() == 3 else None
             ids = topk[0].reshape(-1, topk[0].shape[-1]) if topk is not None else None
             if router_weight is not None:
                 self._router_weights[layer] = router_weight
@@ -332,13 +338,11 @@ class Monitor:
                 dist, x = self.shape.distribution, logits.reshape(-1, E)
             elif probs is not None:
                 dist, x = "probs", probs.reshape(-1, E)
-            elif topk is not None:
+            else:
                 weights = topk[1].reshape(ids.shape).float()
                 dense = torch.zeros(ids.shape[0], E, device=weights.device).scatter_(1, ids, weights)
                 dist, x = "probs", dense / dense.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-            else:
-                raise ValueError("record() needs logits=, probs= or topk=")
-            reduce_layer(ctx, layer, x, ids, self._router_weights[layer], dist, self.shape.top_k)
+            reduce_layer(ctx, layer, x, ids, self._router_weights[layer], dist, self.shape.top_k, seq_len)
         except Exception as exc:
             self._hook_error(exc)
 
@@ -371,7 +375,8 @@ def attach(model: nn.Module, endpoint: Optional[str] = None, run: Optional[str] 
            every_n_steps: int = DEFAULT_EVERY_N_STEPS, max_samples_per_step: int = DEFAULT_SAMPLES_PER_STEP,
            probe_every_n_steps: int = 0, probe_size: int = 0, num_layers: Optional[int] = None,
            num_experts: Optional[int] = None, top_k: Optional[int] = None, distribution: str = "softmax",
-           router_weights: Optional[Sequence[torch.Tensor]] = None, **options) -> Monitor:
+           router_weights: Optional[Sequence[torch.Tensor]] = None, probe_fn: Optional[Callable] = None,
+           **options) -> Monitor:
     """Hook the MoE routers of ``model`` and stream pathway summaries to a collector.
 
         import grokwatch.agent as gw
@@ -385,6 +390,9 @@ def attach(model: nn.Module, endpoint: Optional[str] = None, run: Optional[str] 
     pass ``num_layers``, ``num_experts``, ``top_k`` and call ``mon.record()``
     from the router's forward. Fails fast (ValueError) on a bad configuration
     or a model without MoE layers; afterwards never raises into training.
+    The probe (``probe_every_n_steps``, ``probe_size``) re-runs seen samples;
+    ``probe_fn(model, input_ids, attention_mask) -> per-sample loss`` replaces
+    the default causal-LM loss for other tasks.
     Endpoint and run default to GROKWATCH_ENDPOINT and GROKWATCH_RUN.
     """
     config = AgentConfig(
@@ -404,5 +412,5 @@ def attach(model: nn.Module, endpoint: Optional[str] = None, run: Optional[str] 
         weights = list(router_weights) if router_weights is not None else [None] * num_layers
         if len(weights) != num_layers:
             raise ValueError(f"router_weights: {len(weights)} given for {num_layers} layers")
-        return Monitor(model, config, shape, router_weights=weights)
-    return Monitor(model, config, discover(model))
+        return Monitor(model, config, shape, router_weights=weights, probe_fn=probe_fn)
+    return Monitor(model, config, discover(model), probe_fn=probe_fn)

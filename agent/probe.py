@@ -19,10 +19,23 @@ if TYPE_CHECKING:
     from grokwatch.agent.monitor import Monitor
 
 
+def causal_lm_loss(model, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean next-token NLL over real tokens (METRICS.md §4)."""
+    out = model(input_ids=input_ids_BS, attention_mask=attention_mask_BS)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    nll_BS = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids_BS[:, 1:], reduction="none")
+    target_mask = (attention_mask_BS[:, 1:] * attention_mask_BS[:, :-1]).float()
+    return (nll_BS * target_mask).sum(1) / target_mask.sum(1).clamp_min(1.0)
+
+
 class Probe:
-    def __init__(self, monitor: "Monitor", size: int):
+    """``loss_fn(model, input_ids, attention_mask) -> loss per sample`` runs the
+    forward itself (so the routers' hooks fire); the default is a causal LM's."""
+
+    def __init__(self, monitor: "Monitor", size: int, loss_fn=None):
         self.monitor = monitor
         self.size = size
+        self.loss_fn = loss_fn or causal_lm_loss
         self.samples: dict[str, tuple[torch.Tensor, str]] = {}  # id -> (token ids [S_i] on device, group)
 
     def remember(self, input_ids_BS: torch.Tensor, attention_mask_BS: Optional[torch.Tensor], rows, ids, groups):
@@ -72,14 +85,9 @@ class Probe:
                            mask_BS, None)
         ctx.deferred = True
         mon._ctx = ctx
-        out = mon.model(input_ids=input_ids, attention_mask=mask_BS)
+        loss_B = self.loss_fn(mon.model, input_ids, mask_BS)
         if mon._ctx is not ctx:  # a hook error cleared it
             return
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        # Per-sample mean next-token NLL over real tokens (METRICS.md §4).
-        nll_BS = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
-        target_mask = (mask_BS[:, 1:] * mask_BS[:, :-1]).float()
-        loss_B = (nll_BS * target_mask).sum(1) / target_mask.sum(1).clamp_min(1.0)
         D = mon.config.max_docs_per_sample
         loss_MD = torch.zeros(mon.config.max_samples_per_step, D, device=loss_B.device)
         loss_MD[: len(items), 0] = loss_B

@@ -130,18 +130,36 @@ def routing_distribution(logits_MSE: torch.Tensor, distribution: str) -> torch.T
     return torch.where(on_simplex, x, dist)
 
 
+def routed_positions(ctx: BatchContext, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot weights for a layer that routes ``seq_len`` positions per row other
+    than the input's (e.g. only the last position): every routed position of a
+    sampled row counts, all in the row's first slot."""
+    cached = ctx.extra.get(seq_len)
+    if cached is None:
+        valid_M = (ctx.tokens_MD.sum(dim=1) > 0).to(torch.float32)
+        w_MSD = torch.zeros(valid_M.shape[0], seq_len, ctx.tokens_MD.shape[1], device=valid_M.device)
+        w_MSD[:, :, 0] = valid_M[:, None]
+        cached = ctx.extra[seq_len] = (w_MSD, w_MSD.sum(dim=1))
+    return cached
+
+
 @torch.no_grad()
 def reduce_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_idx_TK: Optional[torch.Tensor],
-                 weight_EH: Optional[torch.Tensor], distribution: str, top_k: int) -> None:
+                 weight_EH: Optional[torch.Tensor], distribution: str, top_k: int, seq_len: Optional[int] = None) -> None:
     """Per sampled slot: mean routing distribution, top-k counts, mean entropy
-    ratio, and the cosine with the previous layer's routing embedding."""
+    ratio, and the cosine with the previous layer's routing embedding.
+    ``seq_len``: routed positions per row when they differ from the input's."""
     views = ctx.staging.views
     M = ctx.rows_M.shape[0]
     E = logits_TE.shape[-1]
-    logits_MSE = logits_TE.detach().reshape(ctx.num_rows, ctx.seq_len, E).index_select(0, ctx.rows_M)
+    if seq_len is None or seq_len == ctx.seq_len:
+        S, w_MSD, tokens_MD = ctx.seq_len, ctx.weights_MSD, ctx.tokens_MD
+    else:
+        S = seq_len
+        w_MSD, tokens_MD = routed_positions(ctx, seq_len)
+    logits_MSE = logits_TE.detach().reshape(ctx.num_rows, S, E).index_select(0, ctx.rows_M)
     p_MSE = routing_distribution(logits_MSE, distribution)
-    w_MSD = ctx.weights_MSD
-    denom_MD = ctx.tokens_MD.clamp_min(1.0)
+    denom_MD = tokens_MD.clamp_min(1.0)
     mean_MDE = torch.einsum("msd,mse->mde", w_MSD, p_MSE) / denom_MD[..., None]
     ent_MS = -(p_MSE * p_MSE.clamp_min(_LOG_FLOOR).log()).sum(dim=-1) / math.log(E)
     ent_MD = torch.einsum("msd,ms->md", w_MSD, ent_MS) / denom_MD
@@ -149,8 +167,8 @@ def reduce_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_id
     views["mean_LNE"][layer].copy_(mean_MDE.reshape(N, E))
     views["entropy_LN"][layer].copy_(ent_MD.reshape(N))
     if topk_idx_TK is not None:
-        idx_MSK = topk_idx_TK.detach().reshape(ctx.num_rows, ctx.seq_len, -1).index_select(0, ctx.rows_M)
-        hits_MSE = torch.zeros(M, ctx.seq_len, E, dtype=torch.float32, device=idx_MSK.device)
+        idx_MSK = topk_idx_TK.detach().reshape(ctx.num_rows, S, -1).index_select(0, ctx.rows_M)
+        hits_MSE = torch.zeros(M, S, E, dtype=torch.float32, device=idx_MSK.device)
         hits_MSE.scatter_(2, idx_MSK, 1.0)
     else:  # no decision exposed: the top-k of the distribution itself
         hits_MSE = torch.zeros_like(p_MSE).scatter_(2, p_MSE.topk(top_k, dim=-1).indices, 1.0)
@@ -162,5 +180,5 @@ def reduce_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_id
                                                                                   eps=1e-12))
         ctx.emb_prev_NH = emb_NH
     if layer == 0:
-        views["tokens_N"].copy_(ctx.tokens_MD.reshape(N))
+        views["tokens_N"].copy_(tokens_MD.reshape(N))
     ctx.layers_done += 1

@@ -1,0 +1,63 @@
+"""Multi-group modular arithmetic: each operation is a data group with its own
+operand tokens (so groups cannot leak into each other through shared inputs).
+
+A sample is [a, op, b, =, c]; the model sees the first four tokens and must
+predict c = a ∘ b mod p. Held-out accuracy of a commutative operation is
+*swap-clean*: a held-out pair whose swap (b, a) was trained on does not count
+(otherwise memorization plus commutativity scores the train fraction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+OPS = {
+    "add": (lambda a, b, p: (a + b) % p, True),
+    "sub": (lambda a, b, p: (a - b) % p, False),
+    "mul": (lambda a, b, p: (a * b) % p, True),
+    "div": (lambda a, b, p: (a * pow(int(b), p - 2, p)) % p, False),
+    "sq": (lambda a, b, p: (a * a + b * b) % p, True),
+}
+
+
+@dataclass
+class Split:
+    ids_B5: torch.Tensor  # [a, op, b, =, c] token ids
+    group_B: torch.Tensor  # group index
+    sample_ids: list[str]
+    clean_B: torch.Tensor  # bool: counts for swap-clean held-out accuracy
+
+
+@dataclass
+class Dataset:
+    groups: list[str]
+    p: int
+    vocab_size: int
+    train: Split
+    test: Split
+
+
+def make_dataset(groups: list[str], p: int, train_fraction: float, seed: int) -> Dataset:
+    n = len(groups)
+    eq_token = n * p + n
+    gen = torch.Generator().manual_seed(seed)
+    rows_train, rows_test = [], []
+    for g, op in enumerate(groups):
+        fn, commutative = OPS[op]
+        pairs = [(a, b) for a in range(p) for b in range(p) if not (op == "div" and b == 0)]
+        perm = torch.randperm(len(pairs), generator=gen).tolist()
+        cut = int(round(train_fraction * len(pairs)))
+        train_set = {pairs[i] for i in perm[:cut]}
+        for rank, i in enumerate(perm):
+            a, b = pairs[i]
+            row = ([g * p + a, n * p + g, g * p + b, eq_token, int(fn(a, b, p))], g, f"{op}:{a}:{b}",
+                   not (commutative and (b, a) in train_set))
+            (rows_train if rank < cut else rows_test).append(row)
+
+    def split(rows):
+        return Split(torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows]), [r[2] for r in rows],
+                     torch.tensor([r[3] for r in rows]))
+
+    return Dataset(groups, p, eq_token + 1, split(rows_train), split(rows_test))

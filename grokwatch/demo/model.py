@@ -1,0 +1,112 @@
+"""The grokking benchmark's model: a compact hand-written MoE transformer.
+
+Why hand-written (issue 4, research notes): a tiny transformers MoE class
+costs about 1.1-1.5 s per full-batch step on this CPU, and grokking needs
+thousands of full-batch steps. This model computes only what the task needs
+— one attention layer whose single query is the '=' position, then
+``num_moe_layers`` residual MoE blocks at that position — and runs every
+routed expert as one batched matmul masked by the router, so a full-batch
+step over ~6k equations takes tens of milliseconds. It is instrumented
+through the agent's public ``record()`` API, exactly as a user's own model.
+
+Legend: B equations, S=4 positions [a, op, b, =], H hidden, F expert FFN,
+E routed experts, K top-k, P residues (outputs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    vocab_size: int
+    num_outputs: int
+    hidden: int = 128
+    heads: int = 4
+    num_moe_layers: int = 3
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 128
+    shared_expert_hidden: int = 256  # 0: no shared expert
+    seq_len: int = 4
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, F, E = cfg.hidden, cfg.expert_hidden, cfg.num_experts
+        self.top_k = cfg.top_k
+        self.router = nn.Linear(H, E, bias=False)
+        self.num_experts, self.expert_hidden = E, F
+        # All experts side by side: [H, E*F] in, [E*F, H] out.
+        self.w_in_HX = nn.Parameter(torch.randn(H, E * F) / math.sqrt(H))
+        self.w_out_XH = nn.Parameter(torch.randn(E * F, H) / math.sqrt(F))
+        self.shared = (nn.Sequential(nn.Linear(H, cfg.shared_expert_hidden), nn.ReLU(),
+                                     nn.Linear(cfg.shared_expert_hidden, H))
+                       if cfg.shared_expert_hidden else None)
+
+    def forward(self, x_BH: torch.Tensor):
+        logits_BE = self.router(x_BH)
+        probs_BE = torch.softmax(logits_BE, dim=-1)
+        top_w_BK, top_i_BK = probs_BE.topk(self.top_k, dim=-1)
+        top_w_BK = top_w_BK / top_w_BK.sum(-1, keepdim=True)
+        gate_BE = torch.zeros_like(probs_BE).scatter(1, top_i_BK, top_w_BK)
+        # Every expert on every token, masked by the gate: two dense matmuls beat a gather at
+        # this size (tiny experts, thousands of tokens). X = E*F.
+        B = x_BH.shape[0]
+        h_BEF = torch.relu(x_BH @ self.w_in_HX).view(B, self.num_experts, self.expert_hidden)
+        y_BH = (h_BEF * gate_BE[:, :, None]).view(B, -1) @ self.w_out_XH
+        if self.shared is not None:
+            y_BH = y_BH + self.shared(x_BH)
+        return y_BH, logits_BE, probs_BE, top_i_BK
+
+
+class GrokMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden
+        self.embed = nn.Embedding(cfg.vocab_size, H)
+        self.pos = nn.Parameter(torch.randn(cfg.seq_len, H) / math.sqrt(H))
+        self.q = nn.Linear(H, H, bias=False)
+        self.k = nn.Linear(H, H, bias=False)
+        self.v = nn.Linear(H, H, bias=False)
+        self.o = nn.Linear(H, H, bias=False)
+        self.blocks = nn.ModuleList(MoEBlock(cfg) for _ in range(cfg.num_moe_layers))
+        self.unembed = nn.Linear(H, cfg.num_outputs, bias=False)
+        self.monitor = None  # set to a grokwatch Monitor to record routing
+        self.aux_loss: Optional[torch.Tensor] = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids`` [B, 4] or [B, 5] (the answer, if present, is not read)."""
+        input_ids = input_ids[:, : self.cfg.seq_len]
+        B, S = input_ids.shape
+        heads, H = self.cfg.heads, self.cfg.hidden
+        d = H // heads
+        x_BSH = self.embed(input_ids) + self.pos[:S]
+        q_BHd = self.q(x_BSH[:, -1]).view(B, heads, d)  # only the '=' query matters
+        k_BSHd = self.k(x_BSH).view(B, S, heads, d)
+        v_BSHd = self.v(x_BSH).view(B, S, heads, d)
+        # Four keys per query: elementwise products beat batched tiny matmuls here.
+        att_BSh = torch.softmax((q_BHd[:, None] * k_BSHd).sum(-1) / math.sqrt(d), dim=1)
+        x_BH = x_BSH[:, -1] + self.o((att_BSh[..., None] * v_BSHd).sum(1).reshape(B, H))
+        aux = x_BH.new_zeros(())
+        for i, block in enumerate(self.blocks):
+            y_BH, logits_BE, probs_BE, top_i_BK = block(x_BH)
+            if self.monitor is not None:
+                # One routed position per equation: [B, 1, E].
+                self.monitor.record(i, logits=logits_BE[:, None], topk=(top_i_BK[:, None], None),
+                                    router_weight=block.router.weight)
+            E = probs_BE.shape[-1]
+            load_E = torch.zeros(E, device=x_BH.device).scatter_add_(
+                0, top_i_BK.reshape(-1), torch.ones(top_i_BK.numel(), device=x_BH.device)) / top_i_BK.numel()
+            aux = aux + E * (load_E * probs_BE.mean(0)).sum()  # Switch-style balance loss
+            x_BH = x_BH + y_BH
+        self.aux_loss = aux / len(self.blocks)
+        return self.unembed(x_BH)
