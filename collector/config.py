@@ -56,7 +56,22 @@ class CollectorConfig:
     memorization_epsilon: Mapping[str, float] = field(default_factory=dict)  # per group; else q0.25
     memorization_bucket_steps: int = 1000  # probe groups: samples memorized in the same bucket
     max_probe_samples: int = 100_000
+    # METRICS.md §5 phase detector (defaults calibrated in docs/groundtruth.md)
+    phase_window: int = 8
+    phase_patience: int = 2
+    phase_loss_abs_tol: float = 0.05
+    phase_loss_rel_tol: float = 0.10
+    phase_distance_rel_tol: float = 0.03
+    phase_consistency_abs_tol: float = 0.02
     seed: int = 0
+
+    def phase_config(self):
+        from grokwatch.collector.phases import PhaseConfig
+
+        return PhaseConfig(window=self.phase_window, patience=self.phase_patience,
+                           loss_abs_tol=self.phase_loss_abs_tol, loss_rel_tol=self.phase_loss_rel_tol,
+                           distance_rel_tol=self.phase_distance_rel_tol,
+                           consistency_abs_tol=self.phase_consistency_abs_tol)
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -74,7 +89,7 @@ class CollectorConfig:
             raise ConfigError(f"distance_unit: {self.distance_unit!r} must be 'expert' or 'string'")
         for key in ("comparisons_per_sample", "window_samples", "max_groups", "max_runs", "queue_capacity",
                     "max_message_bytes", "memorization_consecutive", "memorization_bucket_steps",
-                    "max_probe_samples", "journal_max_bytes"):
+                    "max_probe_samples", "journal_max_bytes", "phase_window", "phase_patience"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
         if self.window_samples < 2:

@@ -21,6 +21,7 @@ import numpy as np
 from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.memorization import MemorizationTracker
+from grokwatch.collector.phases import PhaseTracker
 from grokwatch.wire import Eval, Heartbeat, Hello, Routing
 
 CROSS_GROUP = "_cross"  # METRICS.md §1 cross-group baseline
@@ -146,6 +147,7 @@ class Stream:
         self.run, self.source = run, source
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.groups: dict[str, Group] = {}
+        self.phases: dict[str, PhaseTracker] = {}
         self.cross = Series(num_layers)
         self.memorization = MemorizationTracker(
             delta=config.memorization_delta, consecutive=config.memorization_consecutive,
@@ -332,8 +334,13 @@ class State:
             self._sample(stream, msg, i, targets, stats)
             self.samples_total += 1
         for label, st in stats.items():
+            point = _finish_stats(st)
+            tracker = stream.phases.get(label)
+            if tracker is None:
+                tracker = stream.phases[label] = PhaseTracker(self.config.phase_config())
+            tracker.add(msg.step, point["loss"], point["distance_normalized"], point["consistency"])
             self.journal(dict(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
-                              t=msg.wall_time, **_finish_stats(st)))
+                              t=msg.wall_time, phase=tracker.phase, **point))
 
     def _sample(self, stream: Stream, msg: Routing, i: int, targets: list[str], stats: dict) -> None:
         config = self.config
@@ -373,6 +380,11 @@ class State:
                 st["loss_n"] += 1
             st["entropy_sum"] += entropy * tokens
             st["tokens"] += tokens
+            if st["entropy_L"] is None:
+                st["entropy_L"] = np.zeros(stream.num_layers)
+                st["load_LE"] = np.zeros((stream.num_layers, stream.num_experts))
+            st["entropy_L"] += msg.entropy_NL[i] * tokens
+            st["load_LE"] += msg.topk_counts_NLE[i]
             st["n"] += 1
             group.window.insert(stream.sym_S, length, stream.starts_L1, stream.chars_C, chars_len,
                                 msg.topk_counts_NLE[i], tokens, msg.entropy_NL[i])
@@ -463,7 +475,7 @@ class State:
 def _new_stats() -> dict:
     keys = ("n", "tokens", "entropy_sum", "dist_sum", "norm_sum", "dist_n", "x_dist_sum", "x_norm_sum", "x_dist_n",
             "cons_sum", "cons_n", "cos_sum", "cos_n", "loss_sum", "loss_n")
-    return dict.fromkeys(keys, 0)
+    return dict(dict.fromkeys(keys, 0), entropy_L=None, load_LE=None)
 
 
 def _finish_stats(st: dict) -> dict:
@@ -480,4 +492,14 @@ def _finish_stats(st: dict) -> dict:
         adjacent_cosine=mean("cos_sum", "cos_n"),
         entropy=mean("entropy_sum", "tokens"),
         loss=mean("loss_sum", "loss_n"),
+        # Router health of this message's samples, per layer (for reports).
+        entropy_layers=(st["entropy_L"] / st["tokens"]).round(6).tolist() if st["tokens"] else None,
+        imbalance_layers=_imbalance(st["load_LE"]),
     )
+
+
+def _imbalance(load_LE) -> Optional[list]:
+    if load_LE is None:
+        return None
+    mean_L = load_LE.mean(axis=1)
+    return np.where(mean_L > 0, load_LE.max(axis=1) / np.where(mean_L > 0, mean_L, 1), 0.0).round(6).tolist()

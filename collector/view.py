@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from grokwatch.collector.phases import PHASES
 from grokwatch.collector.state import CROSS_GROUP, State
 from grokwatch.wire import REASONS as WIRE_REASONS
 
@@ -66,6 +67,10 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
     fam("distinct_pathways", "gauge", "Distinct pathways in the group's window (exact)", GROUP_LABELS)
     fam("memorized_samples", "gauge", "Probe samples memorized (METRICS.md §4)", GROUP_LABELS)
     fam("group_latest_step", "gauge", "Latest training step seen for the group", GROUP_LABELS)
+    fam("group_phase", "gauge", "1 for the group's current phase, 0 for the others (METRICS.md §5)",
+        GROUP_LABELS + ("phase",))
+    fam("group_memorized_step", "gauge", "Step at which the group was detected memorized", GROUP_LABELS)
+    fam("group_onset_step", "gauge", "Step at which the group began generalizing (grokking onset)", GROUP_LABELS)
     fam("train_step", "gauge", "Latest training step seen from the run's train source", ("run",))
     fam("eval_score", "gauge", "The user's own held-out score per group (ground truth, not a metric input)",
         ("run", "group"))
@@ -101,6 +106,14 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
                 F["pathway_samples_total"].add(key, series.samples_total)
                 F["pathway_consistency_undefined_total"].add(key, series.consistency_undefined_total)
                 F["group_latest_step"].add(key, series.latest_step)
+                tracker = stream.phases.get(name)
+                if tracker is not None:
+                    for phase in PHASES:
+                        F["group_phase"].add(key + (phase,), int(tracker.phase == phase))
+                    if tracker.memorized_step is not None:
+                        F["group_memorized_step"].add(key, tracker.memorized_step)
+                    if tracker.onset_step is not None:
+                        F["group_onset_step"].add(key, tracker.onset_step)
                 if stream.memorization is not None:
                     F["memorized_samples"].add(key, memorized.get(name, 0))
                 health = window.health(stream.top_k)

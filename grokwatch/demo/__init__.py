@@ -1,0 +1,103 @@
+"""``grokwatch demo`` — the main job.
+
+A small MoE transformer (grokwatch.demo.model) trains full-batch on several
+modular-arithmetic groups (grokwatch.demo.data) under the agent; a collector
+runs in its own process on loopback and serves /metrics while it trains; at
+the end the collector snapshots and a report is written from its journal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+
+from grokwatch.demo.train import BenchConfig, train
+
+DEMO_CONFIG = BenchConfig()  # the calibrated default; see docs/groundtruth.md
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.width, self.started = total, width, time.monotonic()
+
+    def update(self, step: int, info: str = "") -> None:
+        done = step / max(self.total, 1)
+        bar = "#" * int(done * self.width)
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / done - elapsed if done > 0 else 0.0
+        sys.stderr.write(f"\r[{bar:<{self.width}}] {step}/{self.total} {elapsed:5.0f}s eta {eta:4.0f}s {info}"[:160])
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
+def _wait_metrics(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the collector exited with code {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("the collector did not come up in time")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    cfg = DEMO_CONFIG if args.steps is None else replace(DEMO_CONFIG, steps=args.steps)
+    cfg = replace(cfg, seed=args.seed)
+    out = os.path.abspath(args.out)
+    state_dir = os.path.join(out, "state")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    os.makedirs(state_dir, exist_ok=True)
+    port = args.metrics_port or _free_port()
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    log = open(os.path.join(out, "collector.log"), "w")
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "grokwatch.cli", "collector", "--listen", endpoint, "--metrics-port", str(port),
+         "--metrics-addr", "127.0.0.1", "--state-dir", state_dir],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GROKWATCH_SNAPSHOT_INTERVAL_S": "10"})
+    try:
+        _wait_metrics(port, collector)
+        print(f"collector: {endpoint}; /metrics at http://127.0.0.1:{port}/metrics while it trains", flush=True)
+        bar = Progress(cfg.steps)
+
+        def on_eval(step, record):
+            accs = " ".join(f"{g}={record[g]:.2f}" for g in cfg.groups)
+            bar.update(step, f"held-out {accs}")
+
+        train(cfg, endpoint=endpoint, run="demo", on_eval=on_eval,
+              log_path=os.path.join(out, "accuracy.jsonl"))
+        bar.close()
+        time.sleep(1.0)  # the sender's last messages and heartbeat
+    finally:
+        if collector.poll() is None:
+            collector.send_signal(signal.SIGTERM)  # snapshot, flush the journal, exit
+            try:
+                collector.wait(30)
+            except subprocess.TimeoutExpired:
+                collector.kill()
+        log.close()
+    from grokwatch.collector.report import build_report
+
+    path = build_report(state_dir, os.path.join(out, "report"))
+    print(f"report: {path}")
+    return 0
