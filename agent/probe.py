@@ -38,6 +38,12 @@ class Probe:
         self.loss_fn = loss_fn or causal_lm_loss
         self.samples: dict[str, tuple[torch.Tensor, str]] = {}  # id -> (token ids [S_i] on device, group)
 
+    def set_samples(self, samples) -> None:
+        """Replace the sample set: (id, group, token ids) triples (the replay's)."""
+        self.samples = {}
+        for sid, group, ids in samples:
+            self.samples[str(sid)] = (torch.as_tensor(ids, dtype=torch.long, device=self.monitor.device), str(group))
+
     def remember(self, input_ids_BS: torch.Tensor, attention_mask_BS: Optional[torch.Tensor], rows, ids, groups):
         """Keep the first ``size`` distinct samples seen (their real tokens)."""
         for r in rows:
@@ -53,7 +59,7 @@ class Probe:
             self.samples[sid] = (tokens.clone(), str(groups[r]))
 
     @torch.no_grad()
-    def run(self, step: int) -> None:
+    def run(self, step: int, source: str = "probe") -> None:
         mon = self.monitor
         if not self.samples or mon.disabled:
             return
@@ -65,12 +71,12 @@ class Probe:
             items = list(self.samples.items())
             batch = mon.config.max_samples_per_step
             for start in range(0, len(items), batch):
-                self._micro_batch(step, items[start:start + batch])
+                self._micro_batch(step, items[start:start + batch], source)
         finally:
             mon._probe_active = False
             model.train(was_training)
 
-    def _micro_batch(self, step: int, items) -> None:
+    def _micro_batch(self, step: int, items, source: str) -> None:
         mon = self.monitor
         width = max(t.shape[0] for _, (t, _) in items)
         rows = []
@@ -81,7 +87,7 @@ class Probe:
         input_ids = ids_BS.clamp_min(0)
         sample_ids = [sid for sid, _ in items]
         groups = [g for _, (_, g) in items]
-        ctx = mon._context("probe", step, list(range(len(items))), sample_ids, groups, len(items), width,
+        ctx = mon._context(source, step, list(range(len(items))), sample_ids, groups, len(items), width,
                            mask_BS, None)
         ctx.deferred = True
         mon._ctx = ctx

@@ -168,3 +168,55 @@ def run_report(args: argparse.Namespace) -> int:
     path = build_report(args.state_dir, args.out, args.run)
     print(f"report: {path}")
     return 0
+
+
+def read_scores_csv(path: str) -> dict[str, EvalSeries]:
+    """A CSV of benchmark scores per checkpoint: a ``step`` column and one column per group."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "step" not in rows[0]:
+        raise ValueError(f"{path}: needs a header with a 'step' column and one column per group")
+    rows.sort(key=lambda r: float(r["step"]))
+    steps = np.array([float(r["step"]) for r in rows])
+    out = {}
+    for group in rows[0]:
+        if group == "step":
+            continue
+        out[group] = EvalSeries(steps, np.array([float(r[group]) if r[group] not in ("", None) else math.nan
+                                                 for r in rows]), None)
+    return out
+
+
+def correlate(state_dir: str, scores_csv: str, source: str = "replay", run: Optional[str] = None) -> list[dict]:
+    """Table-1 rows (one per group and metric) joining a journal with per-checkpoint scores."""
+    series, _ = load(read_journal(state_dir))
+    scores = read_scores_csv(scores_csv)
+    rows = []
+    for (r, src, group), gs in sorted(series.items()):
+        if src != source or (run and r != run) or group not in scores:
+            continue
+        table = correlation_table(gs, scores[group], None)
+        for key in METRICS:
+            rows.append(dict(run=r, group=group, metric=key, **table[key]))
+    return rows
+
+
+def run_correlate(args: argparse.Namespace) -> int:
+    try:
+        rows = correlate(args.state_dir, args.scores, args.source, args.run)
+    except (OSError, ValueError) as exc:
+        print(f"grokwatch correlate: {exc}")
+        return 2
+    if not rows:
+        print(f"grokwatch correlate: no {args.source} points of the CSV's groups in {args.state_dir}")
+        return 1
+    head = f"{'run':<14} {'group':<10} {'metric':<22} {'n':>3} {'pearson':>8} {'spearman':>8} {'r(entropy)':>10} " \
+           f"{'r(step)':>8} {'partial':>8}"
+    print(head)
+    for row in rows:
+        print(f"{row['run'][:14]:<14} {row['group'][:10]:<10} {METRIC_TITLES[row['metric']][:22]:<22} {row['n']:>3} "
+              f"{_fmt(row['pearson']):>8} {_fmt(row['spearman']):>8} {_fmt(row['vs_entropy']):>10} "
+              f"{_fmt(row['vs_step']):>8} {_fmt(row['partial_entropy']):>8}")
+    return 0

@@ -4,6 +4,8 @@
     grokwatch collector --check-config collector.toml
     grokwatch demo
     grokwatch report --state-dir DIR --out DIR
+    grokwatch replay --checkpoints ckpt/* --samples samples.jsonl --endpoint tcp://127.0.0.1:5557
+    grokwatch correlate --state-dir DIR --scores scores.csv
     grokwatch version
 
 Each subcommand imports its side lazily: the collector's commands never import
@@ -43,6 +45,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return run_report(args)
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from grokwatch.agent.replay import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_correlate(args: argparse.Namespace) -> int:
+    from grokwatch.collector.report import run_correlate
+
+    return run_correlate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grokwatch",
@@ -79,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for report.html and the PNG files")
     p.add_argument("--run", default=None, help="only this run (default: all)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("replay", help="the paper's offline protocol: probe saved checkpoints into a collector")
+    p.add_argument("--checkpoints", nargs="+", required=True,
+                   help="save_pretrained directories or .pt checkpoints (see docs/agent.md)")
+    p.add_argument("--samples", required=True, help="JSON lines {id, group, input_ids}")
+    p.add_argument("--endpoint", required=True, help="the collector's ZeroMQ endpoint")
+    p.add_argument("--run", default="replay")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser("correlate", help="Table-1 correlations of a journal with benchmark scores per checkpoint")
+    p.add_argument("--state-dir", required=True, help="the collector's state directory (its journal)")
+    p.add_argument("--scores", required=True, help="CSV: a 'step' column and one column of scores per group")
+    p.add_argument("--source", default="replay", choices=["train", "probe", "replay"])
+    p.add_argument("--run", default=None)
+    p.set_defaults(func=_cmd_correlate)
     return parser
 
 

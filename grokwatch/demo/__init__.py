@@ -63,12 +63,18 @@ def _wait_metrics(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) ->
 
 def run_demo(args: argparse.Namespace) -> int:
     cfg = DEMO_CONFIG if args.steps is None else replace(DEMO_CONFIG, steps=args.steps)
-    cfg = replace(cfg, seed=args.seed)
-    out = os.path.abspath(args.out)
+    path = main_job(replace(cfg, seed=args.seed), args.out, args.metrics_port)
+    print(f"report: {path}")
+    return 0
+
+
+def main_job(cfg: BenchConfig, out: str, metrics_port: int = 0, run: str = "demo") -> str:
+    """Collector process + training with the agent + report. Returns the report's path."""
+    out = os.path.abspath(out)
     state_dir = os.path.join(out, "state")
     shutil.rmtree(state_dir, ignore_errors=True)
     os.makedirs(state_dir, exist_ok=True)
-    port = args.metrics_port or _free_port()
+    port = metrics_port or _free_port()
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     log = open(os.path.join(out, "collector.log"), "w")
     collector = subprocess.Popen(
@@ -84,7 +90,7 @@ def run_demo(args: argparse.Namespace) -> int:
             accs = " ".join(f"{g}={record[g]:.2f}" for g in cfg.groups)
             bar.update(step, f"held-out {accs}")
 
-        train(cfg, endpoint=endpoint, run="demo", on_eval=on_eval,
+        train(cfg, endpoint=endpoint, run=run, on_eval=on_eval,
               log_path=os.path.join(out, "accuracy.jsonl"))
         bar.close()
         time.sleep(1.0)  # the sender's last messages and heartbeat
@@ -98,6 +104,4 @@ def run_demo(args: argparse.Namespace) -> int:
         log.close()
     from grokwatch.collector.report import build_report
 
-    path = build_report(state_dir, os.path.join(out, "report"))
-    print(f"report: {path}")
-    return 0
+    return build_report(state_dir, os.path.join(out, "report"))

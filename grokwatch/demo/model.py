@@ -110,3 +110,12 @@ class GrokMoE(nn.Module):
             x_BH = x_BH + y_BH
         self.aux_loss = aux / len(self.blocks)
         return self.unembed(x_BH)
+
+
+def from_config(config: dict):
+    """Checkpoint factory for ``grokwatch replay``: (model, probe loss, attach() keywords)."""
+    from grokwatch.demo.train import answer_loss
+
+    cfg = ModelConfig(**config)
+    return GrokMoE(cfg), answer_loss, dict(num_layers=cfg.num_moe_layers, num_experts=cfg.num_experts,
+                                           top_k=cfg.top_k)

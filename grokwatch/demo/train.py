@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,8 @@ class BenchConfig:
     samples_per_step: int = 48
     probe_every_n_steps: int = 25
     probe_size_per_group: int = 32
+    save_every: int = 0  # >0: write checkpoints (for grokwatch replay) into checkpoint_dir
+    checkpoint_dir: str = ""
 
 
 def answer_loss(model, input_ids_B5, attention_mask=None):
@@ -78,6 +81,26 @@ def accuracy(model, data: Dataset, monitor=None) -> dict[str, float]:
         model.monitor = saved
         model.train(was)
     return out
+
+
+def save_checkpoint(model: GrokMoE, step: int, directory: str) -> str:
+    """A checkpoint ``grokwatch replay`` can load (factory + config + weights)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step-{step:06d}.pt")
+    torch.save({"factory": "grokwatch.demo.model:from_config", "config": asdict(model.cfg),
+                "state_dict": model.state_dict(), "step": step}, path)
+    return path
+
+
+def write_samples(data: Dataset, path: str, per_group: int, seed: int = 0) -> None:
+    """A replay sample set: training equations, ``per_group`` of each group."""
+    gen = torch.Generator().manual_seed(seed)
+    with open(path, "w") as fh:
+        for g, op in enumerate(data.groups):
+            rows = torch.nonzero(data.train.group_B == g).flatten()
+            for r in rows[torch.randperm(len(rows), generator=gen)[:per_group]].tolist():
+                fh.write(json.dumps({"id": data.train.sample_ids[r], "group": op,
+                                     "input_ids": data.train.ids_B5[r].tolist()}) + "\n")
 
 
 def build(cfg: BenchConfig):
@@ -130,6 +153,8 @@ def train(cfg: BenchConfig, *, endpoint: Optional[str] = None, run: str = "grokk
                     mon.log_eval(step, acc)
                 if on_eval:
                     on_eval(step, record)
+            if cfg.save_every and step % cfg.save_every == 0:
+                save_checkpoint(model, step, cfg.checkpoint_dir)
             if step == cfg.steps:
                 break
             if mon is not None:
@@ -155,8 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--run", default="grokking")
     parser.add_argument("--log", default=None, help="write eval points as JSON lines here")
     for f in BenchConfig.__dataclass_fields__.values():
-        if f.type in ("int", "float", "Optional[float]"):
-            parser.add_argument("--" + f.name.replace("_", "-"), type=float if "float" in f.type else int,
+        if f.type in ("int", "float", "Optional[float]", "str"):
+            parser.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "str": str}.get(f.type, float),
                                 default=None)
     parser.add_argument("--groups", default=None, help="comma-separated operations, e.g. add,sub,div")
     args = parser.parse_args(argv)

@@ -43,7 +43,7 @@ def test_collector_cli_help_runs_without_torch():
     assert result.returncode == 0 and "--listen" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["collector", "demo", "report", "version"])
+@pytest.mark.parametrize("command", ["collector", "demo", "report", "version", "replay", "correlate"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args([command, "--help"])
