@@ -251,3 +251,222 @@ def warm_up() -> None:
     histogram_observe(np.array([1.0, 2.0]), np.zeros(3), np.array([0.5, 3.0]))
     levenshtein(sym, n, sym, n, 5)
     fingerprint(sym, n)
+
+
+# Per-group statistics a message accumulates for the journal (columns of stats_GK).
+STAT_KEYS = ("n", "tokens", "entropy_sum", "dist_sum", "norm_sum", "dist_n", "x_dist_sum", "x_norm_sum", "x_dist_n",
+             "cons_sum", "cons_n", "cos_sum", "cos_n", "loss_sum", "loss_n")
+(S_N, S_TOKENS, S_ENT, S_DIST, S_NORM, S_DN, S_XDIST, S_XNORM, S_XDN, S_CONS, S_CONSN, S_COS, S_COSN, S_LOSS,
+ S_LOSSN) = range(len(STAT_KEYS))
+# Histogram rows of hist_GHB1 (bounds in bounds_HB, padded with +inf).
+H_DIST, H_NORM, H_CONS, H_COS, H_LOSS = range(5)
+
+
+@njit(cache=True, nogil=True)
+def _observe(bounds_B, nb, counts_B1, value):
+    lo = 0
+    hi = nb
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bounds_B[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    counts_B1[lo] += 1
+
+
+@njit(cache=True, nogil=True)
+def _pairs(a_S, a_len, a_starts, a_chars, a_chars_len, use_chars, g, picks_P, win_sym_GWS, win_len_GW,
+           win_starts_GWL1, win_chars_GWC, win_chars_len_GW, alphabet, num_experts, peq_AW, pv_W, mv_W, lpeq_LAW,
+           lpv_W, lmv_W, bounds_HB, nb_H, hist_HB1, hist_sum_H, layer_sum_L, layer_count_L, stats_K, prefix):
+    """Distances of one pathway to the window slots ``picks_P`` of group g,
+    observed into one series (a group's or the cross-group baseline's).
+    ``peq_AW`` holds the match masks of the whole pathway, ``lpeq_LAW`` those
+    of each layer's list (both built once per sample)."""
+    num_layers = a_starts.shape[0] - 1
+    for p in range(picks_P.shape[0]):
+        slot = picks_P[p]
+        if use_chars:
+            b_len = win_chars_len_GW[g, slot]
+            d = levenshtein_peq(peq_AW, a_chars_len, win_chars_GWC[g, slot], b_len, pv_W, mv_W)
+            longest = max(a_chars_len, b_len)
+        else:
+            b_len = win_len_GW[g, slot]
+            d = levenshtein_peq(peq_AW, a_len, win_sym_GWS[g, slot], b_len, pv_W, mv_W)
+            longest = max(a_len, b_len)
+        norm = d / longest if longest > 0 else 0.0
+        _observe(bounds_HB[H_DIST], nb_H[H_DIST], hist_HB1[H_DIST], d)
+        hist_sum_H[H_DIST] += d
+        _observe(bounds_HB[H_NORM], nb_H[H_NORM], hist_HB1[H_NORM], norm)
+        hist_sum_H[H_NORM] += norm
+        stats_K[prefix + 0] += d
+        stats_K[prefix + 1] += norm
+        stats_K[prefix + 2] += 1
+        for layer in range(num_layers):
+            a_n = a_starts[layer + 1] - 1 - a_starts[layer]
+            b0 = win_starts_GWL1[g, slot, layer]
+            b_n = win_starts_GWL1[g, slot, layer + 1] - 1 - b0
+            layer_sum_L[layer] += levenshtein_peq(lpeq_LAW[layer], a_n, win_sym_GWS[g, slot, b0:b0 + b_n], b_n,
+                                                  lpv_W, lmv_W)
+            layer_count_L[layer] += 1
+
+
+@njit(cache=True, nogil=True)
+def process_samples(probs_NLE, counts_NLE, tokens_N, entropy_NL, cos_NL1, has_cos, loss_N, has_loss, targets_N2,
+                    u_N2M, ux_NM, tau, use_chars, eligible_G,
+                    win_sym_GWS, win_len_GW, win_starts_GWL1, win_fp_GW, win_chars_GWC, win_chars_len_GW,
+                    win_filled_G, win_next_G, topk_GWLE, tokens_GW, entropy_GWL,
+                    hist_GHB1, hist_sum_GH, layer_sum_GL, layer_count_GL, samples_G, undefined_G,
+                    xhist_HB1, xhist_sum_H, xlayer_sum_L, xlayer_count_L,
+                    bounds_HB, nb_H, min_max_cosine, stats_GK, stats_ent_GL, stats_load_GLE,
+                    sym_S, starts_L1, chars_C, peq_AW, pv_W, mv_W, lpeq_LAW, lpv_W, lmv_W):
+    """METRICS.md §1-3 for every sample of one routing message, in one call.
+
+    For each sample: build its pathway (§1), compare it with m window samples
+    of its target groups (targets_N2[i, 1] = -1 when there is no second one,
+    e.g. a memorization bucket) and with m samples drawn over the other
+    eligible groups' windows (cross-group baseline, primary group only),
+    observe distances, layer-wise distances, consistency and cosine (§2) and
+    probe loss, then insert the pathway and its router-health inputs (§3)
+    into each target group's ring. Random draws come in as uniforms (numpy's
+    generator, seeded), so the kernel itself is deterministic.
+    """
+    N, L, E = probs_NLE.shape
+    W = win_sym_GWS.shape[1]
+    m = u_N2M.shape[2]
+    G = win_filled_G.shape[0]
+    alphabet_sym = E + 1
+    alphabet = 128 if use_chars else alphabet_sym
+    picks = np.empty(m, np.int64)
+    xpicks = np.empty(m, np.int64)
+    xowner = np.full(m, -1, np.int64)
+    for i in range(N):
+        a_len = build_pathway(probs_NLE[i], tau, sym_S, starts_L1)
+        c_len = pathway_chars(sym_S, a_len, E, chars_C) if use_chars else 0
+        if use_chars:
+            build_peq(chars_C, c_len, alphabet, peq_AW)
+        else:
+            build_peq(sym_S, a_len, alphabet, peq_AW)
+        for l in range(L):
+            a0 = starts_L1[l]
+            build_peq(sym_S[a0:starts_L1[l + 1] - 1], starts_L1[l + 1] - 1 - a0, alphabet_sym, lpeq_LAW[l])
+        cos_raw = 0.0
+        cons = 0.0
+        cons_ok = False
+        if has_cos and L > 1:
+            top = -2.0
+            for l in range(L - 1):
+                c = np.float64(cos_NL1[i, l])
+                cos_raw += c
+                if c > top:
+                    top = c
+            cos_raw /= L - 1
+            if L - 1 >= 2 and top > min_max_cosine:
+                for l in range(L - 1):
+                    cons += np.float64(cos_NL1[i, l]) / (top + 1e-8)
+                cons /= L - 1
+                cons_ok = True
+        fp = fingerprint(sym_S, a_len)
+        ent_mean = 0.0
+        for l in range(L):
+            ent_mean += np.float64(entropy_NL[i, l])
+        ent_mean /= L
+        tok = np.int64(tokens_N[i])
+        for t in range(2):
+            g = targets_N2[i, t]
+            if g < 0:
+                continue
+            filled = win_filled_G[g]
+            # --- within-group pairs
+            if filled > 0:
+                if filled <= m:
+                    npk = filled
+                    for p in range(npk):
+                        picks[p] = p
+                else:
+                    npk = m
+                    for p in range(m):
+                        picks[p] = min(np.int64(u_N2M[i, t, p] * filled), filled - 1)
+                _pairs(sym_S, a_len, starts_L1, chars_C, c_len, use_chars, g, picks[:npk], win_sym_GWS, win_len_GW,
+                       win_starts_GWL1, win_chars_GWC, win_chars_len_GW, alphabet_sym, E, peq_AW, pv_W, mv_W,
+                       lpeq_LAW, lpv_W, lmv_W, bounds_HB, nb_H, hist_GHB1[g], hist_sum_GH[g], layer_sum_GL[g],
+                       layer_count_GL[g], stats_GK[g], S_DIST)
+            # --- cross-group baseline (primary target only)
+            if t == 0:
+                total = 0
+                for h in range(G):
+                    if h != g and eligible_G[h]:
+                        total += win_filled_G[h]
+                if total > 0:
+                    for p in range(m):
+                        r = min(np.int64(ux_NM[i, p] * total), total - 1)
+                        for h in range(G):
+                            if h == g or not eligible_G[h]:
+                                continue
+                            if r < win_filled_G[h]:
+                                xowner[p] = h
+                                xpicks[p] = r
+                                break
+                            r -= win_filled_G[h]
+                    for h in range(G):
+                        cnt = 0
+                        for p in range(m):
+                            if xowner[p] == h:
+                                picks[cnt] = xpicks[p]
+                                cnt += 1
+                        if cnt:
+                            _pairs(sym_S, a_len, starts_L1, chars_C, c_len, use_chars, h, picks[:cnt], win_sym_GWS,
+                                   win_len_GW, win_starts_GWL1, win_chars_GWC, win_chars_len_GW, alphabet_sym, E,
+                                   peq_AW, pv_W, mv_W, lpeq_LAW, lpv_W, lmv_W, bounds_HB, nb_H, xhist_HB1,
+                                   xhist_sum_H, xlayer_sum_L, xlayer_count_L, stats_GK[g], S_XDIST)
+                    for p in range(m):
+                        xowner[p] = -1
+            # --- per-sample series
+            samples_G[g] += 1
+            st = stats_GK[g]
+            if has_cos and L > 1:
+                _observe(bounds_HB[H_COS], nb_H[H_COS], hist_GHB1[g, H_COS], cos_raw)
+                hist_sum_GH[g, H_COS] += cos_raw
+                st[S_COS] += cos_raw
+                st[S_COSN] += 1
+                if cons_ok:
+                    _observe(bounds_HB[H_CONS], nb_H[H_CONS], hist_GHB1[g, H_CONS], cons)
+                    hist_sum_GH[g, H_CONS] += cons
+                    st[S_CONS] += cons
+                    st[S_CONSN] += 1
+                else:
+                    undefined_G[g] += 1
+            if has_loss:
+                lv = np.float64(loss_N[i])
+                _observe(bounds_HB[H_LOSS], nb_H[H_LOSS], hist_GHB1[g, H_LOSS], lv)
+                hist_sum_GH[g, H_LOSS] += lv
+                st[S_LOSS] += lv
+                st[S_LOSSN] += 1
+            st[S_ENT] += ent_mean * tok
+            st[S_TOKENS] += tok
+            st[S_N] += 1
+            for l in range(L):
+                stats_ent_GL[g, l] += np.float64(entropy_NL[i, l]) * tok
+                for k in range(E):
+                    stats_load_GLE[g, l, k] += counts_NLE[i, l, k]
+            # --- insert into the ring
+            s = win_next_G[g]
+            for j in range(a_len):
+                win_sym_GWS[g, s, j] = sym_S[j]
+            win_len_GW[g, s] = a_len
+            for l in range(L + 1):
+                win_starts_GWL1[g, s, l] = starts_L1[l]
+            win_fp_GW[g, s] = fp
+            if use_chars:
+                for j in range(c_len):
+                    win_chars_GWC[g, s, j] = chars_C[j]
+                win_chars_len_GW[g, s] = c_len
+            for l in range(L):
+                for k in range(E):
+                    topk_GWLE[g, s, l, k] = counts_NLE[i, l, k]
+                entropy_GWL[g, s, l] = entropy_NL[i, l]
+            tokens_GW[g, s] = tok
+            win_next_G[g] = (s + 1) % W
+            if win_filled_G[g] < W:
+                win_filled_G[g] += 1
+    return 0

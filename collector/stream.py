@@ -1,0 +1,230 @@
+"""The pathway state of one (run, source): every group's window ring and
+cumulative series, held in arrays so that one Numba call
+(``kernels.process_samples``) handles a whole routing message.
+
+Legend: G groups (grows), W window slots, S pathway symbols (L·(E+1)),
+C characters of the string form, L layers, E experts, H histograms, B bounds.
+
+Memory bound per (run, source), G groups: G·W·(2·S + 4·L·(E+1) + 4·L·E + 4·L + 32)
+bytes (+ G·W·2·C with the `string` unit) — e.g. OLMoE (L=16, E=64), W=256,
+G=32: about 56 MB; see docs/collector.md.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from grokwatch.collector import kernels
+from grokwatch.collector.config import CollectorConfig
+from grokwatch.collector.memorization import MemorizationTracker
+from grokwatch.collector.phases import PhaseTracker
+
+# Classic-histogram upper bounds (Prometheus `le`), per distribution; rows of hist_GHB1.
+HISTOGRAM_BOUNDS = {
+    "distance": (0.0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+    "distance_normalized": tuple(round(0.05 * i, 2) for i in range(1, 21)),
+    "consistency": (-1.0, -0.5, 0.0) + tuple(round(0.1 * i, 1) for i in range(1, 11)),
+    "adjacent_cosine": tuple(round(-0.9 + 0.1 * i, 1) + 0.0 for i in range(20)),
+    "probe_loss": tuple(float(0.001 * 2**i) for i in range(15)),
+}
+HIST_NAMES = tuple(HISTOGRAM_BOUNDS)  # order = kernels.H_DIST, H_NORM, H_CONS, H_COS, H_LOSS
+assert HIST_NAMES == ("distance", "distance_normalized", "consistency", "adjacent_cosine", "probe_loss")
+_BMAX = max(len(b) for b in HISTOGRAM_BOUNDS.values())
+BOUNDS_HB = np.full((len(HIST_NAMES), _BMAX), np.inf)
+NB_H = np.zeros(len(HIST_NAMES), np.int64)
+for _h, _b in enumerate(HISTOGRAM_BOUNDS.values()):
+    BOUNDS_HB[_h, : len(_b)] = _b
+    NB_H[_h] = len(_b)
+
+
+def char_capacity(num_layers: int, num_experts: int) -> int:
+    digits = len(str(max(num_experts - 1, 0)))
+    return num_layers * num_experts * (digits + 1) + num_layers
+
+
+class HistogramView:
+    """Read access to one group's histogram (bounds, bucket counts with +Inf last, sum)."""
+
+    def __init__(self, bounds, counts, total):
+        self.bounds, self.counts, self.sum = bounds, counts, float(total)
+
+    @property
+    def count(self) -> float:
+        return float(self.counts.sum())
+
+
+class SeriesView:
+    def __init__(self, hist_HB1, hist_sum_H, layer_sum_L, layer_count_L, samples=0, undefined=0, latest_step=0):
+        self.hist = {name: HistogramView(BOUNDS_HB[h, : NB_H[h]], hist_HB1[h, : NB_H[h] + 1], hist_sum_H[h])
+                     for h, name in enumerate(HIST_NAMES)}
+        self.layer_distance_sum_L = layer_sum_L
+        self.layer_distance_count_L = layer_count_L
+        self.samples_total = int(samples)
+        self.consistency_undefined_total = int(undefined)
+        self.latest_step = int(latest_step)
+
+
+class WindowView:
+    def __init__(self, stream: "Stream", g: int):
+        self.stream, self.g = stream, g
+        self.filled = int(stream.win_filled_G[g])
+        self.len_W = stream.win_len_GW[g]
+        self.sym_WS = stream.win_sym_GWS[g]
+
+    def health(self, top_k: int) -> Optional[dict]:
+        """METRICS.md §3 per layer over the window's tokens."""
+        s, g, n = self.stream, self.g, self.filled
+        if n == 0:
+            return None
+        tokens = float(s.tokens_GW[g, :n].sum())
+        load_LE = s.topk_GWLE[g, :n].sum(axis=0, dtype=np.float64)
+        share_LE = load_LE / (top_k * tokens)
+        mean_L = share_LE.mean(axis=1)
+        safe = np.where(mean_L > 0, mean_L, 1.0)
+        return dict(
+            imbalance_L=np.where(mean_L > 0, share_LE.max(axis=1) / safe, 0.0),
+            cv_L=np.where(mean_L > 0, share_LE.std(axis=1) / safe, 0.0),
+            dead_L=(load_LE == 0).sum(axis=1),
+            entropy_L=(s.entropy_GWL[g, :n].astype(np.float64) * s.tokens_GW[g, :n, None]).sum(axis=0) / tokens,
+            distinct=int(np.unique(s.win_fp_GW[g, :n]).size),
+        )
+
+
+class GroupView:
+    def __init__(self, stream: "Stream", g: int):
+        self.window = WindowView(stream, g)
+        self.series = SeriesView(stream.hist_GHB1[g], stream.hist_sum_GH[g], stream.layer_sum_GL[g],
+                                 stream.layer_count_GL[g], stream.samples_G[g], stream.undefined_G[g],
+                                 stream.latest_step_G[g])
+
+
+# Arrays with a leading group axis; they grow together when a group is added.
+_GROUP_ARRAYS = ("win_sym_GWS", "win_len_GW", "win_starts_GWL1", "win_fp_GW", "win_chars_GWC", "win_chars_len_GW",
+                 "win_filled_G", "win_next_G", "topk_GWLE", "tokens_GW", "entropy_GWL", "hist_GHB1", "hist_sum_GH",
+                 "layer_sum_GL", "layer_count_GL", "samples_G", "undefined_G", "latest_step_G", "eligible_G")
+_SCRATCH = ("sym_S", "starts_L1", "chars_C", "peq_AW", "pv_W", "mv_W", "lpeq_LAW", "lpv_W", "lmv_W")
+
+
+class Stream:
+    """One (run, source): its groups, cross-group baseline, phases, memorization."""
+
+    def __init__(self, run: str, source: str, num_layers: int, num_experts: int, top_k: int,
+                 config: CollectorConfig, rng: np.random.Generator):
+        self.run, self.source = run, source
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.window_slots = config.window_samples
+        self.use_chars = config.distance_unit == "string"
+        self.labels: list[str] = []
+        self.index: dict[str, int] = {}
+        self.phases: dict[str, PhaseTracker] = {}
+        self.memorization = MemorizationTracker(
+            delta=config.memorization_delta, consecutive=config.memorization_consecutive,
+            epsilon=config.memorization_epsilon, max_samples=config.max_probe_samples,
+            bucket_steps=config.memorization_bucket_steps) if source != "train" else None
+        self.latest_step = 0
+        self.rng = rng
+        L = num_layers
+        nh, nb1 = BOUNDS_HB.shape[0], BOUNDS_HB.shape[1] + 1
+        self.xhist_HB1 = np.zeros((nh, nb1))
+        self.xhist_sum_H = np.zeros(nh)
+        self.xlayer_sum_L = np.zeros(L)
+        self.xlayer_count_L = np.zeros(L)
+        self._allocate(0)
+        self._init_scratch(config)
+
+    # ------------------------------------------------------------ storage
+
+    def _allocate(self, groups: int) -> None:
+        W, L, E = self.window_slots, self.num_layers, self.num_experts
+        S = L * (E + 1)
+        C = char_capacity(L, E) if self.use_chars else 1
+        nh, nb1 = BOUNDS_HB.shape[0], BOUNDS_HB.shape[1] + 1
+        shapes = dict(
+            win_sym_GWS=((W, S), np.int16), win_len_GW=((W,), np.int64), win_starts_GWL1=((W, L + 1), np.int32),
+            win_fp_GW=((W,), np.uint64), win_chars_GWC=((W, C), np.int16), win_chars_len_GW=((W,), np.int64),
+            win_filled_G=((), np.int64), win_next_G=((), np.int64), topk_GWLE=((W, L, E), np.uint32),
+            tokens_GW=((W,), np.int64), entropy_GWL=((W, L), np.float32), hist_GHB1=((nh, nb1), np.float64),
+            hist_sum_GH=((nh,), np.float64), layer_sum_GL=((L,), np.float64), layer_count_GL=((L,), np.float64),
+            samples_G=((), np.int64), undefined_G=((), np.int64), latest_step_G=((), np.int64),
+            eligible_G=((), np.bool_))
+        for name, (shape, dtype) in shapes.items():
+            new = np.zeros((groups,) + shape, dtype)
+            old = getattr(self, name, None)
+            if old is not None and len(old):
+                new[: len(old)] = old
+            setattr(self, name, new)
+
+    def _init_scratch(self, config: CollectorConfig) -> None:
+        L, E = self.num_layers, self.num_experts
+        self.sym_S = np.zeros(L * (E + 1), np.int16)
+        self.starts_L1 = np.zeros(L + 1, np.int32)
+        self.chars_C = np.zeros(char_capacity(L, E), np.int16)
+        longest = self.chars_C.shape[0] if self.use_chars else self.sym_S.shape[0]
+        words = (longest + 63) // 64
+        self.peq_AW = np.zeros((128 if self.use_chars else E + 1, words), np.uint64)
+        self.pv_W = np.zeros(words, np.uint64)
+        self.mv_W = np.zeros(words, np.uint64)
+        layer_words = (E + 63) // 64
+        self.lpeq_LAW = np.zeros((L, E + 1, layer_words), np.uint64)
+        self.lpv_W = np.zeros(layer_words, np.uint64)
+        self.lmv_W = np.zeros(layer_words, np.uint64)
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        for k in _SCRATCH:
+            d.pop(k, None)
+        return d
+
+    def restore_scratch(self, config: CollectorConfig) -> None:
+        self._init_scratch(config)
+
+    def add_group(self, label: str) -> int:
+        g = len(self.labels)
+        self.labels.append(label)
+        self.index[label] = g
+        if g >= len(self.win_filled_G):
+            self._allocate(max(4, 2 * len(self.win_filled_G)))
+        self.eligible_G[g] = not label.startswith("mem@")
+        return g
+
+    # ------------------------------------------------------------ views
+
+    @property
+    def groups(self) -> dict[str, GroupView]:
+        return {label: GroupView(self, g) for label, g in self.index.items()}
+
+    @property
+    def cross(self) -> SeriesView:
+        return SeriesView(self.xhist_HB1, self.xhist_sum_H, self.xlayer_sum_L, self.xlayer_count_L)
+
+    # ------------------------------------------------------------ the hot path
+
+    def process(self, msg, targets_N2: np.ndarray, tau: float, m: int, min_max_cosine: float):
+        """Apply one routing message (kernels.process_samples). Returns the
+        per-group statistics of this message: (stats_GK, entropy_GL, load_GLE)."""
+        G, L, E = len(self.labels), self.num_layers, self.num_experts
+        n = msg.num_samples
+        stats_GK = np.zeros((G, len(kernels.STAT_KEYS)))
+        ent_GL = np.zeros((G, L))
+        load_GLE = np.zeros((G, L, E))
+        u = self.rng.random((n, 2, m))
+        ux = self.rng.random((n, m))
+        has_cos = msg.adj_cosine_NL1 is not None
+        has_loss = msg.loss_N is not None
+        cos = msg.adj_cosine_NL1 if has_cos else np.zeros((n, max(L - 1, 0)), np.float32)
+        loss = msg.loss_N if has_loss else np.zeros(n, np.float32)
+        kernels.process_samples(
+            msg.mean_probs_NLE, msg.topk_counts_NLE, msg.token_counts_N, msg.entropy_NL, cos, has_cos, loss,
+            has_loss, targets_N2, u, ux, tau, self.use_chars, self.eligible_G[:G],
+            self.win_sym_GWS, self.win_len_GW, self.win_starts_GWL1, self.win_fp_GW, self.win_chars_GWC,
+            self.win_chars_len_GW, self.win_filled_G[:G], self.win_next_G, self.topk_GWLE, self.tokens_GW,
+            self.entropy_GWL, self.hist_GHB1, self.hist_sum_GH, self.layer_sum_GL, self.layer_count_GL,
+            self.samples_G, self.undefined_G, self.xhist_HB1, self.xhist_sum_H, self.xlayer_sum_L,
+            self.xlayer_count_L, BOUNDS_HB, NB_H, min_max_cosine, stats_GK, ent_GL, load_GLE,
+            self.sym_S, self.starts_L1, self.chars_C, self.peq_AW, self.pv_W, self.mv_W, self.lpeq_LAW,
+            self.lpv_W, self.lmv_W)
+        for g in np.unique(targets_N2[targets_N2 >= 0]):
+            self.latest_step_G[g] = max(self.latest_step_G[g], msg.step)
+        return stats_GK, ent_GL, load_GLE
