@@ -111,36 +111,33 @@ def levenshtein_peq(peq_AW, m, b, n, pv_W, mv_W):
         pv_W[w] = _ALL
         mv_W[w] = _ZERO
     last_bit = np.uint64((m - 1) % _WORD)
+    last = words - 1
     score = m
     for j in range(n):
         c = b[j]
-        hin = 1  # row 0 of the DP grows by one per column
+        hp = _ONE  # horizontal delta carried into each word: +1 at row 0 of the DP
+        hn = _ZERO
+        ph = _ZERO
+        mh = _ZERO
         for w in range(words):
             eq = peq_AW[c, w]
             pv = pv_W[w]
             mv = mv_W[w]
             xv = eq | mv
-            if hin < 0:
-                eq |= _ONE
+            eq |= hn
             xh = (((eq & pv) + pv) ^ pv) | eq
             ph = mv | (~(xh | pv))
             mh = pv & xh
-            if w == words - 1:
+            hp_out = ph >> np.uint64(63)
+            hn_out = mh >> np.uint64(63)
+            if w == last:
                 score += np.int64((ph >> last_bit) & _ONE) - np.int64((mh >> last_bit) & _ONE)
-            hout = 0
-            if ph & _HIGH:
-                hout = 1
-            elif mh & _HIGH:
-                hout = -1
-            ph = ph << _ONE
-            mh = mh << _ONE
-            if hin < 0:
-                mh |= _ONE
-            elif hin > 0:
-                ph |= _ONE
+            ph = (ph << _ONE) | hp
+            mh = (mh << _ONE) | hn
             pv_W[w] = mh | (~(xv | ph))
             mv_W[w] = ph & xv
-            hin = hout
+            hp = hp_out
+            hn = hn_out
     return score
 
 
