@@ -1,0 +1,125 @@
+"""Faults: a collector that restarts, a slow collector, oversize messages, a dead endpoint."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import grokwatch.agent as gw
+from grokwatch.collector.config import CollectorConfig
+from grokwatch.collector.ingest import Ingest
+from grokwatch.collector.state import State
+from grokwatch.wire import encode
+from helpers import Pusher, scrape, start_collector, value, wait_until
+from tiny_models import VOCAB, tiny_model
+from wire_factories import make_routing
+
+
+def train_steps(model, mon, n, tag_prefix="s"):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for i in range(n):
+        ids = torch.randint(0, VOCAB, (2, 8))
+        mon.tag([f"{tag_prefix}{i}a", f"{tag_prefix}{i}b"], ["g", "g"])
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_collector_restart_mid_training_loses_no_counter_and_resumes(tmp_path):
+    c1 = start_collector(tmp_path, listen=("tcp://127.0.0.1:0",))
+    endpoint = c1.endpoints[0]
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, endpoint, "restart", every_n_steps=1, heartbeat_interval_s=0.2)
+    train_steps(model, mon, 5, "a")
+    wait_until(lambda: c1.state.samples_total >= 10)
+    before = scrape(c1.metrics_port)
+    c1.stop()  # snapshot on stop
+    train_steps(model, mon, 3, "b")  # collector away: libzmq queues (SNDHWM), nothing raises
+    c2 = start_collector(tmp_path, listen=(endpoint,))
+    try:
+        train_steps(model, mon, 5, "c")
+        mon.close()
+        wait_until(lambda: c2.state.samples_total >= 10 + 16)
+        after = scrape(c2.metrics_port)
+        for name in ("grokwatch_collector_messages_received_total", "grokwatch_pathway_samples_total",
+                     "grokwatch_pathway_distance_count"):
+            for labels, v in before[name].items():
+                assert after[name][labels] >= v, name
+        # Queued while away and replayed: nothing lost, nothing rejected.
+        assert value(after, "grokwatch_pathway_samples_total", run="restart", source="train", group="g") == 26
+        assert value(after, "grokwatch_collector_messages_lost_total") == 0
+        assert mon.stats()["hook_errors"] == 0
+    finally:
+        c2.stop()
+
+
+class SlowState(State):
+    """A collector whose processing is slower than the arrivals (a double of the real State)."""
+
+    def handle(self, msg):
+        time.sleep(0.05)
+        super().handle(msg)
+
+
+def test_slow_collector_counts_queue_full_and_accounts_for_every_message():
+    state = SlowState(CollectorConfig())
+    ingest = Ingest(state, ["tcp://127.0.0.1:0"], queue_capacity=2, max_message_bytes=1 << 20)
+    ingest.start()
+    pusher = Pusher(ingest.endpoints[0])
+    try:
+        for seq in range(1, 41):
+            pusher.send(encode(make_routing(seq=seq, n=1)))
+        wait_until(lambda: state.received_total == 40, timeout_s=15)
+        wait_until(lambda: ingest.queue.empty(), timeout_s=15)
+        time.sleep(0.2)
+        rejected = state.rejected_total.get("queue_full", 0)
+        assert rejected > 0
+        assert state.processing_seconds_count + rejected == 40
+    finally:
+        pusher.close()
+        ingest.stop()
+
+
+def test_oversize_messages_are_dropped_and_counted_by_the_agent(tmp_path):
+    c = start_collector(tmp_path)
+    try:
+        model = tiny_model("olmoe")
+        mon = gw.attach(model, c.endpoints[0], "big", every_n_steps=1)
+        mon.sender.max_message_bytes = 200  # any routing message is bigger
+        train_steps(model, mon, 3)
+        time.sleep(0.3)
+        stats = mon.stats()
+        mon.close()
+        assert stats["dropped"].get("too_large", 0) == 3
+    finally:
+        c.stop()
+
+
+def test_collector_rejects_oversize_bytes_without_crashing(tmp_path):
+    c = start_collector(tmp_path, max_message_bytes=4096)
+    pusher = Pusher(c.endpoints[0])
+    try:
+        pusher.send(b"\x00" * 5000)
+        time.sleep(0.3)
+        pusher.close()
+        pusher = Pusher(c.endpoints[0])  # the big frame cost the old connection; a new one works
+        pusher.send(encode(make_routing(seq=1, n=1)))
+        wait_until(lambda: c.state.samples_total == 1)
+        s = scrape(c.metrics_port)
+        assert value(s, "grokwatch_collector_messages_rejected_total", reason="too_large") <= 1
+    finally:
+        pusher.close()
+        c.stop()
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:1", "ipc:///nonexistent-dir/grokwatch.sock"])
+def test_unreachable_endpoints_never_raise_into_training(endpoint):
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, endpoint, "nowhere", every_n_steps=1, sndhwm=1)
+    train_steps(model, mon, 4)
+    time.sleep(0.2)
+    stats = mon.stats()
+    mon.close()
+    assert stats["hook_errors"] == 0 and not stats["disabled"]
