@@ -170,49 +170,6 @@ def compare_to_window(a_S, a_len, win_sym_NS, win_len_N, picks_P, alphabet, peq_
 
 
 @njit(cache=True, nogil=True)
-def layer_distances(a_S, a_starts_L1, win_sym_NS, win_starts_NL1, picks_P, alphabet, out_layer_PL):
-    """METRICS.md §1 layer-wise distance: Levenshtein of e_l(i) and e_l(j)."""
-    num_layers = a_starts_L1.shape[0] - 1
-    max_len = 0
-    for layer in range(num_layers):
-        max_len = max(max_len, a_starts_L1[layer + 1] - 1 - a_starts_L1[layer])
-    words = max(1, (max_len + _WORD - 1) // _WORD)
-    peq = np.empty((alphabet, words), np.uint64)
-    pv = np.empty(words, np.uint64)
-    mv = np.empty(words, np.uint64)
-    for layer in range(num_layers):
-        a0 = a_starts_L1[layer]
-        a_seg = a_S[a0:a_starts_L1[layer + 1] - 1]
-        build_peq(a_seg, a_seg.shape[0], alphabet, peq)
-        for p in range(picks_P.shape[0]):
-            slot = picks_P[p]
-            b0 = win_starts_NL1[slot, layer]
-            b_seg = win_sym_NS[slot, b0:win_starts_NL1[slot, layer + 1] - 1]
-            out_layer_PL[p, layer] = levenshtein_peq(peq, a_seg.shape[0], b_seg, b_seg.shape[0], pv, mv)
-    return 0
-
-
-@njit(cache=True, nogil=True)
-def histogram_observe(bounds_B, counts_B1, values):
-    """Classic-histogram update: counts_B1[i] += #values in (bounds[i-1], bounds[i]],
-    the last slot is +Inf. Returns the sum of the values (for the _sum series)."""
-    total = 0.0
-    nb = bounds_B.shape[0]
-    for v in values:
-        total += v
-        lo = 0
-        hi = nb
-        while lo < hi:  # first bound >= v
-            mid = (lo + hi) // 2
-            if bounds_B[mid] < v:
-                lo = mid + 1
-            else:
-                hi = mid
-        counts_B1[lo] += 1
-    return total
-
-
-@njit(cache=True, nogil=True)
 def fingerprint(sym_S, length):
     """64-bit FNV-1a of a pathway (deterministic across processes, unlike hash())."""
     h = np.uint64(0xCBF29CE484222325)
@@ -221,33 +178,6 @@ def fingerprint(sym_S, length):
         h ^= np.uint64(sym_S[i] & 0xFFFF)
         h *= prime
     return h
-
-
-def warm_up() -> None:
-    """Compile (or load from the cache) every kernel once, before serving."""
-    probs = np.full((3, 4), 0.25, np.float32)
-    sym = np.empty(3 * 5, np.int16)
-    starts = np.empty(4, np.int32)
-    n = build_pathway(probs, 0.7, sym, starts)
-    chars = np.empty(64, np.int16)
-    pathway_chars(sym, n, 4, chars)
-    win = np.zeros((2, sym.shape[0]), np.int16)
-    win[0, :n] = sym[:n]
-    win_len = np.array([n, 0], np.int32)
-    win_starts = np.zeros((2, 4), np.int32)
-    win_starts[0] = starts
-    picks = np.array([0], np.int64)
-    peq = np.empty((5, 1), np.uint64)
-    pv = np.empty(1, np.uint64)
-    mv = np.empty(1, np.uint64)
-    out_d = np.empty(1, np.int64)
-    out_n = np.empty(1, np.float64)
-    out_l = np.empty((1, 3), np.int64)
-    compare_to_window(sym, n, win, win_len, picks, 5, peq, pv, mv, out_d, out_n)
-    layer_distances(sym, starts, win, win_starts, picks, 5, out_l)
-    histogram_observe(np.array([1.0, 2.0]), np.zeros(3), np.array([0.5, 3.0]))
-    levenshtein(sym, n, sym, n, 5)
-    fingerprint(sym, n)
 
 
 # Per-group statistics a message accumulates for the journal (columns of stats_GK).
@@ -467,3 +397,32 @@ def process_samples(probs_NLE, counts_NLE, tokens_N, entropy_NL, cos_NL1, has_co
             if win_filled_G[g] < W:
                 win_filled_G[g] += 1
     return 0
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) the hot-path kernels before the
+    first message: one tiny message through a throwaway state, both units."""
+    import time
+
+    import numpy as np_
+
+    from grokwatch.collector.config import CollectorConfig
+    from grokwatch.collector.state import State
+    from grokwatch.wire import Routing
+
+    rng = np_.random.default_rng(0)
+    for unit in ("expert", "string"):
+        state = State(CollectorConfig(distance_unit=unit))
+        for seq, source in ((1, "train"), (2, "probe")):
+            probs = rng.dirichlet(np_.ones(4), size=(3, 3)).astype(np_.float32)
+            counts = np_.zeros((3, 3, 4), np_.uint32)
+            counts[..., 0] = 2
+            state.handle(Routing(run="warm-up", rank=0, sender="warm-up", seq=seq, wall_time=time.time(),
+                                 source=source, step=seq, top_k=1, sample_ids=("a", "b", "c"),
+                                 groups=("x", "y", "x"), token_counts_N=np_.full(3, 2, np_.uint32),
+                                 mean_probs_NLE=probs, topk_counts_NLE=counts,
+                                 entropy_NL=np_.full((3, 3), 0.5, np_.float32),
+                                 adj_cosine_NL1=np_.full((3, 2), 0.5, np_.float32),
+                                 loss_N=np_.ones(3, np_.float32) if source == "probe" else None))
+    sym = np_.zeros(4, np_.int16)
+    levenshtein(sym, 4, sym, 4, 5)

@@ -84,7 +84,7 @@ def test_pathway_string_form_is_the_papers():
 
 
 @given(seed=st.integers(0, 2**31), picks=st.integers(1, 8))
-def test_window_and_layer_distances_equal_reference(seed, picks):
+def test_window_distances_equal_reference(seed, picks):
     rng = np.random.default_rng(seed)
     num_layers, num_experts, slots = int(rng.integers(1, 5)), int(rng.integers(2, 20)), 10
     cap = num_layers * (num_experts + 1)
@@ -107,27 +107,23 @@ def test_window_and_layer_distances_equal_reference(seed, picks):
     nd = np.empty(picks, np.float64)
     kernels.compare_to_window(a, a_len, win, win_len, pick, num_experts + 1, np.empty((num_experts + 1, words), np.uint64),
                               np.empty(words, np.uint64), np.empty(words, np.uint64), d, nd)
-    lay = np.empty((picks, num_layers), np.int64)
-    kernels.layer_distances(a, a_starts, win, win_starts, pick, num_experts + 1, lay)
     for i, slot in enumerate(pick):
         sa = reference.pathway_symbols(a_layers, num_experts)
         sb = reference.pathway_symbols(win_layers[slot], num_experts)
         assert d[i] == reference.levenshtein(sa, sb)
         assert nd[i] == pytest.approx(reference.normalized_distance(d[i], len(sa), len(sb)), rel=1e-6)
-        for layer in range(num_layers):
-            assert lay[i, layer] == reference.levenshtein(a_layers[layer], win_layers[slot][layer])
 
 
 @given(values=st.lists(st.floats(-10, 10, allow_nan=False), max_size=50))
 def test_histogram_buckets_are_le_cumulative_like_prometheus(values):
     bounds = np.array([-1.0, 0.0, 0.5, 1.0, 5.0])
     counts = np.zeros(len(bounds) + 1)
-    total = kernels.histogram_observe(bounds, counts, np.array(values, np.float64))
+    for v in values:
+        kernels._observe(bounds, len(bounds), counts, v)
     cumulative = np.cumsum(counts)
     for i, b in enumerate(bounds):
         assert cumulative[i] == sum(1 for v in values if v <= b)
     assert cumulative[-1] == len(values)
-    assert total == pytest.approx(sum(values), abs=1e-9)
 
 
 def test_fingerprint_separates_pathways_and_is_stable():
