@@ -75,7 +75,7 @@ def _stable_key(sample_id: str) -> int:
 
 
 class Monitor:
-    """Returned by ``attach``. Public: tag, step, log_eval, record, run_probe, close, stats."""
+    """Returned by ``attach``. Public: tag, step, log_eval, record, run_probe, pause, resume, close, stats."""
 
     def __init__(self, model: nn.Module, config: AgentConfig, shape: MoEShape,
                  router_weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -124,6 +124,12 @@ class Monitor:
     # ------------------------------------------------------------------ hooks
 
     def _install(self) -> None:
+        self._install_model_hooks()
+        self._step_handle = torch_optimizer.register_optimizer_step_post_hook(self._guard(self._on_optimizer_step))
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _install_model_hooks(self) -> None:
         h = self._handles
         h.append(self.model.register_forward_pre_hook(self._guard(self._on_forward_start), with_kwargs=True))
         h.append(self.model.register_forward_hook(self._guard(self._on_forward_end), with_kwargs=True))
@@ -132,9 +138,12 @@ class Monitor:
                 h.append(layer.router.register_forward_hook(self._guard(self._router_hook(i))))
             if layer.experts is not None:
                 h.append(layer.experts.register_forward_pre_hook(self._guard(self._experts_hook(i))))
-        h.append(torch_optimizer.register_optimizer_step_post_hook(self._guard(self._on_optimizer_step)))
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _remove_model_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._ctx = None
 
     def _after_fork(self) -> None:
         self.disabled = True  # a forked DataLoader worker never touches the parent's socket
@@ -164,9 +173,8 @@ class Monitor:
     def _disable(self) -> None:
         self.disabled = True
         self.sender.disabled = True
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._remove_model_hooks()
+        self._step_handle.remove()
 
     def _on_forward_start(self, module, args, kwargs) -> None:
         if self._probe_active:
@@ -354,12 +362,19 @@ class Monitor:
         return dict(step=self._step, sent=self.sender.sent, dropped=dict(self.sender.dropped),
                     hook_errors=self._hook_errors, disabled=self.disabled)
 
+    def pause(self) -> None:
+        """Remove the model hooks (the step count goes on); ``resume()`` puts them back."""
+        self._remove_model_hooks()
+
+    def resume(self) -> None:
+        if not self._handles and not self.disabled:
+            self._install_model_hooks()
+
     def close(self) -> None:
         """Remove the hooks and flush with a bounded wait. Never raises."""
         try:
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
+            self._remove_model_hooks()
+            self._step_handle.remove()
             self.sender.close(self.config.close_timeout_s)
         except Exception as exc:
             log.warning("grokwatch: error while closing: %r", exc)

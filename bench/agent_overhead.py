@@ -2,9 +2,12 @@
 
     python bench/agent_overhead.py [--steps 200] [--device cpu|cuda] [--shape tiny|olmoe-1b-7b]
 
-Two identical models (same seed) train side by side; steps alternate A, B,
-A, B so that drift (thermal, other load) hits both. B carries the agent,
-streaming to a real collector in a subprocess. Reported: median step time of
+One model trains; steps alternate A (agent paused: no hooks at all) and B
+(agent attached), so that drift (thermal, other load) hits both. The agent
+streams to a real collector in a subprocess. B's steps are numbered 0, 2, 4,
+… Reported: the ratio of median step times, the median of per-pair ratios,
+and the ratio of mean step times (at a cadence of N the median is an
+unsampled step; the mean carries the sampled ones at their true share). Reported: median step time of
 each, the ratio of medians, and the median of per-pair ratios, for the
 agent summarizing every step and at its default cadence.
 """
@@ -68,17 +71,19 @@ def timed_step(model, opt, ids, device) -> float:
 
 
 def run(every_n: int, args, endpoint: str) -> dict:
-    model_a, vocab, batch, seq = make_model(args.shape, args.device)
-    model_b, *_ = make_model(args.shape, args.device)
-    opt_a = torch.optim.AdamW(model_a.parameters(), lr=1e-4)
-    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-4)
-    mon = gw.attach(model_b, endpoint, f"bench-{every_n}", every_n_steps=every_n, max_samples_per_step=batch)
+    """One model; steps alternate with the agent paused (A) and attached (B)."""
+    model, vocab, batch, seq = make_model(args.shape, args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    mon = gw.attach(model, endpoint, f"bench-{every_n}", every_n_steps=every_n, max_samples_per_step=batch)
     gen = torch.Generator().manual_seed(1)
     ta, tb = [], []
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(args.device)
-        a = timed_step(model_a, opt_a, ids, args.device)
-        b = timed_step(model_b, opt_b, ids, args.device)
+        mon.pause()
+        a = timed_step(model, opt, ids, args.device)
+        mon.resume()
+        mon.step(step)  # B's steps are numbered 0, 1, 2, ...: the cadence applies to them
+        b = timed_step(model, opt, ids, args.device)
         if step >= args.warmup:
             ta.append(a)
             tb.append(b)
@@ -86,7 +91,8 @@ def run(every_n: int, args, endpoint: str) -> dict:
     mon.close()
     ma, mb = statistics.median(ta), statistics.median(tb)
     return dict(every_n=every_n, base_ms=ma * 1e3, agent_ms=mb * 1e3, ratio=mb / ma,
-                pair_ratio=statistics.median(b / a for a, b in zip(ta, tb)), sent=stats["sent"],
+                pair_ratio=statistics.median(b / a for a, b in zip(ta, tb)),
+                mean_ratio=statistics.fmean(tb) / statistics.fmean(ta), sent=stats["sent"],
                 dropped=sum(stats["dropped"].values()))
 
 
@@ -107,12 +113,13 @@ def main() -> int:
     try:
         time.sleep(3)
         print(f"device={args.device} shape={args.shape} steps={args.steps} (paired, alternating)")
-        print(f"{'cadence':<22} {'base ms':>9} {'agent ms':>9} {'ratio':>8} {'pair ratio':>11} {'sent':>6} {'dropped':>8}")
+        print(f"{'cadence':<22} {'base ms':>9} {'agent ms':>9} {'median ratio':>12} {'pair ratio':>11} "
+              f"{'mean ratio':>11} {'sent':>6} {'dropped':>8}")
         for every_n in (1, DEFAULT_EVERY_N_STEPS):
             r = run(every_n, args, endpoint)
             label = "every step" if every_n == 1 else f"every {every_n} (default)"
-            print(f"{label:<22} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>8.4f} {r['pair_ratio']:>11.4f} "
-                  f"{r['sent']:>6} {r['dropped']:>8}", flush=True)
+            print(f"{label:<22} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} {r['pair_ratio']:>11.4f} "
+                  f"{r['mean_ratio']:>11.4f} {r['sent']:>6} {r['dropped']:>8}", flush=True)
     finally:
         collector.send_signal(signal.SIGTERM)
         collector.wait(30)
