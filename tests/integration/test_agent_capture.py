@@ -333,3 +333,19 @@ def test_manual_record_for_a_hand_written_moe(sink):
     assert msg.mean_probs_NLE.shape == (2, 3, 4)
     assert msg.topk_counts_NLE.sum(axis=2).tolist() == [[5, 5, 5], [5, 5, 5]]
     assert msg.adj_cosine_NL1 is not None
+
+
+def test_pause_removes_every_hook_and_resume_restores_them(sink):
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "pause", every_n_steps=1)
+    hooked = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked
+    mon.pause()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    ids = torch.randint(0, VOCAB, (2, 8))
+    run_one_step(model, mon, ids)  # paused: nothing sampled
+    mon.resume()
+    run_one_step(model, mon, ids)
+    mon.close()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    assert [m.step for m in sink.routing()] == [1]  # the step count went on while paused
