@@ -35,6 +35,7 @@ class ModelConfig:
     expert_hidden: int = 128
     shared_expert_hidden: int = 256  # 0: no shared expert
     seq_len: int = 4
+    norm: bool = True  # RMSNorm before each MoE block and the unembedding (stability at high lr x wd)
 
 
 class MoEBlock(nn.Module):
@@ -79,6 +80,8 @@ class GrokMoE(nn.Module):
         self.v = nn.Linear(H, H, bias=False)
         self.o = nn.Linear(H, H, bias=False)
         self.blocks = nn.ModuleList(MoEBlock(cfg) for _ in range(cfg.num_moe_layers))
+        make_norm = (lambda: nn.RMSNorm(H)) if cfg.norm else nn.Identity
+        self.norms = nn.ModuleList(make_norm() for _ in range(cfg.num_moe_layers + 1))
         self.unembed = nn.Linear(H, cfg.num_outputs, bias=False)
         self.monitor = None  # set to a grokwatch Monitor to record routing
         self.aux_loss: Optional[torch.Tensor] = None
@@ -98,7 +101,7 @@ class GrokMoE(nn.Module):
         x_BH = x_BSH[:, -1] + self.o((att_BSh[..., None] * v_BSHd).sum(1).reshape(B, H))
         aux = x_BH.new_zeros(())
         for i, block in enumerate(self.blocks):
-            y_BH, logits_BE, probs_BE, top_i_BK = block(x_BH)
+            y_BH, logits_BE, probs_BE, top_i_BK = block(self.norms[i](x_BH))
             if self.monitor is not None:
                 # One routed position per equation: [B, 1, E].
                 self.monitor.record(i, logits=logits_BE[:, None], topk=(top_i_BK[:, None], None),
@@ -109,7 +112,7 @@ class GrokMoE(nn.Module):
             aux = aux + E * (load_E * probs_BE.mean(0)).sum()  # Switch-style balance loss
             x_BH = x_BH + y_BH
         self.aux_loss = aux / len(self.blocks)
-        return self.unembed(x_BH)
+        return self.unembed(self.norms[-1](x_BH))
 
 
 def from_config(config: dict):

@@ -46,6 +46,7 @@ class BenchConfig:
     top_k: int = 2
     expert_hidden: int = 64
     shared_expert_hidden: int = 256
+    norm: int = 1  # 1: RMSNorm before each MoE block (see model.py)
     # Agent cadence
     every_n_steps: int = 5
     samples_per_step: int = 48
@@ -108,7 +109,8 @@ def build(cfg: BenchConfig):
     data = make_dataset(list(cfg.groups), cfg.p, cfg.train_fraction, cfg.seed)
     mcfg = ModelConfig(vocab_size=data.vocab_size, num_outputs=cfg.p, hidden=cfg.hidden,
                        num_moe_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
-                       expert_hidden=cfg.expert_hidden, shared_expert_hidden=cfg.shared_expert_hidden)
+                       expert_hidden=cfg.expert_hidden, shared_expert_hidden=cfg.shared_expert_hidden,
+                       norm=bool(cfg.norm))
     model = GrokMoE(mcfg)
     router = [p for n, p in model.named_parameters() if ".router." in n]
     rest = [p for n, p in model.named_parameters() if ".router." not in n]
