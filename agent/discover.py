@@ -41,6 +41,18 @@ class MoEShape:
     top_k: int
     distribution: str  # "softmax" | "sigmoid"
     layers: list[MoELayer]
+    # transformers 5.0-5.5 routers put probabilities in the logits slot: check on the device.
+    detect_probs: bool = False
+
+
+def _returns_probs_maybe() -> bool:
+    try:
+        import transformers
+
+        major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    except Exception:
+        return True  # unknown version: keep the on-device check
+    return (major, minor) < (5, 6)
 
 
 class NoMoELayersError(ValueError):
@@ -96,4 +108,5 @@ def discover(model: nn.Module) -> MoEShape:
                 or _config_value(config, "num_experts_per_tok", "moe_topk", "top_k"))
     model_type = getattr(config, "model_type", "")
     sigmoid = model_type in SIGMOID_MODEL_TYPES or _config_value(config, "scoring_func", default="") == "sigmoid"
-    return MoEShape(len(layers), num_experts, top_k, "sigmoid" if sigmoid else "softmax", layers)
+    return MoEShape(len(layers), num_experts, top_k, "sigmoid" if sigmoid else "softmax", layers,
+                    detect_probs=_returns_probs_maybe())

@@ -241,7 +241,7 @@ class Monitor:
             if indices is None:
                 indices = self._experts_idx.pop(index, None)
             reduce_layer(ctx, index, logits, indices, self._router_weights[index], self.shape.distribution,
-                         self.shape.top_k)
+                         self.shape.top_k, detect_probs=self.shape.detect_probs)
         return hook
 
     def _experts_hook(self, index: int):

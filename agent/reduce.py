@@ -112,22 +112,28 @@ class Staging:
         self.free.append(index)
 
 
-def routing_distribution(logits_MSE: torch.Tensor, distribution: str) -> torch.Tensor:
-    """METRICS.md Notation p(t): softmax of the logits, or sigmoid scores over
-    their sum. transformers 5.0-5.5 routers return probabilities in the logits
-    slot: where the input already lies on the simplex it is used as is —
-    decided on the device (torch.where), so there is no host sync and never a
-    second softmax."""
+def routing_distribution(logits_MSE: torch.Tensor, distribution: str, detect_probs: bool = False):
+    """METRICS.md Notation p(t), and log p(t) for the entropy: softmax of the
+    logits, or sigmoid scores over their sum, or (``probs``) a distribution
+    given as is. transformers 5.0-5.5 routers return probabilities in the
+    logits slot; with ``detect_probs`` an input already on the simplex is used
+    as is — decided on the device (torch.where: no host sync, never a second
+    softmax). Later versions return logits and skip the check (fewer ops)."""
     x = logits_MSE.float()
-    if distribution == "probs":  # given as a distribution (record(probs=...) or top-k weights)
-        return x
+    if distribution == "probs":
+        return x, x.clamp_min(_LOG_FLOOR).log()
     if distribution == "sigmoid":
         s = torch.sigmoid(x)
         dist = s / s.sum(dim=-1, keepdim=True)
+        log_dist = dist.clamp_min(_LOG_FLOOR).log()
     else:
-        dist = torch.softmax(x, dim=-1)
-    on_simplex = (x.amin() >= 0) & ((x.sum(dim=-1) - 1).abs().amax() < 1e-4)
-    return torch.where(on_simplex, x, dist)
+        log_dist = torch.log_softmax(x, dim=-1)
+        dist = log_dist.exp()
+    if detect_probs:
+        on_simplex = (x.amin() >= 0) & ((x.sum(dim=-1) - 1).abs().amax() < 1e-4)
+        dist = torch.where(on_simplex, x, dist)
+        log_dist = torch.where(on_simplex, x.clamp_min(_LOG_FLOOR).log(), log_dist)
+    return dist, log_dist
 
 
 def routed_positions(ctx: BatchContext, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +151,8 @@ def routed_positions(ctx: BatchContext, seq_len: int) -> tuple[torch.Tensor, tor
 
 @torch.no_grad()
 def reduce_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_idx_TK: Optional[torch.Tensor],
-                 weight_EH: Optional[torch.Tensor], distribution: str, top_k: int, seq_len: Optional[int] = None) -> None:
+                 weight_EH: Optional[torch.Tensor], distribution: str, top_k: int, seq_len: Optional[int] = None,
+                 detect_probs: bool = False) -> None:
     """Per sampled slot: mean routing distribution, top-k counts, mean entropy
     ratio, and the cosine with the previous layer's routing embedding.
     ``seq_len``: routed positions per row when they differ from the input's."""
@@ -158,10 +165,10 @@ def reduce_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_id
         S = seq_len
         w_MSD, tokens_MD = routed_positions(ctx, seq_len)
     logits_MSE = logits_TE.detach().reshape(ctx.num_rows, S, E).index_select(0, ctx.rows_M)
-    p_MSE = routing_distribution(logits_MSE, distribution)
+    p_MSE, logp_MSE = routing_distribution(logits_MSE, distribution, detect_probs)
     denom_MD = tokens_MD.clamp_min(1.0)
     mean_MDE = torch.einsum("msd,mse->mde", w_MSD, p_MSE) / denom_MD[..., None]
-    ent_MS = -(p_MSE * p_MSE.clamp_min(_LOG_FLOOR).log()).sum(dim=-1) / math.log(E)
+    ent_MS = (p_MSE * logp_MSE).sum(dim=-1) * (-1.0 / math.log(E))
     ent_MD = torch.einsum("msd,ms->md", w_MSD, ent_MS) / denom_MD
     N = mean_MDE.shape[0] * mean_MDE.shape[1]
     views["mean_LNE"][layer].copy_(mean_MDE.reshape(N, E))

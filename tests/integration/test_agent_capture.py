@@ -349,3 +349,17 @@ def test_pause_removes_every_hook_and_resume_restores_them(sink):
     mon.close()
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
     assert [m.step for m in sink.routing()] == [1]  # the step count went on while paused
+
+
+def test_probabilities_in_the_logits_slot_are_never_softmaxed_twice():
+    """transformers 5.0-5.5 routers return probabilities where 5.6+ return logits."""
+    from grokwatch.agent.reduce import routing_distribution
+
+    logits = torch.randn(2, 5, 8)
+    probs = torch.softmax(logits, -1)
+    for given in (logits, probs):
+        dist, log_dist = routing_distribution(given, "softmax", detect_probs=True)
+        torch.testing.assert_close(dist, probs)
+        torch.testing.assert_close(log_dist, probs.log(), atol=1e-5, rtol=1e-5)
+    dist, _ = routing_distribution(logits, "sigmoid")
+    torch.testing.assert_close(dist, torch.sigmoid(logits) / torch.sigmoid(logits).sum(-1, keepdim=True))
