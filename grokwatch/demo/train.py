@@ -29,8 +29,8 @@ from grokwatch.demo.model import GrokMoE, ModelConfig
 class BenchConfig:
     groups: tuple[str, ...] = ("add", "sub", "div")
     p: int = 59
-    train_fraction: float = 0.5
-    steps: int = 3000
+    train_fraction: float = 0.3
+    steps: int = 2000
     lr: float = 3e-3
     weight_decay: float = 3.0
     router_weight_decay: Optional[float] = None  # None: same as weight_decay
@@ -39,12 +39,12 @@ class BenchConfig:
     aux_coef: float = 0.001
     eval_every: int = 25
     seed: int = 0
-    threads: int = 1
+    threads: int = 2
     hidden: int = 128
     num_moe_layers: int = 3
     num_experts: int = 8
     top_k: int = 2
-    expert_hidden: int = 64
+    expert_hidden: int = 32
     shared_expert_hidden: int = 256
     norm: int = 1  # 1: RMSNorm before each MoE block (see model.py)
     # Agent cadence
