@@ -36,6 +36,7 @@ class BenchConfig:
     router_weight_decay: Optional[float] = None  # None: same as weight_decay
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 10
+    grad_clip: float = 0.0  # >0: clip the gradient norm
     aux_coef: float = 0.001
     eval_every: int = 25
     seed: int = 0
@@ -165,6 +166,8 @@ def train(cfg: BenchConfig, *, endpoint: Optional[str] = None, run: str = "grokk
             logits = model(ids)
             loss = F.cross_entropy(logits, ids[:, 4]) + cfg.aux_coef * model.aux_loss
             loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

@@ -126,3 +126,25 @@ def test_otel_view_reads_the_same_snapshot(tmp_path):
         assert points[("grokwatch_collector_messages_received_total", frozenset())] == 2
     finally:
         c.stop()
+
+
+def test_metrics_served_over_tls(tmp_path):
+    import shutil
+    import ssl
+    import urllib.request
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True, timeout=60)
+    c = start_collector(tmp_path, tls_certfile=str(cert), tls_keyfile=str(key))
+    try:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx.check_hostname = False
+        with urllib.request.urlopen(f"https://127.0.0.1:{c.metrics_port}/metrics", context=ctx, timeout=5) as r:
+            assert "grokwatch_collector_messages_received_total" in r.read().decode()
+        with pytest.raises(Exception):
+            urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=5).read()
+    finally:
+        c.stop()

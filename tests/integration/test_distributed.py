@@ -1,0 +1,89 @@
+"""Two ranks over gloo (CPU): each rank's agent sends with its own rank; DataLoader workers fork safely."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import grokwatch.agent as gw
+from helpers import scrape, start_collector, value, wait_until
+from tiny_models import VOCAB, tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, endpoint: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = tiny_model("olmoe", seed=0)
+        mon = gw.attach(model, endpoint, "ddp", every_n_steps=1, max_samples_per_step=2)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for step in range(3):
+            ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(rank * 100 + step))
+            mon.tag([f"r{rank}s{step}a", f"r{rank}s{step}b"], ["g", "g"])
+            model(input_ids=ids, labels=ids).loss.backward()
+            for p in model.parameters():  # a hand-rolled all-reduce, as DDP would do
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+            opt.step()
+            opt.zero_grad()
+        mon.close()
+        assert mon.rank == rank and mon.world_size == world
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_sends_under_its_own_rank(tmp_path):
+    collector = start_collector(tmp_path)
+    try:
+        mp.spawn(_rank_main, args=(2, _free_port(), collector.endpoints[0]), nprocs=2, join=True)
+        wait_until(lambda: collector.state.samples_total == 2 * 3 * 2)
+        senders = collector.state.senders.values()
+        assert sorted(info["rank"] for info in senders) == [0, 1]
+        assert all(info["hello"]["world_size"] == 2 for info in senders)
+        s = scrape(collector.metrics_port)
+        for rank in (0, 1):
+            assert value(s, "grokwatch_agent_messages_sent_total", run="ddp", rank=rank) >= 4
+    finally:
+        collector.stop()
+
+
+class _Ids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.randint(0, VOCAB, (8,), generator=torch.Generator().manual_seed(i))
+
+
+def test_dataloader_workers_fork_safely_while_attached(tmp_path):
+    collector = start_collector(tmp_path)
+    try:
+        model = tiny_model("olmoe")
+        mon = gw.attach(model, collector.endpoints[0], "fork", every_n_steps=1)
+        loader = torch.utils.data.DataLoader(_Ids(), batch_size=4, num_workers=2,
+                                             multiprocessing_context="fork")
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for ids in loader:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        stats = mon.stats()
+        mon.close()
+        assert stats["hook_errors"] == 0 and not stats["disabled"]
+        wait_until(lambda: collector.state.samples_total == 16)
+    finally:
+        collector.stop()
