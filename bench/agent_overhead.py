@@ -15,7 +15,6 @@ agent summarizing every step and at its default cadence.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import statistics

@@ -15,12 +15,13 @@ import numpy as np
 from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.phases import PhaseTracker
-from grokwatch.collector.stream import HISTOGRAM_BOUNDS, Stream  # noqa: F401 (re-exported)
+from grokwatch.collector.stream import Stream
 from grokwatch.wire import Eval, Heartbeat, Hello, Routing
 
 CROSS_GROUP = "_cross"  # METRICS.md §1 cross-group baseline
 OTHER_GROUP = "other"  # label values beyond max_groups
 MIN_MAX_COSINE = 0.05  # METRICS.md §2: below this, consistency is undefined
+
 
 class Rejected(Exception):
     """A message that passed the wire checks but not the collector's own."""

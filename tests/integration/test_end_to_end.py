@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import grokwatch.agent as gw
-from grokwatch.agent.discover import discover
 from grokwatch.collector import reference
 from helpers import scrape, start_collector, value, wait_until
 from test_agent_capture import RouterTap

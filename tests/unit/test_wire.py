@@ -12,11 +12,8 @@ from hypothesis import strategies as st
 
 from grokwatch.wire import (
     REASONS,
-    Eval,
-    Heartbeat,
     Hello,
     Limits,
-    Routing,
     WireError,
     decode,
     encode,
