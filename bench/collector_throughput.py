@@ -35,10 +35,8 @@ def measure(concentration: float, unit: str, seconds: float) -> tuple[float, flo
         state = State(CollectorConfig(distance_unit=unit, comparisons_per_sample=16), journal=journal)
         kernels.warm_up()
         # Fill the windows first: the steady state compares against full windows.
-        seq = 0
         for data in pool[:8]:
-            msg = decode(data)
-            state.handle(msg)
+            state.handle(decode(data))
         samples, started = 0, time.perf_counter()
         seq = 1000
         while time.perf_counter() - started < seconds:
@@ -51,8 +49,6 @@ def measure(concentration: float, unit: str, seconds: float) -> tuple[float, flo
                 samples += msg.num_samples
         elapsed = time.perf_counter() - started
         journal.close()
-        lengths = [len(p) for p in []]
-        del lengths
         path_len = float(np.mean(state.streams[("bench", "train")].groups["math"].window.len_W))
     return samples / elapsed, path_len
 
