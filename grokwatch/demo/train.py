@@ -30,13 +30,14 @@ class BenchConfig:
     groups: tuple[str, ...] = ("add", "sub", "div")
     p: int = 59
     train_fraction: float = 0.3
-    steps: int = 2000
-    lr: float = 3e-3
+    steps: int = 3000
+    lr: float = 2e-3
     weight_decay: float = 3.0
-    router_weight_decay: Optional[float] = None  # None: same as weight_decay
+    # Weight decay on the router drives its weights to zero and routing to uniform (docs/groundtruth.md).
+    router_weight_decay: Optional[float] = 0.0  # None: same as weight_decay
     betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 10
-    grad_clip: float = 0.0  # >0: clip the gradient norm
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # >0: clip the gradient norm (Adam's loss spikes otherwise, runs E-L)
     aux_coef: float = 0.001
     eval_every: int = 25
     seed: int = 0

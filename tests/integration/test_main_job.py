@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 SHORT = BenchConfig(groups=("add", "sub"), p=23, steps=500, eval_every=20, every_n_steps=5, samples_per_step=16,
                     probe_every_n_steps=10, probe_size_per_group=12, hidden=64, expert_hidden=16,
-                    shared_expert_hidden=64, lr=3e-3, weight_decay=1.0, threads=1, save_every=100)
+                    shared_expert_hidden=64, lr=3e-3, weight_decay=1.0, router_weight_decay=None,
+                    warmup_steps=10, grad_clip=0.0, threads=1, save_every=100)
 
 
 @pytest.fixture(scope="module")
