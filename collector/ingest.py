@@ -39,6 +39,7 @@ class Ingest:
         for ep in endpoints:
             self.sock.bind(ep)
             self.endpoints.append(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self._receiving = True  # cleared first at stop; the processing thread stops after the drain
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.on_processed: Callable[[], None] = lambda: None
@@ -53,34 +54,51 @@ class Ingest:
             self._threads.append(t)
 
     def stop(self, drain_timeout_s: float = 2.0) -> None:
-        """Stop receiving, process what is queued (bounded wait), close the socket."""
-        self._stop.set()
+        """Stop receiving, take what libzmq already holds for us, process what is
+        queued (bounded wait), close the socket. What is still in flight on the
+        network when the socket closes is lost; the agents' sequence numbers
+        show it as lost at the next start."""
+        self._receiving = False
         deadline = time.monotonic() + drain_timeout_s
-        for t in self._threads:
+        if self._threads:
+            self._threads[0].join(max(0.0, deadline - time.monotonic()))
+            if not self._threads[0].is_alive():
+                self._drain_socket(deadline)
+        self._stop.set()
+        for t in self._threads[1:]:
             t.join(max(0.0, deadline - time.monotonic()))
         self.sock.close(linger=0)
+
+    def _drain_socket(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            try:
+                self._accept(self.sock.recv(zmq.NOBLOCK, copy=True))
+            except zmq.ZMQError:
+                return
+
+    def _accept(self, data: bytes) -> None:
+        self.state.count_received()
+        if len(data) > self.limits.max_message_bytes:
+            self.state.count_rejected("too_large")
+            return
+        try:
+            self.queue.put_nowait(data)
+        except queue.Full:
+            self.state.count_rejected("queue_full")
 
     def _receive_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        while not self._stop.is_set():
+        while self._receiving:
             try:
                 if not poller.poll(POLL_MS):
                     continue
                 while True:
-                    data = self.sock.recv(zmq.NOBLOCK, copy=True)
-                    self.state.count_received()
-                    if len(data) > self.limits.max_message_bytes:
-                        self.state.count_rejected("too_large")
-                        continue
-                    try:
-                        self.queue.put_nowait(data)
-                    except queue.Full:
-                        self.state.count_rejected("queue_full")
+                    self._accept(self.sock.recv(zmq.NOBLOCK, copy=True))
             except zmq.Again:
                 continue
             except zmq.ZMQError as exc:
-                if self._stop.is_set() or exc.errno == zmq.ETERM:
+                if not self._receiving or exc.errno == zmq.ETERM:
                     return
                 log.warning("receive error: %s", exc)
 
