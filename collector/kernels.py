@@ -15,7 +15,6 @@ from numba import njit
 _ONE = np.uint64(1)
 _ZERO = np.uint64(0)
 _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
-_HIGH = np.uint64(1) << np.uint64(63)
 _WORD = 64
 
 
@@ -203,9 +202,9 @@ def _observe(bounds_B, nb, counts_B1, value):
 
 
 @njit(cache=True, nogil=True)
-def _pairs(a_S, a_len, a_starts, a_chars, a_chars_len, use_chars, g, picks_P, win_sym_GWS, win_len_GW,
-           win_starts_GWL1, win_chars_GWC, win_chars_len_GW, alphabet, num_experts, peq_AW, pv_W, mv_W, lpeq_LAW,
-           lpv_W, lmv_W, bounds_HB, nb_H, hist_HB1, hist_sum_H, layer_sum_L, layer_count_L, stats_K, prefix):
+def _pairs(a_len, a_starts, a_chars_len, use_chars, g, picks_P, win_sym_GWS, win_len_GW, win_starts_GWL1,
+           win_chars_GWC, win_chars_len_GW, peq_AW, pv_W, mv_W, lpeq_LAW, lpv_W, lmv_W, bounds_HB, nb_H, hist_HB1,
+           hist_sum_H, layer_sum_L, layer_count_L, stats_K, prefix):
     """Distances of one pathway to the window slots ``picks_P`` of group g,
     observed into one series (a group's or the cross-group baseline's).
     ``peq_AW`` holds the match masks of the whole pathway, ``lpeq_LAW`` those
@@ -243,7 +242,7 @@ def process_samples(probs_NLE, counts_NLE, tokens_N, entropy_NL, cos_NL1, has_co
                     u_N2M, ux_NM, tau, use_chars, eligible_G,
                     win_sym_GWS, win_len_GW, win_starts_GWL1, win_fp_GW, win_chars_GWC, win_chars_len_GW,
                     win_filled_G, win_next_G, topk_GWLE, tokens_GW, entropy_GWL,
-                    hist_GHB1, hist_sum_GH, layer_sum_GL, layer_count_GL, samples_G, undefined_G,
+                    hist_GHB1, hist_sum_GH, layer_sum_GL, layer_count_GL, samples_G, undefined_G, latest_step_G, step,
                     xhist_HB1, xhist_sum_H, xlayer_sum_L, xlayer_count_L,
                     bounds_HB, nb_H, min_max_cosine, stats_GK, stats_ent_GL, stats_load_GLE,
                     sym_S, starts_L1, chars_C, peq_AW, pv_W, mv_W, lpeq_LAW, lpv_W, lmv_W):
@@ -314,10 +313,9 @@ def process_samples(probs_NLE, counts_NLE, tokens_N, entropy_NL, cos_NL1, has_co
                     npk = m
                     for p in range(m):
                         picks[p] = min(np.int64(u_N2M[i, t, p] * filled), filled - 1)
-                _pairs(sym_S, a_len, starts_L1, chars_C, c_len, use_chars, g, picks[:npk], win_sym_GWS, win_len_GW,
-                       win_starts_GWL1, win_chars_GWC, win_chars_len_GW, alphabet_sym, E, peq_AW, pv_W, mv_W,
-                       lpeq_LAW, lpv_W, lmv_W, bounds_HB, nb_H, hist_GHB1[g], hist_sum_GH[g], layer_sum_GL[g],
-                       layer_count_GL[g], stats_GK[g], S_DIST)
+                _pairs(a_len, starts_L1, c_len, use_chars, g, picks[:npk], win_sym_GWS, win_len_GW, win_starts_GWL1,
+                       win_chars_GWC, win_chars_len_GW, peq_AW, pv_W, mv_W, lpeq_LAW, lpv_W, lmv_W, bounds_HB, nb_H,
+                       hist_GHB1[g], hist_sum_GH[g], layer_sum_GL[g], layer_count_GL[g], stats_GK[g], S_DIST)
             # --- cross-group baseline (primary target only)
             if t == 0:
                 total = 0
@@ -342,14 +340,16 @@ def process_samples(probs_NLE, counts_NLE, tokens_N, entropy_NL, cos_NL1, has_co
                                 picks[cnt] = xpicks[p]
                                 cnt += 1
                         if cnt:
-                            _pairs(sym_S, a_len, starts_L1, chars_C, c_len, use_chars, h, picks[:cnt], win_sym_GWS,
-                                   win_len_GW, win_starts_GWL1, win_chars_GWC, win_chars_len_GW, alphabet_sym, E,
-                                   peq_AW, pv_W, mv_W, lpeq_LAW, lpv_W, lmv_W, bounds_HB, nb_H, xhist_HB1,
-                                   xhist_sum_H, xlayer_sum_L, xlayer_count_L, stats_GK[g], S_XDIST)
+                            _pairs(a_len, starts_L1, c_len, use_chars, h, picks[:cnt], win_sym_GWS, win_len_GW,
+                                   win_starts_GWL1, win_chars_GWC, win_chars_len_GW, peq_AW, pv_W, mv_W, lpeq_LAW,
+                                   lpv_W, lmv_W, bounds_HB, nb_H, xhist_HB1, xhist_sum_H, xlayer_sum_L,
+                                   xlayer_count_L, stats_GK[g], S_XDIST)
                     for p in range(m):
                         xowner[p] = -1
             # --- per-sample series
             samples_G[g] += 1
+            if step > latest_step_G[g]:
+                latest_step_G[g] = step
             st = stats_GK[g]
             if has_cos and L > 1:
                 _observe(bounds_HB[H_COS], nb_H[H_COS], hist_GHB1[g, H_COS], cos_raw)

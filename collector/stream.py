@@ -221,10 +221,8 @@ class Stream:
             self.win_sym_GWS, self.win_len_GW, self.win_starts_GWL1, self.win_fp_GW, self.win_chars_GWC,
             self.win_chars_len_GW, self.win_filled_G[:G], self.win_next_G, self.topk_GWLE, self.tokens_GW,
             self.entropy_GWL, self.hist_GHB1, self.hist_sum_GH, self.layer_sum_GL, self.layer_count_GL,
-            self.samples_G, self.undefined_G, self.xhist_HB1, self.xhist_sum_H, self.xlayer_sum_L,
-            self.xlayer_count_L, BOUNDS_HB, NB_H, min_max_cosine, stats_GK, ent_GL, load_GLE,
+            self.samples_G, self.undefined_G, self.latest_step_G, msg.step, self.xhist_HB1, self.xhist_sum_H,
+            self.xlayer_sum_L, self.xlayer_count_L, BOUNDS_HB, NB_H, min_max_cosine, stats_GK, ent_GL, load_GLE,
             self.sym_S, self.starts_L1, self.chars_C, self.peq_AW, self.pv_W, self.mv_W, self.lpeq_LAW,
             self.lpv_W, self.lmv_W)
-        for g in np.unique(targets_N2[targets_N2 >= 0]):
-            self.latest_step_G[g] = max(self.latest_step_G[g], msg.step)
         return stats_GK, ent_GL, load_GLE
