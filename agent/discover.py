@@ -4,7 +4,9 @@ Every 5.x MoE block has a router module (``mlp.gate``; ``mlp.router`` in
 GPT-OSS) whose class is named by
 ``type(model.model)._can_record_outputs["router_logits"]``. In 5.24 each router
 returns ``(router_logits[T,E], top_k_weights[T,K], top_k_index[T,K])``; the
-index tensor is the exact routing decision. Where a router returns no indices
+index tensor is the exact routing decision. Where a model does not declare
+its router class (DeepSeek-V3 in 5.17), a ``gate``/``router`` module beside an
+``experts`` module is one. Where a router returns no indices
 (DeepSeek-V3 before 5.13) the sibling ``experts`` module's forward pre-hook
 receives ``(hidden[T,H], top_k_index[T,K], top_k_weights[T,K])`` instead.
 
@@ -75,11 +77,30 @@ def _config_value(config, *names, default=None):
     return default
 
 
+def _router_by_structure(model: nn.Module):
+    """For releases whose model does not declare ``router_logits`` (DeepSeek-V3
+    before 5.18, say): the class of the ``gate``/``router`` child with a 2-D
+    weight of every block that also has an ``experts`` child."""
+    found = set()
+    for module in model.modules():
+        if not isinstance(getattr(module, "experts", None), nn.Module):
+            continue
+        for name in ("gate", "router"):
+            child = getattr(module, name, None)
+            weight = getattr(child, "weight", None)
+            if isinstance(child, nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                found.add(type(child))
+                break
+    return found.pop() if len(found) == 1 else None
+
+
 def discover(model: nn.Module) -> MoEShape:
     """The MoE layers of a transformers 5.x model, in forward order.
     Raises ``NoMoELayersError`` naming the class when there are none."""
     recorder = _recorder(model)
     router_cls = getattr(recorder, "target_class", None)
+    if router_cls is None:
+        router_cls = _router_by_structure(model)  # the logits are the first output, as in every 5.x router
     if router_cls is None:
         raise NoMoELayersError(
             f"{type(model).__name__}: no MoE router found (the model declares no 'router_logits' output). "

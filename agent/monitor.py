@@ -20,7 +20,7 @@ import torch.optim.optimizer as torch_optimizer
 from torch import nn
 
 from grokwatch.agent.discover import MoELayer, MoEShape, discover
-from grokwatch.agent.reduce import BatchContext, Staging, build_context, reduce_layer
+from grokwatch.agent.reduce import BatchContext, Staging, build_context, gather_layer, reduce_all
 from grokwatch.agent.sender import Pending, Sender
 
 log = logging.getLogger("grokwatch.agent")
@@ -105,6 +105,7 @@ class Monitor:
                              sndhwm=config.sndhwm, heartbeat_interval_s=config.heartbeat_interval_s)
         self._pid = os.getpid()
         self._handles: list[Any] = []
+        self._layer_handles: list[Any] = []
         self._ctx: Optional[BatchContext] = None
         self._tag: Optional[tuple[list[str], list[str]]] = None
         self._step = 0
@@ -116,6 +117,8 @@ class Monitor:
         self.disabled = False
         self._probe_active = False
         self._experts_idx: dict[int, torch.Tensor] = {}
+        self._layer_hooks = [(self._guard(self._router_hook(i)), self._guard(self._experts_hook(i)))
+                             for i in range(len(self.layers))]
         from grokwatch.agent.probe import Probe
 
         self.probe = Probe(self, config.probe_size, probe_fn) if config.probe_size else None
@@ -130,19 +133,34 @@ class Monitor:
             os.register_at_fork(after_in_child=self._after_fork)
 
     def _install_model_hooks(self) -> None:
+        """Two hooks stay on the model. The per-layer hooks are armed only for
+        the forwards we summarize: a module with hooks takes the slow call path
+        (~10 us a call), which on unsampled steps would be pure cost."""
         h = self._handles
         h.append(self.model.register_forward_pre_hook(self._guard(self._on_forward_start), with_kwargs=True))
         h.append(self.model.register_forward_hook(self._guard(self._on_forward_end), with_kwargs=True))
+
+    def _arm_layers(self) -> None:
+        if self._layer_handles:
+            return
+        h = self._layer_handles
         for i, layer in enumerate(self.layers):
             if layer.router is not None:
-                h.append(layer.router.register_forward_hook(self._guard(self._router_hook(i))))
+                h.append(layer.router.register_forward_hook(self._layer_hooks[i][0]))
             if layer.experts is not None:
-                h.append(layer.experts.register_forward_pre_hook(self._guard(self._experts_hook(i))))
+                h.append(layer.experts.register_forward_pre_hook(self._layer_hooks[i][1]))
+
+    def _disarm_layers(self) -> None:
+        for handle in self._layer_handles:
+            handle.remove()
+        self._layer_handles.clear()
+        self._experts_idx.clear()
 
     def _remove_model_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._disarm_layers()
         self._ctx = None
 
     def _after_fork(self) -> None:
@@ -150,7 +168,7 @@ class Monitor:
 
     def _guard(self, fn: Callable) -> Callable:
         def hook(*args, **kwargs):
-            if self.disabled or os.getpid() != self._pid:
+            if self.disabled:  # also set in a forked child (register_at_fork)
                 return None
             try:
                 fn(*args, **kwargs)
@@ -180,6 +198,8 @@ class Monitor:
         if self._probe_active:
             return  # the probe has built its own context
         self._ctx = None
+        if self._layer_handles:
+            self._disarm_layers()  # a forward that raised before its end hook
         if not (torch.is_grad_enabled() and module.training):
             return  # the user's own eval forwards are not ours to summarize
         step = self._step
@@ -209,6 +229,7 @@ class Monitor:
         self._taken += len(rows)
         self._ctx = self._context("train", step, rows, ids, groups, num_rows, seq_len,
                                   kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        self._arm_layers()
         if self.probe is not None and input_ids is not None:
             self.probe.remember(input_ids, kwargs.get("attention_mask"), rows, ids, groups)
 
@@ -240,8 +261,8 @@ class Monitor:
                             and t.dim() == 2), None)
             if indices is None:
                 indices = self._experts_idx.pop(index, None)
-            reduce_layer(ctx, index, logits, indices, self._router_weights[index], self.shape.distribution,
-                         self.shape.top_k, detect_probs=self.shape.detect_probs)
+            gather_layer(ctx, index, logits, indices, self._router_weights[index], self.shape.distribution,
+                         detect_probs=self.shape.detect_probs)
         return hook
 
     def _experts_hook(self, index: int):
@@ -253,6 +274,7 @@ class Monitor:
     def _on_forward_end(self, module, args, kwargs, output) -> None:
         ctx = self._ctx
         if ctx is not None and not ctx.deferred:
+            self._disarm_layers()  # before a checkpointed backward recomputes the routers
             self.finalize(ctx)
 
     def finalize(self, ctx: BatchContext, with_loss: bool = False) -> None:
@@ -265,6 +287,11 @@ class Monitor:
         if index is None:
             self.sender.count_drop("staging_busy")
             return
+        try:
+            reduce_all(ctx, self.shape.top_k)
+        except BaseException:
+            self.staging.give_back(index)
+            raise
         host = self.staging.pool[index]
         host.copy_(self.staging.device_buf, non_blocking=True)
         event = None
@@ -330,7 +357,7 @@ class Monitor:
         ``logits`` [T,E] (or [B,S,E]), or ``probs`` [T,E], or ``topk=(ids [T,K],
         weights [T,K])`` alone; ``router_weight`` [E,H] enables cosines."""
         ctx = self._ctx
-        if ctx is None or self.disabled or os.getpid() != self._pid:
+        if ctx is None or self.disabled:
             return
         try:
             E = self.shape.num_experts
@@ -350,7 +377,7 @@ class Monitor:
                 weights = topk[1].reshape(ids.shape).float()
                 dense = torch.zeros(ids.shape[0], E, device=weights.device).scatter_(1, ids, weights)
                 dist, x = "probs", dense / dense.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-            reduce_layer(ctx, layer, x, ids, self._router_weights[layer], dist, self.shape.top_k, seq_len)
+            gather_layer(ctx, layer, x, ids, self._router_weights[layer], dist, seq_len)
         except Exception as exc:
             self._hook_error(exc)
 

@@ -67,12 +67,14 @@ class Probe:
         was_training = model.training
         model.eval()
         mon._probe_active = True
+        mon._arm_layers()
         try:
             items = list(self.samples.items())
             batch = mon.config.max_samples_per_step
             for start in range(0, len(items), batch):
                 self._micro_batch(step, items[start:start + batch], source)
         finally:
+            mon._disarm_layers()
             mon._probe_active = False
             model.train(was_training)
 

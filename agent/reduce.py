@@ -1,10 +1,13 @@
 """On-device reductions of router outputs — runs on the training thread.
 
-Nothing here synchronizes the device with the host: every op is a device op
-on the sampled rows only, writing into one preallocated flat float32 buffer
-(``Staging.device``) that is copied to pinned host memory once per forward
-with ``non_blocking=True``, after which a CUDA event is recorded. The sender
-thread waits on the event, never the training thread.
+Two stages, so that the cost per MoE layer is two gathers and not a dozen
+kernel launches: a router hook only gathers the sampled rows of the logits
+and the top-k indices (``gather_layer``); at the end of the forward one
+batched reduction over all layers (``reduce_all``) writes one preallocated
+flat float32 buffer (``Staging.device``). That buffer is copied to pinned
+host memory once per forward with ``non_blocking=True``, after which a CUDA
+event is recorded. Nothing here synchronizes the device with the host: the
+sender thread waits on the event, never the training thread.
 
 Legend: B batch rows, S sequence positions, T = B*S tokens, E experts,
 K top-k, H hidden size, M sampled rows, D documents per row (packing),
@@ -37,7 +40,7 @@ class BatchContext:
     groups: list[str]
     staging: "Staging"
     layers_done: int = 0
-    emb_prev_NH: Optional[torch.Tensor] = None
+    pending: list = field(default_factory=list)  # Gathered per layer, reduced together by reduce_all
     deferred: bool = False  # the probe finalizes itself after adding losses
     extra: dict = field(default_factory=dict)
 
@@ -49,8 +52,20 @@ def build_context(*, source: str, step: int, attention_mask_BS: Optional[torch.T
     """Slots: M rows x D documents. Rows beyond ``rows`` are padding with zero
     weight; documents of a packed row are split where position_ids restart."""
     D = docs_per_row
+    key = (tuple(rows), max_rows, seq_len, D)
+    plain = attention_mask_BS is None and position_ids_BS is None
+    cached = staging.layouts.get(key) if plain else None
+    if cached is not None:  # the usual pretraining batch: same rows, no mask, no packing
+        rows_M, weights_MSD, tokens_MD = cached
+        return BatchContext(source=source, step=step, num_rows=num_rows, seq_len=seq_len, rows_M=rows_M,
+                            weights_MSD=weights_MSD, tokens_MD=tokens_MD, sample_ids=sample_ids, groups=groups,
+                            staging=staging)
     padded = list(rows) + [0] * (max_rows - len(rows))
-    rows_M = torch.tensor(padded, dtype=torch.long, device=device)
+    rows_M = torch.tensor(padded, dtype=torch.long)
+    if device.type == "cuda":  # a copy from pageable memory would block the host
+        rows_M = rows_M.pin_memory().to(device, non_blocking=True)
+    else:
+        rows_M = rows_M.to(device)
     valid_M = torch.zeros(max_rows, dtype=torch.float32, device=device)
     valid_M[: len(rows)] = 1.0
     if attention_mask_BS is not None:
@@ -70,6 +85,10 @@ def build_context(*, source: str, step: int, attention_mask_BS: Optional[torch.T
         onehot_MSD[..., 0] = 1.0
     weights_MSD = onehot_MSD * mask_MS[..., None]
     tokens_MD = weights_MSD.sum(dim=1)
+    if plain:
+        if len(staging.layouts) >= 32:
+            staging.layouts.clear()
+        staging.layouts[key] = (rows_M, weights_MSD, tokens_MD)
     return BatchContext(source=source, step=step, num_rows=num_rows, seq_len=seq_len, rows_M=rows_M,
                         weights_MSD=weights_MSD, tokens_MD=tokens_MD, sample_ids=sample_ids, groups=groups,
                         staging=staging)
@@ -101,6 +120,7 @@ class Staging:
         pin = device.type == "cuda"
         self.pool = [torch.zeros(total, dtype=torch.float32, pin_memory=pin) for _ in range(pool_size)]
         self.free = list(range(pool_size))
+        self.layouts: dict[tuple, tuple] = {}  # build_context's device tensors for unmasked batches
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: flat[o:o + n].view(self.shapes[name]) for name, (o, n) in self.offsets.items()}
@@ -134,8 +154,11 @@ def routing_distribution(logits_MSE: torch.Tensor, distribution: str, detect_pro
     else:
         log_dist = torch.log_softmax(x, dim=-1)
         dist = log_dist.exp()
-    if detect_probs:
-        on_simplex = (x.amin() >= 0) & ((x.sum(dim=-1) - 1).abs().amax() < 1e-4)
+    if detect_probs:  # per layer when x stacks layers [G, M, S, E]
+        lead = x.shape[0] if x.dim() == 4 else 1
+        off_BX = (x.sum(dim=-1) - 1).abs().reshape(lead, -1)
+        on_simplex = (x.reshape(lead, -1).amin(dim=1) >= 0) & (off_BX.amax(dim=1) < 1e-4)
+        on_simplex = on_simplex.reshape((lead,) + (1,) * (x.dim() - 1)) if x.dim() == 4 else on_simplex[0]
         dist = torch.where(on_simplex, x, dist)
         log_dist = torch.where(on_simplex, x.clamp_min(_LOG_FLOOR).log(), log_dist)
     return dist, log_dist
@@ -154,44 +177,108 @@ def routed_positions(ctx: BatchContext, seq_len: int) -> tuple[torch.Tensor, tor
     return cached
 
 
+@dataclass
+class Gathered:
+    """One MoE layer's router output for the sampled rows, awaiting reduce_all."""
+
+    layer: int
+    logits_MSE: torch.Tensor  # the router's dtype
+    idx_MSK: Optional[torch.Tensor]  # the routing decision; None: top-k of the distribution
+    weight_EH: Optional[torch.Tensor]
+    distribution: str
+    detect_probs: bool
+    seq_len: Optional[int]  # routed positions per row, when they differ from the input's
+
+
 @torch.no_grad()
-def reduce_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_idx_TK: Optional[torch.Tensor],
-                 weight_EH: Optional[torch.Tensor], distribution: str, top_k: int, seq_len: Optional[int] = None,
+def gather_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_idx_TK: Optional[torch.Tensor],
+                 weight_EH: Optional[torch.Tensor], distribution: str, seq_len: Optional[int] = None,
                  detect_probs: bool = False) -> None:
-    """Per sampled slot: mean routing distribution, top-k counts, mean entropy
-    ratio, and the cosine with the previous layer's routing embedding.
+    """The per-layer part: the sampled rows' logits and indices (two gathers).
     ``seq_len``: routed positions per row when they differ from the input's."""
-    views = ctx.staging.views
+    S = ctx.seq_len if seq_len is None else seq_len
     E = logits_TE.shape[-1]
-    if seq_len is None or seq_len == ctx.seq_len:
-        S, w_MSD, tokens_MD = ctx.seq_len, ctx.weights_MSD, ctx.tokens_MD
-    else:
-        S = seq_len
-        w_MSD, tokens_MD = routed_positions(ctx, seq_len)
     logits_MSE = logits_TE.detach().reshape(ctx.num_rows, S, E).index_select(0, ctx.rows_M)
-    p_MSE, logp_MSE = routing_distribution(logits_MSE, distribution, detect_probs)
-    ent_MS1 = (p_MSE * logp_MSE).sum(dim=-1, keepdim=True) * (-1.0 / math.log(E))
+    idx_MSK = None
     if topk_idx_TK is not None:
         idx_MSK = topk_idx_TK.detach().reshape(ctx.num_rows, S, -1).index_select(0, ctx.rows_M)
-    else:  # no decision exposed: the top-k of the distribution itself
-        idx_MSK = p_MSE.topk(top_k, dim=-1).indices
-    # One batched reduction over the tokens of each slot for [p | hits | entropy]: F = 2E + 1.
-    feats_MSF = torch.cat([p_MSE, torch.zeros_like(p_MSE), ent_MS1], dim=-1)
-    feats_MSF[..., E:2 * E].scatter_(2, idx_MSK, 1.0)
-    sums_MDF = torch.einsum("msd,msf->mdf", w_MSD, feats_MSF)
-    N = sums_MDF.shape[0] * sums_MDF.shape[1]
-    sums_NF = sums_MDF.reshape(N, 2 * E + 1)
-    denom_N1 = tokens_MD.reshape(N, 1).clamp_min(1.0)
-    mean_NE = sums_NF[:, :E] / denom_N1
-    views["mean_LNE"][layer].copy_(mean_NE)
-    views["counts_LNE"][layer].copy_(sums_NF[:, E:2 * E])
-    views["entropy_LN"][layer].copy_(sums_NF[:, 2 * E] / denom_N1[:, 0])
-    if weight_EH is not None:
-        emb_NH = mean_NE @ weight_EH.detach().float()  # METRICS.md §2 routing embedding
-        if ctx.emb_prev_NH is not None and layer > 0:
-            views["cosine_LN"][layer].copy_(torch.nn.functional.cosine_similarity(ctx.emb_prev_NH, emb_NH, dim=-1,
-                                                                                  eps=1e-12))
-        ctx.emb_prev_NH = emb_NH
-    if layer == 0:
-        views["tokens_N"].copy_(tokens_MD.reshape(N))
+    ctx.pending.append(Gathered(layer, logits_MSE, idx_MSK, weight_EH, distribution, detect_probs,
+                                None if S == ctx.seq_len else S))
     ctx.layers_done += 1
+
+
+@torch.no_grad()
+def reduce_all(ctx: BatchContext, top_k: int) -> None:
+    """Per sampled slot and layer: mean routing distribution, top-k counts,
+    mean entropy ratio; then the cosine between adjacent layers' routing
+    embeddings. Layers of the same shape are reduced in one batch (in a
+    transformers model: all of them)."""
+    views = ctx.staging.views
+    batches: dict[tuple, list[Gathered]] = {}
+    for g in ctx.pending:
+        key = (g.seq_len, tuple(g.logits_MSE.shape), g.logits_MSE.dtype, g.distribution, g.detect_probs,
+               None if g.idx_MSK is None else tuple(g.idx_MSK.shape))
+        batches.setdefault(key, []).append(g)
+    for group in batches.values():
+        _reduce_batch(ctx, group, top_k, views)
+    _cosines(ctx, views)
+    ctx.pending = []
+
+
+def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: dict) -> None:
+    first = group[0]
+    E = first.logits_MSE.shape[-1]
+    if first.seq_len is None:
+        w_MSD, tokens_MD = ctx.weights_MSD, ctx.tokens_MD
+    else:
+        w_MSD, tokens_MD = routed_positions(ctx, first.seq_len)
+    logits_GMSE = torch.stack([g.logits_MSE for g in group]) if len(group) > 1 else first.logits_MSE[None]
+    p_GMSE, logp_GMSE = routing_distribution(logits_GMSE, first.distribution, first.detect_probs)
+    ent_GMS1 = (p_GMSE * logp_GMSE).sum(dim=-1, keepdim=True) * (-1.0 / math.log(E))
+    if first.idx_MSK is not None:
+        idx_GMSK = torch.stack([g.idx_MSK for g in group]) if len(group) > 1 else first.idx_MSK[None]
+    else:  # no decision exposed: the top-k of the distribution itself
+        idx_GMSK = p_GMSE.topk(top_k, dim=-1).indices
+    # One batched reduction over the tokens of each slot for [p | hits | entropy]: F = 2E + 1.
+    feats_GMSF = torch.cat([p_GMSE, torch.zeros_like(p_GMSE), ent_GMS1], dim=-1)
+    feats_GMSF[..., E:2 * E].scatter_(3, idx_GMSK, 1.0)
+    sums_GMDF = torch.einsum("msd,gmsf->gmdf", w_MSD, feats_GMSF)
+    G, N = len(group), sums_GMDF.shape[1] * sums_GMDF.shape[2]
+    sums_GNF = sums_GMDF.reshape(G, N, 2 * E + 1)
+    denom_1N1 = tokens_MD.reshape(1, N, 1).clamp_min(1.0)
+    layers = [g.layer for g in group]
+    lo = layers[0]
+    if layers == list(range(lo, lo + G)):  # the usual case: consecutive layers, slice writes
+        views["mean_LNE"][lo:lo + G].copy_(sums_GNF[..., :E] / denom_1N1)
+        views["counts_LNE"][lo:lo + G].copy_(sums_GNF[..., E:2 * E])
+        views["entropy_LN"][lo:lo + G].copy_(sums_GNF[..., 2 * E] / denom_1N1[..., 0])
+    else:
+        for i, layer in enumerate(layers):
+            views["mean_LNE"][layer].copy_(sums_GNF[i, :, :E] / denom_1N1[0])
+            views["counts_LNE"][layer].copy_(sums_GNF[i, :, E:2 * E])
+            views["entropy_LN"][layer].copy_(sums_GNF[i, :, 2 * E] / denom_1N1[0, :, 0])
+    if 0 in layers:
+        views["tokens_N"].copy_(tokens_MD.reshape(N))
+
+
+def _cosines(ctx: BatchContext, views: dict) -> None:
+    """METRICS.md §2: cos(emb(l-1), emb(l)) with emb = mean p @ router weight,
+    row l of cosine_LN; needs every layer's router weight."""
+    gathered = sorted(ctx.pending, key=lambda g: g.layer)
+    if len(gathered) < 2 or any(g.weight_EH is None for g in gathered):
+        return
+    layers = [g.layer for g in gathered]
+    mean_LNE = views["mean_LNE"]
+    weights = [g.weight_EH.detach() for g in gathered]
+    if len({tuple(w.shape) for w in weights}) == 1 and layers == list(range(layers[0], layers[0] + len(layers))):
+        lo, hi = layers[0], layers[-1] + 1
+        emb_LNH = torch.bmm(mean_LNE[lo:hi], torch.stack(weights).float())
+        views["cosine_LN"][lo + 1:hi].copy_(
+            torch.nn.functional.cosine_similarity(emb_LNH[:-1], emb_LNH[1:], dim=-1, eps=1e-12))
+        return
+    prev = None
+    for layer, w in zip(layers, weights):
+        emb_NH = mean_LNE[layer] @ w.float()
+        if prev is not None:
+            views["cosine_LN"][layer].copy_(torch.nn.functional.cosine_similarity(prev, emb_NH, dim=-1, eps=1e-12))
+        prev = emb_NH

@@ -2,19 +2,21 @@
 
     python bench/agent_overhead.py [--steps 200] [--device cpu|cuda] [--shape tiny|olmoe-1b-7b]
 
-One model trains; steps alternate A (agent paused: no hooks at all) and B
-(agent attached), so that drift (thermal, other load) hits both. The agent
-streams to a real collector in a subprocess. B's steps are numbered 0, 2, 4,
-… Reported: the ratio of median step times, the median of per-pair ratios,
-and the ratio of mean step times (at a cadence of N the median is an
-unsampled step; the mean carries the sampled ones at their true share). Reported: median step time of
-each, the ratio of medians, and the median of per-pair ratios, for the
-agent summarizing every step and at its default cadence.
+One model trains; steps come in pairs, A (agent paused: no hooks at all) and
+B (agent attached), ordered AB, BA, AB, ... so that drift (thermal, other
+load) and any bias of a pair's first or second step cancel. The agent streams
+to a real collector in a subprocess. A control with the agent paused in both
+steps (A/A) shows what the design can resolve. For the agent summarizing every
+step and at its default cadence: the median step time of each, the ratio of
+medians, the median of per-pair ratios, and the ratio of means (at a cadence
+of N the median is an unsampled step; the mean carries the sampled ones at
+their true share).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import socket
 import statistics
@@ -42,18 +44,18 @@ def make_model(shape: str, device: str, seed: int = 0):
         cfg = OlmoeConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
                           max_position_embeddings=256, pad_token_id=None, bos_token_id=None, eos_token_id=None)
-        batch, seq = 8, 128
-    else:  # the OLMoE-1B-7B shape (GPU)
-        cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
-                          num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-                          max_position_embeddings=4096, pad_token_id=None, bos_token_id=None, eos_token_id=None)
-        batch, seq = 2, 4096
-    kwargs = {"experts_implementation": "grouped_mm"} if shape != "tiny" else {}
-    model = OlmoeForCausalLM._from_config(cfg, **kwargs) if kwargs else OlmoeForCausalLM(cfg)
-    if shape != "tiny":
-        model = model.to(torch.bfloat16)
-    model = model.to(device).train()
-    return model, cfg.vocab_size, batch, seq
+        return OlmoeForCausalLM(cfg).to(device).train(), cfg.vocab_size, 8, 128
+    # The OLMoE-1B-7B shape (16 layers, 64 experts, top-8), built on the device in bf16:
+    # random init of 7B parameters on the host would take minutes.
+    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                      num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                      max_position_embeddings=4096, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    with torch.device(device):
+        try:
+            model = OlmoeForCausalLM._from_config(cfg, dtype=torch.bfloat16, experts_implementation="grouped_mm")
+        except (TypeError, ValueError):  # an older transformers without the kernel switch
+            model = OlmoeForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    return model.train(), cfg.vocab_size, 2, 4096
 
 
 def timed_step(model, opt, ids, device) -> float:
@@ -69,30 +71,42 @@ def timed_step(model, opt, ids, device) -> float:
     return time.perf_counter() - t
 
 
-def run(every_n: int, args, endpoint: str) -> dict:
-    """One model; steps alternate with the agent paused (A) and attached (B)."""
-    model, vocab, batch, seq = make_model(args.shape, args.device)
+def run(every_n: int, args, endpoint: str, model, vocab: int, batch: int, seq: int) -> dict:
+    """Pairs of steps, one with the agent paused (A: no hooks at all) and one
+    attached (B), in the order AB, BA, AB, ... so that a bias of the first or
+    second step of a pair cancels. ``every_n=0`` is the control: the agent is
+    paused in both (A/A), which shows the floor of what the design can resolve."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    mon = gw.attach(model, endpoint, f"bench-{every_n}", every_n_steps=every_n, max_samples_per_step=batch)
+    mon = gw.attach(model, endpoint, f"bench-{every_n}", every_n_steps=max(every_n, 1), max_samples_per_step=batch)
     gen = torch.Generator().manual_seed(1)
     ta, tb = [], []
+    deadline = None
     for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            deadline = time.monotonic() + args.max_seconds
+        elif deadline is not None and time.monotonic() > deadline:
+            break  # a time box for leased devices; the pairs measured so far are reported
         ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(args.device)
-        mon.pause()
-        a = timed_step(model, opt, ids, args.device)
-        mon.resume()
-        mon.step(step)  # B's steps are numbered 0, 1, 2, ...: the cadence applies to them
-        b = timed_step(model, opt, ids, args.device)
+        times = {}
+        for arm in ("AB" if step % 2 == 0 else "BA"):
+            if arm == "A" or every_n == 0:
+                mon.pause()
+            else:
+                mon.resume()
+                mon.step(step)  # B's steps are numbered 0, 1, 2, ...: the cadence applies to them
+            times[arm] = timed_step(model, opt, ids, args.device)
         if step >= args.warmup:
-            ta.append(a)
-            tb.append(b)
+            ta.append(times["A"])
+            tb.append(times["B"])
     stats = mon.stats()
     mon.close()
+    del opt
     ma, mb = statistics.median(ta), statistics.median(tb)
-    return dict(every_n=every_n, base_ms=ma * 1e3, agent_ms=mb * 1e3, ratio=mb / ma,
+    return dict(every_n=every_n, pairs=len(ta), base_ms=ma * 1e3, agent_ms=mb * 1e3, ratio=mb / ma,
                 pair_ratio=statistics.median(b / a for a, b in zip(ta, tb)),
                 mean_ratio=statistics.fmean(tb) / statistics.fmean(ta), sent=stats["sent"],
-                dropped=sum(stats["dropped"].values()))
+                dropped=sum(stats["dropped"].values()), hook_errors=stats["hook_errors"],
+                base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb])
 
 
 def main() -> int:
@@ -102,6 +116,10 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", default="tiny", choices=["tiny", "olmoe-1b-7b"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (the collector gets a core)")
+    parser.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
+    parser.add_argument("--seq", type=int, help="tokens per row (default: the shape's)")
+    parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop measuring a cadence after this")
+    parser.add_argument("--json", help="also write every step time and the summary here")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -111,14 +129,27 @@ def main() -> int:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(3)
-        print(f"device={args.device} shape={args.shape} steps={args.steps} (paired, alternating)")
-        print(f"{'cadence':<22} {'base ms':>9} {'agent ms':>9} {'median ratio':>12} {'pair ratio':>11} "
+        model, vocab, batch, seq = make_model(args.shape, args.device)
+        batch, seq = args.batch or batch, args.seq or seq
+        info = dict(device=args.device, shape=args.shape, steps=args.steps, warmup=args.warmup, batch=batch, seq=seq,
+                    torch=torch.__version__)
+        if args.device == "cuda":
+            info["gpu"] = torch.cuda.get_device_name()
+        print(" ".join(f"{k}={v}" for k, v in info.items()), "(paired, alternating)")
+        print(f"{'cadence':<22} {'pairs':>5} {'base ms':>9} {'agent ms':>9} {'median ratio':>12} {'pair ratio':>11} "
               f"{'mean ratio':>11} {'sent':>6} {'dropped':>8}")
-        for every_n in (1, DEFAULT_EVERY_N_STEPS):
-            r = run(every_n, args, endpoint)
-            label = "every step" if every_n == 1 else f"every {every_n} (default)"
-            print(f"{label:<22} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} {r['pair_ratio']:>11.4f} "
+        results = []
+        for every_n in (0, 1, DEFAULT_EVERY_N_STEPS):
+            r = run(every_n, args, endpoint, model, vocab, batch, seq)
+            results.append(r)
+            label = {0: "control (A/A)", 1: "every step"}.get(every_n, f"every {every_n} (default)")
+            print(f"{label:<22} {r['pairs']:>5} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} {r['pair_ratio']:>11.4f} "
                   f"{r['mean_ratio']:>11.4f} {r['sent']:>6} {r['dropped']:>8}", flush=True)
+        if args.device == "cuda":
+            print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(info, results=results), f)
     finally:
         collector.send_signal(signal.SIGTERM)
         collector.wait(30)

@@ -24,6 +24,10 @@ from grokwatch.collector.persist import Journal, read_snapshot, write_snapshot
 from grokwatch.collector.prometheus import make_registry, serve
 from grokwatch.collector.state import State
 
+def otlp_requested(environ) -> bool:
+    return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+
+
 log = logging.getLogger("grokwatch.collector")
 
 
@@ -57,10 +61,14 @@ class Collector:
         registry = make_registry(self.state, self.ingest.queue_stats)
         self._server, _, self.metrics_port = serve(registry, self.config.metrics_addr, self.config.metrics_port,
                                                    self.config.tls_certfile, self.config.tls_keyfile)
-        from grokwatch.collector.otlp import OtelView, otlp_readers_from_env
+        readers = self.otel_readers
+        if readers is None and otlp_requested(self.environ):
+            from grokwatch.collector.otlp import otlp_readers_from_env
 
-        readers = self.otel_readers if self.otel_readers is not None else otlp_readers_from_env(self.environ)
-        if readers:
+            readers = otlp_readers_from_env(self.environ)
+        if readers:  # OpenTelemetry is imported only when it is asked for
+            from grokwatch.collector.otlp import OtelView
+
             self.otel = OtelView(self.state, readers, self.ingest.queue_stats)
         self.ingest.start()
         if self.config.state_dir:

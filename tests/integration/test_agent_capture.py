@@ -61,7 +61,7 @@ class RouterTap:
 
     def _hook(self, module, args, output):
         if torch.is_grad_enabled() or not module.training:
-            self.calls.append((output[0].detach().double().clone(), output[2].detach().clone()))
+            self.calls.append((output[0].detach().double().cpu(), output[2].detach().cpu()))
 
     def remove(self):
         for h in self.handles:
@@ -120,9 +120,15 @@ def run_one_step(model, mon, input_ids, attention_mask=None, position_ids=None, 
     opt.zero_grad()
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_agent_ships_what_the_routers_computed(family, sink):
-    model = tiny_model(family)
+def test_agent_ships_what_the_routers_computed(family, device, sink):
+    """On CUDA this also covers the pinned staging copy and the event the sender waits on."""
+    model = tiny_model(family).to(device)
     shape = discover(model)
     assert shape.distribution == ("sigmoid" if family == "deepseek_v3" else "softmax")
     tap = RouterTap(model)
@@ -133,6 +139,7 @@ def test_agent_ships_what_the_routers_computed(family, sink):
     mask[1, 9:] = 0  # right padding
     mask[2, :4] = 0  # left padding
     ids = ["d", "a", "c", "b"]
+    input_ids, mask = input_ids.to(device), mask.to(device)
     run_one_step(model, mon, input_ids, mask, ids=ids, groups=["g1", "g2", "g1", "g2"])
     mon.close()
     tap.remove()
@@ -145,8 +152,8 @@ def test_agent_ships_what_the_routers_computed(family, sink):
     rows = sorted(order[:3])
     assert list(msg.sample_ids) == [ids[r] for r in rows]
     assert list(msg.groups) == [["g1", "g2", "g1", "g2"][r] for r in rows]
-    weights = [layer.weight_EH.detach() for layer in shape.layers]
-    ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask.numpy(), rows, weights,
+    weights = [layer.weight_EH.detach().cpu() for layer in shape.layers]
+    ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask.cpu().numpy(), rows, weights,
                               shape.distribution, 2, 8)
     check_against_reference(msg, ref)
 
@@ -156,8 +163,12 @@ def test_gradient_checkpointing_records_each_layer_once(sink):
     for mode in ("off", "non_reentrant", "reentrant"):
         model = tiny_model("olmoe")
         if mode != "off":
-            model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+            else:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
         calls = []
         handle = discover(model).layers[0].router.register_forward_hook(lambda *a: calls.append(1))
         s = Sink()
@@ -305,6 +316,8 @@ def test_probe_reruns_seen_samples_with_their_loss(sink):
 
 
 def test_manual_record_for_a_hand_written_moe(sink):
+    """Layer 1 routes only the last position of each row (a different shape
+    from layers 0 and 2, so it is reduced in a batch of its own)."""
     torch.manual_seed(0)
 
     class TinyMoE(torch.nn.Module):
@@ -313,11 +326,13 @@ def test_manual_record_for_a_hand_written_moe(sink):
             self.emb = torch.nn.Embedding(16, hidden)
             self.routers = torch.nn.ModuleList(torch.nn.Linear(hidden, experts, bias=False) for _ in range(layers))
             self.mon = None
+            self.seen = []
 
         def forward(self, input_ids):
             h = self.emb(input_ids)
             for i, router in enumerate(self.routers):
-                logits = router(h)
+                logits = router(h[:, -1:] if i == 1 else h)
+                self.seen.append(logits.detach().double())
                 if self.mon is not None:
                     self.mon.record(i, logits=logits, router_weight=router.weight)
                 h = h + torch.softmax(logits, -1).sum(-1, keepdim=True) * h
@@ -331,8 +346,12 @@ def test_manual_record_for_a_hand_written_moe(sink):
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
     [msg] = sink.routing()
     assert msg.mean_probs_NLE.shape == (2, 3, 4)
-    assert msg.topk_counts_NLE.sum(axis=2).tolist() == [[5, 5, 5], [5, 5, 5]]
-    assert msg.adj_cosine_NL1 is not None
+    assert msg.topk_counts_NLE.sum(axis=2).tolist() == [[5, 1, 5], [5, 1, 5]]
+    means = torch.stack([torch.softmax(x, -1).mean(dim=1) for x in model.seen], dim=1)  # [N, L, E]
+    np.testing.assert_allclose(msg.mean_probs_NLE, means.numpy(), rtol=1e-5, atol=1e-6)
+    emb = torch.stack([means[:, i] @ r.weight.detach().double() for i, r in enumerate(model.routers)], dim=1)
+    cos = torch.nn.functional.cosine_similarity(emb[:, :-1], emb[:, 1:], dim=-1)
+    np.testing.assert_allclose(msg.adj_cosine_NL1, cos.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_pause_removes_every_hook_and_resume_restores_them(sink):
@@ -363,3 +382,26 @@ def test_probabilities_in_the_logits_slot_are_never_softmaxed_twice():
         torch.testing.assert_close(log_dist, probs.log(), atol=1e-5, rtol=1e-5)
     dist, _ = routing_distribution(logits, "sigmoid")
     torch.testing.assert_close(dist, torch.sigmoid(logits) / torch.sigmoid(logits).sum(-1, keepdim=True))
+    # Layers reduced together [G, M, S, E]: the check is made per layer.
+    dist, _ = routing_distribution(torch.stack([probs, logits]), "softmax", detect_probs=True)
+    torch.testing.assert_close(dist, torch.stack([probs, probs]))
+
+
+def test_layer_hooks_are_armed_only_for_the_forwards_that_are_summarized(sink):
+    """A module with hooks takes torch's slow call path; unsampled steps must not pay for it."""
+    model = tiny_model("olmoe")
+    routers = [layer.router for layer in discover(model).layers]
+    seen = []
+    taps = [r.register_forward_pre_hook(lambda m, a: seen.append(len(m._forward_hooks))) for r in routers]
+    mon = gw.attach(model, sink.endpoint, "armed", every_n_steps=2)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    for _ in range(3):  # steps 0 (sampled), 1 (not), 2 (sampled)
+        run_one_step(model, mon, ids)
+        assert not any(r._forward_hooks for r in routers)  # disarmed between forwards
+    mon.close()
+    n = len(routers)
+    assert seen == [1] * n + [0] * n + [1] * n
+    for t in taps:
+        t.remove()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    assert [m.step for m in sink.routing()] == [0, 2]

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The one prepared script for a leased GPU (device tool): the agent's CUDA path
+# against the float64 reference, then the paired overhead benchmark at the
+# OLMoE-1B-7B shape. Runs under the device image's own python3 (torch, numba,
+# msgpack are there); pyzmq travels as a wheel in .whl/ (see docs/benchmarks.md).
+set -u
+OUT=${OUT:-/tmp/grokwatch-gpu}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+# The import names without an install: grokwatch.{agent,wire,collector} are the top-level folders.
+for d in agent wire collector; do ln -sfn "../$d" "grokwatch/$d"; done
+export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, zmq, numba; print('torch', torch.__version__, 'transformers', transformers.__version__, 'pyzmq', zmq.__version__, 'numba', numba.__version__)" | tee -a "$OUT/gpu.txt"
+[ -n "${SKIP_TESTS:-}" ] || timeout "${PYTEST_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/integration/test_agent_capture.py -k cuda 2>&1 | tail -25 | tee "$OUT/pytest_cuda.txt"
+bench() { timeout "$1" python3 bench/agent_overhead.py --device cuda --shape olmoe-1b-7b --steps 400 --warmup 8 \
+    --max-seconds "$2" --json "$OUT/agent_overhead.json" "${@:3}" 2>&1 | tee -a "$OUT/agent_overhead.txt"; }
+bench "${BENCH_S:-330}" "${CADENCE_S:-110}"
+# Out of memory on a smaller card: the same shape at half the tokens.
+[ -s "$OUT/agent_overhead.json" ] || bench 200 60 --seq 2048
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$OUT/gpu.txt"
