@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
     p.add_argument("--metrics-port", type=int, default=9464, help="/metrics port while it runs (0: any)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a benchmark setting (grokwatch/demo/train.py BenchConfig), e.g. num_experts=16")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("report", help="write an HTML report with PNGs from a collector's journal")

@@ -63,8 +63,32 @@ def _wait_metrics(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) ->
     raise RuntimeError("the collector did not come up in time")
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """``FIELD=VALUE`` strings to BenchConfig keywords, typed by the field's default."""
+    out = {}
+    fields = BenchConfig.__dataclass_fields__
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}")
+        default = getattr(DEMO_CONFIG, name)
+        if isinstance(default, tuple):
+            out[name] = tuple(value.split(","))
+        elif isinstance(default, bool) or default is None:
+            out[name] = float(value)
+        else:
+            out[name] = type(default)(value)
+    return out
+
+
 def run_demo(args: argparse.Namespace) -> int:
     cfg = DEMO_CONFIG if args.steps is None else replace(DEMO_CONFIG, steps=args.steps)
+    try:
+        cfg = replace(cfg, **parse_overrides(getattr(args, "set", [])))
+    except ValueError as exc:
+        print(f"grokwatch demo: {exc}", file=sys.stderr)
+        return 2
     path = main_job(replace(cfg, seed=args.seed), args.out, args.metrics_port)
     print(f"report: {path}")
     return 0

@@ -36,6 +36,10 @@ class ModelConfig:
     shared_expert_hidden: int = 256  # 0: no shared expert
     seq_len: int = 4
     norm: bool = True  # RMSNorm before each MoE block and the unembedding (stability at high lr x wd)
+    # False: only the '=' position is computed past attention (one routed token per equation).
+    # True: causal attention for all four positions and every position through the MoE blocks, so a
+    # sample's routing is a mean over its four tokens (docs/groundtruth.md, "routed tokens").
+    route_all_positions: bool = False
 
 
 class MoEBlock(nn.Module):
@@ -93,6 +97,8 @@ class GrokMoE(nn.Module):
         heads, H = self.cfg.heads, self.cfg.hidden
         d = H // heads
         x_BSH = self.embed(input_ids) + self.pos[:S]
+        if self.cfg.route_all_positions:
+            return self._forward_all_positions(x_BSH)
         q_BHd = self.q(x_BSH[:, -1]).view(B, heads, d)  # only the '=' query matters
         k_BSHd = self.k(x_BSH).view(B, S, heads, d)
         v_BSHd = self.v(x_BSH).view(B, S, heads, d)
@@ -113,6 +119,30 @@ class GrokMoE(nn.Module):
             x_BH = x_BH + y_BH
         self.aux_loss = aux / len(self.blocks)
         return self.unembed(self.norms[-1](x_BH))
+
+
+    def _forward_all_positions(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        B, S, H = x_BSH.shape
+        heads = self.cfg.heads
+        d = H // heads
+        q, k, v = (lin(x_BSH).view(B, S, heads, d) for lin in (self.q, self.k, self.v))
+        scores_BQKh = torch.einsum("bqhd,bkhd->bqkh", q, k) / math.sqrt(d)
+        causal_QK = torch.ones(S, S, dtype=torch.bool, device=x_BSH.device).tril()
+        att_BQKh = torch.softmax(scores_BQKh.masked_fill(~causal_QK[None, :, :, None], float("-inf")), dim=2)
+        x_TH = (x_BSH + self.o(torch.einsum("bqkh,bkhd->bqhd", att_BQKh, v).reshape(B, S, H))).reshape(B * S, H)
+        aux = x_TH.new_zeros(())
+        for i, block in enumerate(self.blocks):
+            y_TH, logits_TE, probs_TE, top_i_TK = block(self.norms[i](x_TH))
+            if self.monitor is not None:  # S routed positions per equation: [B, S, E]
+                self.monitor.record(i, logits=logits_TE.view(B, S, -1), topk=(top_i_TK.view(B, S, -1), None),
+                                    router_weight=block.router.weight)
+            E = probs_TE.shape[-1]
+            load_E = torch.zeros(E, device=x_TH.device).scatter_add_(
+                0, top_i_TK.reshape(-1), torch.ones(top_i_TK.numel(), device=x_TH.device)) / top_i_TK.numel()
+            aux = aux + E * (load_E * probs_TE.mean(0)).sum()
+            x_TH = x_TH + y_TH
+        self.aux_loss = aux / len(self.blocks)
+        return self.unembed(self.norms[-1](x_TH.view(B, S, H)[:, -1]))
 
 
 def from_config(config: dict):

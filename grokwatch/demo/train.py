@@ -49,6 +49,7 @@ class BenchConfig:
     expert_hidden: int = 32
     shared_expert_hidden: int = 256
     norm: int = 1  # 1: RMSNorm before each MoE block (see model.py)
+    route_all_positions: int = 0  # 1: all four positions through the MoE blocks (see model.py)
     # Agent cadence
     every_n_steps: int = 5
     samples_per_step: int = 48
@@ -112,7 +113,7 @@ def build(cfg: BenchConfig):
     mcfg = ModelConfig(vocab_size=data.vocab_size, num_outputs=cfg.p, hidden=cfg.hidden,
                        num_moe_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
                        expert_hidden=cfg.expert_hidden, shared_expert_hidden=cfg.shared_expert_hidden,
-                       norm=bool(cfg.norm))
+                       norm=bool(cfg.norm), route_all_positions=bool(cfg.route_all_positions))
     model = GrokMoE(mcfg)
     router = [p for n, p in model.named_parameters() if ".router." in n]
     rest = [p for n, p in model.named_parameters() if ".router." not in n]

@@ -94,3 +94,50 @@ def test_hf_trainer_callback_streams_a_real_training(tmp_path):
         assert model.config.output_router_logits is False
     finally:
         collector.stop()
+
+
+def test_benchmark_model_routing_every_position_ships_four_tokens_per_sample():
+    """The demo's route_all_positions variant: each equation's summary is a mean over its 4 tokens."""
+    import zmq
+
+    from grokwatch.demo.train import BenchConfig, train
+    from grokwatch.wire import Routing, decode
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("tcp://127.0.0.1:0")
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    try:
+        cfg = BenchConfig(groups=("add", "sub"), p=11, steps=3, eval_every=100, every_n_steps=1, samples_per_step=6,
+                          probe_every_n_steps=0, probe_size_per_group=0, hidden=32, expert_hidden=8,
+                          shared_expert_hidden=0, threads=1, route_all_positions=1)
+        train(cfg, endpoint=endpoint, run="all-positions")
+        routing = []
+        while sock.poll(2000):
+            msg = decode(sock.recv())
+            if isinstance(msg, Routing):
+                routing.append(msg)
+            if len(routing) == 3:
+                break
+        assert [m.step for m in routing] == [0, 1, 2]
+        for m in routing:
+            assert m.token_counts_N.tolist() == [4] * 6
+            assert m.topk_counts_NLE.sum(axis=2).tolist() == [[4 * cfg.top_k] * cfg.num_moe_layers] * 6
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def test_demo_rejects_an_unknown_setting_with_one_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "grokwatch.cli", "demo", "--set", "num_expert=3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "num_experts" in result.stderr and "Traceback" not in result.stderr
+    from grokwatch.demo import parse_overrides
+
+    assert parse_overrides(["num_experts=16", "lr=0.001", "groups=add,sub", "route-all-positions=1"]) == {
+        "num_experts": 16, "lr": 0.001, "groups": ("add", "sub"), "route_all_positions": 1}
