@@ -15,15 +15,20 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-METRICS = ("distance", "distance_normalized", "consistency", "adjacent_cosine", "loss")
+METRICS = ("distance", "distance_gap", "distance_normalized", "consistency", "adjacent_cosine", "loss")
 METRIC_TITLES = {
     "distance": "pathway distance",
+    # METRICS.md §1: a group generalizing moves its within-group distance away from the
+    # cross-group baseline; a global routing change (entropy) moves both.
+    "distance_gap": "distance - cross-group baseline",
     "distance_normalized": "normalized distance",
     "consistency": "consistency (1 - C)",
     "adjacent_cosine": "adjacent cosine",
     "loss": "training-sample loss (probe)",
 }
-POINT_KEYS = METRICS + ("cross_distance", "cross_distance_normalized", "entropy")
+DERIVED = {"distance_gap": ("distance", "cross_distance")}  # a - b, per step
+POINT_KEYS = tuple(k for k in METRICS if k not in DERIVED) + ("cross_distance", "cross_distance_normalized",
+                                                                 "entropy")
 
 
 @dataclass
@@ -81,6 +86,8 @@ def load(records: Iterable[dict]):
                 vals = by_step[s].get(k)
                 col.append(sum(v * w for v, w in vals) / sum(w for _, w in vals) if vals else math.nan)
             values[k] = np.array(col)
+        for k, (a, b) in DERIVED.items():
+            values[k] = values[a] - values[b]
         gs = GroupSeries(*key, steps=steps, values=values, phases=phase_seq[key])
         for k in ("entropy_layers", "imbalance_layers"):
             per_step = layers[key].get(k)

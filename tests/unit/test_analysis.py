@@ -1,0 +1,40 @@
+"""Table 1's statistics from journal records (collector/analysis.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from grokwatch.collector.analysis import METRICS, correlation_table, load, spearman
+
+
+def journal(steps, distance, cross, entropy, accuracy):
+    records = []
+    for s, d, c, e, a in zip(steps, distance, cross, entropy, accuracy):
+        records.append(dict(kind="point", run="r", source="probe", group="add", step=int(s), samples=4,
+                            distance=float(d), cross_distance=float(c), entropy=float(e), loss=0.01))
+        records.append(dict(kind="eval", run="r", step=int(s), scores={"add": float(a), "add/train": 1.0}))
+    return records
+
+
+def test_the_gap_to_the_cross_group_baseline_separates_a_group_signal_from_a_global_one():
+    """Entropy falls and drags every distance down (cross-group too); only the
+    within-group distance also falls with this group's accuracy."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(0, 2000, 25)
+    entropy = np.linspace(1.0, 0.8, len(steps))
+    accuracy = 1 / (1 + np.exp(-(steps - 1200) / 100.0))
+    cross = 10 * entropy + rng.normal(0, 0.01, len(steps))
+    distance = cross - 2 * accuracy + rng.normal(0, 0.01, len(steps))
+    series, evals = load(journal(steps, distance, cross, entropy, accuracy))
+    gs = series[("r", "probe", "add")]
+    np.testing.assert_allclose(gs.values["distance_gap"], distance - cross)
+    table = correlation_table(gs, evals[("r", "add")], since=0)
+    assert set(table) == set(METRICS)
+    gap = table["distance_gap"]
+    assert gap["n"] == len(steps)
+    assert gap["spearman"] == pytest.approx(spearman(distance - cross, accuracy))
+    assert gap["spearman"] < -0.95
+    assert gap["partial_entropy"] < -0.5  # beyond entropy
+    # The raw distance correlates with accuracy too, but mostly through entropy (the step).
+    assert table["distance"]["vs_entropy"] > 0.5
