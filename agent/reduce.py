@@ -42,6 +42,7 @@ class BatchContext:
     layers_done: int = 0
     pending: list = field(default_factory=list)  # Gathered per layer, reduced together by reduce_all
     deferred: bool = False  # the probe finalizes itself after adding losses
+    rows_prefix: bool = False  # the sampled rows are 0..M-1: a slice (a view) replaces the gathers
     extra: dict = field(default_factory=dict)
 
 
@@ -55,11 +56,12 @@ def build_context(*, source: str, step: int, attention_mask_BS: Optional[torch.T
     key = (tuple(rows), max_rows, seq_len, D)
     plain = attention_mask_BS is None and position_ids_BS is None
     cached = staging.layouts.get(key) if plain else None
+    prefix = len(rows) == max_rows and list(rows) == list(range(max_rows))
     if cached is not None:  # the usual pretraining batch: same rows, no mask, no packing
         rows_M, weights_MSD, tokens_MD = cached
         return BatchContext(source=source, step=step, num_rows=num_rows, seq_len=seq_len, rows_M=rows_M,
                             weights_MSD=weights_MSD, tokens_MD=tokens_MD, sample_ids=sample_ids, groups=groups,
-                            staging=staging)
+                            staging=staging, rows_prefix=prefix)
     padded = list(rows) + [0] * (max_rows - len(rows))
     rows_M = torch.tensor(padded, dtype=torch.long)
     if device.type == "cuda":  # a copy from pageable memory would block the host
@@ -91,7 +93,7 @@ def build_context(*, source: str, step: int, attention_mask_BS: Optional[torch.T
         staging.layouts[key] = (rows_M, weights_MSD, tokens_MD)
     return BatchContext(source=source, step=step, num_rows=num_rows, seq_len=seq_len, rows_M=rows_M,
                         weights_MSD=weights_MSD, tokens_MD=tokens_MD, sample_ids=sample_ids, groups=groups,
-                        staging=staging)
+                        staging=staging, rows_prefix=prefix)
 
 
 class Staging:
@@ -198,10 +200,14 @@ def gather_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_id
     ``seq_len``: routed positions per row when they differ from the input's."""
     S = ctx.seq_len if seq_len is None else seq_len
     E = logits_TE.shape[-1]
-    logits_MSE = logits_TE.detach().reshape(ctx.num_rows, S, E).index_select(0, ctx.rows_M)
+    M = ctx.rows_M.shape[0]
+    logits_BSE = logits_TE.detach().reshape(ctx.num_rows, S, E)
+    # A view holds nothing beyond what autograd keeps until backward; reduce_all runs before it.
+    logits_MSE = logits_BSE[:M] if ctx.rows_prefix else logits_BSE.index_select(0, ctx.rows_M)
     idx_MSK = None
     if topk_idx_TK is not None:
-        idx_MSK = topk_idx_TK.detach().reshape(ctx.num_rows, S, -1).index_select(0, ctx.rows_M)
+        idx_BSK = topk_idx_TK.detach().reshape(ctx.num_rows, S, -1)
+        idx_MSK = idx_BSK[:M] if ctx.rows_prefix else idx_BSK.index_select(0, ctx.rows_M)
     ctx.pending.append(Gathered(layer, logits_MSE, idx_MSK, weight_EH, distribution, detect_probs,
                                 None if S == ctx.seq_len else S))
     ctx.layers_done += 1
@@ -233,8 +239,9 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
     else:
         w_MSD, tokens_MD = routed_positions(ctx, first.seq_len)
     logits_GMSE = torch.stack([g.logits_MSE for g in group]) if len(group) > 1 else first.logits_MSE[None]
-    p_GMSE, logp_GMSE = routing_distribution(logits_GMSE, first.distribution, first.detect_probs)
-    ent_GMS1 = (p_GMSE * logp_GMSE).sum(dim=-1, keepdim=True) * (-1.0 / math.log(E))
+    p_GMSE, _ = routing_distribution(logits_GMSE, first.distribution, first.detect_probs)
+    # entr(p) = -p log p with entr(0) = 0: an expert a router masks out (p = 0) adds nothing, not NaN.
+    ent_GMS1 = torch.special.entr(p_GMSE).sum(dim=-1, keepdim=True) * (1.0 / math.log(E))
     if first.idx_MSK is not None:
         idx_GMSK = torch.stack([g.idx_MSK for g in group]) if len(group) > 1 else first.idx_MSK[None]
     else:  # no decision exposed: the top-k of the distribution itself

@@ -158,6 +158,48 @@ def test_agent_ships_what_the_routers_computed(family, device, sink):
     check_against_reference(msg, ref)
 
 
+def test_untagged_batch_whose_rows_are_all_sampled_takes_views_not_gathers(sink):
+    """Rows 0..M-1 with M = max_samples_per_step: the slice path; same values as the reference."""
+    model = tiny_model("qwen2_moe")
+    shape = discover(model)
+    tap = RouterTap(model)
+    mon = gw.attach(model, sink.endpoint, "prefix", every_n_steps=1, max_samples_per_step=4)
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, VOCAB, (4, 10))
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[3, 7:] = 0
+    run_one_step(model, mon, input_ids, mask)
+    mon.close()
+    tap.remove()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing("train")
+    assert list(msg.sample_ids) == ["0:0", "0:1", "0:2", "0:3"]
+    weights = [layer.weight_EH.detach() for layer in shape.layers]
+    ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask.numpy(), [0, 1, 2, 3],
+                              weights, shape.distribution, 2, 8)
+    check_against_reference(msg, ref)
+
+
+def test_a_masked_out_expert_adds_nothing_to_the_entropy(sink):
+    """A router that sets an expert's logit to -inf (p = 0) must not turn the entropy into NaN."""
+    class MaskingRouter(torch.nn.Module):
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, 4)
+            logits[..., 2] = float("-inf")
+            self.mon.record(0, logits=logits)
+            return logits
+
+    model = MaskingRouter()
+    mon = model.mon = gw.attach(model, sink.endpoint, "masked", num_layers=1, num_experts=4, top_k=1,
+                                every_n_steps=1)
+    model(torch.zeros(1, 3, dtype=torch.long))
+    mon.close()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    np.testing.assert_allclose(msg.mean_probs_NLE[0, 0], [1 / 3, 1 / 3, 0, 1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(msg.entropy_NL[0, 0], math.log(3) / math.log(4), rtol=1e-6)
+
+
 def test_gradient_checkpointing_records_each_layer_once(sink):
     results, router_calls = {}, {}
     for mode in ("off", "non_reentrant", "reentrant"):
