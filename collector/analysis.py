@@ -15,18 +15,18 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-METRICS = ("distance", "distance_gap", "distance_normalized", "consistency", "adjacent_cosine", "loss")
+METRICS = ("distance", "distance_vs_cross", "distance_normalized", "consistency", "adjacent_cosine", "loss")
 METRIC_TITLES = {
     "distance": "pathway distance",
     # METRICS.md §1: a group generalizing moves its within-group distance away from the
-    # cross-group baseline; a global routing change (entropy) moves both.
-    "distance_gap": "distance - cross-group baseline",
+    # cross-group baseline; a global routing change (entropy) moves both. 1 = no group structure.
+    "distance_vs_cross": "distance ÷ cross-group baseline",
     "distance_normalized": "normalized distance",
     "consistency": "consistency (1 - C)",
     "adjacent_cosine": "adjacent cosine",
     "loss": "training-sample loss (probe)",
 }
-DERIVED = {"distance_gap": ("distance", "cross_distance")}  # a - b, per step
+DERIVED = {"distance_vs_cross": ("distance", "cross_distance")}  # a / b, per step
 POINT_KEYS = tuple(k for k in METRICS if k not in DERIVED) + ("cross_distance", "cross_distance_normalized",
                                                                  "entropy")
 
@@ -87,7 +87,8 @@ def load(records: Iterable[dict]):
                 col.append(sum(v * w for v, w in vals) / sum(w for _, w in vals) if vals else math.nan)
             values[k] = np.array(col)
         for k, (a, b) in DERIVED.items():
-            values[k] = values[a] - values[b]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values[k] = np.where(values[b] > 0, values[a] / values[b], math.nan)
         gs = GroupSeries(*key, steps=steps, values=values, phases=phase_seq[key])
         for k in ("entropy_layers", "imbalance_layers"):
             per_step = layers[key].get(k)

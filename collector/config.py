@@ -24,6 +24,7 @@ DEFAULT_METRICS_PORT = 9464
 DEFAULT_TAU = 0.7  # METRICS.md §1; the paper's threshold
 DEFAULT_COMPARISONS = 16  # m: pairs per arriving sample; raise for less noise, costs linear CPU
 DEFAULT_WINDOW = 256  # samples kept per (run, source, group) for pairs and router health
+PHASE_DISTANCES = ("normalized", "raw", "vs_cross")
 DEFAULT_MAX_GROUPS = 32  # METRICS.md §4: label values beyond this go to "other"
 DEFAULT_QUEUE = 10_000  # messages between the receive and the processing thread
 
@@ -63,6 +64,9 @@ class CollectorConfig:
     phase_loss_rel_tol: float = 0.10
     phase_distance_rel_tol: float = 0.03
     phase_consistency_abs_tol: float = 0.02
+    # Which distance the detector watches: "normalized" (÷ longest pathway), "raw", or "vs_cross"
+    # (÷ the cross-group baseline: a global routing change moves both and cancels).
+    phase_distance: str = "normalized"
     seed: int = 0
 
     def phase_config(self):
@@ -87,6 +91,8 @@ class CollectorConfig:
             raise ConfigError(f"pathway_tau: {self.pathway_tau} must be in (0, 1]")
         if self.distance_unit not in ("expert", "string"):
             raise ConfigError(f"distance_unit: {self.distance_unit!r} must be 'expert' or 'string'")
+        if self.phase_distance not in PHASE_DISTANCES:
+            raise ConfigError(f"phase_distance: {self.phase_distance!r} must be one of {', '.join(PHASE_DISTANCES)}")
         for key in ("comparisons_per_sample", "window_samples", "max_groups", "max_runs", "queue_capacity",
                     "max_message_bytes", "memorization_consecutive", "memorization_bucket_steps",
                     "max_probe_samples", "journal_max_bytes", "phase_window", "phase_patience"):

@@ -34,6 +34,16 @@ class PhaseConfig:
     consistency_abs_tol: float = 0.02  # rise of 1 - C over the window
 
 
+def distance_signal(point: dict, kind: str) -> Optional[float]:
+    """The distance the detector watches, from one exported point (CollectorConfig.phase_distance)."""
+    if kind == "raw":
+        return point.get("distance")
+    if kind == "vs_cross":
+        d, c = point.get("distance"), point.get("cross_distance")
+        return d / c if d is not None and c else None
+    return point.get("distance_normalized")
+
+
 def theil_sen_slope(x: np.ndarray, y: np.ndarray) -> float:
     """Median of pairwise slopes (robust to outliers)."""
     n = len(x)

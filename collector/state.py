@@ -14,7 +14,7 @@ import numpy as np
 
 from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig
-from grokwatch.collector.phases import PhaseTracker
+from grokwatch.collector.phases import PhaseTracker, distance_signal
 from grokwatch.collector.stream import Stream
 from grokwatch.wire import Eval, Heartbeat, Hello, Routing
 
@@ -182,7 +182,8 @@ class State:
             tracker = stream.phases.get(label)
             if tracker is None:
                 tracker = stream.phases[label] = PhaseTracker(self.config.phase_config())
-            tracker.add(msg.step, point["loss"], point["distance_normalized"], point["consistency"])
+            tracker.add(msg.step, point["loss"], distance_signal(point, self.config.phase_distance),
+                        point["consistency"])
             self.journal(dict(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
                               t=msg.wall_time, phase=tracker.phase, **point))
 

@@ -28,12 +28,12 @@ def test_the_gap_to_the_cross_group_baseline_separates_a_group_signal_from_a_glo
     distance = cross - 2 * accuracy + rng.normal(0, 0.01, len(steps))
     series, evals = load(journal(steps, distance, cross, entropy, accuracy))
     gs = series[("r", "probe", "add")]
-    np.testing.assert_allclose(gs.values["distance_gap"], distance - cross)
+    np.testing.assert_allclose(gs.values["distance_vs_cross"], distance / cross)
     table = correlation_table(gs, evals[("r", "add")], since=0)
     assert set(table) == set(METRICS)
-    gap = table["distance_gap"]
+    gap = table["distance_vs_cross"]
     assert gap["n"] == len(steps)
-    assert gap["spearman"] == pytest.approx(spearman(distance - cross, accuracy))
+    assert gap["spearman"] == pytest.approx(spearman(distance / cross, accuracy))
     assert gap["spearman"] < -0.95
     assert gap["partial_entropy"] < -0.5  # beyond entropy
     # The raw distance correlates with accuracy too, but mostly through entropy (the step).

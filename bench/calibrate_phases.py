@@ -1,0 +1,105 @@
+"""Calibrate the METRICS.md §5 phase detector on ground-truth runs (leave one run out).
+
+    python bench/calibrate_phases.py out/gt0/state out/gt1/state [--source probe]
+
+Each state directory is a collector's journal from a run that logged held-out
+accuracy (`grokwatch demo`). The journal's points are replayed, in order,
+through `PhaseTracker` for every setting of a grid and every distance signal
+(`phase_distance`). For a group whose held-out accuracy crosses 50 %, the error
+is |detected onset − crossing step| ÷ the run's length (missing onset: 1); a
+group that never crosses scores 1 if an onset is detected. Per signal: the
+setting that minimizes the worst error on one run, scored on the other run(s)
+(leave one run out), and the shipped defaults on all runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections import defaultdict
+
+from grokwatch.collector.analysis import first_crossing, load
+from grokwatch.collector.config import PHASE_DISTANCES, CollectorConfig
+from grokwatch.collector.persist import read_journal
+from grokwatch.collector.phases import PhaseConfig, PhaseTracker, distance_signal
+
+GRID = dict(window=(6, 8, 12, 16), patience=(2, 3, 4), distance_rel_tol=(0.01, 0.02, 0.03, 0.05, 0.08),
+            consistency_abs_tol=(0.02, 0.05, 1e9), loss_rel_tol=(0.05, 0.10, 0.20))
+
+
+def read_run(state_dir: str, source: str):
+    records = list(read_journal(state_dir))
+    points = defaultdict(list)  # group -> journal points in order
+    for r in records:
+        if r.get("kind") == "point" and r["source"] == source and not r["group"].startswith(("_", "mem@")):
+            points[r["group"]].append(r)
+    _, evals = load(records)
+    crossings, last = {}, 0
+    for (run, group), ev in evals.items():
+        crossings[group] = first_crossing(ev)
+        last = max(last, float(ev.steps[-1]))
+    return dict(name=state_dir, points=points, crossings=crossings, length=last)
+
+
+def onsets(run: dict, cfg: PhaseConfig, signal: str) -> dict:
+    out = {}
+    for group, pts in run["points"].items():
+        tracker = PhaseTracker(cfg)
+        for p in pts:
+            tracker.add(p["step"], p.get("loss"), distance_signal(p, signal), p.get("consistency"))
+        tracker.add(pts[-1]["step"] + 1, None, None, None)  # close the last point
+        out[group] = tracker.onset_step
+    return out
+
+
+def errors(run: dict, found: dict) -> dict:
+    errs = {}
+    for group, onset in found.items():
+        cross = run["crossings"].get(group)
+        if cross is None:
+            errs[group] = 0.0 if onset is None else 1.0
+        else:
+            errs[group] = 1.0 if onset is None else abs(onset - cross) / run["length"]
+    return errs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("state_dirs", nargs="+")
+    parser.add_argument("--source", default="probe")
+    args = parser.parse_args()
+    runs = [read_run(d, args.source) for d in args.state_dirs]
+    base = CollectorConfig().phase_config()
+    settings = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    for run in runs:
+        print(f"{run['name']}: held-out > 50 % at " + ", ".join(f"{g} {c}" for g, c in sorted(run["crossings"].items()))
+              + f"; length {run['length']:.0f}")
+    print()
+    print("| signal | setting | chosen on | scored on | onsets (group: detected / crossing) | worst error |")
+    print("|---|---|---|---|---|---|")
+    for signal in PHASE_DISTANCES:
+        table = {}
+        for s in settings:
+            cfg = PhaseConfig(**{**base.__dict__, **s})
+            table[tuple(s.items())] = [errors(run, onsets(run, cfg, signal)) for run in runs]
+        for i, run in enumerate(runs):
+            best = min(table, key=lambda k: (max(table[k][i].values()), sum(table[k][i].values())))
+            cfg = PhaseConfig(**{**base.__dict__, **dict(best)})
+            for j, other in enumerate(runs):
+                if j == i and len(runs) > 1:
+                    continue
+                found = onsets(other, cfg, signal)
+                detail = ", ".join(f"{g}: {found[g]} / {other['crossings'].get(g)}" for g in sorted(found))
+                print(f"| {signal} | {dict(best)} | {run['name']} | {other['name']} | {detail} "
+                      f"| {max(table[best][j].values()):.2f} |")
+        for run in runs:
+            found = onsets(run, base, signal)
+            errs = errors(run, found)
+            detail = ", ".join(f"{g}: {found[g]} / {run['crossings'].get(g)}" for g in sorted(found))
+            print(f"| {signal} | defaults | – | {run['name']} | {detail} | {max(errs.values()):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
