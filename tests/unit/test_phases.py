@@ -62,3 +62,17 @@ def test_theil_sen_ignores_an_outlier():
     y = 2 * x
     y[3] = 100
     assert theil_sen_slope(x, y) == pytest.approx(2.0)
+
+
+def test_the_distance_signal_is_chosen_by_config_and_a_bad_choice_is_a_config_error():
+    from grokwatch.collector.config import ConfigError, load_config
+    from grokwatch.collector.phases import distance_signal
+
+    point = dict(distance=6.0, distance_normalized=0.5, cross_distance=8.0)
+    assert distance_signal(point, "normalized") == 0.5
+    assert distance_signal(point, "raw") == 6.0
+    assert distance_signal(point, "vs_cross") == 0.75
+    assert distance_signal(dict(point, cross_distance=None), "vs_cross") is None  # no baseline yet
+    assert load_config(environ={"GROKWATCH_PHASE_DISTANCE": "vs_cross"}).phase_distance == "vs_cross"
+    with pytest.raises(ConfigError, match="phase_distance"):
+        load_config(environ={"GROKWATCH_PHASE_DISTANCE": "cosine"})
