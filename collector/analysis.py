@@ -15,18 +15,20 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-METRICS = ("distance", "distance_vs_cross", "distance_normalized", "consistency", "adjacent_cosine", "loss")
+METRICS = ("distance", "distance_vs_cross", "distance_normalized", "normalized_vs_cross", "consistency", "adjacent_cosine", "loss")
 METRIC_TITLES = {
     "distance": "pathway distance",
     # METRICS.md §1: a group generalizing moves its within-group distance away from the
     # cross-group baseline; a global routing change (entropy) moves both. 1 = no group structure.
     "distance_vs_cross": "distance ÷ cross-group baseline",
+    "normalized_vs_cross": "normalized distance ÷ cross-group baseline",
     "distance_normalized": "normalized distance",
     "consistency": "consistency (1 - C)",
     "adjacent_cosine": "adjacent cosine",
     "loss": "training-sample loss (probe)",
 }
-DERIVED = {"distance_vs_cross": ("distance", "cross_distance")}  # a / b, per step
+DERIVED = {"distance_vs_cross": ("distance", "cross_distance"),  # a / b, per step
+           "normalized_vs_cross": ("distance_normalized", "cross_distance_normalized")}
 POINT_KEYS = tuple(k for k in METRICS if k not in DERIVED) + ("cross_distance", "cross_distance_normalized",
                                                                  "entropy")
 

@@ -24,7 +24,7 @@ DEFAULT_METRICS_PORT = 9464
 DEFAULT_TAU = 0.7  # METRICS.md §1; the paper's threshold
 DEFAULT_COMPARISONS = 16  # m: pairs per arriving sample; raise for less noise, costs linear CPU
 DEFAULT_WINDOW = 256  # samples kept per (run, source, group) for pairs and router health
-PHASE_DISTANCES = ("normalized", "raw", "vs_cross")
+PHASE_DISTANCES = ("normalized", "raw", "vs_cross", "normalized_vs_cross")
 DEFAULT_MAX_GROUPS = 32  # METRICS.md §4: label values beyond this go to "other"
 DEFAULT_QUEUE = 10_000  # messages between the receive and the processing thread
 

@@ -41,6 +41,9 @@ def distance_signal(point: dict, kind: str) -> Optional[float]:
     if kind == "vs_cross":
         d, c = point.get("distance"), point.get("cross_distance")
         return d / c if d is not None and c else None
+    if kind == "normalized_vs_cross":
+        d, c = point.get("distance_normalized"), point.get("cross_distance_normalized")
+        return d / c if d is not None and c else None
     return point.get("distance_normalized")
 
 
