@@ -134,20 +134,24 @@ class Staging:
         self.free.append(index)
 
 
-def routing_distribution(logits_MSE: torch.Tensor, distribution: str, detect_probs: bool = False):
+def routing_distribution(logits_MSE: torch.Tensor, distribution: str, detect_probs: bool = False,
+                         with_log: bool = True):
     """METRICS.md Notation p(t), and log p(t) for the entropy: softmax of the
     logits, or sigmoid scores over their sum, or (``probs``) a distribution
     given as is. transformers 5.0-5.5 routers return probabilities in the
     logits slot; with ``detect_probs`` an input already on the simplex is used
     as is — decided on the device (torch.where: no host sync, never a second
-    softmax). Later versions return logits and skip the check (fewer ops)."""
+    softmax). Later versions return logits and skip the check (fewer ops).
+    ``with_log=False``: log p is not computed (returned as None)."""
     x = logits_MSE.float()
     if distribution == "probs":
-        return x, x.clamp_min(_LOG_FLOOR).log()
+        return x, x.clamp_min(_LOG_FLOOR).log() if with_log else None
     if distribution == "sigmoid":
         s = torch.sigmoid(x)
         dist = s / s.sum(dim=-1, keepdim=True)
-        log_dist = dist.clamp_min(_LOG_FLOOR).log()
+        log_dist = dist.clamp_min(_LOG_FLOOR).log() if with_log else None
+    elif not with_log and not (x.device.type == "cpu" and x.shape[-1] < 32):
+        dist, log_dist = torch.softmax(x, dim=-1), None  # one launch where log p is not needed
     elif x.device.type == "cpu" and x.shape[-1] < 32:
         # CPU quirk, measured (torch 2.13): log_softmax over a short last dim costs ~120 us at
         # [8, 128, 8]; over the middle dim of the transposed copy ~20 us. Same values.
@@ -156,13 +160,16 @@ def routing_distribution(logits_MSE: torch.Tensor, distribution: str, detect_pro
     else:
         log_dist = torch.log_softmax(x, dim=-1)
         dist = log_dist.exp()
+    if not with_log:
+        log_dist = None
     if detect_probs:  # per layer when x stacks layers [G, M, S, E]
         lead = x.shape[0] if x.dim() == 4 else 1
         off_BX = (x.sum(dim=-1) - 1).abs().reshape(lead, -1)
         on_simplex = (x.reshape(lead, -1).amin(dim=1) >= 0) & (off_BX.amax(dim=1) < 1e-4)
         on_simplex = on_simplex.reshape((lead,) + (1,) * (x.dim() - 1)) if x.dim() == 4 else on_simplex[0]
         dist = torch.where(on_simplex, x, dist)
-        log_dist = torch.where(on_simplex, x.clamp_min(_LOG_FLOOR).log(), log_dist)
+        if log_dist is not None:
+            log_dist = torch.where(on_simplex, x.clamp_min(_LOG_FLOOR).log(), log_dist)
     return dist, log_dist
 
 
@@ -239,7 +246,7 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
     else:
         w_MSD, tokens_MD = routed_positions(ctx, first.seq_len)
     logits_GMSE = torch.stack([g.logits_MSE for g in group]) if len(group) > 1 else first.logits_MSE[None]
-    p_GMSE, _ = routing_distribution(logits_GMSE, first.distribution, first.detect_probs)
+    p_GMSE, _ = routing_distribution(logits_GMSE, first.distribution, first.detect_probs, with_log=False)
     # entr(p) = -p log p with entr(0) = 0: an expert a router masks out (p = 0) adds nothing, not NaN.
     ent_GMS1 = torch.special.entr(p_GMSE).sum(dim=-1, keepdim=True) * (1.0 / math.log(E))
     if first.idx_MSK is not None:

@@ -424,6 +424,14 @@ def test_probabilities_in_the_logits_slot_are_never_softmaxed_twice():
         torch.testing.assert_close(log_dist, probs.log(), atol=1e-5, rtol=1e-5)
     dist, _ = routing_distribution(logits, "sigmoid")
     torch.testing.assert_close(dist, torch.sigmoid(logits) / torch.sigmoid(logits).sum(-1, keepdim=True))
+    # Without log p (the agent's own reductions): the same distribution, also over many experts
+    # (E >= 32 takes the plain softmax path on CPU, as every width does on CUDA).
+    for width in (8, 64):
+        wide = torch.randn(3, 2, 5, width)
+        for given in (wide, torch.softmax(wide, -1)):
+            dist, log_dist = routing_distribution(given, "softmax", detect_probs=True, with_log=False)
+            assert log_dist is None
+            torch.testing.assert_close(dist, torch.softmax(wide, -1))
     # Layers reduced together [G, M, S, E]: the check is made per layer.
     dist, _ = routing_distribution(torch.stack([probs, logits]), "softmax", detect_probs=True)
     torch.testing.assert_close(dist, torch.stack([probs, probs]))
