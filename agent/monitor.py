@@ -103,7 +103,6 @@ class Monitor:
                              ("topk" if shape.distribution == "topk" else "softmax"),
                              has_cosines=self.has_cosines, staging=self.staging, queue_size=config.queue_size,
                              sndhwm=config.sndhwm, heartbeat_interval_s=config.heartbeat_interval_s)
-        self._pid = os.getpid()
         self._handles: list[Any] = []
         self._layer_handles: list[Any] = []
         self._ctx: Optional[BatchContext] = None

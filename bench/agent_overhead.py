@@ -143,7 +143,8 @@ def main() -> int:
             r = run(every_n, args, endpoint, model, vocab, batch, seq)
             results.append(r)
             label = {0: "control (A/A)", 1: "every step"}.get(every_n, f"every {every_n} (default)")
-            print(f"{label:<22} {r['pairs']:>5} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} {r['pair_ratio']:>11.4f} "
+            print(f"{label:<22} {r['pairs']:>5} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} "
+                  f"{r['pair_ratio']:>11.4f} "
                   f"{r['mean_ratio']:>11.4f} {r['sent']:>6} {r['dropped']:>8}", flush=True)
         if args.device == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

@@ -30,7 +30,8 @@ def main() -> int:
     parser.add_argument("--metrics", nargs="+", default=list(METRICS))
     args = parser.parse_args()
     series, evals = load(read_journal(args.state_dir))
-    print("| group | memorized (train ≥ 99 %) | held-out > 50 % | detector: memorized / onset |")
+    print("| group | memorized (train ≥ 99 %) | held-out > 50 % "
+          "| phase changes in the journal: memorized / generalizing |")
     print("|---|---|---|---|")
     groups = sorted((k, gs) for k, gs in series.items() if k[1] == args.source and not k[2].startswith(("_", "mem@")))
     for (run, _, group), gs in groups:
@@ -41,7 +42,8 @@ def main() -> int:
         cross = first_crossing(ev) if ev is not None else None
         print(f"| {group} | {memo} | {cross} | {det_memo} / {onset} |")
     print()
-    print("| group | metric | n | Pearson (acc) | Spearman (acc) | r with entropy | r with step | partial r (acc ∣ entropy) |")
+    print("| group | metric | n | Pearson (acc) | Spearman (acc) | r with entropy | r with step "
+          "| partial r (acc ∣ entropy) |")
     print("|---|---|---|---|---|---|---|---|")
     for (run, _, group), gs in groups:
         ev = evals.get((run, group))

@@ -15,7 +15,10 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-METRICS = ("distance", "distance_vs_cross", "distance_normalized", "normalized_vs_cross", "consistency", "adjacent_cosine", "loss")
+from grokwatch.collector.config import PHASE_DISTANCES
+
+METRICS = ("distance", "distance_vs_cross", "distance_normalized", "normalized_vs_cross", "consistency",
+           "adjacent_cosine", "loss")
 METRIC_TITLES = {
     "distance": "pathway distance",
     # METRICS.md §1: a group generalizing moves its within-group distance away from the
@@ -27,8 +30,8 @@ METRIC_TITLES = {
     "adjacent_cosine": "adjacent cosine",
     "loss": "training-sample loss (probe)",
 }
-DERIVED = {"distance_vs_cross": ("distance", "cross_distance"),  # a / b, per step
-           "normalized_vs_cross": ("distance_normalized", "cross_distance_normalized")}
+DERIVED = {"distance_vs_cross": PHASE_DISTANCES["vs_cross"],  # a / b, per step
+           "normalized_vs_cross": PHASE_DISTANCES["normalized_vs_cross"]}
 POINT_KEYS = tuple(k for k in METRICS if k not in DERIVED) + ("cross_distance", "cross_distance_normalized",
                                                                  "entropy")
 

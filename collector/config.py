@@ -24,7 +24,13 @@ DEFAULT_METRICS_PORT = 9464
 DEFAULT_TAU = 0.7  # METRICS.md §1; the paper's threshold
 DEFAULT_COMPARISONS = 16  # m: pairs per arriving sample; raise for less noise, costs linear CPU
 DEFAULT_WINDOW = 256  # samples kept per (run, source, group) for pairs and router health
-PHASE_DISTANCES = ("normalized", "raw", "vs_cross", "normalized_vs_cross")
+# phase_distance -> (the point's distance key, the baseline key it is divided by, or None)
+PHASE_DISTANCES = {
+    "normalized": ("distance_normalized", None),
+    "raw": ("distance", None),
+    "vs_cross": ("distance", "cross_distance"),
+    "normalized_vs_cross": ("distance_normalized", "cross_distance_normalized"),
+}
 DEFAULT_MAX_GROUPS = 32  # METRICS.md §4: label values beyond this go to "other"
 DEFAULT_QUEUE = 10_000  # messages between the receive and the processing thread
 
@@ -64,8 +70,8 @@ class CollectorConfig:
     phase_loss_rel_tol: float = 0.10
     phase_distance_rel_tol: float = 0.03
     phase_consistency_abs_tol: float = 0.02
-    # Which distance the detector watches: "normalized" (÷ longest pathway), "raw", or "vs_cross"
-    # (÷ the cross-group baseline: a global routing change moves both and cancels).
+    # Which distance the detector watches (PHASE_DISTANCES): "normalized" (÷ longest pathway), "raw",
+    # or either ÷ the cross-group baseline (a global routing change moves both and cancels).
     phase_distance: str = "normalized"
     seed: int = 0
 
@@ -129,6 +135,11 @@ def _coerce(key: str, value: Any, target: Any) -> Any:
         return None if value in (None, "") else str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{key}: cannot read {value!r} ({exc})") from None
+
+
+def otlp_requested(environ: Mapping[str, str]) -> bool:
+    """OpenTelemetry export is asked for (the exporter's own variables)."""
+    return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,

@@ -21,6 +21,7 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 
 from grokwatch._version import __version__
+from grokwatch.collector.config import otlp_requested
 from grokwatch.collector.state import State
 from grokwatch.collector.view import Family, build_view
 
@@ -93,7 +94,7 @@ class OtelView:
 
 def otlp_readers_from_env(environ) -> list[MetricReader]:
     """A periodic OTLP/HTTP reader when OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT is set."""
-    if not (environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")):
+    if not otlp_requested(environ):
         return []
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader

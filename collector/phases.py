@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from grokwatch.collector.config import PHASE_DISTANCES
+
 PHASES = ("memorizing", "memorized", "generalizing", "stable")
 
 
@@ -36,15 +38,12 @@ class PhaseConfig:
 
 def distance_signal(point: dict, kind: str) -> Optional[float]:
     """The distance the detector watches, from one exported point (CollectorConfig.phase_distance)."""
-    if kind == "raw":
-        return point.get("distance")
-    if kind == "vs_cross":
-        d, c = point.get("distance"), point.get("cross_distance")
-        return d / c if d is not None and c else None
-    if kind == "normalized_vs_cross":
-        d, c = point.get("distance_normalized"), point.get("cross_distance_normalized")
-        return d / c if d is not None and c else None
-    return point.get("distance_normalized")
+    key, baseline = PHASE_DISTANCES[kind]
+    d = point.get(key)
+    if baseline is None:
+        return d
+    c = point.get(baseline)
+    return d / c if d is not None and c else None
 
 
 def theil_sen_slope(x: np.ndarray, y: np.ndarray) -> float:

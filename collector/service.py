@@ -18,15 +18,11 @@ import threading
 from typing import Optional
 
 from grokwatch.collector import kernels
-from grokwatch.collector.config import CollectorConfig, ConfigError, load_config
+from grokwatch.collector.config import CollectorConfig, ConfigError, load_config, otlp_requested
 from grokwatch.collector.ingest import Ingest
 from grokwatch.collector.persist import Journal, read_snapshot, write_snapshot
 from grokwatch.collector.prometheus import make_registry, serve
 from grokwatch.collector.state import State
-
-def otlp_requested(environ) -> bool:
-    return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
-
 
 log = logging.getLogger("grokwatch.collector")
 
