@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 _LOG_FLOOR = 1e-30
+_LOG_FLOOR_LOG = math.log(_LOG_FLOOR)
 
 
 @dataclass
@@ -36,6 +37,9 @@ class BatchContext:
     rows_M: torch.Tensor  # long, device: sampled batch rows (padding slots repeat row 0)
     weights_MSD: torch.Tensor  # float32, device: token -> slot weights (mask x document one-hot)
     tokens_MD: torch.Tensor  # float32, device: real tokens per slot
+    slot_MS: torch.Tensor  # long, device: each token's slot m*D + d (0 with weight 0 where it has none)
+    valid_MS: torch.Tensor  # float32, device: 1 where the token counts (the row sum of weights_MSD)
+    packed: bool  # documents split where position_ids restart (else each row is one slot, m*D)
     sample_ids: list[str]  # N host-side ids ("" for unused slots)
     groups: list[str]
     staging: "Staging"
@@ -43,7 +47,7 @@ class BatchContext:
     pending: list = field(default_factory=list)  # Gathered per layer, reduced together by reduce_all
     deferred: bool = False  # the probe finalizes itself after adding losses
     rows_prefix: bool = False  # the sampled rows are 0..M-1: a slice (a view) replaces the gathers
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # derived device tensors; shared by contexts of one cached layout
 
 
 def build_context(*, source: str, step: int, attention_mask_BS: Optional[torch.Tensor],
@@ -57,11 +61,21 @@ def build_context(*, source: str, step: int, attention_mask_BS: Optional[torch.T
     plain = attention_mask_BS is None and position_ids_BS is None
     cached = staging.layouts.get(key) if plain else None
     prefix = len(rows) == max_rows and list(rows) == list(range(max_rows))
-    if cached is not None:  # the usual pretraining batch: same rows, no mask, no packing
-        rows_M, weights_MSD, tokens_MD = cached
-        return BatchContext(source=source, step=step, num_rows=num_rows, seq_len=seq_len, rows_M=rows_M,
-                            weights_MSD=weights_MSD, tokens_MD=tokens_MD, sample_ids=sample_ids, groups=groups,
-                            staging=staging, rows_prefix=prefix)
+    if cached is None:
+        cached = _layout(attention_mask_BS, position_ids_BS, rows, max_rows, seq_len, D, device)
+        if plain:
+            if len(staging.layouts) >= 32:
+                staging.layouts.clear()
+            staging.layouts[key] = cached
+    rows_M, weights_MSD, tokens_MD, slot_MS, valid_MS, extra = cached
+    return BatchContext(source=source, step=step, num_rows=num_rows, seq_len=seq_len, rows_M=rows_M,
+                        weights_MSD=weights_MSD, tokens_MD=tokens_MD, slot_MS=slot_MS, valid_MS=valid_MS,
+                        packed=D > 1 and position_ids_BS is not None,
+                        sample_ids=sample_ids, groups=groups, staging=staging, rows_prefix=prefix, extra=extra)
+
+
+def _layout(attention_mask_BS, position_ids_BS, rows, max_rows, seq_len, D, device) -> tuple:
+    """Device tensors mapping the sampled rows' tokens to slots (no host sync)."""
     padded = list(rows) + [0] * (max_rows - len(rows))
     rows_M = torch.tensor(padded, dtype=torch.long)
     if device.type == "cuda":  # a copy from pageable memory would block the host
@@ -87,13 +101,16 @@ def build_context(*, source: str, step: int, attention_mask_BS: Optional[torch.T
         onehot_MSD[..., 0] = 1.0
     weights_MSD = onehot_MSD * mask_MS[..., None]
     tokens_MD = weights_MSD.sum(dim=1)
-    if plain:
-        if len(staging.layouts) >= 32:
-            staging.layouts.clear()
-        staging.layouts[key] = (rows_M, weights_MSD, tokens_MD)
-    return BatchContext(source=source, step=step, num_rows=num_rows, seq_len=seq_len, rows_M=rows_M,
-                        weights_MSD=weights_MSD, tokens_MD=tokens_MD, sample_ids=sample_ids, groups=groups,
-                        staging=staging, rows_prefix=prefix)
+    slot_MS, valid_MS = _slots(weights_MSD)
+    return rows_M, weights_MSD, tokens_MD, slot_MS, valid_MS, {}
+
+
+def _slots(weights_MSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 0/1 weights as an index: token (m, s) counts in slot m*D + d."""
+    M, _, D = weights_MSD.shape
+    valid_MS = weights_MSD.sum(dim=-1)
+    slot_MS = torch.arange(M, device=weights_MSD.device)[:, None] * D + weights_MSD.argmax(dim=-1)
+    return slot_MS, valid_MS
 
 
 class Staging:
@@ -134,61 +151,60 @@ class Staging:
         self.free.append(index)
 
 
-def routing_distribution(logits_MSE: torch.Tensor, distribution: str, detect_probs: bool = False,
-                         with_log: bool = True):
-    """METRICS.md Notation p(t), and log p(t) for the entropy: softmax of the
-    logits, or sigmoid scores over their sum, or (``probs``) a distribution
-    given as is. transformers 5.0-5.5 routers return probabilities in the
-    logits slot; with ``detect_probs`` an input already on the simplex is used
-    as is — decided on the device (torch.where: no host sync, never a second
-    softmax). Later versions return logits and skip the check (fewer ops).
-    ``with_log=False``: log p is not computed (returned as None)."""
-    x = logits_MSE.float()
+def routing_distribution(logits: torch.Tensor, distribution: str, detect_probs: bool = False,
+                         with_log: bool = True, dim: int = -1):
+    """METRICS.md Notation p(t) over the expert dimension ``dim``, and log p(t)
+    for the entropy, floored so that an expert with p = 0 (masked out, or
+    underflow) adds p log p = 0 and never NaN: softmax of the logits, or
+    sigmoid scores over their sum, or (``probs``) a distribution given as is.
+    transformers 5.0-5.5 routers return probabilities in the logits slot; with
+    ``detect_probs`` an input already on the simplex is used as is — decided
+    on the device (torch.where: no host sync, never a second softmax; per
+    layer when the input stacks layers [G, ...]). ``with_log=False``: log p is
+    not computed (returned as None)."""
+    x = logits.float()
     if distribution == "probs":
-        return x, x.clamp_min(_LOG_FLOOR).log() if with_log else None
-    if distribution == "sigmoid":
+        dist = x
+    elif distribution == "sigmoid":
         s = torch.sigmoid(x)
-        dist = s / s.sum(dim=-1, keepdim=True)
-        log_dist = dist.clamp_min(_LOG_FLOOR).log() if with_log else None
-    elif not with_log and not (x.device.type == "cpu" and x.shape[-1] < 32):
-        dist, log_dist = torch.softmax(x, dim=-1), None  # one launch where log p is not needed
-    elif x.device.type == "cpu" and x.shape[-1] < 32:
-        # CPU quirk, measured (torch 2.13): log_softmax over a short last dim costs ~120 us at
-        # [8, 128, 8]; over the middle dim of the transposed copy ~20 us. Same values.
-        log_dist = torch.log_softmax(x.transpose(-1, -2).contiguous(), dim=-2).transpose(-1, -2)
+        dist = s / s.sum(dim=dim, keepdim=True)
+    elif with_log:
+        log_dist = torch.log_softmax(x, dim=dim)
         dist = log_dist.exp()
+        log_dist = log_dist.clamp_min(_LOG_FLOOR_LOG)
     else:
-        log_dist = torch.log_softmax(x, dim=-1)
-        dist = log_dist.exp()
-    if not with_log:
-        log_dist = None
-    if detect_probs:  # per layer when x stacks layers [G, M, S, E]
+        dist = torch.softmax(x, dim=dim)
+    if with_log and distribution in ("probs", "sigmoid"):
+        log_dist = dist.clamp_min(_LOG_FLOOR).log()
+    if detect_probs:
         lead = x.shape[0] if x.dim() == 4 else 1
-        off_BX = (x.sum(dim=-1) - 1).abs().reshape(lead, -1)
+        off_BX = (x.sum(dim=dim) - 1).abs().reshape(lead, -1)
         on_simplex = (x.reshape(lead, -1).amin(dim=1) >= 0) & (off_BX.amax(dim=1) < 1e-4)
         on_simplex = on_simplex.reshape((lead,) + (1,) * (x.dim() - 1)) if x.dim() == 4 else on_simplex[0]
         dist = torch.where(on_simplex, x, dist)
-        if log_dist is not None:
+        if with_log:
             log_dist = torch.where(on_simplex, x.clamp_min(_LOG_FLOOR).log(), log_dist)
-    return dist, log_dist
+    return dist, (log_dist if with_log else None)
 
 
-def routed_positions(ctx: BatchContext, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def routed_positions(ctx: BatchContext, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slot weights for a layer that routes ``seq_len`` positions per row other
     than the input's (e.g. only the last position): every routed position of a
     sampled row counts, all in the row's first slot."""
-    cached = ctx.extra.get(seq_len)
+    cached = ctx.extra.get(("positions", seq_len))
     if cached is None:
         valid_M = (ctx.tokens_MD.sum(dim=1) > 0).to(torch.float32)
         w_MSD = torch.zeros(valid_M.shape[0], seq_len, ctx.tokens_MD.shape[1], device=valid_M.device)
         w_MSD[:, :, 0] = valid_M[:, None]
-        cached = ctx.extra[seq_len] = (w_MSD, w_MSD.sum(dim=1))
+        cached = ctx.extra[("positions", seq_len)] = (w_MSD, w_MSD.sum(dim=1)) + _slots(w_MSD)
     return cached
 
 
 @dataclass
 class Gathered:
-    """One MoE layer's router output for the sampled rows, awaiting reduce_all."""
+    """One MoE layer's router output, awaiting reduce_all: the sampled rows
+    [M, S, E] and [M, S, K], or (``raw``) the router's own tensors when the
+    sampled rows are the first M, sliced by reduce_all."""
 
     layer: int
     logits_MSE: torch.Tensor  # the router's dtype
@@ -197,80 +213,136 @@ class Gathered:
     distribution: str
     detect_probs: bool
     seq_len: Optional[int]  # routed positions per row, when they differ from the input's
+    raw: bool = False
 
 
-@torch.no_grad()
 def gather_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_idx_TK: Optional[torch.Tensor],
                  weight_EH: Optional[torch.Tensor], distribution: str, seq_len: Optional[int] = None,
                  detect_probs: bool = False) -> None:
-    """The per-layer part: the sampled rows' logits and indices (two gathers).
+    """The per-layer part, called from inside the forward. When the sampled rows
+    are 0..M-1 it only keeps references (their slices are views, taken at the
+    end in one loop, where the same few calls run back to back); else it
+    gathers the rows now, so that only M rows of each layer stay alive.
     ``seq_len``: routed positions per row when they differ from the input's."""
     S = ctx.seq_len if seq_len is None else seq_len
-    E = logits_TE.shape[-1]
-    M = ctx.rows_M.shape[0]
-    logits_BSE = logits_TE.detach().reshape(ctx.num_rows, S, E)
-    # A view holds nothing beyond what autograd keeps until backward; reduce_all runs before it.
-    logits_MSE = logits_BSE[:M] if ctx.rows_prefix else logits_BSE.index_select(0, ctx.rows_M)
-    idx_MSK = None
-    if topk_idx_TK is not None:
-        idx_BSK = topk_idx_TK.detach().reshape(ctx.num_rows, S, -1)
-        idx_MSK = idx_BSK[:M] if ctx.rows_prefix else idx_BSK.index_select(0, ctx.rows_M)
-    ctx.pending.append(Gathered(layer, logits_MSE, idx_MSK, weight_EH, distribution, detect_probs,
-                                None if S == ctx.seq_len else S))
+    seq = None if S == ctx.seq_len else S
+    if ctx.rows_prefix:
+        ctx.pending.append(Gathered(layer, logits_TE, topk_idx_TK, weight_EH, distribution, detect_probs, seq, True))
+    else:
+        E = logits_TE.shape[-1]
+        logits_MSE = logits_TE.detach().reshape(ctx.num_rows, S, E).index_select(0, ctx.rows_M)
+        idx_MSK = None
+        if topk_idx_TK is not None:
+            idx_MSK = topk_idx_TK.detach().reshape(ctx.num_rows, S, -1).index_select(0, ctx.rows_M)
+        ctx.pending.append(Gathered(layer, logits_MSE, idx_MSK, weight_EH, distribution, detect_probs, seq))
     ctx.layers_done += 1
 
 
+def expert_dim(device: torch.device) -> int:
+    """Where the experts go in the batched reduction. CPU: [G, M, E, S] —
+    torch 2.13's CPU (log_)softmax over a short last dim is ~6x slower than
+    over the middle one, and the sums over tokens then run along contiguous
+    memory. CUDA: [G, M, S, E], as the router wrote it."""
+    return -2 if device.type == "cpu" else -1
+
+
 @torch.no_grad()
-def reduce_all(ctx: BatchContext, top_k: int) -> None:
+def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None) -> None:
     """Per sampled slot and layer: mean routing distribution, top-k counts,
     mean entropy ratio; then the cosine between adjacent layers' routing
     embeddings. Layers of the same shape are reduced in one batch (in a
-    transformers model: all of them)."""
+    transformers model: all of them). ``dim``: the expert dimension of the
+    batched layout (default: ``expert_dim`` of the device)."""
     views = ctx.staging.views
+    dim = expert_dim(ctx.staging.device) if dim is None else dim
+    M = ctx.rows_M.shape[0]
+    for g in ctx.pending:
+        if g.raw:  # views of the first M rows (a view holds no more than the router's tensor already did)
+            S = ctx.seq_len if g.seq_len is None else g.seq_len
+            g.logits_MSE = g.logits_MSE.reshape(ctx.num_rows, S, -1)[:M]
+            g.idx_MSK = None if g.idx_MSK is None else g.idx_MSK.reshape(ctx.num_rows, S, -1)[:M]
+            g.raw = False
     batches: dict[tuple, list[Gathered]] = {}
     for g in ctx.pending:
         key = (g.seq_len, tuple(g.logits_MSE.shape), g.logits_MSE.dtype, g.distribution, g.detect_probs,
                None if g.idx_MSK is None else tuple(g.idx_MSK.shape))
         batches.setdefault(key, []).append(g)
     for group in batches.values():
-        _reduce_batch(ctx, group, top_k, views)
+        _reduce_batch(ctx, group, top_k, views, dim)
     _cosines(ctx, views)
     ctx.pending = []
 
 
-def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: dict) -> None:
+def _token_weights(ctx: BatchContext, seq_len: Optional[int]) -> tuple:
+    """(weights that average over each slot's tokens, slot_MS, valid_MS, tokens_MD, packed), cached per
+    layout: [M, S] (1 / the row's real tokens, or 0) when each row is one slot, else [M, S, D]."""
+    key = ("weights", seq_len)
+    cached = ctx.extra.get(key)
+    if cached is None:
+        if seq_len is None:
+            w_MSD, tokens_MD, slot_MS, valid_MS = ctx.weights_MSD, ctx.tokens_MD, ctx.slot_MS, ctx.valid_MS
+        else:
+            w_MSD, tokens_MD, slot_MS, valid_MS = routed_positions(ctx, seq_len)
+        packed = bool(w_MSD.shape[2] > 1 and ctx.packed)
+        inv_MD = 1.0 / tokens_MD.clamp_min(1.0)
+        avg = w_MSD * inv_MD[:, None, :] if packed else valid_MS * inv_MD[:, :1]
+        cached = ctx.extra[key] = (avg, slot_MS, valid_MS, tokens_MD, packed)
+    return cached
+
+
+def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: dict, dim: int) -> None:
     first = group[0]
     E = first.logits_MSE.shape[-1]
-    if first.seq_len is None:
-        w_MSD, tokens_MD = ctx.weights_MSD, ctx.tokens_MD
+    G = len(group)
+    avg, slot_MS, valid_MS, tokens_MD, packed = _token_weights(ctx, first.seq_len)
+    M, S = slot_MS.shape
+    D = tokens_MD.shape[1]
+    N = M * D
+    tokens_last = dim == -2  # x is [G, M, E, S]; else [G, M, S, E]
+    x = torch.stack([g.logits_MSE.transpose(-1, -2) if tokens_last else g.logits_MSE for g in group])
+    p, log_p = routing_distribution(x, first.distribution, first.detect_probs, dim=dim)
+    # [p | p log p] (F = E + 1), averaged over each slot's tokens in one product and sum.
+    feats = torch.cat([p, (p * log_p).sum(dim=dim, keepdim=True)], dim=dim)
+    if packed:  # documents split within rows: one matmul over the tokens of each slot
+        if tokens_last:
+            avg_GNF = torch.matmul(feats, avg).transpose(-1, -2).reshape(G, N, E + 1)  # [G,M,F,S] @ [M,S,D]
+        else:
+            avg_GNF = torch.matmul(avg.transpose(-1, -2), feats).reshape(G, N, E + 1)  # [M,D,S] @ [G,M,S,F]
+    elif tokens_last:
+        avg_GMF = (feats * avg[:, None, :]).sum(dim=-1)
     else:
-        w_MSD, tokens_MD = routed_positions(ctx, first.seq_len)
-    logits_GMSE = torch.stack([g.logits_MSE for g in group]) if len(group) > 1 else first.logits_MSE[None]
-    p_GMSE, _ = routing_distribution(logits_GMSE, first.distribution, first.detect_probs, with_log=False)
-    # entr(p) = -p log p with entr(0) = 0: an expert a router masks out (p = 0) adds nothing, not NaN.
-    ent_GMS1 = torch.special.entr(p_GMSE).sum(dim=-1, keepdim=True) * (1.0 / math.log(E))
+        avg_GMF = (feats * avg[:, :, None]).sum(dim=-2)
+    # Top-k counts: one index_add of each token's weight (0 or 1) at its slot and experts (no host sync).
     if first.idx_MSK is not None:
-        idx_GMSK = torch.stack([g.idx_MSK for g in group]) if len(group) > 1 else first.idx_MSK[None]
+        idx_GMSK = torch.stack([g.idx_MSK for g in group])
     else:  # no decision exposed: the top-k of the distribution itself
-        idx_GMSK = p_GMSE.topk(top_k, dim=-1).indices
-    # One batched reduction over the tokens of each slot for [p | hits | entropy]: F = 2E + 1.
-    feats_GMSF = torch.cat([p_GMSE, torch.zeros_like(p_GMSE), ent_GMS1], dim=-1)
-    feats_GMSF[..., E:2 * E].scatter_(3, idx_GMSK, 1.0)
-    sums_GMDF = torch.einsum("msd,gmsf->gmdf", w_MSD, feats_GMSF)
-    G, N = len(group), sums_GMDF.shape[1] * sums_GMDF.shape[2]
-    sums_GNF = sums_GMDF.reshape(G, N, 2 * E + 1)
-    denom_1N1 = tokens_MD.reshape(1, N, 1).clamp_min(1.0)
+        idx_GMSK = p.topk(top_k, dim=dim).indices
+        idx_GMSK = idx_GMSK.transpose(-1, -2) if tokens_last else idx_GMSK
+    K = idx_GMSK.shape[-1]
+    cached = ctx.extra.get(("counts", G, S, E, K))
+    if cached is None:  # flat index of (layer, slot, expert 0) per token, and each token's weight per choice
+        offsets_G = torch.arange(G, device=slot_MS.device) * N
+        cached = ctx.extra[("counts", G, S, E, K)] = (((offsets_G[:, None, None] + slot_MS) * E)[..., None],
+                                                      valid_MS[None, :, :, None].expand(G, M, S, K).reshape(-1))
+    base, weight = cached
+    counts_GNE = torch.zeros(G * N * E, dtype=torch.float32, device=p.device)
+    counts_GNE.index_add_(0, (base + idx_GMSK).reshape(-1), weight)
+    counts_GNE = counts_GNE.view(G, N, E)
+    # Writes: slices of the staging views when the layers are consecutive (a transformers model).
     layers = [g.layer for g in group]
     lo = layers[0]
-    if layers == list(range(lo, lo + G)):  # the usual case: consecutive layers, slice writes
-        views["mean_LNE"][lo:lo + G].copy_(sums_GNF[..., :E] / denom_1N1)
-        views["counts_LNE"][lo:lo + G].copy_(sums_GNF[..., E:2 * E])
-        views["entropy_LN"][lo:lo + G].copy_(sums_GNF[..., 2 * E] / denom_1N1[..., 0])
-    else:
-        for i, layer in enumerate(layers):
-            views["mean_LNE"][layer].copy_(sums_GNF[i, :, :E] / denom_1N1[0])
-            views["counts_LNE"][layer].copy_(sums_GNF[i, :, E:2 * E])
-            views["entropy_LN"][layer].copy_(sums_GNF[i, :, 2 * E] / denom_1N1[0, :, 0])
+    consecutive = layers == list(range(lo, lo + G))
+    targets = [slice(lo, lo + G)] if consecutive else layers
+    for i, t in enumerate(targets):
+        part = slice(None) if consecutive else i
+        mean, ent = views["mean_LNE"][t], views["entropy_LN"][t]
+        if packed:
+            mean.copy_(avg_GNF[part, ..., :E])
+            torch.mul(avg_GNF[part, ..., E], -1.0 / math.log(E), out=ent)
+        else:  # one slot per row: slot m*D; the other D-1 slots keep zero tokens and are never read
+            mean.view(mean.shape[:-2] + (M, D, E))[..., 0, :].copy_(avg_GMF[part, ..., :E])
+            torch.mul(avg_GMF[part, ..., E], -1.0 / math.log(E), out=ent.view(ent.shape[:-1] + (M, D))[..., 0])
+        views["counts_LNE"][t].copy_(counts_GNE[part])
     if 0 in layers:
         views["tokens_N"].copy_(tokens_MD.reshape(N))
 

@@ -58,6 +58,9 @@ class Sender:
         self.shape = (num_layers, num_experts, top_k)
         self.distribution, self.has_cosines = distribution, has_cosines
         self.staging = staging
+        # NumPy views of each pinned host buffer (shared memory), made once.
+        self._host_views = ([{k: t.numpy() for k, t in staging.split(buf).items()} for buf in staging.pool]
+                            if staging is not None else [])
         self.sender_id = uuid.uuid4().hex[:16]
         self.max_message_bytes = max_message_bytes
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -123,28 +126,28 @@ class Sender:
                          hook_errors=self.hook_errors, disabled=self.disabled)
 
     def _routing(self, p: Pending) -> Optional[Routing]:
+        """Few NumPy calls on views made once: this thread holds the GIL while
+        it builds a message, and the training thread may be waiting for it."""
         if p.event is not None:
             p.event.synchronize()  # waits here, on the sender thread, not in training
-        v = self.staging.split(self.staging.pool[p.host_index])
-        tokens = v["tokens_N"].numpy()
-        keep = np.nonzero(tokens > 0)[0]
-        keep = keep[[bool(p.sample_ids[i]) for i in keep]] if keep.size else keep
-        if keep.size == 0:
+        v = self._host_views[p.host_index]
+        tokens = v["tokens_N"]
+        keep = [i for i in np.flatnonzero(tokens).tolist() if p.sample_ids[i]]
+        if not keep:
             return None
-        mean = v["mean_LNE"].numpy()[:, keep].transpose(1, 0, 2)
-        # Renormalize away float32 rounding of the device mean (a few ulp).
-        mean = mean / mean.sum(axis=2, keepdims=True)
-        L = mean.shape[1]
+        # Fancy indexing copies: the pinned buffer goes back to the pool after this.
+        mean = v["mean_LNE"][:, keep].transpose(1, 0, 2)
+        mean /= mean.sum(axis=2, keepdims=True)  # float32 rounding of the device mean (a few ulp)
         return Routing(
             **self._header(), source=p.source, step=p.step, top_k=self.shape[2],
             sample_ids=tuple(p.sample_ids[i] for i in keep), groups=tuple(p.groups[i] for i in keep),
             token_counts_N=np.rint(tokens[keep]).astype(np.uint32),
-            mean_probs_NLE=mean.astype(np.float32),
-            topk_counts_NLE=np.rint(v["counts_LNE"].numpy()[:, keep].transpose(1, 0, 2)).astype(np.uint32),
-            entropy_NL=np.clip(v["entropy_LN"].numpy()[:, keep].T, 0.0, 1.0).astype(np.float32),
-            adj_cosine_NL1=(np.clip(v["cosine_LN"].numpy()[1:, keep].T, -1.0, 1.0).astype(np.float32)
-                            if p.with_cosines and L > 1 else None),
-            loss_N=v["loss_N"].numpy()[keep].astype(np.float32) if p.with_loss else None,
+            mean_probs_NLE=mean,
+            topk_counts_NLE=np.rint(v["counts_LNE"][:, keep].transpose(1, 0, 2)).astype(np.uint32),
+            entropy_NL=np.clip(v["entropy_LN"][:, keep].T, 0.0, 1.0),
+            adj_cosine_NL1=(np.clip(v["cosine_LN"][1:, keep].T, -1.0, 1.0)
+                            if p.with_cosines and v["cosine_LN"].shape[0] > 1 else None),
+            loss_N=v["loss_N"][keep] if p.with_loss else None,
         )
 
     def _send(self, message) -> None:

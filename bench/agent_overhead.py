@@ -5,7 +5,9 @@
 One model trains; steps come in pairs, A (agent paused: no hooks at all) and
 B (agent attached), ordered AB, BA, AB, ... so that drift (thermal, other
 load) and any bias of a pair's first or second step cancel. The agent streams
-to a real collector in a subprocess. A control with the agent paused in both
+to a real collector in a subprocess (``--receiver pull``: a bare PULL socket
+instead), pinned to the last CPU with training on the others, as a sidecar
+with its own CPU would be (``--pin off``: the OS places both). A control with the agent paused in both
 steps (A/A) shows what the design can resolve. For the agent summarizing every
 step and at its default cadence: the median step time of each, the ratio of
 medians, the median of per-pair ratios, and the ratio of means (at a cadence
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import statistics
@@ -34,6 +37,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PULL_SINK = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.PULL)
+sock.bind(sys.argv[1])
+while True:
+    sock.recv()
+"""
 
 
 def make_model(shape: str, device: str, seed: int = 0):
@@ -116,6 +128,12 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", default="tiny", choices=["tiny", "olmoe-1b-7b"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (the collector gets a core)")
+    parser.add_argument("--receiver", choices=["collector", "pull"], default="collector",
+                        help="collector: the real collector (its CPU counts where it shares a core with training); "
+                             "pull: a bare PULL socket, for the agent's own cost")
+    parser.add_argument("--pin", choices=["on", "off"], default="on",
+                        help="on: the collector runs on the last CPU and training (with the agent's sender thread) "
+                             "on the others, as a sidecar with its own CPU would; off: the OS places both")
     parser.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
     parser.add_argument("--seq", type=int, help="tokens per row (default: the shape's)")
     parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop measuring a cadence after this")
@@ -124,15 +142,24 @@ def main() -> int:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    collector = subprocess.Popen([sys.executable, "-m", "grokwatch.cli", "collector", "--listen", endpoint,
-                                  "--metrics-port", "0", "--metrics-addr", "127.0.0.1"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pinned = args.pin == "on" and len(cpus) >= 2
+    if pinned:
+        os.sched_setaffinity(0, cpus[:-1])  # before attach(): the sender thread inherits it
+    if args.receiver == "collector":
+        command = [sys.executable, "-m", "grokwatch.cli", "collector", "--listen", endpoint, "--metrics-port", "0",
+                   "--metrics-addr", "127.0.0.1"]
+    else:  # a bare PULL socket that receives and discards: the agent's own cost, nothing of the collector's
+        command = [sys.executable, "-c", PULL_SINK, endpoint]
+    collector = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 preexec_fn=(lambda: os.sched_setaffinity(0, cpus[-1:])) if pinned else None)
     try:
         time.sleep(3)
         model, vocab, batch, seq = make_model(args.shape, args.device)
         batch, seq = args.batch or batch, args.seq or seq
         info = dict(device=args.device, shape=args.shape, steps=args.steps, warmup=args.warmup, batch=batch, seq=seq,
-                    torch=torch.__version__)
+                    torch=torch.__version__, receiver=args.receiver,
+                    receiver_cpu=cpus[-1] if pinned else "shared")
         if args.device == "cuda":
             info["gpu"] = torch.cuda.get_device_name()
         print(" ".join(f"{k}={v}" for k, v in info.items()), "(paired, alternating)")
