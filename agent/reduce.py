@@ -246,7 +246,7 @@ def expert_dim(device: torch.device) -> int:
     return -2 if device.type == "cpu" else -1
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None) -> None:
     """Per sampled slot and layer: mean routing distribution, top-k counts,
     mean entropy ratio; then the cosine between adjacent layers' routing
