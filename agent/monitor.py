@@ -20,7 +20,7 @@ import torch.optim.optimizer as torch_optimizer
 from torch import nn
 
 from grokwatch.agent.discover import MoELayer, MoEShape, discover
-from grokwatch.agent.reduce import BatchContext, Staging, build_context, gather_layer, reduce_all
+from grokwatch.agent.reduce import BatchContext, Staging, attach_indices, build_context, gather_layer, reduce_all
 from grokwatch.agent.sender import Pending, Sender
 
 log = logging.getLogger("grokwatch.agent")
@@ -115,7 +115,9 @@ class Monitor:
         self._logged_error = False
         self.disabled = False
         self._probe_active = False
-        self._experts_idx: dict[int, torch.Tensor] = {}
+        # Layers whose router returns no index tensor take the decision from the experts module's
+        # forward pre-hook; learned on the first sampled forward, so others carry one hook, not two.
+        self._needs_experts_hook = [layer.experts is not None for layer in self.layers]
         self._layer_hooks = [(self._guard(self._router_hook(i)), self._guard(self._experts_hook(i)))
                              for i in range(len(self.layers))]
         from grokwatch.agent.probe import Probe
@@ -146,14 +148,13 @@ class Monitor:
         for i, layer in enumerate(self.layers):
             if layer.router is not None:
                 h.append(layer.router.register_forward_hook(self._layer_hooks[i][0]))
-            if layer.experts is not None:
+            if layer.experts is not None and self._needs_experts_hook[i]:
                 h.append(layer.experts.register_forward_pre_hook(self._layer_hooks[i][1]))
 
     def _disarm_layers(self) -> None:
         for handle in self._layer_handles:
             handle.remove()
         self._layer_handles.clear()
-        self._experts_idx.clear()
 
     def _remove_model_hooks(self) -> None:
         for handle in self._handles:
@@ -258,16 +259,23 @@ class Monitor:
             logits = outputs[layer.logits_index]
             indices = next((t for t in outputs if isinstance(t, torch.Tensor) and t.dtype == torch.int64
                             and t.dim() == 2), None)
-            if indices is None:
-                indices = self._experts_idx.pop(index, None)
+            if indices is not None:
+                self._needs_experts_hook[index] = False
+            # Without indices: the experts pre-hook, which runs next, supplies them (else top-k of p).
             gather_layer(ctx, index, logits, indices, self._router_weights[index], self.shape.distribution,
                          detect_probs=self.shape.detect_probs)
         return hook
 
     def _experts_hook(self, index: int):
+        """``experts(hidden[T,H], top_k_index[T,K], top_k_weights[T,K])``: the exact decision, for
+        routers that do not return it (DeepSeek-V3 before transformers 5.13 selects with a bias)."""
         def hook(module, args):
-            if self._ctx is not None and len(args) >= 2 and isinstance(args[1], torch.Tensor):
-                self._experts_idx[index] = args[1]
+            ctx = self._ctx
+            if ctx is None or len(args) < 2 or not isinstance(args[1], torch.Tensor) or not ctx.pending:
+                return
+            gathered = ctx.pending[-1]
+            if gathered.layer == index and gathered.idx_MSK is None and args[1].dtype == torch.int64:
+                attach_indices(ctx, gathered, args[1])
         return hook
 
     def _on_forward_end(self, module, args, kwargs, output) -> None:

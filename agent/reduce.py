@@ -238,6 +238,15 @@ def gather_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_id
     ctx.layers_done += 1
 
 
+def attach_indices(ctx: BatchContext, gathered: Gathered, topk_idx_TK: torch.Tensor) -> None:
+    """The routing decision of a layer whose router returned none, as gather_layer would have kept it."""
+    if gathered.raw:
+        gathered.idx_MSK = topk_idx_TK
+    else:
+        S = ctx.seq_len if gathered.seq_len is None else gathered.seq_len
+        gathered.idx_MSK = topk_idx_TK.detach().reshape(ctx.num_rows, S, -1).index_select(0, ctx.rows_M)
+
+
 def expert_dim(device: torch.device) -> int:
     """Where the experts go in the batched reduction. CPU: [G, M, E, S] —
     torch 2.13's CPU (log_)softmax over a short last dim is ~6x slower than

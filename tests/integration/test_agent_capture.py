@@ -465,3 +465,78 @@ def test_layer_hooks_are_armed_only_for_the_forwards_that_are_summarized(sink):
         t.remove()
     sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
     assert [m.step for m in sink.routing()] == [0, 2]
+
+
+def test_a_router_without_indices_takes_the_decision_from_the_experts_module(sink):
+    """DeepSeek-V3 before transformers 5.13: the gate returns scores only and selects with a bias that
+    the scores do not show; the experts module's input holds the decision. Counts must be the decision,
+    not the top-k of the distribution, and a router that does return indices needs no second hook."""
+    from types import SimpleNamespace
+
+    H, E, K = 16, 8, 2
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.linspace(0.5, 1.5, E))
+
+        def forward(self, hidden_TH, top_k_index_TK, top_k_weights_TK):
+            return hidden_TH * (self.scale[top_k_index_TK] * top_k_weights_TK).sum(-1, keepdim=True)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(H, E, bias=False)
+            self.experts = Experts()
+            self.register_buffer("selection_bias", torch.tensor([4.0] + [0.0] * (E - 1)))
+
+        def forward(self, x_BSH):
+            h_TH = x_BSH.reshape(-1, H)
+            scores_TE = self.gate(h_TH).sigmoid()
+            idx_TK = (scores_TE + self.selection_bias).topk(K, dim=-1).indices
+            return x_BSH + self.experts(h_TH, idx_TK, scores_TE.gather(-1, idx_TK)).view_as(x_BSH)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(num_experts=E, num_experts_per_tok=K, model_type="deepseek_v3")
+            self.embed = torch.nn.Embedding(VOCAB, H)
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, input_ids):
+            x = self.embed(input_ids)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Model()
+    decisions = []
+    taps = [b.experts.register_forward_pre_hook(lambda m, a: decisions.append(a[1].detach().clone()))
+            for b in model.blocks]
+    mon = gw.attach(model, sink.endpoint, "no-indices", every_n_steps=1, max_samples_per_step=2)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    for step in range(2):
+        mon.step(step)
+        model(ids).sum().backward()
+    mon.close()
+    for t in taps:
+        t.remove()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    msgs = sink.routing()
+    assert len(msgs) == 2
+    for n, msg in enumerate(msgs):
+        for row in range(2):
+            for layer in range(3):
+                expected = np.bincount(decisions[3 * n + layer].reshape(2, 6, K)[row].numpy().ravel(), minlength=E)
+                np.testing.assert_array_equal(msg.topk_counts_NLE[row, layer], expected)
+        assert (msg.topk_counts_NLE[:, :, 0] == 6).all()  # the bias always selects expert 0
+    assert mon._needs_experts_hook == [True, True, True]
+
+    # A router that returns its indices (every transformers 5.24 family): the experts hook is dropped.
+    olmoe = tiny_model("olmoe")
+    mon = gw.attach(olmoe, sink.endpoint, "with-indices", every_n_steps=1)
+    run_one_step(olmoe, mon, torch.randint(0, VOCAB, (2, 8)))
+    assert not any(mon._needs_experts_hook)
+    run_one_step(olmoe, mon, torch.randint(0, VOCAB, (2, 8)))
+    mon.close()
