@@ -1,0 +1,91 @@
+"""Where a sampled step's agent time goes, on the training thread.
+
+    python bench/agent_hook_cost.py [--steps 200]
+
+The tiny OLMoE of agent_overhead.py trains with the agent summarizing every
+step (8 samples); each agent entry point that runs on the training thread is
+wrapped with a timer: the top-level pre-hook (``start``: sampling, slot
+layout, arming the layer hooks), the router hooks (``router hooks``, of which
+``gather_layer``), and the top-level post-hook (``end``: of which
+``reduce_all``, the batched reduction, and ``submit``, the hand-over to the
+sender thread).
+Printed as microseconds per sampled step, beside the step's median time.
+A diagnostic: the A/B ratio is agent_overhead.py's job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import grokwatch.agent.monitor as monitor_module  # noqa: E402
+from agent_overhead import make_model  # noqa: E402
+
+import grokwatch.agent as gw  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    M = monitor_module.Monitor
+    M._on_forward_start = timed("start (pre-hook)", M._on_forward_start)
+    M._on_forward_end = timed("end (post-hook)", M._on_forward_end)
+    monitor_module.reduce_all = timed("  of which reduce_all", monitor_module.reduce_all)
+    monitor_module.gather_layer = timed("  of which gather_layer", monitor_module.gather_layer)
+    sender_module = sys.modules["grokwatch.agent.sender"]
+    sender_module.Sender.submit = timed("  of which submit", sender_module.Sender.submit)
+    M._disarm_layers = timed("  of which disarm", M._disarm_layers)
+    router_hook = M._router_hook
+    M._router_hook = lambda self, index: timed("router hooks", router_hook(self, index))
+
+    model, vocab, batch, seq = make_model("tiny", "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    mon = gw.attach(model, "tcp://127.0.0.1:9", "hook-cost", every_n_steps=1, max_samples_per_step=batch)
+    gen = torch.Generator().manual_seed(1)
+    times = []
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            spent.clear()
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        mon.step(step)
+        t = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t)
+    mon.close()
+    print(f"median step {statistics.median(times) * 1e3:.2f} ms over {args.steps} sampled steps "
+          f"(tiny OLMoE, batch {batch} x {seq}, 8 samples, torch {torch.__version__})")
+    for name in ("start (pre-hook)", "router hooks", "  of which gather_layer", "end (post-hook)",
+                 "  of which disarm", "  of which reduce_all", "  of which submit"):
+        print(f"{name:<26} {spent.get(name, 0.0) / args.steps * 1e6:8.1f} us/step")
+    total = sum(v for k, v in spent.items() if not k.startswith("  "))
+    print(f"{'total on the training thread':<26} {total / args.steps * 1e6:8.1f} us/step "
+          f"({total / sum(times) * 100:.2f} % of the step)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
