@@ -10,6 +10,12 @@ is |detected onset − crossing step| ÷ the run's length (missing onset: 1); a
 group that never crosses scores 1 if an onset is detected. Per signal: the
 setting that minimizes the worst error on one run, scored on the other run(s)
 (leave one run out), and the shipped defaults on all runs.
+
+    python bench/calibrate_phases.py RUN... --score "normalized_vs_cross window=12 patience=4"
+
+scores given settings (a signal, then PhaseConfig fields; the rest default)
+and the defaults on every run, without the grid: e.g. on runs that memorize
+and never generalize, where any onset is an error.
 """
 
 from __future__ import annotations
@@ -68,9 +74,13 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("state_dirs", nargs="+")
     parser.add_argument("--source", default="probe")
+    parser.add_argument("--score", action="append", default=[], metavar="SIGNAL FIELD=VALUE ...",
+                        help="score this setting on every run instead of searching the grid (repeatable)")
     args = parser.parse_args()
     runs = [read_run(d, args.source) for d in args.state_dirs]
     base = CollectorConfig().phase_config()
+    if args.score:
+        return score(runs, base, args.score)
     settings = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
     for run in runs:
         print(f"{run['name']}: held-out > 50 % at " + ", ".join(f"{g} {c}" for g, c in sorted(run["crossings"].items()))
@@ -98,6 +108,28 @@ def main() -> int:
             errs = errors(run, found)
             detail = ", ".join(f"{g}: {found[g]} / {run['crossings'].get(g)}" for g in sorted(found))
             print(f"| {signal} | defaults | – | {run['name']} | {detail} | {max(errs.values()):.2f} |")
+    return 0
+
+
+def score(runs: list, base: PhaseConfig, specs: list[str]) -> int:
+    settings = [(CollectorConfig().phase_distance, {}, "defaults")]
+    for spec in specs:
+        signal, *fields = spec.split()
+        if signal not in PHASE_DISTANCES:
+            print(f"--score: {signal!r} is not one of {', '.join(PHASE_DISTANCES)}", file=sys.stderr)
+            return 2
+        values = {k: float(v) if k.endswith("tol") else int(v) for k, v in (f.split("=", 1) for f in fields)}
+        settings.append((signal, values, " ".join(fields)))
+    print("| signal | setting | " + " | ".join(run["name"] for run in runs) + " |")
+    print("|---|---|" + "---|" * len(runs))
+    for signal, values, label in settings:
+        cfg = PhaseConfig(**{**base.__dict__, **values})
+        cells = []
+        for run in runs:
+            found = onsets(run, cfg, signal)
+            errs = errors(run, found)
+            cells.append(", ".join(f"{g} {found[g]}" for g in sorted(found)) + f" (worst {max(errs.values()):.2f})")
+        print(f"| {signal} | {label} | " + " | ".join(cells) + " |")
     return 0
 
 
