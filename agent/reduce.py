@@ -151,8 +151,7 @@ class Staging:
         self.free.append(index)
 
 
-def routing_distribution(logits: torch.Tensor, distribution: str, detect_probs: bool = False,
-                         with_log: bool = True, dim: int = -1):
+def routing_distribution(logits: torch.Tensor, distribution: str, detect_probs: bool = False, dim: int = -1):
     """METRICS.md Notation p(t) over the expert dimension ``dim``, and log p(t)
     for the entropy, floored so that an expert with p = 0 (masked out, or
     underflow) adds p log p = 0 and never NaN: softmax of the logits, or
@@ -160,21 +159,18 @@ def routing_distribution(logits: torch.Tensor, distribution: str, detect_probs: 
     transformers 5.0-5.5 routers return probabilities in the logits slot; with
     ``detect_probs`` an input already on the simplex is used as is — decided
     on the device (torch.where: no host sync, never a second softmax; per
-    layer when the input stacks layers [G, ...]). ``with_log=False``: log p is
-    not computed (returned as None)."""
+    layer when the input stacks layers [G, ...])."""
     x = logits.float()
-    if distribution == "probs":
-        dist = x
-    elif distribution == "sigmoid":
-        s = torch.sigmoid(x)
-        dist = s / s.sum(dim=dim, keepdim=True)
-    elif with_log:
+    if distribution == "softmax":
         log_dist = torch.log_softmax(x, dim=dim)
         dist = log_dist.exp()
         log_dist = log_dist.clamp_min(_LOG_FLOOR_LOG)
     else:
-        dist = torch.softmax(x, dim=dim)
-    if with_log and distribution in ("probs", "sigmoid"):
+        if distribution == "sigmoid":
+            s = torch.sigmoid(x)
+            dist = s / s.sum(dim=dim, keepdim=True)
+        else:  # "probs"
+            dist = x
         log_dist = dist.clamp_min(_LOG_FLOOR).log()
     if detect_probs:
         lead = x.shape[0] if x.dim() == 4 else 1
@@ -182,9 +178,8 @@ def routing_distribution(logits: torch.Tensor, distribution: str, detect_probs: 
         on_simplex = (x.reshape(lead, -1).amin(dim=1) >= 0) & (off_BX.amax(dim=1) < 1e-4)
         on_simplex = on_simplex.reshape((lead,) + (1,) * (x.dim() - 1)) if x.dim() == 4 else on_simplex[0]
         dist = torch.where(on_simplex, x, dist)
-        if with_log:
-            log_dist = torch.where(on_simplex, x.clamp_min(_LOG_FLOOR).log(), log_dist)
-    return dist, (log_dist if with_log else None)
+        log_dist = torch.where(on_simplex, x.clamp_min(_LOG_FLOOR).log(), log_dist)
+    return dist, log_dist
 
 
 def routed_positions(ctx: BatchContext, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -437,14 +437,17 @@ def test_probabilities_in_the_logits_slot_are_never_softmaxed_twice():
         torch.testing.assert_close(log_dist, probs.log(), atol=1e-5, rtol=1e-5)
     dist, _ = routing_distribution(logits, "sigmoid")
     torch.testing.assert_close(dist, torch.sigmoid(logits) / torch.sigmoid(logits).sum(-1, keepdim=True))
-    # Without log p (the agent's own reductions): the same distribution, also over many experts
-    # (E >= 32 takes the plain softmax path on CPU, as every width does on CUDA).
+    # The experts in the middle (the CPU layout [G, M, E, S]): the same distribution, per layer, also
+    # over many experts, and log p floored where a logit is -inf (p log p = 0, not NaN).
     for width in (8, 64):
         wide = torch.randn(3, 2, 5, width)
         for given in (wide, torch.softmax(wide, -1)):
-            dist, log_dist = routing_distribution(given, "softmax", detect_probs=True, with_log=False)
-            assert log_dist is None
-            torch.testing.assert_close(dist, torch.softmax(wide, -1))
+            dist, log_dist = routing_distribution(given.transpose(-1, -2), "softmax", detect_probs=True, dim=-2)
+            torch.testing.assert_close(dist.transpose(-1, -2), torch.softmax(wide, -1))
+            torch.testing.assert_close(log_dist.exp().transpose(-1, -2), torch.softmax(wide, -1))
+    masked = torch.tensor([[0.0, float("-inf"), 0.0]])
+    dist, log_dist = routing_distribution(masked, "softmax")
+    assert torch.isfinite(log_dist).all() and (dist * log_dist).sum().item() == pytest.approx(-math.log(2))
     # Layers reduced together [G, M, S, E]: the check is made per layer.
     dist, _ = routing_distribution(torch.stack([probs, logits]), "softmax", detect_probs=True)
     torch.testing.assert_close(dist, torch.stack([probs, probs]))
