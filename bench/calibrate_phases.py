@@ -13,9 +13,12 @@ setting that minimizes the worst error on one run, scored on the other run(s)
 
     python bench/calibrate_phases.py RUN... --score "normalized_vs_cross window=12 patience=4"
 
-scores given settings (a signal, then PhaseConfig fields; the rest default)
-and the defaults on every run, without the grid: e.g. on runs that memorize
-and never generalize, where any onset is an error.
+scores given settings (a signal — one of `phase_distance`'s, "auto" included —
+then PhaseConfig fields; the rest default) and the defaults on every run,
+without the grid: e.g. on runs that memorize and never generalize, where any
+onset is an error. The last columns count, over all runs, the crossings found
+within 10 % of the run, the crossings missed and the onsets in groups that
+never cross.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import sys
 from collections import defaultdict
 
 from grokwatch.collector.analysis import first_crossing, load
-from grokwatch.collector.config import PHASE_DISTANCES, CollectorConfig
+from grokwatch.collector.config import PHASE_DISTANCE_CHOICES, PHASE_DISTANCES, CollectorConfig
 from grokwatch.collector.persist import read_journal
-from grokwatch.collector.phases import PhaseConfig, PhaseTracker, distance_signal
+from grokwatch.collector.phases import PhaseConfig, PhaseTracker
 
 GRID = dict(window=(6, 8, 12, 16), patience=(2, 3, 4), distance_rel_tol=(0.01, 0.02, 0.03, 0.05, 0.08),
             consistency_abs_tol=(0.02, 0.05, 1e9), loss_rel_tol=(0.05, 0.10, 0.20))
@@ -51,9 +54,9 @@ def read_run(state_dir: str, source: str):
 def onsets(run: dict, cfg: PhaseConfig, signal: str) -> dict:
     out = {}
     for group, pts in run["points"].items():
-        tracker = PhaseTracker(cfg)
+        tracker = PhaseTracker(cfg, signal)
         for p in pts:
-            tracker.add(p["step"], p.get("loss"), distance_signal(p, signal), p.get("consistency"))
+            tracker.observe(p["step"], p)
         tracker.add(pts[-1]["step"] + 1, None, None, None)  # close the last point
         out[group] = tracker.onset_step
     return out
@@ -112,24 +115,35 @@ def main() -> int:
 
 
 def score(runs: list, base: PhaseConfig, specs: list[str]) -> int:
-    settings = [(CollectorConfig().phase_distance, {}, "defaults")]
+    settings = [(CollectorConfig().phase_distance, {}, "defaults")]  # base = the defaults' PhaseConfig
     for spec in specs:
         signal, *fields = spec.split()
-        if signal not in PHASE_DISTANCES:
-            print(f"--score: {signal!r} is not one of {', '.join(PHASE_DISTANCES)}", file=sys.stderr)
+        if signal not in PHASE_DISTANCE_CHOICES:
+            print(f"--score: {signal!r} is not one of {', '.join(PHASE_DISTANCE_CHOICES)}", file=sys.stderr)
             return 2
         values = {k: float(v) if k.endswith("tol") else int(v) for k, v in (f.split("=", 1) for f in fields)}
         settings.append((signal, values, " ".join(fields)))
-    print("| signal | setting | " + " | ".join(run["name"] for run in runs) + " |")
-    print("|---|---|" + "---|" * len(runs))
+    print("| signal | setting | " + " | ".join(run["name"] for run in runs)
+          + " | crossings within 10 % | crossings missed | spurious onsets |")
+    print("|---|---|" + "---|" * (len(runs) + 3))
     for signal, values, label in settings:
         cfg = PhaseConfig(**{**base.__dict__, **values})
         cells = []
+        near = missed = crossing = spurious = never = 0
         for run in runs:
             found = onsets(run, cfg, signal)
             errs = errors(run, found)
             cells.append(", ".join(f"{g} {found[g]}" for g in sorted(found)) + f" (worst {max(errs.values()):.2f})")
-        print(f"| {signal} | {label} | " + " | ".join(cells) + " |")
+            for g, onset in found.items():
+                if run["crossings"].get(g) is None:
+                    never += 1
+                    spurious += onset is not None
+                else:
+                    crossing += 1
+                    missed += onset is None
+                    near += onset is not None and errs[g] <= 0.10
+        print(f"| {signal} | {label} | " + " | ".join(cells)
+              + f" | {near} / {crossing} | {missed} / {crossing} | {spurious} / {never} |")
     return 0
 
 

@@ -48,6 +48,7 @@ class GroupSeries:
     entropy_layers: Optional[np.ndarray] = None  # [steps, L]
     imbalance_layers: Optional[np.ndarray] = None
     phases: list = field(default_factory=list)  # (step, phase) at each change
+    phase_signal: Optional[str] = None  # the distance the detector watched last (phase_distance)
 
 
 @dataclass
@@ -62,6 +63,7 @@ def load(records: Iterable[dict]):
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     layers: dict = defaultdict(lambda: defaultdict(dict))
     phase_seq: dict = defaultdict(list)
+    phase_signal: dict = {}
     evals: dict = defaultdict(dict)
     for r in records:
         if r.get("kind") == "eval":
@@ -81,6 +83,8 @@ def load(records: Iterable[dict]):
                 layers[key][k].setdefault(step, []).append(r[k])
         if r.get("phase") and (not phase_seq[key] or phase_seq[key][-1][1] != r["phase"]):
             phase_seq[key].append((step, r["phase"]))
+        if r.get("phase_signal"):
+            phase_signal[key] = r["phase_signal"]
     series = {}
     for key, by_step in acc.items():
         steps = np.array(sorted(by_step), dtype=np.float64)
@@ -94,7 +98,7 @@ def load(records: Iterable[dict]):
         for k, (a, b) in DERIVED.items():
             with np.errstate(divide="ignore", invalid="ignore"):
                 values[k] = np.where(values[b] > 0, values[a] / values[b], math.nan)
-        gs = GroupSeries(*key, steps=steps, values=values, phases=phase_seq[key])
+        gs = GroupSeries(*key, steps=steps, values=values, phases=phase_seq[key], phase_signal=phase_signal.get(key))
         for k in ("entropy_layers", "imbalance_layers"):
             per_step = layers[key].get(k)
             if per_step:

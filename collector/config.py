@@ -14,6 +14,7 @@ declared here and nowhere else. Example file::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ PHASE_DISTANCES = {
     "vs_cross": ("distance", "cross_distance"),
     "normalized_vs_cross": ("distance_normalized", "cross_distance_normalized"),
 }
+# phase_distance = "auto": the first signal once the group's points carry a cross-group baseline
+# (two or more groups), the second until then (a single-group run never has one).
+PHASE_DISTANCE_AUTO = ("normalized_vs_cross", "normalized")
+PHASE_DISTANCE_CHOICES = (*PHASE_DISTANCES, "auto")
 DEFAULT_MAX_GROUPS = 32  # METRICS.md §4: label values beyond this go to "other"
 DEFAULT_QUEUE = 10_000  # messages between the receive and the processing thread
 
@@ -63,16 +68,19 @@ class CollectorConfig:
     memorization_epsilon: Mapping[str, float] = field(default_factory=dict)  # per group; else q0.25
     memorization_bucket_steps: int = 1000  # probe groups: samples memorized in the same bucket
     max_probe_samples: int = 100_000
-    # METRICS.md §5 phase detector (defaults calibrated in docs/groundtruth.md)
-    phase_window: int = 8
-    phase_patience: int = 2
+    # METRICS.md §5 phase detector. Defaults: the setting chosen on one ground-truth run and scored on
+    # six others, including runs that memorize and never generalize (docs/groundtruth.md, "Phase
+    # detector defaults"). Consistency is ignored (inf): on those runs it only added false onsets.
+    phase_window: int = 12
+    phase_patience: int = 4
     phase_loss_abs_tol: float = 0.05
-    phase_loss_rel_tol: float = 0.10
+    phase_loss_rel_tol: float = 0.05
     phase_distance_rel_tol: float = 0.03
-    phase_consistency_abs_tol: float = 0.02
+    phase_consistency_abs_tol: float = math.inf
     # Which distance the detector watches (PHASE_DISTANCES): "normalized" (÷ longest pathway), "raw",
-    # or either ÷ the cross-group baseline (a global routing change moves both and cancels).
-    phase_distance: str = "normalized"
+    # either ÷ the cross-group baseline (a global routing change moves both and cancels), or "auto":
+    # normalized ÷ baseline where groups are tagged, normalized where there is one group.
+    phase_distance: str = "auto"
     seed: int = 0
 
     def phase_config(self):
@@ -97,8 +105,9 @@ class CollectorConfig:
             raise ConfigError(f"pathway_tau: {self.pathway_tau} must be in (0, 1]")
         if self.distance_unit not in ("expert", "string"):
             raise ConfigError(f"distance_unit: {self.distance_unit!r} must be 'expert' or 'string'")
-        if self.phase_distance not in PHASE_DISTANCES:
-            raise ConfigError(f"phase_distance: {self.phase_distance!r} must be one of {', '.join(PHASE_DISTANCES)}")
+        if self.phase_distance not in PHASE_DISTANCE_CHOICES:
+            raise ConfigError(f"phase_distance: {self.phase_distance!r} must be one of "
+                              f"{', '.join(PHASE_DISTANCE_CHOICES)}")
         for key in ("comparisons_per_sample", "window_samples", "max_groups", "max_runs", "queue_capacity",
                     "max_message_bytes", "memorization_consecutive", "memorization_bucket_steps",
                     "max_probe_samples", "journal_max_bytes", "phase_window", "phase_patience"):
@@ -109,6 +118,9 @@ class CollectorConfig:
         for key in ("snapshot_interval_s", "max_message_age_s", "memorization_delta"):
             if not float(getattr(self, key)) > 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+        for key in ("phase_loss_abs_tol", "phase_loss_rel_tol", "phase_distance_rel_tol", "phase_consistency_abs_tol"):
+            if not float(getattr(self, key)) >= 0:  # NaN fails too
+                raise ConfigError(f"{key}: must be 0 or more (inf: ignore this evidence), got {getattr(self, key)}")
 
 
 _ENV_PREFIX = "GROKWATCH_"

@@ -11,29 +11,37 @@ Over a sliding window of the latest ``window`` points it fits robust
 
 Each transition needs ``patience`` consecutive windows agreeing (hysteresis).
 Defaults are calibrated on the grokking benchmark (docs/groundtruth.md).
+
+Which distance it watches is ``phase_distance``; with "auto" a tracker starts on
+the normalized distance and moves, once, to the normalized distance ÷ the
+cross-group baseline as soon as its points carry one (its window restarts
+there: the two are different quantities).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from grokwatch.collector.config import PHASE_DISTANCES
+from grokwatch.collector.config import PHASE_DISTANCE_AUTO, PHASE_DISTANCES
 
 PHASES = ("memorizing", "memorized", "generalizing", "stable")
 
 
 @dataclass(frozen=True, kw_only=True)
 class PhaseConfig:
-    window: int = 8  # points in the sliding window
-    patience: int = 2  # consecutive windows before a transition
+    """Defaults are the shipped ones (CollectorConfig.phase_*; a test keeps the two equal)."""
+
+    window: int = 12  # points in the sliding window
+    patience: int = 4  # consecutive windows before a transition
     loss_abs_tol: float = 0.05  # nats over the window: smaller falls count as flat
-    loss_rel_tol: float = 0.10  # ... or this fraction of the window's median loss, whichever is larger
-    distance_rel_tol: float = 0.03  # relative fall of the (normalized) distance over the window
-    consistency_abs_tol: float = 0.02  # rise of 1 - C over the window
+    loss_rel_tol: float = 0.05  # ... or this fraction of the window's median loss, whichever is larger
+    distance_rel_tol: float = 0.03  # relative fall of the watched distance over the window
+    consistency_abs_tol: float = math.inf  # rise of 1 - C over the window (inf: consistency ignored)
 
 
 def distance_signal(point: dict, kind: str) -> Optional[float]:
@@ -62,14 +70,27 @@ def theil_sen_slope(x: np.ndarray, y: np.ndarray) -> float:
 class PhaseTracker:
     """The phase of one group; fed one point per step, in step order."""
 
-    def __init__(self, config: PhaseConfig):
+    def __init__(self, config: PhaseConfig, distance: str = "normalized"):
         self.config = config
+        self._auto = distance == "auto"
+        self.signal = PHASE_DISTANCE_AUTO[1] if self._auto else distance  # the distance watched now
+        if self.signal not in PHASE_DISTANCES:
+            raise ValueError(f"phase distance {distance!r}: not one of {', '.join(PHASE_DISTANCES)} or auto")
         self.points: deque = deque(maxlen=config.window)
         self.phase = "memorizing"
         self.memorized_step: Optional[int] = None
         self.onset_step: Optional[int] = None
         self._streak = 0
         self._pending: Optional[dict] = None
+
+    def observe(self, step: int, point: dict) -> None:
+        """One exported point (state.py's, or a journal's) of this group."""
+        if self._auto and self.signal != PHASE_DISTANCE_AUTO[0]:
+            if distance_signal(point, PHASE_DISTANCE_AUTO[0]) is not None:
+                self.signal = PHASE_DISTANCE_AUTO[0]
+                self.points.clear()
+                self._streak, self._pending = 0, None
+        self.add(step, point.get("loss"), distance_signal(point, self.signal), point.get("consistency"))
 
     def add(self, step: int, loss: Optional[float], distance: Optional[float], consistency: Optional[float]) -> None:
         """Points of the same step are merged (a probe pass may span several messages)."""

@@ -30,6 +30,12 @@ from grokwatch.collector.analysis import (
 from grokwatch.collector.persist import read_journal
 
 
+# phase_distance -> how the report names it
+SIGNAL_TITLES = {"normalized": METRIC_TITLES["distance_normalized"], "raw": METRIC_TITLES["distance"],
+                 "vs_cross": METRIC_TITLES["distance_vs_cross"],
+                 "normalized_vs_cross": METRIC_TITLES["normalized_vs_cross"]}
+
+
 def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f}"
 
@@ -122,7 +128,8 @@ def build_report(state_dir: str, out_dir: str, run: Optional[str] = None) -> str
         onset = next((s for s, p in gs.phases if p == "generalizing"), None)
         crossing = first_crossing(ev) if ev is not None else None
         facts = [f"memorized at step {memo:.0f}" if memo is not None else "not memorized yet",
-                 f"detected onset at step {onset}" if onset is not None else "no onset detected",
+                 (f"detected onset at step {onset}" if onset is not None else "no onset detected")
+                 + (f" (watching {SIGNAL_TITLES.get(gs.phase_signal, gs.phase_signal)})" if gs.phase_signal else ""),
                  f"held-out accuracy first above 50% at step {crossing:.0f}" if crossing is not None else
                  ("held-out accuracy never above 50%" if ev is not None else "no held-out accuracy logged")]
         sections.append(

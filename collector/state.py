@@ -14,7 +14,7 @@ import numpy as np
 
 from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig
-from grokwatch.collector.phases import PhaseTracker, distance_signal
+from grokwatch.collector.phases import PhaseTracker
 from grokwatch.collector.stream import Stream
 from grokwatch.wire import Eval, Heartbeat, Hello, Routing
 
@@ -181,11 +181,10 @@ class State:
             point = _finish_stats(dict(zip(kernels.STAT_KEYS, stats_GK[g])), ent_GL[g], load_GLE[g])
             tracker = stream.phases.get(label)
             if tracker is None:
-                tracker = stream.phases[label] = PhaseTracker(self.config.phase_config())
-            tracker.add(msg.step, point["loss"], distance_signal(point, self.config.phase_distance),
-                        point["consistency"])
+                tracker = stream.phases[label] = PhaseTracker(self.config.phase_config(), self.config.phase_distance)
+            tracker.observe(msg.step, point)
             self.journal(dict(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
-                              t=msg.wall_time, phase=tracker.phase, **point))
+                              t=msg.wall_time, phase=tracker.phase, phase_signal=tracker.signal, **point))
 
     # ------------------------------------------------------------- export view
 

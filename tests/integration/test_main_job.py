@@ -42,6 +42,9 @@ def test_main_job_writes_journal_report_and_table(job):
     series, evals = load(read_journal(str(out / "state")))
     assert {("short", "probe", "add"), ("short", "train", "sub")} <= set(series)
     assert ("short", "add") in evals and evals[("short", "add")].train is not None
+    # Two tagged groups: the default detector ("auto") judges them against the cross-group baseline.
+    assert series[("short", "probe", "add")].phase_signal == "normalized_vs_cross"
+    assert "watching normalized distance ÷ cross-group baseline" in page
 
 
 def test_phase_detector_leaves_memorizing_for_a_group_that_memorizes(job):
