@@ -7,9 +7,11 @@ accuracy (`grokwatch demo`). The journal's points are replayed, in order,
 through `PhaseTracker` for every setting of a grid and every distance signal
 (`phase_distance`). For a group whose held-out accuracy crosses 50 %, the error
 is |detected onset − crossing step| ÷ the run's length (missing onset: 1); a
-group that never crosses scores 1 if an onset is detected. Per signal: the
-setting that minimizes the worst error on one run, scored on the other run(s)
-(leave one run out), and the shipped defaults on all runs.
+group that never crosses scores 1 if an onset is detected. Per signal
+(`--signals`, "auto" included): for each run, the setting chosen on all the
+other runs (smallest sum of their groups' errors; with two runs, the other
+run's smallest worst error) scored on it, then the shipped defaults on all
+runs, then out-of-sample totals.
 
     python bench/calibrate_phases.py RUN... --score "normalized_vs_cross window=12 patience=4"
 
@@ -77,6 +79,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("state_dirs", nargs="+")
     parser.add_argument("--source", default="probe")
+    parser.add_argument("--signals", nargs="+", default=list(PHASE_DISTANCES), choices=PHASE_DISTANCE_CHOICES,
+                        help="distance signals to search (default: every fixed one)")
     parser.add_argument("--score", action="append", default=[], metavar="SIGNAL FIELD=VALUE ...",
                         help="score this setting on every run instead of searching the grid (repeatable)")
     args = parser.parse_args()
@@ -91,27 +95,52 @@ def main() -> int:
     print()
     print("| signal | setting | chosen on | scored on | onsets (group: detected / crossing) | worst error |")
     print("|---|---|---|---|---|---|")
-    for signal in PHASE_DISTANCES:
+    totals = {}
+    for signal in args.signals:
         table = {}
         for s in settings:
             cfg = PhaseConfig(**{**base.__dict__, **s})
             table[tuple(s.items())] = [errors(run, onsets(run, cfg, signal)) for run in runs]
+        # Leave one run out: choose on every other run, score on the one left out. On one run the
+        # choice minimizes its worst error; on several, the sum of all their groups' errors.
+        held = totals[signal] = dict(near=0, missed=0, crossing=0, spurious=0, never=0)
         for i, run in enumerate(runs):
-            best = min(table, key=lambda k: (max(table[k][i].values()), sum(table[k][i].values())))
+            others = [j for j in range(len(runs)) if j != i] or [i]
+
+            def cost(k):
+                errs = [e for j in others for e in table[k][j].values()]
+                return (max(errs), sum(errs)) if len(others) == 1 else (sum(errs), max(errs))
+
+            best = min(table, key=cost)
             cfg = PhaseConfig(**{**base.__dict__, **dict(best)})
-            for j, other in enumerate(runs):
-                if j == i and len(runs) > 1:
-                    continue
-                found = onsets(other, cfg, signal)
-                detail = ", ".join(f"{g}: {found[g]} / {other['crossings'].get(g)}" for g in sorted(found))
-                print(f"| {signal} | {dict(best)} | {run['name']} | {other['name']} | {detail} "
-                      f"| {max(table[best][j].values()):.2f} |")
+            found = onsets(run, cfg, signal)
+            _count(held, run, found, table[best][i])
+            detail = ", ".join(f"{g}: {found[g]} / {run['crossings'].get(g)}" for g in sorted(found))
+            chosen_on = "all other runs" if len(others) > 1 else runs[others[0]]["name"]
+            print(f"| {signal} | {dict(best)} | {chosen_on} | {run['name']} | {detail} "
+                  f"| {max(table[best][i].values()):.2f} |")
         for run in runs:
             found = onsets(run, base, signal)
             errs = errors(run, found)
             detail = ", ".join(f"{g}: {found[g]} / {run['crossings'].get(g)}" for g in sorted(found))
             print(f"| {signal} | defaults | – | {run['name']} | {detail} | {max(errs.values()):.2f} |")
+    print()
+    print("Out of sample (each run scored with the setting chosen without it):")
+    for signal, t in totals.items():
+        print(f"  {signal}: crossings within 10 % {t['near']} / {t['crossing']}, missed {t['missed']} / "
+              f"{t['crossing']}, onsets in groups that never cross {t['spurious']} / {t['never']}")
     return 0
+
+
+def _count(acc: dict, run: dict, found: dict, errs: dict) -> None:
+    for g, onset in found.items():
+        if run["crossings"].get(g) is None:
+            acc["never"] += 1
+            acc["spurious"] += onset is not None
+        else:
+            acc["crossing"] += 1
+            acc["missed"] += onset is None
+            acc["near"] += onset is not None and errs[g] <= 0.10
 
 
 def score(runs: list, base: PhaseConfig, specs: list[str]) -> int:
@@ -129,21 +158,14 @@ def score(runs: list, base: PhaseConfig, specs: list[str]) -> int:
     for signal, values, label in settings:
         cfg = PhaseConfig(**{**base.__dict__, **values})
         cells = []
-        near = missed = crossing = spurious = never = 0
+        t = dict(near=0, missed=0, crossing=0, spurious=0, never=0)
         for run in runs:
             found = onsets(run, cfg, signal)
             errs = errors(run, found)
             cells.append(", ".join(f"{g} {found[g]}" for g in sorted(found)) + f" (worst {max(errs.values()):.2f})")
-            for g, onset in found.items():
-                if run["crossings"].get(g) is None:
-                    never += 1
-                    spurious += onset is not None
-                else:
-                    crossing += 1
-                    missed += onset is None
-                    near += onset is not None and errs[g] <= 0.10
-        print(f"| {signal} | {label} | " + " | ".join(cells)
-              + f" | {near} / {crossing} | {missed} / {crossing} | {spurious} / {never} |")
+            _count(t, run, found, errs)
+        print(f"| {signal} | {label} | " + " | ".join(cells) + f" | {t['near']} / {t['crossing']} "
+              f"| {t['missed']} / {t['crossing']} | {t['spurious']} / {t['never']} |")
     return 0
 
 
