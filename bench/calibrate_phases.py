@@ -11,7 +11,8 @@ group that never crosses scores 1 if an onset is detected. Per signal
 (`--signals`, "auto" included): for each run, the setting chosen on all the
 other runs (smallest sum of their groups' errors; with two runs, the other
 run's smallest worst error) scored on it, then the shipped defaults on all
-runs, then out-of-sample totals.
+runs, then out-of-sample totals. `--false-onset-cost C` makes an onset in a
+group that never crosses cost C instead of 1 when choosing.
 
     python bench/calibrate_phases.py RUN... --score "normalized_vs_cross window=12 patience=4"
 
@@ -64,12 +65,12 @@ def onsets(run: dict, cfg: PhaseConfig, signal: str) -> dict:
     return out
 
 
-def errors(run: dict, found: dict) -> dict:
+def errors(run: dict, found: dict, false_onset_cost: float = 1.0) -> dict:
     errs = {}
     for group, onset in found.items():
         cross = run["crossings"].get(group)
         if cross is None:
-            errs[group] = 0.0 if onset is None else 1.0
+            errs[group] = 0.0 if onset is None else false_onset_cost
         else:
             errs[group] = 1.0 if onset is None else abs(onset - cross) / run["length"]
     return errs
@@ -81,6 +82,8 @@ def main() -> int:
     parser.add_argument("--source", default="probe")
     parser.add_argument("--signals", nargs="+", default=list(PHASE_DISTANCES), choices=PHASE_DISTANCE_CHOICES,
                         help="distance signals to search (default: every fixed one)")
+    parser.add_argument("--false-onset-cost", type=float, default=1.0,
+                        help="error of an onset in a group that never crosses, when choosing (a miss costs 1)")
     parser.add_argument("--score", action="append", default=[], metavar="SIGNAL FIELD=VALUE ...",
                         help="score this setting on every run instead of searching the grid (repeatable)")
     args = parser.parse_args()
@@ -100,7 +103,7 @@ def main() -> int:
         table = {}
         for s in settings:
             cfg = PhaseConfig(**{**base.__dict__, **s})
-            table[tuple(s.items())] = [errors(run, onsets(run, cfg, signal)) for run in runs]
+            table[tuple(s.items())] = [errors(run, onsets(run, cfg, signal), args.false_onset_cost) for run in runs]
         # Leave one run out: choose on every other run, score on the one left out. On one run the
         # choice minimizes its worst error; on several, the sum of all their groups' errors.
         held = totals[signal] = dict(near=0, missed=0, crossing=0, spurious=0, never=0)

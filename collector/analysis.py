@@ -47,7 +47,7 @@ class GroupSeries:
     values: dict = field(default_factory=dict)  # key -> array aligned with steps (nan = missing)
     entropy_layers: Optional[np.ndarray] = None  # [steps, L]
     imbalance_layers: Optional[np.ndarray] = None
-    phases: list = field(default_factory=list)  # (step, phase) at each change
+    phases: list = field(default_factory=list)  # (step, phase) at each change, at the detector's dated step
     phase_signal: Optional[str] = None  # the distance the detector watched last (phase_distance)
 
 
@@ -82,7 +82,9 @@ def load(records: Iterable[dict]):
             if r.get(k) is not None:
                 layers[key][k].setdefault(step, []).append(r[k])
         if r.get("phase") and (not phase_seq[key] or phase_seq[key][-1][1] != r["phase"]):
-            phase_seq[key].append((step, r["phase"]))
+            # The step the detector dates the transition to (newer journals carry it), else this record's.
+            dated = r.get({"memorized": "memorized_step", "generalizing": "onset_step"}.get(r["phase"], ""))
+            phase_seq[key].append((dated if dated is not None else step, r["phase"]))
         if r.get("phase_signal"):
             phase_signal[key] = r["phase_signal"]
     series = {}

@@ -69,8 +69,8 @@ class CollectorConfig:
     memorization_bucket_steps: int = 1000  # probe groups: samples memorized in the same bucket
     max_probe_samples: int = 100_000
     # METRICS.md §5 phase detector. Defaults: the setting chosen on one ground-truth run and scored on
-    # six others, including runs that memorize and never generalize (docs/groundtruth.md, "Phase
-    # detector defaults"). Consistency is ignored (inf): on those runs it only added false onsets.
+    # seven others, including groups that memorize and never generalize (docs/groundtruth.md, "Phase
+    # detector defaults (switched)"). Consistency is ignored (inf): there it only added false onsets.
     phase_window: int = 12
     phase_patience: int = 4
     phase_loss_abs_tol: float = 0.05

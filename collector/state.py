@@ -183,8 +183,12 @@ class State:
             if tracker is None:
                 tracker = stream.phases[label] = PhaseTracker(self.config.phase_config(), self.config.phase_distance)
             tracker.observe(msg.step, point)
+            # The detector dates a transition back to its first agreeing window; the journal carries
+            # those steps (the gauges' values) so the report marks the same steps.
+            dated = {k: v for k, v in (("memorized_step", tracker.memorized_step), ("onset_step", tracker.onset_step))
+                     if v is not None}
             self.journal(dict(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
-                              t=msg.wall_time, phase=tracker.phase, phase_signal=tracker.signal, **point))
+                              t=msg.wall_time, phase=tracker.phase, phase_signal=tracker.signal, **dated, **point))
 
     # ------------------------------------------------------------- export view
 

@@ -52,10 +52,16 @@ def test_phase_detector_leaves_memorizing_for_a_group_that_memorizes(job):
     acc = [json.loads(line) for line in open(out / "accuracy.jsonl")]
     memorized = [g for g in cfg.groups if any(r[f"{g}/train"] >= 0.99 for r in acc)]
     assert memorized, "the shortened benchmark should memorize at least one group"
-    series, _ = load(read_journal(str(out / "state")))
+    records = list(read_journal(str(out / "state")))
+    series, _ = load(records)
     for g in memorized:
         phases = [p for _, p in series[("short", "probe", g)].phases]
         assert phases[0] == "memorizing" and len(phases) > 1, phases
+        # The journal carries the step the detector dated the transition to (before the decision's record).
+        first = next(r for r in records if r.get("kind") == "point" and r["source"] == "probe" and r["group"] == g
+                     and r["phase"] != "memorizing")
+        assert first["memorized_step"] < first["step"]
+        assert series[("short", "probe", g)].phases[1] == (first["memorized_step"], first["phase"])
 
 
 def test_replay_of_saved_checkpoints_and_correlate(job, tmp_path):

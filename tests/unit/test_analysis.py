@@ -38,3 +38,22 @@ def test_the_gap_to_the_cross_group_baseline_separates_a_group_signal_from_a_glo
     assert gap["partial_entropy"] < -0.5  # beyond entropy
     # The raw distance correlates with accuracy too, but mostly through entropy (the step).
     assert table["distance"]["vs_entropy"] > 0.5
+
+
+def test_phase_changes_are_placed_at_the_step_the_detector_dates_them_to():
+    """The detector decides `patience` points after a transition and dates it back; the journal carries
+    the dated steps (what the onset gauge exports) and the report must mark those, not the decision's."""
+    from grokwatch.collector.analysis import memorized_step
+
+    def point(step, phase, **dated):
+        return dict(kind="point", run="r", source="probe", group="add", step=step, loss=0.1, phase=phase, **dated)
+
+    records = [point(0, "memorizing"), point(100, "memorized", memorized_step=50),
+               point(200, "memorized", memorized_step=50),
+               point(300, "generalizing", memorized_step=50, onset_step=225),
+               point(400, "generalizing", memorized_step=50, onset_step=225)]
+    gs = load(records)[0][("r", "probe", "add")]
+    assert gs.phases == [(0, "memorizing"), (50, "memorized"), (225, "generalizing")]
+    assert memorized_step(gs, None) == 50
+    old = [{k: v for k, v in r.items() if not k.endswith("_step")} for r in records]  # journals before the field
+    assert load(old)[0][("r", "probe", "add")].phases == [(0, "memorizing"), (100, "memorized"), (300, "generalizing")]
