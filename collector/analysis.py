@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from grokwatch.collector.config import PHASE_DISTANCES
+from grokwatch.collector.phases import DATED_STEPS
 
 METRICS = ("distance", "distance_vs_cross", "distance_normalized", "normalized_vs_cross", "consistency",
            "adjacent_cosine", "loss")
@@ -83,7 +84,7 @@ def load(records: Iterable[dict]):
                 layers[key][k].setdefault(step, []).append(r[k])
         if r.get("phase") and (not phase_seq[key] or phase_seq[key][-1][1] != r["phase"]):
             # The step the detector dates the transition to (newer journals carry it), else this record's.
-            dated = r.get({"memorized": "memorized_step", "generalizing": "onset_step"}.get(r["phase"], ""))
+            dated = r.get(DATED_STEPS[r["phase"]]) if r["phase"] in DATED_STEPS else None
             phase_seq[key].append((dated if dated is not None else step, r["phase"]))
         if r.get("phase_signal"):
             phase_signal[key] = r["phase_signal"]

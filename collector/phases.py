@@ -30,6 +30,8 @@ import numpy as np
 from grokwatch.collector.config import PHASE_DISTANCE_AUTO, PHASE_DISTANCES
 
 PHASES = ("memorizing", "memorized", "generalizing", "stable")
+# Phase -> the tracker attribute (and journal key) holding the step that transition is dated to.
+DATED_STEPS = {"memorized": "memorized_step", "generalizing": "onset_step"}
 
 
 @dataclass(frozen=True, kw_only=True)

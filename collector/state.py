@@ -14,7 +14,7 @@ import numpy as np
 
 from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig
-from grokwatch.collector.phases import PhaseTracker
+from grokwatch.collector.phases import DATED_STEPS, PhaseTracker
 from grokwatch.collector.stream import Stream
 from grokwatch.wire import Eval, Heartbeat, Hello, Routing
 
@@ -185,8 +185,7 @@ class State:
             tracker.observe(msg.step, point)
             # The detector dates a transition back to its first agreeing window; the journal carries
             # those steps (the gauges' values) so the report marks the same steps.
-            dated = {k: v for k, v in (("memorized_step", tracker.memorized_step), ("onset_step", tracker.onset_step))
-                     if v is not None}
+            dated = {k: getattr(tracker, k) for k in DATED_STEPS.values() if getattr(tracker, k) is not None}
             self.journal(dict(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
                               t=msg.wall_time, phase=tracker.phase, phase_signal=tracker.signal, **dated, **point))
 
