@@ -473,6 +473,31 @@ def test_layer_hooks_are_armed_only_for_the_forwards_that_are_summarized(sink):
     assert [m.step for m in sink.routing()] == [0, 2]
 
 
+def test_at_every_step_the_layer_hooks_stay_armed_and_other_forwards_are_not_summarized(sink):
+    """every_n_steps=1: arming and disarming each forward would cost more than it saves. A forward the
+    agent does not summarize (the user's no-grad eval, a second micro-batch past the budget) still
+    passes through the armed hooks: it must ship nothing and leave the next summary intact."""
+    model = tiny_model("olmoe")
+    routers = [layer.router for layer in discover(model).layers]
+    mon = gw.attach(model, sink.endpoint, "kept", every_n_steps=1, max_samples_per_step=2)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    run_one_step(model, mon, ids)  # learns that the routers return their indices: re-armed without experts hooks
+    run_one_step(model, mon, ids)
+    assert all(len(r._forward_hooks) == 1 for r in routers)  # still armed after the forward
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, VOCAB, (3, 5)))  # eval-like forward, other shape
+    model(input_ids=ids, labels=ids).loss.backward()  # same step, budget spent: not summarized
+    run_one_step(model, mon, ids)
+    mon.close()
+    assert not any(r._forward_hooks for r in routers)
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 3)
+    msgs = sink.routing()
+    assert [m.step for m in msgs] == [0, 1, 2] and all(m.token_counts_N.tolist() == [8, 8] for m in msgs)
+    K = discover(model).top_k
+    assert all((m.topk_counts_NLE.sum(axis=2) == 8 * K).all() for m in msgs)  # each token counted once
+    assert mon.stats()["dropped"] == {} and mon.stats()["hook_errors"] == 0
+
+
 def test_a_router_without_indices_takes_the_decision_from_the_experts_module(sink):
     """DeepSeek-V3 before transformers 5.13: the gate returns scores only and selects with a bias that
     the scores do not show; the experts module's input holds the decision. Counts must be the decision,
@@ -545,4 +570,5 @@ def test_a_router_without_indices_takes_the_decision_from_the_experts_module(sin
     run_one_step(olmoe, mon, torch.randint(0, VOCAB, (2, 8)))
     assert not any(mon._needs_experts_hook)
     run_one_step(olmoe, mon, torch.randint(0, VOCAB, (2, 8)))
+    assert not any(layer.experts._forward_pre_hooks for layer in discover(olmoe).layers)  # kept armed: routers only
     mon.close()
