@@ -115,18 +115,25 @@ def _slots(weights_MSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Staging:
     """One flat device buffer with named views, and a small pool of pinned host
-    buffers of the same size (one per in-flight message)."""
+    buffers of the same size (one per in-flight message).
+
+    Storage is sample-major, the wire's order ([N, L, E]): the sender makes a
+    message with one row selection per array. The reduction writes through
+    layer-major views of it (``views``: [L, N, E]). Counts and token counts are
+    int32, the rest float32; the buffers are int32, so that copying them moves
+    bits (a float copy of small integers' bit patterns, denormals, could flush)."""
+
+    FIELDS = {  # name: (storage shape from (L, N, E), dtype)
+        "mean_NLE": (lambda L, N, E: (N, L, E), torch.float32),
+        "counts_NLE": (lambda L, N, E: (N, L, E), torch.int32),
+        "entropy_NL": (lambda L, N, E: (N, L), torch.float32),
+        "cosine_NL": (lambda L, N, E: (N, L), torch.float32),  # column l: cos(layer l-1, layer l); column 0 unused
+        "tokens_N": (lambda L, N, E: (N,), torch.int32),
+        "loss_N": (lambda L, N, E: (N,), torch.float32),
+    }
 
     def __init__(self, *, num_layers: int, slots: int, num_experts: int, device: torch.device, pool_size: int = 4):
-        L, N, E = num_layers, slots, num_experts
-        self.shapes = {
-            "mean_LNE": (L, N, E),
-            "counts_LNE": (L, N, E),
-            "entropy_LN": (L, N),
-            "cosine_LN": (L, N),  # row l holds cos(layer l-1, layer l); row 0 unused
-            "tokens_N": (N,),
-            "loss_N": (N,),
-        }
+        self.shapes = {name: shape(num_layers, slots, num_experts) for name, (shape, _) in self.FIELDS.items()}
         self.offsets = {}
         total = 0
         for name, shape in self.shapes.items():
@@ -134,15 +141,25 @@ class Staging:
             total += math.prod(shape)
         self.size = total
         self.device = device
-        self.device_buf = torch.zeros(total, dtype=torch.float32, device=device)
-        self.views = self.split(self.device_buf)
+        self.device_buf = torch.zeros(total, dtype=torch.int32, device=device)
+        stored = self.split(self.device_buf)
+        self.views = {  # what the reduction writes: layer-major views of the same memory
+            "mean_LNE": stored["mean_NLE"].transpose(0, 1),
+            "counts_LNE": stored["counts_NLE"].transpose(0, 1),
+            "entropy_LN": stored["entropy_NL"].t(),
+            "cosine_LN": stored["cosine_NL"].t(),  # row l: cos(layer l-1, layer l)
+            "tokens_N": stored["tokens_N"],
+            "loss_N": stored["loss_N"],
+        }
         pin = device.type == "cuda"
-        self.pool = [torch.zeros(total, dtype=torch.float32, pin_memory=pin) for _ in range(pool_size)]
+        self.pool = [torch.zeros(total, dtype=torch.int32, pin_memory=pin) for _ in range(pool_size)]
         self.free = list(range(pool_size))
         self.layouts: dict[tuple, tuple] = {}  # build_context's device tensors for unmasked batches
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: flat[o:o + n].view(self.shapes[name]) for name, (o, n) in self.offsets.items()}
+        """The fields of one buffer in storage order, each in its own dtype (views, no copy)."""
+        return {name: flat[o:o + n].view(self.FIELDS[name][1]).view(self.shapes[name])
+                for name, (o, n) in self.offsets.items()}
 
     def take(self) -> Optional[int]:
         return self.free.pop() if self.free else None  # list.pop is atomic under the GIL
@@ -169,8 +186,8 @@ def routing_distribution(logits: torch.Tensor, distribution: str, detect_probs: 
         if distribution == "sigmoid":
             s = torch.sigmoid(x)
             dist = s / s.sum(dim=dim, keepdim=True)
-        else:  # "probs"
-            dist = x
+        else:  # "probs": given as is, scaled to sum to 1 (a user's record(probs=...) may not)
+            dist = x / x.sum(dim=dim, keepdim=True).clamp_min(_LOG_FLOOR)
         log_dist = dist.clamp_min(_LOG_FLOOR).log()
     if detect_probs:
         lead = x.shape[0] if x.dim() == 4 else 1
@@ -259,22 +276,27 @@ def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None) -> None
     batched layout (default: ``expert_dim`` of the device)."""
     views = ctx.staging.views
     dim = expert_dim(ctx.staging.device) if dim is None else dim
-    M = ctx.rows_M.shape[0]
-    for g in ctx.pending:
-        if g.raw:  # views of the first M rows (a view holds no more than the router's tensor already did)
-            S = ctx.seq_len if g.seq_len is None else g.seq_len
-            g.logits_MSE = g.logits_MSE.reshape(ctx.num_rows, S, -1)[:M]
-            g.idx_MSK = None if g.idx_MSK is None else g.idx_MSK.reshape(ctx.num_rows, S, -1)[:M]
-            g.raw = False
     batches: dict[tuple, list[Gathered]] = {}
     for g in ctx.pending:
-        key = (g.seq_len, tuple(g.logits_MSE.shape), g.logits_MSE.dtype, g.distribution, g.detect_probs,
+        key = (g.raw, g.seq_len, tuple(g.logits_MSE.shape), g.logits_MSE.dtype, g.distribution, g.detect_probs,
                None if g.idx_MSK is None else tuple(g.idx_MSK.shape))
         batches.setdefault(key, []).append(g)
     for group in batches.values():
         _reduce_batch(ctx, group, top_k, views, dim)
     _cosines(ctx, views)
     ctx.pending = []
+
+
+def _sampled_rows(ctx: BatchContext, g: Gathered, t: torch.Tensor) -> torch.Tensor:
+    """[M, S, X] of a gathered tensor; of a raw one ([B*S, X] or [B, S, X]) the
+    first M rows, as a view (one slice, one view: these run once per layer)."""
+    if not g.raw:
+        return t
+    M = ctx.rows_M.shape[0]
+    S = ctx.seq_len if g.seq_len is None else g.seq_len
+    if t.dim() == 2:
+        return t[:M * S].view(M, S, t.shape[-1])
+    return t.reshape(ctx.num_rows, S, -1)[:M]
 
 
 def _token_weights(ctx: BatchContext, seq_len: Optional[int]) -> tuple:
@@ -303,7 +325,8 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
     D = tokens_MD.shape[1]
     N = M * D
     tokens_last = dim == -2  # x is [G, M, E, S]; else [G, M, S, E]
-    x = torch.stack([g.logits_MSE.transpose(-1, -2) if tokens_last else g.logits_MSE for g in group])
+    x = torch.stack([_sampled_rows(ctx, g, g.logits_MSE).transpose(-1, -2) if tokens_last
+                     else _sampled_rows(ctx, g, g.logits_MSE) for g in group])
     p, log_p = routing_distribution(x, first.distribution, first.detect_probs, dim=dim)
     # [p | p log p] (F = E + 1), averaged over each slot's tokens in one product and sum.
     feats = torch.cat([p, (p * log_p).sum(dim=dim, keepdim=True)], dim=dim)
@@ -316,22 +339,29 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
         avg_GMF = (feats * avg[:, None, :]).sum(dim=-1)
     else:
         avg_GMF = (feats * avg[:, :, None]).sum(dim=-2)
-    # Top-k counts: one index_add of each token's weight (0 or 1) at its slot and experts (no host sync).
+    # Top-k counts: each token's weight (0 or 1) added at its slot and experts in one scatter (no host sync).
     if first.idx_MSK is not None:
-        idx_GMSK = torch.stack([g.idx_MSK for g in group])
+        idx_GMSK = torch.stack([_sampled_rows(ctx, g, g.idx_MSK) for g in group])
     else:  # no decision exposed: the top-k of the distribution itself
         idx_GMSK = p.topk(top_k, dim=dim).indices
         idx_GMSK = idx_GMSK.transpose(-1, -2) if tokens_last else idx_GMSK
     K = idx_GMSK.shape[-1]
     cached = ctx.extra.get(("counts", G, S, E, K))
-    if cached is None:  # flat index of (layer, slot, expert 0) per token, and each token's weight per choice
-        offsets_G = torch.arange(G, device=slot_MS.device) * N
-        cached = ctx.extra[("counts", G, S, E, K)] = (((offsets_G[:, None, None] + slot_MS) * E)[..., None],
-                                                      valid_MS[None, :, :, None].expand(G, M, S, K).reshape(-1))
-    base, weight = cached
-    counts_GNE = torch.zeros(G * N * E, dtype=torch.float32, device=p.device)
-    counts_GNE.index_add_(0, (base + idx_GMSK).reshape(-1), weight)
-    counts_GNE = counts_GNE.view(G, N, E)
+    if cached is None:  # each token's weight per choice; packed: the flat (layer, slot, expert 0) index too
+        weight_GMX = valid_MS[None, :, :, None].expand(G, M, S, K).reshape(G, M, S * K)
+        base = None
+        if packed:
+            offsets_G = torch.arange(G, device=slot_MS.device) * N
+            base = ((offsets_G[:, None, None] + slot_MS) * E)[..., None]
+        cached = ctx.extra[("counts", G, S, E, K)] = (base, weight_GMX)
+    base, weight_GMX = cached
+    if packed:  # a row's tokens fall in several slots
+        counts = torch.zeros(G * N * E, dtype=torch.float32, device=p.device)
+        counts.index_add_(0, (base + idx_GMSK).reshape(-1), weight_GMX.reshape(-1))
+        counts = counts.view(G, N, E)
+    else:  # one slot per row: scatter along the experts
+        counts = torch.zeros(G, M, E, dtype=torch.float32, device=p.device)
+        counts.scatter_add_(2, idx_GMSK.reshape(G, M, S * K), weight_GMX)
     # Writes: slices of the staging views when the layers are consecutive (a transformers model).
     layers = [g.layer for g in group]
     lo = layers[0]
@@ -339,14 +369,15 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
     targets = [slice(lo, lo + G)] if consecutive else layers
     for i, t in enumerate(targets):
         part = slice(None) if consecutive else i
-        mean, ent = views["mean_LNE"][t], views["entropy_LN"][t]
+        mean, ent, cnt = views["mean_LNE"][t], views["entropy_LN"][t], views["counts_LNE"][t]
         if packed:
             mean.copy_(avg_GNF[part, ..., :E])
             torch.mul(avg_GNF[part, ..., E], -1.0 / math.log(E), out=ent)
+            cnt.copy_(counts[part])
         else:  # one slot per row: slot m*D; the other D-1 slots keep zero tokens and are never read
-            mean.view(mean.shape[:-2] + (M, D, E))[..., 0, :].copy_(avg_GMF[part, ..., :E])
-            torch.mul(avg_GMF[part, ..., E], -1.0 / math.log(E), out=ent.view(ent.shape[:-1] + (M, D))[..., 0])
-        views["counts_LNE"][t].copy_(counts_GNE[part])
+            mean[..., ::D, :].copy_(avg_GMF[part, ..., :E])
+            torch.mul(avg_GMF[part, ..., E], -1.0 / math.log(E), out=ent[..., ::D])
+            cnt[..., ::D, :].copy_(counts[part])
     if 0 in layers:
         views["tokens_N"].copy_(tokens_MD.reshape(N))
 
@@ -359,12 +390,12 @@ def _cosines(ctx: BatchContext, views: dict) -> None:
         return
     layers = [g.layer for g in gathered]
     mean_LNE = views["mean_LNE"]
-    weights = [g.weight_EH.detach() for g in gathered]
+    weights = [g.weight_EH for g in gathered]  # inference_mode: no autograd record, no detach needed
     if len({tuple(w.shape) for w in weights}) == 1 and layers == list(range(layers[0], layers[0] + len(layers))):
         lo, hi = layers[0], layers[-1] + 1
         emb_LNH = torch.bmm(mean_LNE[lo:hi], torch.stack(weights).float())
-        views["cosine_LN"][lo + 1:hi].copy_(
-            torch.nn.functional.cosine_similarity(emb_LNH[:-1], emb_LNH[1:], dim=-1, eps=1e-12))
+        emb_LNH = emb_LNH / torch.linalg.vector_norm(emb_LNH, dim=-1, keepdim=True).clamp_min_(1e-12)
+        torch.sum(emb_LNH[:-1] * emb_LNH[1:], dim=-1, out=views["cosine_LN"][lo + 1:hi])
         return
     prev = None
     for layer, w in zip(layers, weights):

@@ -48,6 +48,16 @@ class Pending:
     with_loss: bool
 
 
+def _as_slice(indices: list[int]):
+    """``indices`` as a slice when they step evenly (then NumPy returns views), else as they are."""
+    if len(indices) == 1:
+        return slice(indices[0], indices[0] + 1)
+    step = indices[1] - indices[0]
+    if step > 0 and all(b - a == step for a, b in zip(indices, indices[1:])):
+        return slice(indices[0], indices[-1] + 1, step)
+    return indices
+
+
 class Sender:
     def __init__(self, *, endpoint: str, run: str, rank: int, world_size: int, num_layers: int, num_experts: int,
                  top_k: int, distribution: str, has_cosines: bool, staging=None, queue_size: int = 64,
@@ -126,36 +136,41 @@ class Sender:
                          hook_errors=self.hook_errors, disabled=self.disabled)
 
     def _routing(self, p: Pending) -> Optional[Routing]:
-        """Few NumPy calls on views made once: this thread holds the GIL while
-        it builds a message, and the training thread may be waiting for it."""
+        """One row selection per array: the staging buffer is stored in the
+        wire's order and dtypes. Few NumPy calls, because this thread holds the
+        GIL while it builds a message and the training thread may be waiting
+        for it (in a training process each call here costs ~10 us, not ~1)."""
         if p.event is not None:
             p.event.synchronize()  # waits here, on the sender thread, not in training
         v = self._host_views[p.host_index]
-        tokens = v["tokens_N"]
-        keep = [i for i in np.flatnonzero(tokens).tolist() if p.sample_ids[i]]
+        keep = [i for i in np.flatnonzero(v["tokens_N"]).tolist() if p.sample_ids[i]]
         if not keep:
             return None
-        # Fancy indexing copies: the pinned buffer goes back to the pool after this.
-        mean = v["mean_LNE"][:, keep].transpose(1, 0, 2)
-        mean /= mean.sum(axis=2, keepdims=True)  # float32 rounding of the device mean (a few ulp)
+        rows = _as_slice(keep)  # usually slots 0, D, 2D, ...: views, copied once by encode
         return Routing(
             **self._header(), source=p.source, step=p.step, top_k=self.shape[2],
             sample_ids=tuple(p.sample_ids[i] for i in keep), groups=tuple(p.groups[i] for i in keep),
-            token_counts_N=np.rint(tokens[keep]).astype(np.uint32),
-            mean_probs_NLE=mean,
-            topk_counts_NLE=np.rint(v["counts_LNE"][:, keep].transpose(1, 0, 2)).astype(np.uint32),
-            entropy_NL=np.clip(v["entropy_LN"][:, keep].T, 0.0, 1.0),
-            adj_cosine_NL1=(np.clip(v["cosine_LN"][1:, keep].T, -1.0, 1.0)
-                            if p.with_cosines and v["cosine_LN"].shape[0] > 1 else None),
-            loss_N=v["loss_N"][keep] if p.with_loss else None,
+            token_counts_N=v["tokens_N"][rows].view(np.uint32),
+            mean_probs_NLE=v["mean_NLE"][rows],
+            topk_counts_NLE=v["counts_NLE"][rows].view(np.uint32),
+            entropy_NL=v["entropy_NL"][rows],
+            adj_cosine_NL1=v["cosine_NL"][rows, 1:] if p.with_cosines and self.shape[0] > 1 else None,
+            loss_N=v["loss_N"][rows] if p.with_loss else None,
         )
 
-    def _send(self, message) -> None:
+    def _encode(self, message) -> Optional[bytes]:
         try:
-            data = encode(message)
+            return encode(message)
         except Exception:
             self.count_drop("encode_error")
-            return
+            return None
+
+    def _send(self, message) -> None:
+        data = self._encode(message)
+        if data is not None:
+            self._send_bytes(data)
+
+    def _send_bytes(self, data: bytes) -> None:
         if len(data) > self.max_message_bytes:
             self.count_drop("too_large")
             return
@@ -167,12 +182,13 @@ class Sender:
 
     def _process(self, item) -> None:
         if isinstance(item, Pending):
-            try:
+            try:  # the message's arrays are views of the pinned buffer until encoded
                 message = self._routing(item)
+                data = None if message is None else self._encode(message)
             finally:
                 self.staging.give_back(item.host_index)
-            if message is not None:
-                self._send(message)
+            if data is not None:
+                self._send_bytes(data)
         elif item[0] == "hello":
             self._send(self._hello())
         elif item[0] == "eval":

@@ -10,7 +10,10 @@ layout, arming the layer hooks), the router hooks (``router hooks``, of which
 ``reduce_all``, the batched reduction, and ``submit``, the hand-over to the
 sender thread).
 Printed as microseconds per sampled step, beside the step's median time.
-A diagnostic: the A/B ratio is agent_overhead.py's job.
+The sender thread's CPU time per message (``time.thread_time`` around its
+``_process``: building, encoding and sending one message) is printed below:
+on a machine whose training shares its core with the sender, it adds to the
+step too. A diagnostic: the A/B ratio is agent_overhead.py's job.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -26,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import grokwatch.agent.monitor as monitor_module  # noqa: E402
-from agent_overhead import make_model  # noqa: E402
+from agent_overhead import PULL_SINK, free_port, make_model  # noqa: E402
 
 import grokwatch.agent as gw  # noqa: E402
 
@@ -56,17 +60,37 @@ def main() -> int:
     sender_module = sys.modules["grokwatch.agent.sender"]
     sender_module.Sender.submit = timed("  of which submit", sender_module.Sender.submit)
     M._disarm_layers = timed("  of which disarm", M._disarm_layers)
+    process = sender_module.Sender._process
+    sender_cpu = [0.0, 0]
+
+    def process_timed(self, item):
+        t = time.thread_time()
+        try:
+            return process(self, item)
+        finally:
+            if isinstance(item, sender_module.Pending):
+                sender_cpu[0] += time.thread_time() - t
+                sender_cpu[1] += 1
+    sender_module.Sender._process = process_timed
     router_hook = M._router_hook
     M._router_hook = lambda self, index: timed("router hooks", router_hook(self, index))
 
     model, vocab, batch, seq = make_model("tiny", "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    mon = gw.attach(model, "tcp://127.0.0.1:9", "hook-cost", every_n_steps=1, max_samples_per_step=batch)
+    # A bare PULL socket on the last CPU receives (as in agent_overhead.py); training and the sender on the others.
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        os.sched_setaffinity(0, cpus[:-1])
+    sink = subprocess.Popen([sys.executable, "-c", PULL_SINK, endpoint],
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus[-1:])) if len(cpus) >= 2 else None)
+    mon = gw.attach(model, endpoint, "hook-cost", every_n_steps=1, max_samples_per_step=batch)
     gen = torch.Generator().manual_seed(1)
     times = []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             spent.clear()
+            sender_cpu[:] = [0.0, 0]
         ids = torch.randint(0, vocab, (batch, seq), generator=gen)
         mon.step(step)
         t = time.perf_counter()
@@ -76,6 +100,8 @@ def main() -> int:
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
     mon.close()
+    sink.kill()
+    sink.wait()
     print(f"median step {statistics.median(times) * 1e3:.2f} ms over {args.steps} sampled steps "
           f"(tiny OLMoE, batch {batch} x {seq}, 8 samples, torch {torch.__version__})")
     for name in ("start (pre-hook)", "router hooks", "  of which gather_layer", "end (post-hook)",
@@ -84,6 +110,9 @@ def main() -> int:
     total = sum(v for k, v in spent.items() if not k.startswith("  "))
     print(f"{'total on the training thread':<26} {total / args.steps * 1e6:8.1f} us/step "
           f"({total / sum(times) * 100:.2f} % of the step)")
+    per_message = sender_cpu[0] / max(sender_cpu[1], 1)
+    print(f"{'sender thread CPU':<26} {per_message * 1e6:8.1f} us/message ({sender_cpu[1]} messages, "
+          f"dropped {sum(mon.stats()['dropped'].values())})")
     return 0
 
 

@@ -64,8 +64,8 @@ _INT64_MAX = 2**63 - 1
 
 
 def _array(x: np.ndarray, dtype: str) -> dict:
-    arr = np.ascontiguousarray(x, dtype=dtype)
-    return {"dtype": dtype, "shape": list(arr.shape), "data": arr.tobytes()}
+    arr = x if isinstance(x, np.ndarray) and x.dtype == dtype else np.asarray(x, dtype=dtype)
+    return {"dtype": dtype, "shape": list(arr.shape), "data": arr.tobytes()}  # tobytes: C order, also of a view
 
 
 def encode(message: Message) -> bytes:
