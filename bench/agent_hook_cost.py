@@ -1,9 +1,11 @@
 """Where a sampled step's agent time goes, on the training thread.
 
-    python bench/agent_hook_cost.py [--steps 200]
+    python bench/agent_hook_cost.py [--steps 200] [--device cpu|cuda] [--shape tiny|olmoe-1b-7b]
 
-The tiny OLMoE of agent_overhead.py trains with the agent summarizing every
-step (8 samples); each agent entry point that runs on the training thread is
+The tiny OLMoE of agent_overhead.py (or, on a GPU, its OLMoE-1B-7B shape,
+where every microsecond of host time in a hook lands on the step because the
+model synchronizes inside each MoE layer) trains with the agent summarizing
+every step (8 samples, or the shape's rows); each agent entry point that runs on the training thread is
 wrapped with a timer: the top-level pre-hook (``start``: sampling, slot
 layout, arming the layer hooks), the router hooks (``router hooks``, of which
 ``gather_layer``), and the top-level post-hook (``end``: of which
@@ -39,8 +41,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shape", default="tiny", choices=["tiny", "olmoe-1b-7b"])
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    cuda = args.device == "cuda"
     spent: dict[str, float] = {}
 
     def timed(name, fn):
@@ -75,7 +81,7 @@ def main() -> int:
     router_hook = M._router_hook
     M._router_hook = lambda self, index: timed("router hooks", router_hook(self, index))
 
-    model, vocab, batch, seq = make_model("tiny", "cpu")
+    model, vocab, batch, seq = make_model(args.shape, args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     # A bare PULL socket on the last CPU receives (as in agent_overhead.py); training and the sender on the others.
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -91,19 +97,23 @@ def main() -> int:
         if step == args.warmup:
             spent.clear()
             sender_cpu[:] = [0.0, 0]
-        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(args.device)
         mon.step(step)
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
     mon.close()
     sink.kill()
     sink.wait()
     print(f"median step {statistics.median(times) * 1e3:.2f} ms over {args.steps} sampled steps "
-          f"(tiny OLMoE, batch {batch} x {seq}, 8 samples, torch {torch.__version__})")
+          f"({args.shape} OLMoE on {args.device}, batch {batch} x {seq}, {batch} samples, torch {torch.__version__})")
     for name in ("start (pre-hook)", "router hooks", "  of which gather_layer", "end (post-hook)",
                  "  of which disarm", "  of which reduce_all", "  of which submit"):
         print(f"{name:<26} {spent.get(name, 0.0) / args.steps * 1e6:8.1f} us/step")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared script for a leased GPU (device tool): the agent's CUDA path
 # against the float64 reference, then the paired overhead benchmark at the
-# OLMoE-1B-7B shape. Runs under the device image's own python3 (torch, numba,
-# msgpack are there); pyzmq travels as a wheel in .whl/ (see docs/benchmarks.md).
+# OLMoE-1B-7B shape, then the host time per hook at that shape (about 9 min in
+# all: run it with timeout_s 600). Runs under the device image's own python3
+# (torch, numba, msgpack are there); pyzmq travels as a wheel in .whl/ (see
+# docs/benchmarks.md).
 set -u
 OUT=${OUT:-/tmp/grokwatch-gpu}
 mkdir -p "$OUT"
@@ -18,4 +20,7 @@ bench() { timeout "$1" python3 bench/agent_overhead.py --device cuda --shape olm
 bench "${BENCH_S:-330}" "${CADENCE_S:-110}"
 # Out of memory on a smaller card: the same shape at half the tokens.
 [ -s "$OUT/agent_overhead.json" ] || bench 200 60 --seq 2048
+# Where a sampled step's host time goes (hooks, reduction, hand-over), at the same shape.
+timeout "${HOOK_S:-80}" python3 bench/agent_hook_cost.py --device cuda --shape olmoe-1b-7b --steps 40 --warmup 5 \
+    2>&1 | tee "$OUT/hook_cost.txt"
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$OUT/gpu.txt"
