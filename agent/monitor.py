@@ -122,8 +122,7 @@ class Monitor:
         # Layers whose router returns no index tensor take the decision from the experts module's
         # forward pre-hook; learned on the first sampled forward, so others carry one hook, not two.
         self._needs_experts_hook = [layer.experts is not None for layer in self.layers]
-        self._layer_hooks = [(self._guard(self._router_hook(i)), self._guard(self._experts_hook(i)))
-                             for i in range(len(self.layers))]
+        self._layer_hooks = [(self._router_hook(i), self._guard(self._experts_hook(i))) for i in range(len(self.layers))]
         from grokwatch.agent.probe import Probe
 
         self.probe = Probe(self, config.probe_size, probe_fn) if config.probe_size else None
@@ -255,21 +254,31 @@ class Monitor:
                              staging=self.staging)
 
     def _router_hook(self, index: int):
+        """Runs once per MoE layer in every summarized forward, so it carries
+        its own guard (one Python frame less than ``_guard``) and learns once
+        where the router's output holds its int64 [T, K] indices."""
         layer = self.layers[index]
+        where: list[Optional[int]] = [None]  # the indices' position in the output; -1: none
 
         def hook(module, args, output):
             ctx = self._ctx
-            if ctx is None:
-                return  # not sampled, or an activation-checkpoint recompute in backward
-            outputs = output if isinstance(output, (tuple, list)) else (output,)
-            logits = outputs[layer.logits_index]
-            indices = next((t for t in outputs if isinstance(t, torch.Tensor) and t.dtype == torch.int64
-                            and t.dim() == 2), None)
-            if indices is not None:
-                self._needs_experts_hook[index] = False
-            # Without indices: the experts pre-hook, which runs next, supplies them (else top-k of p).
-            gather_layer(ctx, index, logits, indices, self._router_weights[index], self.shape.distribution,
-                         detect_probs=self.shape.detect_probs)
+            if ctx is None or self.disabled:
+                return None  # not sampled, or an activation-checkpoint recompute in backward
+            try:
+                outputs = output if isinstance(output, (tuple, list)) else (output,)
+                at = where[0]
+                if at is None:
+                    at = where[0] = next((i for i, t in enumerate(outputs) if isinstance(t, torch.Tensor)
+                                          and t.dtype == torch.int64 and t.dim() == 2), -1)
+                    if at >= 0:
+                        self._needs_experts_hook[index] = False
+                # Without indices: the experts pre-hook, which runs next, supplies them (else top-k of p).
+                gather_layer(ctx, index, outputs[layer.logits_index], outputs[at] if at >= 0 else None,
+                             self._router_weights[index], self.shape.distribution,
+                             detect_probs=self.shape.detect_probs)
+            except Exception as exc:  # never into the training loop
+                self._hook_error(exc)
+            return None
         return hook
 
     def _experts_hook(self, index: int):

@@ -310,10 +310,16 @@ def test_training_runs_with_no_collector_and_drops_are_counted():
     assert stats["dropped"].get("send_blocked", 0) > 0
 
 
-def test_an_exception_inside_a_hook_never_reaches_training(sink, caplog):
+@pytest.mark.parametrize("where", ["forward end", "router hook"])
+def test_an_exception_inside_a_hook_never_reaches_training(where, sink, caplog, monkeypatch):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "broken", every_n_steps=1, max_hook_errors=3)
-    mon._router_weights[1] = torch.zeros(5, 5)  # the cosine matmul now fails inside the hook
+    if where == "forward end":
+        mon._router_weights[1] = torch.zeros(5, 5)  # the cosine matmul now fails inside the hook
+    else:
+        def broken(*args, **kwargs):
+            raise RuntimeError("broken gather")
+        monkeypatch.setattr("grokwatch.agent.monitor.gather_layer", broken)
     ids = torch.randint(0, VOCAB, (2, 8))
     for _ in range(6):
         run_one_step(model, mon, ids)  # must not raise
