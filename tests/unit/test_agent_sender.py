@@ -1,0 +1,42 @@
+"""The agent's sender, without a model: the bound of its queue, and how it selects the sampled
+slots of the staging buffer."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("zmq")
+
+from grokwatch.agent.sender import Sender, _as_slice  # noqa: E402
+
+
+def test_a_full_queue_drops_and_counts_and_never_blocks(monkeypatch):
+    """The training thread's put never waits: past queue_size items it counts queue_full."""
+    monkeypatch.setattr(Sender, "_loop", lambda self: None)  # nobody drains the queue
+    sender = Sender(endpoint="tcp://127.0.0.1:9", run="r", rank=0, world_size=1, num_layers=2, num_experts=4,
+                    top_k=1, distribution="softmax", has_cosines=False, queue_size=3)
+    for step in range(5):  # the hello took one place
+        sender.submit_eval(step, {"math": 0.5})
+    assert sender.queue.qsize() == 3
+    assert sender.dropped == {"queue_full": 3}
+    sender.close(0.1)
+
+
+@pytest.mark.parametrize("keep, expected", [
+    ([0, 4, 8, 12], slice(0, 13, 4)),  # one slot per row (D = 4)
+    ([0, 1, 2], slice(0, 3, 1)),  # packed rows, every document slot used
+    ([5], slice(5, 6)),
+    ([0, 1, 4, 5, 6], None),  # packed rows with fewer documents: fancy indexing
+    ([0, 4, 9], None),
+])
+def test_sampled_slots_as_a_slice_select_the_same_rows(keep, expected):
+    """A slice when the slots step evenly (NumPy views, copied once by encode), else fancy indexing:
+    both select the same rows."""
+    rows = _as_slice(keep)
+    if expected is None:
+        assert rows == keep
+    else:
+        assert rows == expected
+    table = np.arange(16 * 3 * 2, dtype=np.float32).reshape(16, 3, 2)
+    np.testing.assert_array_equal(table[rows], table[keep])
+    np.testing.assert_array_equal(table[rows, 1:], table[keep][:, 1:])
