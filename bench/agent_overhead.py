@@ -10,7 +10,8 @@ instead), pinned to the last CPU with training on the others, as a sidecar
 with its own CPU would be (``--pin off``: the OS places both). A control with the agent paused in both
 steps (A/A) shows what the design can resolve. For the agent summarizing every
 step and at its default cadence: the median step time of each, the ratio of
-medians, the median of per-pair ratios, and the ratio of means (at a cadence
+medians, the median of per-pair ratios with its 95 % bootstrap interval, and
+the ratio of means (at a cadence
 of N the median is an unsampled step; the mean carries the sampled ones at
 their true share).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -70,6 +72,15 @@ def make_model(shape: str, device: str, seed: int = 0):
     return model.train(), cfg.vocab_size, 2, 4096
 
 
+def bootstrap_median_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the median: how far the median pair ratio can be trusted
+    on a machine whose speed drifts (the control's interval shows the floor)."""
+    rng = random.Random(seed)
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 def timed_step(model, opt, ids, device) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -114,8 +125,9 @@ def run(every_n: int, args, endpoint: str, model, vocab: int, batch: int, seq: i
     mon.close()
     del opt
     ma, mb = statistics.median(ta), statistics.median(tb)
+    ratios = [b / a for a, b in zip(ta, tb)]
     return dict(every_n=every_n, pairs=len(ta), base_ms=ma * 1e3, agent_ms=mb * 1e3, ratio=mb / ma,
-                pair_ratio=statistics.median(b / a for a, b in zip(ta, tb)),
+                pair_ratio=statistics.median(ratios), pair_ratio_ci=bootstrap_median_ci(ratios),
                 mean_ratio=statistics.fmean(tb) / statistics.fmean(ta), sent=stats["sent"],
                 dropped=sum(stats["dropped"].values()), hook_errors=stats["hook_errors"],
                 base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb])
@@ -164,14 +176,14 @@ def main() -> int:
             info["gpu"] = torch.cuda.get_device_name()
         print(" ".join(f"{k}={v}" for k, v in info.items()), "(paired, alternating)")
         print(f"{'cadence':<22} {'pairs':>5} {'base ms':>9} {'agent ms':>9} {'median ratio':>12} {'pair ratio':>11} "
-              f"{'mean ratio':>11} {'sent':>6} {'dropped':>8}")
+              f"{'95% CI':>15} {'mean ratio':>11} {'sent':>6} {'dropped':>8}")
         results = []
         for every_n in (0, 1, DEFAULT_EVERY_N_STEPS):
             r = run(every_n, args, endpoint, model, vocab, batch, seq)
             results.append(r)
             label = {0: "control (A/A)", 1: "every step"}.get(every_n, f"every {every_n} (default)")
             print(f"{label:<22} {r['pairs']:>5} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} "
-                  f"{r['pair_ratio']:>11.4f} "
+                  f"{r['pair_ratio']:>11.4f} {r['pair_ratio_ci'][0]:>7.4f}-{r['pair_ratio_ci'][1]:<7.4f} "
                   f"{r['mean_ratio']:>11.4f} {r['sent']:>6} {r['dropped']:>8}", flush=True)
         if args.device == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

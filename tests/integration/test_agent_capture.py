@@ -443,6 +443,10 @@ def test_probabilities_in_the_logits_slot_are_never_softmaxed_twice():
         torch.testing.assert_close(log_dist, probs.log(), atol=1e-5, rtol=1e-5)
     dist, _ = routing_distribution(logits, "sigmoid")
     torch.testing.assert_close(dist, torch.sigmoid(logits) / torch.sigmoid(logits).sum(-1, keepdim=True))
+    # record(probs=...): weights that do not sum to 1 are scaled per token on the device.
+    dist, log_dist = routing_distribution(3 * probs, "probs")
+    torch.testing.assert_close(dist, probs)
+    torch.testing.assert_close(log_dist, probs.log(), atol=1e-5, rtol=1e-5)
     # The experts in the middle (the CPU layout [G, M, E, S]): the same distribution, per layer, also
     # over many experts, and log p floored where a logit is -inf (p log p = 0, not NaN).
     for width in (8, 64):
