@@ -287,16 +287,25 @@ def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None) -> None
     ctx.pending = []
 
 
-def _sampled_rows(ctx: BatchContext, g: Gathered, t: torch.Tensor) -> torch.Tensor:
-    """[M, S, X] of a gathered tensor; of a raw one ([B*S, X] or [B, S, X]) the
-    first M rows, as a view (one slice, one view: these run once per layer)."""
-    if not g.raw:
-        return t
+def _stacked(ctx: BatchContext, group: list[Gathered], attr: str, tokens_last: bool = False) -> torch.Tensor:
+    """The group's ``attr`` tensors (logits or indices), sampled rows only, stacked:
+    [G, M, S, X] (``tokens_last``: [G, M, X, S]). Raw router outputs [B*S, X]
+    are sliced only when some rows are not sampled, and stacked flat: a few
+    calls whatever the depth, where a call costs host time on the step."""
+    first = group[0]
     M = ctx.rows_M.shape[0]
-    S = ctx.seq_len if g.seq_len is None else g.seq_len
-    if t.dim() == 2:
-        return t[:M * S].view(M, S, t.shape[-1])
-    return t.reshape(ctx.num_rows, S, -1)[:M]
+    S = ctx.seq_len if first.seq_len is None else first.seq_len
+    tensors = [getattr(g, attr) for g in group]
+    if first.raw and all(t.dim() == 2 for t in tensors):
+        n = M * S
+        if tensors[0].shape[0] != n:
+            tensors = [t[:n] for t in tensors]
+        if tokens_last:
+            return torch.stack([t.view(M, S, -1).transpose(-1, -2) for t in tensors])
+        return torch.stack(tensors).view(len(group), M, S, -1)
+    if first.raw:  # [B, S, X]
+        tensors = [t.reshape(ctx.num_rows, S, -1)[:M] for t in tensors]
+    return torch.stack([t.transpose(-1, -2) for t in tensors] if tokens_last else tensors)
 
 
 def _token_weights(ctx: BatchContext, seq_len: Optional[int]) -> tuple:
@@ -325,8 +334,7 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
     D = tokens_MD.shape[1]
     N = M * D
     tokens_last = dim == -2  # x is [G, M, E, S]; else [G, M, S, E]
-    x = torch.stack([_sampled_rows(ctx, g, g.logits_MSE).transpose(-1, -2) if tokens_last
-                     else _sampled_rows(ctx, g, g.logits_MSE) for g in group])
+    x = _stacked(ctx, group, "logits_MSE", tokens_last)
     p, log_p = routing_distribution(x, first.distribution, first.detect_probs, dim=dim)
     # [p | p log p] (F = E + 1), averaged over each slot's tokens in one product and sum.
     feats = torch.cat([p, (p * log_p).sum(dim=dim, keepdim=True)], dim=dim)
@@ -341,7 +349,7 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
         avg_GMF = (feats * avg[:, :, None]).sum(dim=-2)
     # Top-k counts: each token's weight (0 or 1) added at its slot and experts in one scatter (no host sync).
     if first.idx_MSK is not None:
-        idx_GMSK = torch.stack([_sampled_rows(ctx, g, g.idx_MSK) for g in group])
+        idx_GMSK = _stacked(ctx, group, "idx_MSK")
     else:  # no decision exposed: the top-k of the distribution itself
         idx_GMSK = p.topk(top_k, dim=dim).indices
         idx_GMSK = idx_GMSK.transpose(-1, -2) if tokens_last else idx_GMSK

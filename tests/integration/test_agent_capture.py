@@ -171,12 +171,14 @@ def test_agent_ships_what_the_routers_computed(family, device, layout, sink):
     check_against_reference(msg, ref)
 
 
-def test_untagged_batch_whose_rows_are_all_sampled_takes_views_not_gathers(sink):
-    """Rows 0..M-1 with M = max_samples_per_step: the slice path; same values as the reference."""
+@pytest.mark.parametrize("sampled", [4, 2])
+def test_untagged_batch_whose_first_rows_are_sampled_takes_views_not_gathers(sampled, layout, sink):
+    """Rows 0..M-1 with M = max_samples_per_step: the slice path (no slice at all when M is the
+    whole batch); same values as the reference, in both layouts."""
     model = tiny_model("qwen2_moe")
     shape = discover(model)
     tap = RouterTap(model)
-    mon = gw.attach(model, sink.endpoint, "prefix", every_n_steps=1, max_samples_per_step=4)
+    mon = gw.attach(model, sink.endpoint, "prefix", every_n_steps=1, max_samples_per_step=sampled)
     torch.manual_seed(2)
     input_ids = torch.randint(0, VOCAB, (4, 10))
     mask = torch.ones(4, 10, dtype=torch.long)
@@ -186,10 +188,10 @@ def test_untagged_batch_whose_rows_are_all_sampled_takes_views_not_gathers(sink)
     tap.remove()
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
     [msg] = sink.routing("train")
-    assert list(msg.sample_ids) == ["0:0", "0:1", "0:2", "0:3"]
+    assert list(msg.sample_ids) == ["0:0", "0:1", "0:2", "0:3"][:sampled]
     weights = [layer.weight_EH.detach() for layer in shape.layers]
-    ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask.numpy(), [0, 1, 2, 3],
-                              weights, shape.distribution, 2, 8)
+    ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask.numpy(),
+                              list(range(sampled)), weights, shape.distribution, 2, 8)
     check_against_reference(msg, ref)
 
 
