@@ -155,6 +155,21 @@ class Staging:
         self.pool = [torch.zeros(total, dtype=torch.int32, pin_memory=pin) for _ in range(pool_size)]
         self.free = list(range(pool_size))
         self.layouts: dict[tuple, tuple] = {}  # build_context's device tensors for unmasked batches
+        self.cached_views: dict[tuple, tuple] = {}  # slices of ``views`` the reduction writes, made once
+
+    def targets(self, layers, docs_per_row: int, packed: bool) -> tuple:
+        """(mean, entropy, counts) views for ``layers`` (a slice or one index): every slot when packed
+        rows split into documents, else each row's slot m*D (the other D-1 keep zero tokens, never read)."""
+        key = ((layers.start, layers.stop) if isinstance(layers, slice) else layers, docs_per_row, packed)
+        cached = self.cached_views.get(key)
+        if cached is None:
+            v = self.views
+            mean, ent, cnt = v["mean_LNE"][layers], v["entropy_LN"][layers], v["counts_LNE"][layers]
+            if not packed:
+                D = docs_per_row
+                mean, ent, cnt = mean[..., ::D, :], ent[..., ::D], cnt[..., ::D, :]
+            cached = self.cached_views[key] = (mean, ent, cnt)
+        return cached
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The fields of one buffer in storage order, each in its own dtype (views, no copy)."""
@@ -377,15 +392,11 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
     targets = [slice(lo, lo + G)] if consecutive else layers
     for i, t in enumerate(targets):
         part = slice(None) if consecutive else i
-        mean, ent, cnt = views["mean_LNE"][t], views["entropy_LN"][t], views["counts_LNE"][t]
-        if packed:
-            mean.copy_(avg_GNF[part, ..., :E])
-            torch.mul(avg_GNF[part, ..., E], -1.0 / math.log(E), out=ent)
-            cnt.copy_(counts[part])
-        else:  # one slot per row: slot m*D; the other D-1 slots keep zero tokens and are never read
-            mean[..., ::D, :].copy_(avg_GMF[part, ..., :E])
-            torch.mul(avg_GMF[part, ..., E], -1.0 / math.log(E), out=ent[..., ::D])
-            cnt[..., ::D, :].copy_(counts[part])
+        mean, ent, cnt = ctx.staging.targets(t, D, packed)
+        avg = avg_GNF if packed else avg_GMF
+        mean.copy_(avg[part, ..., :E])
+        torch.mul(avg[part, ..., E], -1.0 / math.log(E), out=ent)
+        cnt.copy_(counts[part])
     if 0 in layers:
         views["tokens_N"].copy_(tokens_MD.reshape(N))
 
@@ -401,9 +412,14 @@ def _cosines(ctx: BatchContext, views: dict) -> None:
     weights = [g.weight_EH for g in gathered]  # inference_mode: no autograd record, no detach needed
     if len({tuple(w.shape) for w in weights}) == 1 and layers == list(range(layers[0], layers[0] + len(layers))):
         lo, hi = layers[0], layers[-1] + 1
-        emb_LNH = torch.bmm(mean_LNE[lo:hi], torch.stack(weights).float())
+        key = ("cosines", lo, hi)
+        cached = ctx.staging.cached_views.get(key)
+        if cached is None:
+            cached = ctx.staging.cached_views[key] = (mean_LNE[lo:hi], views["cosine_LN"][lo + 1:hi])
+        means, out = cached
+        emb_LNH = torch.bmm(means, torch.stack(weights).float())
         emb_LNH = emb_LNH / torch.linalg.vector_norm(emb_LNH, dim=-1, keepdim=True).clamp_min_(1e-12)
-        torch.sum(emb_LNH[:-1] * emb_LNH[1:], dim=-1, out=views["cosine_LN"][lo + 1:hi])
+        torch.sum(emb_LNH[:-1] * emb_LNH[1:], dim=-1, out=out)
         return
     prev = None
     for layer, w in zip(layers, weights):
