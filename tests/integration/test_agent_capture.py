@@ -215,6 +215,26 @@ def test_a_masked_out_expert_adds_nothing_to_the_entropy(layout, sink):
     np.testing.assert_allclose(msg.entropy_NL[0, 0], math.log(3) / math.log(4), rtol=1e-6)
 
 
+def test_router_output_that_is_not_contiguous_is_summarized_in_both_layouts(layout, sink):
+    """A router may hand over a transposed view ([T, E] with strides of [E, T]): stacking the sampled
+    rows must not assume contiguous memory."""
+    class TransposedRouter(torch.nn.Module):
+        def forward(self, input_ids):
+            self.logits_ET = torch.randn(4, input_ids.numel())
+            self.mon.record(0, logits=self.logits_ET.t())  # [T, E], not contiguous
+            return self.logits_ET
+
+    model = TransposedRouter()
+    mon = model.mon = gw.attach(model, sink.endpoint, "strided", num_layers=1, num_experts=4, top_k=1,
+                                every_n_steps=1, max_samples_per_step=2)
+    model(torch.zeros(2, 5, dtype=torch.long))
+    mon.close()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    expected = torch.softmax(model.logits_ET.t().reshape(2, 5, 4), -1).mean(dim=1)
+    np.testing.assert_allclose(msg.mean_probs_NLE[:, 0], expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_checkpointing_records_each_layer_once(sink):
     results, router_calls = {}, {}
     for mode in ("off", "non_reentrant", "reentrant"):
