@@ -171,6 +171,50 @@ def test_agent_ships_what_the_routers_computed(family, device, layout, sink):
     check_against_reference(msg, ref)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cuda_agent_never_makes_the_training_thread_wait_for_the_device(family, sink, monkeypatch):
+    """The agent's training-thread part under torch.cuda.set_sync_debug_mode("error"): an op in it that
+    waits for the device raises, and the guard counts it as a hook error. The mode is on only inside the
+    agent's hooks (the model's own forward may sync: expert offsets, the experts loop), and the hand-over
+    to the sender waits until it is off (the sender's event wait is its own, on its own thread)."""
+    from grokwatch.agent.monitor import Monitor
+
+    held = []
+
+    def strict(fn):
+        def wrapper(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return wrapper
+
+    router_hook = Monitor._router_hook
+    monkeypatch.setattr(Monitor, "_on_forward_start", strict(Monitor._on_forward_start))
+    monkeypatch.setattr(Monitor, "_on_forward_end", strict(Monitor._on_forward_end))
+    monkeypatch.setattr(Monitor, "_router_hook", lambda self, index: strict(router_hook(self, index)))
+    model = tiny_model(family).to("cuda")
+    mon = gw.attach(model, sink.endpoint, f"nosync-{family}", every_n_steps=1, max_samples_per_step=3)
+    real_submit = mon.sender.submit
+    mon.sender.submit = held.append
+    input_ids = torch.randint(0, VOCAB, (4, 12), device="cuda")
+    mask = torch.ones(4, 12, dtype=torch.long, device="cuda")
+    mask[1, 9:] = 0
+    # A masked, tagged batch (layout built, rows gathered), then an unmasked untagged one (cached, sliced).
+    run_one_step(model, mon, input_ids, mask, ids=["d", "a", "c", "b"], groups=["g"] * 4)
+    run_one_step(model, mon, input_ids)
+    for pending in held:
+        real_submit(pending)
+    stats = mon.stats()
+    mon.close()
+    assert stats["hook_errors"] == 0, "a host sync (or other error) inside the agent's hooks: see the log"
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    assert len(sink.routing("train")) == 2
+
+
 @pytest.mark.parametrize("sampled", [4, 2])
 def test_untagged_batch_whose_first_rows_are_sampled_takes_views_not_gathers(sampled, layout, sink):
     """Rows 0..M-1 with M = max_samples_per_step: the slice path (no slice at all when M is the
