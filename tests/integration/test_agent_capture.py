@@ -171,6 +171,27 @@ def test_agent_ships_what_the_routers_computed(family, device, layout, sink):
     check_against_reference(msg, ref)
 
 
+def test_a_bf16_model_is_summarized_in_float32_from_its_own_router_outputs(layout, sink):
+    """The GPU benchmark trains in bf16: the reduction upcasts the router's bf16 logits once and matches
+    a float64 reference of the same bf16 values (and bf16 router weights for the cosines)."""
+    model = tiny_model("olmoe").to(torch.bfloat16)
+    shape = discover(model)
+    tap = RouterTap(model)
+    mon = gw.attach(model, sink.endpoint, "bf16", every_n_steps=1, max_samples_per_step=2)
+    torch.manual_seed(3)
+    input_ids = torch.randint(0, VOCAB, (2, 9))
+    run_one_step(model, mon, input_ids)
+    mon.close()
+    tap.remove()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing("train")
+    assert tap.calls[0][0].dtype == torch.float64 and shape.layers[0].router.weight.dtype == torch.bfloat16
+    weights = [layer.weight_EH.detach().double() for layer in shape.layers]
+    ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], np.ones((2, 9)), [0, 1],
+                              weights, shape.distribution, 2, 8)
+    check_against_reference(msg, ref)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", sorted(FAMILIES))
