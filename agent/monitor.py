@@ -25,6 +25,16 @@ from grokwatch.agent.sender import Pending, Sender
 
 log = logging.getLogger("grokwatch.agent")
 
+# Under torch.compile the agent's hooks are made opaque to the compiler: what it compiles calls them as
+# they are, on every call (a traced hook would have its decisions baked into the graph and its side
+# effects replayed). Only then: an opaque function costs ~0.7 us a call more in eager mode.
+_opaque = getattr(getattr(torch, "compiler", None), "disable", None) or (lambda fn: fn)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 DEFAULT_EVERY_N_STEPS = 10  # summarizing costs a handful of small ops per router call; every step for tiny runs
 DEFAULT_SAMPLES_PER_STEP = 8
@@ -109,6 +119,8 @@ class Monitor:
         # When every training forward is summarized, arming and disarming each time costs more (~17 us a
         # layer, cold) than the hooks' slow call path on the odd unsampled forward: they stay armed.
         self._keep_armed = config.every_n_steps == 1
+        self._compiled = False  # seen under torch.compile: the armed hooks are part of the compiled code
+        self._active = True  # False while paused or after close (compiled code keeps calling captured hooks)
         self._ctx: Optional[BatchContext] = None
         self._tag: Optional[tuple[list[str], list[str]]] = None
         self._step = 0
@@ -122,7 +134,8 @@ class Monitor:
         # Layers whose router returns no index tensor take the decision from the experts module's
         # forward pre-hook; learned on the first sampled forward, so others carry one hook, not two.
         self._needs_experts_hook = [layer.experts is not None for layer in self.layers]
-        self._layer_hooks = [(self._router_hook(i), self._guard(self._experts_hook(i))) for i in range(len(self.layers))]
+        self._layer_hooks = [(self._router_hook(i), self._guard(self._experts_hook(i)))
+                             for i in range(len(self.layers))]
         from grokwatch.agent.probe import Probe
 
         self.probe = Probe(self, config.probe_size, probe_fn) if config.probe_size else None
@@ -142,8 +155,32 @@ class Monitor:
         (~10 us a call), which on unsampled steps would be pure cost. At
         ``every_n_steps=1`` they stay armed (``_keep_armed``)."""
         h = self._handles
-        h.append(self.model.register_forward_pre_hook(self._guard(self._on_forward_start), with_kwargs=True))
-        h.append(self.model.register_forward_hook(self._guard(self._on_forward_end), with_kwargs=True))
+        start, end = self._guard(self._on_forward_start), self._guard(self._on_forward_end)
+        compiled, start_opaque, end_opaque = _opaque(self._guard(self._on_compile)), _opaque(start), _opaque(end)
+
+        def pre_hook(module, args, kwargs):
+            if _is_compiling():  # only while torch.compile traces: what it compiles calls these as they are
+                compiled()
+                return start_opaque(module, args, kwargs)
+            return start(module, args, kwargs)
+
+        def post_hook(module, args, kwargs, output):
+            if _is_compiling():
+                return end_opaque(module, args, kwargs, output)
+            return end(module, args, kwargs, output)
+
+        h.append(self.model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        h.append(self.model.register_forward_hook(post_hook, with_kwargs=True))
+
+    def _on_compile(self) -> None:
+        """torch.compile is tracing the model. Compiled code does not see hooks added or removed
+        after it was traced, so the layer hooks are armed now, while it traces, and stay armed."""
+        if not self._compiled:
+            self._compiled = self._keep_armed = True
+            self._layer_hooks = [(_opaque(r), _opaque(e)) for r, e in self._layer_hooks]
+            log.info("grokwatch: the model is compiled with torch.compile; the router hooks stay armed")
+        self._disarm_layers()  # armed before the trace: put back the opaque ones
+        self._arm_layers()
 
     def _arm_layers(self) -> None:
         if self._layer_handles:
@@ -203,6 +240,8 @@ class Monitor:
         if self._probe_active:
             return  # the probe has built its own context
         self._ctx = None
+        if not self._active:
+            return  # paused or closed: compiled code may still call a hook it captured
         if self._layer_handles and not self._keep_armed:
             self._disarm_layers()  # a forward that raised before its end hook
         if not (torch.is_grad_enabled() and module.training):
@@ -296,7 +335,7 @@ class Monitor:
     def _on_forward_end(self, module, args, kwargs, output) -> None:
         ctx = self._ctx
         if ctx is not None and not ctx.deferred:
-            if not self._keep_armed or self._armed_experts != self._needs_experts_hook:
+            if not self._keep_armed or (self._armed_experts != self._needs_experts_hook and not self._compiled):
                 self._disarm_layers()  # before a checkpointed backward recomputes the routers
             self.finalize(ctx)
 
@@ -414,15 +453,18 @@ class Monitor:
 
     def pause(self) -> None:
         """Remove the model hooks (the step count goes on); ``resume()`` puts them back."""
+        self._active = False
         self._remove_model_hooks()
 
     def resume(self) -> None:
         if not self._handles and not self.disabled:
             self._install_model_hooks()
+        self._active = True
 
     def close(self) -> None:
         """Remove the hooks and flush with a bounded wait. Never raises."""
         try:
+            self._active = False
             self._remove_model_hooks()
             self._step_handle.remove()
             self.sender.close(self.config.close_timeout_s)

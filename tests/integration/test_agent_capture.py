@@ -171,6 +171,52 @@ def test_agent_ships_what_the_routers_computed(family, device, layout, sink):
     check_against_reference(msg, ref)
 
 
+def _train_and_collect(model, forward, sink, run, every, steps=7, pause_at=()):
+    mon = gw.attach(model, sink.endpoint, run, every_n_steps=every, max_samples_per_step=2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        ids = torch.randint(0, VOCAB, (2, 8), generator=gen)
+        if step in pause_at:
+            mon.pause()
+        elif pause_at:
+            mon.resume()
+        mon.step(step)
+        forward(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    stats = mon.stats()
+    mon.close()
+    forward(input_ids=ids, labels=ids)  # after close: compiled code may still call captured hooks
+    return stats
+
+
+@pytest.mark.slow  # tracing takes ~14 s a case here
+@pytest.mark.parametrize("family, backend", [("olmoe", "eager"), ("olmoe", "aot_eager"), ("deepseek_v3", "eager")])
+def test_a_compiled_model_ships_what_the_eager_model_ships(family, backend, sink):
+    """Compiled code does not see hooks added or removed after it was traced: the agent arms its router
+    hooks while torch.compile traces, keeps them armed, and never lets the compiler trace its own
+    Python. At a cadence where eager training arms and disarms, the compiled model must ship the same
+    summaries; pausing and closing must silence hooks the compiled code still holds."""
+    import torch._dynamo
+
+    shipped = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = tiny_model(family)
+        forward = torch.compile(model, backend=backend) if compiled else model
+        stats = _train_and_collect(model, forward, sink, f"compiled-{compiled}", every=2, pause_at=(4,))
+        assert stats["hook_errors"] == 0 and stats["dropped"] == {}
+        run = f"compiled-{compiled}"
+        sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing) and m.run == run]) >= 3)
+        shipped[compiled] = [m for m in sink.routing("train") if m.run == run]
+    torch._dynamo.reset()
+    assert [m.step for m in shipped[True]] == [m.step for m in shipped[False]] == [0, 2, 6]  # step 4 paused
+    for eager, comp in zip(shipped[False], shipped[True]):
+        np.testing.assert_allclose(comp.mean_probs_NLE, eager.mean_probs_NLE, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(comp.topk_counts_NLE, eager.topk_counts_NLE)
+
+
 def test_a_bf16_model_is_summarized_in_float32_from_its_own_router_outputs(layout, sink):
     """The GPU benchmark trains in bf16: the reduction upcasts the router's bf16 logits once and matches
     a float64 reference of the same bf16 values (and bf16 router weights for the cosines)."""
