@@ -31,9 +31,13 @@ log = logging.getLogger("grokwatch.agent")
 _opaque = getattr(getattr(torch, "compiler", None), "disable", None) or (lambda fn: fn)
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
+def _is_compiled_module(module: nn.Module) -> bool:
+    """A torch.compile wrapper (``torch.compile(m)``) or a module compiled in place (``m.compile()``)."""
+    return isinstance(getattr(module, "_orig_mod", None), nn.Module) or \
+        getattr(module, "_compiled_call_impl", None) is not None
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 DEFAULT_EVERY_N_STEPS = 10  # summarizing costs a handful of small ops per router call; every step for tiny runs
@@ -134,12 +138,16 @@ class Monitor:
         # Layers whose router returns no index tensor take the decision from the experts module's
         # forward pre-hook; learned on the first sampled forward, so others carry one hook, not two.
         self._needs_experts_hook = [layer.experts is not None for layer in self.layers]
-        self._layer_hooks = [(self._router_hook(i), self._guard(self._experts_hook(i)))
+        self._on_trace = _opaque(self._guard(self._on_compile))
+        self._record_opaque = _opaque(self._record)
+        self._layer_hooks = [(self._router_hook(i), self._compile_aware(self._guard(self._experts_hook(i))))
                              for i in range(len(self.layers))]
         from grokwatch.agent.probe import Probe
 
         self.probe = Probe(self, config.probe_size, probe_fn) if config.probe_size else None
         self._install()
+        if any(_is_compiled_module(m) for m in model.modules()):
+            self._on_compile()  # compiled before attach: arm now, so that the first trace includes the hooks
 
     # ------------------------------------------------------------------ hooks
 
@@ -155,31 +163,32 @@ class Monitor:
         (~10 us a call), which on unsampled steps would be pure cost. At
         ``every_n_steps=1`` they stay armed (``_keep_armed``)."""
         h = self._handles
-        start, end = self._guard(self._on_forward_start), self._guard(self._on_forward_end)
-        compiled, start_opaque, end_opaque = _opaque(self._guard(self._on_compile)), _opaque(start), _opaque(end)
+        pre = self._compile_aware(self._guard(self._on_forward_start))
+        post = self._compile_aware(self._guard(self._on_forward_end))
+        h.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
+        h.append(self.model.register_forward_hook(post, with_kwargs=True))
 
-        def pre_hook(module, args, kwargs):
-            if _is_compiling():  # only while torch.compile traces: what it compiles calls these as they are
-                compiled()
-                return start_opaque(module, args, kwargs)
-            return start(module, args, kwargs)
+    def _compile_aware(self, hook: Callable) -> Callable:
+        """``hook`` as it is in eager mode. While torch.compile traces it, the compiler is handed an
+        opaque twin to call instead: compiled code then calls the agent's Python as it is, on every
+        call (traced, its decisions would be baked into the graph and its side effects replayed), and
+        the monitor switches to compiled mode (``_on_compile``). An opaque call costs ~0.7 us more, so
+        eager mode keeps the plain one."""
+        opaque = _opaque(hook)
 
-        def post_hook(module, args, kwargs, output):
+        def aware(*args, **kwargs):
             if _is_compiling():
-                return end_opaque(module, args, kwargs, output)
-            return end(module, args, kwargs, output)
-
-        h.append(self.model.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        h.append(self.model.register_forward_hook(post_hook, with_kwargs=True))
+                self._on_trace()
+                return opaque(*args, **kwargs)
+            return hook(*args, **kwargs)
+        return aware
 
     def _on_compile(self) -> None:
-        """torch.compile is tracing the model. Compiled code does not see hooks added or removed
-        after it was traced, so the layer hooks are armed now, while it traces, and stay armed."""
+        """Compiled code does not see hooks added or removed after it was traced (dynamo skips hook
+        guards by default): the layer hooks are armed now and stay armed."""
         if not self._compiled:
             self._compiled = self._keep_armed = True
-            self._layer_hooks = [(_opaque(r), _opaque(e)) for r, e in self._layer_hooks]
             log.info("grokwatch: the model is compiled with torch.compile; the router hooks stay armed")
-        self._disarm_layers()  # armed before the trace: put back the opaque ones
         self._arm_layers()
 
     def _arm_layers(self) -> None:
@@ -300,6 +309,9 @@ class Monitor:
         where: list[Optional[int]] = [None]  # the indices' position in the output; -1: none
 
         def hook(module, args, output):
+            if _is_compiling():  # see _compile_aware (inlined: this runs once per layer in every forward)
+                self._on_trace()
+                return opaque(module, args, output)
             ctx = self._ctx
             if ctx is None or self.disabled:
                 return None  # not sampled, or an activation-checkpoint recompute in backward
@@ -318,6 +330,7 @@ class Monitor:
             except Exception as exc:  # never into the training loop
                 self._hook_error(exc)
             return None
+        opaque = _opaque(hook)
         return hook
 
     def _experts_hook(self, index: int):
@@ -418,6 +431,14 @@ class Monitor:
         the router's output for MoE layer ``layer`` (0-based, forward order).
         ``logits`` [T,E] (or [B,S,E]), or ``probs`` [T,E], or ``topk=(ids [T,K],
         weights [T,K])`` alone; ``router_weight`` [E,H] enables cosines."""
+        if _is_compiling():  # called from a router that torch.compile traces: see _compile_aware
+            self._on_trace()
+            return self._record_opaque(layer, logits=logits, probs=probs, topk=topk, router_weight=router_weight)
+        return self._record(layer, logits=logits, probs=probs, topk=topk, router_weight=router_weight)
+
+    def _record(self, layer: int, *, logits: Optional[torch.Tensor] = None, probs: Optional[torch.Tensor] = None,
+                topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                router_weight: Optional[torch.Tensor] = None) -> None:
         ctx = self._ctx
         if ctx is None or self.disabled:
             return

@@ -171,8 +171,9 @@ def test_agent_ships_what_the_routers_computed(family, device, layout, sink):
     check_against_reference(msg, ref)
 
 
-def _train_and_collect(model, forward, sink, run, every, steps=7, pause_at=()):
-    mon = gw.attach(model, sink.endpoint, run, every_n_steps=every, max_samples_per_step=2)
+def _train_and_collect(model, forward, sink, run, every, steps=7, pause_at=(), attach_to=None):
+    mon = gw.attach(model if attach_to is None else attach_to, sink.endpoint, run, every_n_steps=every,
+                    max_samples_per_step=2)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
@@ -192,20 +193,34 @@ def _train_and_collect(model, forward, sink, run, every, steps=7, pause_at=()):
 
 
 @pytest.mark.slow  # tracing takes ~14 s a case here
-@pytest.mark.parametrize("family, backend", [("olmoe", "eager"), ("olmoe", "aot_eager"), ("deepseek_v3", "eager")])
-def test_a_compiled_model_ships_what_the_eager_model_ships(family, backend, sink):
+@pytest.mark.parametrize("family, backend, how", [
+    ("olmoe", "eager", "model"),  # attach(model), then torch.compile(model)
+    ("olmoe", "aot_eager", "model"),
+    ("deepseek_v3", "eager", "model"),
+    ("olmoe", "eager", "wrapper"),  # attach(torch.compile(model))
+    ("olmoe", "eager", "blocks"),  # each decoder layer compiled in place before attach (torchtitan's way)
+])
+def test_a_compiled_model_ships_what_the_eager_model_ships(family, backend, how, sink):
     """Compiled code does not see hooks added or removed after it was traced: the agent arms its router
-    hooks while torch.compile traces, keeps them armed, and never lets the compiler trace its own
-    Python. At a cadence where eager training arms and disarms, the compiled model must ship the same
-    summaries; pausing and closing must silence hooks the compiled code still holds."""
+    hooks while torch.compile traces (or at attach, when it finds compiled modules), keeps them armed,
+    and never lets the compiler trace its own Python. At a cadence where eager training arms and
+    disarms, the compiled model must ship the same summaries; pausing and closing must silence hooks
+    the compiled code still holds."""
     import torch._dynamo
 
     shipped = {}
     for compiled in (False, True):
         torch._dynamo.reset()
         model = tiny_model(family)
-        forward = torch.compile(model, backend=backend) if compiled else model
-        stats = _train_and_collect(model, forward, sink, f"compiled-{compiled}", every=2, pause_at=(4,))
+        forward, attach_to = model, None
+        if compiled and how == "blocks":
+            for block in model.model.layers:
+                block.compile(backend=backend)
+        elif compiled:
+            forward = torch.compile(model, backend=backend)
+            attach_to = forward if how == "wrapper" else None
+        stats = _train_and_collect(model, forward, sink, f"compiled-{compiled}", every=2, pause_at=(4,),
+                                   attach_to=attach_to)
         assert stats["hook_errors"] == 0 and stats["dropped"] == {}
         run = f"compiled-{compiled}"
         sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing) and m.run == run]) >= 3)
@@ -509,9 +524,15 @@ def test_probe_reruns_seen_samples_with_their_loss(sink):
     assert model.training  # the probe restores train mode
 
 
-def test_manual_record_for_a_hand_written_moe(sink):
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_manual_record_for_a_hand_written_moe(compiled, sink):
     """Layer 1 routes only the last position of each row (a different shape
-    from layers 0 and 2, so it is reduced in a batch of its own)."""
+    from layers 0 and 2, so it is reduced in a batch of its own). Compiled
+    (torchtitan's way), record() runs inside traced code: it must hand the
+    compiler an opaque call, not be traced."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
     torch.manual_seed(0)
 
     class TinyMoE(torch.nn.Module):
@@ -533,12 +554,18 @@ def test_manual_record_for_a_hand_written_moe(sink):
             return h.sum()
 
     model = TinyMoE()
-    mon = gw.attach(model, sink.endpoint, "manual", num_layers=3, num_experts=4, top_k=1, every_n_steps=1)
+    mon = gw.attach(model, sink.endpoint, "manual", num_layers=3, num_experts=4, top_k=1, every_n_steps=2)
     model.mon = mon
-    model(torch.randint(0, 16, (2, 5))).backward()
+    forward = torch.compile(model, backend="eager") if compiled else model
+    for step in range(3):
+        mon.step(step)
+        model.seen.clear()
+        forward(torch.randint(0, 16, (2, 5))).backward()
     mon.close()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    torch._dynamo.reset()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    assert [m.step for m in sink.routing()] == [0, 2]
+    msg = sink.routing()[-1]
     assert msg.mean_probs_NLE.shape == (2, 3, 4)
     assert msg.topk_counts_NLE.sum(axis=2).tolist() == [[5, 1, 5], [5, 1, 5]]
     means = torch.stack([torch.softmax(x, -1).mean(dim=1) for x in model.seen], dim=1)  # [N, L, E]
