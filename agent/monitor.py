@@ -39,6 +39,7 @@ def _is_compiled_module(module: nn.Module) -> bool:
     return isinstance(getattr(module, "_orig_mod", None), nn.Module) or \
         getattr(module, "_compiled_call_impl", None) is not None
 
+
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 DEFAULT_EVERY_N_STEPS = 10  # summarizing costs a handful of small ops per router call; every step for tiny runs
 DEFAULT_SAMPLES_PER_STEP = 8
@@ -138,8 +139,8 @@ class Monitor:
         # Layers whose router returns no index tensor take the decision from the experts module's
         # forward pre-hook; learned on the first sampled forward, so others carry one hook, not two.
         self._needs_experts_hook = [layer.experts is not None for layer in self.layers]
-        self._on_trace = _opaque(self._guard(self._on_compile))
-        self._record_opaque = _opaque(self._record)
+        self._on_compile_guarded = self._guard(self._on_compile)
+        self._record_twin = self._opaque_twin(self._record)
         self._layer_hooks = [(self._router_hook(i), self._compile_aware(self._guard(self._experts_hook(i))))
                              for i in range(len(self.layers))]
         from grokwatch.agent.probe import Probe
@@ -169,19 +170,27 @@ class Monitor:
         h.append(self.model.register_forward_hook(post, with_kwargs=True))
 
     def _compile_aware(self, hook: Callable) -> Callable:
-        """``hook`` as it is in eager mode. While torch.compile traces it, the compiler is handed an
-        opaque twin to call instead: compiled code then calls the agent's Python as it is, on every
-        call (traced, its decisions would be baked into the graph and its side effects replayed), and
-        the monitor switches to compiled mode (``_on_compile``). An opaque call costs ~0.7 us more, so
-        eager mode keeps the plain one."""
-        opaque = _opaque(hook)
+        """``hook`` as it is in eager mode. While torch.compile traces it, the compiler is handed its
+        opaque twin to call instead (``_opaque_twin``). An opaque call costs ~0.7 us more, so eager
+        mode keeps the plain one."""
+        twin = self._opaque_twin(hook)
 
         def aware(*args, **kwargs):
             if _is_compiling():
-                self._on_trace()
-                return opaque(*args, **kwargs)
+                return twin(*args, **kwargs)
             return hook(*args, **kwargs)
         return aware
+
+    def _opaque_twin(self, hook: Callable) -> Callable:
+        """What compiled code calls in place of ``hook``: opaque to the compiler, so that the agent's
+        Python runs as it is, on every call (traced, its decisions would be baked into the graph and
+        its side effects replayed); its first call switches the monitor to compiled mode, before the
+        compiler traces what follows (the layers whose hooks it must see)."""
+        def twin(*args, **kwargs):
+            if not self._compiled:
+                self._on_compile_guarded()
+            return hook(*args, **kwargs)
+        return _opaque(twin)
 
     def _on_compile(self) -> None:
         """Compiled code does not see hooks added or removed after it was traced (dynamo skips hook
@@ -310,8 +319,7 @@ class Monitor:
 
         def hook(module, args, output):
             if _is_compiling():  # see _compile_aware (inlined: this runs once per layer in every forward)
-                self._on_trace()
-                return opaque(module, args, output)
+                return twin(module, args, output)
             ctx = self._ctx
             if ctx is None or self.disabled:
                 return None  # not sampled, or an activation-checkpoint recompute in backward
@@ -330,7 +338,7 @@ class Monitor:
             except Exception as exc:  # never into the training loop
                 self._hook_error(exc)
             return None
-        opaque = _opaque(hook)
+        twin = self._opaque_twin(hook)
         return hook
 
     def _experts_hook(self, index: int):
@@ -432,8 +440,7 @@ class Monitor:
         ``logits`` [T,E] (or [B,S,E]), or ``probs`` [T,E], or ``topk=(ids [T,K],
         weights [T,K])`` alone; ``router_weight`` [E,H] enables cosines."""
         if _is_compiling():  # called from a router that torch.compile traces: see _compile_aware
-            self._on_trace()
-            return self._record_opaque(layer, logits=logits, probs=probs, topk=topk, router_weight=router_weight)
+            return self._record_twin(layer, logits=logits, probs=probs, topk=topk, router_weight=router_weight)
         return self._record(layer, logits=logits, probs=probs, topk=topk, router_weight=router_weight)
 
     def _record(self, layer: int, *, logits: Optional[torch.Tensor] = None, probs: Optional[torch.Tensor] = None,
