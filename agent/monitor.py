@@ -99,7 +99,8 @@ class Monitor:
         self.config = config
         self.shape = shape
         self.layers: list[MoELayer] = shape.layers
-        self._router_weights = list(router_weights) if router_weights is not None else [l.weight_EH for l in self.layers]
+        self._router_weights = (list(router_weights) if router_weights is not None
+                                else [layer.weight_EH for layer in self.layers])
         self.has_cosines = shape.num_layers > 1 and all(w is not None for w in self._router_weights)
         try:
             self.device = next(model.parameters()).device
