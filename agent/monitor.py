@@ -20,7 +20,8 @@ import torch.optim.optimizer as torch_optimizer
 from torch import nn
 
 from grokwatch.agent.discover import MoELayer, MoEShape, discover
-from grokwatch.agent.reduce import BatchContext, Staging, attach_indices, build_context, gather_layer, reduce_all
+from grokwatch.agent.reduce import (BatchContext, Staging, attach_indices, build_context, gather_layer, reduce_all,
+                                    usable_weight)
 from grokwatch.agent.sender import Pending, Sender
 
 log = logging.getLogger("grokwatch.agent")
@@ -333,9 +334,14 @@ class Monitor:
                     if at >= 0:
                         self._needs_experts_hook[index] = False
                 # Without indices: the experts pre-hook, which runs next, supplies them (else top-k of p).
+                weight = self._router_weights[index]
+                current = getattr(module, "weight", None)
+                if current is not weight and isinstance(current, torch.Tensor):
+                    # Parameters swapped in for the forward (FSDP unshards, then frees them when it
+                    # reshards after the layer): this forward's copy, if one can be taken.
+                    weight = current.detach().clone() if usable_weight(current) else None
                 gather_layer(ctx, index, outputs[layer.logits_index], outputs[at] if at >= 0 else None,
-                             self._router_weights[index], self.shape.distribution,
-                             detect_probs=self.shape.detect_probs)
+                             weight, self.shape.distribution, detect_probs=self.shape.detect_probs)
             except Exception as exc:  # never into the training loop
                 self._hook_error(exc)
             return None
@@ -372,7 +378,7 @@ class Monitor:
             self.sender.count_drop("staging_busy")
             return
         try:
-            reduce_all(ctx, self.shape.top_k)
+            with_cosines = reduce_all(ctx, self.shape.top_k)
         except BaseException:
             self.staging.give_back(index)
             raise
@@ -382,11 +388,12 @@ class Monitor:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        # record() may supply router weights after attach(): decide per message.
+        # Per message: record() may supply router weights after attach(), and a weight may be unusable
+        # in one forward (sharded, freed): then this message has no cosines, never stale ones.
         self.has_cosines = self.shape.num_layers > 1 and all(w is not None for w in self._router_weights)
         self.sender.has_cosines = self.has_cosines
         self.sender.submit(Pending(source=ctx.source, step=ctx.step, sample_ids=ctx.sample_ids, groups=ctx.groups,
-                                   host_index=index, event=event, with_cosines=self.has_cosines,
+                                   host_index=index, event=event, with_cosines=with_cosines,
                                    with_loss=with_loss))
 
     def _on_optimizer_step(self, optimizer, args, kwargs) -> None:

@@ -283,12 +283,13 @@ def expert_dim(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None) -> None:
+def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None) -> bool:
     """Per sampled slot and layer: mean routing distribution, top-k counts,
     mean entropy ratio; then the cosine between adjacent layers' routing
     embeddings. Layers of the same shape are reduced in one batch (in a
     transformers model: all of them). ``dim``: the expert dimension of the
-    batched layout (default: ``expert_dim`` of the device)."""
+    batched layout (default: ``expert_dim`` of the device). Returns whether
+    the cosines were computed (they need every layer's router weight)."""
     views = ctx.staging.views
     dim = expert_dim(ctx.staging.device) if dim is None else dim
     batches: dict[tuple, list[Gathered]] = {}
@@ -298,8 +299,9 @@ def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None) -> None
         batches.setdefault(key, []).append(g)
     for group in batches.values():
         _reduce_batch(ctx, group, top_k, views, dim)
-    _cosines(ctx, views)
+    with_cosines = _cosines(ctx, views)
     ctx.pending = []
+    return with_cosines
 
 
 def _stacked(ctx: BatchContext, group: list[Gathered], attr: str, tokens_last: bool = False) -> torch.Tensor:
@@ -401,12 +403,20 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
         views["tokens_N"].copy_(tokens_MD.reshape(N))
 
 
-def _cosines(ctx: BatchContext, views: dict) -> None:
+def usable_weight(w: Optional[torch.Tensor]) -> bool:
+    """A router weight the cosines can use now: a plain 2-d tensor whose memory is
+    there. Not a DTensor (sharded: gathering it would be a collective), not a
+    parameter whose storage FSDP freed when it resharded after the layer ran."""
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and type(w) in (torch.Tensor, torch.nn.Parameter)
+            and w.untyped_storage().nbytes() > 0)
+
+
+def _cosines(ctx: BatchContext, views: dict) -> bool:
     """METRICS.md §2: cos(emb(l-1), emb(l)) with emb = mean p @ router weight,
-    row l of cosine_LN; needs every layer's router weight."""
+    row l of cosine_LN; needs every layer's router weight (else False: none)."""
     gathered = sorted(ctx.pending, key=lambda g: g.layer)
-    if len(gathered) < 2 or any(g.weight_EH is None for g in gathered):
-        return
+    if len(gathered) < 2 or not all(usable_weight(g.weight_EH) for g in gathered):
+        return False
     layers = [g.layer for g in gathered]
     mean_LNE = views["mean_LNE"]
     weights = [g.weight_EH for g in gathered]  # inference_mode: no autograd record, no detach needed
@@ -420,10 +430,11 @@ def _cosines(ctx: BatchContext, views: dict) -> None:
         emb_LNH = torch.bmm(means, torch.stack(weights).float())
         emb_LNH = emb_LNH / torch.linalg.vector_norm(emb_LNH, dim=-1, keepdim=True).clamp_min_(1e-12)
         torch.sum(emb_LNH[:-1] * emb_LNH[1:], dim=-1, out=out)
-        return
+        return True
     prev = None
     for layer, w in zip(layers, weights):
         emb_NH = mean_LNE[layer] @ w.float()
         if prev is not None:
             views["cosine_LN"][layer].copy_(torch.nn.functional.cosine_similarity(prev, emb_NH, dim=-1, eps=1e-12))
         prev = emb_NH
+    return True

@@ -463,7 +463,9 @@ def test_an_exception_inside_a_hook_never_reaches_training(where, sink, caplog, 
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "broken", every_n_steps=1, max_hook_errors=3)
     if where == "forward end":
-        mon._router_weights[1] = torch.zeros(5, 5)  # the cosine matmul now fails inside the hook
+        def broken_reduction(*args, **kwargs):
+            raise RuntimeError("broken reduction")
+        monkeypatch.setattr("grokwatch.agent.monitor.reduce_all", broken_reduction)
     else:
         def broken(*args, **kwargs):
             raise RuntimeError("broken gather")
@@ -573,6 +575,39 @@ def test_manual_record_for_a_hand_written_moe(compiled, sink):
     emb = torch.stack([means[:, i] @ r.weight.detach().double() for i, r in enumerate(model.routers)], dim=1)
     cos = torch.nn.functional.cosine_similarity(emb[:, :-1], emb[:, 1:], dim=-1)
     np.testing.assert_allclose(msg.adj_cosine_NL1, cos.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_router_weight_freed_before_the_reduction_ships_no_cosines_not_stale_ones(sink):
+    """FSDP frees a layer's unsharded weights when it reshards after the layer ran, before the
+    reduction at the end of the forward: that message carries no cosines (and no error); the next
+    message, whose weights are there, does."""
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.routers = torch.nn.ModuleList(torch.nn.Linear(4, 3, bias=False) for _ in range(2))
+            self.free = False
+
+        def forward(self, x_BSH):
+            for i, router in enumerate(self.routers):
+                weight = router.weight.detach().clone()
+                self.mon.record(i, logits=router(x_BSH), router_weight=weight)
+                if self.free:
+                    weight.untyped_storage().resize_(0)  # what resharding does to the unsharded copy
+            return x_BSH.sum()
+
+    model = TwoLayers()
+    mon = model.mon = gw.attach(model, sink.endpoint, "freed", num_layers=2, num_experts=3, top_k=1,
+                                every_n_steps=1)
+    for step, free in enumerate((True, False)):
+        model.free = free
+        mon.step(step)
+        model(torch.randn(1, 3, 4))
+    stats = mon.stats()
+    mon.close()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    first, second = sink.routing()
+    assert stats["hook_errors"] == 0
+    assert first.adj_cosine_NL1 is None and second.adj_cosine_NL1 is not None
 
 
 def test_pause_removes_every_hook_and_resume_restores_them(sink):

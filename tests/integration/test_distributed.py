@@ -87,3 +87,58 @@ def test_dataloader_workers_fork_safely_while_attached(tmp_path):
         wait_until(lambda: collector.state.samples_total == 16)
     finally:
         collector.stop()
+
+
+def _fsdp_rank_main(rank: int, world: int, port: int, endpoint: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = tiny_model("olmoe", seed=0)
+        for layer in model.model.layers:
+            fully_shard(layer)  # each decoder layer unsharded for its forward, resharded (freed) after it
+        fully_shard(model)
+        mon = gw.attach(model, endpoint, "fsdp", every_n_steps=1, max_samples_per_step=2)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for step in range(3):
+            ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(rank * 100 + step))
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        stats = mon.stats()
+        mon.close()
+        assert stats["hook_errors"] == 0 and stats["dropped"] == {}, stats
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_routers_ship_summaries_with_their_cosines():
+    """FSDP2 (fully_shard): at attach the router weights are sharded DTensors, during a layer's forward
+    plain unsharded parameters, freed when the layer reshards. The cosines must use this forward's
+    weights (step 0: the initial ones, the same on every rank), never a DTensor or freed memory."""
+    import zmq
+
+    from grokwatch.wire import Routing, decode
+
+    ctx = zmq.Context()
+    sink = ctx.socket(zmq.PULL)
+    port = sink.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        mp.spawn(_fsdp_rank_main, args=(2, _free_port(), f"tcp://127.0.0.1:{port}"), nprocs=2, join=True)
+        messages = []
+        while sink.poll(1000):
+            message = decode(sink.recv())
+            if isinstance(message, Routing):
+                messages.append(message)
+    finally:
+        sink.close(0)
+        ctx.term()
+    assert sorted((m.rank, m.step) for m in messages) == [(r, s) for r in (0, 1) for s in range(3)]
+    assert all(m.adj_cosine_NL1 is not None for m in messages)
+    weights = [layer.weight_EH.detach().double() for layer in gw.discover(tiny_model("olmoe", seed=0)).layers]
+    for m in (m for m in messages if m.step == 0):
+        emb = torch.stack([torch.from_numpy(m.mean_probs_NLE[:, i]).double() @ w for i, w in enumerate(weights)], 1)
+        expected = torch.nn.functional.cosine_similarity(emb[:, :-1], emb[:, 1:], dim=-1)
+        torch.testing.assert_close(torch.from_numpy(m.adj_cosine_NL1).double(), expected, rtol=1e-4, atol=1e-5)
