@@ -1,4 +1,5 @@
-"""Two ranks over gloo (CPU): each rank's agent sends with its own rank; DataLoader workers fork safely."""
+"""Two ranks over gloo (CPU): each rank's agent sends with its own rank (DDP, FSDP2); DataLoader workers fork
+safely."""
 
 from __future__ import annotations
 
@@ -28,16 +29,13 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = tiny_model("olmoe", seed=0)
-        mon = gw.attach(model, endpoint, "ddp", every_n_steps=1, max_samples_per_step=2)
+        model = torch.nn.parallel.DistributedDataParallel(tiny_model("olmoe", seed=0))
+        mon = gw.attach(model, endpoint, "ddp", every_n_steps=1, max_samples_per_step=2)  # the DDP wrapper
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         for step in range(3):
             ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(rank * 100 + step))
             mon.tag([f"r{rank}s{step}a", f"r{rank}s{step}b"], ["g", "g"])
             model(input_ids=ids, labels=ids).loss.backward()
-            for p in model.parameters():  # a hand-rolled all-reduce, as DDP would do
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
             opt.step()
             opt.zero_grad()
         mon.close()
