@@ -137,6 +137,6 @@ def test_fsdp2_sharded_routers_ship_summaries_with_their_cosines():
     assert all(m.adj_cosine_NL1 is not None for m in messages)
     weights = [layer.weight_EH.detach().double() for layer in gw.discover(tiny_model("olmoe", seed=0)).layers]
     for m in (m for m in messages if m.step == 0):
-        emb = torch.stack([torch.from_numpy(m.mean_probs_NLE[:, i]).double() @ w for i, w in enumerate(weights)], 1)
+        emb = torch.stack([torch.tensor(m.mean_probs_NLE[:, i], dtype=torch.float64) @ w for i, w in enumerate(weights)], 1)
         expected = torch.nn.functional.cosine_similarity(emb[:, :-1], emb[:, 1:], dim=-1)
-        torch.testing.assert_close(torch.from_numpy(m.adj_cosine_NL1).double(), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(m.adj_cosine_NL1, dtype=torch.float64), expected, rtol=1e-4, atol=1e-5)
