@@ -74,7 +74,8 @@ class Probe:
             for start in range(0, len(items), batch):
                 self._micro_batch(step, items[start:start + batch], source)
         finally:
-            mon._disarm_layers()
+            if not mon._keep_armed:  # kept armed at every step and under torch.compile
+                mon._disarm_layers()
             mon._probe_active = False
             model.train(was_training)
 
