@@ -128,6 +128,7 @@ class Monitor:
         self._keep_armed = config.every_n_steps == 1
         self._compiled = False  # seen under torch.compile: the armed hooks are part of the compiled code
         self._active = True  # False while paused or after close (compiled code keeps calling captured hooks)
+        self._logged_bypass = False
         self._ctx: Optional[BatchContext] = None
         self._tag: Optional[tuple[list[str], list[str]]] = None
         self._step = 0
@@ -372,6 +373,12 @@ class Monitor:
         self._ctx = None
         if ctx.layers_done != self.shape.num_layers:
             self.sender.count_drop("incomplete")
+            if ctx.layers_done == 0 and self._layer_handles and not self._logged_bypass:
+                self._logged_bypass = True
+                log.warning("grokwatch: armed router hooks did not run in a summarized forward (counted as "
+                            "'incomplete'): compiled code traced without them? Attach before the first compiled "
+                            "forward; two compiled instances of one model class share code unless "
+                            "torch._dynamo.config.skip_nnmodule_hook_guards = False.")
             return
         index = self.staging.take()
         if index is None:

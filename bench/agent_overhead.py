@@ -133,6 +133,47 @@ def run(every_n: int, args, endpoint: str, model, vocab: int, batch: int, seq: i
                 base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb])
 
 
+def run_compiled(every_n: int, args, endpoint: str, vocab: int, batch: int, seq: int) -> dict:
+    """The same pairs for ``torch.compile``d training. Compiled code keeps calling the hooks it was
+    traced with, so pausing cannot make a hook-free A: two models from the same seed, each compiled,
+    the agent attached to B only (``every_n=0``: to neither, the control). Run with dynamo guarding
+    on module hooks (not its default; see below)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    # Two instances of one class share compiled code, and dynamo does not guard on hooks by default:
+    # B would run A's code, traced without the agent's hooks. Guarding on hooks gives each its own.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    model_a = make_model(args.shape, args.device)[0]
+    model_b = make_model(args.shape, args.device)[0]
+    mon = (gw.attach(model_b, endpoint, f"bench-compiled-{every_n}", every_n_steps=every_n, max_samples_per_step=batch)
+           if every_n else None)
+    arms = {"A": (torch.compile(model_a, backend=args.compile), torch.optim.AdamW(model_a.parameters(), lr=1e-5)),
+            "B": (torch.compile(model_b, backend=args.compile), torch.optim.AdamW(model_b.parameters(), lr=1e-5))}
+    gen = torch.Generator().manual_seed(1)
+    ta, tb = [], []
+    for step in range(args.warmup + args.steps):
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(args.device)
+        times = {}
+        for arm in ("AB" if step % 2 == 0 else "BA"):
+            if arm == "B" and mon is not None:
+                mon.step(step)
+            times[arm] = timed_step(*arms[arm], ids, args.device)
+        if step >= args.warmup:
+            ta.append(times["A"])
+            tb.append(times["B"])
+    stats = mon.stats() if mon is not None else dict(sent=0, dropped={}, hook_errors=0)
+    if mon is not None:
+        mon.close()
+    ma, mb = statistics.median(ta), statistics.median(tb)
+    ratios = [b / a for a, b in zip(ta, tb)]
+    return dict(every_n=every_n, pairs=len(ta), base_ms=ma * 1e3, agent_ms=mb * 1e3, ratio=mb / ma,
+                pair_ratio=statistics.median(ratios), pair_ratio_ci=bootstrap_median_ci(ratios),
+                mean_ratio=statistics.fmean(tb) / statistics.fmean(ta), sent=stats["sent"],
+                dropped=sum(stats["dropped"].values()), hook_errors=stats["hook_errors"],
+                base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=200)
@@ -150,6 +191,8 @@ def main() -> int:
     parser.add_argument("--seq", type=int, help="tokens per row (default: the shape's)")
     parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop measuring a cadence after this")
     parser.add_argument("--json", help="also write every step time and the summary here")
+    parser.add_argument("--compile", metavar="BACKEND",
+                        help="torch.compile both arms with this backend (inductor, aot_eager, ...): two models")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -168,10 +211,12 @@ def main() -> int:
     try:
         time.sleep(3)
         model, vocab, batch, seq = make_model(args.shape, args.device)
+        if args.compile:
+            del model  # each cadence builds and compiles its own two
         batch, seq = args.batch or batch, args.seq or seq
         info = dict(device=args.device, shape=args.shape, steps=args.steps, warmup=args.warmup, batch=batch, seq=seq,
                     torch=torch.__version__, receiver=args.receiver,
-                    receiver_cpu=cpus[-1] if pinned else "shared")
+                    receiver_cpu=cpus[-1] if pinned else "shared", compile=args.compile or "off")
         if args.device == "cuda":
             info["gpu"] = torch.cuda.get_device_name()
         print(" ".join(f"{k}={v}" for k, v in info.items()), "(paired, alternating)")
@@ -179,7 +224,8 @@ def main() -> int:
               f"{'95% CI':>15} {'mean ratio':>11} {'sent':>6} {'dropped':>8}")
         results = []
         for every_n in (0, 1, DEFAULT_EVERY_N_STEPS):
-            r = run(every_n, args, endpoint, model, vocab, batch, seq)
+            r = (run_compiled(every_n, args, endpoint, vocab, batch, seq) if args.compile
+                 else run(every_n, args, endpoint, model, vocab, batch, seq))
             results.append(r)
             label = {0: "control (A/A)", 1: "every step"}.get(every_n, f"every {every_n} (default)")
             print(f"{label:<22} {r['pairs']:>5} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} "

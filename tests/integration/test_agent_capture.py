@@ -232,6 +232,29 @@ def test_a_compiled_model_ships_what_the_eager_model_ships(family, backend, how,
         np.testing.assert_array_equal(comp.topk_counts_NLE, eager.topk_counts_NLE)
 
 
+@pytest.mark.slow
+def test_compiled_code_traced_without_the_hooks_is_counted_and_explained(sink, caplog):
+    """Two compiled instances of one class share compiled code (dynamo does not guard on hooks by
+    default): the monitored one then runs code traced on the other, without the agent's hooks. That
+    cannot be repaired from inside; it must be counted, and the log must say why."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    other, monitored = tiny_model("olmoe"), tiny_model("olmoe")
+    ids = torch.randint(0, VOCAB, (2, 8))
+    torch.compile(other, backend="eager")(input_ids=ids, labels=ids)  # traced first, without hooks
+    mon = gw.attach(monitored, sink.endpoint, "shared-code", every_n_steps=1)
+    compiled = torch.compile(monitored, backend="eager")
+    for step in range(2):
+        mon.step(step)
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    stats = mon.stats()
+    mon.close()
+    torch._dynamo.reset()
+    assert stats["dropped"] == {"incomplete": 2} and stats["hook_errors"] == 0
+    assert sum("skip_nnmodule_hook_guards" in r.message for r in caplog.records) == 1
+
+
 def test_a_bf16_model_is_summarized_in_float32_from_its_own_router_outputs(layout, sink):
     """The GPU benchmark trains in bf16: the reduction upcasts the router's bf16 logits once and matches
     a float64 reference of the same bf16 values (and bf16 router weights for the cosines)."""
