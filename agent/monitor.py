@@ -130,6 +130,7 @@ class Monitor:
         self._active = True  # False while paused or after close (compiled code keeps calling captured hooks)
         self._logged_bypass = False
         self._ctx: Optional[BatchContext] = None
+        self._sampling = False  # self._ctx is not None, as a plain flag torch.compile can guard on
         self._tag: Optional[tuple[list[str], list[str]]] = None
         self._step = 0
         self._manual_step = False
@@ -144,7 +145,8 @@ class Monitor:
         self._needs_experts_hook = [layer.experts is not None for layer in self.layers]
         self._on_compile_guarded = self._guard(self._on_compile)
         self._record_twin = self._opaque_twin(self._record)
-        self._layer_hooks = [(self._router_hook(i), self._compile_aware(self._guard(self._experts_hook(i))))
+        self._layer_hooks = [(self._router_hook(i), self._compile_aware(self._guard(self._experts_hook(i)),
+                                                                          only_when_sampling=True))
                              for i in range(len(self.layers))]
         from grokwatch.agent.probe import Probe
 
@@ -168,18 +170,26 @@ class Monitor:
         ``every_n_steps=1`` they stay armed (``_keep_armed``)."""
         h = self._handles
         pre = self._compile_aware(self._guard(self._on_forward_start))
-        post = self._compile_aware(self._guard(self._on_forward_end))
+        post = self._compile_aware(self._guard(self._on_forward_end), only_when_sampling=True)
         h.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
         h.append(self.model.register_forward_hook(post, with_kwargs=True))
 
-    def _compile_aware(self, hook: Callable) -> Callable:
+    def _set_ctx(self, ctx: Optional[BatchContext]) -> None:
+        self._ctx = ctx
+        self._sampling = ctx is not None
+
+    def _compile_aware(self, hook: Callable, only_when_sampling: bool = False) -> Callable:
         """``hook`` as it is in eager mode. While torch.compile traces it, the compiler is handed its
-        opaque twin to call instead (``_opaque_twin``). An opaque call costs ~0.7 us more, so eager
-        mode keeps the plain one."""
+        opaque twin to call instead (``_opaque_twin``; an opaque call costs ~0.7 us more, so eager
+        mode keeps the plain one). ``only_when_sampling``: a hook with nothing to do on unsampled
+        forwards reads the ``_sampling`` flag while traced, so that the compiler guards on it and
+        unsampled forwards run code without the call (and without its graph break)."""
         twin = self._opaque_twin(hook)
 
         def aware(*args, **kwargs):
             if _is_compiling():
+                if only_when_sampling and self._compiled and not self._sampling:
+                    return None
                 return twin(*args, **kwargs)
             return hook(*args, **kwargs)
         return aware
@@ -224,7 +234,7 @@ class Monitor:
             handle.remove()
         self._handles.clear()
         self._disarm_layers()
-        self._ctx = None
+        self._set_ctx(None)
 
     def _after_fork(self) -> None:
         self.disabled = True  # a forked DataLoader worker never touches the parent's socket
@@ -243,7 +253,7 @@ class Monitor:
     def _hook_error(self, exc: BaseException) -> None:
         self._hook_errors += 1
         self.sender.hook_errors = self._hook_errors
-        self._ctx = None
+        self._set_ctx(None)
         if not self._logged_error:
             self._logged_error = True
             log.warning("grokwatch: error inside a hook (counted; training goes on): %r", exc, exc_info=exc)
@@ -260,7 +270,7 @@ class Monitor:
     def _on_forward_start(self, module, args, kwargs) -> None:
         if self._probe_active:
             return  # the probe has built its own context
-        self._ctx = None
+        self._set_ctx(None)
         if not self._active:
             return  # paused or closed: compiled code may still call a hook it captured
         if self._layer_handles and not self._keep_armed:
@@ -292,8 +302,8 @@ class Monitor:
             groups = ["all"] * num_rows
             rows = list(range(min(budget, num_rows)))
         self._taken += len(rows)
-        self._ctx = self._context("train", step, rows, ids, groups, num_rows, seq_len,
-                                  kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        self._set_ctx(self._context("train", step, rows, ids, groups, num_rows, seq_len,
+                                    kwargs.get("attention_mask"), kwargs.get("position_ids")))
         self._arm_layers()
         if self.probe is not None and input_ids is not None:
             self.probe.remember(input_ids, kwargs.get("attention_mask"), rows, ids, groups)
@@ -322,6 +332,8 @@ class Monitor:
 
         def hook(module, args, output):
             if _is_compiling():  # see _compile_aware (inlined: this runs once per layer in every forward)
+                if self._compiled and not self._sampling:
+                    return None  # traced: a guard on the flag; unsampled forwards compile to no call here
                 return twin(module, args, output)
             ctx = self._ctx
             if ctx is None or self.disabled:
@@ -370,7 +382,7 @@ class Monitor:
 
     def finalize(self, ctx: BatchContext, with_loss: bool = False) -> None:
         """One non-blocking copy into pinned host memory, one event; hand over."""
-        self._ctx = None
+        self._set_ctx(None)
         if ctx.layers_done != self.shape.num_layers:
             self.sender.count_drop("incomplete")
             if ctx.layers_done == 0 and self._layer_handles and not self._logged_bypass:

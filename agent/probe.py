@@ -93,7 +93,7 @@ class Probe:
         ctx = mon._context(source, step, list(range(len(items))), sample_ids, groups, len(items), width,
                            mask_BS, None)
         ctx.deferred = True
-        mon._ctx = ctx
+        mon._set_ctx(ctx)
         loss_B = self.loss_fn(mon.model, input_ids, mask_BS)
         if mon._ctx is not ctx:  # a hook error cleared it
             return
