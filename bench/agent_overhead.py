@@ -81,6 +81,18 @@ def bootstrap_median_ci(values: list[float], resamples: int = 2000, seed: int = 
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
+def summary(every_n: int, ta: list[float], tb: list[float], stats: dict) -> dict:
+    """One cadence's row: medians, ratios (with the pair ratio's interval), the agent's counters, and
+    every step time (seconds in, milliseconds out)."""
+    ma, mb = statistics.median(ta), statistics.median(tb)
+    ratios = [b / a for a, b in zip(ta, tb)]
+    return dict(every_n=every_n, pairs=len(ta), base_ms=ma * 1e3, agent_ms=mb * 1e3, ratio=mb / ma,
+                pair_ratio=statistics.median(ratios), pair_ratio_ci=bootstrap_median_ci(ratios),
+                mean_ratio=statistics.fmean(tb) / statistics.fmean(ta), sent=stats["sent"],
+                dropped=sum(stats["dropped"].values()), hook_errors=stats["hook_errors"],
+                base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb])
+
+
 def timed_step(model, opt, ids, device) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -124,13 +136,7 @@ def run(every_n: int, args, endpoint: str, model, vocab: int, batch: int, seq: i
     stats = mon.stats()
     mon.close()
     del opt
-    ma, mb = statistics.median(ta), statistics.median(tb)
-    ratios = [b / a for a, b in zip(ta, tb)]
-    return dict(every_n=every_n, pairs=len(ta), base_ms=ma * 1e3, agent_ms=mb * 1e3, ratio=mb / ma,
-                pair_ratio=statistics.median(ratios), pair_ratio_ci=bootstrap_median_ci(ratios),
-                mean_ratio=statistics.fmean(tb) / statistics.fmean(ta), sent=stats["sent"],
-                dropped=sum(stats["dropped"].values()), hook_errors=stats["hook_errors"],
-                base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb])
+    return summary(every_n, ta, tb, stats)
 
 
 def run_compiled(every_n: int, args, endpoint: str, vocab: int, batch: int, seq: int) -> dict:
@@ -165,13 +171,7 @@ def run_compiled(every_n: int, args, endpoint: str, vocab: int, batch: int, seq:
     stats = mon.stats() if mon is not None else dict(sent=0, dropped={}, hook_errors=0)
     if mon is not None:
         mon.close()
-    ma, mb = statistics.median(ta), statistics.median(tb)
-    ratios = [b / a for a, b in zip(ta, tb)]
-    return dict(every_n=every_n, pairs=len(ta), base_ms=ma * 1e3, agent_ms=mb * 1e3, ratio=mb / ma,
-                pair_ratio=statistics.median(ratios), pair_ratio_ci=bootstrap_median_ci(ratios),
-                mean_ratio=statistics.fmean(tb) / statistics.fmean(ta), sent=stats["sent"],
-                dropped=sum(stats["dropped"].values()), hook_errors=stats["hook_errors"],
-                base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb])
+    return summary(every_n, ta, tb, stats)
 
 
 def main() -> int:
