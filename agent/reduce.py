@@ -171,6 +171,14 @@ class Staging:
             cached = self.cached_views[key] = (mean, ent, cnt)
         return cached
 
+    def cosine_views(self, lo: int, hi: int) -> tuple:
+        """(the means of layers lo..hi-1, the cosine rows lo+1..hi-1 they give), made once."""
+        key = ("cosines", lo, hi)
+        cached = self.cached_views.get(key)
+        if cached is None:
+            cached = self.cached_views[key] = (self.views["mean_LNE"][lo:hi], self.views["cosine_LN"][lo + 1:hi])
+        return cached
+
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The fields of one buffer in storage order, each in its own dtype (views, no copy)."""
         return {name: flat[o:o + n].view(self.FIELDS[name][1]).view(self.shapes[name])
@@ -231,7 +239,7 @@ def routed_positions(ctx: BatchContext, seq_len: int) -> tuple[torch.Tensor, tor
 class Gathered:
     """One MoE layer's router output, awaiting reduce_all: the sampled rows
     [M, S, E] and [M, S, K], or (``raw``) the router's own tensors when the
-    sampled rows are the first M, sliced by reduce_all."""
+    sampled rows are the first M, sliced when stacked (``_stacked``)."""
 
     layer: int
     logits_MSE: torch.Tensor  # the router's dtype
@@ -247,8 +255,8 @@ def gather_layer(ctx: BatchContext, layer: int, logits_TE: torch.Tensor, topk_id
                  weight_EH: Optional[torch.Tensor], distribution: str, seq_len: Optional[int] = None,
                  detect_probs: bool = False) -> None:
     """The per-layer part, called from inside the forward. When the sampled rows
-    are 0..M-1 it only keeps references (their slices are views, taken at the
-    end in one loop, where the same few calls run back to back); else it
+    are 0..M-1 it only keeps references (sliced, only if rows are left out, and
+    stacked at the end by ``_stacked``: a few calls whatever the depth); else it
     gathers the rows now, so that only M rows of each layer stay alive.
     ``seq_len``: routed positions per row when they differ from the input's."""
     S = ctx.seq_len if seq_len is None else seq_len
@@ -355,15 +363,16 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
     p, log_p = routing_distribution(x, first.distribution, first.detect_probs, dim=dim)
     # [p | p log p] (F = E + 1), averaged over each slot's tokens in one product and sum.
     feats = torch.cat([p, (p * log_p).sum(dim=dim, keepdim=True)], dim=dim)
-    if packed:  # documents split within rows: one matmul over the tokens of each slot
+    # Per slot: X = N slots when packed rows split into documents, else M rows (one slot each).
+    if packed:  # one matmul over the tokens of each slot
         if tokens_last:
-            avg_GNF = torch.matmul(feats, avg).transpose(-1, -2).reshape(G, N, E + 1)  # [G,M,F,S] @ [M,S,D]
+            mean_GXF = torch.matmul(feats, avg).transpose(-1, -2).reshape(G, N, E + 1)  # [G,M,F,S] @ [M,S,D]
         else:
-            avg_GNF = torch.matmul(avg.transpose(-1, -2), feats).reshape(G, N, E + 1)  # [M,D,S] @ [G,M,S,F]
+            mean_GXF = torch.matmul(avg.transpose(-1, -2), feats).reshape(G, N, E + 1)  # [M,D,S] @ [G,M,S,F]
     elif tokens_last:
-        avg_GMF = (feats * avg[:, None, :]).sum(dim=-1)
+        mean_GXF = (feats * avg[:, None, :]).sum(dim=-1)
     else:
-        avg_GMF = (feats * avg[:, :, None]).sum(dim=-2)
+        mean_GXF = (feats * avg[:, :, None]).sum(dim=-2)
     # Top-k counts: each token's weight (0 or 1) added at its slot and experts in one scatter (no host sync).
     if first.idx_MSK is not None:
         idx_GMSK = _stacked(ctx, group, "idx_MSK")
@@ -395,9 +404,8 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
     for i, t in enumerate(targets):
         part = slice(None) if consecutive else i
         mean, ent, cnt = ctx.staging.targets(t, D, packed)
-        avg = avg_GNF if packed else avg_GMF
-        mean.copy_(avg[part, ..., :E])
-        torch.mul(avg[part, ..., E], -1.0 / math.log(E), out=ent)
+        mean.copy_(mean_GXF[part, ..., :E])
+        torch.mul(mean_GXF[part, ..., E], -1.0 / math.log(E), out=ent)
         cnt.copy_(counts[part])
     if 0 in layers:
         views["tokens_N"].copy_(tokens_MD.reshape(N))
@@ -422,11 +430,7 @@ def _cosines(ctx: BatchContext, views: dict) -> bool:
     weights = [g.weight_EH for g in gathered]  # inference_mode: no autograd record, no detach needed
     if len({tuple(w.shape) for w in weights}) == 1 and layers == list(range(layers[0], layers[0] + len(layers))):
         lo, hi = layers[0], layers[-1] + 1
-        key = ("cosines", lo, hi)
-        cached = ctx.staging.cached_views.get(key)
-        if cached is None:
-            cached = ctx.staging.cached_views[key] = (mean_LNE[lo:hi], views["cosine_LN"][lo + 1:hi])
-        means, out = cached
+        means, out = ctx.staging.cosine_views(lo, hi)
         emb_LNH = torch.bmm(means, torch.stack(weights).float())
         emb_LNH = emb_LNH / torch.linalg.vector_norm(emb_LNH, dim=-1, keepdim=True).clamp_min_(1e-12)
         torch.sum(emb_LNH[:-1] * emb_LNH[1:], dim=-1, out=out)
