@@ -50,18 +50,23 @@ while True:
 """
 
 
+# Per shape: vocabulary, rows per step, tokens per row.
+DIMS = {"tiny": (256, 8, 128), "olmoe-1b-7b": (50304, 2, 4096)}
+
+
 def make_model(shape: str, device: str, seed: int = 0):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(seed)
+    vocab, batch, seq = DIMS[shape]
     if shape == "tiny":
-        cfg = OlmoeConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+        cfg = OlmoeConfig(vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
                           max_position_embeddings=256, pad_token_id=None, bos_token_id=None, eos_token_id=None)
-        return OlmoeForCausalLM(cfg).to(device).train(), cfg.vocab_size, 8, 128
+        return OlmoeForCausalLM(cfg).to(device).train(), vocab, batch, seq
     # The OLMoE-1B-7B shape (16 layers, 64 experts, top-8), built on the device in bf16:
     # random init of 7B parameters on the host would take minutes.
-    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+    cfg = OlmoeConfig(vocab_size=vocab, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
                       num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
                       max_position_embeddings=4096, pad_token_id=None, bos_token_id=None, eos_token_id=None)
     with torch.device(device):
@@ -69,7 +74,7 @@ def make_model(shape: str, device: str, seed: int = 0):
             model = OlmoeForCausalLM._from_config(cfg, dtype=torch.bfloat16, experts_implementation="grouped_mm")
         except (TypeError, ValueError):  # an older transformers without the kernel switch
             model = OlmoeForCausalLM._from_config(cfg, dtype=torch.bfloat16)
-    return model.train(), cfg.vocab_size, 2, 4096
+    return model.train(), vocab, batch, seq
 
 
 def bootstrap_median_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -210,9 +215,9 @@ def main() -> int:
                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus[-1:])) if pinned else None)
     try:
         time.sleep(3)
-        model, vocab, batch, seq = make_model(args.shape, args.device)
-        if args.compile:
-            del model  # each cadence builds and compiles its own two
+        # Under --compile each cadence builds and compiles its own two models.
+        model = None if args.compile else make_model(args.shape, args.device)[0]
+        vocab, batch, seq = DIMS[args.shape]
         batch, seq = args.batch or batch, args.seq or seq
         info = dict(device=args.device, shape=args.shape, steps=args.steps, warmup=args.warmup, batch=batch, seq=seq,
                     torch=torch.__version__, receiver=args.receiver,
