@@ -19,6 +19,7 @@ import torch
 import torch.optim.optimizer as torch_optimizer
 from torch import nn
 
+import grokwatch.agent.compiled as compiled_module
 from grokwatch.agent.discover import MoELayer, MoEShape, discover
 from grokwatch.agent.reduce import (BatchContext, Staging, attach_indices, build_context, gather_layer, reduce_all,
                                     usable_weight)
@@ -61,6 +62,7 @@ class AgentConfig:
     sndhwm: int = 256  # messages libzmq queues while the collector is away, then counted drops
     heartbeat_interval_s: float = 5.0
     close_timeout_s: float = 2.0
+    compile_reduction: Optional[bool] = None  # None: on CUDA (compiled.compile_by_default)
 
     def __post_init__(self) -> None:
         if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
@@ -77,6 +79,8 @@ class AgentConfig:
             raise ValueError("probe_every_n_steps and probe_size: set both (or neither)")
         if self.heartbeat_interval_s <= 0 or self.close_timeout_s < 0:
             raise ValueError("heartbeat_interval_s must be positive and close_timeout_s not negative")
+        if self.compile_reduction not in (None, True, False):
+            raise ValueError(f"compile_reduction: True, False or None (on CUDA), got {self.compile_reduction!r}")
 
 
 def _first_tensor(args, kwargs, name, position):
@@ -112,6 +116,10 @@ class Monitor:
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.rank, self.world_size = rank, world
         self.slots = config.max_samples_per_step * config.max_docs_per_sample
+        compile_reduction = config.compile_reduction
+        if compile_reduction is None:
+            compile_reduction = compiled_module.compile_by_default(self.device)
+        self._summarize = compiled_module.CompiledSummarize() if compile_reduction else None
         self.staging = Staging(num_layers=shape.num_layers, slots=self.slots, num_experts=shape.num_experts,
                                device=self.device)
         self.sender = Sender(endpoint=config.endpoint, run=config.run, rank=rank, world_size=world,
@@ -397,7 +405,7 @@ class Monitor:
             self.sender.count_drop("staging_busy")
             return
         try:
-            with_cosines = reduce_all(ctx, self.shape.top_k)
+            with_cosines = reduce_all(ctx, self.shape.top_k, summarize_fn=self._summarize)
         except BaseException:
             self.staging.give_back(index)
             raise
@@ -504,7 +512,8 @@ class Monitor:
 
     def stats(self) -> dict:
         return dict(step=self._step, sent=self.sender.sent, dropped=dict(self.sender.dropped),
-                    hook_errors=self._hook_errors, disabled=self.disabled)
+                    hook_errors=self._hook_errors, disabled=self.disabled,
+                    reduction="op by op" if self._summarize is None else self._summarize.state)
 
     def pause(self) -> None:
         """Remove the model hooks (the step count goes on); ``resume()`` puts them back."""

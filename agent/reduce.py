@@ -291,14 +291,18 @@ def expert_dim(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None) -> bool:
+def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None, summarize_fn=None) -> bool:
     """Per sampled slot and layer: mean routing distribution, top-k counts,
     mean entropy ratio; then the cosine between adjacent layers' routing
     embeddings. Layers of the same shape are reduced in one batch (in a
     transformers model: all of them). ``dim``: the expert dimension of the
     batched layout (default: ``expert_dim`` of the device). Returns whether
-    the cosines were computed (they need every layer's router weight)."""
+    the cosines were computed (they need every layer's router weight).
+    ``summarize_fn``: ``summarize`` compiled (compiled.py; its layout is experts-last whatever the
+    device), else ``summarize`` itself runs op by op."""
     views = ctx.staging.views
+    if summarize_fn is not None:
+        dim = -1
     dim = expert_dim(ctx.staging.device) if dim is None else dim
     batches: dict[tuple, list[Gathered]] = {}
     for g in ctx.pending:
@@ -306,7 +310,7 @@ def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None) -> bool
                None if g.idx_MSK is None else tuple(g.idx_MSK.shape))
         batches.setdefault(key, []).append(g)
     for group in batches.values():
-        _reduce_batch(ctx, group, top_k, views, dim)
+        _reduce_batch(ctx, group, top_k, views, dim, summarize_fn or summarize)
     with_cosines = _cosines(ctx, views)
     ctx.pending = []
     return with_cosines
@@ -350,17 +354,20 @@ def _token_weights(ctx: BatchContext, seq_len: Optional[int]) -> tuple:
     return cached
 
 
-def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: dict, dim: int) -> None:
-    first = group[0]
-    E = first.logits_MSE.shape[-1]
-    G = len(group)
-    avg, slot_MS, valid_MS, tokens_MD, packed = _token_weights(ctx, first.seq_len)
-    M, S = slot_MS.shape
-    D = tokens_MD.shape[1]
-    N = M * D
-    tokens_last = dim == -2  # x is [G, M, E, S]; else [G, M, S, E]
-    x = _stacked(ctx, group, "logits_MSE", tokens_last)
-    p, log_p = routing_distribution(x, first.distribution, first.detect_probs, dim=dim)
+def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tensor, weight_GMX: torch.Tensor,
+              base: Optional[torch.Tensor], *, dim: int, distribution: str, detect_probs: bool, packed: bool,
+              top_k: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batched reduction's math, a pure function of device tensors (the one torch.compile compiles,
+    see compiled.py): per layer and slot the token average of [p | sum p log p] (``mean_GXF``, F = E + 1)
+    and the top-k counts (``counts``, float). ``x``: the logits [G, M, S, E] (``dim`` -2: [G, M, E, S]);
+    ``idx_GMSK``: the routing decision (None: top-k of p); ``avg``: the token weights of
+    ``_token_weights``; ``weight_GMX``: each choice's weight, 0 or 1; ``base``: packed rows' flat
+    (layer, slot, expert 0) index."""
+    G, M = x.shape[0], x.shape[1]
+    E = x.shape[dim]
+    N = num_slots
+    tokens_last = dim == -2
+    p, log_p = routing_distribution(x, distribution, detect_probs, dim=dim)
     # [p | p log p] (F = E + 1), averaged over each slot's tokens in one product and sum.
     feats = torch.cat([p, (p * log_p).sum(dim=dim, keepdim=True)], dim=dim)
     # Per slot: X = N slots when packed rows split into documents, else M rows (one slot each).
@@ -374,12 +381,30 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
     else:
         mean_GXF = (feats * avg[:, :, None]).sum(dim=-2)
     # Top-k counts: each token's weight (0 or 1) added at its slot and experts in one scatter (no host sync).
-    if first.idx_MSK is not None:
-        idx_GMSK = _stacked(ctx, group, "idx_MSK")
-    else:  # no decision exposed: the top-k of the distribution itself
+    if idx_GMSK is None:  # no decision exposed: the top-k of the distribution itself
         idx_GMSK = p.topk(top_k, dim=dim).indices
         idx_GMSK = idx_GMSK.transpose(-1, -2) if tokens_last else idx_GMSK
-    K = idx_GMSK.shape[-1]
+    if packed:  # a row's tokens fall in several slots
+        counts = torch.zeros(G * N * E, dtype=torch.float32, device=p.device)
+        counts = counts.index_add_(0, (base + idx_GMSK).reshape(-1), weight_GMX.reshape(-1)).view(G, N, E)
+    else:  # one slot per row: scatter along the experts
+        counts = torch.zeros(G, M, E, dtype=torch.float32, device=p.device)
+        counts = counts.scatter_add_(2, idx_GMSK.reshape(G, M, -1), weight_GMX)
+    return mean_GXF, counts
+
+
+def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: dict, dim: int,
+                  summarize_fn) -> None:
+    first = group[0]
+    E = first.logits_MSE.shape[-1]
+    G = len(group)
+    avg, slot_MS, valid_MS, tokens_MD, packed = _token_weights(ctx, first.seq_len)
+    M, S = slot_MS.shape
+    D = tokens_MD.shape[1]
+    N = M * D
+    x = _stacked(ctx, group, "logits_MSE", tokens_last=dim == -2)
+    idx_GMSK = _stacked(ctx, group, "idx_MSK") if first.idx_MSK is not None else None
+    K = top_k if idx_GMSK is None else idx_GMSK.shape[-1]
     cached = ctx.extra.get(("counts", G, S, E, K))
     if cached is None:  # each token's weight per choice; packed: the flat (layer, slot, expert 0) index too
         weight_GMX = valid_MS[None, :, :, None].expand(G, M, S, K).reshape(G, M, S * K)
@@ -389,13 +414,8 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
             base = ((offsets_G[:, None, None] + slot_MS) * E)[..., None]
         cached = ctx.extra[("counts", G, S, E, K)] = (base, weight_GMX)
     base, weight_GMX = cached
-    if packed:  # a row's tokens fall in several slots
-        counts = torch.zeros(G * N * E, dtype=torch.float32, device=p.device)
-        counts.index_add_(0, (base + idx_GMSK).reshape(-1), weight_GMX.reshape(-1))
-        counts = counts.view(G, N, E)
-    else:  # one slot per row: scatter along the experts
-        counts = torch.zeros(G, M, E, dtype=torch.float32, device=p.device)
-        counts.scatter_add_(2, idx_GMSK.reshape(G, M, S * K), weight_GMX)
+    mean_GXF, counts = summarize_fn(x, idx_GMSK, avg, weight_GMX, base, dim=dim, distribution=first.distribution,
+                                    detect_probs=first.detect_probs, packed=packed, top_k=top_k, num_slots=N)
     # Writes: slices of the staging views when the layers are consecutive (a transformers model).
     layers = [g.layer for g in group]
     lo = layers[0]

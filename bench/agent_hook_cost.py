@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import grokwatch.agent.monitor as monitor_module  # noqa: E402
-from agent_overhead import PULL_SINK, free_port, make_model  # noqa: E402
+from agent_overhead import COMPILE_REDUCTION, PULL_SINK, free_port, make_model  # noqa: E402
 
 import grokwatch.agent as gw  # noqa: E402
 
@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shape", default="tiny", choices=["tiny", "olmoe-1b-7b"])
+    parser.add_argument("--compile-reduction", choices=sorted(COMPILE_REDUCTION), default="auto",
+                        help="the agent's batched reduction through torch.compile (auto: on CUDA only)")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -90,7 +92,8 @@ def main() -> int:
         os.sched_setaffinity(0, cpus[:-1])
     sink = subprocess.Popen([sys.executable, "-c", PULL_SINK, endpoint],
                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus[-1:])) if len(cpus) >= 2 else None)
-    mon = gw.attach(model, endpoint, "hook-cost", every_n_steps=1, max_samples_per_step=batch)
+    mon = gw.attach(model, endpoint, "hook-cost", every_n_steps=1, max_samples_per_step=batch,
+                    compile_reduction=COMPILE_REDUCTION[args.compile_reduction])
     gen = torch.Generator().manual_seed(1)
     times = []
     for step in range(args.warmup + args.steps):
@@ -109,11 +112,13 @@ def main() -> int:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
+    reduction = mon.stats()["reduction"]
     mon.close()
     sink.kill()
     sink.wait()
     print(f"median step {statistics.median(times) * 1e3:.2f} ms over {args.steps} sampled steps "
-          f"({args.shape} OLMoE on {args.device}, batch {batch} x {seq}, {batch} samples, torch {torch.__version__})")
+          f"({args.shape} OLMoE on {args.device}, batch {batch} x {seq}, {batch} samples, torch {torch.__version__}; "
+          f"reduction {reduction})")
     for name in ("start (pre-hook)", "router hooks", "  of which gather_layer", "end (post-hook)",
                  "  of which disarm", "  of which reduce_all", "  of which submit"):
         print(f"{name:<26} {spent.get(name, 0.0) / args.steps * 1e6:8.1f} us/step")

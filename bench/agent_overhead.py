@@ -1,6 +1,7 @@
 """Training step with vs without the agent: paired A/B in one process.
 
     python bench/agent_overhead.py [--steps 200] [--device cpu|cuda] [--shape tiny|olmoe-1b-7b]
+        [--compile-reduction auto|on|off] [--cadences 0,1,10] [--compile BACKEND]
 
 One model trains; steps come in pairs, A (agent paused: no hooks at all) and
 B (agent attached), ordered AB, BA, AB, ... so that drift (thermal, other
@@ -50,6 +51,9 @@ while True:
 """
 
 
+# attach(compile_reduction=...): auto is attach()'s default (compiled on CUDA, op by op on CPU).
+COMPILE_REDUCTION = {"auto": None, "on": True, "off": False}
+
 # Per shape: vocabulary, rows per step, tokens per row.
 DIMS = {"tiny": (256, 8, 128), "olmoe-1b-7b": (50304, 2, 4096)}
 
@@ -95,6 +99,7 @@ def summary(every_n: int, ta: list[float], tb: list[float], stats: dict) -> dict
                 pair_ratio=statistics.median(ratios), pair_ratio_ci=bootstrap_median_ci(ratios),
                 mean_ratio=statistics.fmean(tb) / statistics.fmean(ta), sent=stats["sent"],
                 dropped=sum(stats["dropped"].values()), hook_errors=stats["hook_errors"],
+                reduction=stats.get("reduction", "-") if every_n else "-",
                 base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb])
 
 
@@ -117,7 +122,8 @@ def run(every_n: int, args, endpoint: str, model, vocab: int, batch: int, seq: i
     second step of a pair cancels. ``every_n=0`` is the control: the agent is
     paused in both (A/A), which shows the floor of what the design can resolve."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    mon = gw.attach(model, endpoint, f"bench-{every_n}", every_n_steps=max(every_n, 1), max_samples_per_step=batch)
+    mon = gw.attach(model, endpoint, f"bench-{every_n}", every_n_steps=max(every_n, 1), max_samples_per_step=batch,
+                    compile_reduction=COMPILE_REDUCTION[args.compile_reduction])
     gen = torch.Generator().manual_seed(1)
     ta, tb = [], []
     deadline = None
@@ -157,7 +163,8 @@ def run_compiled(every_n: int, args, endpoint: str, vocab: int, batch: int, seq:
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     model_a = make_model(args.shape, args.device)[0]
     model_b = make_model(args.shape, args.device)[0]
-    mon = (gw.attach(model_b, endpoint, f"bench-compiled-{every_n}", every_n_steps=every_n, max_samples_per_step=batch)
+    mon = (gw.attach(model_b, endpoint, f"bench-compiled-{every_n}", every_n_steps=every_n, max_samples_per_step=batch,
+                     compile_reduction=COMPILE_REDUCTION[args.compile_reduction])
            if every_n else None)
     arms = {"A": (torch.compile(model_a, backend=args.compile), torch.optim.AdamW(model_a.parameters(), lr=1e-5)),
             "B": (torch.compile(model_b, backend=args.compile), torch.optim.AdamW(model_b.parameters(), lr=1e-5))}
@@ -198,7 +205,12 @@ def main() -> int:
     parser.add_argument("--json", help="also write every step time and the summary here")
     parser.add_argument("--compile", metavar="BACKEND",
                         help="torch.compile both arms with this backend (inductor, aot_eager, ...): two models")
+    parser.add_argument("--compile-reduction", choices=sorted(COMPILE_REDUCTION), default="auto",
+                        help="the agent's batched reduction through torch.compile (auto: on CUDA only)")
+    parser.add_argument("--cadences", default=f"0,1,{DEFAULT_EVERY_N_STEPS}",
+                        help="comma-separated every_n_steps to measure (0: the A/A control)")
     args = parser.parse_args()
+    cadences = [int(c) for c in args.cadences.split(",")]
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -221,21 +233,23 @@ def main() -> int:
         batch, seq = args.batch or batch, args.seq or seq
         info = dict(device=args.device, shape=args.shape, steps=args.steps, warmup=args.warmup, batch=batch, seq=seq,
                     torch=torch.__version__, receiver=args.receiver,
-                    receiver_cpu=cpus[-1] if pinned else "shared", compile=args.compile or "off")
+                    receiver_cpu=cpus[-1] if pinned else "shared", compile=args.compile or "off",
+                    compile_reduction=args.compile_reduction)
         if args.device == "cuda":
             info["gpu"] = torch.cuda.get_device_name()
         print(" ".join(f"{k}={v}" for k, v in info.items()), "(paired, alternating)")
         print(f"{'cadence':<22} {'pairs':>5} {'base ms':>9} {'agent ms':>9} {'median ratio':>12} {'pair ratio':>11} "
-              f"{'95% CI':>15} {'mean ratio':>11} {'sent':>6} {'dropped':>8}")
+              f"{'95% CI':>15} {'mean ratio':>11} {'sent':>6} {'dropped':>8}  reduction")
         results = []
-        for every_n in (0, 1, DEFAULT_EVERY_N_STEPS):
+        for every_n in cadences:
             r = (run_compiled(every_n, args, endpoint, vocab, batch, seq) if args.compile
                  else run(every_n, args, endpoint, model, vocab, batch, seq))
             results.append(r)
-            label = {0: "control (A/A)", 1: "every step"}.get(every_n, f"every {every_n} (default)")
+            label = {0: "control (A/A)", 1: "every step", DEFAULT_EVERY_N_STEPS: f"every {every_n} (default)"}.get(
+                every_n, f"every {every_n}")
             print(f"{label:<22} {r['pairs']:>5} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} "
                   f"{r['pair_ratio']:>11.4f} {r['pair_ratio_ci'][0]:>7.4f}-{r['pair_ratio_ci'][1]:<7.4f} "
-                  f"{r['mean_ratio']:>11.4f} {r['sent']:>6} {r['dropped']:>8}", flush=True)
+                  f"{r['mean_ratio']:>11.4f} {r['sent']:>6} {r['dropped']:>8}  {r['reduction']}", flush=True)
         if args.device == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
         if args.json:

@@ -8,9 +8,11 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch._dynamo
 import zmq
 
 import grokwatch.agent as gw
+import grokwatch.agent.compiled as compiled_module
 import grokwatch.agent.reduce as reduce_module
 from grokwatch.agent.discover import discover
 from grokwatch.wire import Hello, Routing, decode
@@ -125,16 +127,36 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
                                                                          reason="needs a CUDA device")])
 
 
-@pytest.fixture(params=["device", "experts_last"])
+@pytest.fixture(params=["device", "experts_last", pytest.param("compiled", marks=pytest.mark.slow)])
 def layout(request, monkeypatch):
-    """The batched reduction puts the experts where the device is fastest (CPU: [G, M, E, S]; CUDA:
-    [G, M, S, E]). "experts_last" runs the CUDA layout here, so that both are checked on any machine."""
+    """"device": what attach() does on the test's device: on CPU op by op with the experts at dim -2
+    ([G, M, E, S]); on CUDA compiled. "experts_last": op by op with the experts last ([G, M, S, E], the
+    CUDA layout), on any machine. "compiled": the reduction through torch.compile (on CPU; on CUDA that
+    is "device"). Wherever compiled, the test fails unless the compiled code ran and never fell back."""
+    callspec = getattr(request.node, "callspec", None)
+    on_cuda = callspec is not None and callspec.params.get("device") == "cuda"
     if request.param == "experts_last":
-        callspec = getattr(request.node, "callspec", None)
-        if callspec is not None and callspec.params.get("device") == "cuda":
-            pytest.skip("on CUDA the device layout is experts-last already")
         monkeypatch.setattr(reduce_module, "expert_dim", lambda device: -1)
-    return request.param
+        monkeypatch.setattr(compiled_module, "compile_by_default", lambda device: False)
+    elif request.param == "compiled":
+        if on_cuda:
+            pytest.skip("on CUDA the device's default is compiled")
+        monkeypatch.setattr(compiled_module, "compile_by_default", lambda device: True)
+    compiled = request.param == "compiled" or (request.param == "device" and on_cuda)
+    made = []
+    if compiled:
+        torch._dynamo.reset()  # a fresh compile for this test's shapes (dynamo's recompile limit is per function)
+
+        class Tracked(compiled_module.CompiledSummarize):
+            def __init__(self):
+                super().__init__()
+                made.append(self)
+
+        monkeypatch.setattr(compiled_module, "CompiledSummarize", Tracked)
+    yield request.param
+    if compiled:
+        assert made and all(c.error is None for c in made), [c.error for c in made]
+        assert any(c.compile_seconds is not None for c in made), "the compiled reduction never ran"
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -171,9 +193,9 @@ def test_agent_ships_what_the_routers_computed(family, device, layout, sink):
     check_against_reference(msg, ref)
 
 
-def _train_and_collect(model, forward, sink, run, every, steps=7, pause_at=(), attach_to=None):
+def _train_and_collect(model, forward, sink, run, every, steps=7, pause_at=(), attach_to=None, **options):
     mon = gw.attach(model if attach_to is None else attach_to, sink.endpoint, run, every_n_steps=every,
-                    max_samples_per_step=2)
+                    max_samples_per_step=2, **options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
@@ -193,14 +215,15 @@ def _train_and_collect(model, forward, sink, run, every, steps=7, pause_at=(), a
 
 
 @pytest.mark.slow  # tracing takes ~14 s a case here
-@pytest.mark.parametrize("family, backend, how", [
-    ("olmoe", "eager", "model"),  # attach(model), then torch.compile(model)
-    ("olmoe", "aot_eager", "model"),
-    ("deepseek_v3", "eager", "model"),
-    ("olmoe", "eager", "wrapper"),  # attach(torch.compile(model))
-    ("olmoe", "eager", "blocks"),  # each decoder layer compiled in place before attach (torchtitan's way)
+@pytest.mark.parametrize("family, backend, how, reduction", [
+    ("olmoe", "eager", "model", "op by op"),  # attach(model), then torch.compile(model)
+    ("olmoe", "aot_eager", "model", "op by op"),
+    ("deepseek_v3", "eager", "model", "op by op"),
+    ("olmoe", "eager", "wrapper", "op by op"),  # attach(torch.compile(model))
+    ("olmoe", "eager", "blocks", "op by op"),  # each decoder layer compiled in place before attach (torchtitan's way)
+    ("olmoe", "inductor", "model", "compiled"),  # the agent's own compiled reduction, called from compiled code
 ])
-def test_a_compiled_model_ships_what_the_eager_model_ships(family, backend, how, sink):
+def test_a_compiled_model_ships_what_the_eager_model_ships(family, backend, how, reduction, sink):
     """Compiled code does not see hooks added or removed after it was traced: the agent arms its router
     hooks while torch.compile traces (or at attach, when it finds compiled modules), keeps them armed,
     and never lets the compiler trace its own Python. At a cadence where eager training arms and
@@ -220,8 +243,9 @@ def test_a_compiled_model_ships_what_the_eager_model_ships(family, backend, how,
             forward = torch.compile(model, backend=backend)
             attach_to = forward if how == "wrapper" else None
         stats = _train_and_collect(model, forward, sink, f"compiled-{compiled}", every=2, pause_at=(4,),
-                                   attach_to=attach_to)
+                                   attach_to=attach_to, compile_reduction=reduction == "compiled")
         assert stats["hook_errors"] == 0 and stats["dropped"] == {}
+        assert stats["reduction"] == reduction
         run = f"compiled-{compiled}"
         sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing) and m.run == run]) >= 3)
         shipped[compiled] = [m for m in sink.routing("train") if m.run == run]
@@ -297,6 +321,7 @@ def test_cuda_agent_never_makes_the_training_thread_wait_for_the_device(family, 
                 torch.cuda.set_sync_debug_mode("default")
         return wrapper
 
+    torch._dynamo.reset()  # the compiled reduction: compiled here, not left from other tests' shapes
     router_hook = Monitor._router_hook
     monkeypatch.setattr(Monitor, "_on_forward_start", strict(Monitor._on_forward_start))
     monkeypatch.setattr(Monitor, "_on_forward_end", strict(Monitor._on_forward_end))
@@ -316,6 +341,7 @@ def test_cuda_agent_never_makes_the_training_thread_wait_for_the_device(family, 
     stats = mon.stats()
     mon.close()
     assert stats["hook_errors"] == 0, "a host sync (or other error) inside the agent's hooks: see the log"
+    assert stats["reduction"] == "compiled", "compiling failed (a sync in the compiled code?): see the log"
     sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
     assert len(sink.routing("train")) == 2
 
@@ -501,6 +527,40 @@ def test_an_exception_inside_a_hook_never_reaches_training(where, sink, caplog, 
     assert stats["hook_errors"] == 3
     assert stats["disabled"] is True
     assert sum("error inside a hook" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.slow
+def test_a_reduction_that_cannot_be_compiled_runs_op_by_op_and_says_why(sink, caplog, monkeypatch):
+    """A machine without a C++ compiler (or Triton) cannot compile the reduction: the first sampled step
+    must still ship its summary (op by op), with no hook error, one warning, and stats that say so."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    model = tiny_model("olmoe")
+    tap = RouterTap(model)
+    mon = gw.attach(model, sink.endpoint, "no-compiler", every_n_steps=1, max_samples_per_step=2,
+                    compile_reduction=True)
+    input_ids = torch.randint(0, VOCAB, (2, 8))
+    for _ in range(2):
+        run_one_step(model, mon, input_ids)
+    stats = mon.stats()
+    mon.close()
+    tap.remove()
+    torch._dynamo.reset()
+    assert stats["hook_errors"] == 0 and stats["disabled"] is False
+    assert stats["reduction"].startswith("op by op (compiling failed"), stats["reduction"]
+    assert sum("compiling the batched reduction failed" in r.message for r in caplog.records) == 1
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    msgs = sink.routing("train")
+    assert [m.step for m in msgs] == [0, 1]
+    shape = discover(model)
+    ref = reference_summaries([c[0] for c in tap.calls[:shape.num_layers]],
+                              [c[1] for c in tap.calls[:shape.num_layers]], np.ones((2, 8)), [0, 1],
+                              [layer.weight_EH.detach() for layer in shape.layers], "softmax", 2, 8)
+    check_against_reference(msgs[0], ref)
 
 
 def test_attach_fails_fast_on_bad_config_and_dense_models():
