@@ -1,20 +1,24 @@
 """The batched reduction compiled with torch.compile: on CUDA, a few fused
-kernels instead of ~25 separate ones, each a launch of host time on the
+kernels instead of ~30 separate ones, each a launch of host time on the
 training step and a pass over [layers, rows, tokens, experts] in memory.
 
-``CompiledSummarize`` wraps ``reduce.summarize``; reduce_all calls it in
-place of the op-by-op function. The first call compiles (a one-time pause of
-the training step, logged with its duration; a new sequence length compiles
-once more, then dynamically). If compiling or running the compiled code raises,
-the error is logged once and the op-by-op function takes over for good: the
-step still gets its summary, and ``Monitor.stats()["reduction"]`` says why.
+``CompiledReduction`` wraps reduce.py's pure function ``summarize`` (means,
+entropies, counts and, for consecutive layers with usable router weights,
+the adjacent-layer cosines); reduce_all calls it in place of the op-by-op
+one: a compiled call has a fixed host cost (guards, wrappers: ~40 us warm,
+more in a training step's cold caches, on this machine's CPU), paid once a
+step. The first call compiles (a one-time pause of the training step, logged with its duration; a
+new sequence length compiles once more, then dynamically). If compiling or
+running compiled code raises, the error is logged once and the op-by-op
+function takes over for good: the step still gets its summary, and
+``Monitor.stats()["reduction"]`` says why.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -25,18 +29,19 @@ log = logging.getLogger("grokwatch.agent")
 
 def compile_by_default(device: torch.device) -> bool:
     """``attach(compile_reduction=None)``: compiled on CUDA, where the op-by-op reduction's launches and
-    memory passes are what a sampled step costs; op by op on CPU (no compile pause, no C++ toolchain)."""
+    memory passes are what a sampled step costs; op by op on CPU (slower compiled at the tiny shape
+    measured here, and no compile pause, no C++ toolchain needed)."""
     return device.type == "cuda"
 
 
-class CompiledSummarize:
+class CompiledReduction:
     """``summarize`` through torch.compile (fullgraph: a graph break would quietly undo the fusion),
-    falling back to the op-by-op function on the first error."""
+    falling back to op by op on the first error. Called as ``summarize``."""
 
     def __init__(self) -> None:
-        self._fn = None
+        self._fn: Optional[Callable] = None
         self.error: Optional[BaseException] = None
-        self.compile_seconds: Optional[float] = None
+        self.compile_seconds: Optional[float] = None  # the first call: compile and run
 
     @property
     def state(self) -> str:
@@ -50,7 +55,7 @@ class CompiledSummarize:
                 if self._fn is None:
                     self._fn = torch.compile(summarize, fullgraph=True)
                 if self.compile_seconds is None:
-                    return self._first_call(*args, **kwargs)
+                    return self._first_call(args, kwargs)
                 return self._fn(*args, **kwargs)
             except Exception as exc:  # no compiler toolchain, an unsupported platform, a dynamo limitation
                 self.error = exc
@@ -58,12 +63,11 @@ class CompiledSummarize:
                             "(attach(compile_reduction=False) skips the attempt): %r", exc)
         return summarize(*args, **kwargs)
 
-    def _first_call(self, *args, **kwargs):
+    def _first_call(self, args: tuple, kwargs: dict):
         """Compiles, then runs. Compiling may wait for the device once (loading kernels): a user's
         ``torch.cuda.set_sync_debug_mode("error")`` is relaxed for this call only, so that it does not
         cost the compiled path for the rest of the run; the calls after it run under the user's mode."""
-        cuda = args[0].is_cuda
-        mode = torch.cuda.get_sync_debug_mode() if cuda else 0
+        mode = torch.cuda.get_sync_debug_mode() if args[0].is_cuda else 0
         if mode:
             torch.cuda.set_sync_debug_mode(0)
         try:

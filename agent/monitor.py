@@ -119,7 +119,7 @@ class Monitor:
         compile_reduction = config.compile_reduction
         if compile_reduction is None:
             compile_reduction = compiled_module.compile_by_default(self.device)
-        self._summarize = compiled_module.CompiledSummarize() if compile_reduction else None
+        self._reduction = compiled_module.CompiledReduction() if compile_reduction else None
         self.staging = Staging(num_layers=shape.num_layers, slots=self.slots, num_experts=shape.num_experts,
                                device=self.device)
         self.sender = Sender(endpoint=config.endpoint, run=config.run, rank=rank, world_size=world,
@@ -405,7 +405,7 @@ class Monitor:
             self.sender.count_drop("staging_busy")
             return
         try:
-            with_cosines = reduce_all(ctx, self.shape.top_k, summarize_fn=self._summarize)
+            with_cosines = reduce_all(ctx, self.shape.top_k, summarize_fn=self._reduction)
         except BaseException:
             self.staging.give_back(index)
             raise
@@ -513,7 +513,7 @@ class Monitor:
     def stats(self) -> dict:
         return dict(step=self._step, sent=self.sender.sent, dropped=dict(self.sender.dropped),
                     hook_errors=self._hook_errors, disabled=self.disabled,
-                    reduction="op by op" if self._summarize is None else self._summarize.state)
+                    reduction="op by op" if self._reduction is None else self._reduction.state)
 
     def pause(self) -> None:
         """Remove the model hooks (the step count goes on); ``resume()`` puts them back."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -157,26 +157,17 @@ class Staging:
         self.layouts: dict[tuple, tuple] = {}  # build_context's device tensors for unmasked batches
         self.cached_views: dict[tuple, tuple] = {}  # slices of ``views`` the reduction writes, made once
 
-    def targets(self, layers, docs_per_row: int, packed: bool) -> tuple:
-        """(mean, entropy, counts) views for ``layers`` (a slice or one index): every slot when packed
+    def targets(self, layers, docs_per_row: int, packed: bool,
+                names: tuple = ("mean_LNE", "entropy_LN", "counts_LNE")) -> tuple:
+        """Views of ``names`` for ``layers`` (a slice or one index), made once: every slot when packed
         rows split into documents, else each row's slot m*D (the other D-1 keep zero tokens, never read)."""
-        key = ((layers.start, layers.stop) if isinstance(layers, slice) else layers, docs_per_row, packed)
+        key = ((layers.start, layers.stop) if isinstance(layers, slice) else layers, docs_per_row, packed, names)
         cached = self.cached_views.get(key)
         if cached is None:
-            v = self.views
-            mean, ent, cnt = v["mean_LNE"][layers], v["entropy_LN"][layers], v["counts_LNE"][layers]
-            if not packed:
-                D = docs_per_row
-                mean, ent, cnt = mean[..., ::D, :], ent[..., ::D], cnt[..., ::D, :]
-            cached = self.cached_views[key] = (mean, ent, cnt)
-        return cached
-
-    def cosine_views(self, lo: int, hi: int) -> tuple:
-        """(the means of layers lo..hi-1, the cosine rows lo+1..hi-1 they give), made once."""
-        key = ("cosines", lo, hi)
-        cached = self.cached_views.get(key)
-        if cached is None:
-            cached = self.cached_views[key] = (self.views["mean_LNE"][lo:hi], self.views["cosine_LN"][lo + 1:hi])
+            D = 1 if packed else docs_per_row  # the slot dimension is N, followed by E in *_LNE
+            cached = self.cached_views[key] = tuple(
+                self.views[name][layers][..., ::D, :] if name.endswith("E") else self.views[name][layers][..., ::D]
+                for name in names)
         return cached
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -291,15 +282,16 @@ def expert_dim(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None, summarize_fn=None) -> bool:
+def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None,
+               summarize_fn: Optional[Callable] = None) -> bool:
     """Per sampled slot and layer: mean routing distribution, top-k counts,
     mean entropy ratio; then the cosine between adjacent layers' routing
     embeddings. Layers of the same shape are reduced in one batch (in a
-    transformers model: all of them). ``dim``: the expert dimension of the
-    batched layout (default: ``expert_dim`` of the device). Returns whether
-    the cosines were computed (they need every layer's router weight).
-    ``summarize_fn``: ``summarize`` compiled (compiled.py; its layout is experts-last whatever the
-    device), else ``summarize`` itself runs op by op."""
+    transformers model: all of them, cosines included). ``dim``: the expert
+    dimension of the batched layout (default: ``expert_dim`` of the device).
+    ``summarize_fn``: ``summarize`` compiled (compiled.py; experts last
+    whatever the device), else ``summarize`` runs op by op. Returns whether
+    the cosines were computed (they need every layer's router weight)."""
     views = ctx.staging.views
     if summarize_fn is not None:
         dim = -1
@@ -309,11 +301,24 @@ def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None, summari
         key = (g.raw, g.seq_len, tuple(g.logits_MSE.shape), g.logits_MSE.dtype, g.distribution, g.detect_probs,
                None if g.idx_MSK is None else tuple(g.idx_MSK.shape))
         batches.setdefault(key, []).append(g)
-    for group in batches.values():
-        _reduce_batch(ctx, group, top_k, views, dim, summarize_fn or summarize)
-    with_cosines = _cosines(ctx, views)
+    groups = list(batches.values())
+    weights_LEH = _cosine_weights(groups[0]) if len(groups) == 1 else None
+    for group in groups:
+        _reduce_batch(ctx, group, top_k, views, dim, summarize_fn or summarize, weights_LEH)
+    with_cosines = weights_LEH is not None or _cosines(ctx, views)
     ctx.pending = []
     return with_cosines
+
+
+def _cosine_weights(group: list[Gathered]) -> Optional[torch.Tensor]:
+    """The router weights [L, E, H] stacked, when the group's layers are consecutive and every weight is
+    usable and of one shape: then its summary computes the cosines too (one call). Else None."""
+    weights = [g.weight_EH for g in group]
+    layers = [g.layer for g in group]
+    if (len(group) < 2 or layers != list(range(layers[0], layers[0] + len(layers)))
+            or not all(usable_weight(w) for w in weights) or len({tuple(w.shape) for w in weights}) != 1):
+        return None
+    return torch.stack(weights)  # inference_mode: no autograd record, no detach needed
 
 
 def _stacked(ctx: BatchContext, group: list[Gathered], attr: str, tokens_last: bool = False) -> torch.Tensor:
@@ -355,11 +360,13 @@ def _token_weights(ctx: BatchContext, seq_len: Optional[int]) -> tuple:
 
 
 def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tensor, weight_GMX: torch.Tensor,
-              base: Optional[torch.Tensor], *, dim: int, distribution: str, detect_probs: bool, packed: bool,
-              top_k: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+              base: Optional[torch.Tensor], weights_GEH: Optional[torch.Tensor], *, dim: int, distribution: str,
+              detect_probs: bool, packed: bool, top_k: int,
+              num_slots: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The batched reduction's math, a pure function of device tensors (the one torch.compile compiles,
-    see compiled.py): per layer and slot the token average of [p | sum p log p] (``mean_GXF``, F = E + 1)
-    and the top-k counts (``counts``, float). ``x``: the logits [G, M, S, E] (``dim`` -2: [G, M, E, S]);
+    see compiled.py): per layer and slot the token average of [p | sum p log p] (``mean_GXF``, F = E + 1),
+    the top-k counts (``counts``, float) and, given the layers' router weights, the adjacent cosines
+    (``cos``, [G-1, X]; else None). ``x``: the logits [G, M, S, E] (``dim`` -2: [G, M, E, S]);
     ``idx_GMSK``: the routing decision (None: top-k of p); ``avg``: the token weights of
     ``_token_weights``; ``weight_GMX``: each choice's weight, 0 or 1; ``base``: packed rows' flat
     (layer, slot, expert 0) index."""
@@ -390,11 +397,12 @@ def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tens
     else:  # one slot per row: scatter along the experts
         counts = torch.zeros(G, M, E, dtype=torch.float32, device=p.device)
         counts = counts.scatter_add_(2, idx_GMSK.reshape(G, M, -1), weight_GMX)
-    return mean_GXF, counts
+    cos = None if weights_GEH is None else cosine_rows(mean_GXF[..., :E], weights_GEH)
+    return mean_GXF, counts, cos
 
 
 def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: dict, dim: int,
-                  summarize_fn) -> None:
+                  summarize_fn: Callable, weights_GEH: Optional[torch.Tensor]) -> None:
     first = group[0]
     E = first.logits_MSE.shape[-1]
     G = len(group)
@@ -414,8 +422,9 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
             base = ((offsets_G[:, None, None] + slot_MS) * E)[..., None]
         cached = ctx.extra[("counts", G, S, E, K)] = (base, weight_GMX)
     base, weight_GMX = cached
-    mean_GXF, counts = summarize_fn(x, idx_GMSK, avg, weight_GMX, base, dim=dim, distribution=first.distribution,
-                                    detect_probs=first.detect_probs, packed=packed, top_k=top_k, num_slots=N)
+    mean_GXF, counts, cos = summarize_fn(x, idx_GMSK, avg, weight_GMX, base, weights_GEH, dim=dim,
+                                         distribution=first.distribution, detect_probs=first.detect_probs,
+                                         packed=packed, top_k=top_k, num_slots=N)
     # Writes: slices of the staging views when the layers are consecutive (a transformers model).
     layers = [g.layer for g in group]
     lo = layers[0]
@@ -427,6 +436,8 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
         mean.copy_(mean_GXF[part, ..., :E])
         torch.mul(mean_GXF[part, ..., E], -1.0 / math.log(E), out=ent)
         cnt.copy_(counts[part])
+    if cos is not None:  # consecutive layers: rows lo+1..lo+G-1 of cosine_LN
+        ctx.staging.targets(slice(lo + 1, lo + G), D, packed, ("cosine_LN",))[0].copy_(cos)
     if 0 in layers:
         views["tokens_N"].copy_(tokens_MD.reshape(N))
 
@@ -439,21 +450,27 @@ def usable_weight(w: Optional[torch.Tensor]) -> bool:
             and w.untyped_storage().nbytes() > 0)
 
 
+def cosine_rows(means_LXE: torch.Tensor, weights_LEH: torch.Tensor) -> torch.Tensor:
+    """METRICS.md §2 for consecutive layers: row l of the result is cos(emb(l), emb(l+1)) per slot,
+    emb = mean p @ router weight."""
+    emb_LXH = torch.bmm(means_LXE, weights_LEH.float())
+    emb_LXH = emb_LXH / torch.linalg.vector_norm(emb_LXH, dim=-1, keepdim=True).clamp_min(1e-12)
+    return (emb_LXH[:-1] * emb_LXH[1:]).sum(dim=-1)
+
+
 def _cosines(ctx: BatchContext, views: dict) -> bool:
-    """METRICS.md §2: cos(emb(l-1), emb(l)) with emb = mean p @ router weight,
-    row l of cosine_LN; needs every layer's router weight (else False: none)."""
+    """The cosines when the layers were reduced in several groups (else ``summarize`` computed them):
+    cos(emb(l-1), emb(l)) into row l of cosine_LN, from the means in staging; needs every layer's
+    router weight (else False: none)."""
     gathered = sorted(ctx.pending, key=lambda g: g.layer)
     if len(gathered) < 2 or not all(usable_weight(g.weight_EH) for g in gathered):
         return False
     layers = [g.layer for g in gathered]
     mean_LNE = views["mean_LNE"]
-    weights = [g.weight_EH for g in gathered]  # inference_mode: no autograd record, no detach needed
+    weights = [g.weight_EH for g in gathered]
     if len({tuple(w.shape) for w in weights}) == 1 and layers == list(range(layers[0], layers[0] + len(layers))):
         lo, hi = layers[0], layers[-1] + 1
-        means, out = ctx.staging.cosine_views(lo, hi)
-        emb_LNH = torch.bmm(means, torch.stack(weights).float())
-        emb_LNH = emb_LNH / torch.linalg.vector_norm(emb_LNH, dim=-1, keepdim=True).clamp_min_(1e-12)
-        torch.sum(emb_LNH[:-1] * emb_LNH[1:], dim=-1, out=out)
+        views["cosine_LN"][lo + 1:hi].copy_(cosine_rows(mean_LNE[lo:hi], torch.stack(weights)))
         return True
     prev = None
     for layer, w in zip(layers, weights):
@@ -462,3 +479,6 @@ def _cosines(ctx: BatchContext, views: dict) -> bool:
             views["cosine_LN"][layer].copy_(torch.nn.functional.cosine_similarity(prev, emb_NH, dim=-1, eps=1e-12))
         prev = emb_NH
     return True
+class _OP_BY_OP:  # what reduce_all calls when not compiled
+    summarize = staticmethod(summarize)
+    cosine_rows = staticmethod(cosine_rows)

@@ -1,16 +1,18 @@
 """Where a sampled step's agent time goes, on the training thread.
 
     python bench/agent_hook_cost.py [--steps 200] [--device cpu|cuda] [--shape tiny|olmoe-1b-7b]
+        [--compile-reduction auto|on|off]
 
 The tiny OLMoE of agent_overhead.py (or, on a GPU, its OLMoE-1B-7B shape,
 where every microsecond of host time in a hook lands on the step because the
 model synchronizes inside each MoE layer) trains with the agent summarizing
-every step (8 samples, or the shape's rows); each agent entry point that runs on the training thread is
-wrapped with a timer: the top-level pre-hook (``start``: sampling, slot
-layout, arming the layer hooks), the router hooks (``router hooks``, of which
-``gather_layer``), and the top-level post-hook (``end``: of which
-``reduce_all``, the batched reduction, and ``submit``, the hand-over to the
-sender thread).
+every step (8 samples, or the shape's rows); each agent entry point that runs
+on the training thread is wrapped with a timer: the top-level pre-hook
+(``start``: sampling, slot layout, arming the layer hooks), the router hooks
+(``router hooks``, of which ``gather_layer``), and the top-level post-hook
+(``end``: of which ``reduce_all``, the batched reduction, whose
+``summaries`` are its stacks, math and writes, and ``submit``, the hand-over
+to the sender thread).
 Printed as microseconds per sampled step, beside the step's median time.
 The sender thread's CPU time per message (``time.thread_time`` around its
 ``_process``: building, encoding and sending one message) is printed below:
@@ -32,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import grokwatch.agent.monitor as monitor_module  # noqa: E402
+import grokwatch.agent.reduce as reduce_module  # noqa: E402
 from agent_overhead import COMPILE_REDUCTION, PULL_SINK, free_port, make_model  # noqa: E402
 
 import grokwatch.agent as gw  # noqa: E402
@@ -64,6 +67,7 @@ def main() -> int:
     M._on_forward_start = timed("start (pre-hook)", M._on_forward_start)
     M._on_forward_end = timed("end (post-hook)", M._on_forward_end)
     monitor_module.reduce_all = timed("  of which reduce_all", monitor_module.reduce_all)
+    reduce_module._reduce_batch = timed("    summaries", reduce_module._reduce_batch)
     monitor_module.gather_layer = timed("  of which gather_layer", monitor_module.gather_layer)
     sender_module = sys.modules["grokwatch.agent.sender"]
     sender_module.Sender.submit = timed("  of which submit", sender_module.Sender.submit)
@@ -120,7 +124,7 @@ def main() -> int:
           f"({args.shape} OLMoE on {args.device}, batch {batch} x {seq}, {batch} samples, torch {torch.__version__}; "
           f"reduction {reduction})")
     for name in ("start (pre-hook)", "router hooks", "  of which gather_layer", "end (post-hook)",
-                 "  of which disarm", "  of which reduce_all", "  of which submit"):
+                 "  of which disarm", "  of which reduce_all", "    summaries", "  of which submit"):
         print(f"{name:<26} {spent.get(name, 0.0) / args.steps * 1e6:8.1f} us/step")
     total = sum(v for k, v in spent.items() if not k.startswith("  "))
     print(f"{'total on the training thread':<26} {total / args.steps * 1e6:8.1f} us/step "
