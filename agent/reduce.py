@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
 _LOG_FLOOR = 1e-30
 _LOG_FLOOR_LOG = math.log(_LOG_FLOOR)
 
@@ -360,16 +362,18 @@ def _token_weights(ctx: BatchContext, seq_len: Optional[int]) -> tuple:
 
 
 def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tensor, weight_GMX: torch.Tensor,
-              base: Optional[torch.Tensor], weights_GEH: Optional[torch.Tensor], *, dim: int, distribution: str,
-              detect_probs: bool, packed: bool, top_k: int,
-              num_slots: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """The batched reduction's math, a pure function of device tensors (the one torch.compile compiles,
-    see compiled.py): per layer and slot the token average of [p | sum p log p] (``mean_GXF``, F = E + 1),
+              base: Optional[torch.Tensor], weights_GEH: Optional[torch.Tensor], out: Optional[tuple], *, dim: int,
+              distribution: str, detect_probs: bool, packed: bool, top_k: int,
+              num_slots: int) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    """The batched reduction's math on device tensors (the function torch.compile compiles, see
+    compiled.py): per layer and slot the token average of [p | sum p log p] (``mean_GXF``, F = E + 1),
     the top-k counts (``counts``, float) and, given the layers' router weights, the adjacent cosines
     (``cos``, [G-1, X]; else None). ``x``: the logits [G, M, S, E] (``dim`` -2: [G, M, E, S]);
     ``idx_GMSK``: the routing decision (None: top-k of p); ``avg``: the token weights of
     ``_token_weights``; ``weight_GMX``: each choice's weight, 0 or 1; ``base``: packed rows' flat
-    (layer, slot, expert 0) index."""
+    (layer, slot, expert 0) index. ``out``: the staging views (mean, entropy, counts, cosines or None)
+    to write the results into (``write_summaries``; compiled, the writes fuse into the kernels), then
+    nothing is returned; None: they are returned."""
     G, M = x.shape[0], x.shape[1]
     E = x.shape[dim]
     N = num_slots
@@ -398,7 +402,25 @@ def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tens
         counts = torch.zeros(G, M, E, dtype=torch.float32, device=p.device)
         counts = counts.scatter_add_(2, idx_GMSK.reshape(G, M, -1), weight_GMX)
     cos = None if weights_GEH is None else cosine_rows(mean_GXF[..., :E], weights_GEH)
-    return mean_GXF, counts, cos
+    if out is None:
+        return mean_GXF, counts, cos
+    write_summaries(out, mean_GXF, counts, cos)
+    return None
+
+
+def write_summaries(out: tuple, mean_GXF: torch.Tensor, counts: torch.Tensor, cos: Optional[torch.Tensor]) -> None:
+    """Into the staging views ``out`` = (mean, entropy, counts, cosines or None): the means, the mean
+    entropy / log E, the counts (float to int32) and the cosines."""
+    mean, ent, cnt, cos_out = out
+    E = mean_GXF.shape[-1] - 1
+    mean.copy_(mean_GXF[..., :E])
+    if _is_compiling():  # the compiler takes no out= into a strided view; op by op, out= saves a copy
+        ent.copy_(mean_GXF[..., E] * (-1.0 / math.log(E)))
+    else:
+        torch.mul(mean_GXF[..., E], -1.0 / math.log(E), out=ent)
+    cnt.copy_(counts)
+    if cos is not None:
+        cos_out.copy_(cos)
 
 
 def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: dict, dim: int,
@@ -422,22 +444,20 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
             base = ((offsets_G[:, None, None] + slot_MS) * E)[..., None]
         cached = ctx.extra[("counts", G, S, E, K)] = (base, weight_GMX)
     base, weight_GMX = cached
-    mean_GXF, counts, cos = summarize_fn(x, idx_GMSK, avg, weight_GMX, base, weights_GEH, dim=dim,
-                                         distribution=first.distribution, detect_probs=first.detect_probs,
-                                         packed=packed, top_k=top_k, num_slots=N)
     # Writes: slices of the staging views when the layers are consecutive (a transformers model).
     layers = [g.layer for g in group]
     lo = layers[0]
-    consecutive = layers == list(range(lo, lo + G))
-    targets = [slice(lo, lo + G)] if consecutive else layers
-    for i, t in enumerate(targets):
-        part = slice(None) if consecutive else i
-        mean, ent, cnt = ctx.staging.targets(t, D, packed)
-        mean.copy_(mean_GXF[part, ..., :E])
-        torch.mul(mean_GXF[part, ..., E], -1.0 / math.log(E), out=ent)
-        cnt.copy_(counts[part])
-    if cos is not None:  # consecutive layers: rows lo+1..lo+G-1 of cosine_LN
-        ctx.staging.targets(slice(lo + 1, lo + G), D, packed, ("cosine_LN",))[0].copy_(cos)
+    kwargs = dict(dim=dim, distribution=first.distribution, detect_probs=first.detect_probs, packed=packed,
+                  top_k=top_k, num_slots=N)
+    if layers == list(range(lo, lo + G)):  # written by summarize (compiled: inside its kernels)
+        cos_out = None if weights_GEH is None else ctx.staging.targets(slice(lo + 1, lo + G), D, packed,
+                                                                       ("cosine_LN",))[0]
+        out = ctx.staging.targets(slice(lo, lo + G), D, packed) + (cos_out,)
+        summarize_fn(x, idx_GMSK, avg, weight_GMX, base, weights_GEH, out, **kwargs)
+    else:
+        mean_GXF, counts, _ = summarize_fn(x, idx_GMSK, avg, weight_GMX, base, None, None, **kwargs)
+        for i, layer in enumerate(layers):
+            write_summaries(ctx.staging.targets(layer, D, packed) + (None,), mean_GXF[i], counts[i], None)
     if 0 in layers:
         views["tokens_N"].copy_(tokens_MD.reshape(N))
 
