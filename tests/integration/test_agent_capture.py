@@ -574,6 +574,8 @@ def test_attach_fails_fast_on_bad_config_and_dense_models():
         gw.attach(tiny_model("olmoe"), "http://nope", "x")
     with pytest.raises(ValueError, match="every_n_steps"):
         gw.attach(tiny_model("olmoe"), "tcp://127.0.0.1:5999", "x", every_n_steps=0)
+    with pytest.raises(ValueError, match="compile_reduction"):
+        gw.attach(tiny_model("olmoe"), "tcp://127.0.0.1:5999", "x", compile_reduction="yes")
 
 
 def test_sampling_follows_the_same_sample_ids_over_steps(sink):
