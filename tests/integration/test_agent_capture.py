@@ -530,6 +530,41 @@ def test_an_exception_inside_a_hook_never_reaches_training(where, sink, caplog, 
 
 
 @pytest.mark.slow
+def test_the_compiled_reduction_follows_changing_sequence_lengths_and_the_probe(sink):
+    """Each new length recompiles (then dynamo compiles for any length); every step's summary must still
+    equal the reference, the probe's forwards (other shapes, a mask) must be summarized too, and the
+    reduction must stay compiled."""
+    torch._dynamo.reset()
+    model = tiny_model("olmoe")
+    shape = discover(model)
+    L = shape.num_layers
+    tap = RouterTap(model)
+    mon = gw.attach(model, sink.endpoint, "lengths", every_n_steps=1, max_samples_per_step=2, compile_reduction=True,
+                    probe_every_n_steps=5, probe_size=2)
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, VOCAB, (2, S), generator=gen) for S in (8, 12, 16, 8, 20)]
+    refs = []
+    for ids in batches:
+        weights = [layer.weight_EH.detach().clone() for layer in shape.layers]
+        run_one_step(model, mon, ids)
+        calls = tap.calls[len(refs) * L:(len(refs) + 1) * L]  # the probe's forwards (after step 5) come later
+        refs.append(reference_summaries([c[0] for c in calls], [c[1] for c in calls], np.ones(tuple(ids.shape)),
+                                        [0, 1], weights, "softmax", 2, 8))
+    stats = mon.stats()
+    mon.close()
+    tap.remove()
+    torch._dynamo.reset()
+    assert stats["reduction"] == "compiled" and stats["hook_errors"] == 0 and stats["dropped"] == {}
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 6)
+    msgs = sink.routing("train")
+    assert [m.step for m in msgs] == [0, 1, 2, 3, 4]
+    for msg, ref in zip(msgs, refs):
+        check_against_reference(msg, ref)
+    [probe] = sink.routing("probe")
+    assert probe.step == 5 and probe.num_samples == 2 and (probe.loss_N > 0).all()
+
+
+@pytest.mark.slow
 def test_a_reduction_that_cannot_be_compiled_runs_op_by_op_and_says_why(sink, caplog, monkeypatch):
     """A machine without a C++ compiler (or Triton) cannot compile the reduction: the first sampled step
     must still ship its summary (op by op), with no hook error, one warning, and stats that say so."""
