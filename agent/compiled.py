@@ -1,16 +1,17 @@
 """The batched reduction compiled with torch.compile: on CUDA, a few fused
-kernels instead of ~30 separate ones, each a launch of host time on the
+kernels instead of ~25 separate ones, each a launch of host time on the
 training step and a pass over [layers, rows, tokens, experts] in memory.
 
-``CompiledReduction`` wraps reduce.py's pure function ``summarize`` (means,
-entropies, counts and, for consecutive layers with usable router weights,
-the adjacent-layer cosines); reduce_all calls it in place of the op-by-op
-one: a compiled call has a fixed host cost (guards, wrappers: ~40 us warm,
-more in a training step's cold caches, on this machine's CPU), paid once a
-step. The first call compiles (a one-time pause of the training step, logged with its duration; a
-new sequence length compiles once more, then dynamically). If compiling or
-running compiled code raises, the error is logged once and the op-by-op
-function takes over for good: the step still gets its summary, and
+``CompiledReduction`` wraps reduce.py's ``summarize`` (means, entropies,
+counts, the adjacent-layer cosines for consecutive layers with usable router
+weights, and the writes into the staging views); reduce_all calls it in place
+of the op-by-op function. A compiled call has a fixed host cost (dynamo's
+guards, the generated wrapper: ~80 us warm on this repository's 2-vCPU VM,
+more in a training step's cold caches), paid once a sampled step. The first
+call compiles (a one-time pause of the training step, logged with its
+duration; a new sequence length compiles once more, then for any length). If
+compiling or running compiled code raises, the error is logged once and the
+op-by-op function takes over for good: the step still gets its summary, and
 ``Monitor.stats()["reduction"]`` says why.
 """
 
