@@ -513,7 +513,8 @@ class Monitor:
     def stats(self) -> dict:
         return dict(step=self._step, sent=self.sender.sent, dropped=dict(self.sender.dropped),
                     hook_errors=self._hook_errors, disabled=self.disabled,
-                    reduction="op by op" if self._reduction is None else self._reduction.state)
+                    reduction="op by op" if self._reduction is None else self._reduction.state,
+                    reduction_compile_s=None if self._reduction is None else self._reduction.compile_seconds)
 
     def pause(self) -> None:
         """Remove the model hooks (the step count goes on); ``resume()`` puts them back."""

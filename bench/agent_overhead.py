@@ -100,6 +100,7 @@ def summary(every_n: int, ta: list[float], tb: list[float], stats: dict) -> dict
                 mean_ratio=statistics.fmean(tb) / statistics.fmean(ta), sent=stats["sent"],
                 dropped=sum(stats["dropped"].values()), hook_errors=stats["hook_errors"],
                 reduction=stats.get("reduction", "-") if every_n else "-",
+                reduction_compile_s=stats.get("reduction_compile_s"),
                 base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb])
 
 
@@ -249,12 +250,13 @@ def main() -> int:
                 every_n, f"every {every_n}")
             print(f"{label:<22} {r['pairs']:>5} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} "
                   f"{r['pair_ratio']:>11.4f} {r['pair_ratio_ci'][0]:>7.4f}-{r['pair_ratio_ci'][1]:<7.4f} "
-                  f"{r['mean_ratio']:>11.4f} {r['sent']:>6} {r['dropped']:>8}  {r['reduction']}", flush=True)
+                  f"{r['mean_ratio']:>11.4f} {r['sent']:>6} {r['dropped']:>8}  {r['reduction']}"
+                  + (f" (first call {r['reduction_compile_s']:.1f} s)" if r["reduction_compile_s"] else ""), flush=True)
+            if args.json:  # after every cadence: a run cut short by a time limit keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(dict(info, results=results), f)
         if args.device == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(info, results=results), f)
     finally:
         collector.send_signal(signal.SIGTERM)
         collector.wait(30)
