@@ -1,13 +1,14 @@
 """On-device reductions of router outputs — runs on the training thread.
 
-Two stages, so that the cost per MoE layer is two gathers and not a dozen
-kernel launches: a router hook only gathers the sampled rows of the logits
-and the top-k indices (``gather_layer``); at the end of the forward one
-batched reduction over all layers (``reduce_all``) writes one preallocated
-flat float32 buffer (``Staging.device``). That buffer is copied to pinned
-host memory once per forward with ``non_blocking=True``, after which a CUDA
-event is recorded. Nothing here synchronizes the device with the host: the
-sender thread waits on the event, never the training thread.
+Two stages, so that the cost per MoE layer is at most two gathers and not a
+dozen kernel launches: a router hook only keeps the router's outputs, or
+gathers their sampled rows (``gather_layer``); at the end of the forward one
+batched reduction over all layers (``reduce_all``; its math and writes are
+``summarize``, which compiled.py compiles on CUDA) writes one preallocated
+flat buffer (``Staging.device_buf``). That buffer is copied to pinned host
+memory once per forward with ``non_blocking=True``, after which a CUDA event
+is recorded. Nothing here synchronizes the device with the host: the sender
+thread waits on the event, never the training thread.
 
 Legend: B batch rows, S sequence positions, T = B*S tokens, E experts,
 K top-k, H hidden size, M sampled rows, D documents per row (packing),
