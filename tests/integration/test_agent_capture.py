@@ -469,22 +469,28 @@ def test_packed_sequences_split_where_position_ids_restart(layout, sink):
         np.testing.assert_array_equal(msg.topk_counts_NLE[doc], ref["counts"])
 
 
-def test_loss_and_gradients_are_bit_identical_with_and_without_the_agent(sink):
+@pytest.mark.parametrize("compile_reduction", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_loss_and_gradients_are_bit_identical_with_and_without_the_agent(compile_reduction, sink):
+    """Also the user's random stream: the agent (compiled reduction included) draws nothing from it."""
     grads = {}
     for attached in (False, True):
         model = tiny_model("olmoe", seed=3)
-        mon = gw.attach(model, sink.endpoint, "bits", every_n_steps=1) if attached else None
+        mon = (gw.attach(model, sink.endpoint, "bits", every_n_steps=1, compile_reduction=compile_reduction)
+               if attached else None)
         torch.manual_seed(4)
         ids = torch.randint(0, VOCAB, (3, 16))
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
-        grads[attached] = (out.loss.detach().clone(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        grads[attached] = (out.loss.detach().clone(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                           torch.randint(0, 2**30, (4,)))
         if mon:
+            assert mon.stats()["reduction"] == ("compiled" if compile_reduction else "op by op")
             mon.close()
     assert torch.equal(grads[False][0], grads[True][0])
     assert len(grads[False][1]) == len(grads[True][1])
     for a, b in zip(grads[False][1], grads[True][1]):
         assert torch.equal(a, b)
+    assert torch.equal(grads[False][2], grads[True][2])
 
 
 def test_training_runs_with_no_collector_and_drops_are_counted():
