@@ -481,7 +481,8 @@ def test_loss_and_gradients_are_bit_identical_with_and_without_the_agent(compile
         ids = torch.randint(0, VOCAB, (3, 16))
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
-        grads[attached] = (out.loss.detach().clone(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
+        grads[attached] = (out.loss.detach().clone(),
+                           [p.grad.clone() for p in model.parameters() if p.grad is not None],
                            torch.randint(0, 2**30, (4,)))
         if mon:
             assert mon.stats()["reduction"] == ("compiled" if compile_reduction else "op by op")
