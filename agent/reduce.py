@@ -402,7 +402,8 @@ def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tens
     else:  # one slot per row: scatter along the experts
         counts = torch.zeros(G, M, E, dtype=torch.float32, device=p.device)
         counts = counts.scatter_add_(2, idx_GMSK.reshape(G, M, -1), weight_GMX)
-    cos = None if weights_GEH is None else cosine_rows(mean_GXF[..., :E], weights_GEH)
+    cos = None if weights_GEH is None else cosine_rows(mean_GXF[..., :E], weights_GEH,
+                                                       out=None if out is None else out[3])
     if out is None:
         return mean_GXF, counts, cos
     write_summaries(out, mean_GXF, counts, cos)
@@ -420,7 +421,7 @@ def write_summaries(out: tuple, mean_GXF: torch.Tensor, counts: torch.Tensor, co
     else:
         torch.mul(mean_GXF[..., E], -1.0 / math.log(E), out=ent)
     cnt.copy_(counts)
-    if cos is not None:
+    if cos is not None and cos is not cos_out:  # op by op, cosine_rows summed into cos_out itself
         cos_out.copy_(cos)
 
 
@@ -471,11 +472,15 @@ def usable_weight(w: Optional[torch.Tensor]) -> bool:
             and w.untyped_storage().nbytes() > 0)
 
 
-def cosine_rows(means_LXE: torch.Tensor, weights_LEH: torch.Tensor) -> torch.Tensor:
+def cosine_rows(means_LXE: torch.Tensor, weights_LEH: torch.Tensor,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """METRICS.md §2 for consecutive layers: row l of the result is cos(emb(l), emb(l+1)) per slot,
-    emb = mean p @ router weight."""
+    emb = mean p @ router weight. Op by op, ``out`` (if given) receives the sum itself (one copy
+    less); compiled, the caller copies (the compiler takes no out= into a strided view)."""
     emb_LXH = torch.bmm(means_LXE, weights_LEH.float())
     emb_LXH = emb_LXH / torch.linalg.vector_norm(emb_LXH, dim=-1, keepdim=True).clamp_min(1e-12)
+    if out is not None and not _is_compiling():
+        return torch.sum(emb_LXH[:-1] * emb_LXH[1:], dim=-1, out=out)
     return (emb_LXH[:-1] * emb_LXH[1:]).sum(dim=-1)
 
 
@@ -491,7 +496,7 @@ def _cosines(ctx: BatchContext, views: dict) -> bool:
     weights = [g.weight_EH for g in gathered]
     if len({tuple(w.shape) for w in weights}) == 1 and layers == list(range(layers[0], layers[0] + len(layers))):
         lo, hi = layers[0], layers[-1] + 1
-        views["cosine_LN"][lo + 1:hi].copy_(cosine_rows(mean_LNE[lo:hi], torch.stack(weights)))
+        cosine_rows(mean_LNE[lo:hi], torch.stack(weights), out=views["cosine_LN"][lo + 1:hi])
         return True
     prev = None
     for layer, w in zip(layers, weights):
