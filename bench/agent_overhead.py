@@ -1,7 +1,7 @@
 """Training step with vs without the agent: paired A/B in one process.
 
     python bench/agent_overhead.py [--steps 200] [--device cpu|cuda] [--shape tiny|olmoe-1b-7b]
-        [--compile-reduction auto|on|off] [--cadences 0,1,10] [--compile BACKEND]
+        [--compile-reduction auto|on|off] [--cadences 0,1,1:off,10] [--compile BACKEND]
 
 One model trains; steps come in pairs, A (agent paused: no hooks at all) and
 B (agent attached), ordered AB, BA, AB, ... so that drift (thermal, other
@@ -14,7 +14,9 @@ step and at its default cadence: the median step time of each, the ratio of
 medians, the median of per-pair ratios with its 95 % bootstrap interval, and
 the ratio of means (at a cadence
 of N the median is an unsampled step; the mean carries the sampled ones at
-their true share).
+their true share). ``--cadences`` picks them (default 0,1,10; ``1:off`` is
+every step with the reduction op by op, whatever ``--compile-reduction``
+says for the others: both ways in one process).
 """
 
 from __future__ import annotations
@@ -117,14 +119,14 @@ def timed_step(model, opt, ids, device) -> float:
     return time.perf_counter() - t
 
 
-def run(every_n: int, args, endpoint: str, model, vocab: int, batch: int, seq: int) -> dict:
+def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, batch: int, seq: int) -> dict:
     """Pairs of steps, one with the agent paused (A: no hooks at all) and one
     attached (B), in the order AB, BA, AB, ... so that a bias of the first or
     second step of a pair cancels. ``every_n=0`` is the control: the agent is
     paused in both (A/A), which shows the floor of what the design can resolve."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     mon = gw.attach(model, endpoint, f"bench-{every_n}", every_n_steps=max(every_n, 1), max_samples_per_step=batch,
-                    compile_reduction=COMPILE_REDUCTION[args.compile_reduction])
+                    compile_reduction=COMPILE_REDUCTION[reduction])
     gen = torch.Generator().manual_seed(1)
     ta, tb = [], []
     deadline = None
@@ -151,7 +153,7 @@ def run(every_n: int, args, endpoint: str, model, vocab: int, batch: int, seq: i
     return summary(every_n, ta, tb, stats)
 
 
-def run_compiled(every_n: int, args, endpoint: str, vocab: int, batch: int, seq: int) -> dict:
+def run_compiled(every_n: int, reduction: str, args, endpoint: str, vocab: int, batch: int, seq: int) -> dict:
     """The same pairs for ``torch.compile``d training. Compiled code keeps calling the hooks it was
     traced with, so pausing cannot make a hook-free A: two models from the same seed, each compiled,
     the agent attached to B only (``every_n=0``: to neither, the control). Run with dynamo guarding
@@ -165,7 +167,7 @@ def run_compiled(every_n: int, args, endpoint: str, vocab: int, batch: int, seq:
     model_a = make_model(args.shape, args.device)[0]
     model_b = make_model(args.shape, args.device)[0]
     mon = (gw.attach(model_b, endpoint, f"bench-compiled-{every_n}", every_n_steps=every_n, max_samples_per_step=batch,
-                     compile_reduction=COMPILE_REDUCTION[args.compile_reduction])
+                     compile_reduction=COMPILE_REDUCTION[reduction])
            if every_n else None)
     arms = {"A": (torch.compile(model_a, backend=args.compile), torch.optim.AdamW(model_a.parameters(), lr=1e-5)),
             "B": (torch.compile(model_b, backend=args.compile), torch.optim.AdamW(model_b.parameters(), lr=1e-5))}
@@ -209,9 +211,15 @@ def main() -> int:
     parser.add_argument("--compile-reduction", choices=sorted(COMPILE_REDUCTION), default="auto",
                         help="the agent's batched reduction through torch.compile (auto: on CUDA only)")
     parser.add_argument("--cadences", default=f"0,1,{DEFAULT_EVERY_N_STEPS}",
-                        help="comma-separated every_n_steps to measure (0: the A/A control)")
+                        help="comma-separated every_n_steps to measure (0: the A/A control); N:on or N:off "
+                             "overrides --compile-reduction for that one (e.g. 0,1,1:off,10)")
     args = parser.parse_args()
-    cadences = [int(c) for c in args.cadences.split(",")]
+    cadences = []
+    for spec in args.cadences.split(","):
+        n, _, reduction = spec.partition(":")
+        if (reduction or args.compile_reduction) not in COMPILE_REDUCTION:
+            parser.error(f"--cadences: {spec!r}: the reduction is one of {sorted(COMPILE_REDUCTION)}")
+        cadences.append((int(n), reduction or args.compile_reduction))
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -242,9 +250,9 @@ def main() -> int:
         print(f"{'cadence':<22} {'pairs':>5} {'base ms':>9} {'agent ms':>9} {'median ratio':>12} {'pair ratio':>11} "
               f"{'95% CI':>15} {'mean ratio':>11} {'sent':>6} {'dropped':>8}  reduction")
         results = []
-        for every_n in cadences:
-            r = (run_compiled(every_n, args, endpoint, vocab, batch, seq) if args.compile
-                 else run(every_n, args, endpoint, model, vocab, batch, seq))
+        for every_n, reduction in cadences:
+            r = (run_compiled(every_n, reduction, args, endpoint, vocab, batch, seq) if args.compile
+                 else run(every_n, reduction, args, endpoint, model, vocab, batch, seq))
             results.append(r)
             label = {0: "control (A/A)", 1: "every step", DEFAULT_EVERY_N_STEPS: f"every {every_n} (default)"}.get(
                 every_n, f"every {every_n}")

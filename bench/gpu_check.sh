@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one prepared script for a leased GPU (device tool): the agent's CUDA path
 # against the float64 reference, then the paired overhead benchmark at the
-# OLMoE-1B-7B shape (attach()'s default: the reduction compiled; then every
-# step op by op), then the host time per hook at that shape (at most 9.7 min
-# in all: run it with timeout_s 600; each part is time-boxed, and what it wrote
-# under $OUT comes back even if the last is cut short). Budget: tests 130 s;
-# default 285 s (3 cadences x (60 s + warm-up), the model, the reduction's
-# compile); op by op 105 s; hook cost 55 s. Runs under the device image's own python3
+# OLMoE-1B-7B shape in one process — the A/A control, every step with
+# attach()'s default (the reduction compiled), every step op by op, the default
+# cadence — then the host time per hook at that shape. At most ≈ 9 min in all:
+# run it with timeout_s 600; each part is time-boxed, and what it wrote under
+# $OUT comes back even if the last is cut short. Budget: tests 130 s; overhead
+# 340 s (4 cadences x (60 s + warm-up), the model, the reduction's compile);
+# hook cost 55 s. Runs under the device image's own python3
 # (torch, numba, msgpack are there); pyzmq travels as a wheel in .whl/ (see
 # docs/benchmarks.md).
 set -u
@@ -20,13 +21,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, transformers, zmq, numba; print('torch', torch.__version__, 'transformers', transformers.__version__, 'pyzmq', zmq.__version__, 'numba', numba.__version__)" | tee -a "$OUT/gpu.txt"
 [ -n "${SKIP_TESTS:-}" ] || timeout "${PYTEST_S:-130}" python3 -m pytest -q -p no:cacheprovider tests/integration/test_agent_capture.py -k cuda 2>&1 | tail -25 | tee "$OUT/pytest_cuda.txt"
 bench() { timeout "$1" python3 bench/agent_overhead.py --device cuda --shape olmoe-1b-7b --steps 400 --warmup 8 \
-    --max-seconds "$2" --json "$OUT/agent_overhead$3.json" "${@:4}" 2>&1 | tee -a "$OUT/agent_overhead.txt"; }
-# attach()'s default on CUDA (the reduction compiled; its compile falls in the warm-up), three cadences.
-bench "${BENCH_S:-285}" "${CADENCE_S:-60}" ""
+    --max-seconds "$2" --json "$OUT/agent_overhead.json" --cadences 0,1,1:off,10 "${@:3}" 2>&1 \
+    | tee -a "$OUT/agent_overhead.txt"; }
+bench "${BENCH_S:-340}" "${CADENCE_S:-60}"
 # Out of memory on a smaller card: the same shape at half the tokens.
-[ -s "$OUT/agent_overhead.json" ] || bench 200 50 "" --seq 2048
-# The same at every step with the reduction op by op: what compiling it saves (or costs).
-bench "${OPBYOP_S:-105}" 55 "_op_by_op" --cadences 1 --compile-reduction off
+[ -s "$OUT/agent_overhead.json" ] || bench 200 40 --seq 2048
 # Where a sampled step's host time goes (hooks, reduction, hand-over), at the same shape.
 timeout "${HOOK_S:-55}" python3 bench/agent_hook_cost.py --device cuda --shape olmoe-1b-7b --steps 30 --warmup 5 \
     2>&1 | tee "$OUT/hook_cost.txt"
