@@ -69,6 +69,7 @@ class CompiledReduction:
         """Compiles, then runs. Compiling may wait for the device once (loading kernels): a user's
         ``torch.cuda.set_sync_debug_mode("error")`` is relaxed for this call only, so that it does not
         cost the compiled path for the rest of the run; the calls after it run under the user's mode."""
+        log.info("grokwatch: compiling the batched reduction (once; attach(compile_reduction=False) skips it)")
         mode = torch.cuda.get_sync_debug_mode() if args[0].is_cuda else 0
         if mode:
             torch.cuda.set_sync_debug_mode(0)
