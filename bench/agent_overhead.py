@@ -204,7 +204,9 @@ def main() -> int:
                              "on the others, as a sidecar with its own CPU would; off: the OS places both")
     parser.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
     parser.add_argument("--seq", type=int, help="tokens per row (default: the shape's)")
-    parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop measuring a cadence after this")
+    parser.add_argument("--max-seconds", type=float,
+                        help="stop measuring a cadence after this (default: 75 on CUDA, so that the default "
+                             "three cadences run unattended in under 5 minutes; else no limit)")
     parser.add_argument("--json", help="also write every step time and the summary here")
     parser.add_argument("--compile", metavar="BACKEND",
                         help="torch.compile both arms with this backend (inductor, aot_eager, ...): two models")
@@ -214,6 +216,8 @@ def main() -> int:
                         help="comma-separated every_n_steps to measure (0: the A/A control); N:on or N:off "
                              "overrides --compile-reduction for that one (e.g. 0,1,1:off,10)")
     args = parser.parse_args()
+    if args.max_seconds is None:
+        args.max_seconds = 75.0 if args.device == "cuda" else float("inf")
     cadences = []
     for spec in args.cadences.split(","):
         n, _, reduction = spec.partition(":")

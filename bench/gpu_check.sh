@@ -3,11 +3,11 @@
 # against the float64 reference, then the paired overhead benchmark at the
 # OLMoE-1B-7B shape in one process — the A/A control, every step with
 # attach()'s default (the reduction compiled), every step op by op, the default
-# cadence — then the host time per hook at that shape. At most ≈ 9 min in all:
+# cadence — then the host time per hook at that shape. At most ≈ 8.5 min in all:
 # run it with timeout_s 600; each part is time-boxed, and what it wrote under
 # $OUT comes back even if the last is cut short. Budget: tests 130 s; overhead
-# 340 s (4 cadences x (60 s + warm-up), the model, the reduction's compile);
-# hook cost 55 s. Runs under the device image's own python3
+# under 5 min (4 cadences x (50 s + warm-up), the model, the reduction's
+# compile); hook cost 55 s. Runs under the device image's own python3
 # (torch, numba, msgpack are there); pyzmq travels as a wheel in .whl/ (see
 # docs/benchmarks.md).
 set -u
@@ -23,7 +23,7 @@ python3 -c "import torch, transformers, zmq, numba; print('torch', torch.__versi
 bench() { timeout "$1" python3 bench/agent_overhead.py --device cuda --shape olmoe-1b-7b --steps 400 --warmup 8 \
     --max-seconds "$2" --json "$OUT/agent_overhead.json" --cadences 0,1,1:off,10 "${@:3}" 2>&1 \
     | tee -a "$OUT/agent_overhead.txt"; }
-bench "${BENCH_S:-340}" "${CADENCE_S:-60}"
+bench "${BENCH_S:-295}" "${CADENCE_S:-50}"
 # Out of memory on a smaller card: the same shape at half the tokens.
 [ -s "$OUT/agent_overhead.json" ] || bench 200 40 --seq 2048
 # Where a sampled step's host time goes (hooks, reduction, hand-over), at the same shape.
