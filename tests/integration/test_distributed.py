@@ -87,7 +87,7 @@ def test_dataloader_workers_fork_safely_while_attached(tmp_path):
         collector.stop()
 
 
-def _fsdp_rank_main(rank: int, world: int, port: int, endpoint: str) -> None:
+def _fsdp_rank_main(rank: int, world: int, port: int, endpoint: str, compile_reduction: bool) -> None:
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -98,7 +98,8 @@ def _fsdp_rank_main(rank: int, world: int, port: int, endpoint: str) -> None:
         for layer in model.model.layers:
             fully_shard(layer)  # each decoder layer unsharded for its forward, resharded (freed) after it
         fully_shard(model)
-        mon = gw.attach(model, endpoint, "fsdp", every_n_steps=1, max_samples_per_step=2)
+        mon = gw.attach(model, endpoint, "fsdp", every_n_steps=1, max_samples_per_step=2,
+                        compile_reduction=compile_reduction)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         for step in range(3):
             ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(rank * 100 + step))
@@ -108,14 +109,17 @@ def _fsdp_rank_main(rank: int, world: int, port: int, endpoint: str) -> None:
         stats = mon.stats()
         mon.close()
         assert stats["hook_errors"] == 0 and stats["dropped"] == {}, stats
+        assert stats["reduction"] == ("compiled" if compile_reduction else "op by op"), stats
     finally:
         dist.destroy_process_group()
 
 
-def test_fsdp2_sharded_routers_ship_summaries_with_their_cosines():
+@pytest.mark.parametrize("compile_reduction", [False, True])
+def test_fsdp2_sharded_routers_ship_summaries_with_their_cosines(compile_reduction):
     """FSDP2 (fully_shard): at attach the router weights are sharded DTensors, during a layer's forward
     plain unsharded parameters, freed when the layer reshards. The cosines must use this forward's
-    weights (step 0: the initial ones, the same on every rank), never a DTensor or freed memory."""
+    weights (step 0: the initial ones, the same on every rank), never a DTensor or freed memory.
+    Compiled too: FSDP training runs on GPUs, where the reduction is compiled by default."""
     import zmq
 
     from grokwatch.wire import Routing, decode
@@ -124,7 +128,8 @@ def test_fsdp2_sharded_routers_ship_summaries_with_their_cosines():
     sink = ctx.socket(zmq.PULL)
     port = sink.bind_to_random_port("tcp://127.0.0.1")
     try:
-        mp.spawn(_fsdp_rank_main, args=(2, _free_port(), f"tcp://127.0.0.1:{port}"), nprocs=2, join=True)
+        mp.spawn(_fsdp_rank_main, args=(2, _free_port(), f"tcp://127.0.0.1:{port}", compile_reduction), nprocs=2,
+                 join=True)
         messages = []
         while sink.poll(1000):
             message = decode(sink.recv())
