@@ -294,7 +294,25 @@ def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None,
     dimension of the batched layout (default: ``expert_dim`` of the device).
     ``summarize_fn``: ``summarize`` compiled (compiled.py; experts last
     whatever the device), else ``summarize`` runs op by op. Returns whether
-    the cosines were computed (they need every layer's router weight)."""
+    the cosines were computed (they need every layer's router weight).
+    It runs from the model's forward hook, hence inside the user's autocast
+    region if there is one (HF Trainer's bf16=True): autocast is switched off
+    here, so that the token means and cosines are float32 matmuls."""
+    device_type = ctx.staging.device.type
+    if _autocast_enabled(device_type):  # inside the user's autocast: matmuls would run in bf16/fp16
+        with torch.autocast(device_type, enabled=False):
+            return _reduce_all(ctx, top_k, dim, summarize_fn)
+    return _reduce_all(ctx, top_k, dim, summarize_fn)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int], summarize_fn: Optional[Callable]) -> bool:
     views = ctx.staging.views
     if summarize_fn is not None:
         dim = -1

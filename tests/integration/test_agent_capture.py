@@ -469,6 +469,40 @@ def test_packed_sequences_split_where_position_ids_restart(layout, sink):
         np.testing.assert_array_equal(msg.topk_counts_NLE[doc], ref["counts"])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_inside_the_users_autocast_the_summaries_stay_float32(packed, layout, sink):
+    """The reduction runs in the model's forward hook, inside the user's autocast region (HF Trainer
+    with bf16=True). Its matmuls (cosines; token means of packed rows) must not run in bf16: before
+    this was handled the cosines were off by 1.4e-3 here."""
+    model = tiny_model("olmoe")
+    shape = discover(model)
+    tap = RouterTap(model)
+    mon = gw.attach(model, sink.endpoint, "autocast", every_n_steps=1, max_samples_per_step=1)
+    input_ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(input_ids=input_ids, labels=input_ids)
+    docs = [(0, 12)]
+    if packed:
+        kwargs["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+        docs = [(0, 5), (5, 8), (8, 12)]
+    weights = [layer.weight_EH.detach().double() for layer in shape.layers]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**kwargs).loss
+    loss.backward()
+    mon.close()
+    tap.remove()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    assert msg.num_samples == len(docs)
+    for doc, (lo, hi) in enumerate(docs):
+        mask = np.zeros((1, 12), np.int64)
+        mask[0, lo:hi] = 1
+        ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask, [0], weights,
+                                  "softmax", 2, 8)[0]
+        np.testing.assert_allclose(msg.mean_probs_NLE[doc], ref["mean"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(msg.entropy_NL[doc], ref["entropy"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(msg.adj_cosine_NL1[doc], ref["cosine"], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("compile_reduction", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_loss_and_gradients_are_bit_identical_with_and_without_the_agent(compile_reduction, sink):
     """Also the user's random stream: the agent (compiled reduction included) draws nothing from it."""
