@@ -500,7 +500,8 @@ class Monitor:
                 dist, x = "probs", probs.reshape(-1, E)
             else:
                 weights = topk[1].reshape(ids.shape).float()
-                dense = torch.zeros(ids.shape[0], E, device=weights.device).scatter_(1, ids, weights)
+                dense = torch.zeros(ids.shape[0], E, dtype=torch.float32, device=weights.device)
+                dense = dense.scatter_(1, ids, weights)
                 dist, x = "probs", dense / dense.sum(dim=-1, keepdim=True).clamp_min(1e-30)
             gather_layer(ctx, layer, x, ids, self._router_weights[layer], dist, seq_len)
         except Exception as exc:

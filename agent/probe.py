@@ -98,7 +98,7 @@ class Probe:
         if mon._ctx is not ctx:  # a hook error cleared it
             return
         D = mon.config.max_docs_per_sample
-        loss_MD = torch.zeros(mon.config.max_samples_per_step, D, device=loss_B.device)
+        loss_MD = torch.zeros(mon.config.max_samples_per_step, D, dtype=torch.float32, device=loss_B.device)
         loss_MD[: len(items), 0] = loss_B
         mon.staging.views["loss_N"].copy_(loss_MD.reshape(-1))
         mon.finalize(ctx, with_loss=True)

@@ -223,7 +223,8 @@ def routed_positions(ctx: BatchContext, seq_len: int) -> tuple[torch.Tensor, tor
     cached = ctx.extra.get(("positions", seq_len))
     if cached is None:
         valid_M = (ctx.tokens_MD.sum(dim=1) > 0).to(torch.float32)
-        w_MSD = torch.zeros(valid_M.shape[0], seq_len, ctx.tokens_MD.shape[1], device=valid_M.device)
+        w_MSD = torch.zeros(valid_M.shape[0], seq_len, ctx.tokens_MD.shape[1], dtype=torch.float32,
+                            device=valid_M.device)
         w_MSD[:, :, 0] = valid_M[:, None]
         cached = ctx.extra[("positions", seq_len)] = (w_MSD, w_MSD.sum(dim=1)) + _slots(w_MSD)
     return cached

@@ -738,6 +738,50 @@ def test_manual_record_for_a_hand_written_moe(compiled, sink):
     np.testing.assert_allclose(msg.adj_cosine_NL1, cos.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_a_process_whose_default_dtype_is_bfloat16_gets_float32_summaries(sink):
+    """Some training scripts set torch.set_default_dtype(torch.bfloat16) to build their model. The agent's
+    own buffers name their dtype: record(topk=...) must not fail on a bf16 scratch tensor, and the token
+    weights of a layer that routes only some positions must stay float32."""
+    torch.manual_seed(0)
+
+    class TwoRouters(torch.nn.Module):  # float32, built before the default changes
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 8)
+            self.routers = torch.nn.ModuleList(torch.nn.Linear(8, 4, bias=False) for _ in range(2))
+            self.mon, self.seen = None, []
+
+        def forward(self, input_ids):
+            h = self.emb(input_ids)
+            top = torch.softmax(self.routers[0](h), -1).topk(2, dim=-1)  # layer 0: ids and weights only
+            self.mon.record(0, topk=(top.indices, top.values))
+            last = self.routers[1](h[:, -1:])  # layer 1: only the last position of each row
+            self.mon.record(1, logits=last)
+            self.seen = [top, torch.softmax(last.detach().double(), -1)]
+            return (top.values.sum() + last.sum()).float()
+
+    model = TwoRouters()
+    mon = model.mon = gw.attach(model, sink.endpoint, "bf16-default", num_layers=2, num_experts=4, top_k=2,
+                                every_n_steps=1)
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.bfloat16)
+        model(torch.randint(0, 16, (2, 5))).backward()
+    finally:
+        torch.set_default_dtype(previous)
+    stats = mon.stats()
+    mon.close()
+    assert stats["hook_errors"] == 0, stats
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    assert msg.topk_counts_NLE[:, 0].sum(axis=1).tolist() == [10, 10]
+    top, last = model.seen
+    dense = torch.zeros(2, 5, 4, dtype=torch.float64).scatter_(2, top.indices, top.values.detach().double())
+    expected0 = (dense / dense.sum(-1, keepdim=True)).mean(dim=1)
+    np.testing.assert_allclose(msg.mean_probs_NLE[:, 0], expected0.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(msg.mean_probs_NLE[:, 1], last[:, 0].numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_a_router_weight_freed_before_the_reduction_ships_no_cosines_not_stale_ones(sink):
     """FSDP frees a layer's unsharded weights when it reshards after the layer ran, before the
     reduction at the end of the forward: that message carries no cosines (and no error); the next
