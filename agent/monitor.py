@@ -22,7 +22,7 @@ from torch import nn
 import grokwatch.agent.compiled as compiled_module
 from grokwatch.agent.discover import MoELayer, MoEShape, discover
 from grokwatch.agent.reduce import (BatchContext, Staging, attach_indices, build_context, gather_layer, reduce_all,
-                                    usable_weight)
+                                    token_mask, usable_weight)
 from grokwatch.agent.sender import Pending, Sender
 
 log = logging.getLogger("grokwatch.agent")
@@ -310,11 +310,12 @@ class Monitor:
             groups = ["all"] * num_rows
             rows = list(range(min(budget, num_rows)))
         self._taken += len(rows)
-        self._set_ctx(self._context("train", step, rows, ids, groups, num_rows, seq_len,
-                                    kwargs.get("attention_mask"), kwargs.get("position_ids")))
+        mask_BS = token_mask(kwargs.get("attention_mask"), seq_len)  # a 3-d/4-d mask: which tokens count
+        self._set_ctx(self._context("train", step, rows, ids, groups, num_rows, seq_len, mask_BS,
+                                    kwargs.get("position_ids")))
         self._arm_layers()
         if self.probe is not None and input_ids is not None:
-            self.probe.remember(input_ids, kwargs.get("attention_mask"), rows, ids, groups)
+            self.probe.remember(input_ids, mask_BS, rows, ids, groups)
 
     def _context(self, source, step, rows, ids, groups, num_rows, seq_len, attention_mask, position_ids):
         D = self.config.max_docs_per_sample

@@ -53,12 +53,32 @@ class BatchContext:
     extra: dict = field(default_factory=dict)  # derived device tensors; shared by contexts of one cached layout
 
 
+def token_mask(attention_mask, seq_len: int) -> Optional[torch.Tensor]:
+    """Which tokens count, [B, S], from what the model was given as ``attention_mask``: a [B, S] mask as
+    it is; a [B, S, S] or [B, heads, S, S] one (bool or int: nonzero allows; float: additive, a finite
+    entry allows, -inf or the dtype's minimum masks) by whether some query may attend to the token (a
+    padded position is attended by none; packed documents' block masks keep every token). None where
+    there is no usable mask: then every position counts."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() < 2:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask
+    if attention_mask.is_floating_point():
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    else:
+        allowed = attention_mask != 0
+    valid_BS = allowed.flatten(1, -2).any(dim=1)
+    return valid_BS if valid_BS.shape[-1] == seq_len else None
+
+
 def build_context(*, source: str, step: int, attention_mask_BS: Optional[torch.Tensor],
                   position_ids_BS: Optional[torch.Tensor], num_rows: int, seq_len: int, rows: list[int],
                   max_rows: int, docs_per_row: int, device: torch.device, sample_ids: list[str],
                   groups: list[str], staging: "Staging") -> BatchContext:
     """Slots: M rows x D documents. Rows beyond ``rows`` are padding with zero
-    weight; documents of a packed row are split where position_ids restart."""
+    weight; documents of a packed row are split where position_ids restart.
+    ``attention_mask_BS``: [B, S], or what ``token_mask`` reduces to it."""
+    attention_mask_BS = token_mask(attention_mask_BS, seq_len)
     D = docs_per_row
     key = (tuple(rows), max_rows, seq_len, D)
     plain = attention_mask_BS is None and position_ids_BS is None

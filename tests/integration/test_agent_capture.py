@@ -410,6 +410,40 @@ def test_router_output_that_is_not_contiguous_is_summarized_in_both_layouts(layo
     np.testing.assert_allclose(msg.mean_probs_NLE[:, 0], expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_a_4d_attention_mask_counts_the_tokens_some_query_may_attend_to(kind, sink):
+    """transformers models also take a [B, 1, S, S] mask (bool, or additive float: 0 allows, the dtype's
+    minimum masks), e.g. for packing. Before, the agent raised on it (a hook error every sampled forward,
+    then disabled itself). A position no query may attend to is padding; the probe keeps the same tokens."""
+    model = tiny_model("olmoe")
+    shape = discover(model)
+    tap = RouterTap(model)
+    mon = gw.attach(model, sink.endpoint, f"mask4d-{kind}", every_n_steps=1, max_samples_per_step=3,
+                    probe_every_n_steps=1, probe_size=3)
+    input_ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
+    mask_BS = torch.ones(3, 12, dtype=torch.long)
+    mask_BS[1, 9:] = 0  # right padding: every query still has a key to attend to
+    allowed = torch.tril(torch.ones(12, 12, dtype=torch.bool))[None] & mask_BS.bool()[:, None, :]
+    mask4 = allowed[:, None]
+    if kind == "additive":
+        mask4 = torch.zeros(mask4.shape).masked_fill(~mask4, torch.finfo(torch.float32).min)
+    weights = [layer.weight_EH.detach().double() for layer in shape.layers]
+    run_one_step(model, mon, input_ids, mask4)  # the probe runs after the optimizer step
+    stats = mon.stats()
+    mon.close()
+    tap.remove()
+    assert stats["hook_errors"] == 0, stats
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    [msg] = sink.routing("train")
+    assert msg.token_counts_N.tolist() == [12, 9, 12]
+    L = shape.num_layers
+    ref = reference_summaries([c[0] for c in tap.calls[:L]], [c[1] for c in tap.calls[:L]], mask_BS.numpy(),
+                              [0, 1, 2], weights, "softmax", 2, 8)
+    check_against_reference(msg, ref)
+    [probe] = sink.routing("probe")
+    assert probe.token_counts_N.tolist() == [12, 9, 12] and (probe.loss_N > 0).all()
+
+
 def test_gradient_checkpointing_records_each_layer_once(sink):
     results, router_calls = {}, {}
     for mode in ("off", "non_reentrant", "reentrant"):
