@@ -57,8 +57,11 @@ def token_mask(attention_mask, seq_len: int) -> Optional[torch.Tensor]:
     """Which tokens count, [B, S], from what the model was given as ``attention_mask``: a [B, S] mask as
     it is; a [B, S, S] or [B, heads, S, S] one (bool or int: nonzero allows; float: additive, a finite
     entry allows, -inf or the dtype's minimum masks) by whether some query may attend to the token (a
-    padded position is attended by none; packed documents' block masks keep every token). None where
-    there is no usable mask: then every position counts."""
+    padded position is attended by none; packed documents' block masks keep every token); a dict of
+    masks per attention kind (GPT-OSS and other models with sliding-window layers take one): its
+    ``full_attention`` mask. None where there is no usable mask: then every position counts."""
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention")
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() < 2:
         return None
     if attention_mask.dim() == 2:

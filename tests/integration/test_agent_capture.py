@@ -410,15 +410,16 @@ def test_router_output_that_is_not_contiguous_is_summarized_in_both_layouts(layo
     np.testing.assert_allclose(msg.mean_probs_NLE[:, 0], expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["bool", "additive"])
-def test_a_4d_attention_mask_counts_the_tokens_some_query_may_attend_to(kind, sink):
+@pytest.mark.parametrize("family, kind", [("olmoe", "bool"), ("olmoe", "additive"), ("gpt_oss", "dict")])
+def test_a_4d_attention_mask_counts_the_tokens_some_query_may_attend_to(family, kind, sink):
     """transformers models also take a [B, 1, S, S] mask (bool, or additive float: 0 allows, the dtype's
-    minimum masks), e.g. for packing. Before, the agent raised on it (a hook error every sampled forward,
-    then disabled itself). A position no query may attend to is padding; the probe keeps the same tokens."""
-    model = tiny_model("olmoe")
+    minimum masks), e.g. for packing, and models with sliding-window layers a dict of them per attention
+    kind. Before, the agent raised on these (a hook error every sampled forward, then disabled itself).
+    A position no query may attend to is padding; the probe keeps the same tokens."""
+    model = tiny_model(family)
     shape = discover(model)
     tap = RouterTap(model)
-    mon = gw.attach(model, sink.endpoint, f"mask4d-{kind}", every_n_steps=1, max_samples_per_step=3,
+    mon = gw.attach(model, sink.endpoint, f"mask4d-{family}-{kind}", every_n_steps=1, max_samples_per_step=3,
                     probe_every_n_steps=1, probe_size=3)
     input_ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
     mask_BS = torch.ones(3, 12, dtype=torch.long)
@@ -427,6 +428,8 @@ def test_a_4d_attention_mask_counts_the_tokens_some_query_may_attend_to(kind, si
     mask4 = allowed[:, None]
     if kind == "additive":
         mask4 = torch.zeros(mask4.shape).masked_fill(~mask4, torch.finfo(torch.float32).min)
+    elif kind == "dict":  # the same mask for both kinds: sliding windows wider than the sequence
+        mask4 = {"full_attention": mask4, "sliding_attention": mask4}
     weights = [layer.weight_EH.detach().double() for layer in shape.layers]
     run_one_step(model, mon, input_ids, mask4)  # the probe runs after the optimizer step
     stats = mon.stats()
