@@ -117,9 +117,12 @@ def _layout(attention_mask_BS, position_ids_BS, rows, max_rows, seq_len, D, devi
     mask_MS = mask_MS * valid_M[:, None]
     if D > 1 and position_ids_BS is not None:
         pos_MS = position_ids_BS.index_select(0, rows_M)
-        starts_MS = (pos_MS == 0).to(torch.long)
-        starts_MS[:, 0] = 1
-        doc_MS = starts_MS.cumsum(dim=1) - 1  # document index of each token
+        # A document starts at a real token where the positions restart, and at a row's first real
+        # token (left padding: transformers numbers padding 1, then the first real token 0).
+        real_MS = mask_MS > 0
+        first_MS = real_MS & (real_MS.cumsum(dim=1) == 1)
+        starts_MS = ((pos_MS == 0) & real_MS) | first_MS
+        doc_MS = (starts_MS.cumsum(dim=1) - 1).clamp_min(0)  # document index of each token (padding: 0)
         onehot_MSD = (doc_MS[..., None] == torch.arange(D, device=device)).to(torch.float32)
         # Documents beyond D in a row are left out (their one-hot is all zero).
     else:

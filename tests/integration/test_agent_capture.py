@@ -540,6 +540,36 @@ def test_inside_the_users_autocast_the_summaries_stay_float32(packed, layout, si
         np.testing.assert_allclose(msg.adj_cosine_NL1[doc], ref["cosine"], rtol=1e-4, atol=1e-5)
 
 
+def test_left_padding_with_position_ids_keeps_one_document_per_row(sink):
+    """transformers' own position ids for a left-padded row are [1, 1, 1, 0, 1, 2, ...] (padding set to 1):
+    the restart at the first real token is not a second document. Before, the row's tokens shipped as
+    "row#1" — another sample id than the same row without padding; a real restart still splits."""
+    model = tiny_model("olmoe")
+    tap = RouterTap(model)
+    mon = gw.attach(model, sink.endpoint, "leftpad", every_n_steps=1, max_samples_per_step=2)
+    input_ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, :2] = 0  # left padding, then two packed documents
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    position_ids[1, 7:] = torch.arange(5)  # the second document of row 1 starts at token 7
+    run_one_step(model, mon, input_ids, mask, position_ids=position_ids, ids=["a", "b"], groups=["g", "g"])
+    mon.close()
+    tap.remove()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    assert list(msg.sample_ids) == ["a", "b", "b#1"]
+    assert msg.token_counts_N.tolist() == [9, 5, 5]
+    shape = discover(model)
+    for slot, (row, lo, hi) in enumerate([(0, 3, 12), (1, 2, 7), (1, 7, 12)]):
+        doc_mask = np.zeros((2, 12), np.int64)
+        doc_mask[row, lo:hi] = 1
+        ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], doc_mask, [row],
+                                  [layer.weight_EH.detach() for layer in shape.layers], "softmax", 2, 8)[0]
+        np.testing.assert_allclose(msg.mean_probs_NLE[slot], ref["mean"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(msg.topk_counts_NLE[slot], ref["counts"])
+
+
 @pytest.mark.parametrize("compile_reduction", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_loss_and_gradients_are_bit_identical_with_and_without_the_agent(compile_reduction, sink):
     """Also the user's random stream: the agent (compiled reduction included) draws nothing from it."""
