@@ -300,6 +300,8 @@ class Monitor:
         ref = input_ids if input_ids is not None else embeds
         if ref is None or ref.dim() < 2:
             return
+        if ref.device != self.device and not self._follow_device(ref.device):
+            return
         num_rows, seq_len = int(ref.shape[0]), int(ref.shape[1])
         if tag is not None and len(tag[0]) == num_rows:
             ids, groups = tag
@@ -316,6 +318,26 @@ class Monitor:
         self._arm_layers()
         if self.probe is not None and input_ids is not None:
             self.probe.remember(input_ids, mask_BS, rows, ids, groups)
+
+    def _follow_device(self, device: torch.device) -> bool:
+        """The model's inputs are on another device than at attach() (attach(model), then model.cuda()):
+        the staging buffers move there, once no message is in flight (else this forward is not
+        summarized), so that the reduction never copies across devices on the training thread (a host
+        sync). The reduction's default (compiled on CUDA) follows too."""
+        staging = self.staging
+        if len(staging.free) < len(staging.pool):
+            self.sender.count_drop("staging_busy")
+            return False
+        new = Staging(num_layers=self.shape.num_layers, slots=self.slots, num_experts=self.shape.num_experts,
+                      device=device)
+        self.sender.use_staging(new)
+        self.staging, previous, self.device = new, self.device, device
+        if self.config.compile_reduction is None:
+            self._reduction = (compiled_module.CompiledReduction() if compiled_module.compile_by_default(device)
+                               else None)
+        log.info("grokwatch: the model's inputs are on %s, not on %s as at attach(): the agent follows",
+                 device, previous)
+        return True
 
     def _context(self, source, step, rows, ids, groups, num_rows, seq_len, attention_mask, position_ids):
         D = self.config.max_docs_per_sample

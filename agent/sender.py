@@ -69,9 +69,9 @@ class Sender:
         self.shape = (num_layers, num_experts, top_k)
         self.distribution, self.has_cosines = distribution, has_cosines
         self.staging = staging
-        # NumPy views of each pinned host buffer (shared memory), made once.
-        self._host_views = ([{k: t.numpy() for k, t in staging.split(buf).items()} for buf in staging.pool]
-                            if staging is not None else [])
+        self._host_views: list = []
+        if staging is not None:
+            self.use_staging(staging)
         self.sender_id = uuid.uuid4().hex[:16]
         self.max_message_bytes = max_message_bytes
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -96,6 +96,12 @@ class Sender:
 
     # ----------------------------------------------------------- training thread
 
+
+    def use_staging(self, staging) -> None:
+        """The host buffers messages are read from: NumPy views of each pinned buffer (shared memory),
+        made once. Swapped by the monitor only while no message is in flight (``Monitor._follow_device``)."""
+        self._host_views = [{k: t.numpy() for k, t in staging.split(buf).items()} for buf in staging.pool]
+        self.staging = staging
     def count_drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
 

@@ -540,6 +540,38 @@ def test_inside_the_users_autocast_the_summaries_stay_float32(packed, layout, si
         np.testing.assert_allclose(msg.adj_cosine_NL1[doc], ref["cosine"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_a_model_moved_after_attach_is_followed(device, sink, caplog):
+    """attach(model), then model.cuda(): the staging buffers were made on the device seen at attach, and
+    writing CUDA results into them would copy across devices on the training thread (a host sync) every
+    sampled step. The agent moves its buffers to the inputs' device at the first forward there. On CPU the
+    move is simulated: the monitor is told it was attached on "cpu:0", a device other than "cpu"."""
+    caplog.set_level("INFO", logger="grokwatch.agent")
+    model = tiny_model("olmoe")
+    shape = discover(model)
+    mon = gw.attach(model, sink.endpoint, f"moved-{device}", every_n_steps=1, max_samples_per_step=2)
+    attached_staging = mon.staging
+    if device == "cpu":
+        mon.device = torch.device("cpu", 0)
+    else:
+        model.to(device)
+    tap = RouterTap(model)
+    input_ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(8)).to(device)
+    weights = [layer.weight_EH.detach().double().cpu() for layer in shape.layers]
+    run_one_step(model, mon, input_ids)
+    stats = mon.stats()
+    mon.close()
+    tap.remove()
+    assert stats["hook_errors"] == 0 and stats["dropped"] == {}, stats
+    assert mon.staging is not attached_staging and mon.staging.device_buf.device.type == device
+    assert sum("the agent follows" in r.message for r in caplog.records) == 1
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], np.ones((2, 9)), [0, 1],
+                              weights, "softmax", 2, 8)
+    check_against_reference(msg, ref)
+
+
 def test_left_padding_with_position_ids_keeps_one_document_per_row(sink):
     """transformers' own position ids for a left-padded row are [1, 1, 1, 0, 1, 2, ...] (padding set to 1):
     the restart at the first real token is not a second document. Before, the row's tokens shipped as
