@@ -108,6 +108,15 @@ def check_against_reference(msg: Routing, ref: list[dict]):
         np.testing.assert_allclose(msg.adj_cosine_NL1[i], r["cosine"], rtol=1e-4, atol=1e-5)
 
 
+def close_and_read_one(mon, tap, sink) -> Routing:
+    """Close the monitor and the tap, then the one routing message the sink receives."""
+    mon.close()
+    tap.remove()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    return msg
+
+
 def run_one_step(model, mon, input_ids, attention_mask=None, position_ids=None, ids=None, groups=None):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     if ids is not None:
@@ -490,10 +499,7 @@ def test_packed_sequences_split_where_position_ids_restart(layout, sink):
     input_ids = torch.randint(0, VOCAB, (1, 12))
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
     run_one_step(model, mon, input_ids, position_ids=position_ids, ids=["row"], groups=["g"])
-    mon.close()
-    tap.remove()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    msg = close_and_read_one(mon, tap, sink)
     assert list(msg.sample_ids) == ["row", "row#1", "row#2"]
     assert msg.token_counts_N.tolist() == [5, 3, 4]
     shape = discover(model)
@@ -525,10 +531,7 @@ def test_inside_the_users_autocast_the_summaries_stay_float32(packed, layout, si
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**kwargs).loss
     loss.backward()
-    mon.close()
-    tap.remove()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    msg = close_and_read_one(mon, tap, sink)
     assert msg.num_samples == len(docs)
     for doc, (lo, hi) in enumerate(docs):
         mask = np.zeros((1, 12), np.int64)
@@ -586,10 +589,7 @@ def test_left_padding_with_position_ids_keeps_one_document_per_row(sink):
     position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     position_ids[1, 7:] = torch.arange(5)  # the second document of row 1 starts at token 7
     run_one_step(model, mon, input_ids, mask, position_ids=position_ids, ids=["a", "b"], groups=["g", "g"])
-    mon.close()
-    tap.remove()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    msg = close_and_read_one(mon, tap, sink)
     assert list(msg.sample_ids) == ["a", "b", "b#1"]
     assert msg.token_counts_N.tolist() == [9, 5, 5]
     shape = discover(model)
