@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from typing import Optional
+
 import torch
 
 import grokwatch.agent as gw
@@ -92,10 +94,14 @@ def bootstrap_median_ci(values: list[float], resamples: int = 2000, seed: int = 
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
-def summary(every_n: int, ta: list[float], tb: list[float], stats: dict) -> dict:
+def summary(every_n: int, ta: list[float], tb: list[float], stats: dict, peaks=None) -> dict:
     """One cadence's row: medians, ratios (with the pair ratio's interval), the agent's counters, and
-    every step time (seconds in, milliseconds out)."""
+    every step time (seconds in, milliseconds out); on CUDA the highest per-step peak of allocated
+    memory of each arm (``peaks``: {"A": bytes, "B": bytes} per step)."""
     ma, mb = statistics.median(ta), statistics.median(tb)
+    peak = {}
+    if peaks and peaks["A"] and peaks["B"]:
+        peak = dict(peak_mib_base=max(peaks["A"]) / 2**20, peak_mib_agent=max(peaks["B"]) / 2**20)
     ratios = [b / a for a, b in zip(ta, tb)]
     return dict(every_n=every_n, pairs=len(ta), base_ms=ma * 1e3, agent_ms=mb * 1e3, ratio=mb / ma,
                 pair_ratio=statistics.median(ratios), pair_ratio_ci=bootstrap_median_ci(ratios),
@@ -103,12 +109,15 @@ def summary(every_n: int, ta: list[float], tb: list[float], stats: dict) -> dict
                 dropped=sum(stats["dropped"].values()), hook_errors=stats["hook_errors"],
                 reduction=stats.get("reduction", "-") if every_n else "-",
                 reduction_compile_s=stats.get("reduction_compile_s"),
-                base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb])
+                base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb], **peak)
 
 
-def timed_step(model, opt, ids, device) -> float:
+def timed_step(model, opt, ids, device, peaks: Optional[list] = None) -> float:
+    """One training step's wall time; on CUDA its peak allocated memory is appended to ``peaks``."""
     if device == "cuda":
         torch.cuda.synchronize()
+        if peaks is not None:
+            torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -116,7 +125,10 @@ def timed_step(model, opt, ids, device) -> float:
     opt.zero_grad(set_to_none=True)
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    elapsed = time.perf_counter() - t
+    if device == "cuda" and peaks is not None:
+        peaks.append(torch.cuda.max_memory_allocated())
+    return elapsed
 
 
 def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, batch: int, seq: int) -> dict:
@@ -129,6 +141,7 @@ def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, ba
                     compile_reduction=COMPILE_REDUCTION[reduction])
     gen = torch.Generator().manual_seed(1)
     ta, tb = [], []
+    peaks: dict[str, list] = {"A": [], "B": []}
     deadline = None
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
@@ -143,14 +156,14 @@ def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, ba
             else:
                 mon.resume()
                 mon.step(step)  # B's steps are numbered 0, 1, 2, ...: the cadence applies to them
-            times[arm] = timed_step(model, opt, ids, args.device)
+            times[arm] = timed_step(model, opt, ids, args.device, peaks[arm] if step >= args.warmup else None)
         if step >= args.warmup:
             ta.append(times["A"])
             tb.append(times["B"])
     stats = mon.stats()
     mon.close()
     del opt
-    return summary(every_n, ta, tb, stats)
+    return summary(every_n, ta, tb, stats, peaks)
 
 
 def run_compiled(every_n: int, reduction: str, args, endpoint: str, vocab: int, batch: int, seq: int) -> dict:
@@ -264,11 +277,15 @@ def main() -> int:
                   f"{r['pair_ratio']:>11.4f} {r['pair_ratio_ci'][0]:>7.4f}-{r['pair_ratio_ci'][1]:<7.4f} "
                   f"{r['mean_ratio']:>11.4f} {r['sent']:>6} {r['dropped']:>8}  {r['reduction']}"
                   + (f" (first call {r['reduction_compile_s']:.1f} s)" if r["reduction_compile_s"] else ""), flush=True)
+            if "peak_mib_base" in r:
+                print(f"{'':<22} peak memory a step: {r['peak_mib_base']:.0f} MiB base, {r['peak_mib_agent']:.0f} "
+                      f"MiB with the agent ({r['peak_mib_agent'] - r['peak_mib_base']:+.0f} MiB)", flush=True)
             if args.json:  # after every cadence: a run cut short by a time limit keeps what it measured
                 with open(args.json, "w") as f:
                     json.dump(dict(info, results=results), f)
-        if args.device == "cuda":
-            print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        if any("peak_mib_agent" in r for r in results):
+            peak = max(max(r["peak_mib_base"], r["peak_mib_agent"]) for r in results if "peak_mib_agent" in r)
+            print(f"peak GPU memory {peak / 2**10:.1f} GiB (the highest step)")
     finally:
         collector.send_signal(signal.SIGTERM)
         collector.wait(30)
