@@ -300,7 +300,7 @@ class Monitor:
         ref = input_ids if input_ids is not None else embeds
         if ref is None or ref.dim() < 2:
             return
-        if ref.device != self.device and not self._follow_device(ref.device):
+        if ref.device != self.device and ref.device == self._model_device() and not self._follow_device(ref.device):
             return
         num_rows, seq_len = int(ref.shape[0]), int(ref.shape[1])
         if tag is not None and len(tag[0]) == num_rows:
@@ -319,8 +319,16 @@ class Monitor:
         if self.probe is not None and input_ids is not None:
             self.probe.remember(input_ids, mask_BS, rows, ids, groups)
 
+    def _model_device(self) -> torch.device:
+        """Where the routers run now: their first weight's device (moved in place by ``model.to``)."""
+        weight = self._router_weights[0] if self._router_weights else None
+        if isinstance(weight, torch.Tensor):
+            return weight.device
+        return next(self.model.parameters(), torch.empty(0)).device
+
     def _follow_device(self, device: torch.device) -> bool:
-        """The model's inputs are on another device than at attach() (attach(model), then model.cuda()):
+        """The model and its inputs are on another device than at attach() (attach(model), then model.cuda();
+        inputs that only the model's forward moves, as accelerate's device hooks do, are not followed):
         the staging buffers move there, once no message is in flight (else this forward is not
         summarized), so that the reduction never copies across devices on the training thread (a host
         sync). The reduction's default (compiled on CUDA) follows too."""
