@@ -359,8 +359,9 @@ def _reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int], summarize_fn:
 
 
 def _cosine_weights(group: list[Gathered]) -> Optional[torch.Tensor]:
-    """The router weights [L, E, H] stacked, when the group's layers are consecutive and every weight is
-    usable and of one shape: then its summary computes the cosines too (one call). Else None."""
+    """The router weights [L, E, H] stacked, when the layers (in order) are consecutive and every weight is
+    usable and of one shape: then one batched call computes the cosines (in a single group's summary, or
+    in ``_cosines``). Else None."""
     weights = [g.weight_EH for g in group]
     layers = [g.layer for g in group]
     if (len(group) < 2 or layers != list(range(layers[0], layers[0] + len(layers)))
@@ -536,20 +537,16 @@ def _cosines(ctx: BatchContext, views: dict) -> bool:
     gathered = sorted(ctx.pending, key=lambda g: g.layer)
     if len(gathered) < 2 or not all(usable_weight(g.weight_EH) for g in gathered):
         return False
-    layers = [g.layer for g in gathered]
     mean_LNE = views["mean_LNE"]
-    weights = [g.weight_EH for g in gathered]
-    if len({tuple(w.shape) for w in weights}) == 1 and layers == list(range(layers[0], layers[0] + len(layers))):
-        lo, hi = layers[0], layers[-1] + 1
-        cosine_rows(mean_LNE[lo:hi], torch.stack(weights), out=views["cosine_LN"][lo + 1:hi])
+    weights_LEH = _cosine_weights(gathered)  # consecutive layers, one weight shape: one batched call
+    if weights_LEH is not None:
+        lo, hi = gathered[0].layer, gathered[-1].layer + 1
+        cosine_rows(mean_LNE[lo:hi], weights_LEH, out=views["cosine_LN"][lo + 1:hi])
         return True
     prev = None
-    for layer, w in zip(layers, weights):
-        emb_NH = mean_LNE[layer] @ w.float()
+    for g in gathered:
+        emb_NH = mean_LNE[g.layer] @ g.weight_EH.float()
         if prev is not None:
-            views["cosine_LN"][layer].copy_(torch.nn.functional.cosine_similarity(prev, emb_NH, dim=-1, eps=1e-12))
+            views["cosine_LN"][g.layer].copy_(torch.nn.functional.cosine_similarity(prev, emb_NH, dim=-1, eps=1e-12))
         prev = emb_NH
     return True
-class _OP_BY_OP:  # what reduce_all calls when not compiled
-    summarize = staticmethod(summarize)
-    cosine_rows = staticmethod(cosine_rows)
