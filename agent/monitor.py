@@ -21,8 +21,8 @@ from torch import nn
 
 import grokwatch.agent.compiled as compiled_module
 from grokwatch.agent.discover import MoELayer, MoEShape, discover
-from grokwatch.agent.reduce import (BatchContext, Staging, attach_indices, build_context, gather_layer, reduce_all,
-                                    token_mask, usable_weight)
+from grokwatch.agent.reduce import (BatchContext, Staging, _is_compiling, attach_indices, build_context, gather_layer,
+                                    reduce_all, token_mask, usable_weight)
 from grokwatch.agent.sender import Pending, Sender
 
 log = logging.getLogger("grokwatch.agent")
@@ -31,9 +31,6 @@ log = logging.getLogger("grokwatch.agent")
 # they are, on every call (a traced hook would have its decisions baked into the graph and its side
 # effects replayed). Only then: an opaque function costs ~0.7 us a call more in eager mode.
 _opaque = getattr(getattr(torch, "compiler", None), "disable", None) or (lambda fn: fn)
-
-
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
 def _is_compiled_module(module: nn.Module) -> bool:
@@ -83,6 +80,11 @@ class AgentConfig:
             raise ValueError(f"compile_reduction: True, False or None (on CUDA), got {self.compile_reduction!r}")
 
 
+def _parameter_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def _first_tensor(args, kwargs, name, position):
     value = kwargs.get(name)
     if value is None and len(args) > position:
@@ -107,21 +109,14 @@ class Monitor:
         self._router_weights = (list(router_weights) if router_weights is not None
                                 else [layer.weight_EH for layer in self.layers])
         self.has_cosines = shape.num_layers > 1 and all(w is not None for w in self._router_weights)
-        try:
-            self.device = next(model.parameters()).device
-        except StopIteration:
-            self.device = torch.device("cpu")
+        self.device = _parameter_device(model)
         rank, world = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.rank, self.world_size = rank, world
         self.slots = config.max_samples_per_step * config.max_docs_per_sample
-        compile_reduction = config.compile_reduction
-        if compile_reduction is None:
-            compile_reduction = compiled_module.compile_by_default(self.device)
-        self._reduction = compiled_module.CompiledReduction() if compile_reduction else None
-        self.staging = Staging(num_layers=shape.num_layers, slots=self.slots, num_experts=shape.num_experts,
-                               device=self.device)
+        self._reduction = self._reduction_for(self.device)
+        self.staging = self._staging_on(self.device)
         self.sender = Sender(endpoint=config.endpoint, run=config.run, rank=rank, world_size=world,
                              num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
                              distribution="sigmoid" if shape.distribution == "sigmoid" else
@@ -322,9 +317,18 @@ class Monitor:
     def _model_device(self) -> torch.device:
         """Where the routers run now: their first weight's device (moved in place by ``model.to``)."""
         weight = self._router_weights[0] if self._router_weights else None
-        if isinstance(weight, torch.Tensor):
-            return weight.device
-        return next(self.model.parameters(), torch.empty(0)).device
+        return weight.device if isinstance(weight, torch.Tensor) else _parameter_device(self.model)
+
+    def _staging_on(self, device: torch.device) -> Staging:
+        return Staging(num_layers=self.shape.num_layers, slots=self.slots, num_experts=self.shape.num_experts,
+                       device=device)
+
+    def _reduction_for(self, device: torch.device) -> Optional[compiled_module.CompiledReduction]:
+        """``attach(compile_reduction=...)``; None: the device's default (compiled on CUDA)."""
+        compile_reduction = self.config.compile_reduction
+        if compile_reduction is None:
+            compile_reduction = compiled_module.compile_by_default(device)
+        return compiled_module.CompiledReduction() if compile_reduction else None
 
     def _follow_device(self, device: torch.device) -> bool:
         """The model and its inputs are on another device than at attach() (attach(model), then model.cuda();
@@ -336,13 +340,11 @@ class Monitor:
         if len(staging.free) < len(staging.pool):
             self.sender.count_drop("staging_busy")
             return False
-        new = Staging(num_layers=self.shape.num_layers, slots=self.slots, num_experts=self.shape.num_experts,
-                      device=device)
+        new = self._staging_on(device)
         self.sender.use_staging(new)
         self.staging, previous, self.device = new, self.device, device
-        if self.config.compile_reduction is None:
-            self._reduction = (compiled_module.CompiledReduction() if compiled_module.compile_by_default(device)
-                               else None)
+        if self.config.compile_reduction is None:  # else the user's choice stands, with its state
+            self._reduction = self._reduction_for(device)
         log.info("grokwatch: the model's inputs are on %s, not on %s as at attach(): the agent follows",
                  device, previous)
         return True

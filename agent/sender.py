@@ -94,14 +94,14 @@ class Sender:
         self._thread.start()
         self._enqueue(("hello",))
 
-    # ----------------------------------------------------------- training thread
-
-
     def use_staging(self, staging) -> None:
         """The host buffers messages are read from: NumPy views of each pinned buffer (shared memory),
         made once. Swapped by the monitor only while no message is in flight (``Monitor._follow_device``)."""
         self._host_views = [{k: t.numpy() for k, t in staging.split(buf).items()} for buf in staging.pool]
         self.staging = staging
+
+    # ----------------------------------------------------------- training thread
+
     def count_drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
 
