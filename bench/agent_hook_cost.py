@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -35,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import grokwatch.agent.monitor as monitor_module  # noqa: E402
 import grokwatch.agent.reduce as reduce_module  # noqa: E402
-from agent_overhead import COMPILE_REDUCTION, PULL_SINK, free_port, make_model  # noqa: E402
+from agent_overhead import COMPILE_REDUCTION, PULL_SINK, free_port, make_model, start_receiver  # noqa: E402
 
 import grokwatch.agent as gw  # noqa: E402
 
@@ -91,11 +90,7 @@ def main() -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     # A bare PULL socket on the last CPU receives (as in agent_overhead.py); training and the sender on the others.
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) >= 2:
-        os.sched_setaffinity(0, cpus[:-1])
-    sink = subprocess.Popen([sys.executable, "-c", PULL_SINK, endpoint],
-                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus[-1:])) if len(cpus) >= 2 else None)
+    sink, _ = start_receiver([sys.executable, "-c", PULL_SINK, endpoint])
     mon = gw.attach(model, endpoint, "hook-cost", every_n_steps=1, max_samples_per_step=batch,
                     compile_reduction=COMPILE_REDUCTION[args.compile_reduction])
     gen = torch.Generator().manual_seed(1)

@@ -85,6 +85,19 @@ def make_model(shape: str, device: str, seed: int = 0):
     return model.train(), vocab, batch, seq
 
 
+def start_receiver(command: list[str], pin: bool = True) -> tuple[subprocess.Popen, Optional[int]]:
+    """The receiving process, on the last CPU with this process (training, and the sender thread that
+    attach() starts later, inheriting it) on the others, as a sidecar with its own CPU would be; with
+    fewer than 2 CPUs or ``pin`` off, the OS places both. Returns the process and its CPU (None: shared)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not pin or len(cpus) < 2:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), None
+    os.sched_setaffinity(0, cpus[:-1])
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               preexec_fn=lambda: os.sched_setaffinity(0, cpus[-1:]))
+    return process, cpus[-1]
+
+
 def bootstrap_median_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile-bootstrap interval of the median: how far the median pair ratio can be trusted
     on a machine whose speed drifts (the control's interval shows the floor)."""
@@ -240,17 +253,12 @@ def main() -> int:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    pinned = args.pin == "on" and len(cpus) >= 2
-    if pinned:
-        os.sched_setaffinity(0, cpus[:-1])  # before attach(): the sender thread inherits it
     if args.receiver == "collector":
         command = [sys.executable, "-m", "grokwatch.cli", "collector", "--listen", endpoint, "--metrics-port", "0",
                    "--metrics-addr", "127.0.0.1"]
     else:  # a bare PULL socket that receives and discards: the agent's own cost, nothing of the collector's
         command = [sys.executable, "-c", PULL_SINK, endpoint]
-    collector = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 preexec_fn=(lambda: os.sched_setaffinity(0, cpus[-1:])) if pinned else None)
+    collector, receiver_cpu = start_receiver(command, pin=args.pin == "on")
     try:
         time.sleep(3)
         # Under --compile each cadence builds and compiles its own two models.
@@ -259,7 +267,7 @@ def main() -> int:
         batch, seq = args.batch or batch, args.seq or seq
         info = dict(device=args.device, shape=args.shape, steps=args.steps, warmup=args.warmup, batch=batch, seq=seq,
                     torch=torch.__version__, receiver=args.receiver,
-                    receiver_cpu=cpus[-1] if pinned else "shared", compile=args.compile or "off",
+                    receiver_cpu="shared" if receiver_cpu is None else receiver_cpu, compile=args.compile or "off",
                     compile_reduction=args.compile_reduction)
         if args.device == "cuda":
             info["gpu"] = torch.cuda.get_device_name()
