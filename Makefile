@@ -10,8 +10,13 @@ PY := $(VENV)/bin/python
 # unpinned torch pulls a multi-GB CUDA build. The package itself only asks for a range.
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.grokwatch-installed
+# Training frameworks whose worked examples (examples/) the tests run, each in a subprocess with this
+# folder on its path: pinned and without their dependencies (torchtitan's own pull datasets, wandb,
+# tensorboard...; triton is its import-time need, even on CPU), kept out of the venv's site-packages.
+FRAMEWORKS := $(VENV)/frameworks
+FRAMEWORK_PINS := torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser==0.18.0 triton==3.9.0
 
-.PHONY: setup demo test quick prometheus bench clean
+.PHONY: setup frameworks demo test quick prometheus bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +27,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[agent,hf,collector,dev]"
 	touch $@
 
+frameworks: $(FRAMEWORKS)/.installed
+
+$(FRAMEWORKS)/.installed: $(STAMP) Makefile
+	rm -rf $(FRAMEWORKS)
+	$(PY) -m pip install -q --no-deps --target $(FRAMEWORKS) $(FRAMEWORK_PINS)
+	touch $@
+
 # The real Prometheus binary (Debian's package) for the integration tests.
 prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
@@ -30,10 +42,10 @@ prometheus:
 demo: setup
 	$(VENV)/bin/grokwatch demo
 
-test: setup prometheus
+test: setup frameworks prometheus
 	$(PY) -m pytest
 
-quick: setup
+quick: setup frameworks
 	$(PY) -m pytest -m "not slow"
 
 bench: setup

@@ -1,0 +1,35 @@
+"""docs/agent.md's worked examples for models we do not auto-detect, run against the frameworks' own classes.
+
+Each framework lives in the venv's ``frameworks`` folder (Makefile: ``make frameworks``, pinned, without
+its dependencies) and runs in a subprocess with that folder on its path, so that its imports (triton,
+for torchtitan) never reach the other tests' process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FRAMEWORKS = Path(sys.prefix) / "frameworks"
+
+
+def run_with_frameworks(script: Path, module: str) -> subprocess.CompletedProcess:
+    if not (FRAMEWORKS / module).is_dir():
+        pytest.skip(f"{module} is not installed in {FRAMEWORKS}: run `make frameworks` (make test does)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FRAMEWORKS), str(ROOT / "examples")]),
+               PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_torchtitan_example_ships_what_its_routers_computed():
+    """examples/torchtitan_moe.py on torchtitan 0.3.0's MoE (TokenChoiceTopKRouter with sigmoid scores and
+    a selection-only expert bias): the shipped means, counts (the router's own choice), entropies and
+    cosines equal a float64 reference from what each router returned."""
+    done = run_with_frameworks(ROOT / "tests" / "integration" / "torchtitan_driver.py", "torchtitan")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("ok")

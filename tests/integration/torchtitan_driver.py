@@ -1,0 +1,97 @@
+"""Run by test_worked_examples.py in a subprocess whose path has torchtitan (Makefile: frameworks).
+
+examples/torchtitan_moe.py's hooks on a stack of torchtitan's own MoE layers (sigmoid routers with a
+nonzero selection-only expert bias, as DeepSeek-V3 trains): one training step, 2 of 3 rows sampled by
+their tags; the message a PULL socket receives must equal a float64 reference (METRICS.md §1-3)
+computed from what each router returned, captured by an independent hook. Exit 0 and "ok" on success.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+import zmq
+from torch import nn
+from torchtitan_moe import attach_torchtitan, build_stack
+
+from grokwatch.wire import Routing, decode
+
+B, L, E, K = 3, 12, 8, 2
+
+
+def reference(tap, weights, row):
+    """Per layer: mean of scores/sum over the row's tokens, counts of the router's own ids, mean entropy
+    ratio; cosines of the routing embeddings mean @ W between adjacent layers."""
+    means, counts, ents, embs = [], [], [], []
+    for (scores_BLE, ids_BLK), w_ED in zip(tap, weights):
+        s = scores_BLE[row]
+        p = s / s.sum(-1, keepdims=True)
+        means.append(p.mean(0))
+        counts.append(np.bincount(ids_BLK[row].ravel(), minlength=E))
+        ents.append((-(p * np.log(np.clip(p, 1e-30, None))).sum(-1) / math.log(E)).mean())
+        embs.append(p.mean(0) @ w_ED)
+    cos = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(embs, embs[1:])]
+    return np.stack(means), np.stack(counts), np.array(ents), np.array(cos)
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    model = build_stack(num_layers=3, num_experts=E, top_k=K, score_func="sigmoid")
+    for layer in model.moes:
+        layer.expert_bias_E.copy_(torch.randn(E) * 0.5)  # selection differs from top-k of the scores
+    tap = []
+    for layer in model.moes:
+        layer.router.register_forward_hook(
+            lambda m, a, out: tap.append((out[2].detach().double().numpy(), out[1].detach().numpy())))
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind("tcp://127.0.0.1:0")
+    mon = attach_torchtitan(model, list(model.moes), pull.getsockopt_string(zmq.LAST_ENDPOINT), "titan",
+                            every_n_steps=1, max_samples_per_step=2)
+    weights = [layer.router.gate.weight.detach().double().numpy().copy() for layer in model.moes]
+    tokens = torch.randint(0, 64, (B, L))
+    mon.step(0)
+    mon.tag(sample_ids=["a", "b", "c"], groups=["x", "y", "x"])
+    loss = nn.functional.cross_entropy(model(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    stats = mon.stats()
+    mon.close()
+
+    message = None
+    deadline = time.monotonic() + 10
+    while message is None and time.monotonic() < deadline:
+        if pull.poll(100):
+            decoded = decode(pull.recv())
+            message = decoded if isinstance(decoded, Routing) else None
+    pull.close(0)
+    ctx.term()
+
+    assert stats["hook_errors"] == 0 and not stats["disabled"], stats
+    assert message is not None, f"no routing message received; {stats}"
+    assert len(tap) == 3
+    chosen = [np.sort(np.argsort(-(s + b.numpy()), -1)[..., :K], -1) for (s, _), b in
+              zip(tap, (layer.expert_bias_E.double() for layer in model.moes))]
+    assert all((np.sort(ids, -1) == c).all() for (_, ids), c in zip(tap, chosen))  # the bias selects
+    assert any((np.sort(ids, -1) != np.sort(np.argsort(-s, -1)[..., :K], -1)).any() for s, ids in tap)
+    assert message.num_samples == 2 and message.top_k == K
+    rows = {"a": 0, "b": 1, "c": 2}
+    for n, sample in enumerate(message.sample_ids):
+        mean, counts, ent, cos = reference(tap, weights, rows[sample])
+        assert message.token_counts_N[n] == L
+        assert message.groups[n] == ["x", "y", "x"][rows[sample]]
+        np.testing.assert_allclose(message.mean_probs_NLE[n], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(message.topk_counts_NLE[n], counts)
+        np.testing.assert_allclose(message.entropy_NL[n], ent, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(message.adj_cosine_NL1[n], cos, rtol=1e-4, atol=1e-5)
+    print("ok", list(message.sample_ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
