@@ -33,3 +33,12 @@ def test_torchtitan_example_ships_what_its_routers_computed():
     done = run_with_frameworks(ROOT / "tests" / "integration" / "torchtitan_driver.py", "torchtitan")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("ok")
+
+
+def test_megatron_example_ships_what_its_routers_computed():
+    """examples/megatron_moe.py on Megatron-Core 0.16.1's TopKRouter (sequence-first tokens, top-k weights
+    only): the rows are put first before they are recorded, so each sample gets its own tokens; means of
+    the normalized top-k weights, counts, entropies and cosines equal a float64 reference."""
+    done = run_with_frameworks(ROOT / "tests" / "integration" / "megatron_driver.py", "megatron")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("ok")
