@@ -146,6 +146,9 @@ class Monitor:
         # Layers whose router returns no index tensor take the decision from the experts module's
         # forward pre-hook; learned on the first sampled forward, so others carry one hook, not two.
         self._needs_experts_hook = [layer.experts is not None for layer in self.layers]
+        # record(router_weight=W) with a W whose memory is freed before the reduction (FSDP reshards after
+        # each layer): found on a summarized forward, then record() keeps a copy of that layer's W.
+        self._copy_recorded_weight = [False] * shape.num_layers
         self._on_compile_guarded = self._guard(self._on_compile)
         self._record_twin = self._opaque_twin(self._record)
         self._layer_hooks = [(self._router_hook(i), self._compile_aware(self._guard(self._experts_hook(i)),
@@ -442,6 +445,8 @@ class Monitor:
         except BaseException:
             self.staging.give_back(index)
             raise
+        if not with_cosines:
+            self._learn_freed_weights()
         host = self.staging.pool[index]
         host.copy_(self.staging.device_buf, non_blocking=True)
         event = None
@@ -455,6 +460,16 @@ class Monitor:
         self.sender.submit(Pending(source=ctx.source, step=ctx.step, sample_ids=ctx.sample_ids, groups=ctx.groups,
                                    host_index=index, event=event, with_cosines=with_cosines,
                                    with_loss=with_loss))
+
+    def _learn_freed_weights(self) -> None:
+        """A weight given to record() whose memory was freed by the end of the forward (FSDP resharded
+        after the layer): this message has no cosines; from the next on, record() keeps a copy (E x H)."""
+        for layer, weight in enumerate(self._router_weights):
+            if (not self._copy_recorded_weight[layer] and isinstance(weight, torch.Tensor)
+                    and type(weight) in (torch.Tensor, nn.Parameter) and weight.untyped_storage().nbytes() == 0):
+                self._copy_recorded_weight[layer] = True
+                log.info("grokwatch: the router weight recorded for layer %d was freed before the reduction "
+                         "(FSDP resharding?): record() keeps a copy of it on summarized forwards", layer)
 
     def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
         if self._manual_step:
@@ -526,6 +541,8 @@ class Monitor:
             seq_len = int(given.shape[1]) if given.dim() == 3 else None
             ids = topk[0].reshape(-1, topk[0].shape[-1]) if topk is not None else None
             if router_weight is not None:
+                if self._copy_recorded_weight[layer] and usable_weight(router_weight):
+                    router_weight = router_weight.detach().clone()
                 self._router_weights[layer] = router_weight
             if logits is not None:
                 dist, x = self.shape.distribution, logits.reshape(-1, E)

@@ -881,37 +881,48 @@ def test_a_process_whose_default_dtype_is_bfloat16_gets_float32_summaries(sink):
     np.testing.assert_allclose(msg.mean_probs_NLE[:, 1], last[:, 0].numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_router_weight_freed_before_the_reduction_ships_no_cosines_not_stale_ones(sink):
-    """FSDP frees a layer's unsharded weights when it reshards after the layer ran, before the
-    reduction at the end of the forward: that message carries no cosines (and no error); the next
-    message, whose weights are there, does."""
+def test_a_recorded_router_weight_freed_before_the_reduction_is_copied_from_then_on(sink, caplog):
+    """FSDP frees a layer's unsharded weights when it reshards after the layer ran, before the reduction at
+    the end of the forward. The first such message carries no cosines (and no error), never stale ones;
+    from then on record() keeps a copy of the freed layer's weight, and the cosines are those of the
+    weights of that forward."""
     class TwoLayers(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.routers = torch.nn.ModuleList(torch.nn.Linear(4, 3, bias=False) for _ in range(2))
-            self.free = False
+            self.seen = []
 
         def forward(self, x_BSH):
             for i, router in enumerate(self.routers):
-                weight = router.weight.detach().clone()
-                self.mon.record(i, logits=router(x_BSH), router_weight=weight)
-                if self.free:
+                weight = router.weight.detach().clone()  # what unsharding makes, each forward
+                logits = router(x_BSH)
+                self.seen.append((logits.detach().double(), weight.double().clone()))
+                self.mon.record(i, logits=logits, router_weight=weight)
+                if i == 0:
                     weight.untyped_storage().resize_(0)  # what resharding does to the unsharded copy
             return x_BSH.sum()
 
     model = TwoLayers()
     mon = model.mon = gw.attach(model, sink.endpoint, "freed", num_layers=2, num_experts=3, top_k=1,
                                 every_n_steps=1)
-    for step, free in enumerate((True, False)):
-        model.free = free
-        mon.step(step)
-        model(torch.randn(1, 3, 4))
+    with caplog.at_level("INFO", logger="grokwatch"):
+        for step in range(3):
+            mon.step(step)
+            with torch.no_grad():
+                model.routers[0].weight.add_(0.5)  # the weights move between steps
+            model(torch.randn(1, 3, 4, requires_grad=True))
     stats = mon.stats()
     mon.close()
-    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
-    first, second = sink.routing()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 3)
+    first, *later = sink.routing()
     assert stats["hook_errors"] == 0
-    assert first.adj_cosine_NL1 is None and second.adj_cosine_NL1 is not None
+    assert first.adj_cosine_NL1 is None
+    assert sum("freed before the reduction" in r.getMessage() for r in caplog.records) == 1
+    for step, msg in enumerate(later, start=1):
+        (l0, w0), (l1, w1) = model.seen[2 * step:2 * step + 2]
+        emb = [torch.softmax(l, -1).mean(dim=(0, 1)) @ w for l, w in ((l0, w0), (l1, w1))]
+        expected = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0).item()
+        np.testing.assert_allclose(msg.adj_cosine_NL1[0, 0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_pause_removes_every_hook_and_resume_restores_them(sink):
