@@ -464,12 +464,14 @@ class Monitor:
     def _learn_freed_weights(self) -> None:
         """A weight given to record() whose memory was freed by the end of the forward (FSDP resharded
         after the layer): this message has no cosines; from the next on, record() keeps a copy (E x H)."""
-        for layer, weight in enumerate(self._router_weights):
-            if (not self._copy_recorded_weight[layer] and isinstance(weight, torch.Tensor)
-                    and type(weight) in (torch.Tensor, nn.Parameter) and weight.untyped_storage().nbytes() == 0):
-                self._copy_recorded_weight[layer] = True
-                log.info("grokwatch: the router weight recorded for layer %d was freed before the reduction "
-                         "(FSDP resharding?): record() keeps a copy of it on summarized forwards", layer)
+        freed = [layer for layer, weight in enumerate(self._router_weights)
+                 if not self._copy_recorded_weight[layer] and isinstance(weight, torch.Tensor)
+                 and type(weight) in (torch.Tensor, nn.Parameter) and weight.untyped_storage().nbytes() == 0]
+        for layer in freed:
+            self._copy_recorded_weight[layer] = True
+        if freed:
+            log.info("grokwatch: the router weights recorded for layers %s were freed before the reduction "
+                     "(FSDP resharding?): record() keeps a copy of them on summarized forwards", freed)
 
     def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
         if self._manual_step:

@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORKS = Path(sys.prefix) / "frameworks"
 
 
-def run_with_frameworks(script: Path, module: str) -> subprocess.CompletedProcess:
+def run_with_frameworks(script: Path, module: str, *args: str) -> subprocess.CompletedProcess:
     if not (FRAMEWORKS / module).is_dir():
         pytest.skip(f"{module} is not installed in {FRAMEWORKS}: run `make frameworks` (make test does)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FRAMEWORKS), str(ROOT / "examples")]),
                PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=240)
 
 
 def test_torchtitan_example_ships_what_its_routers_computed():
@@ -40,5 +40,13 @@ def test_megatron_example_ships_what_its_routers_computed():
     only): the rows are put first before they are recorded, so each sample gets its own tokens; means of
     the normalized top-k weights, counts, entropies and cosines equal a float64 reference."""
     done = run_with_frameworks(ROOT / "tests" / "integration" / "megatron_driver.py", "megatron")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("ok")
+
+
+def test_torchtitan_example_under_fsdp2_ships_the_cosines_of_the_full_weights():
+    """torchtitan trains under FSDP2: the gate weight its router hook passes is freed when the layer reshards,
+    before the reduction. The first message has no cosines; from the second, those of the full weights."""
+    done = run_with_frameworks(ROOT / "tests" / "integration" / "torchtitan_driver.py", "torchtitan", "--fsdp")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("ok")

@@ -3,12 +3,17 @@
 examples/torchtitan_moe.py's hooks on a stack of torchtitan's own MoE layers (sigmoid routers with a
 nonzero selection-only expert bias, as DeepSeek-V3 trains): one training step, 2 of 3 rows sampled by
 their tags; the message a PULL socket receives must equal a float64 reference (METRICS.md §1-3)
-computed from what each router returned, captured by an independent hook. Exit 0 and "ok" on success.
+computed from what each router returned, captured by an independent hook. ``--fsdp``: each layer and
+the stack under FSDP2 (``fully_shard``, one gloo rank), as torchtitan trains; the gate weight the hook
+passes is freed when its layer reshards, so the first message has no cosines and the next has those
+of the full weights. Exit 0 and "ok" on success.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 import sys
 import time
 
@@ -38,11 +43,28 @@ def reference(tap, weights, row):
     return np.stack(means), np.stack(counts), np.array(ents), np.array(cos)
 
 
-def main() -> int:
+def shard(model):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.moes:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def main(fsdp: bool) -> int:
     torch.manual_seed(0)
     model = build_stack(num_layers=3, num_experts=E, top_k=K, score_func="sigmoid")
     for layer in model.moes:
         layer.expert_bias_E.copy_(torch.randn(E) * 0.5)  # selection differs from top-k of the scores
+    if fsdp:
+        shard(model)
     tap = []
     for layer in model.moes:
         layer.router.register_forward_hook(
@@ -54,26 +76,36 @@ def main() -> int:
     pull.bind("tcp://127.0.0.1:0")
     mon = attach_torchtitan(model, list(model.moes), pull.getsockopt_string(zmq.LAST_ENDPOINT), "titan",
                             every_n_steps=1, max_samples_per_step=2)
-    weights = [layer.router.gate.weight.detach().double().numpy().copy() for layer in model.moes]
+    weights = [layer.router.gate.weight for layer in model.moes]
+    weights = [(w.full_tensor() if fsdp else w).detach().double().numpy().copy() for w in weights]
     tokens = torch.randint(0, 64, (B, L))
-    mon.step(0)
-    mon.tag(sample_ids=["a", "b", "c"], groups=["x", "y", "x"])
-    loss = nn.functional.cross_entropy(model(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-    loss.backward()
+    steps = 2 if fsdp else 1
+    for step in range(steps):  # no optimizer: the weights stay those of the reference
+        tap.clear()
+        mon.step(step)
+        mon.tag(sample_ids=["a", "b", "c"], groups=["x", "y", "x"])
+        loss = nn.functional.cross_entropy(model(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
     stats = mon.stats()
     mon.close()
 
-    message = None
+    messages = []
     deadline = time.monotonic() + 10
-    while message is None and time.monotonic() < deadline:
+    while len(messages) < steps and time.monotonic() < deadline:
         if pull.poll(100):
             decoded = decode(pull.recv())
-            message = decoded if isinstance(decoded, Routing) else None
+            if isinstance(decoded, Routing):
+                messages.append(decoded)
     pull.close(0)
     ctx.term()
+    if fsdp:
+        torch.distributed.destroy_process_group()
 
     assert stats["hook_errors"] == 0 and not stats["disabled"], stats
-    assert message is not None, f"no routing message received; {stats}"
+    assert len(messages) == steps, f"{len(messages)} routing messages received; {stats}"
+    if fsdp:
+        assert messages[0].adj_cosine_NL1 is None  # the weights were freed before the reduction
+    message = messages[-1]
     assert len(tap) == 3
     chosen = [np.sort(np.argsort(-(s + b.numpy()), -1)[..., :K], -1) for (s, _), b in
               zip(tap, (layer.expert_bias_E.double() for layer in model.moes))]
@@ -94,4 +126,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(fsdp="--fsdp" in sys.argv))
