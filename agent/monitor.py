@@ -10,6 +10,7 @@ monitor removes its hooks and training goes on.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ class AgentConfig:
     heartbeat_interval_s: float = 5.0
     close_timeout_s: float = 2.0
     compile_reduction: Optional[bool] = None  # None: on CUDA (compiled.compile_by_default)
+    # The batched reduction's transient memory at the end of a summarized forward (estimated); beyond it
+    # the layers are reduced in several batches.
+    reduction_memory_mb: float = 256.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
@@ -76,6 +80,12 @@ class AgentConfig:
             raise ValueError("probe_every_n_steps and probe_size: set both (or neither)")
         if self.heartbeat_interval_s <= 0 or self.close_timeout_s < 0:
             raise ValueError("heartbeat_interval_s must be positive and close_timeout_s not negative")
+        try:
+            budget = float(self.reduction_memory_mb)
+        except (TypeError, ValueError):
+            budget = math.nan
+        if not budget > 0:  # also NaN
+            raise ValueError(f"reduction_memory_mb: a positive number, got {self.reduction_memory_mb!r}")
         if self.compile_reduction not in (None, True, False):
             raise ValueError(f"compile_reduction: True, False or None (on CUDA), got {self.compile_reduction!r}")
 
@@ -441,7 +451,8 @@ class Monitor:
             self.sender.count_drop("staging_busy")
             return
         try:
-            with_cosines = reduce_all(ctx, self.shape.top_k, summarize_fn=self._reduction)
+            with_cosines = reduce_all(ctx, self.shape.top_k, summarize_fn=self._reduction,
+                                      max_bytes=float(self.config.reduction_memory_mb) * 2**20)
         except BaseException:
             self.staging.give_back(index)
             raise

@@ -311,25 +311,35 @@ def expert_dim(device: torch.device) -> int:
     return -2 if device.type == "cpu" else -1
 
 
+# The batched reduction's transient memory, in float32 copies of its [G, M, S, E] logits (stack
+# included), measured on CPU (peak RSS, docs/benchmarks.md "Reduction memory"): op by op the
+# distribution, its log, p log p and the features live at once; compiled, the kernels fuse them.
+TRANSIENT_COPIES_OP_BY_OP = 5
+TRANSIENT_COPIES_COMPILED = 2
+
+
 @torch.inference_mode()
 def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None,
-               summarize_fn: Optional[Callable] = None) -> bool:
+               summarize_fn: Optional[Callable] = None, max_bytes: Optional[float] = None) -> bool:
     """Per sampled slot and layer: mean routing distribution, top-k counts,
     mean entropy ratio; then the cosine between adjacent layers' routing
     embeddings. Layers of the same shape are reduced in one batch (in a
     transformers model: all of them, cosines included). ``dim``: the expert
     dimension of the batched layout (default: ``expert_dim`` of the device).
     ``summarize_fn``: ``summarize`` compiled (compiled.py; experts last
-    whatever the device), else ``summarize`` runs op by op. Returns whether
-    the cosines were computed (they need every layer's router weight).
-    It runs from the model's forward hook, hence inside the user's autocast
-    region if there is one (HF Trainer's bf16=True): autocast is switched off
-    here, so that the token means and cosines are float32 matmuls."""
+    whatever the device), else ``summarize`` runs op by op. ``max_bytes``:
+    the most transient memory one batch may take (estimated, see
+    TRANSIENT_COPIES_*); more layers are reduced in several batches. It runs
+    at the end of the forward, when the saved activations are at their peak.
+    Returns whether the cosines were computed (they need every layer's router
+    weight). It runs from the model's forward hook, hence inside the user's
+    autocast region if there is one (HF Trainer's bf16=True): autocast is
+    switched off here, so that the token means and cosines are float32 matmuls."""
     device_type = ctx.staging.device.type
     if _autocast_enabled(device_type):  # inside the user's autocast: matmuls would run in bf16/fp16
         with torch.autocast(device_type, enabled=False):
-            return _reduce_all(ctx, top_k, dim, summarize_fn)
-    return _reduce_all(ctx, top_k, dim, summarize_fn)
+            return _reduce_all(ctx, top_k, dim, summarize_fn, max_bytes)
+    return _reduce_all(ctx, top_k, dim, summarize_fn, max_bytes)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -339,7 +349,8 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-def _reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int], summarize_fn: Optional[Callable]) -> bool:
+def _reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int], summarize_fn: Optional[Callable],
+                max_bytes: Optional[float]) -> bool:
     views = ctx.staging.views
     if summarize_fn is not None:
         dim = -1
@@ -349,13 +360,25 @@ def _reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int], summarize_fn:
         key = (g.raw, g.seq_len, tuple(g.logits_MSE.shape), g.logits_MSE.dtype, g.distribution, g.detect_probs,
                None if g.idx_MSK is None else tuple(g.idx_MSK.shape))
         batches.setdefault(key, []).append(g)
-    groups = list(batches.values())
+    copies = TRANSIENT_COPIES_OP_BY_OP if summarize_fn is None else TRANSIENT_COPIES_COMPILED
+    groups = [chunk for group in batches.values() for chunk in _within(ctx, group, max_bytes, copies)]
     weights_LEH = _cosine_weights(groups[0]) if len(groups) == 1 else None
     for group in groups:
         _reduce_batch(ctx, group, top_k, views, dim, summarize_fn or summarize, weights_LEH)
     with_cosines = weights_LEH is not None or _cosines(ctx, views)
     ctx.pending = []
     return with_cosines
+
+
+def _within(ctx: BatchContext, group: list[Gathered], max_bytes: Optional[float], copies: int) -> list[list[Gathered]]:
+    """``group`` in runs of as many layers as ``max_bytes`` of transient memory allows (at least one)."""
+    if max_bytes is None:
+        return [group]
+    first = group[0]
+    S = ctx.seq_len if first.seq_len is None else first.seq_len
+    per_layer = copies * 4 * ctx.rows_M.shape[0] * S * first.logits_MSE.shape[-1]
+    n = max(1, int(max_bytes // per_layer))
+    return [group[i:i + n] for i in range(0, len(group), n)]
 
 
 def _cosine_weights(group: list[Gathered]) -> Optional[torch.Tensor]:

@@ -136,14 +136,22 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
                                                                          reason="needs a CUDA device")])
 
 
-@pytest.fixture(params=["device", "experts_last", pytest.param("compiled", marks=pytest.mark.slow)])
+@pytest.fixture(params=["device", "experts_last", "layer_by_layer", pytest.param("compiled", marks=pytest.mark.slow)])
 def layout(request, monkeypatch):
     """"device": what attach() does on the test's device: on CPU op by op with the experts at dim -2
     ([G, M, E, S]); on CUDA compiled. "experts_last": op by op with the experts last ([G, M, S, E], the
-    CUDA layout), on any machine. "compiled": the reduction through torch.compile (on CPU; on CUDA that
-    is "device"). Wherever compiled, the test fails unless the compiled code ran and never fell back."""
+    CUDA layout), on any machine. "layer_by_layer": as "device", with each layer reduced in a batch of
+    its own (what reduction_memory_mb does to a model too large for it; the cosines then come from
+    the staged means). "compiled": the reduction through torch.compile (on CPU; on CUDA that is
+    "device"). Wherever compiled, the test fails unless the compiled code ran and never fell back."""
     callspec = getattr(request.node, "callspec", None)
     on_cuda = callspec is not None and callspec.params.get("device") == "cuda"
+    if request.param == "layer_by_layer":
+        batches = []
+        within = reduce_module._within
+        monkeypatch.setattr(reduce_module, "TRANSIENT_COPIES_OP_BY_OP", 10**15)
+        monkeypatch.setattr(reduce_module, "TRANSIENT_COPIES_COMPILED", 10**15)
+        monkeypatch.setattr(reduce_module, "_within", lambda *a: batches.extend(within(*a)) or within(*a))
     if request.param == "experts_last":
         monkeypatch.setattr(reduce_module, "expert_dim", lambda device: -1)
         monkeypatch.setattr(compiled_module, "compile_by_default", lambda device: False)
@@ -163,6 +171,8 @@ def layout(request, monkeypatch):
 
         monkeypatch.setattr(compiled_module, "CompiledReduction", Tracked)
     yield request.param
+    if request.param == "layer_by_layer":
+        assert batches and all(len(batch) == 1 for batch in batches), [len(b) for b in batches]
     if compiled:
         assert made and all(c.error is None for c in made), [c.error for c in made]
         assert all(c.compile_seconds is not None for c in made), "the compiled reduction never ran"
@@ -751,6 +761,56 @@ def test_attach_fails_fast_on_bad_config_and_dense_models():
         gw.attach(tiny_model("olmoe"), "tcp://127.0.0.1:5999", "x", every_n_steps=0)
     with pytest.raises(ValueError, match="compile_reduction"):
         gw.attach(tiny_model("olmoe"), "tcp://127.0.0.1:5999", "x", compile_reduction="yes")
+    for budget in (0, -1.0, float("nan"), "lots"):
+        with pytest.raises(ValueError, match="reduction_memory_mb"):
+            gw.attach(tiny_model("olmoe"), "tcp://127.0.0.1:5999", "x", reduction_memory_mb=budget)
+
+
+@pytest.mark.parametrize("compile_reduction", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_reduction_memory_mb_bounds_each_batch_and_changes_nothing_shipped(compile_reduction, sink, monkeypatch):
+    """The batched reduction runs at the end of the forward, when the saved activations peak: beyond
+    reduction_memory_mb of (estimated) transient memory, the layers are reduced in several batches;
+    what ships is the same, cosines across the batch boundaries included."""
+    L, E, M, S = 5, 4, 2, 6
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.routers = torch.nn.ModuleList(torch.nn.Linear(8, E, bias=False) for _ in range(L))
+
+        def forward(self, x_BSH):
+            for i, router in enumerate(self.routers):
+                self.mon.record(i, logits=router(x_BSH), router_weight=router.weight)
+                x_BSH = torch.tanh(x_BSH + router.weight.sum(0)[:8])
+            return x_BSH.sum()
+
+    batches = []
+    within = reduce_module._within
+    monkeypatch.setattr(reduce_module, "_within", lambda *a: batches.append([len(b) for b in within(*a)])
+                        or within(*a))
+    copies = reduce_module.TRANSIENT_COPIES_COMPILED if compile_reduction else reduce_module.TRANSIENT_COPIES_OP_BY_OP
+    per_layer = copies * 4 * M * S * E
+    model = Stack()
+    torch._dynamo.reset()
+    x = torch.randn(M, S, 8)
+    shipped = []
+    for budget_mb in (256.0, 2.5 * per_layer / 2**20):
+        mon = model.mon = gw.attach(model, sink.endpoint, f"budget-{budget_mb}", num_layers=L, num_experts=E,
+                                    top_k=1, every_n_steps=1, max_samples_per_step=M, reduction_memory_mb=budget_mb,
+                                    compile_reduction=compile_reduction)
+        mon.step(0)
+        model(x)
+        assert mon.stats()["reduction"] == ("compiled" if compile_reduction else "op by op")
+        mon.close()
+        sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) > len(shipped))
+        shipped = sink.routing()
+    assert batches == [[5], [2, 2, 1]]
+    whole, split = shipped
+    np.testing.assert_allclose(split.mean_probs_NLE, whole.mean_probs_NLE, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(split.topk_counts_NLE, whole.topk_counts_NLE)
+    np.testing.assert_allclose(split.entropy_NL, whole.entropy_NL, rtol=1e-6, atol=1e-7)
+    assert whole.adj_cosine_NL1 is not None and split.adj_cosine_NL1 is not None
+    np.testing.assert_allclose(split.adj_cosine_NL1, whole.adj_cosine_NL1, rtol=1e-5, atol=1e-6)
 
 
 def test_sampling_follows_the_same_sample_ids_over_steps(sink):
