@@ -3,11 +3,12 @@
 # against the float64 reference, then the paired overhead benchmark at the
 # OLMoE-1B-7B shape in one process — the A/A control, every step with
 # attach()'s default (the reduction compiled), every step op by op, the default
-# cadence — then the host time per hook at that shape. At most ≈ 8.5 min in all:
+# cadence — then the host time per hook at that shape, then the reduction's
+# transient memory (Triton's fusion against the CPU's). At most ≈ 9 min in all:
 # run it with timeout_s 600; each part is time-boxed, and what it wrote under
 # $OUT comes back even if the last is cut short. Budget: tests 130 s; overhead
 # under 5 min (4 cadences x (50 s + warm-up), the model, the reduction's
-# compile); hook cost 55 s. Runs under the device image's own python3
+# compile); hook cost 55 s; memory 30 s. Runs under the device image's own python3
 # (torch, numba, msgpack are there); pyzmq travels as a wheel in .whl/ (see
 # docs/benchmarks.md).
 set -u
@@ -29,4 +30,5 @@ bench "${BENCH_S:-295}" "${CADENCE_S:-50}"
 # Where a sampled step's host time goes (hooks, reduction, hand-over), at the same shape.
 timeout "${HOOK_S:-55}" python3 bench/agent_hook_cost.py --device cuda --shape olmoe-1b-7b --steps 30 --warmup 5 \
     2>&1 | tee "$OUT/hook_cost.txt"
+timeout "${MEM_S:-30}" python3 bench/reduction_memory.py --device cuda 2>&1 | tee "$OUT/reduction_memory.txt"
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$OUT/gpu.txt"

@@ -1,11 +1,13 @@
-"""The batched reduction's transient memory, op by op and compiled, on CPU.
+"""The batched reduction's transient memory, op by op and compiled.
 
-    python bench/reduction_memory.py [--layers 16] [--rows 8] [--seq 4096] [--experts 64] [--no-compiled]
+    python bench/reduction_memory.py [--device cpu|cuda] [--layers 16] [--rows 8] [--seq 4096]
+        [--experts 64] [--no-compiled]
 
 Runs ``reduce.summarize`` on router logits stacked as the agent stacks them ([G, M, S, E], float32,
-the CPU op-by-op layout [G, M, E, S] too) and reads the process's peak resident memory around each
-call (Linux: /proc/self/clear_refs resets VmHWM; large tensors are mmap'd, so freed memory leaves
-the resident set). Printed in multiples of one float32 copy of the stacked logits — what
+the CPU op-by-op layout [G, M, E, S] too) and reads the peak memory around each call: on CPU the
+process's peak resident memory (Linux: /proc/self/clear_refs resets VmHWM; large tensors are
+mmap'd, so freed memory leaves the resident set), on CUDA the allocator's peak. Printed in
+multiples of one float32 copy of the stacked logits — what
 reduce.TRANSIENT_COPIES_* estimate, plus the stack itself, to bound each batch by
 ``attach(reduction_memory_mb=...)``.
 """
@@ -30,14 +32,22 @@ def peak() -> int:
 
 
 def transient(fn, *args) -> int:
-    """The most memory one call holds beyond what was resident before it (best of three)."""
+    """The most memory one call holds beyond what was allocated before it (best of three)."""
+    cuda = args[0].is_cuda
     best = None
     for _ in range(3):
-        before = resident()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak
+        if cuda:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            before = resident()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak
         out = fn(*args)
-        grown = peak() - before
+        if cuda:
+            torch.cuda.synchronize()
+        grown = (torch.cuda.max_memory_allocated() if cuda else peak()) - before
         del out
         best = grown if best is None else min(best, grown)
     return best
@@ -45,6 +55,7 @@ def transient(fn, *args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--seq", type=int, default=4096)
@@ -55,18 +66,19 @@ def main() -> int:
     torch.set_num_threads(1)
     G, M, S, E, K = args.layers, args.rows, args.seq, args.experts, args.top_k
     copy = G * M * S * E * 4
-    x_GMSE = torch.randn(G, M, S, E)
-    idx = torch.randint(0, E, (G, M, S, K))
-    avg = torch.full((M, S), 1.0 / S)
-    weight = torch.ones(G, M, S * K)
-    router_weights = torch.randn(G, E, 256)
+    with torch.device(args.device):
+        x_GMSE = torch.randn(G, M, S, E)
+        idx = torch.randint(0, E, (G, M, S, K))
+        avg = torch.full((M, S), 1.0 / S)
+        weight = torch.ones(G, M, S * K)
+        router_weights = torch.randn(G, E, 256)
     fixed = dict(distribution="softmax", detect_probs=False, packed=False, top_k=K, num_slots=M)
     print(f"stacked logits [G={G}, M={M}, S={S}, E={E}] float32: {copy / 2**20:.0f} MiB (one copy); "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, {args.device}")
     cases = [("op by op, experts last [G, M, S, E]", -1, False),
              ("op by op, experts at -2 [G, M, E, S] (CPU)", -2, False)]
     if not args.no_compiled:
-        cases.append(("compiled (inductor), experts last", -1, True))
+        cases.append((f"compiled (inductor, {'Triton' if args.device == 'cuda' else 'C++'}), experts last", -1, True))
     with torch.inference_mode():
         for name, dim, compiled in cases:
             x = x_GMSE if dim == -1 else x_GMSE.transpose(-1, -2).contiguous()
