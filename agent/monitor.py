@@ -149,6 +149,7 @@ class Monitor:
         self._manual_step = False
         self._taken_step = -1
         self._taken = 0
+        self._rows_in_step = 0  # rows of this step's earlier training forwards: untagged ids number on
         self._hook_errors = 0
         self._logged_error = False
         self.disabled = False
@@ -298,7 +299,7 @@ class Monitor:
             self._tag = None
             return
         if self._taken_step != step:
-            self._taken_step, self._taken = step, 0
+            self._taken_step, self._taken, self._rows_in_step = step, 0, 0
         budget = self.config.max_samples_per_step - self._taken
         tag, self._tag = self._tag, None
         if budget <= 0:
@@ -311,12 +312,16 @@ class Monitor:
         if ref.device != self.device and ref.device == self._model_device() and not self._follow_device(ref.device):
             return
         num_rows, seq_len = int(ref.shape[0]), int(ref.shape[1])
+        first_row, self._rows_in_step = self._rows_in_step, self._rows_in_step + num_rows
         if tag is not None and len(tag[0]) == num_rows:
             ids, groups = tag
             order = sorted(range(num_rows), key=lambda r: (_stable_key(ids[r]), r))
             rows = sorted(order[:budget])
         else:
-            ids = [f"{step}:{r}" for r in range(num_rows)]
+            # Unique within the run: rows of later forwards in the step (gradient accumulation) are numbered
+            # on, and other ranks' rows carry their rank (the collector follows samples by id alone).
+            where = f"{step}:" if self.world_size == 1 else f"{step}:{self.rank}:"
+            ids = [f"{where}{first_row + r}" for r in range(num_rows)]
             groups = ["all"] * num_rows
             rows = list(range(min(budget, num_rows)))
         self._taken += len(rows)

@@ -813,6 +813,43 @@ def test_reduction_memory_mb_bounds_each_batch_and_changes_nothing_shipped(compi
     np.testing.assert_allclose(split.adj_cosine_NL1, whole.adj_cosine_NL1, rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_accumulation_shares_the_step_budget_and_numbers_untagged_rows_on(sink, tmp_path):
+    """A real HF Trainer with gradient_accumulation_steps=2: the micro-batches of one optimizer step share
+    max_samples_per_step, all under that step, and untagged rows are numbered on across them, so no two
+    samples of a step share an id (the collector follows samples, and keeps their losses, by id)."""
+    from transformers import Trainer, TrainingArguments
+
+    from grokwatch.agent import GrokwatchCallback
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, save_strategy="no", report_to=[], use_cpu=True,
+                             dataloader_num_workers=0, disable_tqdm=True, logging_steps=100)
+    callback = GrokwatchCallback(endpoint=sink.endpoint, run="accumulate", every_n_steps=1, max_samples_per_step=3)
+    Trainer(model=tiny_model("olmoe"), args=args, train_dataset=Rows(), callbacks=[callback]).train()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 4)
+    shipped = [(m.step, list(m.sample_ids)) for m in sink.routing("train")]
+    assert shipped == [(0, ["0:0", "0:1"]), (0, ["0:2"]), (1, ["1:0", "1:1"]), (1, ["1:2"])]
+
+
+def test_untagged_rows_of_several_ranks_carry_their_rank(sink):
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "ranks", every_n_steps=1, max_samples_per_step=2)
+    mon.rank, mon.world_size = 1, 2  # what attach() reads from torch.distributed (tested with two ranks)
+    run_one_step(model, mon, torch.randint(0, VOCAB, (2, 8)))
+    mon.close()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    assert list(msg.sample_ids) == ["0:1:0", "0:1:1"]
+
+
 def test_sampling_follows_the_same_sample_ids_over_steps(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "follow", every_n_steps=2, max_samples_per_step=2)
