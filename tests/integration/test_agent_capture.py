@@ -715,22 +715,23 @@ def test_the_compiled_reduction_follows_changing_sequence_lengths_and_the_probe(
 
 
 @pytest.mark.slow
-def test_a_reduction_that_cannot_be_compiled_runs_op_by_op_and_says_why(sink, caplog, monkeypatch):
+def test_a_reduction_that_cannot_be_compiled_runs_op_by_op_and_says_why(sink, caplog):
     """A machine without a C++ compiler (or Triton) cannot compile the reduction: the first sampled step
     must still ship its summary (op by op), with no hook error, one warning, and stats that say so."""
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     model = tiny_model("olmoe")
     tap = RouterTap(model)
     mon = gw.attach(model, sink.endpoint, "no-compiler", every_n_steps=1, max_samples_per_step=2,
                     compile_reduction=True)
     input_ids = torch.randint(0, VOCAB, (2, 8))
-    for _ in range(2):
-        run_one_step(model, mon, input_ids)
+    # inductor's own patch(): monkeypatch's undo deletes config keys it did not see set, and every
+    # later compile in the process then fails ("fx_graph_cache does not exist").
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):
+        for _ in range(2):
+            run_one_step(model, mon, input_ids)
     stats = mon.stats()
     mon.close()
     tap.remove()
