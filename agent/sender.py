@@ -33,6 +33,7 @@ log = logging.getLogger("grokwatch.agent")
 
 DROP_REASONS = ("queue_full", "send_blocked", "too_large", "staging_busy", "incomplete", "encode_error",
                 "closed")
+_CLOSE = ("close",)  # put by close(): the sender thread's wake-up to finish
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Sender:
         self.sent = 0
         self.dropped: dict[str, int] = {}
         self.hook_errors = 0  # maintained by the monitor, reported in heartbeats
+        self.wakes = 0  # times the sender thread woke up (each takes the GIL)
         self.disabled = False
         self._seq = 0
         self._ctx = zmq.Context()
@@ -202,14 +204,18 @@ class Sender:
             self._send(Eval(**self._header(), step=item[1], scores=item[2]))
 
     def _loop(self) -> None:
+        """Sleeps until an item or the next heartbeat: an idle sender takes the GIL 2 times per heartbeat
+        interval, not every 100 ms (each time it wakes while the training thread runs Python, the training
+        thread hands the GIL over and waits to get it back; ``close`` wakes it with ``_CLOSE``)."""
         next_beat = time.monotonic() + self.heartbeat_interval_s
         while True:
             timeout = max(0.0, next_beat - time.monotonic())
             try:
-                item = self.queue.get(timeout=min(timeout, 0.1))
+                item = self.queue.get(timeout=timeout)
             except queue.Empty:
                 item = None
-            if item is not None:
+            self.wakes += 1
+            if item is not None and item is not _CLOSE:
                 try:
                     self._process(item)
                 except Exception:  # never let the sender die; count it
@@ -228,6 +234,7 @@ class Sender:
         if self._closed.is_set():
             return
         self._closed.set()
+        self.queue.put(_CLOSE)  # after what is queued: wakes the thread once that is sent
         self._thread.join(timeout_s)
         if self._thread.is_alive():  # still sending: leave the socket to it (daemon thread)
             log.warning("grokwatch sender did not finish within %.1f s; leaving it behind", timeout_s)

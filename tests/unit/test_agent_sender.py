@@ -40,3 +40,36 @@ def test_sampled_slots_as_a_slice_select_the_same_rows(keep, expected):
     table = np.arange(16 * 3 * 2, dtype=np.float32).reshape(16, 3, 2)
     np.testing.assert_array_equal(table[rows], table[keep])
     np.testing.assert_array_equal(table[rows, 1:], table[keep][:, 1:])
+
+
+def test_an_idle_sender_sleeps_until_its_heartbeat_and_close_wakes_it():
+    """Each time the sender thread wakes it takes the GIL, which the training thread then hands over and
+    waits to get back: idle, it wakes for heartbeats only (it used to wake every 100 ms); close() wakes
+    it at once, after what is queued is sent, and its last heartbeat goes out."""
+    import time
+
+    import zmq
+
+    from grokwatch.wire import Eval, Heartbeat, decode
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind("tcp://127.0.0.1:0")
+    try:
+        sender = Sender(endpoint=pull.getsockopt_string(zmq.LAST_ENDPOINT), run="r", rank=0, world_size=1,
+                        num_layers=2, num_experts=4, top_k=1, distribution="softmax", has_cosines=False,
+                        heartbeat_interval_s=30.0)
+        time.sleep(1.0)
+        assert sender.wakes <= 1  # the hello
+        sender.submit_eval(3, {"math": 0.5})
+        t = time.monotonic()
+        sender.close(5.0)
+        assert time.monotonic() - t < 0.5
+        kinds = []
+        while pull.poll(500):
+            kinds.append(type(decode(pull.recv())))
+        assert kinds[-2:] == [Eval, Heartbeat]
+    finally:
+        pull.close(0)
+        ctx.term()
