@@ -204,7 +204,7 @@ class Sender:
             self._send(Eval(**self._header(), step=item[1], scores=item[2]))
 
     def _loop(self) -> None:
-        """Sleeps until an item or the next heartbeat: an idle sender takes the GIL 2 times per heartbeat
+        """Sleeps until an item or the next heartbeat: an idle sender takes the GIL once per heartbeat
         interval, not every 100 ms (each time it wakes while the training thread runs Python, the training
         thread hands the GIL over and waits to get it back; ``close`` wakes it with ``_CLOSE``)."""
         next_beat = time.monotonic() + self.heartbeat_interval_s
