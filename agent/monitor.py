@@ -9,9 +9,11 @@ monitor removes its hooks and training goes on.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -179,6 +181,8 @@ class Monitor:
         self._step_handle = torch_optimizer.register_optimizer_step_post_hook(self._guard(self._on_optimizer_step))
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork)
+        self._pid = os.getpid()
+        _open_monitors.add(self)
 
     def _install_model_hooks(self) -> None:
         """Two hooks stay on the model. The per-layer hooks are armed only for
@@ -596,12 +600,17 @@ class Monitor:
         self._active = True
 
     def close(self) -> None:
-        """Remove the hooks and flush with a bounded wait. Never raises."""
+        """Remove the hooks and flush with a bounded wait. Never raises. Also run at interpreter exit for a
+        monitor left open (a script that ends, or dies of an exception, without close()): what is queued
+        still goes out, with the last heartbeat. In a forked child it only removes the hooks: the socket
+        and its I/O thread belong to the parent."""
+        _open_monitors.discard(self)
         try:
             self._active = False
             self._remove_model_hooks()
             self._step_handle.remove()
-            self.sender.close(self.config.close_timeout_s)
+            if os.getpid() == self._pid:
+                self.sender.close(self.config.close_timeout_s)
         except Exception as exc:
             log.warning("grokwatch: error while closing: %r", exc)
 
@@ -610,6 +619,15 @@ class Monitor:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_open_monitors: "weakref.WeakSet[Monitor]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_monitors() -> None:
+    for mon in list(_open_monitors):
+        mon.close()
 
 
 def attach(model: nn.Module, endpoint: Optional[str] = None, run: Optional[str] = None, *,

@@ -1190,3 +1190,35 @@ def test_a_router_without_indices_takes_the_decision_from_the_experts_module(sin
     run_one_step(olmoe, mon, torch.randint(0, VOCAB, (2, 8)))
     assert not any(layer.experts._forward_pre_hooks for layer in discover(olmoe).layers)  # kept armed: routers only
     mon.close()
+
+
+def test_a_script_that_dies_without_close_still_flushes_what_it_summarized(sink):
+    """The training script raises (or just ends) without mon.close(): at interpreter exit the monitor closes
+    itself, so the summaries already handed over go out and the collector gets the agent's last heartbeat
+    (its counts); the process exits with the script's own error, promptly."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from grokwatch.wire import Heartbeat
+
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parents[1])!r})
+        from tiny_models import VOCAB, tiny_model
+        import grokwatch.agent as gw
+        model = tiny_model("olmoe")
+        mon = gw.attach(model, {sink.endpoint!r}, "dies", every_n_steps=1, max_samples_per_step=2,
+                        heartbeat_interval_s=600)
+        for step in range(3):
+            ids = torch.randint(0, VOCAB, (2, 8))
+            model(input_ids=ids, labels=ids).loss.backward()
+            mon.step(step + 1)
+        raise RuntimeError("the training script fails")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "the training script fails" in done.stderr
+    sink.drain(until=lambda ms: any(isinstance(m, Heartbeat) for m in ms))
+    assert [m.step for m in sink.routing()] == [0, 1, 2]
+    [beat] = [m for m in sink.messages if isinstance(m, Heartbeat)]
+    assert beat.messages_sent == 4 and not beat.disabled  # the hello and three summaries
