@@ -149,7 +149,7 @@ class Sender:
         wire's order and dtypes. Few NumPy calls, because this thread holds the
         GIL while it builds a message and the training thread may be waiting
         for it (in a training process each call here costs ~10 us, not ~1)."""
-        if p.event is not None:
+        if p.event is not None and not p.event.query():  # done already: no wait, no GIL hand-over
             p.event.synchronize()  # waits here, on the sender thread, not in training
         v = self._host_views[p.host_index]
         keep = [i for i in np.flatnonzero(v["tokens_N"]).tolist() if p.sample_ids[i]]
