@@ -73,3 +73,37 @@ def test_an_idle_sender_sleeps_until_its_heartbeat_and_close_wakes_it():
     finally:
         pull.close(0)
         ctx.term()
+
+
+@pytest.mark.parametrize("done", [True, False])
+def test_the_sender_waits_for_the_device_copy_only_while_it_is_not_done(monkeypatch, done):
+    """On CUDA each message carries the event recorded after its device-to-host copy. Waiting on it releases
+    the GIL and takes it back (a hand-over with the training thread): the sender asks first, and waits only
+    if the copy is still running. A stand-in for torch.cuda.Event (no CUDA here); the CUDA tests run the real one."""
+    import torch
+
+    from grokwatch.agent.reduce import Staging
+    from grokwatch.agent.sender import Pending
+
+    class Event:
+        def __init__(self):
+            self.waited = False
+
+        def query(self):
+            return done
+
+        def synchronize(self):
+            self.waited = True
+
+    monkeypatch.setattr(Sender, "_loop", lambda self: None)
+    staging = Staging(num_layers=2, slots=1, num_experts=4, device=torch.device("cpu"))
+    sender = Sender(endpoint="tcp://127.0.0.1:9", run="r", rank=0, world_size=1, num_layers=2, num_experts=4,
+                    top_k=1, distribution="softmax", has_cosines=False, staging=staging)
+    index = staging.take()
+    staging.split(staging.pool[index])["tokens_N"][0] = 3
+    event = Event()
+    message = sender._routing(Pending(source="train", step=0, sample_ids=["a"], groups=["g"], host_index=index,
+                                      event=event, with_cosines=False, with_loss=False))
+    assert message.sample_ids == ("a",) and message.token_counts_N.tolist() == [3]
+    assert event.waited is (not done)
+    sender.close(0.1)
