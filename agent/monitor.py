@@ -446,7 +446,8 @@ class Monitor:
     def finalize(self, ctx: BatchContext, with_loss: bool = False) -> None:
         """One non-blocking copy into pinned host memory, one event; hand over."""
         self._set_ctx(None)
-        if ctx.layers_done != self.shape.num_layers:
+        if ctx.layers_done != self.shape.num_layers or len({g.layer for g in ctx.pending}) != ctx.layers_done:
+            # A layer missing (or one recorded twice in place of another): its staged rows would be stale.
             self.sender.count_drop("incomplete")
             if ctx.layers_done == 0 and self._layer_handles and not self._logged_bypass:
                 self._logged_bypass = True

@@ -554,22 +554,14 @@ def cosine_rows(means_LXE: torch.Tensor, weights_LEH: torch.Tensor,
 
 
 def _cosines(ctx: BatchContext, views: dict) -> bool:
-    """The cosines when the layers were reduced in several groups (else ``summarize`` computed them):
-    cos(emb(l-1), emb(l)) into row l of cosine_LN, from the means in staging; needs every layer's
-    router weight (else False: none)."""
+    """The cosines when the layers were reduced in several batches (else ``summarize`` computed them):
+    cos(emb(l-1), emb(l)) into row l of cosine_LN, from the means in staging, in one batched call.
+    Needs every layer's router weight, all of one shape (else False: none; routing embeddings of
+    different widths, from record() of unlike routers, have no cosine)."""
     gathered = sorted(ctx.pending, key=lambda g: g.layer)
-    if len(gathered) < 2 or not all(usable_weight(g.weight_EH) for g in gathered):
+    weights_LEH = _cosine_weights(gathered)  # None unless consecutive, usable and of one shape
+    if weights_LEH is None:
         return False
-    mean_LNE = views["mean_LNE"]
-    weights_LEH = _cosine_weights(gathered)  # consecutive layers, one weight shape: one batched call
-    if weights_LEH is not None:
-        lo, hi = gathered[0].layer, gathered[-1].layer + 1
-        cosine_rows(mean_LNE[lo:hi], weights_LEH, out=views["cosine_LN"][lo + 1:hi])
-        return True
-    prev = None
-    for g in gathered:
-        emb_NH = mean_LNE[g.layer] @ g.weight_EH.float()
-        if prev is not None:
-            views["cosine_LN"][g.layer].copy_(torch.nn.functional.cosine_similarity(prev, emb_NH, dim=-1, eps=1e-12))
-        prev = emb_NH
+    lo, hi = gathered[0].layer, gathered[-1].layer + 1
+    cosine_rows(views["mean_LNE"][lo:hi], weights_LEH, out=views["cosine_LN"][lo + 1:hi])
     return True

@@ -1023,6 +1023,47 @@ def test_a_recorded_router_weight_freed_before_the_reduction_is_copied_from_then
         np.testing.assert_allclose(msg.adj_cosine_NL1[0, 0], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_record_of_unlike_routers_ships_without_cosines_and_a_layer_twice_is_incomplete(sink):
+    """record() from routers of different widths (router weights [E, 4] and [E, 5]): routing embeddings of
+    different widths have no cosine, so the summaries ship without them (this raised in the hook on every
+    summarized forward, and the summaries were lost). A layer recorded twice in place of another is
+    'incomplete': the missing layer's staged rows would be another forward's."""
+    class Unlike(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.r0 = torch.nn.Linear(4, 3, bias=False)
+            self.widen = torch.nn.Linear(4, 5)
+            self.r1 = torch.nn.Linear(5, 3, bias=False)
+            self.twice = False
+            self.seen = []
+
+        def forward(self, x_BSH):
+            first = self.r0(x_BSH)
+            self.mon.record(0, logits=first, router_weight=self.r0.weight)
+            y_BSH = self.widen(x_BSH)
+            second = self.r1(y_BSH)
+            self.mon.record(0 if self.twice else 1, logits=second, router_weight=self.r1.weight)
+            self.seen.append((first.detach().double(), second.detach().double()))
+            return y_BSH.sum()
+
+    model = Unlike()
+    mon = model.mon = gw.attach(model, sink.endpoint, "unlike", num_layers=2, num_experts=3, top_k=1,
+                                every_n_steps=1)
+    for step, twice in enumerate((False, True)):
+        model.twice = twice
+        mon.step(step)
+        model(torch.randn(1, 4, 4, requires_grad=True)).backward()
+    stats = mon.stats()
+    mon.close()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    assert stats["hook_errors"] == 0 and stats["dropped"] == {"incomplete": 1}
+    assert msg.step == 0 and msg.adj_cosine_NL1 is None
+    first, second = model.seen[0]
+    expected = torch.stack([torch.softmax(first, -1).mean(dim=(0, 1)), torch.softmax(second, -1).mean(dim=(0, 1))])
+    np.testing.assert_allclose(msg.mean_probs_NLE[0], expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_pause_removes_every_hook_and_resume_restores_them(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "pause", every_n_steps=1)
