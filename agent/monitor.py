@@ -510,6 +510,10 @@ class Monitor:
         """Name the rows of the next forward (stable ids let the same sample be
         followed over time; groups are data domains). Never raises."""
         try:
+            # A tensor of ids (a DataLoader collates integer ids into one): its values, in one call, not
+            # "tensor(7)" per element (and not one host sync per element when it is on the device).
+            sample_ids = sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else sample_ids
+            groups = groups.tolist() if isinstance(groups, torch.Tensor) else groups
             ids = [str(s)[:200] for s in sample_ids]
             grp = [str(g)[:200] for g in groups] if groups is not None else ["all"] * len(ids)
             self._tag = (ids, grp) if len(grp) == len(ids) else None

@@ -851,6 +851,18 @@ def test_untagged_rows_of_several_ranks_carry_their_rank(sink):
     assert list(msg.sample_ids) == ["0:1:0", "0:1:1"]
 
 
+def test_ids_and_groups_given_as_tensors_are_their_values(sink):
+    """A DataLoader collates integer sample ids (and domain ids) into tensors: tag() takes their values,
+    not "tensor(7)" per element."""
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "tensor-ids", every_n_steps=1, max_samples_per_step=2)
+    run_one_step(model, mon, torch.randint(0, VOCAB, (2, 8)), ids=torch.tensor([17, 4]), groups=torch.tensor([1, 0]))
+    mon.close()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    assert sorted(zip(msg.sample_ids, msg.groups)) == [("17", "1"), ("4", "0")]
+
+
 def test_sampling_follows_the_same_sample_ids_over_steps(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "follow", every_n_steps=2, max_samples_per_step=2)
