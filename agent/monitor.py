@@ -149,6 +149,7 @@ class Monitor:
         self._tag: Optional[tuple[list[str], list[str]]] = None
         self._step = 0
         self._manual_step = False
+        self._forward_since_step = False  # a training forward ran since the last counted optimizer step
         self._taken_step = -1
         self._taken = 0
         self._rows_in_step = 0  # rows of this step's earlier training forwards: untagged ids number on
@@ -298,6 +299,7 @@ class Monitor:
             self._disarm_layers()  # a forward that raised before its end hook
         if not (torch.is_grad_enabled() and module.training):
             return  # the user's own eval forwards are not ours to summarize
+        self._forward_since_step = True
         step = self._step
         if step % self.config.every_n_steps:
             self._tag = None
@@ -495,8 +497,12 @@ class Monitor:
                      "(FSDP resharding?): record() keeps a copy of them on summarized forwards", freed)
 
     def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
-        if self._manual_step:
+        """Counts training steps: the first optimizer step after a training forward of the model (several
+        optimizers, e.g. experts and the rest at their own learning rates, are one step; another model's
+        optimizer is none). While paused the forwards are not seen: every optimizer step counts."""
+        if self._manual_step or (self._active and not self._forward_since_step):
             return
+        self._forward_since_step = False
         self._step += 1
         self._maybe_probe()
 

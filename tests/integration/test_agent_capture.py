@@ -863,6 +863,31 @@ def test_ids_and_groups_given_as_tensors_are_their_values(sink):
     assert sorted(zip(msg.sample_ids, msg.groups)) == [("17", "1"), ("4", "0")]
 
 
+def test_several_optimizers_make_one_step_and_another_models_optimizer_none(sink):
+    """MoE training often steps the experts and the rest with two optimizers (their own learning rates),
+    and a loop may train another model too: the step the agent counts is a training step of its model."""
+    model = tiny_model("olmoe")
+    experts = [p for n, p in model.named_parameters() if ".experts." in n]
+    rest = [p for n, p in model.named_parameters() if ".experts." not in n]
+    optimizers = [torch.optim.SGD(experts, lr=1e-3), torch.optim.SGD(rest, lr=1e-3)]
+    other = torch.nn.Linear(4, 1)
+    other_opt = torch.optim.SGD(other.parameters(), lr=1e-3)
+    mon = gw.attach(model, sink.endpoint, "two-optimizers", every_n_steps=2, max_samples_per_step=2)
+    for _ in range(4):
+        ids = torch.randint(0, VOCAB, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+        other(torch.randn(3, 4)).sum().backward()
+        other_opt.step()
+    stats = mon.stats()
+    mon.close()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    assert stats["step"] == 4
+    assert [m.step for m in sink.routing()] == [0, 2]
+
+
 def test_sampling_follows_the_same_sample_ids_over_steps(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "follow", every_n_steps=2, max_samples_per_step=2)
