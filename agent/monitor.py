@@ -339,8 +339,12 @@ class Monitor:
             self.probe.remember(input_ids, mask_BS, rows, ids, groups)
 
     def _model_device(self) -> torch.device:
-        """Where the routers run now: their first weight's device (moved in place by ``model.to``)."""
-        weight = self._router_weights[0] if self._router_weights else None
+        """Where the routers run now: their first weight's device, read from the router (``model.to`` moves
+        it in place; ``to_empty`` from the meta device puts a new parameter there)."""
+        router = self.layers[0].router if self.layers else None
+        weight = getattr(router, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            weight = self._router_weights[0] if self._router_weights else None
         return weight.device if isinstance(weight, torch.Tensor) else _parameter_device(self.model)
 
     def _staging_on(self, device: torch.device) -> Staging:
@@ -367,6 +371,11 @@ class Monitor:
         new = self._staging_on(device)
         self.sender.use_staging(new)
         self.staging, previous, self.device = new, self.device, device
+        for i, layer in enumerate(self.layers):  # attached on the meta device: to_empty() made new parameters
+            weight = self._router_weights[i]
+            if isinstance(weight, torch.Tensor) and weight.is_meta and layer.router is not None:
+                current = getattr(layer.router, "weight", None)
+                self._router_weights[i] = current if isinstance(current, torch.Tensor) and current.dim() == 2 else None
         if self.config.compile_reduction is None:  # else the user's choice stands, with its state
             self._reduction = self._reduction_for(device)
         log.info("grokwatch: the model's inputs are on %s, not on %s as at attach(): the agent follows",

@@ -347,6 +347,8 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device type
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type without autocast (meta): nothing to switch off
+        return False
 
 
 def _reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int], summarize_fn: Optional[Callable],

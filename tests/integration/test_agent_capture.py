@@ -585,6 +585,33 @@ def test_a_model_moved_after_attach_is_followed(device, sink, caplog):
     check_against_reference(msg, ref)
 
 
+def test_a_model_attached_on_the_meta_device_is_followed_after_to_empty(sink):
+    """Large models are built on the meta device and materialized with to_empty() (torchtitan's way), which
+    puts new parameters in place of the meta ones: attached before that, the agent follows the model to its
+    device at the first forward and takes the new router weights (their cosines), with no hook error."""
+    with torch.device("meta"):
+        model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "meta", every_n_steps=1, max_samples_per_step=2)
+    model.to_empty(device="cpu")
+    torch.manual_seed(4)
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.05)
+    shape = discover(model)
+    tap = RouterTap(model)
+    run_one_step(model, mon, torch.randint(0, VOCAB, (2, 9)))
+    stats = mon.stats()
+    mon.close()
+    tap.remove()
+    assert stats["hook_errors"] == 0 and stats["dropped"] == {}, stats
+    assert mon.staging.device_buf.device.type == "cpu"
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing()
+    weights = [layer.weight_EH.detach().double() for layer in shape.layers]
+    ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], np.ones((2, 9)), [0, 1],
+                              weights, "softmax", 2, 8)
+    check_against_reference(msg, ref)
+
+
 def test_left_padding_with_position_ids_keeps_one_document_per_row(sink):
     """transformers' own position ids for a left-padded row are [1, 1, 1, 0, 1, 2, ...] (padding set to 1):
     the restart at the first real token is not a second document. Before, the row's tokens shipped as
