@@ -10,20 +10,14 @@ what each router returned, captured by an independent hook. Exit 0 and "ok" on s
 
 from __future__ import annotations
 
-import math
-import os
-import socket
 import sys
-import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import zmq
+from driver_common import check_against, init_one_gloo_rank, received_routing, summaries
 from megatron_moe import attach_megatron
+from sink import Sink
 from torch import nn
-
-from grokwatch.wire import Routing, decode
 
 B, S, H, E, K, L, V = 3, 5, 16, 8, 2, 3, 32
 
@@ -57,26 +51,16 @@ class SequenceFirst(nn.Module):
 
 
 def reference(tap, weights, row):
-    """Per layer: mean of the row's normalized top-k weights, counts of its routing map, mean entropy
-    ratio; cosines of the routing embeddings mean @ W between adjacent layers."""
-    means, counts, ents, embs = [], [], [], []
-    for (probs_TE, map_TE), w_EH in zip(tap, weights):
-        tokens = [s * B + row for s in range(S)]  # sequence-first
-        p = probs_TE[tokens] / probs_TE[tokens].sum(-1, keepdims=True)
-        means.append(p.mean(0))
-        counts.append(map_TE[tokens].sum(0))
-        ents.append((-(p * np.log(np.clip(p, 1e-30, None))).sum(-1) / math.log(E)).mean())
-        embs.append(p.mean(0) @ w_EH)
-    cos = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(embs, embs[1:])]
-    return np.stack(means), np.stack(counts), np.array(ents), np.array(cos)
+    """The row's tokens, sequence-first: t = s * B + row; its distribution: the top-k weights / their sum;
+    its counts: the routing map's."""
+    tokens = [s * B + row for s in range(S)]
+    p_LTE = [probs_TE[tokens] / probs_TE[tokens].sum(-1, keepdims=True) for probs_TE, _ in tap]
+    counts_LE = [map_TE[tokens].sum(0) for _, map_TE in tap]
+    return summaries(p_LTE, counts_LE, weights, E)
 
 
 def main() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    init_one_gloo_rank()
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -91,11 +75,8 @@ def main() -> int:
         router.register_forward_hook(
             lambda m, a, out: tap.append((out[0].detach().double().numpy(), out[1].detach().numpy())))
 
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    pull.bind("tcp://127.0.0.1:0")
-    mon = attach_megatron(model, list(model.routers), pull.getsockopt_string(zmq.LAST_ENDPOINT), "mcore",
+    sink = Sink()
+    mon = attach_megatron(model, list(model.routers), sink.endpoint, "mcore",
                           every_n_steps=1, max_samples_per_step=2)
     weights = [router.weight.detach().double().numpy().copy() for router in model.routers]
     tokens = torch.randint(0, V, (B, S))
@@ -106,14 +87,7 @@ def main() -> int:
     stats = mon.stats()
     mon.close()
 
-    message = None
-    deadline = time.monotonic() + 10
-    while message is None and time.monotonic() < deadline:
-        if pull.poll(100):
-            decoded = decode(pull.recv())
-            message = decoded if isinstance(decoded, Routing) else None
-    pull.close(0)
-    ctx.term()
+    [message] = received_routing(sink, 1) or [None]
     dist.destroy_process_group()
 
     assert stats["hook_errors"] == 0 and not stats["disabled"], stats
@@ -121,14 +95,7 @@ def main() -> int:
     assert len(tap) == L and all(probs.shape == (S * B, E) for probs, _ in tap)
     assert all(((probs > 0) == routing_map).all() for probs, routing_map in tap)  # zero outside the top-k
     assert message.num_samples == 2 and message.top_k == K
-    rows = {"a": 0, "b": 1, "c": 2}
-    for n, sample in enumerate(message.sample_ids):
-        mean, counts, ent, cos = reference(tap, weights, rows[sample])
-        assert message.token_counts_N[n] == S
-        np.testing.assert_allclose(message.mean_probs_NLE[n], mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(message.topk_counts_NLE[n], counts)
-        np.testing.assert_allclose(message.entropy_NL[n], ent, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(message.adj_cosine_NL1[n], cos, rtol=1e-4, atol=1e-5)
+    check_against(message, {"a": 0, "b": 1, "c": 2}, S, lambda row: reference(tap, weights, row))
     print("ok", list(message.sample_ids))
     return 0
 

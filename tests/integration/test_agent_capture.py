@@ -15,37 +15,9 @@ import grokwatch.agent as gw
 import grokwatch.agent.compiled as compiled_module
 import grokwatch.agent.reduce as reduce_module
 from grokwatch.agent.discover import discover
-from grokwatch.wire import Hello, Routing, decode
+from grokwatch.wire import Hello, Routing
+from sink import Sink
 from tiny_models import FAMILIES, VOCAB, tiny_model
-
-
-class Sink:
-    """A PULL socket on loopback that decodes everything it receives."""
-
-    def __init__(self):
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind("tcp://127.0.0.1:0")
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.messages = []
-
-    def drain(self, timeout_s: float = 3.0, until=None):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.sock.poll(50):
-                self.messages.append(decode(self.sock.recv()))
-                continue
-            if until is not None and until(self.messages):
-                break
-        return self.messages
-
-    def routing(self, source=None):
-        return [m for m in self.messages if isinstance(m, Routing) and (source is None or m.source == source)]
-
-    def close(self):
-        self.sock.close(0)
-        self.ctx.term()
 
 
 @pytest.fixture
@@ -136,7 +108,8 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
                                                                          reason="needs a CUDA device")])
 
 
-@pytest.fixture(params=["device", "experts_last", "layer_by_layer", pytest.param("compiled", marks=pytest.mark.slow)])
+@pytest.fixture(params=["device", "experts_last", "layer_by_layer",
+                        pytest.param("compiled", marks=pytest.mark.slow)])
 def layout(request, monkeypatch):
     """"device": what attach() does on the test's device: on CPU op by op with the experts at dim -2
     ([G, M, E, S]); on CUDA compiled. "experts_last": op by op with the experts last ([G, M, S, E], the
@@ -1082,7 +1055,7 @@ def test_a_recorded_router_weight_freed_before_the_reduction_is_copied_from_then
     assert sum("freed before the reduction" in r.getMessage() for r in caplog.records) == 1
     for step, msg in enumerate(later, start=1):
         (l0, w0), (l1, w1) = model.seen[2 * step:2 * step + 2]
-        emb = [torch.softmax(l, -1).mean(dim=(0, 1)) @ w for l, w in ((l0, w0), (l1, w1))]
+        emb = [torch.softmax(logits, -1).mean(dim=(0, 1)) @ w for logits, w in ((l0, w0), (l1, w1))]
         expected = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0).item()
         np.testing.assert_allclose(msg.adj_cosine_NL1[0, 0], expected, rtol=1e-4, atol=1e-5)
 

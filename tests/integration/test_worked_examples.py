@@ -21,7 +21,7 @@ FRAMEWORKS = Path(sys.prefix) / "frameworks"
 def run_with_frameworks(script: Path, module: str, *args: str) -> subprocess.CompletedProcess:
     if not (FRAMEWORKS / module).is_dir():
         pytest.skip(f"{module} is not installed in {FRAMEWORKS}: run `make frameworks` (make test does)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FRAMEWORKS), str(ROOT / "examples")]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FRAMEWORKS), str(ROOT / "examples"), str(ROOT / "tests")]),
                PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=240)
 

@@ -11,47 +11,30 @@ of the full weights. Exit 0 and "ok" on success.
 
 from __future__ import annotations
 
-import math
-import os
-import socket
 import sys
-import time
 
 import numpy as np
 import torch
-import zmq
+from driver_common import check_against, init_one_gloo_rank, received_routing, summaries
+from sink import Sink
 from torch import nn
 from torchtitan_moe import attach_torchtitan, build_stack
-
-from grokwatch.wire import Routing, decode
 
 B, L, E, K = 3, 12, 8, 2
 
 
 def reference(tap, weights, row):
-    """Per layer: mean of scores/sum over the row's tokens, counts of the router's own ids, mean entropy
-    ratio; cosines of the routing embeddings mean @ W between adjacent layers."""
-    means, counts, ents, embs = [], [], [], []
-    for (scores_BLE, ids_BLK), w_ED in zip(tap, weights):
-        s = scores_BLE[row]
-        p = s / s.sum(-1, keepdims=True)
-        means.append(p.mean(0))
-        counts.append(np.bincount(ids_BLK[row].ravel(), minlength=E))
-        ents.append((-(p * np.log(np.clip(p, 1e-30, None))).sum(-1) / math.log(E)).mean())
-        embs.append(p.mean(0) @ w_ED)
-    cos = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(embs, embs[1:])]
-    return np.stack(means), np.stack(counts), np.array(ents), np.array(cos)
+    """The row's distribution: scores / their sum; its counts: the router's own ids."""
+    p_LTE = [scores_BLE[row] / scores_BLE[row].sum(-1, keepdims=True) for scores_BLE, _ in tap]
+    counts_LE = [np.bincount(ids_BLK[row].ravel(), minlength=E) for _, ids_BLK in tap]
+    return summaries(p_LTE, counts_LE, weights, E)
 
 
 def shard(model):
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    init_one_gloo_rank()
     mesh = init_device_mesh("cpu", (1,))
     for layer in model.moes:
         fully_shard(layer, mesh=mesh)
@@ -70,11 +53,8 @@ def main(fsdp: bool) -> int:
         layer.router.register_forward_hook(
             lambda m, a, out: tap.append((out[2].detach().double().numpy(), out[1].detach().numpy())))
 
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    pull.bind("tcp://127.0.0.1:0")
-    mon = attach_torchtitan(model, list(model.moes), pull.getsockopt_string(zmq.LAST_ENDPOINT), "titan",
+    sink = Sink()
+    mon = attach_torchtitan(model, list(model.moes), sink.endpoint, "titan",
                             every_n_steps=1, max_samples_per_step=2)
     weights = [layer.router.gate.weight for layer in model.moes]
     weights = [(w.full_tensor() if fsdp else w).detach().double().numpy().copy() for w in weights]
@@ -89,15 +69,7 @@ def main(fsdp: bool) -> int:
     stats = mon.stats()
     mon.close()
 
-    messages = []
-    deadline = time.monotonic() + 10
-    while len(messages) < steps and time.monotonic() < deadline:
-        if pull.poll(100):
-            decoded = decode(pull.recv())
-            if isinstance(decoded, Routing):
-                messages.append(decoded)
-    pull.close(0)
-    ctx.term()
+    messages = received_routing(sink, steps)
     if fsdp:
         torch.distributed.destroy_process_group()
 
@@ -113,14 +85,8 @@ def main(fsdp: bool) -> int:
     assert any((np.sort(ids, -1) != np.sort(np.argsort(-s, -1)[..., :K], -1)).any() for s, ids in tap)
     assert message.num_samples == 2 and message.top_k == K
     rows = {"a": 0, "b": 1, "c": 2}
-    for n, sample in enumerate(message.sample_ids):
-        mean, counts, ent, cos = reference(tap, weights, rows[sample])
-        assert message.token_counts_N[n] == L
-        assert message.groups[n] == ["x", "y", "x"][rows[sample]]
-        np.testing.assert_allclose(message.mean_probs_NLE[n], mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(message.topk_counts_NLE[n], counts)
-        np.testing.assert_allclose(message.entropy_NL[n], ent, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(message.adj_cosine_NL1[n], cos, rtol=1e-4, atol=1e-5)
+    assert list(message.groups) == [["x", "y", "x"][rows[i]] for i in message.sample_ids]
+    check_against(message, rows, L, lambda row: reference(tap, weights, row))
     print("ok", list(message.sample_ids))
     return 0
 
