@@ -144,6 +144,7 @@ class Monitor:
         self._compiled = False  # seen under torch.compile: the armed hooks are part of the compiled code
         self._active = True  # False while paused or after close (compiled code keeps calling captured hooks)
         self._logged_bypass = False
+        self._logged_incomplete = False
         self._ctx: Optional[BatchContext] = None
         self._sampling = False  # self._ctx is not None, as a plain flag torch.compile can guard on
         self._tag: Optional[tuple[list[str], list[str]]] = None
@@ -460,12 +461,20 @@ class Monitor:
         if ctx.layers_done != self.shape.num_layers or len({g.layer for g in ctx.pending}) != ctx.layers_done:
             # A layer missing (or one recorded twice in place of another): its staged rows would be stale.
             self.sender.count_drop("incomplete")
-            if ctx.layers_done == 0 and self._layer_handles and not self._logged_bypass:
+            bypassed = ctx.layers_done == 0 and bool(self._layer_handles)
+            if bypassed and not self._logged_bypass:
                 self._logged_bypass = True
                 log.warning("grokwatch: armed router hooks did not run in a summarized forward (counted as "
                             "'incomplete'): compiled code traced without them? Attach before the first compiled "
                             "forward; two compiled instances of one model class share code unless "
                             "torch._dynamo.config.skip_nnmodule_hook_guards = False.")
+            elif not bypassed and not self._logged_incomplete:
+                self._logged_incomplete = True
+                seen = sorted(g.layer for g in ctx.pending)
+                log.warning("grokwatch: a summarized forward recorded MoE layers %s of 0..%d (counted as 'incomplete', "
+                            "logged once): every layer must be recorded once per forward%s", seen,
+                            self.shape.num_layers - 1, " (mon.record(layer, ...) from each router)"
+                            if self.layers and self.layers[0].router is None else "")
             return
         index = self.staging.take()
         if index is None:

@@ -1060,7 +1060,7 @@ def test_a_recorded_router_weight_freed_before_the_reduction_is_copied_from_then
         np.testing.assert_allclose(msg.adj_cosine_NL1[0, 0], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_record_of_unlike_routers_ships_without_cosines_and_a_layer_twice_is_incomplete(sink):
+def test_record_of_unlike_routers_ships_without_cosines_and_a_layer_twice_is_incomplete(sink, caplog):
     """record() from routers of different widths (router weights [E, 4] and [E, 5]): routing embeddings of
     different widths have no cosine, so the summaries ship without them (this raised in the hook on every
     summarized forward, and the summaries were lost). A layer recorded twice in place of another is
@@ -1095,6 +1095,7 @@ def test_record_of_unlike_routers_ships_without_cosines_and_a_layer_twice_is_inc
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
     [msg] = sink.routing()
     assert stats["hook_errors"] == 0 and stats["dropped"] == {"incomplete": 1}
+    assert sum("recorded MoE layers [0, 0] of 0..1" in r.message for r in caplog.records) == 1
     assert msg.step == 0 and msg.adj_cosine_NL1 is None
     first, second = model.seen[0]
     expected = torch.stack([torch.softmax(first, -1).mean(dim=(0, 1)), torch.softmax(second, -1).mean(dim=(0, 1))])
