@@ -21,16 +21,21 @@ FRAMEWORKS = Path(sys.prefix) / "frameworks"
 def run_with_frameworks(script: Path, module: str, *args: str) -> subprocess.CompletedProcess:
     if not (FRAMEWORKS / module).is_dir():
         pytest.skip(f"{module} is not installed in {FRAMEWORKS}: run `make frameworks` (make test does)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FRAMEWORKS), str(ROOT / "examples"), str(ROOT / "tests")]),
-               PYTHONWARNINGS="ignore")
+    path = os.pathsep.join([str(FRAMEWORKS), str(ROOT / "examples"), str(ROOT / "tests")])
+    env = dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=240)
 
 
-def test_torchtitan_example_ships_what_its_routers_computed():
+@pytest.mark.parametrize("how", ["eager", "fsdp", "compile"])
+def test_torchtitan_example_ships_what_its_routers_computed(how):
     """examples/torchtitan_moe.py on torchtitan 0.3.0's MoE (TokenChoiceTopKRouter with sigmoid scores and
     a selection-only expert bias): the shipped means, counts (the router's own choice), entropies and
-    cosines equal a float64 reference from what each router returned."""
-    done = run_with_frameworks(ROOT / "tests" / "integration" / "torchtitan_driver.py", "torchtitan")
+    cosines equal a float64 reference from what each router returned. "fsdp": under FSDP2, as torchtitan
+    trains, the gate weight the hook passes is freed when its layer reshards, before the reduction: the
+    first message has no cosines, the second those of the full weights. "compile": each MoE layer
+    compiled in place (torchtitan's way; aot_eager), record() called from traced code."""
+    args = [] if how == "eager" else [f"--{how}"]
+    done = run_with_frameworks(ROOT / "tests" / "integration" / "torchtitan_driver.py", "torchtitan", *args)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("ok")
 
@@ -40,13 +45,5 @@ def test_megatron_example_ships_what_its_routers_computed():
     only): the rows are put first before they are recorded, so each sample gets its own tokens; means of
     the normalized top-k weights, counts, entropies and cosines equal a float64 reference."""
     done = run_with_frameworks(ROOT / "tests" / "integration" / "megatron_driver.py", "megatron")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.startswith("ok")
-
-
-def test_torchtitan_example_under_fsdp2_ships_the_cosines_of_the_full_weights():
-    """torchtitan trains under FSDP2: the gate weight its router hook passes is freed when the layer reshards,
-    before the reduction. The first message has no cosines; from the second, those of the full weights."""
-    done = run_with_frameworks(ROOT / "tests" / "integration" / "torchtitan_driver.py", "torchtitan", "--fsdp")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("ok")

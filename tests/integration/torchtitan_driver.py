@@ -6,7 +6,8 @@ their tags; the message a PULL socket receives must equal a float64 reference (M
 computed from what each router returned, captured by an independent hook. ``--fsdp``: each layer and
 the stack under FSDP2 (``fully_shard``, one gloo rank), as torchtitan trains; the gate weight the hook
 passes is freed when its layer reshards, so the first message has no cosines and the next has those
-of the full weights. Exit 0 and "ok" on success.
+of the full weights. ``--compile``: each MoE layer compiled in place before the hooks are added
+(torchtitan's way; aot_eager), so record() runs from traced code. Exit 0 and "ok" on success.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def main(fsdp: bool) -> int:
         layer.expert_bias_E.copy_(torch.randn(E) * 0.5)  # selection differs from top-k of the scores
     if fsdp:
         shard(model)
+    if "--compile" in sys.argv:
+        for layer in model.moes:
+            layer.compile(backend="aot_eager")
     tap = []
     for layer in model.moes:
         layer.router.register_forward_hook(
