@@ -75,6 +75,8 @@ def main() -> int:
     fixed = dict(distribution="softmax", detect_probs=False, packed=False, top_k=K, num_slots=M)
     print(f"stacked logits [G={G}, M={M}, S={S}, E={E}] float32: {copy / 2**20:.0f} MiB (one copy); "
           f"torch {torch.__version__}, {args.device}")
+    if args.device == "cpu" and copy < 64 * 2**20:
+        print("(on CPU the resident set only sees mmap'd allocations, tens of MiB and up: use a larger shape)")
     cases = [("op by op, experts last [G, M, S, E]", -1, False),
              ("op by op, experts at -2 [G, M, E, S] (CPU)", -2, False)]
     if not args.no_compiled:
