@@ -34,6 +34,7 @@ class MoELayer:
     experts: Optional[nn.Module]  # sibling experts module (indices fallback)
     logits_index: int  # which output of the router holds the logits
     weight_EH: Optional[torch.Tensor]  # router weight rows: expert embeddings (METRICS.md §2)
+    weight_name: str = "weight"  # its name in the router ("wg.weight": a Linear inside, HunYuan's)
 
 
 @dataclass
@@ -94,6 +95,16 @@ def _router_by_structure(model: nn.Module):
     return found.pop() if len(found) == 1 else None
 
 
+def _router_weight(router: nn.Module) -> tuple[Optional[torch.Tensor], str]:
+    """The router's 2-D weight and its name in the router: its own ``weight``, else its only 2-D
+    parameter (a Linear inside the router module: HunYuan-MoE's ``wg``, JetMoE's ``layer``)."""
+    weight = getattr(router, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight, "weight"
+    named = [(name, p) for name, p in router.named_parameters() if p.dim() == 2]
+    return (named[0][1], named[0][0]) if len(named) == 1 else (None, "weight")
+
+
 def discover(model: nn.Module) -> MoEShape:
     """The MoE layers of a transformers 5.x model, in forward order.
     Raises ``NoMoELayersError`` naming the class when there are none."""
@@ -114,9 +125,9 @@ def discover(model: nn.Module) -> MoEShape:
             continue
         parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
         experts = getattr(parent, "experts", None) if parent is not None else None
-        weight = getattr(module, "weight", None)
+        weight, weight_name = _router_weight(module)
         layers.append(MoELayer(name, module, experts if isinstance(experts, nn.Module) else None, index,
-                               weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None))
+                               weight, weight_name))
     if not layers:
         raise NoMoELayersError(f"{type(model).__name__}: declares router class {router_cls.__name__} "
                                "but contains none (all layers dense?)")
@@ -127,6 +138,9 @@ def discover(model: nn.Module) -> MoEShape:
                       or layers[0].weight_EH.shape[0])
     top_k = int(_config_value(first, "top_k", default=None)
                 or _config_value(config, "num_experts_per_tok", "moe_topk", "top_k"))
+    for layer in layers:  # expert embeddings are its rows: [E, H]
+        if layer.weight_EH is not None and layer.weight_EH.shape[0] != num_experts:
+            layer.weight_EH = None
     model_type = getattr(config, "model_type", "")
     sigmoid = model_type in SIGMOID_MODEL_TYPES or _config_value(config, "scoring_func", default="") == "sigmoid"
     return MoEShape(len(layers), num_experts, top_k, "sigmoid" if sigmoid else "softmax", layers,

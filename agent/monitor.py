@@ -97,6 +97,19 @@ def _parameter_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _router_weight_now(layer: MoELayer) -> Optional[torch.Tensor]:
+    """The router's weight as it is now: FSDP swaps parameters in for a layer's forward, to_empty() replaces
+    them. ``weight_name`` is the router's own ``weight`` or a Linear's inside it (``wg.weight``)."""
+    if layer.router is None:
+        return None
+    if layer.weight_name == "weight":
+        return getattr(layer.router, "weight", None)
+    try:
+        return layer.router.get_parameter(layer.weight_name)
+    except AttributeError:
+        return None
+
+
 def _first_tensor(args, kwargs, name, position):
     value = kwargs.get(name)
     if value is None and len(args) > position:
@@ -342,8 +355,7 @@ class Monitor:
     def _model_device(self) -> torch.device:
         """Where the routers run now: their first weight's device, read from the router (``model.to`` moves
         it in place; ``to_empty`` from the meta device puts a new parameter there)."""
-        router = self.layers[0].router if self.layers else None
-        weight = getattr(router, "weight", None)
+        weight = _router_weight_now(self.layers[0]) if self.layers else None
         if not isinstance(weight, torch.Tensor):
             weight = self._router_weights[0] if self._router_weights else None
         return weight.device if isinstance(weight, torch.Tensor) else _parameter_device(self.model)
@@ -375,7 +387,7 @@ class Monitor:
         for i, layer in enumerate(self.layers):  # attached on the meta device: to_empty() made new parameters
             weight = self._router_weights[i]
             if isinstance(weight, torch.Tensor) and weight.is_meta and layer.router is not None:
-                current = getattr(layer.router, "weight", None)
+                current = _router_weight_now(layer)
                 self._router_weights[i] = current if isinstance(current, torch.Tensor) and current.dim() == 2 else None
         if self.config.compile_reduction is None:  # else the user's choice stands, with its state
             self._reduction = self._reduction_for(device)
@@ -404,6 +416,8 @@ class Monitor:
         where the router's output holds its int64 [T, K] indices."""
         layer = self.layers[index]
         where: list[Optional[int]] = [None]  # the indices' position in the output; -1: none
+        tracked = layer.weight_EH is not None  # discovery found its [E, H] weight (else no cosines)
+        nested = layer.weight_name != "weight"  # the weight of a Linear inside the router module
 
         def hook(module, args, output):
             if _is_compiling():  # see _compile_aware (inlined: this runs once per layer in every forward)
@@ -423,7 +437,9 @@ class Monitor:
                         self._needs_experts_hook[index] = False
                 # Without indices: the experts pre-hook, which runs next, supplies them (else top-k of p).
                 weight = self._router_weights[index]
-                current = getattr(module, "weight", None)
+                current = None
+                if tracked:
+                    current = _router_weight_now(layer) if nested else getattr(module, "weight", None)
                 if current is not weight and isinstance(current, torch.Tensor):
                     # Parameters swapped in for the forward (FSDP unshards, then frees them when it
                     # reshards after the layer): this forward's copy, if one can be taken.

@@ -21,6 +21,8 @@ FAMILIES = {
                                                topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
                                                qk_nope_head_dim=8, v_head_dim=8, rope_scaling=None),
     "gpt_oss": lambda: tf.GptOssConfig(**BASE, num_local_experts=8, num_experts_per_tok=2, head_dim=8),
+    # Beyond the six: a router whose weight is a Linear's inside it (HunYuanMoEV1Gate.wg).
+    "hunyuan_v1_moe": lambda: tf.HunYuanMoEV1Config(**BASE, num_experts=8, moe_topk=2, head_dim=8),
 }
 
 

@@ -1,0 +1,66 @@
+"""Auto-discovery beyond the six families the reference tests check (test_agent_capture.py): more of
+transformers' MoE families, each a tiny random config of its real class, one training step. What
+ships must be whole: one message, no hook error, each layer's mean on the simplex, K choices per
+token, and cosines wherever there are two MoE layers or more."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sink import Sink
+
+import grokwatch.agent as gw
+from grokwatch.wire import Routing
+
+VOCAB, EXPERTS, TOP_K, TOKENS = 64, 4, 2, 8
+# Set where a config has them; a family's own names for the same thing are all listed.
+TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=128, pad_token_id=None, bos_token_id=None,
+            eos_token_id=None, num_experts=EXPERTS, num_local_experts=EXPERTS, n_routed_experts=EXPERTS,
+            num_experts_per_tok=TOP_K, moe_topk=TOP_K, top_k=TOP_K, moe_intermediate_size=16,
+            expert_intermediate_size=16, shared_expert_intermediate_size=16, head_dim=8, n_group=1, topk_group=1,
+            first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8)
+FAMILIES = ["afmoe", "cohere2_moe", "deepseek_v2", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
+            "glm4_moe_lite", "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "jetmoe", "laguna", "minimax",
+            "minimax_m2", "nemotron_h", "phimoe", "qwen3_next", "solar_open"]
+SPECIFIC = {"qwen3_next": dict(layer_types=["linear_attention", "full_attention"])}
+
+
+def tiny(family: str):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = CONFIG_MAPPING[family]()
+    for key, value in {**TINY, **SPECIFIC.get(family, {})}.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config).train()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_family_is_found_and_ships_whole_summaries(family):
+    model = tiny(family)
+    shape = gw.discover(model)
+    sink = Sink()
+    try:
+        mon = gw.attach(model, sink.endpoint, family, every_n_steps=1, max_samples_per_step=2)
+        ids = torch.randint(0, VOCAB, (2, TOKENS), generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        stats = mon.stats()
+        mon.close()
+        sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+        [msg] = sink.routing()
+    finally:
+        sink.close()
+    assert stats["hook_errors"] == 0 and stats["dropped"] == {}, stats
+    assert msg.mean_probs_NLE.shape[1:] == (shape.num_layers, EXPERTS) and msg.top_k == TOP_K
+    np.testing.assert_allclose(msg.mean_probs_NLE.sum(-1), 1.0, atol=1e-5)
+    assert (msg.topk_counts_NLE.sum(-1) == TOP_K * TOKENS).all()
+    assert (msg.adj_cosine_NL1 is not None) == (shape.num_layers > 1)
