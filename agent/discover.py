@@ -16,6 +16,9 @@ training loss.
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,7 +26,8 @@ import torch
 from torch import nn
 
 # Families whose routers score experts with a sigmoid (METRICS.md Notation:
-# the distribution is the sigmoid scores divided by their sum).
+# the distribution is the sigmoid scores divided by their sum). Others are
+# found from their code (``_scores_by_sigmoid``).
 SIGMOID_MODEL_TYPES = frozenset({"deepseek_v3", "glm4_moe", "dots1", "kimi_k2"})
 
 
@@ -95,6 +99,34 @@ def _router_by_structure(model: nn.Module):
     return found.pop() if len(found) == 1 else None
 
 
+def _calls(function) -> set[str]:
+    """The names a function's code calls (``torch.sigmoid(x)``, ``x.sigmoid()``: "sigmoid")."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return set()
+    return {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            for node in ast.walk(tree) if isinstance(node, ast.Call)}
+
+
+def _scores_by_sigmoid(router: nn.Module, block: Optional[nn.Module], config) -> bool:
+    """Whether the routers score experts with a sigmoid. A config that names the choice decides
+    (``scoring_func``; Cohere2-MoE's ``expert_selection_fn``); then the known families; then the
+    code: a sigmoid and no softmax among the calls of the router's forward and of its block's
+    ``route_tokens_to_experts`` (where DeepSeek-style blocks score the router's logits) — Llama 4,
+    MiniMax-M2, Nemotron-H, GLM-4-MoE-Lite, EXAONE-MoE, Solar-Open, AFMoE, Laguna in transformers 5.24."""
+    named = _config_value(config, "scoring_func", "expert_selection_fn", default=None)
+    if isinstance(named, str):
+        return named == "sigmoid"
+    if getattr(config, "model_type", "") in SIGMOID_MODEL_TYPES:
+        return True
+    calls = _calls(type(router).forward)
+    route = getattr(type(block), "route_tokens_to_experts", None) if block is not None else None
+    if route is not None:
+        calls |= _calls(route)
+    return "sigmoid" in calls and "softmax" not in calls
+
+
 def _router_weight(router: nn.Module) -> tuple[Optional[torch.Tensor], str]:
     """The router's 2-D weight and its name in the router: its own ``weight``, else its only 2-D
     parameter (a Linear inside the router module: HunYuan-MoE's ``wg``, JetMoE's ``layer``)."""
@@ -141,7 +173,7 @@ def discover(model: nn.Module) -> MoEShape:
     for layer in layers:  # expert embeddings are its rows: [E, H]
         if layer.weight_EH is not None and layer.weight_EH.shape[0] != num_experts:
             layer.weight_EH = None
-    model_type = getattr(config, "model_type", "")
-    sigmoid = model_type in SIGMOID_MODEL_TYPES or _config_value(config, "scoring_func", default="") == "sigmoid"
+    block = modules.get(layers[0].name.rsplit(".", 1)[0]) if "." in layers[0].name else None
+    sigmoid = _scores_by_sigmoid(first, block, config)
     return MoEShape(len(layers), num_experts, top_k, "sigmoid" if sigmoid else "softmax", layers,
                     detect_probs=_returns_probs_maybe())

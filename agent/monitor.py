@@ -177,6 +177,11 @@ class Monitor:
         # record(router_weight=W) with a W whose memory is freed before the reduction (FSDP reshards after
         # each layer): found on a summarized forward, then record() keeps a copy of that layer's W.
         self._copy_recorded_weight = [False] * shape.num_layers
+        # Each discovered router's place in the forward (the layer index it ships under). Discovery lists
+        # routers in module order; a model may call them in another (JetMoE: attention routers, then the
+        # MLP's, registered the other way round): learned from the first summarized forward.
+        self._position = list(range(shape.num_layers))
+        self._order_learned = any(layer.router is None for layer in self.layers)  # record(): the user's order
         self._on_compile_guarded = self._guard(self._on_compile)
         self._record_twin = self._opaque_twin(self._record)
         self._layer_hooks = [(self._router_hook(i), self._compile_aware(self._guard(self._experts_hook(i)),
@@ -417,6 +422,7 @@ class Monitor:
         layer = self.layers[index]
         where: list[Optional[int]] = [None]  # the indices' position in the output; -1: none
         tracked = layer.weight_EH is not None  # discovery found its [E, H] weight (else no cosines)
+        position = self._position  # changed in place, once, by _learn_order
         nested = layer.weight_name != "weight"  # the weight of a Linear inside the router module
 
         def hook(module, args, output):
@@ -444,7 +450,7 @@ class Monitor:
                     # Parameters swapped in for the forward (FSDP unshards, then frees them when it
                     # reshards after the layer): this forward's copy, if one can be taken.
                     weight = current.detach().clone() if usable_weight(current) else None
-                gather_layer(ctx, index, outputs[layer.logits_index], outputs[at] if at >= 0 else None,
+                gather_layer(ctx, position[index], outputs[layer.logits_index], outputs[at] if at >= 0 else None,
                              weight, self.shape.distribution, detect_probs=self.shape.detect_probs)
             except Exception as exc:  # never into the training loop
                 self._hook_error(exc)
@@ -460,7 +466,7 @@ class Monitor:
             if ctx is None or len(args) < 2 or not isinstance(args[1], torch.Tensor) or not ctx.pending:
                 return
             gathered = ctx.pending[-1]
-            if gathered.layer == index and gathered.idx_MSK is None and args[1].dtype == torch.int64:
+            if gathered.layer == self._position[index] and gathered.idx_MSK is None and args[1].dtype == torch.int64:
                 attach_indices(ctx, gathered, args[1])
         return hook
 
@@ -474,6 +480,8 @@ class Monitor:
     def finalize(self, ctx: BatchContext, with_loss: bool = False) -> None:
         """One non-blocking copy into pinned host memory, one event; hand over."""
         self._set_ctx(None)
+        if not self._order_learned and ctx.layers_done == self.shape.num_layers:
+            self._learn_order(ctx)
         if ctx.layers_done != self.shape.num_layers or len({g.layer for g in ctx.pending}) != ctx.layers_done:
             # A layer missing (or one recorded twice in place of another): its staged rows would be stale.
             self.sender.count_drop("incomplete")
@@ -517,6 +525,21 @@ class Monitor:
         self.sender.submit(Pending(source=ctx.source, step=ctx.step, sample_ids=ctx.sample_ids, groups=ctx.groups,
                                    host_index=index, event=event, with_cosines=with_cosines,
                                    with_loss=with_loss))
+
+    def _learn_order(self, ctx: BatchContext) -> None:
+        """The first complete summarized forward called the routers in this order: from now on (this
+        forward included) each ships under its place in the forward, so that layer l and l+1 are
+        adjacent in the network (the cosines) whatever the order the model registered them in."""
+        self._order_learned = True
+        called = [g.layer for g in ctx.pending]
+        if called == sorted(called) or len(set(called)) != len(called):
+            return
+        index_at = {place: index for index, place in enumerate(self._position)}
+        for place, gathered in enumerate(ctx.pending):
+            self._position[index_at[gathered.layer]] = place
+            gathered.layer = place
+        log.info("grokwatch: the model calls its routers in another order than it registers them; layers "
+                 "ship in forward order: %s", [self.layers[index_at[layer]].name for layer in called])
 
     def _learn_freed_weights(self) -> None:
         """A weight given to record() whose memory was freed by the end of the forward (FSDP resharded

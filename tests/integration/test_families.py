@@ -1,7 +1,9 @@
-"""Auto-discovery beyond the six families the reference tests check (test_agent_capture.py): more of
+"""Auto-discovery beyond the families the reference tests check (test_agent_capture.py): more of
 transformers' MoE families, each a tiny random config of its real class, one training step. What
-ships must be whole: one message, no hook error, each layer's mean on the simplex, K choices per
-token, and cosines wherever there are two MoE layers or more."""
+ships must be whole — one message, no hook error, K choices per token, cosines wherever there are
+two MoE layers or more — and each layer's mean must be that of the router's own scores: softmax of
+its logits, or for the families whose router code scores with a sigmoid (read in transformers 5.24)
+the sigmoid scores divided by their sum (METRICS.md Notation)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ FAMILIES = ["afmoe", "cohere2_moe", "deepseek_v2", "ernie4_5_moe", "exaone_moe",
             "glm4_moe_lite", "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "jetmoe", "laguna", "minimax",
             "minimax_m2", "nemotron_h", "phimoe", "qwen3_next", "solar_open"]
 SPECIFIC = {"qwen3_next": dict(layer_types=["linear_attention", "full_attention"])}
+SIGMOID = {"afmoe", "exaone_moe", "glm4_moe", "glm4_moe_lite", "laguna", "minimax_m2", "nemotron_h", "solar_open"}
 
 
 def tiny(family: str):
@@ -48,6 +51,10 @@ def tiny(family: str):
 def test_a_family_is_found_and_ships_whole_summaries(family):
     model = tiny(family)
     shape = gw.discover(model)
+    logits = []
+    taps = [layer.router.register_forward_hook(
+        lambda m, a, out, i=layer.logits_index: logits.append(out[i].detach().double().reshape(2, TOKENS, -1)))
+        for layer in shape.layers]
     sink = Sink()
     try:
         mon = gw.attach(model, sink.endpoint, family, every_n_steps=1, max_samples_per_step=2)
@@ -59,8 +66,14 @@ def test_a_family_is_found_and_ships_whole_summaries(family):
         [msg] = sink.routing()
     finally:
         sink.close()
+        for tap in taps:
+            tap.remove()
     assert stats["hook_errors"] == 0 and stats["dropped"] == {}, stats
     assert msg.mean_probs_NLE.shape[1:] == (shape.num_layers, EXPERTS) and msg.top_k == TOP_K
-    np.testing.assert_allclose(msg.mean_probs_NLE.sum(-1), 1.0, atol=1e-5)
+    assert shape.distribution == ("sigmoid" if family in SIGMOID else "softmax")
+    scores = [torch.sigmoid(x) / torch.sigmoid(x).sum(-1, keepdim=True) if family in SIGMOID else torch.softmax(x, -1)
+              for x in logits[:shape.num_layers]]
+    expected = torch.stack([p.mean(dim=1) for p in scores], dim=1)  # [rows, layers, experts]
+    np.testing.assert_allclose(msg.mean_probs_NLE, expected.numpy(), rtol=1e-5, atol=1e-6)
     assert (msg.topk_counts_NLE.sum(-1) == TOP_K * TOKENS).all()
     assert (msg.adj_cosine_NL1 is not None) == (shape.num_layers > 1)
