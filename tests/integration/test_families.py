@@ -28,9 +28,11 @@ TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_l
             v_head_dim=8)
 FAMILIES = ["afmoe", "cohere2_moe", "deepseek_v2", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
             "glm4_moe_lite", "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "jetmoe", "laguna", "minimax",
-            "minimax_m2", "nemotron_h", "phimoe", "qwen3_next", "solar_open"]
-SPECIFIC = {"qwen3_next": dict(layer_types=["linear_attention", "full_attention"])}
-SIGMOID = {"afmoe", "exaone_moe", "glm4_moe", "glm4_moe_lite", "laguna", "minimax_m2", "nemotron_h", "solar_open"}
+            "minimax_m2", "nemotron_h", "phimoe", "qwen3_next", "solar_open", "llama4_text"]
+SPECIFIC = {"qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
+            "llama4_text": dict(intermediate_size_mlp=16, interleave_moe_layer_step=1)}
+SIGMOID = {"afmoe", "exaone_moe", "glm4_moe", "glm4_moe_lite", "laguna", "llama4_text", "minimax_m2", "nemotron_h",
+           "solar_open"}
 
 
 def tiny(family: str):
