@@ -27,7 +27,7 @@ TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_l
             first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=8)
 FAMILIES = ["afmoe", "cohere2_moe", "deepseek_v2", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
-            "glm4_moe_lite", "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "jetmoe", "laguna", "minimax",
+            "glm4_moe_lite", "granitemoe", "granitemoeshared", "jetmoe", "laguna", "minimax",
             "minimax_m2", "nemotron_h", "phimoe", "qwen3_next", "solar_open", "llama4_text"]
 SPECIFIC = {"qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
             "llama4_text": dict(intermediate_size_mlp=16, interleave_moe_layer_step=1)}
