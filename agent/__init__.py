@@ -3,7 +3,7 @@
     import grokwatch.agent as gw
     mon = gw.attach(model, endpoint="tcp://127.0.0.1:5557", run="olmoe-a")
 
-Data path: discover -> hooks (monitor) -> reduce (on the device) -> staging
+Data path: discover -> hooks (monitor; which rows: sampling) -> reduce (on the device) -> staging
 (pinned host buffers) -> sender (thread, ZeroMQ PUSH). Plus the probe and the
 Hugging Face Trainer callback (integrations).
 """

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import weakref
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,6 +25,7 @@ import grokwatch.agent.compiled as compiled_module
 from grokwatch.agent.discover import MoELayer, MoEShape, discover
 from grokwatch.agent.reduce import (BatchContext, Staging, _is_compiling, attach_indices, build_context, gather_layer,
                                     reduce_all, token_mask, usable_weight)
+from grokwatch.agent.sampling import Sampler
 from grokwatch.agent.sender import Pending, Sender
 
 log = logging.getLogger("grokwatch.agent")
@@ -117,10 +117,6 @@ def _first_tensor(args, kwargs, name, position):
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _stable_key(sample_id: str) -> int:
-    return zlib.crc32(sample_id.encode())
-
-
 class Monitor:
     """Returned by ``attach``. Public: tag, step, log_eval, record, run_probe, pause, resume, close, stats."""
 
@@ -139,6 +135,8 @@ class Monitor:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.rank, self.world_size = rank, world
+        self.sampler = Sampler(every_n_steps=config.every_n_steps, max_samples_per_step=config.max_samples_per_step,
+                               rank=rank, world_size=world)
         self.slots = config.max_samples_per_step * config.max_docs_per_sample
         self._reduction = self._reduction_for(self.device)
         self.staging = self._staging_on(self.device)
@@ -160,13 +158,9 @@ class Monitor:
         self._logged_incomplete = False
         self._ctx: Optional[BatchContext] = None
         self._sampling = False  # self._ctx is not None, as a plain flag torch.compile can guard on
-        self._tag: Optional[tuple[list[str], list[str]]] = None
         self._step = 0
         self._manual_step = False
         self._forward_since_step = False  # a training forward ran since the last counted optimizer step
-        self._taken_step = -1
-        self._taken = 0
-        self._rows_in_step = 0  # rows of this step's earlier training forwards: untagged ids number on
         self._hook_errors = 0
         self._logged_error = False
         self.disabled = False
@@ -320,36 +314,17 @@ class Monitor:
             return  # the user's own eval forwards are not ours to summarize
         self._forward_since_step = True
         step = self._step
-        if step % self.config.every_n_steps:
-            self._tag = None
-            return
-        if self._taken_step != step:
-            self._taken_step, self._taken, self._rows_in_step = step, 0, 0
-        budget = self.config.max_samples_per_step - self._taken
-        tag, self._tag = self._tag, None
-        if budget <= 0:
-            return
+        if not self.sampler.has_budget(step):
+            return  # not a summarized step, or its samples are taken (gradient accumulation)
         input_ids = _first_tensor(args, kwargs, "input_ids", 0)
         embeds = kwargs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
-        if ref is None or ref.dim() < 2:
-            return
-        if ref.device != self.device and ref.device == self._model_device() and not self._follow_device(ref.device):
+        if ref is None or ref.dim() < 2 or (ref.device != self.device and ref.device == self._model_device()
+                                            and not self._follow_device(ref.device)):
+            self.sampler.drop_tag()
             return
         num_rows, seq_len = int(ref.shape[0]), int(ref.shape[1])
-        first_row, self._rows_in_step = self._rows_in_step, self._rows_in_step + num_rows
-        if tag is not None and len(tag[0]) == num_rows:
-            ids, groups = tag
-            order = sorted(range(num_rows), key=lambda r: (_stable_key(ids[r]), r))
-            rows = sorted(order[:budget])
-        else:
-            # Unique within the run: rows of later forwards in the step (gradient accumulation) are numbered
-            # on, and other ranks' rows carry their rank (the collector follows samples by id alone).
-            where = f"{step}:" if self.world_size == 1 else f"{step}:{self.rank}:"
-            ids = [f"{where}{first_row + r}" for r in range(num_rows)]
-            groups = ["all"] * num_rows
-            rows = list(range(min(budget, num_rows)))
-        self._taken += len(rows)
+        rows, ids, groups = self.sampler.choose(step, num_rows)
         mask_BS = token_mask(kwargs.get("attention_mask"), seq_len)  # a 3-d/4-d mask: which tokens count
         self._set_ctx(self._context("train", step, rows, ids, groups, num_rows, seq_len, mask_BS,
                                     kwargs.get("position_ids")))
@@ -573,13 +548,7 @@ class Monitor:
         """Name the rows of the next forward (stable ids let the same sample be
         followed over time; groups are data domains). Never raises."""
         try:
-            # A tensor of ids (a DataLoader collates integer ids into one): its values, in one call, not
-            # "tensor(7)" per element (and not one host sync per element when it is on the device).
-            sample_ids = sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else sample_ids
-            groups = groups.tolist() if isinstance(groups, torch.Tensor) else groups
-            ids = [str(s)[:200] for s in sample_ids]
-            grp = [str(g)[:200] for g in groups] if groups is not None else ["all"] * len(ids)
-            self._tag = (ids, grp) if len(grp) == len(ids) else None
+            self.sampler.tag(sample_ids, groups)
         except Exception as exc:
             self._hook_error(exc)
 

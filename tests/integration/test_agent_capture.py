@@ -843,7 +843,7 @@ def test_gradient_accumulation_shares_the_step_budget_and_numbers_untagged_rows_
 def test_untagged_rows_of_several_ranks_carry_their_rank(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "ranks", every_n_steps=1, max_samples_per_step=2)
-    mon.rank, mon.world_size = 1, 2  # what attach() reads from torch.distributed (tested with two ranks)
+    mon.sampler.rank, mon.sampler.world_size = 1, 2  # what attach() reads from torch.distributed
     run_one_step(model, mon, torch.randint(0, VOCAB, (2, 8)))
     mon.close()
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))

@@ -1,0 +1,37 @@
+"""Which rows of a training forward the agent summarizes, without a model (agent/sampling.py)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from grokwatch.agent.sampling import Sampler, stable_key  # noqa: E402
+
+
+def test_a_step_budget_spans_its_forwards_and_untagged_ids_number_on():
+    sampler = Sampler(every_n_steps=2, max_samples_per_step=5)
+    assert sampler.has_budget(0)
+    assert sampler.choose(0, 3) == ([0, 1, 2], ["0:0", "0:1", "0:2"], ["all"] * 3)
+    assert sampler.has_budget(0)
+    rows, ids, _ = sampler.choose(0, 3)  # the second micro-batch: two rows left
+    assert rows == [0, 1] and ids == ["0:3", "0:4", "0:5"]
+    assert not sampler.has_budget(0)  # spent
+    assert not sampler.has_budget(1)  # not a sampled step
+    assert sampler.has_budget(2) and sampler.choose(2, 1)[1] == ["2:0"]  # a new step, a new budget
+
+
+def test_tagged_rows_are_chosen_by_their_ids_and_a_tag_names_one_forward():
+    sampler = Sampler(every_n_steps=1, max_samples_per_step=2, rank=1, world_size=4)
+    names = ["d", "a", "c", "b"]
+    sampler.tag(names, ["g1", "g2", "g1", "g2"])
+    assert sampler.has_budget(0)
+    rows, ids, groups = sampler.choose(0, 4)
+    assert rows == sorted(sorted(range(4), key=lambda r: (stable_key(names[r]), r))[:2])
+    assert (ids, groups) == (names, ["g1", "g2", "g1", "g2"])
+    sampler.tag(torch.tensor([7, 8]), torch.tensor([0, 1]))  # a DataLoader's tensors: their values
+    assert sampler.has_budget(1) and sampler.choose(1, 2)[1:] == (["7", "8"], ["0", "1"])
+    sampler.tag(["x", "y"])
+    assert sampler.has_budget(2)
+    sampler.drop_tag()  # that forward was not summarized: the tag does not name the next one
+    assert sampler.has_budget(2) and sampler.choose(2, 2)[1] == ["2:1:0", "2:1:1"]  # untagged, this rank's
+    sampler.tag(["x", "y"], ["only one group"])  # lengths differ: no tag
+    assert sampler.has_budget(3) and sampler.choose(3, 2)[1] == ["3:1:0", "3:1:1"]
