@@ -168,9 +168,10 @@ class Monitor:
         # Layers whose router returns no index tensor take the decision from the experts module's
         # forward pre-hook; learned on the first sampled forward, so others carry one hook, not two.
         self._needs_experts_hook = [layer.experts is not None for layer in self.layers]
-        # record(router_weight=W) with a W whose memory is freed before the reduction (FSDP reshards after
-        # each layer): found on a summarized forward, then record() keeps a copy of that layer's W.
-        self._copy_recorded_weight = [False] * shape.num_layers
+        # A router weight whose memory is freed before the reduction at the end of the forward (FSDP's
+        # unsharded copy given to record(); DeepSpeed ZeRO-3 empties the parameter itself after the layer):
+        # found on a summarized forward, then the hook or record() keeps a copy of that layer's weight.
+        self._copy_weight = [False] * shape.num_layers
         # Each discovered router's place in the forward (the layer index it ships under). Discovery lists
         # routers in module order; a model may call them in another (JetMoE: attention routers, then the
         # MLP's, registered the other way round): learned from the first summarized forward.
@@ -255,7 +256,8 @@ class Monitor:
         self._armed_experts = list(self._needs_experts_hook)
         for i, layer in enumerate(self.layers):
             if layer.router is not None:
-                h.append(layer.router.register_forward_hook(self._layer_hooks[i][0]))
+                # First among the router's hooks: before one that releases its parameters (ZeRO-3's post-hook).
+                h.append(layer.router.register_forward_hook(self._layer_hooks[i][0], prepend=True))
             if layer.experts is not None and self._needs_experts_hook[i]:
                 h.append(layer.experts.register_forward_pre_hook(self._layer_hooks[i][1]))
 
@@ -421,9 +423,9 @@ class Monitor:
                 current = None
                 if tracked:
                     current = _router_weight_now(layer) if nested else getattr(module, "weight", None)
-                if current is not weight and isinstance(current, torch.Tensor):
+                if isinstance(current, torch.Tensor) and (current is not weight or self._copy_weight[index]):
                     # Parameters swapped in for the forward (FSDP unshards, then frees them when it
-                    # reshards after the layer): this forward's copy, if one can be taken.
+                    # reshards after the layer), or emptied after it (ZeRO-3): this forward's copy, if any.
                     weight = current.detach().clone() if usable_weight(current) else None
                 gather_layer(ctx, position[index], outputs[layer.logits_index], outputs[at] if at >= 0 else None,
                              weight, self.shape.distribution, detect_probs=self.shape.detect_probs)
@@ -517,16 +519,17 @@ class Monitor:
                  "ship in forward order: %s", [self.layers[index_at[layer]].name for layer in called])
 
     def _learn_freed_weights(self) -> None:
-        """A weight given to record() whose memory was freed by the end of the forward (FSDP resharded
-        after the layer): this message has no cosines; from the next on, record() keeps a copy (E x H)."""
+        """A router weight whose memory was freed by the end of the forward (FSDP resharded the copy given
+        to record(); ZeRO-3 emptied the parameter): this message has no cosines; from the next on, the
+        router hook or record() keeps a copy of it (E x H) on summarized forwards."""
         freed = [layer for layer, weight in enumerate(self._router_weights)
-                 if not self._copy_recorded_weight[layer] and isinstance(weight, torch.Tensor)
+                 if not self._copy_weight[layer] and isinstance(weight, torch.Tensor)
                  and type(weight) in (torch.Tensor, nn.Parameter) and weight.untyped_storage().nbytes() == 0]
         for layer in freed:
-            self._copy_recorded_weight[layer] = True
+            self._copy_weight[layer] = True
         if freed:
-            log.info("grokwatch: the router weights recorded for layers %s were freed before the reduction "
-                     "(FSDP resharding?): record() keeps a copy of them on summarized forwards", freed)
+            log.info("grokwatch: the router weights of layers %s were freed before the reduction (FSDP "
+                     "resharding, ZeRO-3?): the agent keeps a copy of them on summarized forwards", freed)
 
     def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
         """Counts training steps: the first optimizer step after a training forward of the model (several
@@ -600,7 +603,7 @@ class Monitor:
             seq_len = int(given.shape[1]) if given.dim() == 3 else None
             ids = topk[0].reshape(-1, topk[0].shape[-1]) if topk is not None else None
             if router_weight is not None:
-                if self._copy_recorded_weight[layer] and usable_weight(router_weight):
+                if self._copy_weight[layer] and usable_weight(router_weight):
                     router_weight = router_weight.detach().clone()
                 self._router_weights[layer] = router_weight
             if logits is not None:

@@ -1102,6 +1102,49 @@ def test_record_of_unlike_routers_ships_without_cosines_and_a_layer_twice_is_inc
     np.testing.assert_allclose(msg.mean_probs_NLE[0], expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_router_weights_emptied_after_their_layer_are_copied_from_then_on(sink, caplog):
+    """DeepSpeed ZeRO-3 gathers a layer's parameters for its forward and empties them after it (the same
+    parameter objects, their data swapped), before the agent's reduction at the end of the forward. The
+    first message then has no cosines; from then on the router hook keeps a copy, and the cosines are
+    those of the weights. Simulated here with the same in-place data swap (DeepSpeed is not installed)."""
+    model = tiny_model("olmoe")
+    shape = discover(model)
+    tap = RouterTap(model)
+    mon = gw.attach(model, sink.endpoint, "emptied", every_n_steps=1, max_samples_per_step=2)
+    full = {}
+
+    def empty_after(module, args, output):
+        full[module] = module.weight.data
+        module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+
+    def gather_again(module, args, kwargs, output):
+        for router, data in full.items():
+            router.weight.data = data
+
+    handles = [layer.router.register_forward_hook(empty_after) for layer in shape.layers]
+    handles.append(model.register_forward_hook(gather_again, with_kwargs=True))  # after the agent's end hook
+    weights = [layer.weight_EH.detach().double().clone() for layer in shape.layers]
+    input_ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    with caplog.at_level("INFO", logger="grokwatch"):
+        for step in range(2):
+            mon.step(step)
+            model(input_ids=input_ids, labels=input_ids).loss.backward()  # no optimizer: the weights stay
+    stats = mon.stats()
+    mon.close()
+    tap.remove()
+    for handle in handles:
+        handle.remove()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    first, second = sink.routing()
+    assert stats["hook_errors"] == 0 and first.adj_cosine_NL1 is None
+    assert sum("were freed before the reduction" in r.getMessage() for r in caplog.records) == 1
+    L = shape.num_layers
+    calls = tap.calls[L:2 * L]
+    ref = reference_summaries([c[0] for c in calls], [c[1] for c in calls], np.ones((2, 9)), [0, 1], weights,
+                              "softmax", 2, 8)
+    check_against_reference(second, ref)
+
+
 def test_pause_removes_every_hook_and_resume_restores_them(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "pause", every_n_steps=1)
