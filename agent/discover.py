@@ -99,6 +99,11 @@ def _router_by_structure(model: nn.Module):
     return found.pop() if len(found) == 1 else None
 
 
+def _parent(modules: dict, name: str) -> Optional[nn.Module]:
+    """The module holding ``name`` (a router's MoE block)."""
+    return modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+
+
 def _calls(function) -> set[str]:
     """The names a function's code calls (``torch.sigmoid(x)``, ``x.sigmoid()``: "sigmoid")."""
     try:
@@ -155,7 +160,7 @@ def discover(model: nn.Module) -> MoEShape:
     for name, module in model.named_modules():
         if type(module) is not router_cls:
             continue
-        parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+        parent = _parent(modules, name)
         experts = getattr(parent, "experts", None) if parent is not None else None
         weight, weight_name = _router_weight(module)
         layers.append(MoELayer(name, module, experts if isinstance(experts, nn.Module) else None, index,
@@ -173,7 +178,6 @@ def discover(model: nn.Module) -> MoEShape:
     for layer in layers:  # expert embeddings are its rows: [E, H]
         if layer.weight_EH is not None and layer.weight_EH.shape[0] != num_experts:
             layer.weight_EH = None
-    block = modules.get(layers[0].name.rsplit(".", 1)[0]) if "." in layers[0].name else None
-    sigmoid = _scores_by_sigmoid(first, block, config)
+    sigmoid = _scores_by_sigmoid(first, _parent(modules, layers[0].name), config)
     return MoEShape(len(layers), num_experts, top_k, "sigmoid" if sigmoid else "softmax", layers,
                     detect_probs=_returns_probs_maybe())

@@ -23,8 +23,8 @@ from torch import nn
 
 import grokwatch.agent.compiled as compiled_module
 from grokwatch.agent.discover import MoELayer, MoEShape, discover
-from grokwatch.agent.reduce import (BatchContext, Staging, _is_compiling, attach_indices, build_context, gather_layer,
-                                    reduce_all, token_mask, usable_weight)
+from grokwatch.agent.reduce import (BatchContext, Staging, _is_compiling, attach_indices, build_context, freed_weight,
+                                    gather_layer, reduce_all, token_mask, usable_weight)
 from grokwatch.agent.sampling import Sampler
 from grokwatch.agent.sender import Pending, Sender
 
@@ -400,7 +400,6 @@ class Monitor:
         where: list[Optional[int]] = [None]  # the indices' position in the output; -1: none
         tracked = layer.weight_EH is not None  # discovery found its [E, H] weight (else no cosines)
         position = self._position  # changed in place, once, by _learn_order
-        nested = layer.weight_name != "weight"  # the weight of a Linear inside the router module
 
         def hook(module, args, output):
             if _is_compiling():  # see _compile_aware (inlined: this runs once per layer in every forward)
@@ -420,9 +419,7 @@ class Monitor:
                         self._needs_experts_hook[index] = False
                 # Without indices: the experts pre-hook, which runs next, supplies them (else top-k of p).
                 weight = self._router_weights[index]
-                current = None
-                if tracked:
-                    current = _router_weight_now(layer) if nested else getattr(module, "weight", None)
+                current = _router_weight_now(layer) if tracked else None
                 if isinstance(current, torch.Tensor) and (current is not weight or self._copy_weight[index]):
                     # Parameters swapped in for the forward (FSDP unshards, then frees them when it
                     # reshards after the layer), or emptied after it (ZeRO-3): this forward's copy, if any.
@@ -523,8 +520,7 @@ class Monitor:
         to record(); ZeRO-3 emptied the parameter): this message has no cosines; from the next on, the
         router hook or record() keeps a copy of it (E x H) on summarized forwards."""
         freed = [layer for layer, weight in enumerate(self._router_weights)
-                 if not self._copy_weight[layer] and isinstance(weight, torch.Tensor)
-                 and type(weight) in (torch.Tensor, nn.Parameter) and weight.untyped_storage().nbytes() == 0]
+                 if not self._copy_weight[layer] and freed_weight(weight)]
         for layer in freed:
             self._copy_weight[layer] = True
         if freed:

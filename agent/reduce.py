@@ -535,12 +535,18 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
         views["tokens_N"].copy_(tokens_MD.reshape(N))
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a DTensor (sharded: gathering it would be a collective)
+
+
 def usable_weight(w: Optional[torch.Tensor]) -> bool:
-    """A router weight the cosines can use now: a plain 2-d tensor whose memory is
-    there. Not a DTensor (sharded: gathering it would be a collective), not a
-    parameter whose storage FSDP freed when it resharded after the layer ran."""
-    return (isinstance(w, torch.Tensor) and w.dim() == 2 and type(w) in (torch.Tensor, torch.nn.Parameter)
-            and w.untyped_storage().nbytes() > 0)
+    """A router weight the cosines can use now: a plain 2-d tensor whose memory is there."""
+    return type(w) in _PLAIN and w.dim() == 2 and w.untyped_storage().nbytes() > 0
+
+
+def freed_weight(w: Optional[torch.Tensor]) -> bool:
+    """A plain tensor whose memory is gone: FSDP resharded the unsharded copy after the layer ran, or
+    ZeRO-3 emptied the parameter in place."""
+    return type(w) in _PLAIN and w.untyped_storage().nbytes() == 0
 
 
 def cosine_rows(means_LXE: torch.Tensor, weights_LEH: torch.Tensor,

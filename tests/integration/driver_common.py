@@ -39,14 +39,3 @@ def check_against(message: Routing, rows: dict[str, int], tokens: int, reference
         np.testing.assert_array_equal(message.topk_counts_NLE[n], counts)
         np.testing.assert_allclose(message.entropy_NL[n], ent, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(message.adj_cosine_NL1[n], cos, rtol=1e-4, atol=1e-5)
-
-
-def summaries(p_LTE, counts_LE, weights_LEH, num_experts: int):
-    """METRICS.md §1-3 in float64 from one sample's per-layer distributions over its tokens, its top-k
-    counts and the router weights: mean distribution, counts, mean entropy ratio per layer, and the
-    cosines of the routing embeddings (mean @ W) between adjacent layers."""
-    means = [p.mean(0) for p in p_LTE]
-    ents = [(-(p * np.log(np.clip(p, 1e-30, None))).sum(-1) / np.log(num_experts)).mean() for p in p_LTE]
-    embs = [m @ w for m, w in zip(means, weights_LEH)]
-    cos = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(embs, embs[1:])]
-    return np.stack(means), np.stack(counts_LE), np.array(ents), np.array(cos)

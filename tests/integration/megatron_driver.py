@@ -14,7 +14,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from driver_common import check_against, init_one_gloo_rank, received_routing, summaries
+from driver_common import check_against, init_one_gloo_rank, received_routing
+from reference import summaries
 from megatron_moe import attach_megatron
 from sink import Sink
 from torch import nn

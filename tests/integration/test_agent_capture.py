@@ -16,6 +16,7 @@ import grokwatch.agent.compiled as compiled_module
 import grokwatch.agent.reduce as reduce_module
 from grokwatch.agent.discover import discover
 from grokwatch.wire import Hello, Routing
+from reference import summaries
 from sink import Sink
 from tiny_models import FAMILIES, VOCAB, tiny_model
 
@@ -44,29 +45,25 @@ class RouterTap:
 
 
 def reference_summaries(logits_list, indices_list, mask_BS, rows, weights, distribution, top_k, num_experts):
-    """METRICS.md Notation, §1-3 per sample, in float64 numpy."""
+    """METRICS.md Notation, §1-3 per sample, in float64 numpy (tests/reference.py), from the routers' own
+    logits and indices: softmax, or for sigmoid routers the sigmoid scores over their sum."""
     B, S = mask_BS.shape
+    weights = [w.double().numpy() for w in weights]
     out = []
     for r in rows:
         m = mask_BS[r].astype(bool)
-        per_layer = []
-        for logits, idx, w in zip(logits_list, indices_list, weights):
+        p_LTE, counts_LE = [], []
+        for logits, idx in zip(logits_list, indices_list):
             x = logits.reshape(B, S, -1)[r][m].numpy()
             if distribution == "sigmoid":
                 s = 1 / (1 + np.exp(-x))
-                p = s / s.sum(-1, keepdims=True)
+                p_LTE.append(s / s.sum(-1, keepdims=True))
             else:
                 e = np.exp(x - x.max(-1, keepdims=True))
-                p = e / e.sum(-1, keepdims=True)
-            mean = p.mean(0)
-            counts = np.bincount(idx.reshape(B, S, -1)[r][m].numpy().ravel(), minlength=num_experts)
-            ent = (-(p * np.log(np.clip(p, 1e-30, None))).sum(-1) / math.log(num_experts)).mean()
-            emb = mean @ w.double().numpy()
-            per_layer.append((mean, counts, ent, emb))
-        cos = [float(a[3] @ b[3] / np.linalg.norm(a[3]) / np.linalg.norm(b[3])) for a, b in zip(per_layer, per_layer[1:])]
-        out.append(dict(tokens=int(m.sum()), mean=np.stack([p[0] for p in per_layer]),
-                        counts=np.stack([p[1] for p in per_layer]), entropy=np.array([p[2] for p in per_layer]),
-                        cosine=np.array(cos)))
+                p_LTE.append(e / e.sum(-1, keepdims=True))
+            counts_LE.append(np.bincount(idx.reshape(B, S, -1)[r][m].numpy().ravel(), minlength=num_experts))
+        mean, counts, entropy, cosine = summaries(p_LTE, counts_LE, weights, num_experts)
+        out.append(dict(tokens=int(m.sum()), mean=mean, counts=counts, entropy=entropy, cosine=cosine))
     return out
 
 

@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 import torch
-from driver_common import check_against, init_one_gloo_rank, received_routing, summaries
+from driver_common import check_against, init_one_gloo_rank, received_routing
+from reference import summaries
 from sink import Sink
 from torch import nn
 from torchtitan_moe import attach_torchtitan, build_stack
