@@ -70,6 +70,10 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
             raise ValueError(f"endpoint: {self.endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
+        if self.endpoint.startswith("tcp://"):
+            port = self.endpoint.rpartition(":")[2]
+            if not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise ValueError(f"endpoint: {self.endpoint!r} needs a port from 1 to 65535 (tcp://host:port)")
         if not self.run or len(self.run) > 200:
             raise ValueError("run: a non-empty name of at most 200 characters")
         for key in ("every_n_steps", "max_samples_per_step", "max_docs_per_sample", "max_hook_errors", "queue_size",

@@ -90,7 +90,12 @@ class Sender:
         self._sock.setsockopt(zmq.LINGER, linger_ms)
         self._sock.setsockopt(zmq.IMMEDIATE, 0)
         self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-        self._sock.connect(endpoint)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:  # attach() fails fast, and leaves no socket or I/O thread behind
+            self._sock.close(linger=0)
+            self._ctx.term()
+            raise ValueError(f"endpoint: cannot connect to {endpoint!r}: {exc}") from None
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="grokwatch-sender", daemon=True)
         self._thread.start()

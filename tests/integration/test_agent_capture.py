@@ -753,8 +753,9 @@ def test_attach_fails_fast_on_bad_config_and_dense_models():
                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         gw.attach(dense, "tcp://127.0.0.1:5999", "x")
-    with pytest.raises(ValueError, match="endpoint"):
-        gw.attach(tiny_model("olmoe"), "http://nope", "x")
+    for endpoint in ("http://nope", "tcp://collector", "tcp://collector:99999", "tcp://no port:5557"):
+        with pytest.raises(ValueError, match="endpoint"):
+            gw.attach(tiny_model("olmoe"), endpoint, "x")
     with pytest.raises(ValueError, match="every_n_steps"):
         gw.attach(tiny_model("olmoe"), "tcp://127.0.0.1:5999", "x", every_n_steps=0)
     with pytest.raises(ValueError, match="compile_reduction"):
