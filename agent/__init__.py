@@ -3,9 +3,9 @@
     import grokwatch.agent as gw
     mon = gw.attach(model, endpoint="tcp://127.0.0.1:5557", run="olmoe-a")
 
-Data path: discover -> hooks (monitor; which rows: sampling) -> reduce (on the device) -> staging
-(pinned host buffers) -> sender (thread, ZeroMQ PUSH). Plus the probe and the
-Hugging Face Trainer callback (integrations).
+Data path: discover -> hooks (which rows: sampling; the Monitor's life and public calls: monitor)
+-> reduce (on the device) -> staging (pinned host buffers) -> sender (thread, ZeroMQ PUSH). Plus
+the probe and the Hugging Face Trainer callback (integrations). Which thread runs what: README.md.
 """
 
 from grokwatch.agent.discover import NoMoELayersError, discover

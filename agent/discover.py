@@ -40,6 +40,18 @@ class MoELayer:
     weight_EH: Optional[torch.Tensor]  # router weight rows: expert embeddings (METRICS.md §2)
     weight_name: str = "weight"  # its name in the router ("wg.weight": a Linear inside, HunYuan's)
 
+    def weight_now(self) -> Optional[torch.Tensor]:
+        """The router's weight as it is now: FSDP swaps parameters in for a layer's forward, to_empty()
+        replaces them. Read by name, not kept: ``weight_EH`` is the one seen at discovery."""
+        if self.router is None:
+            return None
+        if self.weight_name == "weight":
+            return getattr(self.router, "weight", None)
+        try:
+            return self.router.get_parameter(self.weight_name)
+        except AttributeError:
+            return None
+
 
 @dataclass
 class MoEShape:

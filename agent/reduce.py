@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from grokwatch.agent.staging import Staging
 
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
@@ -140,75 +143,6 @@ def _slots(weights_MSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     valid_MS = weights_MSD.sum(dim=-1)
     slot_MS = torch.arange(M, device=weights_MSD.device)[:, None] * D + weights_MSD.argmax(dim=-1)
     return slot_MS, valid_MS
-
-
-class Staging:
-    """One flat device buffer with named views, and a small pool of pinned host
-    buffers of the same size (one per in-flight message).
-
-    Storage is sample-major, the wire's order ([N, L, E]): the sender makes a
-    message with one row selection per array. The reduction writes through
-    layer-major views of it (``views``: [L, N, E]). Counts and token counts are
-    int32, the rest float32; the buffers are int32, so that copying them moves
-    bits (a float copy of small integers' bit patterns, denormals, could flush)."""
-
-    FIELDS = {  # name: (storage shape from (L, N, E), dtype)
-        "mean_NLE": (lambda L, N, E: (N, L, E), torch.float32),
-        "counts_NLE": (lambda L, N, E: (N, L, E), torch.int32),
-        "entropy_NL": (lambda L, N, E: (N, L), torch.float32),
-        "cosine_NL": (lambda L, N, E: (N, L), torch.float32),  # column l: cos(layer l-1, layer l); column 0 unused
-        "tokens_N": (lambda L, N, E: (N,), torch.int32),
-        "loss_N": (lambda L, N, E: (N,), torch.float32),
-    }
-
-    def __init__(self, *, num_layers: int, slots: int, num_experts: int, device: torch.device, pool_size: int = 4):
-        self.shapes = {name: shape(num_layers, slots, num_experts) for name, (shape, _) in self.FIELDS.items()}
-        self.offsets = {}
-        total = 0
-        for name, shape in self.shapes.items():
-            self.offsets[name] = (total, math.prod(shape))
-            total += math.prod(shape)
-        self.size = total
-        self.device = device
-        self.device_buf = torch.zeros(total, dtype=torch.int32, device=device)
-        stored = self.split(self.device_buf)
-        self.views = {  # what the reduction writes: layer-major views of the same memory
-            "mean_LNE": stored["mean_NLE"].transpose(0, 1),
-            "counts_LNE": stored["counts_NLE"].transpose(0, 1),
-            "entropy_LN": stored["entropy_NL"].t(),
-            "cosine_LN": stored["cosine_NL"].t(),  # row l: cos(layer l-1, layer l)
-            "tokens_N": stored["tokens_N"],
-            "loss_N": stored["loss_N"],
-        }
-        pin = device.type == "cuda"
-        self.pool = [torch.zeros(total, dtype=torch.int32, pin_memory=pin) for _ in range(pool_size)]
-        self.free = list(range(pool_size))
-        self.layouts: dict[tuple, tuple] = {}  # build_context's device tensors for unmasked batches
-        self.cached_views: dict[tuple, tuple] = {}  # slices of ``views`` the reduction writes, made once
-
-    def targets(self, layers, docs_per_row: int, packed: bool,
-                names: tuple = ("mean_LNE", "entropy_LN", "counts_LNE")) -> tuple:
-        """Views of ``names`` for ``layers`` (a slice or one index), made once: every slot when packed
-        rows split into documents, else each row's slot m*D (the other D-1 keep zero tokens, never read)."""
-        key = ((layers.start, layers.stop) if isinstance(layers, slice) else layers, docs_per_row, packed, names)
-        cached = self.cached_views.get(key)
-        if cached is None:
-            D = 1 if packed else docs_per_row  # the slot dimension is N, followed by E in *_LNE
-            cached = self.cached_views[key] = tuple(
-                self.views[name][layers][..., ::D, :] if name.endswith("E") else self.views[name][layers][..., ::D]
-                for name in names)
-        return cached
-
-    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The fields of one buffer in storage order, each in its own dtype (views, no copy)."""
-        return {name: flat[o:o + n].view(self.FIELDS[name][1]).view(self.shapes[name])
-                for name, (o, n) in self.offsets.items()}
-
-    def take(self) -> Optional[int]:
-        return self.free.pop() if self.free else None  # list.pop is atomic under the GIL
-
-    def give_back(self, index: int) -> None:
-        self.free.append(index)
 
 
 def routing_distribution(logits: torch.Tensor, distribution: str, detect_probs: bool = False, dim: int = -1):

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import grokwatch.agent.hooks as hooks_module  # noqa: E402
 import grokwatch.agent.monitor as monitor_module  # noqa: E402
 import grokwatch.agent.reduce as reduce_module  # noqa: E402
 from agent_overhead import COMPILE_REDUCTION, PULL_SINK, free_port, make_model, start_receiver  # noqa: E402
@@ -67,7 +68,7 @@ def main() -> int:
     M._on_forward_end = timed("end (post-hook)", M._on_forward_end)
     monitor_module.reduce_all = timed("  of which reduce_all", monitor_module.reduce_all)
     reduce_module._reduce_batch = timed("    summaries", reduce_module._reduce_batch)
-    monitor_module.gather_layer = timed("  of which gather_layer", monitor_module.gather_layer)
+    hooks_module.gather_layer = timed("  of which gather_layer", hooks_module.gather_layer)
     sender_module = sys.modules["grokwatch.agent.sender"]
     sender_module.Sender.submit = timed("  of which submit", sender_module.Sender.submit)
     M._disarm_layers = timed("  of which disarm", M._disarm_layers)

@@ -665,7 +665,7 @@ def test_an_exception_inside_a_hook_never_reaches_training(where, sink, caplog, 
     else:
         def broken(*args, **kwargs):
             raise RuntimeError("broken gather")
-        monkeypatch.setattr("grokwatch.agent.monitor.gather_layer", broken)
+        monkeypatch.setattr("grokwatch.agent.hooks.gather_layer", broken)
     ids = torch.randint(0, VOCAB, (2, 8))
     for _ in range(6):
         run_one_step(model, mon, ids)  # must not raise

@@ -82,7 +82,7 @@ def test_the_sender_waits_for_the_device_copy_only_while_it_is_not_done(monkeypa
     if the copy is still running. A stand-in for torch.cuda.Event (no CUDA here); the CUDA tests run the real one."""
     import torch
 
-    from grokwatch.agent.reduce import Staging
+    from grokwatch.agent.staging import Staging
     from grokwatch.agent.sender import Pending
 
     class Event:

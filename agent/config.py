@@ -1,0 +1,60 @@
+"""The agent's configuration: ``attach()``'s options, validated before anything is hooked."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
+DEFAULT_EVERY_N_STEPS = 10  # summarizing costs a handful of small ops per router call; every step for tiny runs
+DEFAULT_SAMPLES_PER_STEP = 8
+DEFAULT_DOCS_PER_SAMPLE = 4  # packed rows: documents kept per row (only when position_ids are passed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    endpoint: str = DEFAULT_ENDPOINT
+    run: str = "default"
+    every_n_steps: int = DEFAULT_EVERY_N_STEPS
+    max_samples_per_step: int = DEFAULT_SAMPLES_PER_STEP
+    max_docs_per_sample: int = DEFAULT_DOCS_PER_SAMPLE
+    probe_every_n_steps: int = 0  # 0: no probe
+    probe_size: int = 0
+    max_hook_errors: int = 10
+    queue_size: int = 64
+    sndhwm: int = 256  # messages libzmq queues while the collector is away, then counted drops
+    heartbeat_interval_s: float = 5.0
+    close_timeout_s: float = 2.0
+    compile_reduction: Optional[bool] = None  # None: on CUDA (compiled.compile_by_default)
+    # The batched reduction's transient memory at the end of a summarized forward (estimated); beyond it
+    # the layers are reduced in several batches.
+    reduction_memory_mb: float = 256.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"endpoint: {self.endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
+        if self.endpoint.startswith("tcp://"):
+            port = self.endpoint.rpartition(":")[2]
+            if not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise ValueError(f"endpoint: {self.endpoint!r} needs a port from 1 to 65535 (tcp://host:port)")
+        if not self.run or len(self.run) > 200:
+            raise ValueError("run: a non-empty name of at most 200 characters")
+        for key in ("every_n_steps", "max_samples_per_step", "max_docs_per_sample", "max_hook_errors", "queue_size",
+                    "sndhwm"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if self.probe_every_n_steps < 0 or self.probe_size < 0:
+            raise ValueError("probe_every_n_steps and probe_size: must not be negative")
+        if bool(self.probe_every_n_steps) != bool(self.probe_size):
+            raise ValueError("probe_every_n_steps and probe_size: set both (or neither)")
+        if self.heartbeat_interval_s <= 0 or self.close_timeout_s < 0:
+            raise ValueError("heartbeat_interval_s must be positive and close_timeout_s not negative")
+        try:
+            budget = float(self.reduction_memory_mb)
+        except (TypeError, ValueError):
+            budget = math.nan
+        if not budget > 0:  # also NaN
+            raise ValueError(f"reduction_memory_mb: a positive number, got {self.reduction_memory_mb!r}")
+        if self.compile_reduction not in (None, True, False):
+            raise ValueError(f"compile_reduction: True, False or None (on CUDA), got {self.compile_reduction!r}")
