@@ -838,6 +838,54 @@ def test_gradient_accumulation_shares_the_step_budget_and_numbers_untagged_rows_
     assert shipped == [(0, ["0:0", "0:1"]), (0, ["0:2"]), (1, ["1:0", "1:1"]), (1, ["1:2"])]
 
 
+def test_trainer_evaluations_go_out_as_eval_scores_per_data_group(sink, tmp_path):
+    """A real Trainer evaluating an eval_dataset dict (one dataset per data group, the paper's
+    per-domain accuracy): with eval_metric="accuracy" each evaluation's score goes out under its
+    group, the ground truth the report lines up with that group's pathways; the Trainer's own
+    timings never go out as scores. Evaluation forwards (eval mode, no grad) are not summarized."""
+    from transformers import Trainer, TrainingArguments
+
+    from grokwatch.agent import GrokwatchCallback
+    from grokwatch.agent.integrations import eval_scores
+    from grokwatch.wire import Eval
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, seed):
+            self.seed = seed
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(self.seed * 100 + i))
+            return {"input_ids": ids, "labels": ids}
+
+    def accuracy(prediction):  # next-token accuracy of the tiny model: any value in [0, 1]
+        logits, labels = prediction.predictions, prediction.label_ids
+        return {"accuracy": float((logits[:, :-1].argmax(-1) == labels[:, 1:]).mean())}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+                             per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=2, save_strategy="no",
+                             report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                             logging_steps=100)
+    callback = GrokwatchCallback(endpoint=sink.endpoint, run="evals", eval_metric="accuracy", every_n_steps=1,
+                                 max_samples_per_step=2)
+    Trainer(model=tiny_model("olmoe"), args=args, train_dataset=Rows(0), eval_dataset={"math": Rows(1), "code": Rows(2)},
+            compute_metrics=accuracy, callbacks=[callback]).train()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Eval)]) >= 4)
+    evals = [(m.step, dict(m.scores)) for m in sink.messages if isinstance(m, Eval)]
+    assert [(step, sorted(scores)) for step, scores in evals] == [(2, ["math"]), (2, ["code"]), (4, ["math"]),
+                                                                  (4, ["code"])]
+    assert all(0.0 <= v <= 1.0 for _, scores in evals for v in scores.values())
+    assert [m.step for m in sink.routing("train")] == [0, 1, 2, 3]  # training forwards only
+    # Without eval_metric: every metric but the Trainer's timings, under its own name.
+    metrics = {"eval_loss": 2.5, "eval_accuracy": 0.5, "eval_runtime": 0.1, "eval_samples_per_second": 40.0,
+               "eval_steps_per_second": 10.0, "epoch": 1.0}
+    assert eval_scores(metrics) == {"loss": 2.5, "accuracy": 0.5}
+    assert eval_scores(metrics, "accuracy") == {"all": 0.5}
+    assert eval_scores({"eval_math_exact_match": 0.25, "eval_math_loss": 1.0}, "exact_match") == {"math": 0.25}
+
+
 def test_untagged_rows_of_several_ranks_carry_their_rank(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "ranks", every_n_steps=1, max_samples_per_step=2)
