@@ -21,6 +21,10 @@ from grokwatch.agent.reduce import (BatchContext, _is_compiling, attach_indices,
 
 log = logging.getLogger("grokwatch.agent")
 
+# A batch's (sample ids, groups) as plain lists under this key (integrations.TaggingCollator): the model's
+# pre-hook takes them out of the forward's kwargs and tags the forward with them.
+BATCH_TAGS = "grokwatch_tags"
+
 # Under torch.compile the agent's hooks are made opaque to the compiler: what it compiles calls them as
 # they are, on every call (a traced hook would have its decisions baked into the graph and its side
 # effects replayed). Only then: an opaque function costs ~0.7 us a call more in eager mode.
@@ -145,6 +149,7 @@ class ForwardHooks:
 
 
     def _on_forward_start(self, module, args, kwargs) -> None:
+        tags = kwargs.pop(BATCH_TAGS, None) if BATCH_TAGS in kwargs else None  # in place: the model never sees it
         if self._probe_active:
             return  # the probe has built its own context
         self._set_ctx(None)
@@ -154,6 +159,8 @@ class ForwardHooks:
             self._disarm_layers()  # a forward that raised before its end hook
         if not (torch.is_grad_enabled() and module.training):
             return  # the user's own eval forwards are not ours to summarize
+        if tags is not None:
+            self.sampler.tag(*tags)
         self._forward_since_step = True
         step = self._step
         if not self.sampler.has_budget(step):

@@ -6,11 +6,15 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Callable, Optional
 
 from transformers import TrainerCallback
 
+from grokwatch.agent.hooks import BATCH_TAGS
 from grokwatch.agent.monitor import Monitor, attach
+
+log = logging.getLogger("grokwatch.agent")
 
 
 # What the Trainer adds to every evaluation's metrics about itself, not the model ("eval_runtime", ...).
@@ -40,6 +44,38 @@ def eval_scores(metrics: dict, eval_metric: Optional[str] = None) -> dict[str, f
     return scores
 
 
+def _value(x):
+    """A tensor's or NumPy scalar's value (so that an id reads 7, not "tensor(7)")."""
+    return x.tolist() if hasattr(x, "tolist") else x
+
+
+class TaggingCollator:
+    """A Trainer's data collator that also names the batch's rows: it takes each example's
+    ``id_key`` and ``group_key`` out before the wrapped collator sees them, and puts them in the
+    batch as plain lists under ``grokwatch_tags``. The Trainer hands them to the model's forward
+    untouched (no device copy, no host sync); the agent's pre-hook takes them out of the forward's
+    arguments and tags the forward (``Monitor.tag``). Strings, ints or anything ``str()`` reads;
+    either key may be absent (groups alone: untagged ids; ids alone: group ``all``).
+
+    The Trainer drops example keys that the model's forward does not name before any collator
+    runs, unless ``TrainingArguments(remove_unused_columns=False)``."""
+
+    def __init__(self, collate_fn: Optional[Callable] = None, *, id_key: str = "sample_id", group_key: str = "group"):
+        if collate_fn is None:
+            from transformers import default_data_collator as collate_fn
+        self.collate_fn, self.id_key, self.group_key = collate_fn, id_key, group_key
+
+    def __call__(self, features):
+        keys = (self.id_key, self.group_key)
+        if not features or not isinstance(features[0], dict) or not any(k in features[0] for k in keys):
+            return self.collate_fn(features)
+        ids = [_value(f[self.id_key]) for f in features] if self.id_key in features[0] else None
+        groups = [_value(f[self.group_key]) for f in features] if self.group_key in features[0] else None
+        batch = self.collate_fn([{k: v for k, v in f.items() if k not in keys} for f in features])
+        batch[BATCH_TAGS] = (ids, groups)
+        return batch
+
+
 class GrokwatchCallback(TrainerCallback):
     """Attaches at train begin, follows ``state.global_step``, closes at the end.
     ``eval_metric`` (e.g. ``"accuracy"``, a key your ``compute_metrics`` returns): the held-out
@@ -51,8 +87,19 @@ class GrokwatchCallback(TrainerCallback):
         self.endpoint, self.run, self.attach_kwargs = endpoint, run, attach_kwargs
         self.eval_metric = eval_metric
         self.monitor: Optional[Monitor] = None
+        self._collators = 0
+
+    def collator(self, collate_fn: Optional[Callable] = None, *, id_key: str = "sample_id",
+                 group_key: str = "group") -> TaggingCollator:
+        """``Trainer(data_collator=callback.collator(your_collator), ...)``: rows named by each example's
+        ``sample_id`` and ``group`` (see ``TaggingCollator``; needs ``remove_unused_columns=False``)."""
+        self._collators += 1
+        return TaggingCollator(collate_fn, id_key=id_key, group_key=group_key)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._collators and getattr(args, "remove_unused_columns", False):
+            log.warning("grokwatch: TrainingArguments(remove_unused_columns=True) drops the examples' sample id "
+                        "and group before the collator sees them: samples go out untagged. Set it to False.")
         if self.monitor is None and model is not None:
             self.monitor = attach(model, self.endpoint, self.run or args.run_name or "trainer", **self.attach_kwargs)
             self.monitor.step(state.global_step)

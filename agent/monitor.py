@@ -269,9 +269,10 @@ class Monitor(ForwardHooks):
 
     # ------------------------------------------------------------------ public
 
-    def tag(self, sample_ids: Sequence, groups: Optional[Sequence] = None) -> None:
+    def tag(self, sample_ids: Optional[Sequence] = None, groups: Optional[Sequence] = None) -> None:
         """Name the rows of the next forward (stable ids let the same sample be
-        followed over time; groups are data domains). Never raises."""
+        followed over time; groups are data domains; either may be left out).
+        Never raises."""
         try:
             self.sampler.tag(sample_ids, groups)
         except Exception as exc:

@@ -30,15 +30,21 @@ class Sampler:
         self._taken = 0  # rows summarized in it
         self._rows_in_step = 0  # rows of its earlier forwards: untagged ids number on
 
-    def tag(self, sample_ids: Sequence, groups: Optional[Sequence] = None) -> None:
+    def tag(self, sample_ids: Optional[Sequence] = None, groups: Optional[Sequence] = None) -> None:
         """Name the rows of the next forward (ids and groups as strings of at most 200 characters; a
         tensor of them gives its values, in one call, not "tensor(7)" per element and not one host sync
-        per element when it is on the device). Raises on input it cannot read."""
+        per element when it is on the device). Groups alone: the first rows, under run-unique ids.
+        Raises on input it cannot read."""
         sample_ids = sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else sample_ids
         groups = groups.tolist() if isinstance(groups, torch.Tensor) else groups
-        ids = [str(s)[:200] for s in sample_ids]
-        grp = [str(g)[:200] for g in groups] if groups is not None else ["all"] * len(ids)
-        self._tag = (ids, grp) if len(grp) == len(ids) else None
+        ids = [str(s)[:200] for s in sample_ids] if sample_ids is not None else None
+        grp = [str(g)[:200] for g in groups] if groups is not None else None
+        if ids is None and grp is None:
+            self._tag = None
+        elif ids is None or grp is None or len(grp) == len(ids):
+            self._tag = (ids, grp if grp is not None else ["all"] * len(ids))
+        else:
+            self._tag = None
 
     def has_budget(self, step: int) -> bool:
         """Whether a forward at ``step`` may be summarized. False drops the tag: it named this forward."""
@@ -59,7 +65,7 @@ class Sampler:
         budget = self.max_samples_per_step - self._taken
         tag, self._tag = self._tag, None
         first_row, self._rows_in_step = self._rows_in_step, self._rows_in_step + num_rows
-        if tag is not None and len(tag[0]) == num_rows:
+        if tag is not None and tag[0] is not None and len(tag[0]) == num_rows:
             ids, groups = tag
             order = sorted(range(num_rows), key=lambda r: (stable_key(ids[r]), r))
             rows = sorted(order[:budget])
@@ -68,7 +74,8 @@ class Sampler:
             # on, and other ranks' rows carry their rank (the collector follows samples by id alone).
             where = f"{step}:" if self.world_size == 1 else f"{step}:{self.rank}:"
             ids = [f"{where}{first_row + r}" for r in range(num_rows)]
-            groups = ["all"] * num_rows
+            named = tag is not None and tag[0] is None and len(tag[1]) == num_rows
+            groups = tag[1] if named else ["all"] * num_rows
             rows = list(range(min(budget, num_rows)))
         self._taken += len(rows)
         return rows, ids, groups

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -884,6 +885,58 @@ def test_trainer_evaluations_go_out_as_eval_scores_per_data_group(sink, tmp_path
     assert eval_scores(metrics) == {"loss": 2.5, "accuracy": 0.5}
     assert eval_scores(metrics, "accuracy") == {"all": 0.5}
     assert eval_scores({"eval_math_exact_match": 0.25, "eval_math_loss": 1.0}, "exact_match") == {"math": 0.25}
+
+
+@pytest.mark.parametrize("remove_unused_columns", [False, True])
+def test_trainer_rows_are_named_by_their_examples_sample_id_and_group(remove_unused_columns, sink, tmp_path, caplog):
+    """A Trainer user names rows without code of their own: each example's sample_id and group travel
+    through the callback's collator into the forward's arguments, where the agent takes them out (the
+    model never receives them, evaluation forwards included). The Trainer drops unknown example keys
+    unless remove_unused_columns=False: then a warning says why the samples go out untagged."""
+    from transformers import Trainer, TrainingArguments
+
+    from grokwatch.agent import GrokwatchCallback
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids, "sample_id": torch.tensor(100 + i),
+                    "group": "math" if i % 2 == 0 else "code"}
+
+    model = tiny_model("olmoe")
+    reached = []
+    model.model.register_forward_pre_hook(lambda m, a, kw: reached.extend(kw), with_kwargs=True)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                             logging_steps=100, remove_unused_columns=remove_unused_columns)
+    callback = GrokwatchCallback(endpoint=sink.endpoint, run="named", every_n_steps=1, max_samples_per_step=4)
+    with caplog.at_level(logging.WARNING, logger="grokwatch.agent"):
+        Trainer(model=model, args=args, train_dataset=Rows(), eval_dataset=Rows(), data_collator=callback.collator(),
+                callbacks=[callback]).train()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    shipped = [(sid, group) for m in sink.routing("train") for sid, group in zip(m.sample_ids, m.groups)]
+    assert len(shipped) == 8 and "grokwatch_tags" not in reached and "sample_id" not in reached
+    if remove_unused_columns:
+        assert {group for _, group in shipped} == {"all"} and "remove_unused_columns" in caplog.text
+    else:
+        assert sorted(shipped) == sorted((str(100 + i), "math" if i % 2 == 0 else "code") for i in range(8))
+        assert "remove_unused_columns" not in caplog.text
+
+
+def test_a_forward_may_be_tagged_with_groups_alone(sink):
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "groups", every_n_steps=1, max_samples_per_step=3)
+    ids = torch.randint(0, VOCAB, (3, 8))
+    mon.tag(groups=["math", "code", "math"])
+    run_one_step(model, mon, ids)
+    mon.close()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing("train")
+    assert list(msg.sample_ids) == ["0:0", "0:1", "0:2"] and list(msg.groups) == ["math", "code", "math"]
 
 
 def test_untagged_rows_of_several_ranks_carry_their_rank(sink):

@@ -35,3 +35,13 @@ def test_tagged_rows_are_chosen_by_their_ids_and_a_tag_names_one_forward():
     assert sampler.has_budget(2) and sampler.choose(2, 2)[1] == ["2:1:0", "2:1:1"]  # untagged, this rank's
     sampler.tag(["x", "y"], ["only one group"])  # lengths differ: no tag
     assert sampler.has_budget(3) and sampler.choose(3, 2)[1] == ["3:1:0", "3:1:1"]
+
+
+def test_groups_alone_name_the_first_rows_under_run_unique_ids():
+    sampler = Sampler(every_n_steps=1, max_samples_per_step=2)
+    sampler.tag(groups=["math", "code", "math"])
+    assert sampler.has_budget(0) and sampler.choose(0, 3) == ([0, 1], ["0:0", "0:1", "0:2"], ["math", "code", "math"])
+    sampler.tag(groups=["math"])  # one group for two rows: no tag
+    assert sampler.has_budget(1) and sampler.choose(1, 2)[2] == ["all", "all"]
+    sampler.tag()  # neither: no tag
+    assert sampler.has_budget(2) and sampler.choose(2, 1)[2] == ["all"]
