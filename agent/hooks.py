@@ -173,6 +173,8 @@ class ForwardHooks:
             self.sampler.drop_tag()
             return
         num_rows, seq_len = int(ref.shape[0]), int(ref.shape[1])
+        if not self._ranks_known and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._learn_ranks()
         rows, ids, groups = self.sampler.choose(step, num_rows)
         mask_BS = token_mask(kwargs.get("attention_mask"), seq_len)  # a 3-d/4-d mask: which tokens count
         self._set_ctx(self._context("train", step, rows, ids, groups, num_rows, seq_len, mask_BS,

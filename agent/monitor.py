@@ -32,6 +32,10 @@ from grokwatch.agent.staging import Staging
 log = logging.getLogger("grokwatch.agent")
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _parameter_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -51,8 +55,9 @@ class Monitor(ForwardHooks):
                                 else [layer.weight_EH for layer in self.layers])
         self.has_cosines = shape.num_layers > 1 and all(w is not None for w in self._router_weights)
         self.device = _parameter_device(model)
+        self._ranks_known = _distributed()  # else learned once it is (_learn_ranks)
         rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._ranks_known:
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.rank, self.world_size = rank, world
         self.sampler = Sampler(every_n_steps=config.every_n_steps, max_samples_per_step=config.max_samples_per_step,
@@ -119,6 +124,19 @@ class Monitor(ForwardHooks):
         self._pid = os.getpid()
         _open_monitors.add(self)
 
+
+    def _learn_ranks(self) -> None:
+        """torch.distributed was initialized after attach() (checked on summarized forwards until it is):
+        from now on this rank sends under its rank, and its untagged ids carry it (else every rank would
+        ship rank 0 and the same ids for different samples)."""
+        self._ranks_known = True
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if (rank, world) != (self.rank, self.world_size):
+            self.rank, self.world_size = rank, world
+            self.sampler.rank, self.sampler.world_size = rank, world
+            self.sender.introduce(rank, world)
+            log.info("grokwatch: torch.distributed was initialized after attach(); this agent is rank %d of %d",
+                     rank, world)
 
     def _after_fork(self) -> None:
         self.disabled = True  # a forked DataLoader worker never touches the parent's socket

@@ -129,6 +129,12 @@ class Sender:
     def submit_eval(self, step: int, scores: dict[str, float]) -> None:
         self._enqueue(("eval", step, dict(scores)))
 
+    def introduce(self, rank: int, world_size: int) -> None:
+        """A new rank and world size (torch.distributed initialized after attach()): the messages that
+        follow carry them, and a new hello tells the collector the world size."""
+        self.rank, self.world_size = rank, world_size
+        self._enqueue(("hello",))
+
     # ----------------------------------------------------------- sender thread
 
     def _next_seq(self) -> int:

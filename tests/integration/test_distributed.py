@@ -59,6 +59,50 @@ def test_every_rank_sends_under_its_own_rank(tmp_path):
         collector.stop()
 
 
+def _late_init_rank_main(rank: int, world: int, port: int, endpoint: str) -> None:
+    model = tiny_model("olmoe", seed=0)
+    mon = gw.attach(model, endpoint, "late", every_n_steps=1, max_samples_per_step=2)  # before init_process_group
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for step in range(2):
+            ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(rank * 100 + step))
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        mon.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_initialized_after_attach_are_learned(tmp_path):
+    """attach() before init_process_group: each rank must still send under its own rank, with untagged
+    ids that carry it; else both ranks ship rank 0 and the same ids ("0:0") for different samples, and
+    the collector, which follows samples by id, merges them."""
+    import zmq
+
+    from grokwatch.wire import Hello, Routing, decode
+
+    ctx = zmq.Context()
+    sink = ctx.socket(zmq.PULL)
+    port = sink.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        mp.spawn(_late_init_rank_main, args=(2, _free_port(), f"tcp://127.0.0.1:{port}"), nprocs=2, join=True)
+        messages = []
+        while sink.poll(1000):
+            messages.append(decode(sink.recv()))
+    finally:
+        sink.close(0)
+        ctx.term()
+    routing = [m for m in messages if isinstance(m, Routing)]
+    assert sorted((m.rank, m.step, tuple(m.sample_ids)) for m in routing) == [
+        (r, s, (f"{s}:{r}:0", f"{s}:{r}:1")) for r in (0, 1) for s in range(2)]
+    assert sorted((m.rank, m.world_size) for m in messages if isinstance(m, Hello)) == [(0, 1), (0, 1), (0, 2), (1, 2)]
+
+
 class _Ids(torch.utils.data.Dataset):
     def __len__(self):
         return 16
