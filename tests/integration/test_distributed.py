@@ -24,6 +24,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn_two_ranks(rank_main, *args) -> list:
+    """Runs ``rank_main(rank, 2, port, endpoint, *args)`` on two gloo ranks; what they sent, decoded."""
+    import zmq
+
+    from grokwatch.wire import decode
+
+    ctx = zmq.Context()
+    sink = ctx.socket(zmq.PULL)
+    port = sink.bind_to_random_port("tcp://127.0.0.1")
+    messages = []
+    try:
+        mp.spawn(rank_main, args=(2, _free_port(), f"tcp://127.0.0.1:{port}", *args), nprocs=2, join=True)
+        while sink.poll(1000):
+            messages.append(decode(sink.recv()))
+    finally:
+        sink.close(0)
+        ctx.term()
+    return messages
+
+
+def _train(model, rank: int, steps: int) -> None:
+    """SGD steps on two rows of 8 tokens, different on each rank."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for step in range(steps):
+        ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(rank * 100 + step))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def _rank_main(rank: int, world: int, port: int, endpoint: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -67,12 +97,7 @@ def _late_init_rank_main(rank: int, world: int, port: int, endpoint: str) -> Non
     try:
         torch.set_num_threads(1)
         model = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        for step in range(2):
-            ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(rank * 100 + step))
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
+        _train(model, rank, steps=2)
         mon.close()
     finally:
         dist.destroy_process_group()
@@ -82,21 +107,9 @@ def test_ranks_initialized_after_attach_are_learned(tmp_path):
     """attach() before init_process_group: each rank must still send under its own rank, with untagged
     ids that carry it; else both ranks ship rank 0 and the same ids ("0:0") for different samples, and
     the collector, which follows samples by id, merges them."""
-    import zmq
+    from grokwatch.wire import Hello, Routing
 
-    from grokwatch.wire import Hello, Routing, decode
-
-    ctx = zmq.Context()
-    sink = ctx.socket(zmq.PULL)
-    port = sink.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        mp.spawn(_late_init_rank_main, args=(2, _free_port(), f"tcp://127.0.0.1:{port}"), nprocs=2, join=True)
-        messages = []
-        while sink.poll(1000):
-            messages.append(decode(sink.recv()))
-    finally:
-        sink.close(0)
-        ctx.term()
+    messages = _spawn_two_ranks(_late_init_rank_main)
     routing = [m for m in messages if isinstance(m, Routing)]
     assert sorted((m.rank, m.step, tuple(m.sample_ids)) for m in routing) == [
         (r, s, (f"{s}:{r}:0", f"{s}:{r}:1")) for r in (0, 1) for s in range(2)]
@@ -144,12 +157,7 @@ def _fsdp_rank_main(rank: int, world: int, port: int, endpoint: str, compile_red
         fully_shard(model)
         mon = gw.attach(model, endpoint, "fsdp", every_n_steps=1, max_samples_per_step=2,
                         compile_reduction=compile_reduction)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        for step in range(3):
-            ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(rank * 100 + step))
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
+        _train(model, rank, steps=3)
         stats = mon.stats()
         mon.close()
         assert stats["hook_errors"] == 0 and stats["dropped"] == {}, stats
@@ -164,24 +172,9 @@ def test_fsdp2_sharded_routers_ship_summaries_with_their_cosines(compile_reducti
     plain unsharded parameters, freed when the layer reshards. The cosines must use this forward's
     weights (step 0: the initial ones, the same on every rank), never a DTensor or freed memory.
     Compiled too: FSDP training runs on GPUs, where the reduction is compiled by default."""
-    import zmq
+    from grokwatch.wire import Routing
 
-    from grokwatch.wire import Routing, decode
-
-    ctx = zmq.Context()
-    sink = ctx.socket(zmq.PULL)
-    port = sink.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        mp.spawn(_fsdp_rank_main, args=(2, _free_port(), f"tcp://127.0.0.1:{port}", compile_reduction), nprocs=2,
-                 join=True)
-        messages = []
-        while sink.poll(1000):
-            message = decode(sink.recv())
-            if isinstance(message, Routing):
-                messages.append(message)
-    finally:
-        sink.close(0)
-        ctx.term()
+    messages = [m for m in _spawn_two_ranks(_fsdp_rank_main, compile_reduction) if isinstance(m, Routing)]
     assert sorted((m.rank, m.step) for m in messages) == [(r, s) for r in (0, 1) for s in range(3)]
     assert all(m.adj_cosine_NL1 is not None for m in messages)
     weights = [layer.weight_EH.detach().double() for layer in gw.discover(tiny_model("olmoe", seed=0)).layers]
