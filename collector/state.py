@@ -123,6 +123,9 @@ class State:
 
     def _hello(self, msg: Hello) -> None:
         self._check_shape(msg.run, (msg.num_layers, msg.num_experts, msg.top_k))
+        # A hello declares who the sender is: an agent attached before torch.distributed was initialized
+        # says hello again as its real rank, and its counters go under that rank from then on.
+        self.senders[msg.sender]["rank"] = msg.rank
         self.senders[msg.sender]["hello"] = dict(host=msg.host, world_size=msg.world_size,
                                                  agent_version=msg.agent_version, distribution=msg.distribution,
                                                  has_cosines=msg.has_cosines)

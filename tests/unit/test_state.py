@@ -163,6 +163,17 @@ def test_heartbeats_of_a_restarted_agent_never_make_totals_go_backwards():
     assert totals["sent"] == 12 and totals["dropped"] == {"queue_full": 4}
 
 
+def test_a_second_hello_moves_the_senders_counters_to_its_rank():
+    """An agent attached before torch.distributed was initialized says hello as rank 0 of 1, then again
+    as its real rank: its counters must not stay under rank 0, beside the real rank 0's."""
+    state, _ = new_state()
+    state.handle(make_hello(sender="late", seq=0, rank=0, world_size=1))
+    state.handle(make_hello(sender="late", seq=1, rank=1, world_size=2))
+    state.handle(make_heartbeat(sender="late", rank=1, seq=2, messages_sent=7, messages_dropped={}))
+    assert set(state.agent_totals()) == {("run-a", 1)}
+    assert state.senders["late"]["hello"]["world_size"] == 2
+
+
 def test_eval_scores_are_kept_and_journaled():
     state, records = new_state()
     state.handle(make_eval(step=30, scores={"math": 0.5, "code": 0.25}))
