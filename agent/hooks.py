@@ -161,7 +161,7 @@ class ForwardHooks:
             return  # the user's own eval forwards are not ours to summarize
         if tags is not None:
             self.sampler.tag(*tags)
-        self._forward_since_step = True
+        self._forward_since_step = self._seen_forward = True
         step = self._step
         if not self.sampler.has_budget(step):
             return  # not a summarized step, or its samples are taken (gradient accumulation)

@@ -31,6 +31,11 @@ from grokwatch.agent.staging import Staging
 
 log = logging.getLogger("grokwatch.agent")
 
+# Optimizer steps with no training forward of the attached model seen, before one warning: its forward is
+# called around the module hooks (model.forward(...)), or the wrong module was attached. Other models'
+# optimizers in the same process count too, hence not at the first.
+STEPS_BEFORE_UNSEEN_WARNING = 20
+
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -86,6 +91,8 @@ class Monitor(ForwardHooks):
         self._step = 0
         self._manual_step = False
         self._forward_since_step = False  # a training forward ran since the last counted optimizer step
+        self._seen_forward = False  # one ever ran (else, after some optimizer steps, a warning)
+        self._steps_unseen = 0
         self._hook_errors = 0
         self._logged_error = False
         self.disabled = False
@@ -275,6 +282,12 @@ class Monitor(ForwardHooks):
         """Counts training steps: the first optimizer step after a training forward of the model (several
         optimizers, e.g. experts and the rest at their own learning rates, are one step; another model's
         optimizer is none). While paused the forwards are not seen: every optimizer step counts."""
+        if not self._seen_forward and self._active:
+            self._steps_unseen += 1
+            if self._steps_unseen == STEPS_BEFORE_UNSEEN_WARNING:
+                log.warning("grokwatch: %d optimizer steps and no training forward of the attached %s: nothing is "
+                            "summarized. Is its forward called directly (model.forward(...) skips module hooks), "
+                            "or is another module the one that trains?", self._steps_unseen, type(self.model).__name__)
         if self._manual_step or (self._active and not self._forward_since_step):
             return
         self._forward_since_step = False

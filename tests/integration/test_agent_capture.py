@@ -14,6 +14,7 @@ import zmq
 
 import grokwatch.agent as gw
 import grokwatch.agent.compiled as compiled_module
+import grokwatch.agent.monitor as monitor_module
 import grokwatch.agent.reduce as reduce_module
 from grokwatch.agent.discover import discover
 from grokwatch.wire import Hello, Routing
@@ -937,6 +938,25 @@ def test_a_forward_may_be_tagged_with_groups_alone(sink):
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
     [msg] = sink.routing("train")
     assert list(msg.sample_ids) == ["0:0", "0:1", "0:2"] and list(msg.groups) == ["math", "code", "math"]
+
+
+@pytest.mark.parametrize("call", ["model(...)", "model.forward(...)"])
+def test_training_the_model_around_its_hooks_is_warned_about_once(call, sink, caplog):
+    """model.forward(...) skips module hooks: nothing can be summarized. Silence would look like a quiet
+    run; after some optimizer steps with no training forward seen, the agent says why, once."""
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "around", every_n_steps=1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    forward = model.forward if call == "model.forward(...)" else model
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with caplog.at_level(logging.WARNING, logger="grokwatch.agent"):
+        for _ in range(2 * monitor_module.STEPS_BEFORE_UNSEEN_WARNING):
+            forward(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    mon.close()
+    warnings = [r for r in caplog.records if "no training forward" in r.getMessage()]
+    assert len(warnings) == (1 if call == "model.forward(...)" else 0)
 
 
 def test_untagged_rows_of_several_ranks_carry_their_rank(sink):
