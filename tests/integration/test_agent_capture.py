@@ -888,12 +888,15 @@ def test_trainer_evaluations_go_out_as_eval_scores_per_data_group(sink, tmp_path
     assert eval_scores({"eval_math_exact_match": 0.25, "eval_math_loss": 1.0}, "exact_match") == {"math": 0.25}
 
 
-@pytest.mark.parametrize("remove_unused_columns", [False, True])
-def test_trainer_rows_are_named_by_their_examples_sample_id_and_group(remove_unused_columns, sink, tmp_path, caplog):
+@pytest.mark.parametrize("remove_unused_columns, torch_compile", [
+    (False, False), (True, False), pytest.param(False, True, marks=pytest.mark.slow)])
+def test_trainer_rows_are_named_by_their_examples_sample_id_and_group(remove_unused_columns, torch_compile, sink,
+                                                                      tmp_path, caplog):
     """A Trainer user names rows without code of their own: each example's sample_id and group travel
     through the callback's collator into the forward's arguments, where the agent takes them out (the
     model never receives them, evaluation forwards included). The Trainer drops unknown example keys
-    unless remove_unused_columns=False: then a warning says why the samples go out untagged."""
+    unless remove_unused_columns=False: then a warning says why the samples go out untagged. Also with
+    TrainingArguments(torch_compile=True), where the hooks run as opaque calls from compiled code."""
     from transformers import Trainer, TrainingArguments
 
     from grokwatch.agent import GrokwatchCallback
@@ -913,7 +916,8 @@ def test_trainer_rows_are_named_by_their_examples_sample_id_and_group(remove_unu
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
                              per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=1, save_strategy="no",
                              report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-                             logging_steps=100, remove_unused_columns=remove_unused_columns)
+                             logging_steps=100, remove_unused_columns=remove_unused_columns,
+                             torch_compile=torch_compile)
     callback = GrokwatchCallback(endpoint=sink.endpoint, run="named", every_n_steps=1, max_samples_per_step=4)
     with caplog.at_level(logging.WARNING, logger="grokwatch.agent"):
         Trainer(model=model, args=args, train_dataset=Rows(), eval_dataset=Rows(), data_collator=callback.collator(),
