@@ -133,9 +133,9 @@ class Monitor(ForwardHooks):
 
 
     def _learn_ranks(self) -> None:
-        """torch.distributed was initialized after attach() (checked on summarized forwards until it is):
-        from now on this rank sends under its rank, and its untagged ids carry it (else every rank would
-        ship rank 0 and the same ids for different samples)."""
+        """torch.distributed was initialized after attach() (checked on summarized forwards until it is, or
+        until the first optimizer step): from now on this rank sends under its rank, and its untagged ids
+        carry it (else every rank would ship rank 0 and the same ids for different samples)."""
         self._ranks_known = True
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if (rank, world) != (self.rank, self.world_size):
@@ -282,7 +282,10 @@ class Monitor(ForwardHooks):
         """Counts training steps: the first optimizer step after a training forward of the model (several
         optimizers, e.g. experts and the rest at their own learning rates, are one step; another model's
         optimizer is none). While paused the forwards are not seen: every optimizer step counts."""
-        if not self._seen_forward and self._active:
+        if self._seen_forward:
+            # A process group starts before training does: stop looking for one (a check costs ~10 us cold).
+            self._ranks_known = True
+        elif self._active:
             self._steps_unseen += 1
             if self._steps_unseen == STEPS_BEFORE_UNSEEN_WARNING:
                 log.warning("grokwatch: %d optimizer steps and no training forward of the attached %s: nothing is "
