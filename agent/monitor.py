@@ -383,6 +383,7 @@ class Monitor(ForwardHooks):
     def stats(self) -> dict:
         return dict(step=self._step, sent=self.sender.sent, dropped=dict(self.sender.dropped),
                     hook_errors=self._hook_errors, disabled=self.disabled,
+                    mismatched_tags=self.sampler.mismatched_tags,
                     reduction="op by op" if self._reduction is None else self._reduction.state,
                     reduction_compile_s=None if self._reduction is None else self._reduction.compile_seconds)
 

@@ -10,10 +10,13 @@ followed whenever it recurs; untagged rows are the first ones, under ids unique 
 
 from __future__ import annotations
 
+import logging
 import zlib
 from typing import Optional, Sequence
 
 import torch
+
+log = logging.getLogger("grokwatch.agent")
 
 
 def stable_key(sample_id: str) -> int:
@@ -29,6 +32,7 @@ class Sampler:
         self._step = -1  # the step the counts below are of
         self._taken = 0  # rows summarized in it
         self._rows_in_step = 0  # rows of its earlier forwards: untagged ids number on
+        self.mismatched_tags = 0  # tags whose length was not the forward's rows (logged once)
 
     def tag(self, sample_ids: Optional[Sequence] = None, groups: Optional[Sequence] = None) -> None:
         """Name the rows of the next forward (ids and groups as strings of at most 200 characters; a
@@ -45,6 +49,13 @@ class Sampler:
             self._tag = (ids, grp if grp is not None else ["all"] * len(ids))
         else:
             self._tag = None
+            self._mismatch(f"{len(ids)} sample ids and {len(grp)} groups")
+
+    def _mismatch(self, what: str) -> None:
+        self.mismatched_tags += 1
+        if self.mismatched_tags == 1:
+            log.warning("grokwatch: tag(): %s; that forward's rows go out untagged (counted in stats()"
+                        "['mismatched_tags'], logged once). Tag each forward with one id and group per row.", what)
 
     def has_budget(self, step: int) -> bool:
         """Whether a forward at ``step`` may be summarized. False drops the tag: it named this forward."""
@@ -65,6 +76,8 @@ class Sampler:
         budget = self.max_samples_per_step - self._taken
         tag, self._tag = self._tag, None
         first_row, self._rows_in_step = self._rows_in_step, self._rows_in_step + num_rows
+        if tag is not None and len(tag[1]) != num_rows:
+            self._mismatch(f"{len(tag[1])} rows tagged for a forward of {num_rows}")
         if tag is not None and tag[0] is not None and len(tag[0]) == num_rows:
             ids, groups = tag
             order = sorted(range(num_rows), key=lambda r: (stable_key(ids[r]), r))

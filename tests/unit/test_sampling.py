@@ -45,3 +45,17 @@ def test_groups_alone_name_the_first_rows_under_run_unique_ids():
     assert sampler.has_budget(1) and sampler.choose(1, 2)[2] == ["all", "all"]
     sampler.tag()  # neither: no tag
     assert sampler.has_budget(2) and sampler.choose(2, 1)[2] == ["all"]
+
+
+def test_a_tag_that_does_not_fit_its_forward_is_counted_and_logged_once(caplog):
+    """Tagging the whole global batch before a micro-batch's forward, or ids and groups of different
+    lengths, leaves the rows untagged: a user must hear of it once, not find it in the dashboards."""
+    sampler = Sampler(every_n_steps=1, max_samples_per_step=2)
+    with caplog.at_level("WARNING", logger="grokwatch.agent"):
+        sampler.tag(["a", "b", "c", "d"])  # four ids, a forward of two rows
+        assert sampler.has_budget(0) and sampler.choose(0, 2)[1] == ["0:0", "0:1"]
+        sampler.tag(["a", "b"], ["g"])
+        sampler.tag(["a", "b"], ["g", "h"])  # fits: not counted
+        assert sampler.has_budget(1) and sampler.choose(1, 2)[1] == ["a", "b"]
+    assert sampler.mismatched_tags == 2
+    assert len([r for r in caplog.records if "tag()" in r.getMessage()]) == 1
