@@ -37,6 +37,10 @@ def _is_compiled_module(module: nn.Module) -> bool:
         getattr(module, "_compiled_call_impl", None) is not None
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _first_tensor(args, kwargs, name, position):
     value = kwargs.get(name)
     if value is None and len(args) > position:
@@ -124,7 +128,6 @@ class ForwardHooks:
         self._disarm_layers()
         self._set_ctx(None)
 
-
     def _guard(self, fn: Callable) -> Callable:
         def hook(*args, **kwargs):
             if self.disabled:  # also set in a forked child (register_at_fork)
@@ -146,7 +149,6 @@ class ForwardHooks:
         if self._hook_errors >= self.config.max_hook_errors:
             log.warning("grokwatch: %d hook errors; monitor disabled", self._hook_errors)
             self._disable()
-
 
     def _on_forward_start(self, module, args, kwargs) -> None:
         tags = kwargs.pop(BATCH_TAGS, None) if BATCH_TAGS in kwargs else None  # in place: the model never sees it
@@ -173,7 +175,7 @@ class ForwardHooks:
             self.sampler.drop_tag()
             return
         num_rows, seq_len = int(ref.shape[0]), int(ref.shape[1])
-        if not self._ranks_known and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if not self._ranks_known and _distributed():
             self._learn_ranks()
         rows, ids, groups = self.sampler.choose(step, num_rows)
         mask_BS = token_mask(kwargs.get("attention_mask"), seq_len)  # a 3-d/4-d mask: which tokens count
@@ -182,7 +184,6 @@ class ForwardHooks:
         self._arm_layers()
         if self.probe is not None and input_ids is not None:
             self.probe.remember(input_ids, mask_BS, rows, ids, groups)
-
 
     def _context(self, source, step, rows, ids, groups, num_rows, seq_len, attention_mask, position_ids):
         D = self.config.max_docs_per_sample

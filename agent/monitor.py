@@ -23,7 +23,7 @@ import grokwatch.agent.compiled as compiled_module
 from grokwatch.agent.config import (DEFAULT_DOCS_PER_SAMPLE, DEFAULT_ENDPOINT, DEFAULT_EVERY_N_STEPS,  # noqa: F401
                                     DEFAULT_SAMPLES_PER_STEP, AgentConfig)
 from grokwatch.agent.discover import MoELayer, MoEShape, discover
-from grokwatch.agent.hooks import ForwardHooks, _is_compiled_module, _is_compiling
+from grokwatch.agent.hooks import ForwardHooks, _distributed, _is_compiled_module, _is_compiling
 from grokwatch.agent.reduce import BatchContext, freed_weight, gather_layer, reduce_all, usable_weight
 from grokwatch.agent.sampling import Sampler
 from grokwatch.agent.sender import Pending, Sender
@@ -35,10 +35,6 @@ log = logging.getLogger("grokwatch.agent")
 # called around the module hooks (model.forward(...)), or the wrong module was attached. Other models'
 # optimizers in the same process count too, hence not at the first.
 STEPS_BEFORE_UNSEEN_WARNING = 20
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _parameter_device(model: nn.Module) -> torch.device:
