@@ -11,12 +11,12 @@ the probe and the Hugging Face Trainer callback (integrations). Which thread run
 from grokwatch.agent.discover import NoMoELayersError, discover
 from grokwatch.agent.monitor import AgentConfig, Monitor, attach
 
-__all__ = ["AgentConfig", "GrokwatchCallback", "Monitor", "NoMoELayersError", "attach", "discover"]
+__all__ = ["AgentConfig", "GrokwatchCallback", "Monitor", "NoMoELayersError", "TaggingCollator", "attach", "discover"]
 
 
 def __getattr__(name):
-    if name == "GrokwatchCallback":  # imports transformers only when asked for
-        from grokwatch.agent.integrations import GrokwatchCallback
+    if name in ("GrokwatchCallback", "TaggingCollator"):  # imports transformers only when asked for
+        import grokwatch.agent.integrations as integrations
 
-        return GrokwatchCallback
+        return getattr(integrations, name)
     raise AttributeError(name)

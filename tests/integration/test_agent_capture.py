@@ -932,6 +932,27 @@ def test_trainer_rows_are_named_by_their_examples_sample_id_and_group(remove_unu
         assert "remove_unused_columns" not in caplog.text
 
 
+def test_a_plain_loop_names_rows_with_the_tagging_collator(sink):
+    """Not only the Trainer: any loop that calls model(**batch) names its rows with TaggingCollator as
+    the DataLoader's collate_fn (the example's keys go to the agent, never to the model)."""
+    model = tiny_model("olmoe")
+    examples = [{"input_ids": torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i)),
+                 "sample_id": f"doc-{i}", "group": ("math", "code")[i % 2]} for i in range(4)]
+    for example in examples:
+        example["labels"] = example["input_ids"]
+    loader = torch.utils.data.DataLoader(examples, batch_size=2, collate_fn=gw.TaggingCollator())
+    mon = gw.attach(model, sink.endpoint, "loop", every_n_steps=1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for batch in loader:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
+    assert [(list(m.sample_ids), list(m.groups)) for m in sink.routing("train")] == [
+        (["doc-0", "doc-1"], ["math", "code"]), (["doc-2", "doc-3"], ["math", "code"])]
+
+
 def test_a_forward_may_be_tagged_with_groups_alone(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "groups", every_n_steps=1, max_samples_per_step=3)
