@@ -136,9 +136,21 @@ class State:
                     disabled=msg.disabled)
 
     def _eval(self, msg: Eval) -> None:
+        """Scores for at most ``max_groups`` groups per run (each one is a Prometheus series): the known
+        ones and new ones while there is room; the rest of the message is dropped and counted."""
+        if msg.run not in self.shapes and len(self.shapes) >= self.config.max_runs:
+            raise Rejected("too_many_runs")
+        known = {group for run, group in self.evals if run == msg.run}  # eval messages are rare
+        kept = {}
         for group, score in msg.scores.items():
-            self.evals[(msg.run, group)] = (msg.step, score)
-        self.journal(dict(kind="eval", run=msg.run, step=msg.step, scores=dict(msg.scores), t=msg.wall_time))
+            if group in known or len(known) < self.config.max_groups:
+                known.add(group)
+                kept[group] = score
+                self.evals[(msg.run, group)] = (msg.step, score)
+        if kept:
+            self.journal(dict(kind="eval", run=msg.run, step=msg.step, scores=kept, t=msg.wall_time))
+        if len(kept) < len(msg.scores):
+            raise Rejected("too_many_groups")
 
     def group_label(self, stream: Stream, label: str) -> str:
         """The label a sample is counted under; admits (creates) new groups up to the cap."""

@@ -15,7 +15,8 @@ from grokwatch.collector.state import CROSS_GROUP, State
 from grokwatch.wire import REASONS as WIRE_REASONS
 
 # Rejections decided by the collector itself (beyond the wire contract's).
-COLLECTOR_REASONS = ("queue_full", "stale", "duplicate", "shape_mismatch", "too_many_runs", "internal")
+COLLECTOR_REASONS = ("queue_full", "stale", "duplicate", "shape_mismatch", "too_many_runs", "too_many_groups",
+                     "internal")
 ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS
 
 GROUP_LABELS = ("run", "source", "group")

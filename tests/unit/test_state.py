@@ -163,6 +163,22 @@ def test_heartbeats_of_a_restarted_agent_never_make_totals_go_backwards():
     assert totals["sent"] == 12 and totals["dropped"] == {"queue_full": 4}
 
 
+def test_eval_groups_are_capped_per_run_and_the_excess_counted():
+    """Each eval group is a Prometheus series: a run naming more than max_groups (a metric name per
+    step, say) keeps the first ones, still updated, and every message that named more is rejected."""
+    state, records = new_state(max_groups=2, max_runs=1)
+    state.handle(make_hello(seq=0))
+    state.handle(make_eval(seq=1, step=10, scores={"math": 0.5, "code": 0.25}))
+    with pytest.raises(Rejected) as info:
+        state.handle(make_eval(seq=2, step=20, scores={"math": 0.75, "bio": 0.1}))
+    assert info.value.reason == "too_many_groups"
+    assert state.evals == {("run-a", "math"): (20, 0.75), ("run-a", "code"): (10, 0.25)}
+    assert records[-1]["scores"] == {"math": 0.75}
+    with pytest.raises(Rejected) as info:
+        state.handle(make_eval(run="run-b", sender="s1", seq=1, step=1, scores={"all": 1.0}))  # runs are capped too
+    assert info.value.reason == "too_many_runs"
+
+
 def test_a_second_hello_moves_the_senders_counters_to_its_rank():
     """An agent attached before torch.distributed was initialized says hello as rank 0 of 1, then again
     as its real rank: its counters must not stay under rank 0, beside the real rank 0's."""
