@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import weakref
 from typing import Any, Callable, Optional, Sequence
@@ -90,6 +91,7 @@ class Monitor(ForwardHooks):
         self._seen_forward = False  # one ever ran (else, after some optimizer steps, a warning)
         self._steps_unseen = 0
         self._hook_errors = 0
+        self._non_finite_scores = 0  # log_eval() scores left out of their message
         self._logged_error = False
         self.disabled = False
         self._probe_active = False
@@ -326,7 +328,16 @@ class Monitor(ForwardHooks):
         if self.disabled:
             return
         try:
-            self.sender.submit_eval(int(step), {str(k): float(v) for k, v in scores.items()})
+            kept = {str(k): float(v) for k, v in scores.items()}
+            dropped = [k for k, v in kept.items() if not math.isfinite(v)]
+            if dropped:  # the wire refuses a message with any: send the others (a diverged loss is NaN)
+                self._non_finite_scores += len(dropped)
+                if self._non_finite_scores == len(dropped):
+                    log.warning("grokwatch: log_eval(step=%s): %s not finite, sent without (counted in stats()"
+                                "['non_finite_scores'], logged once)", step, dropped)
+                kept = {k: v for k, v in kept.items() if k not in dropped}
+            if kept:
+                self.sender.submit_eval(int(step), kept)
         except Exception as exc:
             self._hook_error(exc)
 
@@ -379,7 +390,7 @@ class Monitor(ForwardHooks):
     def stats(self) -> dict:
         return dict(step=self._step, sent=self.sender.sent, dropped=dict(self.sender.dropped),
                     hook_errors=self._hook_errors, disabled=self.disabled,
-                    mismatched_tags=self.sampler.mismatched_tags,
+                    mismatched_tags=self.sampler.mismatched_tags, non_finite_scores=self._non_finite_scores,
                     reduction="op by op" if self._reduction is None else self._reduction.state,
                     reduction_compile_s=None if self._reduction is None else self._reduction.compile_seconds)
 

@@ -953,6 +953,25 @@ def test_a_plain_loop_names_rows_with_the_tagging_collator(sink):
         (["doc-0", "doc-1"], ["math", "code"]), (["doc-2", "doc-3"], ["math", "code"])]
 
 
+def test_non_finite_eval_scores_are_left_out_and_the_rest_still_sent(sink, caplog):
+    """The wire refuses a message holding a NaN: one diverged score (eval loss NaN) must not take the
+    other groups' scores with it."""
+    from grokwatch.wire import Eval
+
+    mon = gw.attach(tiny_model("olmoe"), sink.endpoint, "evals")
+    with caplog.at_level(logging.WARNING, logger="grokwatch.agent"):
+        mon.log_eval(5, {"math": float("nan"), "code": 0.4, "bio": float("inf")})
+        mon.log_eval(6, {"math": float("nan")})  # nothing left: no message
+        mon.log_eval(7, {"math": 0.5})
+    stats = mon.stats()
+    mon.close()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Eval)]) >= 2)
+    assert [(m.step, dict(m.scores)) for m in sink.messages if isinstance(m, Eval)] == [(5, {"code": 0.4}),
+                                                                                       (7, {"math": 0.5})]
+    assert stats["non_finite_scores"] == 3 and stats["hook_errors"] == 0
+    assert len([r for r in caplog.records if "not finite" in r.getMessage()]) == 1
+
+
 def test_a_forward_may_be_tagged_with_groups_alone(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "groups", every_n_steps=1, max_samples_per_step=3)
