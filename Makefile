@@ -16,7 +16,7 @@ STAMP := $(VENV)/.grokwatch-installed
 FRAMEWORKS := $(VENV)/frameworks
 FRAMEWORK_PINS := megatron-core==0.16.1 torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser==0.18.0 triton==3.9.0
 
-.PHONY: setup frameworks demo test quick prometheus bench clean
+.PHONY: setup frameworks demo test quick prometheus bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,12 @@ bench: setup
 	$(PY) bench/collector_throughput.py
 	$(PY) bench/edit_distance.py
 	$(PY) bench/agent_overhead.py
+
+# What bench/gpu_check.sh needs on a device machine that has no package index: the one dependency its
+# image lacks (pyzmq), as a wheel for its Python 3.12, in the git-ignored .whl/ that run(carry=[".whl"]) takes.
+gpu-wheels: setup
+	$(PY) -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -14,6 +14,7 @@
 set -u
 OUT=${OUT:-/tmp/grokwatch-gpu}
 mkdir -p "$OUT"
+ls .whl/pyzmq-*.whl >/dev/null 2>&1 || { echo "no pyzmq wheel in .whl/: run 'make gpu-wheels' here, then carry .whl" >&2; exit 1; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 # The import names without an install: grokwatch.{agent,wire,collector} are the top-level folders.
 for d in agent wire collector; do ln -sfn "../$d" "grokwatch/$d"; done
