@@ -5,13 +5,15 @@
 
 Data path: discover -> hooks (which rows: sampling; the Monitor's life and public calls: monitor)
 -> reduce (on the device) -> staging (pinned host buffers) -> sender (thread, ZeroMQ PUSH). Plus
-the probe and the Hugging Face Trainer callback (integrations). Which thread runs what: README.md.
+the probe, the Hugging Face Trainer callback (integrations) and Lightning's (lightning_callback).
+Which thread runs what: README.md.
 """
 
 from grokwatch.agent.discover import NoMoELayersError, discover
 from grokwatch.agent.monitor import AgentConfig, Monitor, attach
 
-__all__ = ["AgentConfig", "GrokwatchCallback", "Monitor", "NoMoELayersError", "TaggingCollator", "attach", "discover"]
+__all__ = ["AgentConfig", "GrokwatchCallback", "GrokwatchLightningCallback", "Monitor", "NoMoELayersError",
+           "TaggingCollator", "attach", "discover"]
 
 
 def __getattr__(name):
@@ -19,4 +21,8 @@ def __getattr__(name):
         import grokwatch.agent.integrations as integrations
 
         return getattr(integrations, name)
+    if name == "GrokwatchLightningCallback":  # imports lightning only when asked for
+        from grokwatch.agent.lightning_callback import GrokwatchLightningCallback
+
+        return GrokwatchLightningCallback
     raise AttributeError(name)

@@ -972,6 +972,51 @@ def test_non_finite_eval_scores_are_left_out_and_the_rest_still_sent(sink, caplo
     assert len([r for r in caplog.records if "not finite" in r.getMessage()]) == 1
 
 
+def test_a_lightning_trainer_streams_with_one_callback(sink):
+    """A real Lightning fit: the callback attaches to the transformers model inside the LightningModule
+    (Lightning calls training_step, not the module's forward), rows are named by TaggingCollator, each
+    validation's logged score goes out as its group's eval (the sanity check's does not), and the
+    monitor is closed at fit end."""
+    L = pytest.importorskip("lightning.pytorch")
+    from grokwatch.wire import Eval
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_model("olmoe")
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def validation_step(self, batch, batch_idx):
+            logits = self.model(**batch).logits
+            accuracy = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]).float().mean()
+            self.log("val/math_acc", accuracy)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    examples = [{"input_ids": torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i)),
+                 "sample_id": f"doc-{i}", "group": "math"} for i in range(8)]
+    for example in examples:
+        example["labels"] = example["input_ids"]
+    loader = torch.utils.data.DataLoader(examples, batch_size=2, collate_fn=gw.TaggingCollator())
+    callback = gw.GrokwatchLightningCallback(sink.endpoint, "lit", every_n_steps=1, max_samples_per_step=2,
+                                             eval_scores={"math": "val/math_acc"})
+    module = Module()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, val_check_interval=2, num_sanity_val_steps=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    assert callback.monitor is None  # closed at fit end
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Eval)]) >= 2)
+    train = sink.routing("train")
+    assert [m.step for m in train] == [0, 1, 2, 3]
+    assert [list(m.sample_ids) for m in train] == [[f"doc-{2 * i}", f"doc-{2 * i + 1}"] for i in range(4)]
+    evals = [(m.step, sorted(m.scores)) for m in sink.messages if isinstance(m, Eval)]
+    assert evals == [(2, ["math"]), (4, ["math"])]
+
+
 def test_a_forward_may_be_tagged_with_groups_alone(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "groups", every_n_steps=1, max_samples_per_step=3)
