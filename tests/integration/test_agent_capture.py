@@ -872,8 +872,8 @@ def test_trainer_evaluations_go_out_as_eval_scores_per_data_group(sink, tmp_path
                              logging_steps=100)
     callback = GrokwatchCallback(endpoint=sink.endpoint, run="evals", eval_metric="accuracy", every_n_steps=1,
                                  max_samples_per_step=2)
-    Trainer(model=tiny_model("olmoe"), args=args, train_dataset=Rows(0), eval_dataset={"math": Rows(1), "code": Rows(2)},
-            compute_metrics=accuracy, callbacks=[callback]).train()
+    Trainer(model=tiny_model("olmoe"), args=args, train_dataset=Rows(0),
+            eval_dataset={"math": Rows(1), "code": Rows(2)}, compute_metrics=accuracy, callbacks=[callback]).train()
     sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Eval)]) >= 4)
     evals = [(m.step, dict(m.scores)) for m in sink.messages if isinstance(m, Eval)]
     assert [(step, sorted(scores)) for step, scores in evals] == [(2, ["math"]), (2, ["code"]), (4, ["math"]),
