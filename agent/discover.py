@@ -154,6 +154,20 @@ def _router_weight(router: nn.Module) -> tuple[Optional[torch.Tensor], str]:
     return (named[0][1], named[0][0]) if len(named) == 1 else (None, "weight")
 
 
+def _output_width(layers: list[MoELayer], hidden: Optional[int]) -> Optional[int]:
+    """How many scores each router writes, from its weight: [E, H] with H the hidden size, the same E in
+    every layer. It can exceed the config's expert count: LongCat-Flash also routes to zero-computation
+    experts, which are real routing choices. None when a weight is missing or not of that shape
+    (transposed, sharded away): the config says then."""
+    rows = set()
+    for layer in layers:
+        w = layer.weight_EH
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or hidden is None or w.shape[1] != hidden:
+            return None
+        rows.add(int(w.shape[0]))
+    return rows.pop() if len(rows) == 1 and min(rows) >= 2 else None
+
+
 def discover(model: nn.Module) -> MoEShape:
     """The MoE layers of a transformers 5.x model, in forward order.
     Raises ``NoMoELayersError`` naming the class when there are none."""
@@ -182,9 +196,10 @@ def discover(model: nn.Module) -> MoEShape:
                                "but contains none (all layers dense?)")
     config = getattr(model, "config", None)
     first = layers[0].router
-    num_experts = int(_config_value(first, "num_experts", default=None)
-                      or _config_value(config, "num_experts", "num_local_experts", "n_routed_experts")
-                      or layers[0].weight_EH.shape[0])
+    num_experts = _output_width(layers, _config_value(config, "hidden_size", default=None)) or int(
+        _config_value(first, "num_experts", default=None)
+        or _config_value(config, "num_experts", "num_local_experts", "n_routed_experts")
+        or layers[0].weight_EH.shape[0])
     top_k = int(_config_value(first, "top_k", default=None)
                 or _config_value(config, "num_experts_per_tok", "moe_topk", "top_k"))
     for layer in layers:  # expert embeddings are its rows: [E, H]

@@ -28,11 +28,28 @@ TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_l
             v_head_dim=8)
 FAMILIES = ["afmoe", "cohere2_moe", "deepseek_v2", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
             "glm4_moe_lite", "granitemoe", "granitemoeshared", "jetmoe", "laguna", "minimax",
-            "minimax_m2", "nemotron_h", "phimoe", "qwen3_next", "solar_open", "llama4_text"]
+            "minimax_m2", "nemotron_h", "phimoe", "qwen3_next", "solar_open", "llama4_text",
+            "jamba", "granitemoehybrid", "kimi_linear", "dots1", "lfm2_moe", "longcat_flash"]
+# Per-layer lists sized for the default depth, and sizes TINY does not name, made to fit two layers.
 SPECIFIC = {"qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
-            "llama4_text": dict(intermediate_size_mlp=16, interleave_moe_layer_step=1)}
+            "llama4_text": dict(intermediate_size_mlp=16, interleave_moe_layer_step=1),
+            "jamba": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=0, expert_layer_period=1,
+                          mamba_d_state=4, mamba_d_conv=2, mamba_expand=1, mamba_dt_rank=4, use_mamba_kernels=False),
+            "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], mamba_d_state=4,
+                                     mamba_d_conv=2, mamba_expand=1, mamba_n_heads=4, mamba_d_head=8,
+                                     mamba_n_groups=1, mamba_chunk_size=8, shared_intermediate_size=16),
+            "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], mlp_layer_types=["sparse"] * 2,
+                                qk_head_dim=16, q_lora_rank=None, num_experts_per_token=TOP_K, linear_head_dim=8,
+                                num_shared_experts=1),
+            "dots1": dict(n_shared_experts=1, layer_types=["full_attention"] * 2, max_window_layers=2),
+            "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
+            "longcat_flash": dict(num_layers=2, qk_head_dim=16, ffn_hidden_size=16, expert_ffn_hidden_size=16,
+                                  zero_expert_num=2, moe_topk=TOP_K)}
+# LongCat-Flash also routes to zero-computation experts (the token passes unchanged): real choices,
+# scored by the router beside the others.
+ZERO_EXPERTS = {"longcat_flash": 2}
 SIGMOID = {"afmoe", "exaone_moe", "glm4_moe", "glm4_moe_lite", "laguna", "llama4_text", "minimax_m2", "nemotron_h",
-           "solar_open"}
+           "solar_open", "kimi_linear", "dots1", "lfm2_moe"}
 
 
 def tiny(family: str):
@@ -71,7 +88,8 @@ def test_a_family_is_found_and_ships_whole_summaries(family):
         for tap in taps:
             tap.remove()
     assert stats["hook_errors"] == 0 and stats["dropped"] == {}, stats
-    assert msg.mean_probs_NLE.shape[1:] == (shape.num_layers, EXPERTS) and msg.top_k == TOP_K
+    width = EXPERTS + ZERO_EXPERTS.get(family, 0)  # what the router scores
+    assert msg.mean_probs_NLE.shape[1:] == (shape.num_layers, width) and msg.top_k == TOP_K
     assert shape.distribution == ("sigmoid" if family in SIGMOID else "softmax")
     scores = [torch.sigmoid(x) / torch.sigmoid(x).sum(-1, keepdim=True) if family in SIGMOID else torch.softmax(x, -1)
               for x in logits[:shape.num_layers]]
