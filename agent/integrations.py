@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 from typing import Callable, Optional
 
 from transformers import TrainerCallback
@@ -67,12 +68,14 @@ class TaggingCollator:
 
     def __call__(self, features):
         keys = (self.id_key, self.group_key)
-        if not features or not isinstance(features[0], dict) or not any(k in features[0] for k in keys):
+        if not features or not all(isinstance(f, dict) for f in features) or not any(k in features[0] for k in keys):
             return self.collate_fn(features)
-        ids = [_value(f[self.id_key]) for f in features] if self.id_key in features[0] else None
-        groups = [_value(f[self.group_key]) for f in features] if self.group_key in features[0] else None
+        # A key only some examples carry names none of them (never a KeyError in the user's DataLoader).
+        ids = [_value(f[self.id_key]) for f in features] if all(self.id_key in f for f in features) else None
+        groups = [_value(f[self.group_key]) for f in features] if all(self.group_key in f for f in features) else None
         batch = self.collate_fn([{k: v for k, v in f.items() if k not in keys} for f in features])
-        batch[BATCH_TAGS] = (ids, groups)
+        if (ids is not None or groups is not None) and isinstance(batch, MutableMapping):
+            batch[BATCH_TAGS] = (ids, groups)
         return batch
 
 

@@ -848,7 +848,6 @@ def test_trainer_evaluations_go_out_as_eval_scores_per_data_group(sink, tmp_path
     from transformers import Trainer, TrainingArguments
 
     from grokwatch.agent import GrokwatchCallback
-    from grokwatch.agent.integrations import eval_scores
     from grokwatch.wire import Eval
 
     class Rows(torch.utils.data.Dataset):
@@ -880,12 +879,6 @@ def test_trainer_evaluations_go_out_as_eval_scores_per_data_group(sink, tmp_path
                                                                   (4, ["code"])]
     assert all(0.0 <= v <= 1.0 for _, scores in evals for v in scores.values())
     assert [m.step for m in sink.routing("train")] == [0, 1, 2, 3]  # training forwards only
-    # Without eval_metric: every metric but the Trainer's timings, under its own name.
-    metrics = {"eval_loss": 2.5, "eval_accuracy": 0.5, "eval_runtime": 0.1, "eval_samples_per_second": 40.0,
-               "eval_steps_per_second": 10.0, "epoch": 1.0}
-    assert eval_scores(metrics) == {"loss": 2.5, "accuracy": 0.5}
-    assert eval_scores(metrics, "accuracy") == {"all": 0.5}
-    assert eval_scores({"eval_math_exact_match": 0.25, "eval_math_loss": 1.0}, "exact_match") == {"math": 0.25}
 
 
 @pytest.mark.parametrize("remove_unused_columns, torch_compile", [

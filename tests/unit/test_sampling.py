@@ -59,3 +59,4 @@ def test_a_tag_that_does_not_fit_its_forward_is_counted_and_logged_once(caplog):
         assert sampler.has_budget(1) and sampler.choose(1, 2)[1] == ["a", "b"]
     assert sampler.mismatched_tags == 2
     assert len([r for r in caplog.records if "tag()" in r.getMessage()]) == 1
+
