@@ -180,20 +180,26 @@ class ForwardHooks:
         rows, ids, groups = self.sampler.choose(step, num_rows)
         mask_BS = token_mask(kwargs.get("attention_mask"), seq_len)  # a 3-d/4-d mask: which tokens count
         self._set_ctx(self._context("train", step, rows, ids, groups, num_rows, seq_len, mask_BS,
-                                    kwargs.get("position_ids")))
+                                    kwargs.get("position_ids"), self.sampler.chosen_docs))
         self._arm_layers()
         if self.probe is not None and input_ids is not None:
             self.probe.remember(input_ids, mask_BS, rows, ids, groups)
 
-    def _context(self, source, step, rows, ids, groups, num_rows, seq_len, attention_mask, position_ids):
+    def _context(self, source, step, rows, ids, groups, num_rows, seq_len, attention_mask, position_ids,
+                 docs=None):
+        """``docs``: (ids or None, groups) of each row's documents, in order, when the tag named them: a
+        packed row's document d goes out under its own name (else "<row id>#d" and the row's group)."""
         D = self.config.max_docs_per_sample
         slot_ids = [""] * self.slots
         slot_groups = ["all"] * self.slots
         packed = position_ids is not None and D > 1
+        doc_ids, doc_groups = docs if packed and docs is not None else (None, None)
         for m, r in enumerate(rows):
             for d in range(D if packed else 1):
-                slot_ids[m * D + d] = f"{ids[r]}#{d}" if packed and d else str(ids[r])
-                slot_groups[m * D + d] = str(groups[r])
+                named = doc_groups is not None and d < len(doc_groups[r])
+                slot_ids[m * D + d] = (doc_ids[r][d] if named and doc_ids is not None
+                                       else f"{ids[r]}#{d}" if packed and d else str(ids[r]))
+                slot_groups[m * D + d] = doc_groups[r][d] if named else str(groups[r])
         return build_context(source=source, step=step, attention_mask_BS=attention_mask,
                              position_ids_BS=position_ids if packed else None, num_rows=num_rows,
                              seq_len=seq_len, rows=rows, max_rows=self.config.max_samples_per_step,

@@ -50,13 +50,22 @@ def _value(x):
     return x.tolist() if hasattr(x, "tolist") else x
 
 
+def _rows(batch) -> Optional[int]:
+    """The batch's rows: those of its input ids (or embeddings, or else its first array)."""
+    arrays = [batch.get("input_ids"), batch.get("inputs_embeds"), *batch.values()]
+    x = next((a for a in arrays if hasattr(a, "shape") and len(a.shape) >= 1), None)
+    return int(x.shape[0]) if x is not None else None
+
+
 class TaggingCollator:
     """A Trainer's data collator that also names the batch's rows: it takes each example's
     ``id_key`` and ``group_key`` out before the wrapped collator sees them, and puts them in the
     batch as plain lists under ``grokwatch_tags``. The Trainer hands them to the model's forward
     untouched (no device copy, no host sync); the agent's pre-hook takes them out of the forward's
     arguments and tags the forward (``Monitor.tag``). Strings, ints or anything ``str()`` reads;
-    either key may be absent (groups alone: untagged ids; ids alone: group ``all``).
+    either key may be absent (groups alone: untagged ids; ids alone: group ``all``). When the wrapped
+    collator packs the examples into one row (``DataCollatorWithFlattening``), they name that row's
+    documents, in order.
 
     The Trainer drops example keys that the model's forward does not name before any collator
     runs, unless ``TrainingArguments(remove_unused_columns=False)``."""
@@ -75,7 +84,11 @@ class TaggingCollator:
         groups = [_value(f[self.group_key]) for f in features] if all(self.group_key in f for f in features) else None
         batch = self.collate_fn([{k: v for k, v in f.items() if k not in keys} for f in features])
         if (ids is not None or groups is not None) and isinstance(batch, MutableMapping):
-            batch[BATCH_TAGS] = (ids, groups)
+            rows = _rows(batch)
+            if rows == len(features):
+                batch[BATCH_TAGS] = (ids, groups)
+            elif rows == 1:  # one packed row (DataCollatorWithFlattening): the examples are its documents
+                batch[BATCH_TAGS] = ([ids] if ids is not None else None, [groups] if groups is not None else None)
         return batch
 
 

@@ -19,6 +19,11 @@ import torch
 log = logging.getLogger("grokwatch.agent")
 
 
+def _nested(values) -> bool:
+    """A list per row (documents of packed rows), not one name per row."""
+    return values is not None and len(values) > 0 and all(isinstance(v, (list, tuple)) for v in values)
+
+
 def stable_key(sample_id: str) -> int:
     return zlib.crc32(sample_id.encode())
 
@@ -28,7 +33,11 @@ class Sampler:
         self.every_n_steps = every_n_steps
         self.max_samples_per_step = max_samples_per_step
         self.rank, self.world_size = rank, world_size
-        self._tag: Optional[tuple[list[str], list[str]]] = None  # names the rows of the next forward
+        # Names the rows of the next forward: (row ids or None, row groups, documents or None).
+        self._tag: Optional[tuple] = None
+        # The documents of the rows the last choose() named, when the tag named them (packed rows): per
+        # row, the ids (or None: run-unique) and the groups of its documents in order.
+        self.chosen_docs: Optional[tuple[Optional[list[list[str]]], list[list[str]]]] = None
         self._step = -1  # the step the counts below are of
         self._taken = 0  # rows summarized in it
         self._rows_in_step = 0  # rows of its earlier forwards: untagged ids number on
@@ -38,17 +47,30 @@ class Sampler:
         """Name the rows of the next forward (ids and groups as strings of at most 200 characters; a
         tensor of them gives its values, in one call, not "tensor(7)" per element and not one host sync
         per element when it is on the device). Groups alone: the first rows, under run-unique ids.
+        A list per row names the documents of packed rows, in order (a row is chosen by its first).
         Raises on input it cannot read."""
         sample_ids = sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else sample_ids
         groups = groups.tolist() if isinstance(groups, torch.Tensor) else groups
+        self._tag = None
+        if sample_ids is None and groups is None:
+            return
+        if _nested(sample_ids) or _nested(groups):
+            doc_ids = [[str(s)[:200] for s in row] for row in sample_ids] if sample_ids is not None else None
+            doc_grp = [[str(g)[:200] for g in row] for row in groups] if groups is not None else None
+            lengths = [[len(row) for row in x] for x in (doc_ids, doc_grp) if x is not None]
+            if not (_nested(sample_ids) or sample_ids is None) or not (_nested(groups) or groups is None) \
+                    or any(n == 0 for n in lengths[0]) or (len(lengths) == 2 and lengths[0] != lengths[1]):
+                self._mismatch("per-document ids and groups of different shapes")
+                return
+            doc_grp = doc_grp if doc_grp is not None else [["all"] * len(row) for row in doc_ids]
+            self._tag = ([row[0] for row in doc_ids] if doc_ids is not None else None,
+                         [row[0] for row in doc_grp], (doc_ids, doc_grp))
+            return
         ids = [str(s)[:200] for s in sample_ids] if sample_ids is not None else None
         grp = [str(g)[:200] for g in groups] if groups is not None else None
-        if ids is None and grp is None:
-            self._tag = None
-        elif ids is None or grp is None or len(grp) == len(ids):
-            self._tag = (ids, grp if grp is not None else ["all"] * len(ids))
+        if ids is None or grp is None or len(grp) == len(ids):
+            self._tag = (ids, grp if grp is not None else ["all"] * len(ids), None)
         else:
-            self._tag = None
             self._mismatch(f"{len(ids)} sample ids and {len(grp)} groups")
 
     def _mismatch(self, what: str) -> None:
@@ -78,8 +100,10 @@ class Sampler:
         first_row, self._rows_in_step = self._rows_in_step, self._rows_in_step + num_rows
         if tag is not None and len(tag[1]) != num_rows:
             self._mismatch(f"{len(tag[1])} rows tagged for a forward of {num_rows}")
-        if tag is not None and tag[0] is not None and len(tag[0]) == num_rows:
-            ids, groups = tag
+            tag = None
+        self.chosen_docs = tag[2] if tag is not None else None
+        if tag is not None and tag[0] is not None:
+            ids, groups = tag[0], tag[1]
             order = sorted(range(num_rows), key=lambda r: (stable_key(ids[r]), r))
             rows = sorted(order[:budget])
         else:
@@ -87,8 +111,7 @@ class Sampler:
             # on, and other ranks' rows carry their rank (the collector follows samples by id alone).
             where = f"{step}:" if self.world_size == 1 else f"{step}:{self.rank}:"
             ids = [f"{where}{first_row + r}" for r in range(num_rows)]
-            named = tag is not None and tag[0] is None and len(tag[1]) == num_rows
-            groups = tag[1] if named else ["all"] * num_rows
+            groups = tag[1] if tag is not None else ["all"] * num_rows
             rows = list(range(min(budget, num_rows)))
         self._taken += len(rows)
         return rows, ids, groups

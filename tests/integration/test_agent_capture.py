@@ -1010,6 +1010,31 @@ def test_a_lightning_trainer_streams_with_one_callback(sink):
     assert evals == [(2, ["math"]), (4, ["math"])]
 
 
+def test_documents_packed_by_the_flattening_collator_go_out_under_their_own_names(sink):
+    """Packed pretraining: DataCollatorWithFlattening puts the examples in one row, position ids
+    restarting at each. Each document is summarized on its own (as before), and now goes out under its
+    example's id and group, not "<row id>#d" and one group for the row (a row mixes domains)."""
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_model("olmoe")
+    examples = [{"input_ids": torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist(),
+                 "sample_id": name, "group": group} for n, name, group in [(5, "doc-a", "math"), (3, "doc-b", "code"),
+                                                                        (4, "doc-c", "math")]]
+    loader = torch.utils.data.DataLoader(examples, batch_size=3,
+                                         collate_fn=gw.TaggingCollator(DataCollatorWithFlattening()))
+    mon = gw.attach(model, sink.endpoint, "flat", every_n_steps=1, max_samples_per_step=1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for batch in loader:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
+    [msg] = sink.routing("train")
+    assert list(msg.sample_ids) == ["doc-a", "doc-b", "doc-c"] and list(msg.groups) == ["math", "code", "math"]
+    assert msg.token_counts_N.tolist() == [5, 3, 4]
+
+
 def test_a_forward_may_be_tagged_with_groups_alone(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "groups", every_n_steps=1, max_samples_per_step=3)

@@ -29,3 +29,14 @@ def test_eval_scores_of_trainer_metrics():
     assert eval_scores(metrics) == {"loss": 2.5, "accuracy": 0.5}
     assert eval_scores(metrics, "accuracy") == {"all": 0.5}
     assert eval_scores({"eval_math_exact_match": 0.25, "eval_math_loss": 1.0}, "exact_match") == {"math": 0.25}
+
+
+def test_examples_packed_into_one_row_name_its_documents():
+    """DataCollatorWithFlattening packs the examples into one row (position ids restart at each):
+    the examples' ids and groups then name that row's documents, in order."""
+    from transformers import DataCollatorWithFlattening
+
+    batch = TaggingCollator(DataCollatorWithFlattening())(
+        [{"input_ids": [1, 2, 3], "sample_id": "a", "group": "math"}, {"input_ids": [4, 5], "sample_id": "b",
+                                                                       "group": "code"}])
+    assert batch["input_ids"].shape == (1, 5) and batch["grokwatch_tags"] == ([["a", "b"]], [["math", "code"]])

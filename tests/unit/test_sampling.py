@@ -60,3 +60,19 @@ def test_a_tag_that_does_not_fit_its_forward_is_counted_and_logged_once(caplog):
     assert sampler.mismatched_tags == 2
     assert len([r for r in caplog.records if "tag()" in r.getMessage()]) == 1
 
+
+
+def test_a_list_per_row_names_the_documents_of_packed_rows():
+    sampler = Sampler(every_n_steps=1, max_samples_per_step=1)
+    sampler.tag([["a", "b", "c"], ["d"]], [["math", "code", "math"], ["bio"]])
+    assert sampler.has_budget(0)
+    rows, ids, groups = sampler.choose(0, 2)
+    assert rows == [sorted(range(2), key=lambda r: stable_key("ad"[r]))[0]]  # a row is chosen by its first
+    assert (ids, groups) == (["a", "d"], ["math", "bio"])
+    assert sampler.chosen_docs == ([["a", "b", "c"], ["d"]], [["math", "code", "math"], ["bio"]])
+    sampler.tag(groups=[["math", "code"]])  # documents' groups alone
+    assert sampler.has_budget(1) and sampler.choose(1, 1)[1:] == (["1:0"], ["math"])
+    assert sampler.chosen_docs == (None, [["math", "code"]])
+    sampler.tag([["a", "b"]], [["math"]])  # shapes differ: no tag
+    assert sampler.has_budget(2) and sampler.choose(2, 1)[1:] == (["2:0"], ["all"])
+    assert sampler.chosen_docs is None and sampler.mismatched_tags == 1
