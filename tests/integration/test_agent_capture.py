@@ -925,6 +925,15 @@ def test_trainer_rows_are_named_by_their_examples_sample_id_and_group(remove_unu
         assert "remove_unused_columns" not in caplog.text
 
 
+def train_batches(model, loader) -> None:
+    """SGD on each batch of a loader, called as model(**batch)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for batch in loader:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def test_a_plain_loop_names_rows_with_the_tagging_collator(sink):
     """Not only the Trainer: any loop that calls model(**batch) names its rows with TaggingCollator as
     the DataLoader's collate_fn (the example's keys go to the agent, never to the model)."""
@@ -935,11 +944,7 @@ def test_a_plain_loop_names_rows_with_the_tagging_collator(sink):
         example["labels"] = example["input_ids"]
     loader = torch.utils.data.DataLoader(examples, batch_size=2, collate_fn=gw.TaggingCollator())
     mon = gw.attach(model, sink.endpoint, "loop", every_n_steps=1)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    for batch in loader:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_batches(model, loader)
     mon.close()
     sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
     assert [(list(m.sample_ids), list(m.groups)) for m in sink.routing("train")] == [
@@ -1023,11 +1028,7 @@ def test_documents_packed_by_the_flattening_collator_go_out_under_their_own_name
     loader = torch.utils.data.DataLoader(examples, batch_size=3,
                                          collate_fn=gw.TaggingCollator(DataCollatorWithFlattening()))
     mon = gw.attach(model, sink.endpoint, "flat", every_n_steps=1, max_samples_per_step=1)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    for batch in loader:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_batches(model, loader)
     mon.close()
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
     [msg] = sink.routing("train")
