@@ -200,11 +200,16 @@ def discover(model: nn.Module) -> MoEShape:
         _config_value(first, "num_experts", default=None)
         or _config_value(config, "num_experts", "num_local_experts", "n_routed_experts")
         or layers[0].weight_EH.shape[0])
-    top_k = int(_config_value(first, "top_k", default=None)
-                or _config_value(config, "num_experts_per_tok", "moe_topk", "top_k"))
+    block = _parent(modules, layers[0].name)
+    top_k = (_config_value(first, "top_k", default=None) or _config_value(block, "top_k", default=None)
+             or _config_value(config, "num_experts_per_tok", "moe_topk", "top_k"))
+    if not isinstance(top_k, int) or top_k < 1:
+        raise NoMoELayersError(f"{type(model).__name__}: found its routers ({type(first).__name__}) but not how many "
+                               "experts each token takes; attach(..., num_layers=, num_experts=, top_k=) and "
+                               "mon.record() say it")
     for layer in layers:  # expert embeddings are its rows: [E, H]
         if layer.weight_EH is not None and layer.weight_EH.shape[0] != num_experts:
             layer.weight_EH = None
-    sigmoid = _scores_by_sigmoid(first, _parent(modules, layers[0].name), config)
+    sigmoid = _scores_by_sigmoid(first, block, config)
     return MoEShape(len(layers), num_experts, top_k, "sigmoid" if sigmoid else "softmax", layers,
                     detect_probs=_returns_probs_maybe())

@@ -29,7 +29,7 @@ TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_l
 FAMILIES = ["afmoe", "cohere2_moe", "deepseek_v2", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
             "glm4_moe_lite", "granitemoe", "granitemoeshared", "jetmoe", "laguna", "minimax",
             "minimax_m2", "nemotron_h", "phimoe", "qwen3_next", "solar_open", "llama4_text",
-            "jamba", "granitemoehybrid", "kimi_linear", "dots1", "lfm2_moe", "longcat_flash"]
+            "jamba", "granitemoehybrid", "kimi_linear", "dots1", "lfm2_moe", "longcat_flash", "dbrx"]
 # Per-layer lists sized for the default depth, and sizes TINY does not name, made to fit two layers.
 SPECIFIC = {"qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
             "llama4_text": dict(intermediate_size_mlp=16, interleave_moe_layer_step=1),
@@ -45,6 +45,10 @@ SPECIFIC = {"qwen3_next": dict(layer_types=["linear_attention", "full_attention"
             "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
             "longcat_flash": dict(num_layers=2, qk_head_dim=16, ffn_hidden_size=16, expert_ffn_hidden_size=16,
                                   zero_expert_num=2, moe_topk=TOP_K)}
+# Sub-configs a family builds from dicts at construction (DBRX: its router and experts sizes live in
+# ffn_config, top-k on the MoE block; clip_qkv and rope_theta are needed to run at all in 5.24).
+NESTED = {"dbrx": dict(d_model=32, attn_config=dict(kv_n_heads=4, rope_theta=10000.0, clip_qkv=8.0),
+                       ffn_config=dict(ffn_hidden_size=16, moe_num_experts=EXPERTS, moe_top_k=TOP_K))}
 # LongCat-Flash also routes to zero-computation experts (the token passes unchanged): real choices,
 # scored by the router beside the others.
 ZERO_EXPERTS = {"longcat_flash": 2}
@@ -56,7 +60,7 @@ def tiny(family: str):
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config = CONFIG_MAPPING[family]()
+    config = CONFIG_MAPPING[family](**NESTED.get(family, {}))
     for key, value in {**TINY, **SPECIFIC.get(family, {})}.items():
         if hasattr(config, key):
             setattr(config, key, value)
@@ -72,7 +76,8 @@ def test_a_family_is_found_and_ships_whole_summaries(family):
     shape = gw.discover(model)
     logits = []
     taps = [layer.router.register_forward_hook(
-        lambda m, a, out, i=layer.logits_index: logits.append(out[i].detach().double().reshape(2, TOKENS, -1)))
+        lambda m, a, out, i=layer.logits_index: logits.append(  # a tuple, or the logits alone (DBRX)
+            (out[i] if isinstance(out, (tuple, list)) else out).detach().double().reshape(2, TOKENS, -1)))
         for layer in shape.layers]
     sink = Sink()
     try:
