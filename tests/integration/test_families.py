@@ -29,7 +29,8 @@ TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_l
 FAMILIES = ["afmoe", "cohere2_moe", "deepseek_v2", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
             "glm4_moe_lite", "granitemoe", "granitemoeshared", "jetmoe", "laguna", "minimax",
             "minimax_m2", "nemotron_h", "phimoe", "qwen3_next", "solar_open", "llama4_text",
-            "jamba", "granitemoehybrid", "kimi_linear", "dots1", "lfm2_moe", "longcat_flash", "dbrx"]
+            "jamba", "granitemoehybrid", "kimi_linear", "dots1", "lfm2_moe", "longcat_flash", "dbrx",
+            "mimo_v2_flash"]
 # Per-layer lists sized for the default depth, and sizes TINY does not name, made to fit two layers.
 SPECIFIC = {"qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
             "llama4_text": dict(intermediate_size_mlp=16, interleave_moe_layer_step=1),
@@ -43,6 +44,8 @@ SPECIFIC = {"qwen3_next": dict(layer_types=["linear_attention", "full_attention"
                                 num_shared_experts=1),
             "dots1": dict(n_shared_experts=1, layer_types=["full_attention"] * 2, max_window_layers=2),
             "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
+            "mimo_v2_flash": dict(layer_types=["full_attention", "sliding_attention"], mlp_layer_types=["sparse"] * 2,
+                                  num_key_value_heads=2, sliding_window=4),  # its sliding layers double the kv heads
             "longcat_flash": dict(num_layers=2, qk_head_dim=16, ffn_hidden_size=16, expert_ffn_hidden_size=16,
                                   zero_expert_num=2, moe_topk=TOP_K)}
 # Sub-configs a family builds from dicts at construction (DBRX: its router and experts sizes live in
@@ -53,7 +56,7 @@ NESTED = {"dbrx": dict(d_model=32, attn_config=dict(kv_n_heads=4, rope_theta=100
 # scored by the router beside the others.
 ZERO_EXPERTS = {"longcat_flash": 2}
 SIGMOID = {"afmoe", "exaone_moe", "glm4_moe", "glm4_moe_lite", "laguna", "llama4_text", "minimax_m2", "nemotron_h",
-           "solar_open", "kimi_linear", "dots1", "lfm2_moe"}
+           "solar_open", "kimi_linear", "dots1", "lfm2_moe", "mimo_v2_flash"}
 
 
 def tiny(family: str):
