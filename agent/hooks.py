@@ -151,7 +151,7 @@ class ForwardHooks:
             self._disable()
 
     def _on_forward_start(self, module, args, kwargs) -> None:
-        tags = kwargs.pop(BATCH_TAGS, None) if BATCH_TAGS in kwargs else None  # in place: the model never sees it
+        tags = kwargs.pop(BATCH_TAGS, None)  # in place: the model never sees it
         if self._probe_active:
             return  # the probe has built its own context
         self._set_ctx(None)

@@ -61,10 +61,10 @@ class Monitor(ForwardHooks):
         rank, world = 0, 1
         if self._ranks_known:
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        self.rank, self.world_size = rank, world
         self.sampler = Sampler(every_n_steps=config.every_n_steps, max_samples_per_step=config.max_samples_per_step,
                                rank=rank, world_size=world)
         self.slots = config.max_samples_per_step * config.max_docs_per_sample
+        self._reduction_max_bytes = float(config.reduction_memory_mb) * 2**20
         self._reduction = self._reduction_for(self.device)
         self.staging = self._staging_on(self.device)
         self.sender = Sender(endpoint=config.endpoint, run=config.run, rank=rank, world_size=world,
@@ -119,6 +119,14 @@ class Monitor(ForwardHooks):
         if any(_is_compiled_module(m) for m in model.modules()):
             self._on_compile()  # compiled before attach: arm now, so that the first trace includes the hooks
 
+    @property
+    def rank(self) -> int:
+        return self.sampler.rank  # the sampler numbers untagged ids with it; the sender's copy is its thread's
+
+    @property
+    def world_size(self) -> int:
+        return self.sampler.world_size
+
     # ------------------------------------------------------------------ life
 
     def _install(self) -> None:
@@ -129,7 +137,6 @@ class Monitor(ForwardHooks):
         self._pid = os.getpid()
         _open_monitors.add(self)
 
-
     def _learn_ranks(self) -> None:
         """torch.distributed was initialized after attach() (checked on summarized forwards until it is, or
         until the first optimizer step): from now on this rank sends under its rank, and its untagged ids
@@ -137,7 +144,6 @@ class Monitor(ForwardHooks):
         self._ranks_known = True
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if (rank, world) != (self.rank, self.world_size):
-            self.rank, self.world_size = rank, world
             self.sampler.rank, self.sampler.world_size = rank, world
             self.sender.introduce(rank, world)
             log.info("grokwatch: torch.distributed was initialized after attach(); this agent is rank %d of %d",
@@ -146,13 +152,11 @@ class Monitor(ForwardHooks):
     def _after_fork(self) -> None:
         self.disabled = True  # a forked DataLoader worker never touches the parent's socket
 
-
     def _disable(self) -> None:
         self.disabled = True
         self.sender.disabled = True
         self._remove_model_hooks()
         self._step_handle.remove()
-
 
     # ------------------------------------------------------------------ device, then the forward's end
 
@@ -199,7 +203,6 @@ class Monitor(ForwardHooks):
                  device, previous)
         return True
 
-
     def finalize(self, ctx: BatchContext, with_loss: bool = False) -> None:
         """One non-blocking copy into pinned host memory, one event; hand over."""
         self._set_ctx(None)
@@ -229,7 +232,7 @@ class Monitor(ForwardHooks):
             return
         try:
             with_cosines = reduce_all(ctx, self.shape.top_k, summarize_fn=self._reduction,
-                                      max_bytes=float(self.config.reduction_memory_mb) * 2**20)
+                                      max_bytes=self._reduction_max_bytes)
         except BaseException:
             self.staging.give_back(index)
             raise
@@ -328,14 +331,13 @@ class Monitor(ForwardHooks):
         if self.disabled:
             return
         try:
-            kept = {str(k): float(v) for k, v in scores.items()}
-            dropped = [k for k, v in kept.items() if not math.isfinite(v)]
-            if dropped:  # the wire refuses a message with any: send the others (a diverged loss is NaN)
-                self._non_finite_scores += len(dropped)
-                if self._non_finite_scores == len(dropped):
+            given = {str(k): float(v) for k, v in scores.items()}
+            kept = {k: v for k, v in given.items() if math.isfinite(v)}
+            if len(kept) < len(given):  # the wire refuses a message with any: send the others (a diverged loss)
+                if not self._non_finite_scores:
                     log.warning("grokwatch: log_eval(step=%s): %s not finite, sent without (counted in stats()"
-                                "['non_finite_scores'], logged once)", step, dropped)
-                kept = {k: v for k, v in kept.items() if k not in dropped}
+                                "['non_finite_scores'], logged once)", step, sorted(given.keys() - kept.keys()))
+                self._non_finite_scores += len(given) - len(kept)
             if kept:
                 self.sender.submit_eval(int(step), kept)
         except Exception as exc:

@@ -24,6 +24,11 @@ def _nested(values) -> bool:
     return values is not None and len(values) > 0 and all(isinstance(v, (list, tuple)) for v in values)
 
 
+def _names(values) -> list[str]:
+    """Ids or groups as the wire carries them: strings of at most 200 characters."""
+    return [str(v)[:200] for v in values]
+
+
 def stable_key(sample_id: str) -> int:
     return zlib.crc32(sample_id.encode())
 
@@ -55,19 +60,18 @@ class Sampler:
         if sample_ids is None and groups is None:
             return
         if _nested(sample_ids) or _nested(groups):
-            doc_ids = [[str(s)[:200] for s in row] for row in sample_ids] if sample_ids is not None else None
-            doc_grp = [[str(g)[:200] for g in row] for row in groups] if groups is not None else None
-            lengths = [[len(row) for row in x] for x in (doc_ids, doc_grp) if x is not None]
-            if not (_nested(sample_ids) or sample_ids is None) or not (_nested(groups) or groups is None) \
-                    or any(n == 0 for n in lengths[0]) or (len(lengths) == 2 and lengths[0] != lengths[1]):
+            # Documents per row, the same for ids and groups where both are given, none empty.
+            shapes = {tuple(map(len, x)) if _nested(x) else None for x in (sample_ids, groups) if x is not None}
+            if len(shapes) != 1 or None in shapes or 0 in next(iter(shapes)):
                 self._mismatch("per-document ids and groups of different shapes")
                 return
-            doc_grp = doc_grp if doc_grp is not None else [["all"] * len(row) for row in doc_ids]
+            doc_ids = [_names(row) for row in sample_ids] if sample_ids is not None else None
+            doc_grp = [_names(row) for row in groups] if groups is not None else [["all"] * len(r) for r in doc_ids]
             self._tag = ([row[0] for row in doc_ids] if doc_ids is not None else None,
                          [row[0] for row in doc_grp], (doc_ids, doc_grp))
             return
-        ids = [str(s)[:200] for s in sample_ids] if sample_ids is not None else None
-        grp = [str(g)[:200] for g in groups] if groups is not None else None
+        ids = _names(sample_ids) if sample_ids is not None else None
+        grp = _names(groups) if groups is not None else None
         if ids is None or grp is None or len(grp) == len(ids):
             self._tag = (ids, grp if grp is not None else ["all"] * len(ids), None)
         else:
