@@ -112,13 +112,15 @@ class State:
         for reason, n in info["dropped"].items():
             acc["dropped"][reason] = acc["dropped"].get(reason, 0) + n
 
+    def _admit_run(self, run: str) -> None:
+        """A run this collector already follows, or room for a new one (``max_runs``)."""
+        if run not in self.shapes and len(self.shapes) >= self.config.max_runs:
+            raise Rejected("too_many_runs")
+
     def _check_shape(self, run: str, shape: tuple[int, int, int]) -> None:
-        known = self.shapes.get(run)
-        if known is None:
-            if len(self.shapes) >= self.config.max_runs:
-                raise Rejected("too_many_runs")
-            self.shapes[run] = shape
-        elif known != shape:
+        self._admit_run(run)
+        known = self.shapes.setdefault(run, shape)
+        if known != shape:
             raise Rejected("shape_mismatch")
 
     def _hello(self, msg: Hello) -> None:
@@ -138,8 +140,7 @@ class State:
     def _eval(self, msg: Eval) -> None:
         """Scores for at most ``max_groups`` groups per run (each one is a Prometheus series): the known
         ones and new ones while there is room; the rest of the message is dropped and counted."""
-        if msg.run not in self.shapes and len(self.shapes) >= self.config.max_runs:
-            raise Rejected("too_many_runs")
+        self._admit_run(msg.run)
         known = {group for run, group in self.evals if run == msg.run}  # eval messages are rare
         kept = {}
         for group, score in msg.scores.items():
