@@ -31,15 +31,20 @@ def sink():
 
 
 class RouterTap:
-    """Independent capture of each router's own outputs (logits, indices)."""
+    """Independent capture of each router's own outputs (logits, indices), and of its weight as that forward
+    used it (``weights``: the optimizer step that follows changes the parameter in place)."""
 
     def __init__(self, model):
         self.calls = []
-        self.handles = [layer.router.register_forward_hook(self._hook) for layer in discover(model).layers]
+        self.weights = []
+        self.handles = [layer.router.register_forward_hook(self._hook(layer)) for layer in discover(model).layers]
 
-    def _hook(self, module, args, output):
-        if torch.is_grad_enabled() or not module.training:
-            self.calls.append((output[0].detach().double().cpu(), output[2].detach().cpu()))
+    def _hook(self, layer):
+        def hook(module, args, output):
+            if torch.is_grad_enabled() or not module.training:
+                self.calls.append((output[0].detach().double().cpu(), output[2].detach().cpu()))
+                self.weights.append(layer.weight_now().detach().double().cpu().clone())
+        return hook
 
     def remove(self):
         for h in self.handles:
@@ -178,7 +183,7 @@ def test_agent_ships_what_the_routers_computed(family, device, layout, sink):
     rows = sorted(order[:3])
     assert list(msg.sample_ids) == [ids[r] for r in rows]
     assert list(msg.groups) == [["g1", "g2", "g1", "g2"][r] for r in rows]
-    weights = [layer.weight_EH.detach().cpu() for layer in shape.layers]
+    weights = tap.weights[:shape.num_layers]
     ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask.cpu().numpy(), rows, weights,
                               shape.distribution, 2, 8)
     check_against_reference(msg, ref)
@@ -285,7 +290,7 @@ def test_a_bf16_model_is_summarized_in_float32_from_its_own_router_outputs(layou
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
     [msg] = sink.routing("train")
     assert tap.calls[0][0].dtype == torch.float64 and shape.layers[0].router.weight.dtype == torch.bfloat16
-    weights = [layer.weight_EH.detach().double() for layer in shape.layers]
+    weights = tap.weights[:shape.num_layers]
     ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], np.ones((2, 9)), [0, 1],
                               weights, shape.distribution, 2, 8)
     check_against_reference(msg, ref)
@@ -355,7 +360,7 @@ def test_untagged_batch_whose_first_rows_are_sampled_takes_views_not_gathers(sam
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
     [msg] = sink.routing("train")
     assert list(msg.sample_ids) == ["0:0", "0:1", "0:2", "0:3"][:sampled]
-    weights = [layer.weight_EH.detach() for layer in shape.layers]
+    weights = tap.weights[:shape.num_layers]
     ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask.numpy(),
                               list(range(sampled)), weights, shape.distribution, 2, 8)
     check_against_reference(msg, ref)
@@ -421,7 +426,6 @@ def test_a_4d_attention_mask_counts_the_tokens_some_query_may_attend_to(family, 
         mask4 = torch.zeros(mask4.shape).masked_fill(~mask4, torch.finfo(torch.float32).min)
     elif kind == "dict":  # the same mask for both kinds: sliding windows wider than the sequence
         mask4 = {"full_attention": mask4, "sliding_attention": mask4}
-    weights = [layer.weight_EH.detach().double() for layer in shape.layers]
     run_one_step(model, mon, input_ids, mask4)  # the probe runs after the optimizer step
     stats = mon.stats()
     mon.close()
@@ -432,7 +436,7 @@ def test_a_4d_attention_mask_counts_the_tokens_some_query_may_attend_to(family, 
     assert msg.token_counts_N.tolist() == [12, 9, 12]
     L = shape.num_layers
     ref = reference_summaries([c[0] for c in tap.calls[:L]], [c[1] for c in tap.calls[:L]], mask_BS.numpy(),
-                              [0, 1, 2], weights, "softmax", 2, 8)
+                              [0, 1, 2], tap.weights[:L], "softmax", 2, 8)
     check_against_reference(msg, ref)
     [probe] = sink.routing("probe")
     assert probe.token_counts_N.tolist() == [12, 9, 12] and (probe.loss_N > 0).all()
@@ -489,7 +493,7 @@ def test_packed_sequences_split_where_position_ids_restart(layout, sink):
         mask = np.zeros((1, 12), np.int64)
         mask[0, lo:hi] = 1
         ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask, [0],
-                                  [l.weight_EH.detach() for l in shape.layers], "softmax", 2, 8)[0]
+                                  tap.weights[:shape.num_layers], "softmax", 2, 8)[0]
         np.testing.assert_allclose(msg.mean_probs_NLE[doc], ref["mean"], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(msg.topk_counts_NLE[doc], ref["counts"])
 
@@ -500,7 +504,6 @@ def test_inside_the_users_autocast_the_summaries_stay_float32(packed, layout, si
     with bf16=True). Its matmuls (cosines; token means of packed rows) must not run in bf16: before
     this was handled the cosines were off by 1.4e-3 here."""
     model = tiny_model("olmoe")
-    shape = discover(model)
     tap = RouterTap(model)
     mon = gw.attach(model, sink.endpoint, "autocast", every_n_steps=1, max_samples_per_step=1)
     input_ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
@@ -509,7 +512,6 @@ def test_inside_the_users_autocast_the_summaries_stay_float32(packed, layout, si
     if packed:
         kwargs["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
         docs = [(0, 5), (5, 8), (8, 12)]
-    weights = [layer.weight_EH.detach().double() for layer in shape.layers]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**kwargs).loss
     loss.backward()
@@ -518,7 +520,7 @@ def test_inside_the_users_autocast_the_summaries_stay_float32(packed, layout, si
     for doc, (lo, hi) in enumerate(docs):
         mask = np.zeros((1, 12), np.int64)
         mask[0, lo:hi] = 1
-        ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask, [0], weights,
+        ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask, [0], tap.weights,
                                   "softmax", 2, 8)[0]
         np.testing.assert_allclose(msg.mean_probs_NLE[doc], ref["mean"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(msg.entropy_NL[doc], ref["entropy"], rtol=1e-5, atol=1e-6)
@@ -533,7 +535,6 @@ def test_a_model_moved_after_attach_is_followed(device, sink, caplog):
     move is simulated: the monitor is told it was attached on "cpu:0", a device other than "cpu"."""
     caplog.set_level("INFO", logger="grokwatch.agent")
     model = tiny_model("olmoe")
-    shape = discover(model)
     mon = gw.attach(model, sink.endpoint, f"moved-{device}", every_n_steps=1, max_samples_per_step=2)
     attached_staging = mon.staging
     if device == "cpu":
@@ -542,7 +543,6 @@ def test_a_model_moved_after_attach_is_followed(device, sink, caplog):
         model.to(device)
     tap = RouterTap(model)
     input_ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(8)).to(device)
-    weights = [layer.weight_EH.detach().double().cpu() for layer in shape.layers]
     run_one_step(model, mon, input_ids)
     stats = mon.stats()
     mon.close()
@@ -553,7 +553,7 @@ def test_a_model_moved_after_attach_is_followed(device, sink, caplog):
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
     [msg] = sink.routing()
     ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], np.ones((2, 9)), [0, 1],
-                              weights, "softmax", 2, 8)
+                              tap.weights, "softmax", 2, 8)
     check_against_reference(msg, ref)
 
 
@@ -566,9 +566,7 @@ def test_a_model_attached_on_the_meta_device_is_followed_after_to_empty(sink):
     mon = gw.attach(model, sink.endpoint, "meta", every_n_steps=1, max_samples_per_step=2)
     model.to_empty(device="cpu")
     torch.manual_seed(4)
-    for param in model.parameters():
-        torch.nn.init.normal_(param, std=0.05)
-    shape = discover(model)
+    model.init_weights()  # parameters and the rotary buffers, which to_empty() leaves as whatever was in memory
     tap = RouterTap(model)
     run_one_step(model, mon, torch.randint(0, VOCAB, (2, 9)))
     stats = mon.stats()
@@ -578,9 +576,8 @@ def test_a_model_attached_on_the_meta_device_is_followed_after_to_empty(sink):
     assert mon.staging.device_buf.device.type == "cpu"
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
     [msg] = sink.routing()
-    weights = [layer.weight_EH.detach().double() for layer in shape.layers]
     ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], np.ones((2, 9)), [0, 1],
-                              weights, "softmax", 2, 8)
+                              tap.weights, "softmax", 2, 8)
     check_against_reference(msg, ref)
 
 
@@ -606,7 +603,7 @@ def test_left_padding_with_position_ids_keeps_one_document_per_row(sink):
         doc_mask = np.zeros((2, 12), np.int64)
         doc_mask[row, lo:hi] = 1
         ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], doc_mask, [row],
-                                  [layer.weight_EH.detach() for layer in shape.layers], "softmax", 2, 8)[0]
+                                  tap.weights[:shape.num_layers], "softmax", 2, 8)[0]
         np.testing.assert_allclose(msg.mean_probs_NLE[slot], ref["mean"], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(msg.topk_counts_NLE[slot], ref["counts"])
 
@@ -744,7 +741,7 @@ def test_a_reduction_that_cannot_be_compiled_runs_op_by_op_and_says_why(sink, ca
     shape = discover(model)
     ref = reference_summaries([c[0] for c in tap.calls[:shape.num_layers]],
                               [c[1] for c in tap.calls[:shape.num_layers]], np.ones((2, 8)), [0, 1],
-                              [layer.weight_EH.detach() for layer in shape.layers], "softmax", 2, 8)
+                              tap.weights[:shape.num_layers], "softmax", 2, 8)
     check_against_reference(msgs[0], ref)
 
 
