@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ import grokwatch.agent.monitor as monitor_module
 import grokwatch.agent.reduce as reduce_module
 from grokwatch.agent.discover import discover
 from grokwatch.wire import Hello, Routing
+from helpers import wait_until
 from reference import summaries
 from sink import Sink
 from tiny_models import FAMILIES, VOCAB, tiny_model
@@ -645,7 +645,7 @@ def test_training_runs_with_no_collector_and_drops_are_counted():
     ids = torch.randint(0, VOCAB, (2, 8))
     for _ in range(20):
         run_one_step(model, mon, ids)
-    time.sleep(0.3)
+    wait_until(lambda: mon.stats()["dropped"].get("send_blocked", 0) > 0)  # the sender thread meets the full queue
     stats = mon.stats()
     mon.close()
     assert stats["hook_errors"] == 0

@@ -65,7 +65,7 @@ def test_an_idle_sender_sleeps_until_its_heartbeat_and_close_wakes_it():
         sender.submit_eval(3, {"math": 0.5})
         t = time.monotonic()
         sender.close(5.0)
-        assert time.monotonic() - t < 0.5
+        assert time.monotonic() - t < 3.0  # not the 30 s heartbeat interval, nor close's 5 s timeout
         kinds = []
         while pull.poll(500):
             kinds.append(type(decode(pull.recv())))
