@@ -16,7 +16,7 @@ STAMP := $(VENV)/.grokwatch-installed
 FRAMEWORKS := $(VENV)/frameworks
 FRAMEWORK_PINS := megatron-core==0.16.1 torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser==0.18.0 triton==3.9.0
 
-.PHONY: setup frameworks demo test quick prometheus bench gpu-wheels clean
+.PHONY: setup frameworks demo test quick prometheus bench gpu-wheels k8s-rules clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,10 @@ bench: setup
 gpu-wheels: setup
 	$(PY) -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0
+
+# The Prometheus Operator's copy of the rules (deploy/k8s/overlays/prometheus-operator), from the one rules file.
+k8s-rules: setup
+	$(PY) deploy/prometheus/to_prometheusrule.py > deploy/k8s/overlays/prometheus-operator/prometheusrule.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

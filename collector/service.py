@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Optional
+from typing import Mapping, Optional
 
 from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig, ConfigError, load_config, otlp_requested
@@ -108,6 +108,13 @@ class Collector:
         self._stop.wait()
 
 
+def config_from_args(args: argparse.Namespace, environ: Optional[Mapping[str, str]] = None) -> CollectorConfig:
+    """The settings ``grokwatch collector`` runs with: flags over GROKWATCH_* variables over --config."""
+    return load_config(args.config, environ=environ, overrides=dict(
+        listen=tuple(args.listen) if args.listen else None, metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr, state_dir=args.state_dir))
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """``grokwatch collector``: runs until SIGTERM/SIGINT; bad config is one line and exit 2."""
     try:
@@ -115,9 +122,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             config = load_config(args.check_config)
             print(f"{args.check_config}: ok")
             return 0
-        config = load_config(args.config, overrides=dict(
-            listen=tuple(args.listen) if args.listen else None, metrics_port=args.metrics_port,
-            metrics_addr=args.metrics_addr, state_dir=args.state_dir))
+        config = config_from_args(args)
     except ConfigError as exc:
         print(f"grokwatch collector: {exc}", flush=True)
         return 2
