@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -38,12 +39,19 @@ def test_collector_restart_mid_training_loses_no_counter_and_resumes(tmp_path):
     wait_until(lambda: c1.state.samples_total >= 10)
     before = scrape(c1.metrics_port)
     c1.stop()  # snapshot on stop
+    # Until the agent's I/O thread has seen the connection close, a message can still go into the dead
+    # connection and is lost by nature (the next collector counts it as a gap). On a loaded machine that
+    # takes a while: wait for it, as this test is about what the agent queues once the collector is away.
+    port = int(endpoint.rsplit(":", 1)[1])
+    wait_until(lambda: not any(c.raddr and c.raddr.port == port for c in psutil.Process().net_connections("tcp")))
     train_steps(model, mon, 3, "b")  # collector away: libzmq queues (SNDHWM), nothing raises
     c2 = start_collector(tmp_path, listen=(endpoint,))
     try:
         train_steps(model, mon, 5, "c")
+        # The agent reconnects with a backoff of up to 5 s (RECONNECT_IVL_MAX), longer than close()'s
+        # 2 s bound on flushing: wait for the replay before closing.
+        wait_until(lambda: c2.state.samples_total >= 10 + 16, timeout_s=30)
         mon.close()
-        wait_until(lambda: c2.state.samples_total >= 10 + 16)
         after = scrape(c2.metrics_port)
         for name in ("grokwatch_collector_messages_received_total", "grokwatch_pathway_samples_total",
                      "grokwatch_pathway_distance_count"):
