@@ -52,8 +52,9 @@ def rule_list() -> list[dict]:
 
 
 def dashboard_targets(dashboard: dict) -> list[tuple[str, str]]:
-    """(panel title, expr) of every query of every panel."""
-    return [(p["title"], t["expr"]) for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+    """(panel or annotation title, expr) of every query of every panel and of the annotations."""
+    return ([(p["title"], t["expr"]) for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+            + [(a["name"], a["expr"]) for a in dashboard["annotations"]["list"] if "expr" in a])
 
 
 def exported() -> dict[str, set]:
@@ -130,7 +131,7 @@ def test_the_dashboard_is_well_formed_and_its_variables_are_defined():
             assert p["targets"] and all(t["expr"].strip() for t in p["targets"]), p["title"]
             assert p["datasource"]["uid"] == "${datasource}" and p["description"], p["title"]
     defined = {v["name"] for v in dashboard["templating"]["list"]}
-    used = set(re.findall(r"\$(\w+)", json.dumps(panels) + json.dumps(dashboard["templating"])))
+    used = set(re.findall(r"\$(\w+)", json.dumps([panels, dashboard["templating"], dashboard["annotations"]])))
     assert used <= defined, used - defined
     datasources = yaml.safe_load((PROVISIONING / "datasources/prometheus.yml").read_text())["datasources"]
     assert [d["type"] for d in datasources] == ["prometheus"]
