@@ -1,9 +1,19 @@
-"""Shared helpers for integration tests: a collector on loopback, scraping."""
+"""Shared helpers for integration tests: a collector on loopback, scraping, a real Prometheus."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
 import time
+import urllib.parse
 import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
@@ -65,3 +75,43 @@ class Pusher:
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def prometheus(config: Path, tsdb: Path) -> Iterator[int]:
+    """A real Prometheus (Debian's package) with ``config`` on a free loopback port: yields the port."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus not installed (make prometheus)")
+    port = free_port()
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tsdb}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def prom_api(port: int, path: str, **params):
+    """``/api/v1/<path>``'s data; the call must succeed (raises OSError while Prometheus starts)."""
+    url = f"http://127.0.0.1:{port}/api/v1/{path}?" + urllib.parse.urlencode(params, doseq=True)
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = json.load(resp)
+    assert body["status"] == "success", (path, params, body)
+    return body["data"]
+
+
+def prom_query(port: int, promql: str) -> list:
+    """An instant query's result vector."""
+    return prom_api(port, "query", query=promql)["result"]

@@ -11,8 +11,6 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +22,7 @@ from grokwatch.collector.phases import PHASES
 from grokwatch.collector.state import State
 from grokwatch.collector.view import build_view
 from grokwatch.wire import Eval, Heartbeat, Routing, encode
-from helpers import Pusher, start_collector, wait_until
-from test_prometheus_scrape import free_port
+from helpers import Pusher, prom_api, prom_query, prometheus, start_collector, wait_until
 from wire_factories import make_hello, routing_arrays
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,22 +136,6 @@ def test_the_dashboard_is_well_formed_and_its_variables_are_defined():
     assert providers[0]["type"] == "file" and providers[0]["options"]["path"]
 
 
-def query(port: int, promql: str) -> list:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        body = json.load(resp)
-    assert body["status"] == "success", (promql, body)
-    return body["data"]["result"]
-
-
-def api(port: int, path: str, **params):
-    url = f"http://127.0.0.1:{port}/api/v1/{path}?" + urllib.parse.urlencode(params, doseq=True)
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        body = json.load(resp)
-    assert body["status"] == "success", body
-    return body["data"]
-
-
 def values(result: list) -> dict:
     return {r["metric"].get("group", r["metric"].get("run")): float(r["value"][1]) for r in result}
 
@@ -221,10 +202,8 @@ FILLED = {"Phase per group", "Pathway distance within groups vs the cross-group 
 @pytest.mark.prometheus
 @pytest.mark.slow
 def test_a_real_prometheus_with_the_shipped_config_and_rules_records_exact_means_and_answers_the_dashboard(tmp_path):
-    binary = tool("prometheus")
     collector = start_collector(tmp_path)
     traffic = Traffic(collector.endpoints[0])
-    prom = None
     try:
         traffic.start()
         config = yaml.safe_load(PROM_CONFIG.read_text())
@@ -233,70 +212,65 @@ def test_a_real_prometheus_with_the_shipped_config_and_rules_records_exact_means
         [job] = config["scrape_configs"]
         job["static_configs"] = [{"targets": [f"127.0.0.1:{collector.metrics_port}"]}]
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = free_port()
-        prom = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def recorded():
-            try:
-                cross = query(port, 'grokwatch:pathway_distance:mean5m{group="_cross"}')
-                ratio = query(port, "grokwatch:agent_messages_dropped:ratio5m")
-                cosine = query(port, "grokwatch:pathway_adjacent_cosine:mean5m")
-                to_cross = query(port, "grokwatch:pathway_distance_normalized:ratio_to_cross5m")
-            except OSError:
-                return None
-            return cross and ratio and cosine and len(to_cross) == 2
-
-        wait_until(recorded, timeout_s=60, interval_s=0.5)
-
-        rules = [r for g in api(port, "rules")["groups"] for r in g["rules"]]
-        assert len(rules) == len(rule_list())
-        assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
-
-        with collector.state.lock:
-            stream = collector.state.streams[("run-a", "train")]
-            cross = stream.cross.hist["distance"]
-            cross_mean = cross.sum / cross.count
-            cross_norm = stream.cross.hist["distance_normalized"]
-        assert cross_mean > 0
-        mean = values(query(port, 'grokwatch:pathway_distance:mean5m{group="_cross"}'))
-        assert mean["_cross"] == pytest.approx(cross_mean)
-        assert values(query(port, 'grokwatch:pathway_distance_normalized:mean5m{group="_cross"}'))["_cross"] == \
-            pytest.approx(cross_norm.sum / cross_norm.count)
-        within = values(query(port, 'grokwatch:pathway_distance:mean5m{group!="_cross"}'))
-        assert within == {"math": 0.0, "code": 0.0}
-        to_cross = values(query(port, "grokwatch:pathway_distance_normalized:ratio_to_cross5m"))
-        assert to_cross == {"math": 0.0, "code": 0.0}
-        # Negative per-sample means: rate() would have read each fall of the sum as a counter reset. The
-        # cross-group baseline has pairs, not samples: no cosine, so no series (not NaN).
-        assert values(query(port, "grokwatch:pathway_adjacent_cosine:mean5m")) == \
-            pytest.approx({"math": -0.5, "code": -0.5})
-        assert values(query(port, "grokwatch:agent_messages_dropped:ratio5m")) == pytest.approx({"run-a": 0.1})
-        assert query(port, 'ALERTS{alertname="GrokwatchCollectorDown"}') == []
-
-        dashboard = json.loads(DASHBOARD.read_text())
-        filled = set()
-        for title, expr in dashboard_targets(dashboard):
-            promql = expr.replace("$run", "run-a").replace("$source", "train").replace("$group", ".*")
-            if query(port, promql):
-                filled.add(title)
-        assert FILLED <= filled, FILLED - filled
-        # The variables' label_values(metric{...}, label) queries, as Grafana asks Prometheus for them.
-        answers = {}
-        for var in dashboard["templating"]["list"]:
-            if var["type"] != "query":
-                continue
-            selector, label = re.fullmatch(r"label_values\((.+), (\w+)\)", var["query"]["query"]).groups()
-            selector = selector.replace("$run", "run-a").replace("$source", "train")
-            answers[var["name"]] = api(port, f"label/{label}/values", **{"match[]": selector})
-        assert answers == {"run": ["run-a"], "source": ["train"], "group": ["code", "math"]}
+        with prometheus(tmp_path / "prometheus.yml", tmp_path / "tsdb") as port:
+            check_live(collector, port)
     finally:
         traffic.stop()
-        if prom is not None:
-            prom.terminate()
-            try:
-                prom.wait(10)
-            except subprocess.TimeoutExpired:
-                prom.kill()
         collector.stop()
+
+
+def check_live(collector, port: int) -> None:
+    """What the live Prometheus records from the Traffic, and answers to the dashboard."""
+    def recorded():
+        try:
+            cross = prom_query(port, 'grokwatch:pathway_distance:mean5m{group="_cross"}')
+            ratio = prom_query(port, "grokwatch:agent_messages_dropped:ratio5m")
+            cosine = prom_query(port, "grokwatch:pathway_adjacent_cosine:mean5m")
+            to_cross = prom_query(port, "grokwatch:pathway_distance_normalized:ratio_to_cross5m")
+        except OSError:
+            return None
+        return cross and ratio and cosine and len(to_cross) == 2
+
+    wait_until(recorded, timeout_s=60, interval_s=0.5)
+
+    rules = [r for g in prom_api(port, "rules")["groups"] for r in g["rules"]]
+    assert len(rules) == len(rule_list())
+    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+
+    with collector.state.lock:
+        stream = collector.state.streams[("run-a", "train")]
+        cross = stream.cross.hist["distance"]
+        cross_mean = cross.sum / cross.count
+        cross_norm = stream.cross.hist["distance_normalized"]
+    assert cross_mean > 0
+    mean = values(prom_query(port, 'grokwatch:pathway_distance:mean5m{group="_cross"}'))
+    assert mean["_cross"] == pytest.approx(cross_mean)
+    assert values(prom_query(port, 'grokwatch:pathway_distance_normalized:mean5m{group="_cross"}'))["_cross"] == \
+        pytest.approx(cross_norm.sum / cross_norm.count)
+    within = values(prom_query(port, 'grokwatch:pathway_distance:mean5m{group!="_cross"}'))
+    assert within == {"math": 0.0, "code": 0.0}
+    to_cross = values(prom_query(port, "grokwatch:pathway_distance_normalized:ratio_to_cross5m"))
+    assert to_cross == {"math": 0.0, "code": 0.0}
+    # Negative per-sample means: rate() would have read each fall of the sum as a counter reset. The
+    # cross-group baseline has pairs, not samples: no cosine, so no series (not NaN).
+    assert values(prom_query(port, "grokwatch:pathway_adjacent_cosine:mean5m")) == \
+        pytest.approx({"math": -0.5, "code": -0.5})
+    assert values(prom_query(port, "grokwatch:agent_messages_dropped:ratio5m")) == pytest.approx({"run-a": 0.1})
+    assert prom_query(port, 'ALERTS{alertname="GrokwatchCollectorDown"}') == []
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    filled = set()
+    for title, expr in dashboard_targets(dashboard):
+        promql = expr.replace("$run", "run-a").replace("$source", "train").replace("$group", ".*")
+        if prom_query(port, promql):
+            filled.add(title)
+    assert FILLED <= filled, FILLED - filled
+    # The variables' label_values(metric{...}, label) queries, as Grafana asks Prometheus for them.
+    answers = {}
+    for var in dashboard["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        selector, label = re.fullmatch(r"label_values\((.+), (\w+)\)", var["query"]["query"]).groups()
+        selector = selector.replace("$run", "run-a").replace("$source", "train")
+        answers[var["name"]] = prom_api(port, f"label/{label}/values", **{"match[]": selector})
+    assert answers == {"run": ["run-a"], "source": ["train"], "group": ["code", "math"]}
