@@ -48,7 +48,7 @@ class Monitor(ForwardHooks):
 
     def __init__(self, model: nn.Module, config: AgentConfig, shape: MoEShape,
                  router_weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                 probe_fn: Optional[Callable] = None):
+                 probe_fn: Optional[Callable] = None, layer_names: Optional[Sequence[str]] = None):
         self.model = model
         self.config = config
         self.shape = shape
@@ -72,7 +72,8 @@ class Monitor(ForwardHooks):
                              distribution="sigmoid" if shape.distribution == "sigmoid" else
                              ("topk" if shape.distribution == "topk" else "softmax"),
                              has_cosines=self.has_cosines, staging=self.staging, queue_size=config.queue_size,
-                             sndhwm=config.sndhwm, heartbeat_interval_s=config.heartbeat_interval_s)
+                             sndhwm=config.sndhwm, heartbeat_interval_s=config.heartbeat_interval_s,
+                             layer_names=layer_names)
         self._handles: list[Any] = []
         self._layer_handles: list[Any] = []
         self._armed_experts: list[bool] = []  # which layers' experts hooks the armed set holds
@@ -442,7 +443,7 @@ def attach(model: nn.Module, endpoint: Optional[str] = None, run: Optional[str] 
            probe_every_n_steps: int = 0, probe_size: int = 0, num_layers: Optional[int] = None,
            num_experts: Optional[int] = None, top_k: Optional[int] = None, distribution: str = "softmax",
            router_weights: Optional[Sequence[torch.Tensor]] = None, probe_fn: Optional[Callable] = None,
-           **options) -> Monitor:
+           layer_names: Optional[Sequence[str]] = None, **options) -> Monitor:
     """Hook the MoE routers of ``model`` and stream pathway summaries to a collector.
 
         import grokwatch.agent as gw
@@ -460,6 +461,9 @@ def attach(model: nn.Module, endpoint: Optional[str] = None, run: Optional[str] 
     ``probe_fn(model, input_ids, attention_mask) -> per-sample loss`` replaces
     the default causal-LM loss for other tasks.
     Endpoint and run default to GROKWATCH_ENDPOINT and GROKWATCH_RUN.
+    The hello names the MoE layers (their module names; in manual mode
+    ``layer_names`` if given, with global layer numbers under pipeline
+    parallelism): a collector refuses a second set of layers under one run.
     """
     config = AgentConfig(
         endpoint=endpoint or os.environ.get("GROKWATCH_ENDPOINT", DEFAULT_ENDPOINT),
@@ -478,5 +482,12 @@ def attach(model: nn.Module, endpoint: Optional[str] = None, run: Optional[str] 
         weights = list(router_weights) if router_weights is not None else [None] * num_layers
         if len(weights) != num_layers:
             raise ValueError(f"router_weights: {len(weights)} given for {num_layers} layers")
-        return Monitor(model, config, shape, router_weights=weights, probe_fn=probe_fn)
-    return Monitor(model, config, discover(model), probe_fn=probe_fn)
+        if layer_names is not None:
+            layer_names = [str(name) for name in layer_names]
+            if len(layer_names) != num_layers or len(set(layer_names)) != num_layers:
+                raise ValueError(f"layer_names: {num_layers} distinct names needed, got {layer_names!r:.200}")
+        return Monitor(model, config, shape, router_weights=weights, probe_fn=probe_fn, layer_names=layer_names)
+    if layer_names is not None:
+        raise ValueError("layer_names is for manual mode (num_layers=...); found layers are named by their modules")
+    shape = discover(model)
+    return Monitor(model, config, shape, probe_fn=probe_fn, layer_names=[layer.name for layer in shape.layers])

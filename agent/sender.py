@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import zmq
@@ -64,8 +64,9 @@ class Sender:
     def __init__(self, *, endpoint: str, run: str, rank: int, world_size: int, num_layers: int, num_experts: int,
                  top_k: int, distribution: str, has_cosines: bool, staging=None, queue_size: int = 64,
                  sndhwm: int = 256, linger_ms: int = 500, max_message_bytes: int = 8 * 1024 * 1024,
-                 heartbeat_interval_s: float = 5.0):
+                 heartbeat_interval_s: float = 5.0, layer_names: Optional[Sequence[str]] = None):
         self.endpoint = endpoint
+        self.layer_names = tuple(layer_names) if layer_names is not None else None
         self.run, self.rank, self.world_size = run, rank, world_size
         self.shape = (num_layers, num_experts, top_k)
         self.distribution, self.has_cosines = distribution, has_cosines
@@ -149,7 +150,7 @@ class Sender:
         L, E, K = self.shape
         return Hello(**self._header(), world_size=self.world_size, host=pysocket.gethostname()[:200],
                      agent_version=__version__, num_layers=L, num_experts=E, top_k=K,
-                     distribution=self.distribution, has_cosines=self.has_cosines)
+                     distribution=self.distribution, has_cosines=self.has_cosines, layer_names=self.layer_names)
 
     def _heartbeat(self) -> Heartbeat:
         return Heartbeat(**self._header(), messages_sent=self.sent, messages_dropped=dict(self.dropped),

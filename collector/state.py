@@ -6,9 +6,11 @@ Runs on the processing thread; exporters and snapshots read under ``State.lock``
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -21,6 +23,15 @@ from grokwatch.wire import Eval, Heartbeat, Hello, Routing
 CROSS_GROUP = "_cross"  # METRICS.md §1 cross-group baseline
 OTHER_GROUP = "other"  # label values beyond max_groups
 MIN_MAX_COSINE = 0.05  # METRICS.md §2: below this, consistency is undefined
+
+log = logging.getLogger(__name__)
+
+
+def layer_identity(names: Sequence[str]) -> tuple:
+    """Which layers a sender routes, from their module names: the numbers in each name (layer indices),
+    as a multiset. Wrappers (DDP's ``module.``, ``_orig_mod.``, FSDP's) add no number, so they leave it
+    unchanged; two pipeline stages (``layers.0``… and ``layers.12``…) differ."""
+    return tuple(sorted(tuple(int(d) for d in re.findall(r"\d+", name)) for name in names))
 
 
 class Rejected(Exception):
@@ -44,6 +55,7 @@ class State:
         self.rng = np.random.default_rng(config.seed)
         self.streams: dict[tuple[str, str], Stream] = {}
         self.shapes: dict[str, tuple[int, int, int]] = {}
+        self.layer_ids: dict[str, tuple] = {}  # run -> layer_identity of its first hello that named its layers
         self.senders: dict[str, dict] = {}
         self.agent_counters: dict[tuple[str, int], dict] = {}  # retired senders folded in
         self.received_total = 0
@@ -127,10 +139,24 @@ class State:
         self._check_shape(msg.run, (msg.num_layers, msg.num_experts, msg.top_k))
         # A hello declares who the sender is: an agent attached before torch.distributed was initialized
         # says hello again as its real rank, and its counters go under that rank from then on.
-        self.senders[msg.sender]["rank"] = msg.rank
-        self.senders[msg.sender]["hello"] = dict(host=msg.host, world_size=msg.world_size,
-                                                 agent_version=msg.agent_version, distribution=msg.distribution,
-                                                 has_cosines=msg.has_cosines)
+        info = self.senders[msg.sender]
+        info["rank"] = msg.rank
+        info["hello"] = dict(host=msg.host, world_size=msg.world_size, agent_version=msg.agent_version,
+                             distribution=msg.distribution, has_cosines=msg.has_cosines)
+        info["other_layers"] = False
+        if msg.layer_names is None:  # an agent that does not name its layers (older, or manual mode)
+            return
+        identity = layer_identity(msg.layer_names)
+        known = self.layer_ids.setdefault(msg.run, identity)
+        if identity != known:
+            # Same shape, other layers: pipeline stages under one run name. Mixed, their pathways would
+            # compare different layers with each other; refused (with all this sender's summaries).
+            info["other_layers"] = True
+            log.warning("run %r: rank %d on %s routes other layers than the run's first sender (%s, ...): "
+                        "pipeline stages? its summaries are rejected as shape_mismatch; give each stage its "
+                        "own run, e.g. run=f'{name}/pp{stage}'", msg.run, msg.rank, msg.host,
+                        ", ".join(msg.layer_names[:2]))
+            raise Rejected("shape_mismatch")
 
     def _heartbeat(self, msg: Heartbeat) -> None:
         info = self.senders[msg.sender]
@@ -174,6 +200,8 @@ class State:
         return stream
 
     def _routing(self, msg: Routing) -> None:
+        if self.senders[msg.sender].get("other_layers"):
+            raise Rejected("shape_mismatch")
         stream = self._stream(msg)
         if msg.source == "train":
             self.train_step[msg.run] = max(self.train_step.get(msg.run, 0), msg.step)
@@ -222,9 +250,9 @@ class State:
 
     # ------------------------------------------------------------- snapshot
 
-    SNAPSHOT_FIELDS = ("streams", "shapes", "senders", "agent_counters", "received_total", "rejected_total",
-                       "lost_total", "samples_total", "processing_seconds_sum", "processing_seconds_count",
-                       "train_step", "evals", "rng")
+    SNAPSHOT_FIELDS = ("streams", "shapes", "layer_ids", "senders", "agent_counters", "received_total",
+                       "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
+                       "processing_seconds_count", "train_step", "evals", "rng")
 
     def snapshot(self) -> dict:
         with self.lock:

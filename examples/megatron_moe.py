@@ -30,8 +30,13 @@ def attach_megatron(model: nn.Module, routers: Sequence[nn.Module], endpoint: st
     """Attach in manual mode and hook each Megatron-Core ``TopKRouter`` in ``routers`` (forward order).
     ``options`` go to ``gw.attach`` (every_n_steps, max_samples_per_step, ...)."""
     first = routers[0]
+    # Under pipeline parallelism every stage's modules are numbered from 0, but the layer numbers that
+    # Megatron gives the routers (1-based) are global: named by them, the stages of one run are told
+    # apart by the collector (which refuses a second set of layers under one run name).
+    numbers = [getattr(router, "layer_number", None) for router in routers]
+    names = [f"decoder.layers.{n - 1}.mlp.router" for n in numbers] if None not in numbers else None
     mon = gw.attach(model, endpoint, run, num_layers=len(routers), num_experts=first.config.num_moe_experts,
-                    top_k=first.topk, distribution="topk", **options)
+                    top_k=first.topk, distribution="topk", layer_names=names, **options)
     for i, router in enumerate(routers):
         def hook(router, args, output, i=i):
             probs_TE, _routing_map_TE = output

@@ -32,8 +32,12 @@ def attach_torchtitan(model: nn.Module, moe_layers: Sequence[nn.Module], endpoin
     """Attach in manual mode and hook the router of each torchtitan ``MoE`` in ``moe_layers``
     (forward order). ``options`` go to ``gw.attach`` (every_n_steps, max_samples_per_step, ...)."""
     first = moe_layers[0].router
+    # Named by their module paths: torchtitan keeps a layer's global index in its name under pipeline
+    # parallelism (layers is a ModuleDict), so the collector tells the stages of one run apart.
+    paths = {id(module): name for name, module in model.named_modules()}
+    names = [paths.get(id(moe)) for moe in moe_layers]
     mon = gw.attach(model, endpoint, run, num_layers=len(moe_layers), num_experts=first.num_experts,
-                    top_k=first.top_k, **options)
+                    top_k=first.top_k, layer_names=None if None in names else names, **options)
     for i, moe in enumerate(moe_layers):
         def hook(router, args, output, i=i):
             topk_scores_BLK, topk_expert_ids_BLK, scores_BLE = output

@@ -93,6 +93,8 @@ def encode(message: Message) -> bytes:
             distribution=message.distribution,
             has_cosines=bool(message.has_cosines),
         )
+        if message.layer_names is not None:
+            out["layer_names"] = list(message.layer_names)
     elif isinstance(message, Routing):
         out.update(
             source=message.source,
@@ -250,7 +252,10 @@ def _decode_hello(r: _Reader) -> Hello:
         top_k=r.int("top_k", lo=1, hi=lim.max_top_k),
         distribution=r.choice("distribution", DISTRIBUTIONS),
         has_cosines=r.bool("has_cosines"),
+        layer_names=r.str_list("layer_names") if "layer_names" in r.obj else None,
     )
+    if msg.layer_names is not None and len(msg.layer_names) != msg.num_layers:
+        raise WireError("shape", f"'layer_names' has {len(msg.layer_names)} names for {msg.num_layers} layers")
     if msg.rank >= msg.world_size:
         raise WireError("value_range", f"rank {msg.rank} not below world_size {msg.world_size}")
     if msg.top_k > msg.num_experts:

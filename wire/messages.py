@@ -50,6 +50,9 @@ class Hello:
     top_k: int
     distribution: str
     has_cosines: bool
+    # Optional: the module names of the MoE layers the sender summarizes (which layers, not their order).
+    # Pipeline stages route different layers under one run name; the collector tells them apart by these.
+    layer_names: Optional[tuple[str, ...]] = None
     kind: str = field(default=KIND_HELLO, init=False)
 
 

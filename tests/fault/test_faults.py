@@ -98,6 +98,7 @@ def test_oversize_messages_are_dropped_and_counted_by_the_agent(tmp_path):
     try:
         model = tiny_model("olmoe")
         mon = gw.attach(model, c.endpoints[0], "big", every_n_steps=1)
+        wait_until(lambda: mon.sender.sent >= 1)  # the hello (it names the layers: over 200 bytes too)
         mon.sender.max_message_bytes = 200  # any routing message is bigger
         train_steps(model, mon, 3)
         wait_until(lambda: mon.stats()["dropped"].get("too_large", 0) >= 3)  # the sender thread encodes them

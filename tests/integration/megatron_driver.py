@@ -14,6 +14,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from grokwatch.wire import Hello
 from driver_common import check_against, init_one_gloo_rank, received_routing
 from reference import summaries
 from megatron_moe import attach_megatron
@@ -76,6 +77,8 @@ def main() -> int:
         router.register_forward_hook(
             lambda m, a, out: tap.append((out[0].detach().double().numpy(), out[1].detach().numpy())))
 
+    for i, router in enumerate(model.routers):  # as TransformerLayer does: here, the second of two stages
+        router.set_layer_number(L + 1 + i)
     sink = Sink()
     mon = attach_megatron(model, list(model.routers), sink.endpoint, "mcore",
                           every_n_steps=1, max_samples_per_step=2)
@@ -96,6 +99,8 @@ def main() -> int:
     assert len(tap) == L and all(probs.shape == (S * B, E) for probs, _ in tap)
     assert all(((probs > 0) == routing_map).all() for probs, routing_map in tap)  # zero outside the top-k
     assert message.num_samples == 2 and message.top_k == K
+    [hello] = [m for m in sink.messages if isinstance(m, Hello)]
+    assert hello.layer_names == tuple(f"decoder.layers.{L + i}.mlp.router" for i in range(L)), hello.layer_names
     check_against(message, {"a": 0, "b": 1, "c": 2}, S, lambda row: reference(tap, weights, row))
     print("ok", list(message.sample_ids))
     return 0

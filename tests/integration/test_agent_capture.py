@@ -1284,6 +1284,29 @@ def test_a_recorded_router_weight_freed_before_the_reduction_is_copied_from_then
         np.testing.assert_allclose(msg.adj_cosine_NL1[0, 0], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_the_hello_names_the_moe_layers_so_pipeline_stages_can_be_told_apart(sink):
+    """Found layers are named by their modules; in manual mode by ``layer_names`` (Megatron's pipeline
+    stages number their layers locally, so the caller gives the global numbers), else not at all.
+    layer_names in auto mode, or not one distinct name per layer, is refused at attach()."""
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "named", every_n_steps=1)
+    mon.close()
+    names = [f"model.layers.{i}.mlp.gate" for i in range(model.config.num_hidden_layers)]
+    stage = ["decoder.layers.4.mlp.router", "decoder.layers.5.mlp.router"]
+    manual = gw.attach(model, sink.endpoint, "named-manual", num_layers=2, num_experts=8, top_k=2, layer_names=stage)
+    manual.close()
+    anonymous = gw.attach(model, sink.endpoint, "anonymous", num_layers=2, num_experts=8, top_k=2)
+    anonymous.close()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Hello)]) >= 3)
+    hellos = {m.run: m.layer_names for m in sink.messages if isinstance(m, Hello)}
+    assert hellos == {"named": tuple(names), "named-manual": tuple(stage), "anonymous": None}
+    with pytest.raises(ValueError, match="manual mode"):
+        gw.attach(model, sink.endpoint, "x", layer_names=names)
+    for bad in (stage[:1], [stage[0], stage[0]]):
+        with pytest.raises(ValueError, match="layer_names"):
+            gw.attach(model, sink.endpoint, "x", num_layers=2, num_experts=8, top_k=2, layer_names=bad)
+
+
 def test_record_of_unlike_routers_ships_without_cosines_and_a_layer_twice_is_incomplete(sink, caplog):
     """record() from routers of different widths (router weights [E, 4] and [E, 5]): routing embeddings of
     different widths have no cosine, so the summaries ship without them (this raised in the hook on every

@@ -71,6 +71,59 @@ class _TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+class Stage(torch.nn.Module):
+    """One pipeline stage of a 4-layer MoE: two routers, numbered globally as Megatron does."""
+
+    def __init__(self, first_layer: int, hidden: int = 8, experts: int = 4):
+        super().__init__()
+        torch.manual_seed(first_layer)
+        self.first_layer = first_layer
+        self.routers = torch.nn.ModuleList(torch.nn.Linear(hidden, experts, bias=False) for _ in range(2))
+        self.mon = None
+
+    def forward(self, h):
+        for i, router in enumerate(self.routers):
+            logits = router(h)
+            self.mon.record(i, logits=logits, router_weight=router.weight)
+            h = h + torch.softmax(logits, -1).sum(-1, keepdim=True) * h
+        return h
+
+
+@pytest.mark.parametrize("runs", ["one run", "a run per stage"])
+def test_pipeline_stages_under_one_run_are_refused_not_mixed(tmp_path, runs):
+    """Two stages of one model, each with two MoE layers: the same shape. Under one run name their
+    pathways would compare layers 0-1 with layers 2-3; the collector keeps the first stage's and refuses
+    the second's (counted as shape_mismatch). Under a run per stage, both are kept."""
+    collector = start_collector(tmp_path)
+    try:
+        emb = torch.nn.Embedding(16, 8)
+        stages = [Stage(0), Stage(2)]
+        for n, stage in enumerate(stages):
+            run = "pp" if runs == "one run" else f"pp/pp{n}"
+            names = [f"decoder.layers.{stage.first_layer + i}.mlp.router" for i in range(2)]
+            stage.mon = gw.attach(stage, collector.endpoints[0], run, num_layers=2, num_experts=4, top_k=1,
+                                  every_n_steps=1, max_samples_per_step=2, layer_names=names)
+            if n == 0:  # the first stage says hello first
+                wait_until(lambda: collector.state.shapes.get(run))
+        for step in range(3):
+            for stage in stages:
+                stage.mon.step(step)
+            ids = torch.randint(0, 16, (2, 5))
+            stages[1](stages[0](emb(ids))).sum().backward()
+        for stage in stages:
+            stage.mon.close()
+        rejected = 4 if runs == "one run" else 0  # the second stage's hello and its 3 summaries
+        kept = 6 if runs == "one run" else 12
+        wait_until(lambda: collector.state.samples_total == kept
+                   and collector.state.rejected_total.get("shape_mismatch", 0) == rejected)
+        s = scrape(collector.metrics_port)
+        assert value(s, "grokwatch_collector_messages_rejected_total", reason="shape_mismatch") == rejected
+        runs_seen = {labels for labels in s["grokwatch_pathway_samples_total"]}
+        assert len(runs_seen) == (1 if runs == "one run" else 2)
+    finally:
+        collector.stop()
+
+
 def test_hf_trainer_callback_streams_a_real_training(tmp_path):
     from transformers import Trainer, TrainingArguments
 

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import torch
+from grokwatch.wire import Hello
 from driver_common import check_against, init_one_gloo_rank, received_routing
 from reference import summaries
 from sink import Sink
@@ -89,6 +90,8 @@ def main(fsdp: bool) -> int:
     assert all((np.sort(ids, -1) == c).all() for (_, ids), c in zip(tap, chosen))  # the bias selects
     assert any((np.sort(ids, -1) != np.sort(np.argsort(-s, -1)[..., :K], -1)).any() for s, ids in tap)
     assert message.num_samples == 2 and message.top_k == K
+    [hello] = [m for m in sink.messages if isinstance(m, Hello)]
+    assert hello.layer_names == tuple(f"moes.{i}" for i in range(len(model.moes))), hello.layer_names
     rows = {"a": 0, "b": 1, "c": 2}
     assert list(message.groups) == [["x", "y", "x"][rows[i]] for i in message.sample_ids]
     check_against(message, rows, L, lambda row: reference(tap, weights, row))

@@ -148,6 +148,36 @@ def test_shape_mismatch_against_the_runs_hello_is_rejected():
     assert info.value.reason == "shape_mismatch"
 
 
+def test_pipeline_stages_under_one_run_are_told_apart_by_their_layers_and_the_second_is_refused():
+    """Two pipeline stages with as many MoE layers each have the same shape: mixed under one run, their
+    pathways would compare layers 0-3 with layers 4-7. The hello's layer names tell them apart: the
+    stage that says hello second is refused, hello and summaries, as shape_mismatch. The same layers
+    behind a wrapper (DDP's module.), an agent that names no layers, and another run are accepted, and
+    the run's layers survive a snapshot."""
+    stage0 = [f"model.layers.{i}.mlp.gate" for i in range(4)]
+    stage1 = [f"model.layers.{i}.mlp.gate" for i in range(4, 8)]
+    state, _ = new_state()
+    state.handle(make_hello(sender="pp0", layer_names=stage0))
+    state.handle(make_routing(sender="pp0", seq=1, n=2))
+    with pytest.raises(Rejected) as info:
+        state.handle(make_hello(sender="pp1", layer_names=stage1))
+    assert info.value.reason == "shape_mismatch"
+    with pytest.raises(Rejected) as info:
+        state.handle(make_routing(sender="pp1", seq=1, n=2))
+    assert info.value.reason == "shape_mismatch"
+    state.handle(make_hello(sender="ddp", layer_names=[f"module.{name}" for name in stage0]))
+    state.handle(make_routing(sender="ddp", seq=1, n=2))
+    state.handle(make_hello(sender="old"))
+    state.handle(make_routing(sender="old", seq=1, n=2))
+    state.handle(make_hello(run="run-b", sender="pp1b", layer_names=stage1))
+    state.handle(make_routing(run="run-b", sender="pp1b", seq=1, n=2))
+    assert state.samples_total == 8
+    restored, _ = new_state()
+    restored.restore(state.snapshot())
+    with pytest.raises(Rejected):
+        restored.handle(make_hello(sender="pp1-again", layer_names=stage1))
+
+
 def test_stale_messages_are_rejected():
     state = State(CollectorConfig(max_message_age_s=10), clock=lambda: time.time() + 11)
     with pytest.raises(Rejected) as info:

@@ -195,6 +195,18 @@ def test_structural_violations_are_wire_errors(mutate):
         decode(_mutate(mutate))
 
 
+def test_hello_layer_names_are_optional_and_one_per_layer():
+    """The names a newer agent sends travel; an older agent's hello (no names) still decodes; a count
+    that is not the layer count, or a name that is not a string, is refused with its reason."""
+    names = tuple(f"model.layers.{i}.mlp.gate" for i in range(4))
+    assert decode(encode(make_hello(num_layers=4, layer_names=names))).layer_names == names
+    assert decode(encode(make_hello(num_layers=4))).layer_names is None
+    for bad, reason in ((names[:3], "shape"), ([0, 1, 2, 3], "field_type"), (("x" * 300,) * 4, "string_length")):
+        with pytest.raises(WireError) as info:
+            decode(encode(make_hello(num_layers=4, layer_names=bad)))
+        assert info.value.reason == reason
+
+
 def test_hello_rank_must_be_below_world_size():
     with pytest.raises(WireError) as info:
         decode(encode(make_hello(rank=4, world_size=4)))
