@@ -83,12 +83,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def prometheus_tool(name: str) -> str:
+    """The path of ``prometheus`` or ``promtool`` (Debian's package); the test is skipped without it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed (make prometheus)")
+    return path
+
+
 @contextlib.contextmanager
 def prometheus(config: Path, tsdb: Path) -> Iterator[int]:
     """A real Prometheus (Debian's package) with ``config`` on a free loopback port: yields the port."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus not installed (make prometheus)")
+    binary = prometheus_tool("prometheus")
     port = free_port()
     proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tsdb}",
                              f"--web.listen-address=127.0.0.1:{port}"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -12,7 +11,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from grokwatch.collector import reference
 from grokwatch.wire import encode
-from helpers import Pusher, scrape, scrape_text, start_collector, value, wait_until
+from helpers import Pusher, prometheus_tool, scrape, scrape_text, start_collector, value, wait_until
 from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
 
@@ -79,9 +78,7 @@ def test_invalid_messages_are_counted_by_reason_and_the_collector_keeps_going(co
 
 def test_exposition_passes_promtool_check_metrics(collector):
     send_all(collector, [make_hello(), make_routing(seq=1), make_heartbeat(seq=2)])
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (make prometheus)")
+    promtool = prometheus_tool("promtool")
     result = subprocess.run([promtool, "check", "metrics"], input=scrape_text(collector.metrics_port),
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr

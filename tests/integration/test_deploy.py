@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ from grokwatch.collector.phases import PHASES
 from grokwatch.collector.state import State
 from grokwatch.collector.view import build_view
 from grokwatch.wire import Eval, Heartbeat, Routing, encode
-from helpers import Pusher, prom_api, prom_query, prometheus, start_collector, wait_until
+from helpers import Pusher, prom_api, prom_query, prometheus, prometheus_tool, start_collector, wait_until
 from wire_factories import make_hello, routing_arrays
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,13 +34,6 @@ PROVISIONING = ROOT / "grafana/provisioning"
 NAME = re.compile(r"\b(grokwatch_[a-z0-9_]+)\b(?:\{([^}]*)\})?")
 RECORDED = re.compile(r"\b(grokwatch:[a-z0-9_:]+)\b")
 MATCHER = re.compile(r"(\w+)\s*(=~|!~|!=|=)\s*\"([^\"]*)\"")
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} not installed (make prometheus)")
-    return path
 
 
 def rule_list() -> list[dict]:
@@ -85,7 +77,7 @@ def check_names(expr: str, where: str, names: dict[str, set], recorded: set[str]
 
 @pytest.mark.prometheus
 def test_promtool_accepts_the_config_and_rules_and_their_unit_tests_pass():
-    promtool = tool("promtool")
+    promtool = prometheus_tool("promtool")
     check = subprocess.run([promtool, "check", "config", str(PROM_CONFIG)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert f"SUCCESS: {len(rule_list())} rules found" in check.stdout  # the config loads the rules file
