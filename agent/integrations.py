@@ -124,6 +124,12 @@ class GrokwatchCallback(TrainerCallback):
         if self.monitor is not None:
             self.monitor.step(state.global_step)
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """The training loss the Trainer logs (every ``logging_steps``, already a number): the loss
+        evidence of the train source's phases (one group per run unless rows are tagged with one group)."""
+        if self.monitor is not None and logs and "loss" in logs and "eval_loss" not in logs:
+            self.monitor.log_loss(state.global_step, logs["loss"])
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.monitor is not None and metrics:
             scores = eval_scores(metrics, self.eval_metric)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import operator
 from typing import Optional
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -54,7 +55,10 @@ class GrokwatchLightningCallback(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.monitor is not None:
-            self.monitor.step(trainer.global_step)
+            # The step's loss (what training_step returned) is the phases' loss evidence: detached by the
+            # agent and read on its sender thread, on the sampled steps only.
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            self.monitor.step(trainer.global_step, loss=loss if isinstance(loss, torch.Tensor) else None)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self.monitor is None or trainer.sanity_checking or not self.eval_scores:

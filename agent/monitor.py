@@ -44,7 +44,8 @@ def _parameter_device(model: nn.Module) -> torch.device:
 
 
 class Monitor(ForwardHooks):
-    """Returned by ``attach``. Public: tag, step, log_eval, record, run_probe, pause, resume, close, stats."""
+    """Returned by ``attach``. Public: tag, step, log_loss, log_eval, record, run_probe, pause, resume, close,
+    stats."""
 
     def __init__(self, model: nn.Module, config: AgentConfig, shape: MoEShape,
                  router_weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -93,6 +94,7 @@ class Monitor(ForwardHooks):
         self._steps_unseen = 0
         self._hook_errors = 0
         self._non_finite_scores = 0  # log_eval() scores left out of their message
+        self._unattributed_losses = 0  # step(loss=a scalar) over rows of several groups: not sent
         self._logged_error = False
         self.disabled = False
         self._probe_active = False
@@ -314,8 +316,11 @@ class Monitor(ForwardHooks):
         except Exception as exc:
             self._hook_error(exc)
 
-    def step(self, global_step: int) -> None:
-        """Set the training step (else the optimizer's step hook counts)."""
+    def step(self, global_step: int, loss=None) -> None:
+        """Set the training step (else the optimizer's step hook counts). ``loss``, optional: the latest
+        training step's loss — the evidence the collector needs before it calls a group memorized
+        (METRICS.md §5; without it, and without the probe, phases stay ``unknown``). Sent on the sampled
+        steps (``every_n_steps``), like the routing summaries; see ``log_loss`` for its forms."""
         if self.disabled:
             return
         try:
@@ -324,8 +329,46 @@ class Monitor(ForwardHooks):
             self._step = int(global_step)
             if changed:
                 self._maybe_probe()
+            if loss is not None and self._step % self.config.every_n_steps == 0:
+                self.log_loss(self._step, loss)
         except Exception as exc:
             self._hook_error(exc)
+
+    def log_loss(self, step: int, loss) -> None:
+        """Send a training loss at ``step`` now (the HF callback's logged loss goes here). ``loss``: a number
+        or 0-d tensor (the batch mean: it names a group only when the latest tagged rows are of one group,
+        or untagged: ``all``), a 1-d tensor of per-row losses aligned with the rows of the latest ``tag()``
+        (averaged per group), or {group: number or 0-d tensor}. Tensors are detached here and read on the
+        sender thread: no device sync in training. Never raises."""
+        if self.disabled:
+            return
+        try:
+            groups = self.sampler.row_groups
+            if isinstance(loss, dict):
+                payload: Any = {str(g): (v.detach() if isinstance(v, torch.Tensor) else float(v))
+                                for g, v in loss.items()}
+            elif isinstance(loss, torch.Tensor) and loss.dim() == 1 and loss.numel() > 1:
+                if groups is None or len(groups) != loss.numel():
+                    self._unattributed(f"{loss.numel()} per-row losses for {len(groups or [])} tagged rows")
+                    return
+                payload = ("rows", loss.detach(), list(groups))
+            else:
+                names = set(groups) if groups is not None else {"all"}
+                if len(names) != 1:
+                    self._unattributed("one loss for rows of several groups")
+                    return
+                payload = {names.pop(): loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else float(loss)}
+            if payload:
+                self.sender.submit_loss(int(step), payload)
+        except Exception as exc:
+            self._hook_error(exc)
+
+    def _unattributed(self, what: str) -> None:
+        self._unattributed_losses += 1
+        if self._unattributed_losses == 1:
+            log.warning("grokwatch: step(loss=...)/log_loss(): %s, so it is not any group's loss evidence and is "
+                        "not sent (counted in stats()['unattributed_losses'], logged once). Pass per-row losses "
+                        "(reduction='none') or {group: loss}.", what)
 
     def log_eval(self, step: int, scores: dict) -> None:
         """Forward the user's own held-out scores (ground truth for reports)."""
@@ -394,6 +437,7 @@ class Monitor(ForwardHooks):
         return dict(step=self._step, sent=self.sender.sent, dropped=dict(self.sender.dropped),
                     hook_errors=self._hook_errors, disabled=self.disabled,
                     mismatched_tags=self.sampler.mismatched_tags, non_finite_scores=self._non_finite_scores,
+                    unattributed_losses=self._unattributed_losses,
                     reduction="op by op" if self._reduction is None else self._reduction.state,
                     reduction_compile_s=None if self._reduction is None else self._reduction.compile_seconds)
 

@@ -47,6 +47,9 @@ class Sampler:
         self._taken = 0  # rows summarized in it
         self._rows_in_step = 0  # rows of its earlier forwards: untagged ids number on
         self.mismatched_tags = 0  # tags whose length was not the forward's rows (logged once)
+        # The group of each row of the latest tag (None: never tagged, every row is "all"): what a per-row
+        # training loss given to Monitor.step(loss=...) is averaged by.
+        self.row_groups: Optional[list[str]] = None
 
     def tag(self, sample_ids: Optional[Sequence] = None, groups: Optional[Sequence] = None) -> None:
         """Name the rows of the next forward (ids and groups as strings of at most 200 characters; a
@@ -69,11 +72,13 @@ class Sampler:
             doc_grp = [_names(row) for row in groups] if groups is not None else [["all"] * len(r) for r in doc_ids]
             self._tag = ([row[0] for row in doc_ids] if doc_ids is not None else None,
                          [row[0] for row in doc_grp], (doc_ids, doc_grp))
+            self.row_groups = self._tag[1]
             return
         ids = _names(sample_ids) if sample_ids is not None else None
         grp = _names(groups) if groups is not None else None
         if ids is None or grp is None or len(grp) == len(ids):
             self._tag = (ids, grp if grp is not None else ["all"] * len(ids), None)
+            self.row_groups = self._tag[1]
         else:
             self._mismatch(f"{len(ids)} sample ids and {len(grp)} groups")
 

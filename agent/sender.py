@@ -1,6 +1,6 @@
 """The agent's sender thread and its ZeroMQ PUSH socket.
 
-The training thread only calls ``submit`` / ``submit_eval``: a ``put`` on a
+The training thread only calls ``submit`` / ``submit_eval`` / ``submit_loss``: a ``put`` on a
 bounded queue (full -> counted drop; ``queue.SimpleQueue``, whose C ``put``
 costs a fraction of ``queue.Queue``'s lock and condition). This thread waits for
 the device copy (CUDA event), turns the pinned host buffer into a wire message,
@@ -27,13 +27,34 @@ import numpy as np
 import zmq
 
 from grokwatch._version import __version__
-from grokwatch.wire import Eval, Heartbeat, Hello, Routing, encode
+from grokwatch.wire import Eval, Heartbeat, Hello, Loss, Routing, encode
 
 log = logging.getLogger("grokwatch.agent")
 
 DROP_REASONS = ("queue_full", "send_blocked", "too_large", "staging_busy", "incomplete", "encode_error",
-                "closed")
+                "closed", "non_finite")
 _CLOSE = ("close",)  # put by close(): the sender thread's wake-up to finish
+
+
+def _number(value) -> float:
+    return float(value.detach().float().item() if hasattr(value, "detach") else value)
+
+
+def group_losses(losses) -> dict[str, float]:
+    """The wire's {group: mean loss} from what Monitor.step(loss=...) queued (on the sender thread):
+    non-finite and negative values are left out (the wire refuses a message holding any)."""
+    if isinstance(losses, tuple) and losses[0] == "rows":
+        _, rows, groups = losses
+        values = rows.detach().float().cpu().reshape(-1).tolist()
+        sums: dict[str, list[float]] = {}
+        for group, value in zip(groups, values):
+            acc = sums.setdefault(group, [0.0, 0])
+            acc[0] += value
+            acc[1] += 1
+        out = {g: total / n for g, (total, n) in sums.items()}
+    else:
+        out = {str(g)[:200]: _number(v) for g, v in losses.items()}
+    return {g: v for g, v in out.items() if v == v and 0.0 <= v < float("inf")}
 
 
 @dataclass
@@ -130,6 +151,11 @@ class Sender:
     def submit_eval(self, step: int, scores: dict[str, float]) -> None:
         self._enqueue(("eval", step, dict(scores)))
 
+    def submit_loss(self, step: int, losses) -> None:
+        """``losses``: {group: number or detached tensor}, or ("rows", per-row tensor, row groups). Tensors
+        are read here, on the sender thread (``.item()`` waits for the device there, not in training)."""
+        self._enqueue(("loss", step, losses))
+
     def introduce(self, rank: int, world_size: int) -> None:
         """A new rank and world size (torch.distributed initialized after attach()): the messages that
         follow carry them, and a new hello tells the collector the world size."""
@@ -214,6 +240,12 @@ class Sender:
             self._send(self._hello())
         elif item[0] == "eval":
             self._send(Eval(**self._header(), step=item[1], scores=item[2]))
+        elif item[0] == "loss":
+            losses = group_losses(item[2])
+            if losses:
+                self._send(Loss(**self._header(), step=item[1], losses=losses))
+            else:
+                self.count_drop("non_finite")
 
     def _loop(self) -> None:
         """Sleeps until an item or the next heartbeat: an idle sender takes the GIL once per heartbeat

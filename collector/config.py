@@ -68,13 +68,19 @@ class CollectorConfig:
     memorization_epsilon: Mapping[str, float] = field(default_factory=dict)  # per group; else q0.25
     memorization_bucket_steps: int = 1000  # probe groups: samples memorized in the same bucket
     max_probe_samples: int = 100_000
-    # METRICS.md §5 phase detector. Defaults: the setting chosen on one ground-truth run and scored on
-    # seven others, including groups that memorize and never generalize (docs/groundtruth.md, "Phase
-    # detector defaults (switched)"). Consistency is ignored (inf): there it only added false onsets.
+    # METRICS.md §5 phase detector (docs/collector.md, "Phases"). No phase is claimed without loss evidence
+    # (the probe's per-sample losses, or a training loss the agent forwards): "low" is the group's ε of
+    # memorization_epsilon where configured, else phase_loss_low_ratio of its first loss level. The
+    # distance must fall significantly (a Mann–Kendall test at phase_alpha per evaluation, corrected for
+    # autocorrelation; false-onset rate on null series: bench/phase_null.py) and by phase_distance_rel_tol
+    # at least. Window and patience: the setting scored on the ground-truth runs (docs/groundtruth.md).
+    # Consistency is ignored (inf): there it only added false onsets.
     phase_window: int = 12
     phase_patience: int = 4
     phase_loss_abs_tol: float = 0.05
     phase_loss_rel_tol: float = 0.05
+    phase_loss_low_ratio: float = 0.1
+    phase_alpha: float = 0.001
     phase_distance_rel_tol: float = 0.03
     phase_consistency_abs_tol: float = math.inf
     # Which distance the detector watches (PHASE_DISTANCES): "normalized" (÷ longest pathway), "raw",
@@ -88,6 +94,7 @@ class CollectorConfig:
 
         return PhaseConfig(window=self.phase_window, patience=self.phase_patience,
                            loss_abs_tol=self.phase_loss_abs_tol, loss_rel_tol=self.phase_loss_rel_tol,
+                           loss_low_ratio=self.phase_loss_low_ratio, alpha=self.phase_alpha,
                            distance_rel_tol=self.phase_distance_rel_tol,
                            consistency_abs_tol=self.phase_consistency_abs_tol)
 
@@ -118,6 +125,10 @@ class CollectorConfig:
         for key in ("snapshot_interval_s", "max_message_age_s", "memorization_delta"):
             if not float(getattr(self, key)) > 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+        if not 0.0 < self.phase_alpha < 0.5:  # NaN fails too
+            raise ConfigError(f"phase_alpha: a false-alarm rate in (0, 0.5), got {self.phase_alpha}")
+        if not 0.0 < self.phase_loss_low_ratio <= 1.0:
+            raise ConfigError(f"phase_loss_low_ratio: a fraction in (0, 1], got {self.phase_loss_low_ratio}")
         for key in ("phase_loss_abs_tol", "phase_loss_rel_tol", "phase_distance_rel_tol", "phase_consistency_abs_tol"):
             if not float(getattr(self, key)) >= 0:  # NaN fails too
                 raise ConfigError(f"{key}: must be 0 or more (inf: ignore this evidence), got {getattr(self, key)}")

@@ -16,12 +16,16 @@ import numpy as np
 
 from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig
-from grokwatch.collector.phases import DATED_STEPS, PhaseTracker
+from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseTracker
 from grokwatch.collector.stream import Stream
-from grokwatch.wire import Eval, Heartbeat, Hello, Routing
+from grokwatch.wire import Eval, Heartbeat, Hello, Loss, Routing
 
 CROSS_GROUP = "_cross"  # METRICS.md §1 cross-group baseline
 OTHER_GROUP = "other"  # label values beyond max_groups
+BUCKET_PREFIX = "mem@"  # the probe's memorization buckets (METRICS.md §4): diagnostics, no phase of their own
+# METRICS.md §5 "one event, one report": the source that carries a data group's phase is the first of these
+# with loss evidence for it (the probe measures per-sample loss; the train source has the user's loss).
+CARRIER_ORDER = ("probe", "train", "replay")
 MIN_MAX_COSINE = 0.05  # METRICS.md §2: below this, consistency is undefined
 
 log = logging.getLogger(__name__)
@@ -97,6 +101,8 @@ class State:
                 self._eval(msg)
             elif isinstance(msg, Heartbeat):
                 self._heartbeat(msg)
+            elif isinstance(msg, Loss):
+                self._loss(msg)
             self.last_message_lag_s = max(0.0, now - msg.wall_time)
             self.processing_seconds_sum += time.perf_counter() - started
             self.processing_seconds_count += 1
@@ -179,6 +185,43 @@ class State:
         if len(kept) < len(msg.scores):
             raise Rejected("too_many_groups")
 
+    def _loss(self, msg: Loss) -> None:
+        """The user's training loss per group: loss evidence for the train source's phases. A group that
+        has no routing summaries yet gets a tracker (no window) while the stream has room for it."""
+        self._admit_run(msg.run)
+        stream = self.streams.get((msg.run, "train"))
+        if stream is None:
+            raise Rejected("no_routing")  # the run's first train summaries come before its first loss
+        kept = 0
+        for group, loss in msg.losses.items():
+            tracker = stream.phases.get(group)
+            if tracker is None:
+                if group.startswith(BUCKET_PREFIX) or group == CROSS_GROUP or len(stream.phases) >= self.config.max_groups:
+                    continue
+                tracker = stream.phases[group] = self._tracker(group)
+            tracker.add_loss(msg.step, loss)
+            kept += 1
+            self.journal(dict(kind="loss", run=msg.run, source="train", group=group, step=msg.step, loss=loss,
+                              t=msg.wall_time))
+        if kept < len(msg.losses):
+            raise Rejected("too_many_groups")
+
+    def _tracker(self, label: str) -> PhaseTracker:
+        return PhaseTracker(self.config.phase_config(), self.config.phase_distance,
+                            epsilon=self.config.memorization_epsilon.get(label))
+
+    def phase_carriers(self) -> dict[tuple[str, str], str]:
+        """(run, group) -> the source whose tracker carries that group's phase (CARRIER_ORDER)."""
+        out: dict[tuple[str, str], str] = {}
+        for source in CARRIER_ORDER:
+            for (run, src), stream in self.streams.items():
+                if src != source:
+                    continue
+                for group, tracker in stream.phases.items():
+                    if tracker.has_loss_evidence:
+                        out.setdefault((run, group), source)
+        return out
+
     def group_label(self, stream: Stream, label: str) -> str:
         """The label a sample is counted under; admits (creates) new groups up to the cap."""
         if label in stream.index:
@@ -223,15 +266,21 @@ class State:
         for g in np.unique(targets[targets >= 0]):
             label = stream.labels[g]
             point = _finish_stats(dict(zip(kernels.STAT_KEYS, stats_GK[g])), ent_GL[g], load_GLE[g])
-            tracker = stream.phases.get(label)
-            if tracker is None:
-                tracker = stream.phases[label] = PhaseTracker(self.config.phase_config(), self.config.phase_distance)
-            tracker.observe(msg.step, point)
-            # The detector dates a transition back to its first agreeing window; the journal carries
-            # those steps (the gauges' values) so the report marks the same steps.
-            dated = {k: getattr(tracker, k) for k in DATED_STEPS.values() if getattr(tracker, k) is not None}
+            extra: dict = {}
+            if not label.startswith(BUCKET_PREFIX):  # buckets are diagnostics: no phase, no event
+                tracker = stream.phases.get(label)
+                if tracker is None:
+                    tracker = stream.phases[label] = self._tracker(label)
+                changed = tracker.observe(msg.step, point)
+                # The detector dates a transition back to its first agreeing evaluation; the journal carries
+                # those steps (the gauges' values), and the evidence where the phase changed, so that the
+                # report marks the same steps and prints why.
+                extra = {k: getattr(tracker, k) for k in DATED_STEPS.values() if getattr(tracker, k) is not None}
+                extra.update(phase=tracker.phase, phase_signal=tracker.signal)
+                if changed in EVIDENCE_KEYS:
+                    extra[EVIDENCE_KEYS[changed]] = tracker.evidence[changed]
             self.journal(dict(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
-                              t=msg.wall_time, phase=tracker.phase, phase_signal=tracker.signal, **dated, **point))
+                              t=msg.wall_time, **extra, **point))
 
     # ------------------------------------------------------------- export view
 

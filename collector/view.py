@@ -16,7 +16,7 @@ from grokwatch.wire import REASONS as WIRE_REASONS
 
 # Rejections decided by the collector itself (beyond the wire contract's).
 COLLECTOR_REASONS = ("queue_full", "stale", "duplicate", "shape_mismatch", "too_many_runs", "too_many_groups",
-                     "internal")
+                     "internal", "no_routing")
 ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS
 
 GROUP_LABELS = ("run", "source", "group")
@@ -70,8 +70,10 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
     fam("group_latest_step", "gauge", "Latest training step seen for the group", GROUP_LABELS)
     fam("group_phase", "gauge", "1 for the group's current phase, 0 for the others (METRICS.md §5)",
         GROUP_LABELS + ("phase",))
-    fam("group_memorized_step", "gauge", "Step at which the group was detected memorized", GROUP_LABELS)
-    fam("group_onset_step", "gauge", "Step at which the group began generalizing (grokking onset)", GROUP_LABELS)
+    fam("group_memorized_step", "gauge", "Step at which the group was detected memorized (its loss low and flat), "
+        "from the source that carries its phase only", GROUP_LABELS)
+    fam("group_onset_step", "gauge", "Step at which the group began generalizing (grokking onset), from the source "
+        "that carries its phase only", GROUP_LABELS)
     fam("train_step", "gauge", "Latest training step seen from the run's train source", ("run",))
     fam("eval_score", "gauge", "The user's own held-out score per group (ground truth, not a metric input)",
         ("run", "group"))
@@ -90,6 +92,7 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
     fam("agent_hook_errors_total", "counter", "Errors caught inside the agents' hooks", ("run", "rank"))
 
     with state.lock:
+        carriers = state.phase_carriers()
         for (run, source), stream in sorted(state.streams.items()):
             memorized = stream.memorization.memorized_counts() if stream.memorization else {}
             series_items = [(name, g.series, g.window) for name, g in sorted(stream.groups.items())]
@@ -111,10 +114,12 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
                 if tracker is not None:
                     for phase in PHASES:
                         F["group_phase"].add(key + (phase,), int(tracker.phase == phase))
-                    if tracker.memorized_step is not None:
-                        F["group_memorized_step"].add(key, tracker.memorized_step)
-                    if tracker.onset_step is not None:
-                        F["group_onset_step"].add(key, tracker.onset_step)
+                    # One event, one report: the dated steps come from the carrying source alone.
+                    if carriers.get((run, name)) == source:
+                        if tracker.memorized_step is not None:
+                            F["group_memorized_step"].add(key, tracker.memorized_step)
+                        if tracker.onset_step is not None:
+                            F["group_onset_step"].add(key, tracker.onset_step)
                 if stream.memorization is not None:
                     F["memorized_samples"].add(key, memorized.get(name, 0))
                 health = window.health(stream.top_k)

@@ -16,6 +16,7 @@ from grokwatch.wire.messages import (
     Eval,
     Heartbeat,
     Hello,
+    Loss,
     Message,
     Routing,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Limits",
+    "Loss",
     "Message",
     "Routing",
     "WireError",

@@ -23,12 +23,14 @@ from grokwatch.wire.messages import (
     KIND_EVAL,
     KIND_HEARTBEAT,
     KIND_HELLO,
+    KIND_LOSS,
     KIND_ROUTING,
     PROTOCOL_VERSION,
     SOURCES,
     Eval,
     Heartbeat,
     Hello,
+    Loss,
     Message,
     Routing,
 )
@@ -71,7 +73,7 @@ def _array(x: np.ndarray, dtype: str) -> dict:
 def encode(message: Message) -> bytes:
     """Serialize a message. Arrays are converted to the wire dtype; the result
     is not validated here (``decode`` is the single place that does)."""
-    if not isinstance(message, (Hello, Routing, Eval, Heartbeat)):
+    if not isinstance(message, (Hello, Routing, Eval, Heartbeat, Loss)):
         raise TypeError(f"not a grokwatch.wire message: {type(message).__name__}")
     out: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
@@ -113,6 +115,8 @@ def encode(message: Message) -> bytes:
             out["loss"] = _array(message.loss_N, F32)
     elif isinstance(message, Eval):
         out.update(step=int(message.step), scores={str(k): float(v) for k, v in message.scores.items()})
+    elif isinstance(message, Loss):
+        out.update(step=int(message.step), losses={str(k): float(v) for k, v in message.losses.items()})
     else:
         out.update(
             messages_sent=int(message.messages_sent),
@@ -336,6 +340,15 @@ def _decode_eval(r: _Reader) -> Eval:
     return Eval(**_header(r), step=r.int("step"), scores=r.number_map("scores", integer=False))
 
 
+def _decode_loss(r: _Reader) -> Loss:
+    msg = Loss(**_header(r), step=r.int("step"), losses=r.number_map("losses", integer=False))
+    if not msg.losses:
+        raise WireError("missing_field", "'losses' is empty")
+    if min(msg.losses.values()) < 0:
+        raise WireError("value_range", "negative loss")
+    return msg
+
+
 def _decode_heartbeat(r: _Reader) -> Heartbeat:
     return Heartbeat(
         **_header(r),
@@ -351,6 +364,7 @@ _DECODERS = {
     KIND_ROUTING: _decode_routing,
     KIND_EVAL: _decode_eval,
     KIND_HEARTBEAT: _decode_heartbeat,
+    KIND_LOSS: _decode_loss,
 }
 
 

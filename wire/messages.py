@@ -26,7 +26,8 @@ KIND_HELLO = "hello"
 KIND_ROUTING = "routing"
 KIND_EVAL = "eval"
 KIND_HEARTBEAT = "heartbeat"
-KINDS = (KIND_HELLO, KIND_ROUTING, KIND_EVAL, KIND_HEARTBEAT)
+KIND_LOSS = "loss"
+KINDS = (KIND_HELLO, KIND_ROUTING, KIND_EVAL, KIND_HEARTBEAT, KIND_LOSS)
 
 SOURCES = ("train", "probe", "replay")
 # What the mean routing weights are the mean of (METRICS.md, Notation).
@@ -119,4 +120,20 @@ class Heartbeat:
     kind: str = field(default=KIND_HEARTBEAT, init=False)
 
 
-Message = Hello | Routing | Eval | Heartbeat
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Loss:
+    """The training loss the user handed the agent at a step, per data group (mean NLL of the group's
+    rows in nats): the loss evidence of the train source's phases (METRICS.md §5). Added to protocol v1
+    compatibly: a collector that predates it rejects it as ``kind`` and counts it."""
+
+    run: str
+    rank: int
+    sender: str
+    seq: int
+    wall_time: float
+    step: int
+    losses: dict[str, float]  # group -> mean loss, finite, >= 0
+    kind: str = field(default=KIND_LOSS, init=False)
+
+
+Message = Hello | Routing | Eval | Heartbeat | Loss

@@ -5,6 +5,10 @@ A sample is [a, op, b, =, c]; the model sees the first four tokens and must
 predict c = a ∘ b mod p. Held-out accuracy of a commutative operation is
 *swap-clean*: a held-out pair whose swap (b, a) was trained on does not count
 (otherwise memorization plus commutativity scores the train fraction).
+
+The group ``rand`` is the built-in negative control (docs/groundtruth.md): its answer for each
+pair (a, b) is drawn at random once, so its training samples can be memorized and its held-out
+samples never predicted (chance is 1/p). A phase detector that calls it ``generalizing`` is wrong.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ OPS = {
     "mul": (lambda a, b, p: (a * b) % p, True),
     "div": (lambda a, b, p: (a * pow(int(b), p - 2, p)) % p, False),
     "sq": (lambda a, b, p: (a * a + b * b) % p, True),
+    "rand": (None, False),  # random labels: memorizable, never generalizable (answers drawn per dataset)
 }
+RANDOM_LABELS = "rand"
 
 
 @dataclass
@@ -46,6 +52,9 @@ def make_dataset(groups: list[str], p: int, train_fraction: float, seed: int) ->
     rows_train, rows_test = [], []
     for g, op in enumerate(groups):
         fn, commutative = OPS[op]
+        if op == RANDOM_LABELS:
+            table_PP = torch.randint(0, p, (p, p), generator=gen)
+            fn = (lambda table: (lambda a, b, p: int(table[a, b])))(table_PP)
         pairs = [(a, b) for a in range(p) for b in range(p) if not (op == "div" and b == 0)]
         perm = torch.randperm(len(pairs), generator=gen).tolist()
         cut = int(round(train_fraction * len(pairs)))

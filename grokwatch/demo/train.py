@@ -27,7 +27,8 @@ from grokwatch.demo.model import GrokMoE, ModelConfig
 
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
-    groups: tuple[str, ...] = ("add", "sub", "div")
+    # "rand": random labels, the negative control in every run (memorized, never generalized).
+    groups: tuple[str, ...] = ("add", "sub", "div", "rand")
     p: int = 59
     train_fraction: float = 0.3
     steps: int = 3000
