@@ -63,3 +63,11 @@ def make_heartbeat(**kw) -> Heartbeat:
                 messages_dropped={"queue_full": 2}, hook_errors=0)
     base.update(kw)
     return Heartbeat(**base)
+
+
+def make_loss(**kw):
+    from grokwatch.wire import Loss
+
+    base = dict(run="run-a", rank=0, sender="s0", seq=4, wall_time=time.time(), step=10, losses={"math": 0.4})
+    base.update(kw)
+    return Loss(**base)

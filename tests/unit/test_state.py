@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -227,3 +228,84 @@ def test_eval_scores_are_kept_and_journaled():
     record = dict(records[-1])
     record.pop("t")
     assert record == dict(kind="eval", run="run-a", step=30, scores={"math": 0.5, "code": 0.25})
+
+
+# ----------------------------------------------------------------- phases: evidence, carriers, buckets
+
+
+def _memorizing(step):
+    return 4.0 * max(0.0, 1 - step / 200) + 0.01
+
+
+def _feed(state, source, steps, loss_in_points=False, losses=None, groups=("math", "code"), seq0=1):
+    """Routing of two groups every 10 steps (peaked, so that the points are not all alike), and, for the
+    train source, the user's loss per group as Loss messages."""
+    from wire_factories import make_loss
+
+    rng = np.random.default_rng(0)
+    seq = seq0
+    for step in steps:
+        n = 2 * len(groups)
+        msg = make_routing(rng=rng, seq=seq, n=n, step=step, source=source, groups=groups * 2,
+                           sample_ids=[f"{source}{i}" for i in range(n)], concentration=0.3)
+        if loss_in_points:
+            msg = dataclasses.replace(msg, loss_N=np.full(n, _memorizing(step), np.float32))
+        state.handle(msg)
+        seq += 1
+        if losses:
+            state.handle(make_loss(seq=seq, step=step, losses={g: losses(step) for g in groups}))
+            seq += 1
+    return seq
+
+
+def test_without_loss_evidence_every_group_is_unknown_and_nothing_is_dated(tmp_path):
+    from grokwatch.collector.view import build_view
+
+    state, records = new_state()
+    _feed(state, "train", range(0, 400, 10))
+    fams = {f.name: f for f in build_view(state)}
+    phases = {(v[2], v[3]): x for v, x in fams["grokwatch_group_phase"].samples}
+    assert phases[("math", "unknown")] == 1 and phases[("code", "unknown")] == 1
+    assert not fams["grokwatch_group_memorized_step"].samples and not fams["grokwatch_group_onset_step"].samples
+    assert {r["phase"] for r in records if r.get("kind") == "point" and "phase" in r} == {"unknown"}
+
+
+def test_the_users_training_loss_is_evidence_and_is_journaled(tmp_path):
+    from grokwatch.collector.view import build_view
+
+    state, records = new_state()
+    _feed(state, "train", range(0, 600, 10), losses=_memorizing)
+    fams = {f.name: f for f in build_view(state)}
+    dated = {v[2]: x for v, x in fams["grokwatch_group_memorized_step"].samples}
+    assert set(dated) == {"math", "code"} and all(150 <= s <= 400 for s in dated.values())
+    loss_records = [r for r in records if r.get("kind") == "loss"]
+    assert len(loss_records) == 2 * 60 and loss_records[0]["source"] == "train"
+    evidence = [r for r in records if "memorized_evidence" in r]
+    assert len(evidence) == 2 and all(r["memorized_evidence"]["loss"] <= r["memorized_evidence"]["epsilon"]
+                                      for r in evidence)
+
+
+def test_a_loss_before_any_routing_of_its_run_is_rejected_with_its_reason():
+    from wire_factories import make_loss
+
+    state, _ = new_state()
+    with pytest.raises(Rejected) as err:
+        state.handle(make_loss(seq=1))
+    assert err.value.reason == "no_routing"
+
+
+def test_one_source_carries_each_groups_phase_and_buckets_have_none():
+    """The probe's per-sample losses and the user's training loss both date the same group: only the
+    probe's dates are exported (one event, one report); the probe's mem@ buckets get no phase."""
+    from grokwatch.collector.view import build_view
+
+    state, _ = new_state(memorization_bucket_steps=100)
+    seq = _feed(state, "train", range(0, 600, 10), losses=_memorizing)
+    _feed(state, "probe", range(0, 600, 10), loss_in_points=True, seq0=seq)
+    fams = {f.name: f for f in build_view(state)}
+    dated = {(v[1], v[2]) for v, _ in fams["grokwatch_group_memorized_step"].samples}
+    assert dated == {("probe", "math"), ("probe", "code")}
+    assert state.streams[("run-a", "train")].phases["math"].memorized_step is not None  # computed, not exported
+    buckets = [g for g in state.streams[("run-a", "probe")].labels if g.startswith("mem@")]
+    assert buckets and not any(b in state.streams[("run-a", "probe")].phases for b in buckets)
+    assert not any(v[2].startswith("mem@") for v, _ in fams["grokwatch_group_phase"].samples)

@@ -256,3 +256,37 @@ def test_arbitrary_msgpack_values_raise_only_wire_error(value):
 def test_encode_refuses_non_messages():
     with pytest.raises(TypeError):
         encode({"kind": "hello"})
+
+
+def test_loss_round_trips_and_refuses_negative_empty_or_non_finite_values():
+    import msgpack
+
+    from wire_factories import make_loss
+
+    msg = decode(encode(make_loss(losses={"math": 0.25, "code": 3.0})))
+    assert msg.kind == "loss" and msg.step == 10 and msg.losses == {"math": 0.25, "code": 3.0}
+    for losses, reason in (({"math": -0.1}, "value_range"), ({}, "missing_field")):
+        with pytest.raises(WireError) as err:
+            decode(encode(make_loss(losses=losses)))
+        assert err.value.reason == reason
+    raw = msgpack.unpackb(encode(make_loss()), raw=False)
+    raw["losses"] = {"math": float("nan")}
+    with pytest.raises(WireError) as err:
+        decode(msgpack.packb(raw, use_bin_type=True))
+    assert err.value.reason == "non_finite"
+
+
+def test_a_collector_that_predates_the_loss_kind_rejects_it_by_kind_and_nothing_else():
+    """Compatibility both ways: an older decoder (no ``loss`` kind) refuses it as ``kind`` — one counted
+    rejection — and a newer one still reads every older kind (the round trips above)."""
+    from grokwatch.wire import codec
+    from wire_factories import make_loss
+
+    older = {k: v for k, v in codec._DECODERS.items() if k != "loss"}
+    saved, codec._DECODERS = codec._DECODERS, older
+    try:
+        with pytest.raises(WireError) as err:
+            decode(encode(make_loss()))
+        assert err.value.reason == "kind"
+    finally:
+        codec._DECODERS = saved
