@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from grokwatch.collector.config import PHASE_DISTANCES
-from grokwatch.collector.phases import DATED_STEPS
+from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS
 
 METRICS = ("distance", "distance_vs_cross", "distance_normalized", "normalized_vs_cross", "consistency",
            "adjacent_cosine", "loss")
@@ -50,6 +50,7 @@ class GroupSeries:
     imbalance_layers: Optional[np.ndarray] = None
     phases: list = field(default_factory=list)  # (step, phase) at each change, at the detector's dated step
     phase_signal: Optional[str] = None  # the distance the detector watched last (phase_distance)
+    evidence: dict = field(default_factory=dict)  # phase -> the evidence that dated it (journal)
 
 
 @dataclass
@@ -65,11 +66,15 @@ def load(records: Iterable[dict]):
     layers: dict = defaultdict(lambda: defaultdict(dict))
     phase_seq: dict = defaultdict(list)
     phase_signal: dict = {}
+    evidence: dict = defaultdict(dict)
     evals: dict = defaultdict(dict)
     for r in records:
         if r.get("kind") == "eval":
             for name, score in r.get("scores", {}).items():
                 evals[(r["run"], name)][r["step"]] = score
+            continue
+        if r.get("kind") == "loss":  # the user's training loss (the train source's evidence)
+            acc[(r["run"], r["source"], r["group"])][r["step"]]["loss"].append((r["loss"], 1))
             continue
         if r.get("kind") != "point":
             continue
@@ -88,6 +93,9 @@ def load(records: Iterable[dict]):
             phase_seq[key].append((dated if dated is not None else step, r["phase"]))
         if r.get("phase_signal"):
             phase_signal[key] = r["phase_signal"]
+        for phase, name in EVIDENCE_KEYS.items():
+            if r.get(name):
+                evidence[key][phase] = r[name]
     series = {}
     for key, by_step in acc.items():
         steps = np.array(sorted(by_step), dtype=np.float64)
@@ -101,7 +109,8 @@ def load(records: Iterable[dict]):
         for k, (a, b) in DERIVED.items():
             with np.errstate(divide="ignore", invalid="ignore"):
                 values[k] = np.where(values[b] > 0, values[a] / values[b], math.nan)
-        gs = GroupSeries(*key, steps=steps, values=values, phases=phase_seq[key], phase_signal=phase_signal.get(key))
+        gs = GroupSeries(*key, steps=steps, values=values, phases=phase_seq[key], phase_signal=phase_signal.get(key),
+                         evidence=dict(evidence.get(key, {})))
         for k in ("entropy_layers", "imbalance_layers"):
             per_step = layers[key].get(k)
             if per_step:

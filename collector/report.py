@@ -40,6 +40,31 @@ def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f}"
 
 
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:+.1f} %"
+
+
+def evidence_text(series: GroupSeries) -> list[str]:
+    """What dated each phase, in words (the journal's evidence, METRICS.md §5)."""
+    out = []
+    mem = series.evidence.get("memorized")
+    if mem:
+        out.append(f"memorized dated to step {mem['step']}: loss {mem.get('loss')} ≤ ε {mem.get('epsilon')}, "
+                   f"change {mem.get('loss_change')} over its last {mem.get('loss_points')} loss points "
+                   f"(flat within {mem.get('loss_tolerance')})")
+    gen = series.evidence.get("generalizing")
+    if gen:
+        signal = SIGNAL_TITLES.get(gen.get("signal"), gen.get("signal"))
+        out.append(f"onset dated to step {gen['step']}: {signal} {_pct(gen.get('distance_change'))} over the window "
+                   f"(Theil–Sen slope {gen.get('distance_slope')} per step, interval [{gen.get('distance_slope_low')}, "
+                   f"{gen.get('distance_slope_high')}]; Mann–Kendall p = {gen.get('p_fall')}, noise lag-1 "
+                   f"correlation {gen.get('noise_rho')}); cross-group baseline {_pct(gen.get('baseline_change'))}; "
+                   f"loss {gen.get('loss')} ≤ ε {gen.get('epsilon')}; confirmed at step {gen.get('confirmed_step')}")
+    if series.phases and all(p == "unknown" for _, p in series.phases):
+        out.append("phase unknown: no loss evidence for this group (no probe, no training loss given), so no claim")
+    return out
+
+
 def _phase_marks(ax, series: GroupSeries) -> None:
     for step, phase in series.phases:
         if phase == "memorized":
@@ -132,9 +157,11 @@ def build_report(state_dir: str, out_dir: str, run: Optional[str] = None) -> str
                  + (f" (watching {SIGNAL_TITLES.get(gs.phase_signal, gs.phase_signal)})" if gs.phase_signal else ""),
                  f"held-out accuracy first above 50% at step {crossing:.0f}" if crossing is not None else
                  ("held-out accuracy never above 50%" if ev is not None else "no held-out accuracy logged")]
+        why = "".join(f"<li>{html.escape(line)}</li>" for line in evidence_text(gs))
         sections.append(
             f"<h2>{html.escape(r)} · {html.escape(group)} <small>({gs.source})</small></h2>"
             f"<p>{' · '.join(html.escape(f) for f in facts)}</p>"
+            + (f"<ul class=evidence>{why}</ul>" if why else "") +
             f'<img alt="{html.escape(group)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
         if ev is not None:
             table = correlation_table(gs, ev, memo)

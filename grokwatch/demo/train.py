@@ -167,7 +167,10 @@ def train(cfg: BenchConfig, *, endpoint: Optional[str] = None, run: str = "grokk
                 mon.step(step)
                 mon.tag(sids, groups)
             logits = model(ids)
-            loss = F.cross_entropy(logits, ids[:, 4]) + cfg.aux_coef * model.aux_loss
+            loss_B = F.cross_entropy(logits, ids[:, 4], reduction="none")
+            loss = loss_B.mean() + cfg.aux_coef * model.aux_loss
+            if mon is not None:  # the train source's loss evidence, per group of the tagged rows (sampled steps)
+                mon.step(step, loss=loss_B)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

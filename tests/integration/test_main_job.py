@@ -45,6 +45,7 @@ def test_main_job_writes_journal_report_and_table(job):
     # Two tagged groups: the default detector ("auto") judges them against the cross-group baseline.
     assert series[("short", "probe", "add")].phase_signal == "normalized_vs_cross"
     assert "watching normalized distance ÷ cross-group baseline" in page
+    assert "memorized dated to step" in page and "ε" in page  # the evidence beside the marker
 
 
 def test_phase_detector_leaves_memorizing_for_a_group_that_memorizes(job):
@@ -56,12 +57,16 @@ def test_phase_detector_leaves_memorizing_for_a_group_that_memorizes(job):
     series, _ = load(records)
     for g in memorized:
         phases = [p for _, p in series[("short", "probe", g)].phases]
-        assert phases[0] == "memorizing" and len(phases) > 1, phases
-        # The journal carries the step the detector dated the transition to (before the decision's record).
+        assert phases[:3] == ["unknown", "memorizing", "memorized"], phases  # the probe's losses are evidence
+        # The journal carries the step the detector dated the transition to (before the decision's record),
+        # and the evidence that dated it, on the record where the phase changed.
         first = next(r for r in records if r.get("kind") == "point" and r["source"] == "probe" and r["group"] == g
-                     and r["phase"] != "memorizing")
+                     and r.get("phase") == "memorized")
         assert first["memorized_step"] < first["step"]
-        assert series[("short", "probe", g)].phases[1] == (first["memorized_step"], first["phase"])
+        assert first["memorized_evidence"]["loss"] <= first["memorized_evidence"]["epsilon"]
+        assert series[("short", "probe", g)].phases[2] == (first["memorized_step"], first["phase"])
+    # The user's per-row training loss reached the collector as the train source's evidence.
+    assert any(r.get("kind") == "loss" and r["source"] == "train" for r in records)
 
 
 def test_replay_of_saved_checkpoints_and_correlate(job, tmp_path):
