@@ -20,7 +20,7 @@ from typing import Mapping, Optional
 from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig, ConfigError, load_config, otlp_requested
 from grokwatch.collector.ingest import Ingest
-from grokwatch.collector.persist import Journal, read_snapshot, write_snapshot
+from grokwatch.collector.persist import Journal, SnapshotError, check_writable, read_snapshot, set_aside, write_snapshot
 from grokwatch.collector.prometheus import make_registry, serve
 from grokwatch.collector.state import State
 
@@ -31,13 +31,15 @@ class Collector:
     def __init__(self, config: CollectorConfig, *, otel_readers: Optional[list] = None, environ=None):
         self.config = config
         self.environ = os.environ if environ is None else environ
-        self.journal = Journal(config.state_dir, config.journal_max_bytes) if config.state_dir else None
-        self.state = State(config, journal=self.journal)
         if config.state_dir:
-            snap = read_snapshot(config.state_dir)
-            if snap is not None:
-                self.state.restore(snap)
-                log.info("resumed from the snapshot in %s", config.state_dir)
+            check_writable(config.state_dir)  # OSError in one line: run_from_args exits 2 with it
+        self.state = State(config)
+        self.journal = (Journal(config.state_dir, config.journal_max_bytes, on_error=self.state.count_persist_error)
+                        if config.state_dir else None)
+        if self.journal:
+            self.state.journal = self.journal
+        if config.state_dir:
+            self._resume(config.state_dir)
         self.otel_readers = otel_readers
         self.ingest: Optional[Ingest] = None
         self.otel = None
@@ -45,6 +47,32 @@ class Collector:
         self._server = None
         self._stop = threading.Event()
         self._snapshot_thread: Optional[threading.Thread] = None
+
+    def _resume(self, state_dir: str) -> None:
+        """Restore the snapshot, once it has proved itself on a scratch state (restored and rendered as
+        /metrics): a snapshot that is unreadable, foreign, crafted or of the wrong types is moved aside,
+        logged in one line and counted, and the collector starts fresh — never a crash loop, never a
+        /metrics that errors."""
+        try:
+            snap = read_snapshot(state_dir)
+            if snap is None:
+                return
+            from grokwatch.collector.view import build_view
+
+            scratch = State(self.config)
+            scratch.restore(snap)
+            build_view(scratch)
+        except Exception as exc:  # SnapshotError, or a type the restored state cannot work with
+            reason = str(exc) if isinstance(exc, SnapshotError) else f"{type(exc).__name__}: {exc}"[:300]
+            try:
+                where = set_aside(state_dir)
+            except OSError as move_error:
+                where = f"(could not be moved: {move_error})"
+            log.error("snapshot in %s not used, starting fresh: %s; moved to %s", state_dir, reason, where)
+            self.state.count_persist_error("snapshot_read")
+            return
+        self.state.restore(read_snapshot(state_dir))  # a fresh copy: the scratch state owns the first
+        log.info("resumed from the snapshot in %s", state_dir)
 
     @property
     def endpoints(self) -> list[str]:
@@ -75,16 +103,24 @@ class Collector:
         return self
 
     def snapshot(self) -> None:
+        """Flush the journal and write a consistent snapshot. A failure (a full disk) is counted
+        (``snapshot_write``), logged, and raised; the temp file is gone."""
         if not self.config.state_dir:
             return
         if self.journal:
             self.journal.flush()
-        write_snapshot(self.config.state_dir, self.state.snapshot())
+        try:
+            write_snapshot(self.config.state_dir, self.state.snapshot_blob())
+        except OSError:
+            self.state.count_persist_error("snapshot_write")
+            raise
 
     def _snapshot_loop(self) -> None:
         while not self._stop.wait(self.config.snapshot_interval_s):
             try:
                 self.snapshot()
+            except OSError as exc:
+                log.warning("snapshot failed (%s); counted, will retry", exc)
             except Exception:
                 log.exception("snapshot failed; will retry")
 
@@ -94,6 +130,8 @@ class Collector:
             self.ingest.stop()
         try:
             self.snapshot()
+        except OSError as exc:
+            log.error("final snapshot failed: %s", exc)
         except Exception:
             log.exception("final snapshot failed")
         if self._server:
@@ -126,7 +164,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"grokwatch collector: {exc}", flush=True)
         return 2
-    collector = Collector(config)
+    try:
+        collector = Collector(config)
+    except OSError as exc:  # an unwritable state directory
+        print(f"grokwatch collector: cannot start: {exc}", flush=True)
+        return 2
     try:
         collector.start()
     except Exception as exc:  # e.g. an endpoint or port already in use

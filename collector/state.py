@@ -71,12 +71,17 @@ class State:
         self.last_message_lag_s = 0.0
         self.train_step: dict[str, int] = {}
         self.evals: dict[tuple[str, str], tuple[int, float]] = {}
+        self.persist_errors: dict[str, int] = {}  # persist.PERSIST_ERRORS -> count
 
     # ------------------------------------------------------------- counters
 
     def count_rejected(self, reason: str) -> None:
         with self.lock:
             self.rejected_total[reason] = self.rejected_total.get(reason, 0) + 1
+
+    def count_persist_error(self, what: str) -> None:
+        with self.lock:
+            self.persist_errors[what] = self.persist_errors.get(what, 0) + 1
 
     def count_received(self) -> None:
         with self.lock:
@@ -301,11 +306,19 @@ class State:
 
     SNAPSHOT_FIELDS = ("streams", "shapes", "layer_ids", "senders", "agent_counters", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
-                       "processing_seconds_count", "train_step", "evals", "rng")
+                       "processing_seconds_count", "train_step", "evals", "rng", "persist_errors")
 
     def snapshot(self) -> dict:
+        """The fields, by reference: pickle them under ``lock`` (``snapshot_blob``) or they may tear."""
         with self.lock:
             return {name: getattr(self, name) for name in self.SNAPSHOT_FIELDS}
+
+    def snapshot_blob(self) -> bytes:
+        """A consistent, pickled copy of the state (taken under the lock; a few ms per MB)."""
+        from grokwatch.collector.persist import snapshot_bytes
+
+        with self.lock:
+            return snapshot_bytes(self.snapshot())
 
     def restore(self, data: dict) -> None:
         with self.lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from grokwatch.collector.persist import PERSIST_ERRORS
 from grokwatch.collector.phases import PHASES
 from grokwatch.collector.state import CROSS_GROUP, State
 from grokwatch.wire import REASONS as WIRE_REASONS
@@ -86,6 +87,8 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
     fam("collector_queue_capacity", "gauge", "Capacity of the processing queue", ())
     fam("collector_processing_seconds", "summary", "Processing time per message", ())
     fam("collector_ingest_lag_seconds", "gauge", "Receive time minus send time of the latest message", ())
+    fam("collector_persist_errors_total", "counter", "Snapshot and journal reads and writes that failed, by what",
+        ("what",))
     fam("agent_messages_sent_total", "counter", "Messages the agents sent (from heartbeats)", ("run", "rank"))
     fam("agent_messages_dropped_total", "counter", "Messages the agents dropped, by reason (from heartbeats)",
         ("run", "rank", "reason"))
@@ -145,6 +148,8 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
         F["collector_processing_seconds"].add((), (float(state.processing_seconds_count),
                                                    state.processing_seconds_sum))
         F["collector_ingest_lag_seconds"].add((), state.last_message_lag_s)
+        for what in PERSIST_ERRORS:
+            F["collector_persist_errors_total"].add((what,), state.persist_errors.get(what, 0))
         for (run, rank), totals in sorted(state.agent_totals().items()):
             F["agent_messages_sent_total"].add((run, rank), totals["sent"])
             F["agent_hook_errors_total"].add((run, rank), totals["hook_errors"])

@@ -1,0 +1,149 @@
+"""Faults of the state directory: crafted, truncated, foreign or wrong-typed snapshots, an unwritable
+directory, a full disk. Each gives one clear line and a defined outcome, counted in
+grokwatch_collector_persist_errors_total{what}; never a crash, a /metrics that errors, or code run."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from grokwatch.wire import encode
+from helpers import Pusher, scrape, scrape_text, start_collector, value, wait_until
+from wire_factories import make_hello, make_routing
+
+
+class _Exploit:
+    """A pickle that, loaded with plain pickle.load, runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _with_a_real_snapshot(tmp_path):
+    c = start_collector(tmp_path)
+    try:
+        with_pusher(c, [make_hello(seq=0), make_routing(seq=1, n=4)])
+        wait_until(lambda: c.state.samples_total == 4)
+    finally:
+        c.stop()
+    return tmp_path / "state" / "snapshot.pkl"
+
+
+def with_pusher(collector, msgs):
+    """Send and wait until the collector has them (the pusher closes with linger 0)."""
+    before = collector.state.received_total
+    p = Pusher(collector.endpoints[0])
+    try:
+        for m in msgs:
+            p.send(encode(m))
+        wait_until(lambda: collector.state.received_total >= before + len(msgs))
+    finally:
+        p.close()
+
+
+def _starts_fresh_and_counts(tmp_path, caplog):
+    c = start_collector(tmp_path)
+    try:
+        s = scrape(c.metrics_port)  # /metrics answers
+        assert value(s, "grokwatch_collector_persist_errors_total", what="snapshot_read") == 1
+        assert value(s, "grokwatch_collector_messages_received_total") == 0
+        aside = [p for p in os.listdir(tmp_path / "state") if p.startswith("snapshot.pkl.bad-")]
+        assert len(aside) == 1 and not (tmp_path / "state" / "snapshot.pkl").exists()
+        lines = [r for r in caplog.records if "snapshot" in r.getMessage() and r.levelname == "ERROR"]
+        assert len(lines) == 1 and "starting fresh" in lines[0].getMessage()
+        with_pusher(c, [make_hello(seq=0), make_routing(seq=1, n=3)])  # and it works
+        wait_until(lambda: c.state.samples_total == 3)
+    finally:
+        c.stop()
+    return c
+
+
+def test_a_crafted_snapshot_runs_no_code_and_is_set_aside(tmp_path, caplog):
+    marker = tmp_path / "pwned"
+    (tmp_path / "state").mkdir()
+    with open(tmp_path / "state" / "snapshot.pkl", "wb") as fh:
+        pickle.dump({"version": 1, "state": {"received_total": _Exploit(marker)}}, fh)
+    _starts_fresh_and_counts(tmp_path, caplog)
+    assert not marker.exists()
+
+
+def test_a_truncated_snapshot_is_set_aside_and_counted(tmp_path, caplog):
+    path = _with_a_real_snapshot(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _starts_fresh_and_counts(tmp_path, caplog)
+
+
+@pytest.mark.parametrize("blob", [
+    b"not a pickle at all",
+    pickle.dumps({"version": 99, "state": {}}),  # another version
+    pickle.dumps({"version": 1, "state": {"received_total": "many", "rejected_total": [1, 2]}}),  # wrong types
+    pickle.dumps({"version": 1, "state": {"streams": {("r", "train"): 7}}}),  # wrong types, deeper
+], ids=["garbage", "version", "types", "deep-types"])
+def test_a_foreign_or_wrong_typed_snapshot_never_crashes_start_up_or_metrics(tmp_path, caplog, blob):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "snapshot.pkl").write_bytes(blob)
+    _starts_fresh_and_counts(tmp_path, caplog)
+
+
+def test_an_unwritable_state_dir_fails_at_start_up_in_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # root ignores permission bits; a path through a file is unwritable for anyone
+    result = subprocess.run([sys.executable, "-m", "grokwatch.cli", "collector", "--listen", "tcp://127.0.0.1:0",
+                             "--metrics-port", "0", "--state-dir", str(blocker / "state")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    out = (result.stdout + result.stderr).strip().splitlines()
+    assert len(out) == 1 and "state_dir" in out[0] and "not writable" in out[0], out
+
+
+def test_a_full_disk_is_counted_as_persist_errors_not_rejections_and_leaves_no_temp_file(tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    c = start_collector(tmp_path)
+    try:
+        state_dir = tmp_path / "state"
+        c.journal._fh.close()
+        os.remove(state_dir / "journal.jsonl")
+        os.symlink("/dev/full", state_dir / "journal.jsonl")
+        c.journal._fh = open(state_dir / "journal.jsonl", "a", encoding="utf-8", buffering=1)  # line-buffered
+        os.symlink("/dev/full", state_dir / "snapshot.pkl.tmp")  # the snapshot's temp file: the disk is full
+        with_pusher(c, [make_hello(seq=0)] + [make_routing(seq=i, n=2, step=i) for i in range(1, 6)])
+        wait_until(lambda: c.state.samples_total == 10)
+        with pytest.raises(OSError):
+            c.snapshot()
+        s = scrape(c.metrics_port)
+        assert value(s, "grokwatch_collector_persist_errors_total", what="journal_write") >= 5
+        assert value(s, "grokwatch_collector_persist_errors_total", what="snapshot_write") == 1
+        assert value(s, "grokwatch_collector_messages_rejected_total", reason="internal") == 0
+        assert value(s, "grokwatch_collector_samples_processed_total") == 10
+        assert not os.path.lexists(state_dir / "snapshot.pkl.tmp")
+        assert "grokwatch_collector_persist_errors_total" in scrape_text(c.metrics_port)
+    finally:
+        c.stop()
+
+
+def test_a_snapshot_is_consistent_even_while_messages_are_processed(tmp_path):
+    """Pickled under the lock: the total and the per-group samples of the same snapshot agree."""
+    c = start_collector(tmp_path)
+    try:
+        p = Pusher(c.endpoints[0])
+        p.send(encode(make_hello(seq=0)))
+        for i in range(1, 400):
+            p.send(encode(make_routing(seq=i, n=4, step=i)))
+        blobs = [c.state.snapshot_blob() for _ in range(30)]
+        wait_until(lambda: c.state.received_total >= 400)
+        p.close()
+    finally:
+        c.stop()
+    for blob in blobs:
+        data = pickle.loads(blob)["state"]
+        per_group = sum(g.series.samples_total for st in data["streams"].values() for g in st.groups.values())
+        assert per_group == data["samples_total"]
