@@ -29,6 +29,11 @@ def _names(values) -> list[str]:
     return [str(v)[:200] for v in values]
 
 
+def _groups(values) -> list[str]:
+    """Groups as the wire carries them; an empty name is the default group (the wire refuses empty labels)."""
+    return [name or "all" for name in _names(values)]
+
+
 def stable_key(sample_id: str) -> int:
     return zlib.crc32(sample_id.encode())
 
@@ -69,13 +74,13 @@ class Sampler:
                 self._mismatch("per-document ids and groups of different shapes")
                 return
             doc_ids = [_names(row) for row in sample_ids] if sample_ids is not None else None
-            doc_grp = [_names(row) for row in groups] if groups is not None else [["all"] * len(r) for r in doc_ids]
+            doc_grp = [_groups(row) for row in groups] if groups is not None else [["all"] * len(r) for r in doc_ids]
             self._tag = ([row[0] for row in doc_ids] if doc_ids is not None else None,
                          [row[0] for row in doc_grp], (doc_ids, doc_grp))
             self.row_groups = self._tag[1]
             return
         ids = _names(sample_ids) if sample_ids is not None else None
-        grp = _names(groups) if groups is not None else None
+        grp = _groups(groups) if groups is not None else None
         if ids is None or grp is None or len(grp) == len(ids):
             self._tag = (ids, grp if grp is not None else ["all"] * len(ids), None)
             self.row_groups = self._tag[1]

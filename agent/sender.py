@@ -53,7 +53,7 @@ def group_losses(losses) -> dict[str, float]:
             acc[1] += 1
         out = {g: total / n for g, (total, n) in sums.items()}
     else:
-        out = {str(g)[:200]: _number(v) for g, v in losses.items()}
+        out = {(str(g)[:200] or "all"): _number(v) for g, v in losses.items()}
     return {g: v for g, v in out.items() if v == v and 0.0 <= v < float("inf")}
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import zmq
 
 from grokwatch.collector.state import Rejected, State
-from grokwatch.wire import Limits, WireError, decode
+from grokwatch.wire import Limits, WireError, decode, peek_sequence
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,12 @@ class Ingest:
     def _accept(self, data: bytes) -> None:
         self.state.count_received()
         if len(data) > self.limits.max_message_bytes:
-            self.state.count_rejected("too_large")
+            self.state.count_rejected("too_large", peek_sequence(data, self.limits))
             return
         try:
             self.queue.put_nowait(data)
         except queue.Full:
-            self.state.count_rejected("queue_full")
+            self.state.count_rejected("queue_full", peek_sequence(data, self.limits))
 
     def _receive_loop(self) -> None:
         poller = zmq.Poller()
@@ -115,7 +115,7 @@ class Ingest:
         try:
             self.state.handle(decode(data, self.limits))
         except WireError as exc:
-            self.state.count_rejected(exc.reason)
+            self.state.count_rejected(exc.reason, peek_sequence(data, self.limits))
         except Rejected as exc:
             self.state.count_rejected(exc.reason)
         except Exception:  # a bug of ours must not stop the collector

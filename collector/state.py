@@ -27,6 +27,8 @@ BUCKET_PREFIX = "mem@"  # the probe's memorization buckets (METRICS.md §4): dia
 # with loss evidence for it (the probe measures per-sample loss; the train source has the user's loss).
 CARRIER_ORDER = ("probe", "train", "replay")
 MIN_MAX_COSINE = 0.05  # METRICS.md §2: below this, consistency is undefined
+MAX_ACCOUNTED_SENDERS = 4096  # senders with dropped-and-counted messages not yet passed by a later one
+MAX_ACCOUNTED_PER_SENDER = 65536
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +74,29 @@ class State:
         self.train_step: dict[str, int] = {}
         self.evals: dict[tuple[str, str], tuple[int, float]] = {}
         self.persist_errors: dict[str, int] = {}  # persist.PERSIST_ERRORS -> count
+        # Sequence numbers of messages dropped (and counted under their reason) before they were applied:
+        # a later message's gap leaves them out, so that a drop is counted once, not again as lost.
+        self._accounted: dict[str, set[int]] = {}
 
     # ------------------------------------------------------------- counters
 
-    def count_rejected(self, reason: str) -> None:
+    def count_rejected(self, reason: str, sequence: Optional[tuple[str, int]] = None) -> None:
+        """One rejection under ``reason``; ``sequence`` (wire.peek_sequence of the dropped bytes) keeps the
+        next message of that sender from counting the same message again as lost."""
         with self.lock:
             self.rejected_total[reason] = self.rejected_total.get(reason, 0) + 1
+            if sequence is not None:
+                sender, seq = sequence
+                info = self.senders.get(sender)
+                if info is not None and seq <= info["last_seq"]:
+                    return
+                marks = self._accounted.get(sender)
+                if marks is None:
+                    if len(self._accounted) >= MAX_ACCOUNTED_SENDERS:
+                        self._accounted.pop(next(iter(self._accounted)))
+                    marks = self._accounted[sender] = set()
+                if len(marks) < MAX_ACCOUNTED_PER_SENDER:
+                    marks.add(seq)
 
     def count_persist_error(self, what: str) -> None:
         with self.lock:
@@ -122,7 +141,15 @@ class State:
                                                    seen=self.clock())
         if msg.seq <= info["last_seq"]:
             raise Rejected("duplicate")
-        self.lost_total += msg.seq - info["last_seq"] - 1
+        gap = msg.seq - info["last_seq"] - 1
+        marks = self._accounted.get(msg.sender)
+        if marks:
+            counted = {s for s in marks if s <= msg.seq}
+            gap -= sum(1 for s in counted if s > info["last_seq"] and s != msg.seq)
+            marks -= counted
+            if not marks:
+                del self._accounted[msg.sender]
+        self.lost_total += gap
         info["last_seq"] = msg.seq
         info["seen"] = self.clock()
 
@@ -306,7 +333,7 @@ class State:
 
     SNAPSHOT_FIELDS = ("streams", "shapes", "layer_ids", "senders", "agent_counters", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
-                       "processing_seconds_count", "train_step", "evals", "rng", "persist_errors")
+                       "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "_accounted")
 
     def snapshot(self) -> dict:
         """The fields, by reference: pickle them under ``lock`` (``snapshot_blob``) or they may tear."""

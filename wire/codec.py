@@ -235,13 +235,22 @@ def _check_str(value: str, key: str, limits: Limits) -> None:
 
 
 def _header(r: _Reader) -> dict:
-    return dict(
+    header = dict(
         run=r.str("run"),
         rank=r.int("rank", hi=1 << 20),
         sender=r.str("sender"),
         seq=r.int("seq"),
         wall_time=r.float("t"),
     )
+    for key in ("run", "sender"):
+        if not header[key]:
+            raise WireError("value_range", f"{key!r} is empty")  # exported as a label: no empty names
+    return header
+
+
+def _no_empty(names, key: str) -> None:
+    if any(not n for n in names):
+        raise WireError("value_range", f"{key!r} holds an empty name")
 
 
 def _decode_hello(r: _Reader) -> Hello:
@@ -282,6 +291,8 @@ def _decode_routing(r: _Reader) -> Routing:
         raise WireError("too_many", f"{n} samples, limit {lim.max_samples}")
     if len(groups) != n:
         raise WireError("shape", f"{len(groups)} groups for {n} samples")
+    _no_empty(groups, "groups")
+    _no_empty(sample_ids, "sample_ids")
     mean_probs = r._get("mean_probs")
     shape = mean_probs.get("shape") if isinstance(mean_probs, dict) else None
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
@@ -337,13 +348,16 @@ def _decode_routing(r: _Reader) -> Routing:
 
 
 def _decode_eval(r: _Reader) -> Eval:
-    return Eval(**_header(r), step=r.int("step"), scores=r.number_map("scores", integer=False))
+    msg = Eval(**_header(r), step=r.int("step"), scores=r.number_map("scores", integer=False))
+    _no_empty(msg.scores, "scores")
+    return msg
 
 
 def _decode_loss(r: _Reader) -> Loss:
     msg = Loss(**_header(r), step=r.int("step"), losses=r.number_map("losses", integer=False))
     if not msg.losses:
         raise WireError("missing_field", "'losses' is empty")
+    _no_empty(msg.losses, "losses")
     if min(msg.losses.values()) < 0:
         raise WireError("value_range", "negative loss")
     return msg
@@ -368,6 +382,31 @@ _DECODERS = {
 }
 
 
+def peek_sequence(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Optional[tuple[str, int]]:
+    """(sender, seq) of a message without decoding its arrays: the header keys come first (``encode``
+    writes them first), so this reads a few hundred bytes. For the collector's accounting of messages it
+    drops before decoding (queue full, too large, invalid): each is counted once, under its reason, and
+    not again as a sequence gap. None when the bytes do not start like a message. Never raises."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1), max_bin_len=0,
+                                    max_str_len=limits.max_str_len * 4, max_array_len=0, max_map_len=64, max_ext_len=0)
+        unpacker.feed(data[:4096] if len(data) > 4096 else data)
+        entries = unpacker.read_map_header()
+        sender = seq = None
+        for _ in range(min(entries, 16)):
+            key = unpacker.unpack()
+            value = unpacker.unpack()
+            if key == "sender" and isinstance(value, str):
+                sender = value
+            elif key == "seq" and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                seq = value
+            if sender is not None and seq is not None:
+                return sender, seq
+    except Exception:
+        return None
+    return None
+
+
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
     """Parse and validate one message. Raises only ``WireError``."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -379,7 +418,8 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
             data,
             raw=False,
             strict_map_key=True,
-            max_str_len=max(limits.max_str_len * 4, 64),
+            # Strings are bounded by the message size here; the field checks give "string_length".
+            max_str_len=limits.max_message_bytes,
             max_bin_len=limits.max_message_bytes,
             # Generous safety nets; the field checks below give the precise reason.
             max_array_len=limits.max_samples * 4,

@@ -79,7 +79,7 @@ def test_slow_collector_counts_queue_full_and_accounts_for_every_message():
     ingest.start()
     pusher = Pusher(ingest.endpoints[0])
     try:
-        for seq in range(1, 41):
+        for seq in range(40):
             pusher.send(encode(make_routing(seq=seq, n=1)))
         wait_until(lambda: state.received_total == 40, timeout_s=15)
         wait_until(lambda: ingest.queue.empty(), timeout_s=15)
@@ -88,6 +88,38 @@ def test_slow_collector_counts_queue_full_and_accounts_for_every_message():
         rejected = state.rejected_total.get("queue_full", 0)
         assert rejected > 0
         assert state.processing_seconds_count + rejected == 40
+        # Each drop once, under its own reason: no frame vanished, so none is lost as well.
+        assert state.lost_total == 0
+    finally:
+        pusher.close()
+        ingest.stop()
+
+
+def test_invalid_and_oversize_messages_of_a_sender_are_not_counted_again_as_lost():
+    """A sender's message the collector refuses before applying it (too large, invalid) is one rejection
+    under its reason; the sender's next message does not count it again as a sequence gap. A real
+    gap (seq 6 never sent) is still lost."""
+    import msgpack
+
+    state = State(CollectorConfig())
+    big = encode(make_routing(seq=2, n=40))
+    # Just over the limit (libzmq itself drops frames more than 1 KiB over it, with the connection).
+    ingest = Ingest(state, ["tcp://127.0.0.1:0"], queue_capacity=100, max_message_bytes=len(big) - 100)
+    ingest.start()
+    pusher = Pusher(ingest.endpoints[0])
+    try:
+        pusher.send(encode(make_routing(seq=0, n=1)))
+        pusher.send(encode(make_routing(seq=1, n=1)))
+        pusher.send(big)  # too_large
+        bad = msgpack.unpackb(encode(make_routing(seq=3, n=1)), raw=False)
+        bad["entropy"]["dtype"] = "<f8"
+        pusher.send(msgpack.packb(bad, use_bin_type=True))  # invalid: dtype
+        pusher.send(encode(make_routing(seq=4, n=1)))
+        pusher.send(encode(make_routing(seq=5, n=1)))
+        pusher.send(encode(make_routing(seq=7, n=1)))
+        wait_until(lambda: state.received_total == 7 and state.processing_seconds_count == 5, timeout_s=15)
+        assert state.rejected_total == {"too_large": 1, "dtype": 1}
+        assert state.lost_total == 1
     finally:
         pusher.close()
         ingest.stop()

@@ -38,12 +38,13 @@ def assert_same(a, b):
 # ------------------------------------------------------------------ round trips
 
 text = st.text(min_size=0, max_size=40)
+name = st.text(min_size=1, max_size=40)  # runs, senders and groups are labels: never empty
 
 
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 5), num_layers=st.integers(1, 6),
        num_experts=st.integers(2, 10), data=st.data(), cosines=st.booleans(), loss=st.booleans(),
        source=st.sampled_from(["train", "probe", "replay"]), step=st.integers(0, 2**40),
-       run=text, group=text)
+       run=name, group=name)
 def test_routing_round_trips_every_field(seed, n, num_layers, num_experts, data, cosines, loss, source,
                                           step, run, group):
     top_k = data.draw(st.integers(1, num_experts))
@@ -65,7 +66,7 @@ def test_hello_round_trips(rank, layers, experts, dist, cos, host):
     assert_same(msg, decode(encode(msg)))
 
 
-@given(scores=st.dictionaries(text, st.floats(allow_nan=False, allow_infinity=False), max_size=10),
+@given(scores=st.dictionaries(name, st.floats(allow_nan=False, allow_infinity=False), max_size=10),
        step=st.integers(0, 10**9))
 def test_eval_round_trips(scores, step):
     msg = make_eval(scores=scores, step=step)
@@ -290,3 +291,20 @@ def test_a_collector_that_predates_the_loss_kind_rejects_it_by_kind_and_nothing_
         assert err.value.reason == "kind"
     finally:
         codec._DECODERS = saved
+
+
+def test_a_long_string_is_string_length_not_malformed():
+    with pytest.raises(WireError) as err:
+        decode(encode(make_routing(groups=("g" * 10_000,) * 3)))
+    assert err.value.reason == "string_length"
+
+
+@pytest.mark.parametrize("msg", [
+    lambda: make_routing(run=""), lambda: make_hello(sender=""), lambda: make_routing(groups=("a", "", "b")),
+    lambda: make_eval(scores={"": 0.5}),
+], ids=["run", "sender", "group", "eval-group"])
+def test_empty_names_are_rejected_with_a_reason(msg):
+    """An empty run or group would be exported without its label (run="" is no label in Prometheus)."""
+    with pytest.raises(WireError) as err:
+        decode(encode(msg()))
+    assert err.value.reason == "value_range"
