@@ -27,12 +27,11 @@ import numpy as np
 import zmq
 
 from grokwatch._version import __version__
-from grokwatch.wire import Eval, Heartbeat, Hello, Loss, Routing, encode
+from grokwatch.wire import AGENT_DROP_REASONS, Eval, Heartbeat, Hello, Loss, Routing, encode
 
 log = logging.getLogger("grokwatch.agent")
 
-DROP_REASONS = ("queue_full", "send_blocked", "too_large", "staging_busy", "incomplete", "encode_error",
-                "closed", "non_finite")
+DROP_REASONS = AGENT_DROP_REASONS  # the wire's list: the collector folds any other reason into "other"
 _CLOSE = ("close",)  # put by close(): the sender thread's wake-up to finish
 
 

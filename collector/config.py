@@ -63,6 +63,12 @@ class CollectorConfig:
     window_samples: int = DEFAULT_WINDOW
     max_groups: int = DEFAULT_MAX_GROUPS
     max_runs: int = 16
+    # A run that sent nothing for this long is forgotten (its series end), so that finished jobs free their
+    # slot in max_runs; 0: never.
+    run_idle_expiry_s: float = 24 * 3600.0
+    # A sender's sequence number may jump at most this far (beyond it the message is rejected as
+    # sequence_jump: one forged seq of 2^63 would otherwise make all its later messages duplicates).
+    max_sequence_jump: int = 1_000_000
     memorization_delta: float = 0.05  # METRICS.md §4 δ
     memorization_consecutive: int = 3  # METRICS.md §4 M
     memorization_epsilon: Mapping[str, float] = field(default_factory=dict)  # per group; else q0.25
@@ -122,6 +128,10 @@ class CollectorConfig:
                 raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
         if self.window_samples < 2:
             raise ConfigError("window_samples: must be at least 2")
+        if not self.run_idle_expiry_s >= 0:
+            raise ConfigError(f"run_idle_expiry_s: 0 (never) or more, got {self.run_idle_expiry_s}")
+        if int(self.max_sequence_jump) < 1:
+            raise ConfigError(f"max_sequence_jump: must be at least 1, got {self.max_sequence_jump}")
         for key in ("snapshot_interval_s", "max_message_age_s", "memorization_delta"):
             if not float(getattr(self, key)) > 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")

@@ -18,7 +18,7 @@ from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseTracker
 from grokwatch.collector.stream import Stream
-from grokwatch.wire import Eval, Heartbeat, Hello, Loss, Routing
+from grokwatch.wire import AGENT_DROP_REASONS, Eval, Heartbeat, Hello, Loss, Routing
 
 CROSS_GROUP = "_cross"  # METRICS.md §1 cross-group baseline
 OTHER_GROUP = "other"  # label values beyond max_groups
@@ -27,6 +27,7 @@ BUCKET_PREFIX = "mem@"  # the probe's memorization buckets (METRICS.md §4): dia
 # with loss evidence for it (the probe measures per-sample loss; the train source has the user's loss).
 CARRIER_ORDER = ("probe", "train", "replay")
 MIN_MAX_COSINE = 0.05  # METRICS.md §2: below this, consistency is undefined
+EXPIRY_SWEEP_S = 60.0  # how often idle runs are looked for
 MAX_ACCOUNTED_SENDERS = 4096  # senders with dropped-and-counted messages not yet passed by a later one
 MAX_ACCOUNTED_PER_SENDER = 65536
 
@@ -77,6 +78,9 @@ class State:
         # Sequence numbers of messages dropped (and counted under their reason) before they were applied:
         # a later message's gap leaves them out, so that a drop is counted once, not again as lost.
         self._accounted: dict[str, set[int]] = {}
+        self.world_sizes: dict[str, int] = {}  # run -> the largest world size its hellos declared
+        self.run_seen: dict[str, float] = {}  # run -> clock of its latest message (run_idle_expiry_s)
+        self._next_sweep = 0.0
 
     # ------------------------------------------------------------- counters
 
@@ -114,6 +118,9 @@ class State:
         started = time.perf_counter()
         with self.lock:
             now = self.clock()
+            if now >= self._next_sweep:  # before admitting anything: an expired run frees its slot
+                self._next_sweep = now + EXPIRY_SWEEP_S
+                self._expire_runs(now)
             self._sequence(msg)  # first, so a stale message is not also counted as lost
             if now - msg.wall_time > self.config.max_message_age_s:
                 raise Rejected("stale")
@@ -127,6 +134,7 @@ class State:
                 self._heartbeat(msg)
             elif isinstance(msg, Loss):
                 self._loss(msg)
+            self.run_seen[msg.run] = now
             self.last_message_lag_s = max(0.0, now - msg.wall_time)
             self.processing_seconds_sum += time.perf_counter() - started
             self.processing_seconds_count += 1
@@ -142,6 +150,8 @@ class State:
         if msg.seq <= info["last_seq"]:
             raise Rejected("duplicate")
         gap = msg.seq - info["last_seq"] - 1
+        if gap > self.config.max_sequence_jump:
+            raise Rejected("sequence_jump")  # last_seq stays: the sender's real next message is accepted
         marks = self._accounted.get(msg.sender)
         if marks:
             counted = {s for s in marks if s <= msg.seq}
@@ -156,6 +166,8 @@ class State:
     def _retire_oldest_sender(self) -> None:
         oldest = min(self.senders, key=lambda s: self.senders[s]["seen"])
         info = self.senders.pop(oldest)
+        if not info.get("beats"):
+            return
         acc = self.agent_counters.setdefault((info["run"], info["rank"]), dict(sent=0, dropped={}, hook_errors=0))
         acc["sent"] += info["sent"]
         acc["hook_errors"] += info["hook_errors"]
@@ -166,6 +178,30 @@ class State:
         """A run this collector already follows, or room for a new one (``max_runs``)."""
         if run not in self.shapes and len(self.shapes) >= self.config.max_runs:
             raise Rejected("too_many_runs")
+
+    def _known_sender(self, msg) -> None:
+        """Heartbeats, evals and losses come after their run's hello (the agent sends it first, and again
+        before each heartbeat): an unknown run adds no series, and a rank must be below the world size
+        the run's hellos declared (every (run, rank) is a series)."""
+        if msg.run not in self.shapes:
+            raise Rejected("unknown_run")
+        if msg.rank >= self.world_sizes.get(msg.run, 1 << 20):
+            raise Rejected("bad_rank")
+
+    def _expire_runs(self, now: float) -> None:
+        """Forget runs idle for ``run_idle_expiry_s``: their slot in ``max_runs`` and their series."""
+        ttl = self.config.run_idle_expiry_s
+        if not ttl:
+            return
+        for run in [r for r, seen in self.run_seen.items() if now - seen > ttl]:
+            log.info("run %r sent nothing for %.0f s: forgotten (run_idle_expiry_s)", run, now - self.run_seen[run])
+            for table in (self.shapes, self.layer_ids, self.train_step, self.world_sizes, self.run_seen):
+                table.pop(run, None)
+            for table in (self.streams, self.evals, self.agent_counters):
+                for key in [k for k in table if k[0] == run]:
+                    del table[key]
+            for sender in [s for s, info in self.senders.items() if info["run"] == run]:
+                del self.senders[sender]
 
     def _check_shape(self, run: str, shape: tuple[int, int, int]) -> None:
         self._admit_run(run)
@@ -179,6 +215,7 @@ class State:
         # says hello again as its real rank, and its counters go under that rank from then on.
         info = self.senders[msg.sender]
         info["rank"] = msg.rank
+        self.world_sizes[msg.run] = max(self.world_sizes.get(msg.run, 0), msg.world_size)
         info["hello"] = dict(host=msg.host, world_size=msg.world_size, agent_version=msg.agent_version,
                              distribution=msg.distribution, has_cosines=msg.has_cosines)
         info["other_layers"] = False
@@ -197,14 +234,25 @@ class State:
             raise Rejected("shape_mismatch")
 
     def _heartbeat(self, msg: Heartbeat) -> None:
+        """The agent's cumulative counters. Never backwards per sender (a heartbeat that says less than an
+        earlier one is stale or forged: the larger value stays); reasons outside the agent's own list are
+        one "other" (bounded labels)."""
+        self._known_sender(msg)
         info = self.senders[msg.sender]
-        info.update(sent=msg.messages_sent, dropped=dict(msg.messages_dropped), hook_errors=msg.hook_errors,
+        dropped: dict[str, int] = {}
+        for reason, n in msg.messages_dropped.items():
+            key = reason if reason in AGENT_DROP_REASONS else "other"
+            dropped[key] = dropped.get(key, 0) + n
+        old = info["dropped"]
+        info["beats"] = True
+        info.update(sent=max(info["sent"], msg.messages_sent), hook_errors=max(info["hook_errors"], msg.hook_errors),
+                    dropped={r: max(old.get(r, 0), dropped.get(r, 0)) for r in old.keys() | dropped.keys()},
                     disabled=msg.disabled)
 
     def _eval(self, msg: Eval) -> None:
         """Scores for at most ``max_groups`` groups per run (each one is a Prometheus series): the known
         ones and new ones while there is room; the rest of the message is dropped and counted."""
-        self._admit_run(msg.run)
+        self._known_sender(msg)
         known = {group for run, group in self.evals if run == msg.run}  # eval messages are rare
         kept = {}
         for group, score in msg.scores.items():
@@ -220,7 +268,7 @@ class State:
     def _loss(self, msg: Loss) -> None:
         """The user's training loss per group: loss evidence for the train source's phases. A group that
         has no routing summaries yet gets a tracker (no window) while the stream has room for it."""
-        self._admit_run(msg.run)
+        self._known_sender(msg)
         stream = self.streams.get((msg.run, "train"))
         if stream is None:
             raise Rejected("no_routing")  # the run's first train summaries come before its first loss
@@ -277,6 +325,8 @@ class State:
     def _routing(self, msg: Routing) -> None:
         if self.senders[msg.sender].get("other_layers"):
             raise Rejected("shape_mismatch")
+        if msg.rank >= self.world_sizes.get(msg.run, 1 << 20):
+            raise Rejected("bad_rank")
         stream = self._stream(msg)
         if msg.source == "train":
             self.train_step[msg.run] = max(self.train_step.get(msg.run, 0), msg.step)
@@ -322,6 +372,8 @@ class State:
         out = {k: dict(sent=v["sent"], dropped=dict(v["dropped"]), hook_errors=v["hook_errors"])
                for k, v in self.agent_counters.items()}
         for info in self.senders.values():
+            if not info.get("beats"):  # no heartbeat yet (or only refused messages): no series
+                continue
             acc = out.setdefault((info["run"], info["rank"]), dict(sent=0, dropped={}, hook_errors=0))
             acc["sent"] += info["sent"]
             acc["hook_errors"] += info["hook_errors"]
@@ -333,7 +385,8 @@ class State:
 
     SNAPSHOT_FIELDS = ("streams", "shapes", "layer_ids", "senders", "agent_counters", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
-                       "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "_accounted")
+                       "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "_accounted",
+                       "world_sizes", "run_seen")
 
     def snapshot(self) -> dict:
         """The fields, by reference: pickle them under ``lock`` (``snapshot_blob``) or they may tear."""

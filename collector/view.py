@@ -17,7 +17,7 @@ from grokwatch.wire import REASONS as WIRE_REASONS
 
 # Rejections decided by the collector itself (beyond the wire contract's).
 COLLECTOR_REASONS = ("queue_full", "stale", "duplicate", "shape_mismatch", "too_many_runs", "too_many_groups",
-                     "internal", "no_routing")
+                     "internal", "no_routing", "unknown_run", "bad_rank", "sequence_jump")
 ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS
 
 GROUP_LABELS = ("run", "source", "group")

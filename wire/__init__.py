@@ -9,6 +9,7 @@ Imported by both sides; needs only numpy and msgpack. Format: docs/wire.md.
 from grokwatch.wire.codec import DEFAULT_LIMITS, DEFAULT_MAX_MESSAGE_BYTES, Limits, decode, encode, peek_sequence
 from grokwatch.wire.errors import REASONS, WireError
 from grokwatch.wire.messages import (
+    AGENT_DROP_REASONS,
     DISTRIBUTIONS,
     KINDS,
     PROTOCOL_VERSION,
@@ -22,6 +23,7 @@ from grokwatch.wire.messages import (
 )
 
 __all__ = [
+    "AGENT_DROP_REASONS",
     "DEFAULT_LIMITS",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DISTRIBUTIONS",

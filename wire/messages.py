@@ -30,6 +30,10 @@ KIND_LOSS = "loss"
 KINDS = (KIND_HELLO, KIND_ROUTING, KIND_EVAL, KIND_HEARTBEAT, KIND_LOSS)
 
 SOURCES = ("train", "probe", "replay")
+# Why an agent drops a message (its heartbeat's ``messages_dropped`` keys). The collector exports a
+# reason outside this list as "other", so that a heartbeat cannot add label values at will.
+AGENT_DROP_REASONS = ("queue_full", "send_blocked", "too_large", "staging_busy", "incomplete", "encode_error",
+                      "closed", "non_finite")
 # What the mean routing weights are the mean of (METRICS.md, Notation).
 DISTRIBUTIONS = ("softmax", "sigmoid", "topk")
 

@@ -188,7 +188,9 @@ def test_stale_messages_are_rejected():
 
 def test_heartbeats_of_a_restarted_agent_never_make_totals_go_backwards():
     state, _ = new_state()
+    state.handle(make_hello(sender="old", seq=0))
     state.handle(make_heartbeat(sender="old", seq=1, messages_sent=10, messages_dropped={"queue_full": 3}))
+    state.handle(make_hello(sender="new", seq=0))
     state.handle(make_heartbeat(sender="new", seq=1, messages_sent=2, messages_dropped={"queue_full": 1}))
     totals = state.agent_totals()[("run-a", 0)]
     assert totals["sent"] == 12 and totals["dropped"] == {"queue_full": 4}
@@ -206,7 +208,10 @@ def test_eval_groups_are_capped_per_run_and_the_excess_counted():
     assert state.evals == {("run-a", "math"): (20, 0.75), ("run-a", "code"): (10, 0.25)}
     assert records[-1]["scores"] == {"math": 0.75}
     with pytest.raises(Rejected) as info:
-        state.handle(make_eval(run="run-b", sender="s1", seq=1, step=1, scores={"all": 1.0}))  # runs are capped too
+        state.handle(make_eval(run="run-b", sender="s1", seq=1, step=1, scores={"all": 1.0}))  # no hello: no series
+    assert info.value.reason == "unknown_run"
+    with pytest.raises(Rejected) as info:
+        state.handle(make_hello(run="run-b", sender="s1", seq=2))  # runs are capped
     assert info.value.reason == "too_many_runs"
 
 
@@ -223,6 +228,7 @@ def test_a_second_hello_moves_the_senders_counters_to_its_rank():
 
 def test_eval_scores_are_kept_and_journaled():
     state, records = new_state()
+    state.handle(make_hello(seq=0))
     state.handle(make_eval(step=30, scores={"math": 0.5, "code": 0.25}))
     assert state.evals[("run-a", "math")] == (30, 0.5)
     record = dict(records[-1])
@@ -291,7 +297,11 @@ def test_a_loss_before_any_routing_of_its_run_is_rejected_with_its_reason():
     state, _ = new_state()
     with pytest.raises(Rejected) as err:
         state.handle(make_loss(seq=1))
-    assert err.value.reason == "no_routing"
+    assert err.value.reason == "unknown_run"  # no hello yet
+    state.handle(make_hello(seq=2))
+    with pytest.raises(Rejected) as err:
+        state.handle(make_loss(seq=3))
+    assert err.value.reason == "no_routing"  # a hello, no train summaries yet
 
 
 def test_one_source_carries_each_groups_phase_and_buckets_have_none():
@@ -309,3 +319,50 @@ def test_one_source_carries_each_groups_phase_and_buckets_have_none():
     buckets = [g for g in state.streams[("run-a", "probe")].labels if g.startswith("mem@")]
     assert buckets and not any(b in state.streams[("run-a", "probe")].phases for b in buckets)
     assert not any(v[2].startswith("mem@") for v, _ in fams["grokwatch_group_phase"].samples)
+
+
+# ----------------------------------------------------------------- strangers within a run
+
+
+def test_a_forged_heartbeat_cannot_make_an_agents_counters_go_backwards_or_add_reasons():
+    state, _ = new_state()
+    state.handle(make_hello(seq=0))
+    state.handle(make_heartbeat(seq=1, messages_sent=5000, messages_dropped={"queue_full": 7}))
+    state.handle(make_heartbeat(seq=2, messages_sent=0, messages_dropped={"queue_full": 0, "x" * 50: 9, "y": 1}))
+    totals = state.agent_totals()[("run-a", 0)]
+    assert totals["sent"] == 5000
+    assert totals["dropped"] == {"queue_full": 7, "other": 10}
+
+
+def test_a_forged_sequence_jump_is_rejected_and_the_senders_next_message_still_counts():
+    state, _ = new_state()
+    state.handle(make_hello(seq=0))
+    with pytest.raises(Rejected) as err:
+        state.handle(make_routing(seq=2**63 - 1))
+    assert err.value.reason == "sequence_jump"
+    state.handle(make_routing(seq=1))  # not a duplicate
+    assert state.lost_total == 0 and state.samples_total == 3
+
+
+def test_ranks_beyond_the_world_size_add_no_series():
+    state, _ = new_state()
+    state.handle(make_hello(seq=0, world_size=2))
+    for kind in (make_heartbeat, make_routing, make_eval):
+        with pytest.raises(Rejected) as err:
+            state.handle(kind(rank=5, sender=f"r5-{kind.__name__}", seq=1))
+        assert err.value.reason == "bad_rank"
+    assert set(state.agent_totals()) <= {("run-a", 0)}
+
+
+def test_idle_runs_expire_and_free_their_slot():
+    now = [1000.0]
+    state = State(CollectorConfig(max_runs=1, run_idle_expiry_s=600), clock=lambda: now[0])
+    hello = lambda **kw: dataclasses.replace(make_hello(**kw), wall_time=now[0])  # noqa: E731
+    state.handle(hello(run="old", sender="a", seq=0))
+    now[0] += 300
+    with pytest.raises(Rejected) as err:
+        state.handle(hello(run="new", sender="b", seq=0))
+    assert err.value.reason == "too_many_runs"
+    now[0] += 700  # "old" idle for 1,000 s > 600: the next message's sweep forgets it first
+    state.handle(hello(run="other", sender="c", seq=0))
+    assert set(state.shapes) == {"other"} and not any(i["run"] == "old" for i in state.senders.values())
