@@ -55,6 +55,8 @@ class CollectorConfig:
     snapshot_interval_s: float = 30.0
     journal_max_bytes: int = 64 * 1024 * 1024  # one rotation kept: at most twice this on disk
     queue_capacity: int = DEFAULT_QUEUE
+    # ... and in bytes, whichever is reached first (a flood of 8 MiB messages must not take gigabytes).
+    queue_max_bytes: int = 256 * 1024 * 1024
     max_message_bytes: int = 8 * 1024 * 1024
     max_message_age_s: float = 3600.0  # older messages (queued before a restart) are rejected as stale
     pathway_tau: float = DEFAULT_TAU
@@ -121,7 +123,7 @@ class CollectorConfig:
         if self.phase_distance not in PHASE_DISTANCE_CHOICES:
             raise ConfigError(f"phase_distance: {self.phase_distance!r} must be one of "
                               f"{', '.join(PHASE_DISTANCE_CHOICES)}")
-        for key in ("comparisons_per_sample", "window_samples", "max_groups", "max_runs", "queue_capacity",
+        for key in ("comparisons_per_sample", "window_samples", "max_groups", "max_runs", "queue_capacity", "queue_max_bytes",
                     "max_message_bytes", "memorization_consecutive", "memorization_bucket_steps",
                     "max_probe_samples", "journal_max_bytes", "phase_window", "phase_patience"):
             if int(getattr(self, key)) < 1:

@@ -23,11 +23,14 @@ POLL_MS = 100  # how often the threads look at the stop flag
 
 class Ingest:
     def __init__(self, state: State, endpoints: Sequence[str], *, queue_capacity: int, max_message_bytes: int,
-                 context: zmq.Context | None = None):
+                 queue_max_bytes: int = 256 * 1024 * 1024, context: zmq.Context | None = None):
         self.state = state
         self.limits = Limits(max_message_bytes=max_message_bytes)
         self.queue: "queue.Queue[bytes]" = queue.Queue(maxsize=queue_capacity)
         self.capacity = queue_capacity
+        self.capacity_bytes = queue_max_bytes  # bounded in bytes too: messages of up to max_message_bytes each
+        self.queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -44,8 +47,8 @@ class Ingest:
         self._threads: list[threading.Thread] = []
         self.on_processed: Callable[[], None] = lambda: None
 
-    def queue_stats(self) -> tuple[int, int]:
-        return self.queue.qsize(), self.capacity
+    def queue_stats(self) -> tuple[int, int, int, int]:
+        return self.queue.qsize(), self.capacity, self.queued_bytes, self.capacity_bytes
 
     def start(self) -> None:
         for target, name in ((self._receive_loop, "grokwatch-receive"), (self._process_loop, "grokwatch-process")):
@@ -81,10 +84,18 @@ class Ingest:
         if len(data) > self.limits.max_message_bytes:
             self.state.count_rejected("too_large", peek_sequence(data, self.limits))
             return
-        try:
-            self.queue.put_nowait(data)
-        except queue.Full:
-            self.state.count_rejected("queue_full", peek_sequence(data, self.limits))
+        with self._bytes_lock:
+            room = self.queued_bytes + len(data) <= self.capacity_bytes
+            if room:
+                self.queued_bytes += len(data)
+        if room:
+            try:
+                self.queue.put_nowait(data)
+                return
+            except queue.Full:
+                with self._bytes_lock:
+                    self.queued_bytes -= len(data)
+        self.state.count_rejected("queue_full", peek_sequence(data, self.limits))
 
     def _receive_loop(self) -> None:
         poller = zmq.Poller()
@@ -108,6 +119,8 @@ class Ingest:
                 data = self.queue.get(timeout=POLL_MS / 1000)
             except queue.Empty:
                 continue
+            with self._bytes_lock:
+                self.queued_bytes -= len(data)
             self.process(data)
 
     def process(self, data: bytes) -> None:

@@ -6,10 +6,13 @@ from ``view.build_view`` — the same snapshot the OpenTelemetry view reads.
 from __future__ import annotations
 
 import logging
+import ssl
+import threading
 from typing import Callable, Optional
 
 import numpy as np
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.samples import Sample
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -76,10 +79,64 @@ def make_registry(state: State, queue_stats=None) -> CollectorRegistry:
     return registry
 
 
+MAX_CONNECTIONS = 64  # /metrics connections served at once; more are closed at once (and logged)
+CLIENT_TIMEOUT_S = 10.0  # a client that sends nothing (or takes longer for its TLS handshake) is dropped
+BACKLOG = 128
+
+
+class _Handler(_SilentHandler):
+    timeout = CLIENT_TIMEOUT_S  # StreamRequestHandler: the socket's timeout, so a half-open client cannot pin a thread
+
+
+class MetricsServer(ThreadingWSGIServer):
+    """prometheus-client's threading WSGI server with bounds: a connection cap, a per-client timeout (TLS
+    handshakes happen in the client's thread, under it, not in the accept loop) and a listen backlog."""
+
+    request_queue_size = BACKLOG
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs):
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("/metrics: %d connections open, the cap; closed one from %s (%d so far)",
+                            MAX_CONNECTIONS, client_address[0], self.refused)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            request.settimeout(CLIENT_TIMEOUT_S)
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def serve(registry: CollectorRegistry, addr: str, port: int, certfile: Optional[str] = None,
           keyfile: Optional[str] = None):
     """Start the /metrics server; returns (server, thread, bound port)."""
-    server, thread = start_http_server(port, addr=addr, registry=registry, certfile=certfile, keyfile=keyfile)
+    import socket
+    from wsgiref.simple_server import make_server
+
+    server_class = type("MetricsServer6", (MetricsServer,), {"address_family": socket.AF_INET6}) if ":" in addr \
+        else MetricsServer
+    server = make_server(addr, port, make_wsgi_app(registry), server_class, handler_class=_Handler)
+    if certfile and keyfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile, keyfile)
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    thread = threading.Thread(target=server.serve_forever, name="grokwatch-metrics", daemon=True)
+    thread.start()
     bound = server.server_address[1]
     log.info("serving /metrics on %s:%d%s", addr, bound, " (TLS)" if certfile else "")
     return server, thread, bound

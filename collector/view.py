@@ -85,6 +85,8 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
     fam("collector_samples_processed_total", "counter", "Routing samples processed", ())
     fam("collector_queue_size", "gauge", "Messages waiting for the processing thread", ())
     fam("collector_queue_capacity", "gauge", "Capacity of the processing queue", ())
+    fam("collector_queue_bytes", "gauge", "Bytes of the messages waiting for the processing thread", ())
+    fam("collector_queue_capacity_bytes", "gauge", "Capacity of the processing queue in bytes", ())
     fam("collector_processing_seconds", "summary", "Processing time per message", ())
     fam("collector_ingest_lag_seconds", "gauge", "Receive time minus send time of the latest message", ())
     fam("collector_persist_errors_total", "counter", "Snapshot and journal reads and writes that failed, by what",
@@ -155,7 +157,9 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
             F["agent_hook_errors_total"].add((run, rank), totals["hook_errors"])
             for reason, n in sorted(totals["dropped"].items()):
                 F["agent_messages_dropped_total"].add((run, rank, reason), n)
-    size, capacity = queue_stats() if queue_stats else (0, 0)
+    size, capacity, size_bytes, capacity_bytes = (tuple(queue_stats()) + (0, 0))[:4] if queue_stats else (0, 0, 0, 0)
     F["collector_queue_size"].add((), size)
     F["collector_queue_capacity"].add((), capacity)
+    F["collector_queue_bytes"].add((), size_bytes)
+    F["collector_queue_capacity_bytes"].add((), capacity_bytes)
     return list(F.values())

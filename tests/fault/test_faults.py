@@ -167,3 +167,28 @@ def test_unreachable_endpoints_never_raise_into_training(endpoint):
     stats = mon.stats()
     mon.close()
     assert stats["hook_errors"] == 0 and not stats["disabled"]
+
+
+def test_the_ingest_queue_is_bounded_in_bytes_too():
+    """A flood of large messages stops at queue_max_bytes (counted as queue_full, once each), however
+    many messages the count bound would still admit."""
+    state = SlowState(CollectorConfig())
+    one = encode(make_routing(seq=0, n=64))
+    ingest = Ingest(state, ["tcp://127.0.0.1:0"], queue_capacity=10_000, max_message_bytes=1 << 22,
+                    queue_max_bytes=4 * len(one))
+    ingest.start()
+    pusher = Pusher(ingest.endpoints[0])
+    peak = 0
+    try:
+        for seq in range(30):
+            pusher.send(encode(make_routing(seq=seq, n=64)))
+            peak = max(peak, ingest.queued_bytes)
+        wait_until(lambda: state.received_total == 30, timeout_s=15)
+        assert peak <= 4 * len(one) and ingest.queue_stats()[3] == 4 * len(one)
+        wait_until(lambda: state.processing_seconds_count + state.rejected_total.get("queue_full", 0) >= 30,
+                   timeout_s=15)
+        assert state.rejected_total.get("queue_full", 0) > 0
+        assert state.lost_total == 0
+    finally:
+        pusher.close()
+        ingest.stop()

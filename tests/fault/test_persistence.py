@@ -147,3 +147,31 @@ def test_a_snapshot_is_consistent_even_while_messages_are_processed(tmp_path):
         data = pickle.loads(blob)["state"]
         per_group = sum(g.series.samples_total for st in data["streams"].values() for g in st.groups.values())
         assert per_group == data["samples_total"]
+
+
+def test_half_open_metrics_clients_cannot_pin_threads_or_keep_scrapes_out(tmp_path, monkeypatch):
+    """976 half-open connections used to pin 976 threads for ever. Now at most MAX_CONNECTIONS are served
+    at once, each for at most CLIENT_TIMEOUT_S without a request; the rest are closed at once."""
+    import socket
+    import threading
+    import time
+
+    from grokwatch.collector import prometheus as prom
+
+    monkeypatch.setattr(prom, "CLIENT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(prom._Handler, "timeout", 1.0)
+    c = start_collector(tmp_path)
+    idle = []
+    try:
+        before = threading.active_count()
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", c.metrics_port))
+            idle.append(s)
+        time.sleep(0.5)
+        assert threading.active_count() - before <= prom.MAX_CONNECTIONS + 2
+        wait_until(lambda: threading.active_count() - before <= 2, timeout_s=10)  # timed out and closed
+        assert scrape(c.metrics_port)  # and a scrape is served
+    finally:
+        for s in idle:
+            s.close()
+        c.stop()

@@ -41,6 +41,8 @@ FROZEN = {
     "grokwatch_collector_samples_processed_total": ("counter", ()),
     "grokwatch_collector_queue_size": ("gauge", ()),
     "grokwatch_collector_queue_capacity": ("gauge", ()),
+    "grokwatch_collector_queue_bytes": ("gauge", ()),
+    "grokwatch_collector_queue_capacity_bytes": ("gauge", ()),
     "grokwatch_collector_processing_seconds": ("summary", ()),
     "grokwatch_collector_ingest_lag_seconds": ("gauge", ()),
     "grokwatch_collector_persist_errors_total": ("counter", ("what",)),
