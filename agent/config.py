@@ -30,6 +30,10 @@ class AgentConfig:
     # The batched reduction's transient memory at the end of a summarized forward (estimated); beyond it
     # the layers are reduced in several batches.
     reduction_memory_mb: float = 256.0
+    # ZeroMQ CURVE (grokwatch keygen): the collector's public .key file and this agent's .key_secret file;
+    # both or neither. Default from GROKWATCH_CURVE_SERVER_KEY / GROKWATCH_CURVE_SECRET_KEY.
+    curve_server_key: Optional[str] = None
+    curve_secret_key: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
@@ -56,5 +60,22 @@ class AgentConfig:
             budget = math.nan
         if not budget > 0:  # also NaN
             raise ValueError(f"reduction_memory_mb: a positive number, got {self.reduction_memory_mb!r}")
+        if bool(self.curve_server_key) != bool(self.curve_secret_key):
+            raise ValueError("curve_server_key and curve_secret_key: set both or neither")
+        if self.curve_server_key:
+            self.curve_keys()  # fails fast on a missing or foreign key file
         if self.compile_reduction not in (None, True, False):
             raise ValueError(f"compile_reduction: True, False or None (on CUDA), got {self.compile_reduction!r}")
+
+    def curve_keys(self) -> Optional[tuple[bytes, bytes, bytes]]:
+        """(server public, own public, own secret) from the key files, or None without CURVE."""
+        if not self.curve_server_key:
+            return None
+        from grokwatch.wire.keys import KeyError_, load_public, load_secret
+
+        try:
+            server = load_public(self.curve_server_key)
+            public, secret = load_secret(self.curve_secret_key)
+        except KeyError_ as exc:
+            raise ValueError(f"curve keys: {exc}") from None
+        return server, public, secret

@@ -74,7 +74,7 @@ class Monitor(ForwardHooks):
                              ("topk" if shape.distribution == "topk" else "softmax"),
                              has_cosines=self.has_cosines, staging=self.staging, queue_size=config.queue_size,
                              sndhwm=config.sndhwm, heartbeat_interval_s=config.heartbeat_interval_s,
-                             layer_names=layer_names)
+                             layer_names=layer_names, curve=config.curve_keys())
         self._handles: list[Any] = []
         self._layer_handles: list[Any] = []
         self._armed_experts: list[bool] = []  # which layers' experts hooks the armed set holds
@@ -512,6 +512,8 @@ def attach(model: nn.Module, endpoint: Optional[str] = None, run: Optional[str] 
     config = AgentConfig(
         endpoint=endpoint or os.environ.get("GROKWATCH_ENDPOINT", DEFAULT_ENDPOINT),
         run=run or os.environ.get("GROKWATCH_RUN", "default"),
+        **{key: options.pop(key, None) or os.environ.get(f"GROKWATCH_{key.upper()}") or None
+           for key in ("curve_server_key", "curve_secret_key")},
         every_n_steps=every_n_steps, max_samples_per_step=max_samples_per_step,
         probe_every_n_steps=probe_every_n_steps, probe_size=probe_size, **options)
     if not isinstance(model, nn.Module):

@@ -84,7 +84,8 @@ class Sender:
     def __init__(self, *, endpoint: str, run: str, rank: int, world_size: int, num_layers: int, num_experts: int,
                  top_k: int, distribution: str, has_cosines: bool, staging=None, queue_size: int = 64,
                  sndhwm: int = 256, linger_ms: int = 500, max_message_bytes: int = 8 * 1024 * 1024,
-                 heartbeat_interval_s: float = 5.0, layer_names: Optional[Sequence[str]] = None):
+                 heartbeat_interval_s: float = 5.0, layer_names: Optional[Sequence[str]] = None,
+                 curve: Optional[tuple[bytes, bytes, bytes]] = None):
         self.endpoint = endpoint
         self.layer_names = tuple(layer_names) if layer_names is not None else None
         self.run, self.rank, self.world_size = run, rank, world_size
@@ -111,6 +112,8 @@ class Sender:
         self._sock.setsockopt(zmq.LINGER, linger_ms)
         self._sock.setsockopt(zmq.IMMEDIATE, 0)
         self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        if curve is not None:  # (the collector's public key, ours, our secret): CURVE-encrypted, authenticated
+            self._sock.curve_serverkey, self._sock.curve_publickey, self._sock.curve_secretkey = curve
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError as exc:  # attach() fails fast, and leaves no socket or I/O thread behind

@@ -51,6 +51,10 @@ class CollectorConfig:
     metrics_port: int = DEFAULT_METRICS_PORT
     tls_certfile: Optional[str] = None
     tls_keyfile: Optional[str] = None
+    # ZeroMQ CURVE (grokwatch keygen): the collector's .key_secret file and a directory of the public .key
+    # files of the agents it admits; set both, or neither (then listen on 127.0.0.1 or ipc:// only).
+    curve_secret_key: Optional[str] = None
+    curve_allowed_clients: Optional[str] = None
     state_dir: Optional[str] = None
     snapshot_interval_s: float = 30.0
     journal_max_bytes: int = 64 * 1024 * 1024  # one rotation kept: at most twice this on disk
@@ -116,6 +120,17 @@ class CollectorConfig:
             raise ConfigError(f"metrics_port: {self.metrics_port} is not a port number")
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
             raise ConfigError("tls_certfile and tls_keyfile: set both or neither")
+        if bool(self.curve_secret_key) != bool(self.curve_allowed_clients):
+            raise ConfigError("curve_secret_key and curve_allowed_clients: set both or neither")
+        if self.curve_allowed_clients and not os.path.isdir(self.curve_allowed_clients):
+            raise ConfigError(f"curve_allowed_clients: {self.curve_allowed_clients} is not a directory of .key files")
+        if self.curve_secret_key:
+            from grokwatch.wire.keys import KeyError_, load_secret
+
+            try:
+                load_secret(self.curve_secret_key)
+            except KeyError_ as exc:
+                raise ConfigError(f"curve_secret_key: {exc}") from None
         if not 0.0 < self.pathway_tau <= 1.0:
             raise ConfigError(f"pathway_tau: {self.pathway_tau} must be in (0, 1]")
         if self.distance_unit not in ("expert", "string"):

@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import zmq
 
@@ -23,7 +23,8 @@ POLL_MS = 100  # how often the threads look at the stop flag
 
 class Ingest:
     def __init__(self, state: State, endpoints: Sequence[str], *, queue_capacity: int, max_message_bytes: int,
-                 queue_max_bytes: int = 256 * 1024 * 1024, context: zmq.Context | None = None):
+                 queue_max_bytes: int = 256 * 1024 * 1024, context: zmq.Context | None = None,
+                 curve_secret_key: Optional[str] = None, curve_allowed_clients: Optional[str] = None):
         self.state = state
         self.limits = Limits(max_message_bytes=max_message_bytes)
         self.queue: "queue.Queue[bytes]" = queue.Queue(maxsize=queue_capacity)
@@ -31,9 +32,31 @@ class Ingest:
         self.capacity_bytes = queue_max_bytes  # bounded in bytes too: messages of up to max_message_bytes each
         self.queued_bytes = 0
         self._bytes_lock = threading.Lock()
-        self.ctx = context or zmq.Context.instance()
+        self.auth = None
+        if curve_secret_key:
+            # CURVE: an own context (one ZAP handler per context), the allow-list checked by pyzmq's
+            # authenticator thread; clients whose key is not in it never get a message through.
+            from zmq.auth.thread import ThreadAuthenticator
+
+            from grokwatch.wire.keys import load_secret
+
+            self.ctx = zmq.Context()
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=curve_allowed_clients)
+        else:
+            self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve_secret_key:
+            public, secret = load_secret(curve_secret_key)
+            self.sock.curve_secretkey = secret
+            self.sock.curve_publickey = public
+            self.sock.curve_server = True
+            self.sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 0)
+        # Handshakes refused (a stranger's key, or no CURVE at all) are counted, not silent.
+        self._monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         # Safety net only: libzmq drops the peer's connection (and what is in flight on it)
         # for a bigger message; agents guard sizes themselves and count oversize drops.
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + 1024)
@@ -70,7 +93,15 @@ class Ingest:
         self._stop.set()
         for t in self._threads[1:]:
             t.join(max(0.0, deadline - time.monotonic()))
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
         self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+            self.ctx.term()
 
     def _drain_socket(self, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -97,12 +128,33 @@ class Ingest:
                     self.queued_bytes -= len(data)
         self.state.count_rejected("queue_full", peek_sequence(data, self.limits))
 
+    def _monitor_events(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.state.count_handshake_failure("auth")
+            else:
+                self.state.count_handshake_failure("protocol")
+
     def _receive_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while self._receiving:
             try:
-                if not poller.poll(POLL_MS):
+                ready = dict(poller.poll(POLL_MS))
+                if not ready:
+                    continue
+                if self._monitor in ready:
+                    self._monitor_events()
+                if self.sock not in ready:
                     continue
                 while True:
                     self._accept(self.sock.recv(zmq.NOBLOCK, copy=True))

@@ -82,7 +82,9 @@ class Collector:
         kernels.warm_up()  # compile or load from the cache before the first message
         self.ingest = Ingest(self.state, self.config.listen, queue_capacity=self.config.queue_capacity,
                              max_message_bytes=self.config.max_message_bytes,
-                             queue_max_bytes=self.config.queue_max_bytes)
+                             queue_max_bytes=self.config.queue_max_bytes,
+                             curve_secret_key=self.config.curve_secret_key,
+                             curve_allowed_clients=self.config.curve_allowed_clients)
         registry = make_registry(self.state, self.ingest.queue_stats)
         self._server, _, self.metrics_port = serve(registry, self.config.metrics_addr, self.config.metrics_port,
                                                    self.config.tls_certfile, self.config.tls_keyfile)

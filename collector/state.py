@@ -75,6 +75,7 @@ class State:
         self.train_step: dict[str, int] = {}
         self.evals: dict[tuple[str, str], tuple[int, float]] = {}
         self.persist_errors: dict[str, int] = {}  # persist.PERSIST_ERRORS -> count
+        self.handshake_failures: dict[str, int] = {}  # ZeroMQ handshakes refused: "auth" (CURVE), "protocol"
         # Sequence numbers of messages dropped (and counted under their reason) before they were applied:
         # a later message's gap leaves them out, so that a drop is counted once, not again as lost.
         self._accounted: dict[str, set[int]] = {}
@@ -101,6 +102,10 @@ class State:
                     marks = self._accounted[sender] = set()
                 if len(marks) < MAX_ACCOUNTED_PER_SENDER:
                     marks.add(seq)
+
+    def count_handshake_failure(self, why: str) -> None:
+        with self.lock:
+            self.handshake_failures[why] = self.handshake_failures.get(why, 0) + 1
 
     def count_persist_error(self, what: str) -> None:
         with self.lock:
@@ -385,7 +390,7 @@ class State:
 
     SNAPSHOT_FIELDS = ("streams", "shapes", "layer_ids", "senders", "agent_counters", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
-                       "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "_accounted",
+                       "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "_accounted", "handshake_failures",
                        "world_sizes", "run_seen")
 
     def snapshot(self) -> dict:

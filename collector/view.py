@@ -89,6 +89,9 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
     fam("collector_queue_capacity_bytes", "gauge", "Capacity of the processing queue in bytes", ())
     fam("collector_processing_seconds", "summary", "Processing time per message", ())
     fam("collector_ingest_lag_seconds", "gauge", "Receive time minus send time of the latest message", ())
+    fam("collector_handshake_failures_total", "counter",
+        "ZeroMQ connections refused at their handshake: auth (a CURVE key not in the allow-list), protocol",
+        ("reason",))
     fam("collector_persist_errors_total", "counter", "Snapshot and journal reads and writes that failed, by what",
         ("what",))
     fam("agent_messages_sent_total", "counter", "Messages the agents sent (from heartbeats)", ("run", "rank"))
@@ -150,6 +153,8 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
         F["collector_processing_seconds"].add((), (float(state.processing_seconds_count),
                                                    state.processing_seconds_sum))
         F["collector_ingest_lag_seconds"].add((), state.last_message_lag_s)
+        for why in ("auth", "protocol"):
+            F["collector_handshake_failures_total"].add((why,), state.handshake_failures.get(why, 0))
         for what in PERSIST_ERRORS:
             F["collector_persist_errors_total"].add((what,), state.persist_errors.get(what, 0))
         for (run, rank), totals in sorted(state.agent_totals().items()):

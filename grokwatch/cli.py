@@ -33,6 +33,14 @@ def _cmd_collector(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from grokwatch.wire.keys import generate
+
+    public, secret = generate(args.out, args.name)
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600: give it only to whoever connects or binds as {args.name})")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from grokwatch.demo import run_demo
 
@@ -79,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML file with every other setting")
     p.add_argument("--check-config", metavar="FILE", help="validate FILE, print the result, and exit")
     p.set_defaults(func=_cmd_collector)
+
+    p = sub.add_parser("keygen", help="make a ZeroMQ CURVE key pair (NAME.key, NAME.key_secret) for the collector "
+                                      "or an agent")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the key files")
+    p.add_argument("--name", required=True, help="file name stem, e.g. collector or job-a")
+    p.set_defaults(func=_cmd_keygen)
 
     p = sub.add_parser("demo", help="the main job: a small MoE trains under the agent, a collector "
                                     "watches it, a report is written")
