@@ -50,16 +50,33 @@ class Progress:
         sys.stderr.write("\n")
 
 
-def _wait_metrics(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_metrics(port: int, proc: subprocess.Popen, log_path: str, timeout_s: float = 60.0) -> None:
+    """Until *our* collector says it listens (its log line) and its /metrics answers. A /metrics on the
+    port alone proves nothing: another process may hold it (a second demo, a real collector)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the collector exited with code {proc.returncode}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.2)
+            with open(log_path, encoding="utf-8", errors="replace") as fh:
+                last = (fh.read().strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"the collector exited with code {proc.returncode}: {last}")
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            ready = "grokwatch collector: listening on" in fh.read()
+        if ready:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read()
+                return
+            except OSError:
+                pass
+        time.sleep(0.2)
     raise RuntimeError("the collector did not come up in time")
 
 
@@ -101,14 +118,19 @@ def main_job(cfg: BenchConfig, out: str, metrics_port: int = 0, run: str = "demo
     shutil.rmtree(state_dir, ignore_errors=True)
     os.makedirs(state_dir, exist_ok=True)
     port = metrics_port or _free_port()
+    if not _port_free(port):
+        free = _free_port()
+        print(f"port {port} is in use (another collector or demo?): /metrics goes on port {free} instead", flush=True)
+        port = free
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
-    log = open(os.path.join(out, "collector.log"), "w")
+    log_path = os.path.join(out, "collector.log")
+    log = open(log_path, "w")
     collector = subprocess.Popen(
         [sys.executable, "-m", "grokwatch.cli", "collector", "--listen", endpoint, "--metrics-port", str(port),
          "--metrics-addr", "127.0.0.1", "--state-dir", state_dir],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GROKWATCH_SNAPSHOT_INTERVAL_S": "10"})
     try:
-        _wait_metrics(port, collector)
+        _wait_metrics(port, collector, log_path)
         print(f"collector: {endpoint}; /metrics at http://127.0.0.1:{port}/metrics while it trains", flush=True)
         bar = Progress(cfg.steps)
 

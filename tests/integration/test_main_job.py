@@ -105,3 +105,23 @@ def test_replay_of_saved_checkpoints_and_correlate(job, tmp_path):
     assert any(" add " in line and "pathway distance" in line for line in lines)
     n_column = [int(line.split()[-6]) for line in lines[1:] if "pathway distance" in line]
     assert n_column and all(n == len(ckpts) for n in n_column)
+
+
+def test_the_demo_with_its_metrics_port_taken_runs_its_own_collector(tmp_path, capsys):
+    """A second demo (or a real collector) on port 9464 used to answer the first one's readiness check:
+    the training then streamed to nobody and the report was empty. Now the demo waits for its own
+    collector and moves /metrics to a free port, saying so."""
+    import http.server
+    import threading
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        cfg = BenchConfig(**{**SHORT.__dict__, "steps": 60, "save_every": 0})
+        main_job(cfg, str(tmp_path), metrics_port=other.server_address[1], run="busy")
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert "is in use" in capsys.readouterr().out
+    series, _ = load(read_journal(str(tmp_path / "state")))
+    assert ("busy", "train", "add") in series
