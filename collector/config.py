@@ -58,6 +58,8 @@ class CollectorConfig:
     state_dir: Optional[str] = None
     snapshot_interval_s: float = 30.0
     journal_max_bytes: int = 64 * 1024 * 1024  # one rotation kept: at most twice this on disk
+    # The write-ahead log (collector/wal.py) between snapshots; past this size a snapshot is taken early.
+    wal_max_bytes: int = 256 * 1024 * 1024
     queue_capacity: int = DEFAULT_QUEUE
     # ... and in bytes, whichever is reached first (a flood of 8 MiB messages must not take gigabytes).
     queue_max_bytes: int = 256 * 1024 * 1024
@@ -140,7 +142,7 @@ class CollectorConfig:
                               f"{', '.join(PHASE_DISTANCE_CHOICES)}")
         for key in ("comparisons_per_sample", "window_samples", "max_groups", "max_runs", "queue_capacity", "queue_max_bytes",
                     "max_message_bytes", "memorization_consecutive", "memorization_bucket_steps",
-                    "max_probe_samples", "journal_max_bytes", "phase_window", "phase_patience"):
+                    "max_probe_samples", "journal_max_bytes", "wal_max_bytes", "phase_window", "phase_patience"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
         if self.window_samples < 2:

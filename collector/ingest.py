@@ -13,8 +13,8 @@ from typing import Callable, Optional, Sequence
 
 import zmq
 
-from grokwatch.collector.state import Rejected, State
-from grokwatch.wire import Limits, WireError, decode, peek_sequence
+from grokwatch.collector.state import State
+from grokwatch.wire import Limits, peek_sequence
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +24,12 @@ POLL_MS = 100  # how often the threads look at the stop flag
 class Ingest:
     def __init__(self, state: State, endpoints: Sequence[str], *, queue_capacity: int, max_message_bytes: int,
                  queue_max_bytes: int = 256 * 1024 * 1024, context: zmq.Context | None = None,
-                 curve_secret_key: Optional[str] = None, curve_allowed_clients: Optional[str] = None):
+                 curve_secret_key: Optional[str] = None, curve_allowed_clients: Optional[str] = None,
+                 wal=None):
         self.state = state
+        self.wal = wal  # collector/wal.py: every message appended before it is queued or dropped
         self.limits = Limits(max_message_bytes=max_message_bytes)
-        self.queue: "queue.Queue[bytes]" = queue.Queue(maxsize=queue_capacity)
+        self.queue: "queue.Queue[tuple[int, bytes]]" = queue.Queue(maxsize=queue_capacity)  # (wal index, bytes)
         self.capacity = queue_capacity
         self.capacity_bytes = queue_max_bytes  # bounded in bytes too: messages of up to max_message_bytes each
         self.queued_bytes = 0
@@ -111,22 +113,26 @@ class Ingest:
                 return
 
     def _accept(self, data: bytes) -> None:
-        self.state.count_received()
+        """On the receive thread (the only producer): log, then queue or drop. A drop is counted here once
+        (received and rejected), a queued message when the processing thread applies it."""
+        t = time.time()
+        reason = None
         if len(data) > self.limits.max_message_bytes:
-            self.state.count_rejected("too_large", peek_sequence(data, self.limits))
+            reason = "too_large"
+        else:
+            with self._bytes_lock:
+                room = self.queued_bytes + len(data) <= self.capacity_bytes and not self.queue.full()
+                if room:
+                    self.queued_bytes += len(data)
+            if not room:
+                reason = "queue_full"
+        if reason is not None:
+            sequence = peek_sequence(data, self.limits)
+            index = self.wal.drop(t, reason, sequence) if self.wal else -1
+            self.state.count_drop(reason, sequence, index)
             return
-        with self._bytes_lock:
-            room = self.queued_bytes + len(data) <= self.capacity_bytes
-            if room:
-                self.queued_bytes += len(data)
-        if room:
-            try:
-                self.queue.put_nowait(data)
-                return
-            except queue.Full:
-                with self._bytes_lock:
-                    self.queued_bytes -= len(data)
-        self.state.count_rejected("queue_full", peek_sequence(data, self.limits))
+        index = self.wal.message(t, data) if self.wal else -1
+        self.queue.put_nowait((index, data))  # cannot fail: one producer, and there was room
 
     def _monitor_events(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
@@ -168,22 +174,14 @@ class Ingest:
     def _process_loop(self) -> None:
         while not (self._stop.is_set() and self.queue.empty()):
             try:
-                data = self.queue.get(timeout=POLL_MS / 1000)
+                index, data = self.queue.get(timeout=POLL_MS / 1000)
             except queue.Empty:
                 continue
             with self._bytes_lock:
                 self.queued_bytes -= len(data)
-            self.process(data)
+            self.process(data, index)
 
-    def process(self, data: bytes) -> None:
-        """Decode and apply one message; every failure is counted, none escapes."""
-        try:
-            self.state.handle(decode(data, self.limits))
-        except WireError as exc:
-            self.state.count_rejected(exc.reason, peek_sequence(data, self.limits))
-        except Rejected as exc:
-            self.state.count_rejected(exc.reason)
-        except Exception:  # a bug of ours must not stop the collector
-            log.exception("internal error while processing a message")
-            self.state.count_rejected("internal")
+    def process(self, data: bytes, wal_index: int = -1) -> None:
+        """Decode and apply one message (State.apply: every failure counted, none escapes)."""
+        self.state.apply(data, self.limits, wal_index)
         self.on_processed()

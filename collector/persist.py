@@ -33,7 +33,7 @@ JOURNAL_NAME = "journal.jsonl"
 SNAPSHOT_VERSION = 1
 
 
-PERSIST_ERRORS = ("snapshot_write", "snapshot_read", "journal_write")  # grokwatch_collector_persist_errors_total{what}
+PERSIST_ERRORS = ("snapshot_write", "snapshot_read", "journal_write", "wal_write")  # grokwatch_collector_persist_errors_total{what}
 
 # Every class a snapshot of State holds (collector/state.py SNAPSHOT_FIELDS), and nothing else.
 _SNAPSHOT_CLASSES = {
@@ -143,6 +143,14 @@ class Journal:
         self._lock = threading.Lock()
         self._fh = open(self.path, "a", encoding="utf-8")
         self._size = self._fh.tell()
+        if self._size and not self._ends_with_newline():
+            self._fh.write("\n")  # a line torn by a kill: end it, so that the next line stays whole
+            self._size += 1
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
 
     def __call__(self, record: dict) -> None:
         """Never raises: a write that fails (a full disk) is counted (``journal_write``) and logged once;

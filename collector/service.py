@@ -11,6 +11,7 @@ and exits cleanly.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -23,6 +24,8 @@ from grokwatch.collector.ingest import Ingest
 from grokwatch.collector.persist import Journal, SnapshotError, check_writable, read_snapshot, set_aside, write_snapshot
 from grokwatch.collector.prometheus import make_registry, serve
 from grokwatch.collector.state import State
+from grokwatch.collector.wal import WriteAheadLog
+from grokwatch.wire import Limits
 
 log = logging.getLogger("grokwatch.collector")
 
@@ -46,7 +49,9 @@ class Collector:
         self.metrics_port: Optional[int] = None
         self._server = None
         self._stop = threading.Event()
+        self._snapshot_now = threading.Event()  # the write-ahead log is past wal_max_bytes
         self._snapshot_thread: Optional[threading.Thread] = None
+        self.wal: Optional[WriteAheadLog] = None
 
     def _resume(self, state_dir: str) -> None:
         """Restore the snapshot, once it has proved itself on a scratch state (restored and rendered as
@@ -78,13 +83,50 @@ class Collector:
     def endpoints(self) -> list[str]:
         return self.ingest.endpoints if self.ingest else []
 
+    def _replay(self, state_dir: str) -> int:
+        """Apply the write-ahead records the snapshot does not hold (a SIGKILL, a crash): messages applied
+        after the last snapshot, and those still queued at the kill. Their journal lines written before
+        the kill are not written again. Returns the next record index."""
+        from grokwatch.collector.wal import DROP, MESSAGE, journal_high_water, read
+
+        applied_m, applied_d = self.state.wal_applied
+        self.state.journal_replayed_upto = journal_high_water(self.journal.path) if self.journal else -1
+        clock, replayed, last = self.state.clock, 0, max(applied_m, applied_d)
+        limits = Limits(max_message_bytes=self.config.max_message_bytes)
+        try:
+            for kind, index, t, payload in read(state_dir):
+                last = max(last, index)
+                if kind == MESSAGE and index > applied_m:
+                    self.state.clock = lambda t=t: t  # judged (stale, idle runs) as when it arrived
+                    self.state.apply(payload, limits, index)
+                    replayed += 1
+                elif kind == DROP and index > applied_d:
+                    reason, sender, seq = json.loads(payload)
+                    self.state.count_drop(reason, (sender, seq) if sender is not None else None, index)
+                    replayed += 1
+        finally:
+            self.state.clock = clock
+            self.state.journal_replayed_upto = -1
+        if replayed:
+            log.warning("resumed after an unclean stop: %d write-ahead records replayed on the snapshot", replayed)
+        return last + 1
+
     def start(self) -> "Collector":
         kernels.warm_up()  # compile or load from the cache before the first message
+        if self.config.state_dir:
+            next_index = self._replay(self.config.state_dir)
+            self.wal = WriteAheadLog(self.config.state_dir, next_index, self.config.wal_max_bytes,
+                                     on_error=self.state.count_persist_error, on_full=self._snapshot_now.set)
+            try:
+                self.snapshot()  # holds the replay: the old generations can go
+                self.wal.discard_replayed()
+            except OSError as exc:
+                log.warning("snapshot after start-up failed (%s): the write-ahead log is kept", exc)
         self.ingest = Ingest(self.state, self.config.listen, queue_capacity=self.config.queue_capacity,
                              max_message_bytes=self.config.max_message_bytes,
                              queue_max_bytes=self.config.queue_max_bytes,
                              curve_secret_key=self.config.curve_secret_key,
-                             curve_allowed_clients=self.config.curve_allowed_clients)
+                             curve_allowed_clients=self.config.curve_allowed_clients, wal=self.wal)
         registry = make_registry(self.state, self.ingest.queue_stats)
         self._server, _, self.metrics_port = serve(registry, self.config.metrics_addr, self.config.metrics_port,
                                                    self.config.tls_certfile, self.config.tls_keyfile)
@@ -112,14 +154,25 @@ class Collector:
             return
         if self.journal:
             self.journal.flush()
+        with self.state.lock:  # the log's cut and the state's copy at the same instant
+            if self.wal:
+                self.wal.rotate()
+            applied = list(self.state.wal_applied)
+            blob = self.state.snapshot_blob()
         try:
-            write_snapshot(self.config.state_dir, self.state.snapshot_blob())
+            write_snapshot(self.config.state_dir, blob)
         except OSError:
             self.state.count_persist_error("snapshot_write")
             raise
+        if self.wal:
+            self.wal.trim(*applied)
 
     def _snapshot_loop(self) -> None:
-        while not self._stop.wait(self.config.snapshot_interval_s):
+        while not self._stop.is_set():
+            self._snapshot_now.wait(self.config.snapshot_interval_s)
+            self._snapshot_now.clear()
+            if self._stop.is_set():
+                break
             try:
                 self.snapshot()
             except OSError as exc:
@@ -129,6 +182,7 @@ class Collector:
 
     def stop(self) -> None:
         self._stop.set()
+        self._snapshot_now.set()
         if self.ingest:
             self.ingest.stop()
         try:
@@ -144,6 +198,8 @@ class Collector:
             self.otel.shutdown()
         if self.journal:
             self.journal.close()
+        if self.wal:
+            self.wal.close()
 
     def wait(self) -> None:
         self._stop.wait()

@@ -79,6 +79,11 @@ class State:
         # Sequence numbers of messages dropped (and counted under their reason) before they were applied:
         # a later message's gap leaves them out, so that a drop is counted once, not again as lost.
         self._accounted: dict[str, set[int]] = {}
+        # Write-ahead log positions (collector/wal.py): the index of the last message and of the last drop
+        # record applied here; -1: none. A snapshot carries them, the replay at start-up resumes after them.
+        self.wal_applied = [-1, -1]
+        self._wal_index = -1  # the record being applied now (journal lines carry it as "w")
+        self.journal_replayed_upto = -1  # during a replay: records up to this index are journaled already
         self.world_sizes: dict[str, int] = {}  # run -> the largest world size its hellos declared
         self.run_seen: dict[str, float] = {}  # run -> clock of its latest message (run_idle_expiry_s)
         self._next_sweep = 0.0
@@ -114,6 +119,44 @@ class State:
     def count_received(self) -> None:
         with self.lock:
             self.received_total += 1
+
+    def count_drop(self, reason: str, sequence: Optional[tuple[str, int]], wal_index: int = -1) -> None:
+        """A message dropped at receive (too large, queue full): received, rejected, its seq accounted,
+        its write-ahead record applied — one step, under the lock, so a snapshot holds all or none."""
+        with self.lock:
+            self.received_total += 1
+            self.count_rejected(reason, sequence)
+            if wal_index >= 0:
+                self.wal_applied[1] = wal_index
+
+    def apply(self, data: bytes, limits, wal_index: int = -1) -> None:
+        """Decode and apply one received message; every failure is counted, none escapes. Received and
+        applied in one step under the lock (a snapshot never holds one without the other)."""
+        from grokwatch.wire import WireError, decode, peek_sequence
+
+        with self.lock:
+            self.received_total += 1
+            self._wal_index = wal_index
+            if wal_index >= 0:
+                self.wal_applied[0] = wal_index
+            try:
+                self.handle(decode(data, limits))
+            except WireError as exc:
+                self.count_rejected(exc.reason, peek_sequence(data, limits))
+            except Rejected as exc:
+                self.count_rejected(exc.reason)
+            except Exception:  # a bug of ours must not stop the collector
+                log.exception("internal error while processing a message")
+                self.count_rejected("internal")
+            finally:
+                self._wal_index = -1
+
+    def _journal(self, record: dict) -> None:
+        if self._wal_index >= 0:
+            if self._wal_index <= self.journal_replayed_upto:
+                return  # replayed after a kill: this record was journaled before it
+            record["w"] = self._wal_index
+        self.journal(record)
 
     # ------------------------------------------------------------- messages
 
@@ -266,7 +309,7 @@ class State:
                 kept[group] = score
                 self.evals[(msg.run, group)] = (msg.step, score)
         if kept:
-            self.journal(dict(kind="eval", run=msg.run, step=msg.step, scores=kept, t=msg.wall_time))
+            self._journal(dict(kind="eval", run=msg.run, step=msg.step, scores=kept, t=msg.wall_time))
         if len(kept) < len(msg.scores):
             raise Rejected("too_many_groups")
 
@@ -286,7 +329,7 @@ class State:
                 tracker = stream.phases[group] = self._tracker(group)
             tracker.add_loss(msg.step, loss)
             kept += 1
-            self.journal(dict(kind="loss", run=msg.run, source="train", group=group, step=msg.step, loss=loss,
+            self._journal(dict(kind="loss", run=msg.run, source="train", group=group, step=msg.step, loss=loss,
                               t=msg.wall_time))
         if kept < len(msg.losses):
             raise Rejected("too_many_groups")
@@ -366,7 +409,7 @@ class State:
                 extra.update(phase=tracker.phase, phase_signal=tracker.signal)
                 if changed in EVIDENCE_KEYS:
                     extra[EVIDENCE_KEYS[changed]] = tracker.evidence[changed]
-            self.journal(dict(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
+            self._journal(dict(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
                               t=msg.wall_time, **extra, **point))
 
     # ------------------------------------------------------------- export view
@@ -390,7 +433,7 @@ class State:
 
     SNAPSHOT_FIELDS = ("streams", "shapes", "layer_ids", "senders", "agent_counters", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
-                       "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "_accounted", "handshake_failures",
+                       "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "_accounted", "handshake_failures", "wal_applied",
                        "world_sizes", "run_seen")
 
     def snapshot(self) -> dict:
