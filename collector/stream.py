@@ -115,6 +115,7 @@ class Stream:
         self.run, self.source = run, source
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.window_slots = config.window_samples
+        self.max_slots = config.max_groups + 1  # the labels a stream admits: max_groups, then "other"
         self.use_chars = config.distance_unit == "string"
         self.labels: list[str] = []
         self.index: dict[str, int] = {}
@@ -185,7 +186,9 @@ class Stream:
         self.labels.append(label)
         self.index[label] = g
         if g >= len(self.win_filled_G):
-            self._allocate(max(4, 2 * len(self.win_filled_G)))
+            # Doubling, but never past the cap (33 groups used to take 64 slots: twice the memory).
+            cap = getattr(self, "max_slots", 1 << 30)  # a stream from an older snapshot has no cap
+            self._allocate(max(g + 1, min(max(4, 2 * len(self.win_filled_G)), cap)))
         self.eligible_G[g] = not label.startswith("mem@")
         return g
 

@@ -366,3 +366,12 @@ def test_idle_runs_expire_and_free_their_slot():
     now[0] += 700  # "old" idle for 1,000 s > 600: the next message's sweep forgets it first
     state.handle(hello(run="other", sender="c", seq=0))
     assert set(state.shapes) == {"other"} and not any(i["run"] == "old" for i in state.senders.values())
+
+
+def test_group_slots_stop_at_max_groups_plus_other():
+    state, _ = new_state(max_groups=32)
+    for i in range(40):
+        state.handle(make_routing(seq=i + 1, n=1, groups=(f"g{i}",), sample_ids=(f"s{i}",)))
+    stream = state.streams[("run-a", "train")]
+    assert len(stream.labels) == 33 and stream.labels[-1] == "other"
+    assert len(stream.win_filled_G) == 33  # not 64
