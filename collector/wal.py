@@ -119,31 +119,27 @@ class WriteAheadLog:
             self.generation += 1
             self._open()
 
+    def _remove(self, gen: int) -> bool:
+        try:
+            os.remove(os.path.join(self.state_dir, f"{PREFIX}{gen}{SUFFIX}"))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            self.on_error("wal_write")
+            return False
+        return True
+
     def trim(self, applied_message: int, applied_drop: int) -> None:
         """Remove the generations whose every record a written snapshot has applied."""
         with self._lock:
             for gen, (m, d) in list(self._max_index.items()):
-                if gen != self.generation and m <= applied_message and d <= applied_drop:
-                    try:
-                        os.remove(os.path.join(self.state_dir, f"{PREFIX}{gen}{SUFFIX}"))
-                    except FileNotFoundError:
-                        pass
-                    except OSError:
-                        self.on_error("wal_write")
-                        continue
+                if gen != self.generation and m <= applied_message and d <= applied_drop and self._remove(gen):
                     del self._max_index[gen]
 
     def discard_replayed(self) -> None:
         """Remove the generations found at start (their records are in the snapshot just written)."""
         with self._lock:
-            for gen in self._replayed:
-                try:
-                    os.remove(os.path.join(self.state_dir, f"{PREFIX}{gen}{SUFFIX}"))
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    self.on_error("wal_write")
-            self._replayed = []
+            self._replayed = [gen for gen in self._replayed if not self._remove(gen)]
 
     def close(self) -> None:
         with self._lock:
