@@ -178,3 +178,16 @@ def test_half_open_metrics_clients_cannot_pin_threads_or_keep_scrapes_out(tmp_pa
         for s in idle:
             s.close()
         c.stop()
+
+
+def test_a_snapshot_trims_the_write_ahead_log_it_covers(tmp_path):
+    c = start_collector(tmp_path)
+    try:
+        with_pusher(c, [make_hello(seq=0)] + [make_routing(seq=i, n=2, step=i) for i in range(1, 20)])
+        wait_until(lambda: c.state.samples_total == 38)
+        wals = lambda: sorted(p for p in os.listdir(tmp_path / "state") if p.startswith("wal."))  # noqa: E731
+        assert len(wals()) == 1 and os.path.getsize(tmp_path / "state" / wals()[0]) > 0
+        c.snapshot()
+        assert len(wals()) == 1 and os.path.getsize(tmp_path / "state" / wals()[0]) == 0  # a new, empty one
+    finally:
+        c.stop()
