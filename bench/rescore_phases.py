@@ -1,6 +1,7 @@
 """Positive and negative control of the METRICS.md §5 detector on ground-truth journals, old against new.
 
     python bench/rescore_phases.py out/gtX1/state out/demo/state [--sources probe train]
+    python bench/rescore_phases.py docs/groundtruth/v2-*-journal.jsonl.gz     # the committed journals
 
 Each state directory is a collector's journal from a run that logged held-out accuracy (`grokwatch
 demo`). Its points (and the train source's loss records) are replayed in journal order through the
@@ -56,6 +57,20 @@ def replay(records, source: str):
     return trackers
 
 
+def _records(path: str):
+    """A collector's state directory, or a compressed journal (docs/groundtruth/*-journal.jsonl.gz)."""
+    if not path.endswith(".gz"):
+        yield from read_journal(path)
+        return
+    import gzip
+    import json
+
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
 def verdict(onset, crossing, length) -> str:
     if crossing is None:
         return "ok" if onset is None else "false"
@@ -73,11 +88,12 @@ def main(argv=None) -> int:
     print("| journal | source | group | held-out ≥ 50 % | old: memorized / onset | new: memorized / onset | old | new |")
     print("|---|---|---|---|---|---|---|---|")
     for state_dir in args.state_dirs:
-        records = list(read_journal(state_dir))
+        records = list(_records(state_dir))
         _, evals = load(records)
         crossings = {group: first_crossing(ev) for (_, group), ev in evals.items()}
         length = max(float(ev.steps[-1]) for ev in evals.values())
-        name = os.path.basename(os.path.dirname(os.path.abspath(state_dir)))
+        name = (os.path.basename(state_dir).removesuffix("-journal.jsonl.gz") if state_dir.endswith(".gz")
+                else os.path.basename(os.path.dirname(os.path.abspath(state_dir))))
         for source in args.sources:
             for group, (old, new) in sorted(replay(records, source).items()):
                 cross = crossings.get(group)
