@@ -64,16 +64,44 @@ def false_onset_rate(cfg, n_series: int, n_points: int, rho: float, drift: bool,
     return onsets / n_series, memorized / n_series
 
 
+def power(cfg, n_series: int, rho: float, sd: float, seed: int) -> tuple[float, float]:
+    """Share of series whose onset is found, and the median delay after the fall starts: a memorized group
+    whose distance falls 40 % over 1,000 steps from step 2,000 (240 points, one per 25 steps)."""
+    rng = np.random.default_rng(seed)
+    found = []
+    for _ in range(n_series):
+        steps = np.arange(240) * STEP
+        loss = 4.0 * np.exp(-steps / 100.0) + 0.01
+        d = 0.5 * (1 - 0.4 * np.clip((steps - 2000) / 1000, 0, 1)) * (1 + sd * ar1(rng, 240, rho))
+        tracker = PhaseTracker(cfg, "auto")
+        for s, l, v in zip(steps, loss, d):
+            tracker.observe(int(s), dict(loss=float(l), distance_normalized=float(v)))
+        tracker.observe(10**12, {})
+        if tracker.onset_step is not None:
+            found.append(tracker.onset_step - 2000)
+    return len(found) / n_series, float(np.median(found)) if found else math.nan
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--series", type=int, default=1000)
     parser.add_argument("--points", type=int, nargs="+", default=[240, 600])
     parser.add_argument("--rho", type=float, nargs="+", default=[0.0, 0.5, 0.8, 0.9])
     parser.add_argument("--alpha", type=float, default=None, help="override phase_alpha")
+    parser.add_argument("--power", action="store_true", help="measure the power on a real fall instead")
     args = parser.parse_args(argv)
     cfg = CollectorConfig().phase_config()
     if args.alpha is not None:
         cfg = replace(cfg, alpha=args.alpha)
+    if args.power:
+        print(f"# {args.series} series per row: a 40 % fall over 1,000 steps; detector {cfg}")
+        print("| noise sd | lag-1 rho | onsets found | median delay (steps) |")
+        print("|---|---|---|---|")
+        for sd in (0.01, 0.03):
+            for rho in args.rho:
+                share, delay = power(cfg, args.series, rho, sd, seed=int(1000 * sd + 10 * rho))
+                print(f"| {sd:.0%} | {rho} | {share:.0%} | {delay:.0f} |", flush=True)
+        return 0
     print(f"# {args.series} null series per row; detector {cfg}")
     print("| null | points | lag-1 rho | false onsets | memorized (reachable) |")
     print("|---|---|---|---|---|")
