@@ -114,9 +114,15 @@ class Sender:
         self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         if curve is not None:  # (the collector's public key, ours, our secret): CURVE-encrypted, authenticated
             self._sock.curve_serverkey, self._sock.curve_publickey, self._sock.curve_secretkey = curve
+        # "sent" is handed to libzmq, not delivered: whether a collector took the connection is learned from
+        # the socket's handshake events; what was sent since the last one is "undelivered" at close.
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.connected = False
+        self._since_connected = 0  # messages sent while no collector held the connection
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError as exc:  # attach() fails fast, and leaves no socket or I/O thread behind
+            self._monitor.close(linger=0)
             self._sock.close(linger=0)
             self._ctx.term()
             raise ValueError(f"endpoint: cannot connect to {endpoint!r}: {exc}") from None
@@ -223,11 +229,28 @@ class Sender:
         if len(data) > self.max_message_bytes:
             self.count_drop("too_large")
             return
+        self._connection_events()
         try:
             self._sock.send(data, zmq.NOBLOCK, copy=True)
             self.sent += 1
+            if not self.connected:
+                self._since_connected += 1
         except zmq.Again:
             self.count_drop("send_blocked")
+
+    def _connection_events(self) -> None:
+        """Read the socket's handshake events (sender thread): a handshake delivers what libzmq queued."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except (zmq.Again, zmq.ZMQError):
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected, self._since_connected = True, 0
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.connected = False
 
     def _process(self, item) -> None:
         if isinstance(item, Pending):
@@ -285,5 +308,17 @@ class Sender:
         if self._thread.is_alive():  # still sending: leave the socket to it (daemon thread)
             log.warning("grokwatch sender did not finish within %.1f s; leaving it behind", timeout_s)
             return
+        self._connection_events()
+        if not self.connected and self._since_connected:
+            # No collector took them: libzmq discards them with the socket. Counted, said once.
+            self.count_drop("undelivered", self._since_connected)
+            log.warning("grokwatch: %d messages were never delivered: no collector accepted the connection to %s "
+                        "since they were sent (counted in stats()['dropped']['undelivered'])",
+                        self._since_connected, self.endpoint)
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
         self._sock.close(linger=min(int(timeout_s * 1000), 500))
         self._ctx.term()

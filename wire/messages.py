@@ -33,7 +33,7 @@ SOURCES = ("train", "probe", "replay")
 # Why an agent drops a message (its heartbeat's ``messages_dropped`` keys). The collector exports a
 # reason outside this list as "other", so that a heartbeat cannot add label values at will.
 AGENT_DROP_REASONS = ("queue_full", "send_blocked", "too_large", "staging_busy", "incomplete", "encode_error",
-                      "closed", "non_finite")
+                      "closed", "non_finite", "undelivered")
 # What the mean routing weights are the mean of (METRICS.md, Notation).
 DISTRIBUTIONS = ("softmax", "sigmoid", "topk")
 

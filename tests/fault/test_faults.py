@@ -192,3 +192,28 @@ def test_the_ingest_queue_is_bounded_in_bytes_too():
     finally:
         pusher.close()
         ingest.stop()
+
+
+def test_with_no_collector_the_agent_counts_what_was_never_delivered(tmp_path):
+    """"sent" is what libzmq took; with nobody listening, close() used to discard it in no counter."""
+    from helpers import free_port
+
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, f"tcp://127.0.0.1:{free_port()}", "nobody", every_n_steps=1)
+    train_steps(model, mon, 4)
+    mon.close()
+    stats = mon.stats()
+    assert stats["sent"] > 0 and stats["dropped"].get("undelivered") == stats["sent"]
+
+
+def test_with_a_collector_nothing_is_counted_undelivered(tmp_path):
+    c = start_collector(tmp_path)
+    try:
+        model = tiny_model("olmoe")
+        mon = gw.attach(model, c.endpoints[0], "somebody", every_n_steps=1)
+        train_steps(model, mon, 4)
+        wait_until(lambda: c.state.samples_total >= 8)
+        mon.close()
+        assert "undelivered" not in mon.stats()["dropped"]
+    finally:
+        c.stop()
