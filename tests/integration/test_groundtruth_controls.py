@@ -31,5 +31,6 @@ def test_no_onset_where_held_out_accuracy_never_crosses(journal):
         for group, (_, new) in rescore_phases.replay(records, source).items():
             if crossings.get(group) is None:
                 assert new.onset_step is None, (source, group, new.evidence.get("generalizing"))
-    _, new = rescore_phases.replay(records, "probe")["rand"]
-    assert new.memorized_step is not None  # the control was memorized: the claim was reachable
+    probe = rescore_phases.replay(records, "probe")
+    if "rand" in probe:  # the random-label control (runs made with it): memorized, so the claim was reachable
+        assert probe["rand"][1].memorized_step is not None
