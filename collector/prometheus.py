@@ -5,6 +5,7 @@ from ``view.build_view`` — the same snapshot the OpenTelemetry view reads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 import threading
@@ -31,18 +32,42 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-class PrometheusCollector:
-    """``collect()`` renders one consistent snapshot of the state."""
+SCRAPE_LOCK_WAIT_S = 2.0  # a scrape waits this long for the state; then it answers with the previous view
 
-    def __init__(self, state: State, queue_stats: Optional[Callable[[], tuple[int, int]]] = None):
+
+class PrometheusCollector:
+    """``collect()`` renders one consistent snapshot of the state. A scrape never waits on a long message
+    (the kernels run under the state lock): after ``SCRAPE_LOCK_WAIT_S`` it answers with the last view it
+    rendered, counted in ``grokwatch_collector_scrapes_stale_total``, well inside Prometheus' 10 s."""
+
+    def __init__(self, state: State, queue_stats: Optional[Callable[[], tuple]] = None):
         self.state = state
         self.queue_stats = queue_stats
+        self.stale_scrapes = 0
+        self._last: list = []
 
     def describe(self):
         return []  # families vary with the data; nothing to pre-register
 
+    def families(self) -> list:
+        if self.state.lock.acquire(timeout=SCRAPE_LOCK_WAIT_S):
+            try:
+                self._last = build_view(self.state, self.queue_stats, self.stale_scrapes)
+            finally:
+                self.state.lock.release()
+            return self._last
+        self.stale_scrapes += 1
+        log.warning("/metrics: the state stayed locked for %.1f s (a long message?): answered with the previous "
+                    "view (%d so far)", SCRAPE_LOCK_WAIT_S, self.stale_scrapes)
+        out = []
+        for fam in self._last:
+            if fam.name == "grokwatch_collector_scrapes_stale_total":
+                fam = dataclasses.replace(fam, samples=[((), self.stale_scrapes)])
+            out.append(fam)
+        return out
+
     def collect(self):
-        for fam in build_view(self.state, self.queue_stats):
+        for fam in self.families():
             name = fam.name
             labels = list(fam.labels)
             if fam.kind == "counter":

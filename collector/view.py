@@ -45,7 +45,7 @@ class Family:
         self.samples.append((tuple(str(v) for v in values), value))
 
 
-def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]] = None) -> list[Family]:
+def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, stale_scrapes: int = 0) -> list[Family]:
     """All families, read under the state's lock (a consistent snapshot)."""
     F = {}
 
@@ -92,6 +92,9 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
     fam("collector_handshake_failures_total", "counter",
         "ZeroMQ connections refused at their handshake: auth (a CURVE key not in the allow-list), protocol",
         ("reason",))
+    fam("collector_scrapes_stale_total", "counter",
+        "Scrapes answered from the previous view because the state stayed locked (a long message) for the "
+        "scrape's wait", ())
     fam("collector_persist_errors_total", "counter", "Snapshot and journal reads and writes that failed, by what",
         ("what",))
     fam("agent_messages_sent_total", "counter", "Messages the agents sent (from heartbeats)", ("run", "rank"))
@@ -163,6 +166,7 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple[int, int]]
             for reason, n in sorted(totals["dropped"].items()):
                 F["agent_messages_dropped_total"].add((run, rank, reason), n)
     size, capacity, size_bytes, capacity_bytes = (tuple(queue_stats()) + (0, 0))[:4] if queue_stats else (0, 0, 0, 0)
+    F["collector_scrapes_stale_total"].add((), stale_scrapes)
     F["collector_queue_size"].add((), size)
     F["collector_queue_capacity"].add((), capacity)
     F["collector_queue_bytes"].add((), size_bytes)

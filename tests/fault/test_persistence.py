@@ -191,3 +191,40 @@ def test_a_snapshot_trims_the_write_ahead_log_it_covers(tmp_path):
         assert len(wals()) == 1 and os.path.getsize(tmp_path / "state" / wals()[0]) == 0  # a new, empty one
     finally:
         c.stop()
+
+
+def test_a_scrape_never_waits_on_a_long_message(tmp_path, monkeypatch):
+    """Kernels run under the state lock; eight large messages once made each scrape take 9-11 s (past
+    Prometheus' 10 s timeout). A scrape now waits at most SCRAPE_LOCK_WAIT_S, then answers with the
+    previous view, counted."""
+    import threading
+    import time
+
+    from grokwatch.collector import prometheus as prom
+
+    monkeypatch.setattr(prom, "SCRAPE_LOCK_WAIT_S", 0.5)
+    c = start_collector(tmp_path)
+    try:
+        with_pusher(c, [make_hello(seq=0), make_routing(seq=1, n=4)])
+        wait_until(lambda: c.state.samples_total == 4)
+        assert value(scrape(c.metrics_port), "grokwatch_collector_samples_processed_total") == 4
+        held, release = threading.Event(), threading.Event()
+
+        def long_message():  # what a huge message does to the lock
+            with c.state.lock:
+                held.set()
+                release.wait(10)
+
+        t = threading.Thread(target=long_message)
+        t.start()
+        held.wait(5)
+        started = time.monotonic()
+        s = scrape(c.metrics_port)
+        took = time.monotonic() - started
+        release.set()
+        t.join()
+        assert took < 3.0
+        assert value(s, "grokwatch_collector_samples_processed_total") == 4  # the previous view
+        assert value(s, "grokwatch_collector_scrapes_stale_total") == 1
+    finally:
+        c.stop()
