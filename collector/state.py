@@ -214,7 +214,7 @@ class State:
     def _retire_oldest_sender(self) -> None:
         oldest = min(self.senders, key=lambda s: self.senders[s]["seen"])
         info = self.senders.pop(oldest)
-        if not info.get("beats"):
+        if not _has_beaten(info):
             return
         acc = self.agent_counters.setdefault((info["run"], info["rank"]), dict(sent=0, dropped={}, hook_errors=0))
         acc["sent"] += info["sent"]
@@ -420,7 +420,7 @@ class State:
         out = {k: dict(sent=v["sent"], dropped=dict(v["dropped"]), hook_errors=v["hook_errors"])
                for k, v in self.agent_counters.items()}
         for info in self.senders.values():
-            if not info.get("beats"):  # no heartbeat yet (or only refused messages): no series
+            if not _has_beaten(info):  # no heartbeat yet (or only refused messages): no series
                 continue
             acc = out.setdefault((info["run"], info["rank"]), dict(sent=0, dropped={}, hook_errors=0))
             acc["sent"] += info["sent"]
@@ -455,6 +455,11 @@ class State:
                     setattr(self, name, data[name])
             for stream in self.streams.values():
                 stream.restore_scratch(self.config)
+
+
+def _has_beaten(info: dict) -> bool:
+    """The sender's heartbeat counters count (a sender restored from an older snapshot has no flag)."""
+    return info.get("beats", bool(info.get("sent") or info.get("dropped") or info.get("hook_errors")))
 
 
 def _finish_stats(st: dict, entropy_L: np.ndarray, load_LE: np.ndarray) -> dict:
