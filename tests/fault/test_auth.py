@@ -51,8 +51,13 @@ def test_only_allowed_keys_get_in_and_refusals_are_counted(tmp_path, keys):
         bad = gw.attach(tiny_model("olmoe"), c.endpoints[0], "intruder", every_n_steps=1,
                         curve_server_key=keys["server"][0], curve_secret_key=keys["stranger"][1])
         plain = Pusher(c.endpoints[0])
-        plain.send(encode(make_hello(run="plain", seq=0)))
-        plain.send(encode(make_routing(run="plain", seq=1)))
+        # No handshake ever completes for it, so PUSH may have no pipe to queue on: never block on that.
+        plain.sock.setsockopt(zmq.SNDTIMEO, 200)
+        for msg in (make_hello(run="plain", seq=0), make_routing(run="plain", seq=1)):
+            try:
+                plain.send(encode(msg))
+            except zmq.Again:
+                pass
         _train(bad, bad.model)
         wait_until(lambda: c.state.handshake_failures.get("auth", 0) >= 1, timeout_s=20)
         wait_until(lambda: c.state.handshake_failures.get("protocol", 0) >= 1, timeout_s=20)
