@@ -71,7 +71,7 @@ class AgentConfig:
         """(server public, own public, own secret) from the key files, or None without CURVE."""
         if not self.curve_server_key:
             return None
-        from grokwatch.wire.keys import KeyError_, load_public, load_secret
+        from grokwatch.keys import KeyError_, load_public, load_secret
 
         try:
             server = load_public(self.curve_server_key)

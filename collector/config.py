@@ -127,7 +127,7 @@ class CollectorConfig:
         if self.curve_allowed_clients and not os.path.isdir(self.curve_allowed_clients):
             raise ConfigError(f"curve_allowed_clients: {self.curve_allowed_clients} is not a directory of .key files")
         if self.curve_secret_key:
-            from grokwatch.wire.keys import KeyError_, load_secret
+            from grokwatch.keys import KeyError_, load_secret
 
             try:
                 load_secret(self.curve_secret_key)

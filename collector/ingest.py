@@ -12,6 +12,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from grokwatch.collector.state import State
 from grokwatch.wire import Limits, peek_sequence
@@ -40,7 +41,7 @@ class Ingest:
             # authenticator thread; clients whose key is not in it never get a message through.
             from zmq.auth.thread import ThreadAuthenticator
 
-            from grokwatch.wire.keys import load_secret
+            from grokwatch.keys import load_secret
 
             self.ctx = zmq.Context()
             self.auth = ThreadAuthenticator(self.ctx)
@@ -135,14 +136,10 @@ class Ingest:
         self.queue.put_nowait((index, data))  # cannot fail: one producer, and there was room
 
     def _monitor_events(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
         while True:
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
+            except zmq.ZMQError:  # zmq.Again: none left
                 return
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.state.count_handshake_failure("auth")

@@ -34,7 +34,7 @@ def _cmd_collector(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from grokwatch.wire.keys import generate
+    from grokwatch.keys import generate
 
     public, secret = generate(args.out, args.name)
     print(f"public key: {public}\nsecret key: {secret} (mode 0600: give it only to whoever connects or binds as {args.name})")

@@ -13,7 +13,7 @@ import zmq
 import grokwatch.agent as gw
 from grokwatch.collector.config import ConfigError, CollectorConfig
 from grokwatch.wire import encode
-from grokwatch.wire.keys import generate
+from grokwatch.keys import generate
 from helpers import Pusher, scrape, start_collector, value, wait_until
 from tiny_models import VOCAB, tiny_model
 from wire_factories import make_hello, make_routing

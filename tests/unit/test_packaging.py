@@ -33,6 +33,17 @@ def test_collector_and_wire_import_without_torch():
     assert result.stdout.strip() == "ok"
 
 
+def test_the_wire_contract_imports_only_numpy_and_msgpack():
+    """ARCHITECTURE.md: grokwatch.wire may import numpy and msgpack only (both sides load it)."""
+    result = run_python(
+        "import importlib, pkgutil, grokwatch.wire\n"
+        "for m in pkgutil.iter_modules(grokwatch.wire.__path__): importlib.import_module('grokwatch.wire.' + m.name)\n"
+        "assert not {'zmq', 'torch', 'numba'} & set(sys.modules), sorted({'zmq', 'torch', 'numba'} & set(sys.modules))\n"
+        "print('ok')\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
 def test_the_torch_block_really_blocks():
     result = run_python("import torch\n")
     assert result.returncode != 0 and "blocked" in result.stderr

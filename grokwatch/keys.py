@@ -1,4 +1,5 @@
 """ZeroMQ CURVE keys, shared by both sides (the collector's allow-list and the agent's client key).
+Here, not in ``grokwatch.wire``: the wire contract needs only numpy and msgpack, keys need pyzmq.
 
     grokwatch keygen --out /etc/grokwatch/keys --name collector   # collector.key, collector.key_secret
     grokwatch keygen --out /etc/grokwatch/keys --name agent       # one per job (or per node)
