@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from grokwatch._version import __version__
 from grokwatch.wire import AGENT_DROP_REASONS, Eval, Heartbeat, Hello, Loss, Routing, encode
@@ -240,12 +241,10 @@ class Sender:
 
     def _connection_events(self) -> None:
         """Read the socket's handshake events (sender thread): a handshake delivers what libzmq queued."""
-        from zmq.utils.monitor import recv_monitor_message
-
         while True:
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
-            except (zmq.Again, zmq.ZMQError):
+            except zmq.ZMQError:  # zmq.Again: none left
                 return
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected, self._since_connected = True, 0

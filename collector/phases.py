@@ -182,7 +182,7 @@ class PhaseTracker:
         if self.signal not in PHASE_DISTANCES:
             raise ValueError(f"phase distance {distance!r}: not one of {', '.join(PHASE_DISTANCES)} or auto")
         self.points: deque = deque(maxlen=config.window)
-        self.history: deque = deque(maxlen=HISTORY_WINDOWS * config.window)  # (step, distance): noise estimate
+        self.history: deque = deque(maxlen=HISTORY_WINDOWS * config.window)  # watched distances: noise estimate
         self.losses: deque = deque(maxlen=config.window)  # [step, mean loss, n]
         self.loss_reference: Optional[float] = None  # the group's first loss level (median of its first points)
         self._first_losses: list[float] = []
@@ -209,7 +209,7 @@ class PhaseTracker:
 
     @property
     def has_loss_evidence(self) -> bool:
-        return self.loss_reference is not None or self.epsilon is not None and len(self.losses) > 0
+        return self.loss_reference is not None or (self.epsilon is not None and len(self.losses) > 0)
 
     # ------------------------------------------------------------------ input
 
@@ -269,7 +269,7 @@ class PhaseTracker:
             self.history.clear()
         self.points.append(point)
         if point["distance"] is not None:
-            self.history.append((point["step"], point["distance"]))
+            self.history.append(point["distance"])
         if len(self.points) < self.config.window:
             return
         self._advance(self._evaluate())
@@ -284,7 +284,7 @@ class PhaseTracker:
     def noise_rho(self) -> float:
         """The watched distance's noise correlation, from its history *before* the window (a trend in the
         window is not noise); with less than two windows of it, the prior ``PRIOR_RHO``."""
-        before = [v for _, v in self.history][:-self.config.window]
+        before = list(self.history)[:-self.config.window]
         if len(before) < 2 * self.config.window:
             return PRIOR_RHO
         return lag1_autocorrelation(np.array(before, dtype=np.float64))

@@ -24,6 +24,7 @@ from grokwatch.collector.ingest import Ingest
 from grokwatch.collector.persist import Journal, SnapshotError, check_writable, read_snapshot, set_aside, write_snapshot
 from grokwatch.collector.prometheus import make_registry, serve
 from grokwatch.collector.state import State
+from grokwatch.collector import wal
 from grokwatch.collector.wal import WriteAheadLog
 from grokwatch.wire import Limits
 
@@ -76,7 +77,7 @@ class Collector:
             log.error("snapshot in %s not used, starting fresh: %s; moved to %s", state_dir, reason, where)
             self.state.count_persist_error("snapshot_read")
             return
-        self.state.restore(read_snapshot(state_dir))  # a fresh copy: the scratch state owns the first
+        self.state.restore(snap)  # the scratch state is dropped: its objects become ours
         log.info("resumed from the snapshot in %s", state_dir)
 
     @property
@@ -87,20 +88,18 @@ class Collector:
         """Apply the write-ahead records the snapshot does not hold (a SIGKILL, a crash): messages applied
         after the last snapshot, and those still queued at the kill. Their journal lines written before
         the kill are not written again. Returns the next record index."""
-        from grokwatch.collector.wal import DROP, MESSAGE, journal_high_water, read
-
         applied_m, applied_d = self.state.wal_applied
-        self.state.journal_replayed_upto = journal_high_water(self.journal.path) if self.journal else -1
+        self.state.journal_replayed_upto = wal.journal_high_water(self.journal.path) if self.journal else -1
         clock, replayed, last = self.state.clock, 0, max(applied_m, applied_d)
         limits = Limits(max_message_bytes=self.config.max_message_bytes)
         try:
-            for kind, index, t, payload in read(state_dir):
+            for kind, index, t, payload in wal.read(state_dir):
                 last = max(last, index)
-                if kind == MESSAGE and index > applied_m:
+                if kind == wal.MESSAGE and index > applied_m:
                     self.state.clock = lambda t=t: t  # judged (stale, idle runs) as when it arrived
                     self.state.apply(payload, limits, index)
                     replayed += 1
-                elif kind == DROP and index > applied_d:
+                elif kind == wal.DROP and index > applied_d:
                     reason, sender, seq = json.loads(payload)
                     self.state.count_drop(reason, (sender, seq) if sender is not None else None, index)
                     replayed += 1

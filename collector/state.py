@@ -16,9 +16,11 @@ import numpy as np
 
 from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig
+from grokwatch.collector.persist import snapshot_bytes
 from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseTracker
 from grokwatch.collector.stream import Stream
-from grokwatch.wire import AGENT_DROP_REASONS, Eval, Heartbeat, Hello, Loss, Routing
+from grokwatch.wire import (AGENT_DROP_REASONS, Eval, Heartbeat, Hello, Loss, Routing, WireError, decode,
+                            peek_sequence)
 
 CROSS_GROUP = "_cross"  # METRICS.md §1 cross-group baseline
 OTHER_GROUP = "other"  # label values beyond max_groups
@@ -116,10 +118,6 @@ class State:
         with self.lock:
             self.persist_errors[what] = self.persist_errors.get(what, 0) + 1
 
-    def count_received(self) -> None:
-        with self.lock:
-            self.received_total += 1
-
     def count_drop(self, reason: str, sequence: Optional[tuple[str, int]], wal_index: int = -1) -> None:
         """A message dropped at receive (too large, queue full): received, rejected, its seq accounted,
         its write-ahead record applied — one step, under the lock, so a snapshot holds all or none."""
@@ -132,8 +130,6 @@ class State:
     def apply(self, data: bytes, limits, wal_index: int = -1) -> None:
         """Decode and apply one received message; every failure is counted, none escapes. Received and
         applied in one step under the lock (a snapshot never holds one without the other)."""
-        from grokwatch.wire import WireError, decode, peek_sequence
-
         with self.lock:
             self.received_total += 1
             self._wal_index = wal_index
@@ -233,6 +229,9 @@ class State:
         the run's hellos declared (every (run, rank) is a series)."""
         if msg.run not in self.shapes:
             raise Rejected("unknown_run")
+        self._check_rank(msg)
+
+    def _check_rank(self, msg) -> None:
         if msg.rank >= self.world_sizes.get(msg.run, 1 << 20):
             raise Rejected("bad_rank")
 
@@ -373,8 +372,7 @@ class State:
     def _routing(self, msg: Routing) -> None:
         if self.senders[msg.sender].get("other_layers"):
             raise Rejected("shape_mismatch")
-        if msg.rank >= self.world_sizes.get(msg.run, 1 << 20):
-            raise Rejected("bad_rank")
+        self._check_rank(msg)
         stream = self._stream(msg)
         if msg.source == "train":
             self.train_step[msg.run] = max(self.train_step.get(msg.run, 0), msg.step)
@@ -443,8 +441,6 @@ class State:
 
     def snapshot_blob(self) -> bytes:
         """A consistent, pickled copy of the state (taken under the lock; a few ms per MB)."""
-        from grokwatch.collector.persist import snapshot_bytes
-
         with self.lock:
             return snapshot_bytes(self.snapshot())
 

@@ -30,6 +30,10 @@ MESSAGE, DROP = 1, 2
 PREFIX, SUFFIX = "wal.", ".bin"
 
 
+def _path(state_dir: str, gen: int) -> str:
+    return os.path.join(state_dir, f"{PREFIX}{gen}{SUFFIX}")
+
+
 def _generations(state_dir: str) -> list[int]:
     out = []
     for name in os.listdir(state_dir):
@@ -43,7 +47,7 @@ def _generations(state_dir: str) -> list[int]:
 def read(state_dir: str) -> Iterator[tuple[int, int, float, bytes]]:
     """(kind, index, t, payload) of every whole record, oldest first."""
     for gen in _generations(state_dir):
-        path = os.path.join(state_dir, f"{PREFIX}{gen}{SUFFIX}")
+        path = _path(state_dir, gen)
         with open(path, "rb") as fh:
             data = fh.read()
         pos = 0
@@ -78,8 +82,7 @@ class WriteAheadLog:
         self._open()
 
     def _open(self) -> None:
-        path = os.path.join(self.state_dir, f"{PREFIX}{self.generation}{SUFFIX}")
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = os.open(_path(self.state_dir, self.generation), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = 0
         self._max_index[self.generation] = (-1, -1)
 
@@ -121,7 +124,7 @@ class WriteAheadLog:
 
     def _remove(self, gen: int) -> bool:
         try:
-            os.remove(os.path.join(self.state_dir, f"{PREFIX}{gen}{SUFFIX}"))
+            os.remove(_path(self.state_dir, gen))
         except FileNotFoundError:
             pass
         except OSError:

@@ -390,7 +390,7 @@ def peek_sequence(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Optional[tupl
     try:
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1), max_bin_len=0,
                                     max_str_len=limits.max_str_len * 4, max_array_len=0, max_map_len=64, max_ext_len=0)
-        unpacker.feed(data[:4096] if len(data) > 4096 else data)
+        unpacker.feed(data[:4096])  # the header is in the first bytes
         entries = unpacker.read_map_header()
         sender = seq = None
         for _ in range(min(entries, 16)):
