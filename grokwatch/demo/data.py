@@ -9,6 +9,11 @@ predict c = a ∘ b mod p. Held-out accuracy of a commutative operation is
 The group ``rand`` is the built-in negative control (docs/groundtruth.md): its answer for each
 pair (a, b) is drawn at random once, so its training samples can be memorized and its held-out
 samples never predicted (chance is 1/p). A phase detector that calls it ``generalizing`` is wrong.
+
+With ``equations_per_sample`` k > 1 a training *sample* is k training equations of one group side
+by side, [a, op, b, =, c] × k (issue 17: a sample's routing is then a mean over 4k routed tokens, as
+the paper's documents are means over many tokens). The train split's size per group is rounded to a
+multiple of k, so every training equation belongs to exactly one sample.
 """
 
 from __future__ import annotations
@@ -37,15 +42,29 @@ class Split:
 
 
 @dataclass
+class Samples:
+    """Training samples of k equations each (k = 1: one equation a sample)."""
+
+    ids_NW: torch.Tensor  # W = 5k: k equations [a, op, b, =, c] of one group, side by side
+    group_N: torch.Tensor
+    sample_ids: list[str]
+
+
+@dataclass
 class Dataset:
     groups: list[str]
     p: int
     vocab_size: int
     train: Split
     test: Split
+    samples: Samples  # what the training loop feeds (and tags), made of the train split's equations
 
 
-def make_dataset(groups: list[str], p: int, train_fraction: float, seed: int) -> Dataset:
+def make_dataset(groups: list[str], p: int, train_fraction: float, seed: int,
+                 equations_per_sample: int = 1) -> Dataset:
+    k = int(equations_per_sample)
+    if k < 1:
+        raise ValueError(f"equations_per_sample must be at least 1, not {k}")
     n = len(groups)
     eq_token = n * p + n
     gen = torch.Generator().manual_seed(seed)
@@ -57,7 +76,7 @@ def make_dataset(groups: list[str], p: int, train_fraction: float, seed: int) ->
             fn = (lambda table: (lambda a, b, p: int(table[a, b])))(table_PP)
         pairs = [(a, b) for a in range(p) for b in range(p) if not (op == "div" and b == 0)]
         perm = torch.randperm(len(pairs), generator=gen).tolist()
-        cut = int(round(train_fraction * len(pairs)))
+        cut = k * max(1, int(round(train_fraction * len(pairs) / k)))
         train_set = {pairs[i] for i in perm[:cut]}
         for rank, i in enumerate(perm):
             a, b = pairs[i]
@@ -69,4 +88,11 @@ def make_dataset(groups: list[str], p: int, train_fraction: float, seed: int) ->
         return Split(torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows]), [r[2] for r in rows],
                      torch.tensor([r[3] for r in rows]))
 
-    return Dataset(groups, p, eq_token + 1, split(rows_train), split(rows_test))
+    train = split(rows_train)
+    if k == 1:
+        samples = Samples(train.ids_B5, train.group_B, train.sample_ids)
+    else:  # rows_train holds each group's equations in a random order: consecutive k make a sample
+        N = len(rows_train) // k
+        samples = Samples(train.ids_B5.reshape(N, 5 * k), train.group_B.reshape(N, k)[:, 0],
+                          [f"{groups[int(g)]}:s{i}" for i, g in enumerate(train.group_B.reshape(N, k)[:, 0].tolist())])
+    return Dataset(groups, p, eq_token + 1, train, split(rows_test), samples)

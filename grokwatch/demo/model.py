@@ -40,6 +40,12 @@ class ModelConfig:
     # True: causal attention for all four positions and every position through the MoE blocks, so a
     # sample's routing is a mean over its four tokens (docs/groundtruth.md, "routed tokens").
     route_all_positions: bool = False
+    # Router logits are multiplied by this before the softmax: > 1 gives peaked routing from the start
+    # (issue 17: the paper's OLMoE pathways are peaked; an unscaled router here stays near uniform).
+    router_scale: float = 1.0
+    # True: each expert runs only on the tokens routed to it (sort by expert, one matmul each), a
+    # K/E share of the dense cost; the same function as the dense masked form (tests/unit/test_demo_model.py).
+    sparse_experts: bool = False
 
 
 class MoEBlock(nn.Module):
@@ -47,6 +53,8 @@ class MoEBlock(nn.Module):
         super().__init__()
         H, F, E = cfg.hidden, cfg.expert_hidden, cfg.num_experts
         self.top_k = cfg.top_k
+        self.router_scale = cfg.router_scale
+        self.sparse = cfg.sparse_experts
         self.router = nn.Linear(H, E, bias=False)
         self.num_experts, self.expert_hidden = E, F
         # All experts side by side: [H, E*F] in, [E*F, H] out.
@@ -58,18 +66,43 @@ class MoEBlock(nn.Module):
 
     def forward(self, x_BH: torch.Tensor):
         logits_BE = self.router(x_BH)
+        if self.router_scale != 1.0:
+            logits_BE = logits_BE * self.router_scale
         probs_BE = torch.softmax(logits_BE, dim=-1)
         top_w_BK, top_i_BK = probs_BE.topk(self.top_k, dim=-1)
         top_w_BK = top_w_BK / top_w_BK.sum(-1, keepdim=True)
-        gate_BE = torch.zeros_like(probs_BE).scatter(1, top_i_BK, top_w_BK)
-        # Every expert on every token, masked by the gate: two dense matmuls beat a gather at
-        # this size (tiny experts, thousands of tokens). X = E*F.
-        B = x_BH.shape[0]
-        h_BEF = torch.relu(x_BH @ self.w_in_HX).view(B, self.num_experts, self.expert_hidden)
-        y_BH = (h_BEF * gate_BE[:, :, None]).view(B, -1) @ self.w_out_XH
+        if self.sparse:
+            y_BH = self._sparse_experts(x_BH, top_w_BK, top_i_BK)
+        else:
+            gate_BE = torch.zeros_like(probs_BE).scatter(1, top_i_BK, top_w_BK)
+            # Every expert on every token, masked by the gate: two dense matmuls beat a gather when
+            # K/E is large (tiny experts, thousands of tokens). X = E*F.
+            B = x_BH.shape[0]
+            h_BEF = torch.relu(x_BH @ self.w_in_HX).view(B, self.num_experts, self.expert_hidden)
+            y_BH = (h_BEF * gate_BE[:, :, None]).view(B, -1) @ self.w_out_XH
         if self.shared is not None:
             y_BH = y_BH + self.shared(x_BH)
         return y_BH, logits_BE, probs_BE, top_i_BK
+
+    def _sparse_experts(self, x_BH, top_w_BK, top_i_BK):
+        """Token-expert pairs sorted by expert; expert e's rows go through its own slice of the
+        weights; the weighted outputs are added back to their tokens. R = B·K routed pairs."""
+        B, K = top_i_BK.shape
+        F_ = self.expert_hidden
+        expert_R = top_i_BK.reshape(-1)
+        order_R = torch.argsort(expert_R, stable=True)
+        token_R = torch.arange(B, device=x_BH.device).repeat_interleave(K)[order_R]
+        weight_R = top_w_BK.reshape(-1)[order_R]
+        counts = torch.bincount(expert_R, minlength=self.num_experts).tolist()
+        x_RH = x_BH[token_R]
+        # One split each (its backward is one concatenation; a slice per expert would zero-fill the
+        # whole weight's gradient once per expert).
+        w_in = self.w_in_HX.split(F_, dim=1)
+        w_out = self.w_out_XH.split(F_, dim=0)
+        outs = [torch.relu(x_nH @ w_in[e]) @ w_out[e]
+                for e, x_nH in enumerate(x_RH.split(counts)) if counts[e]]
+        y_RH = torch.cat(outs) * weight_R[:, None]
+        return x_BH.new_zeros(x_BH.shape).index_add(0, token_R, y_RH)
 
 
 class GrokMoE(nn.Module):
@@ -91,14 +124,23 @@ class GrokMoE(nn.Module):
         self.aux_loss: Optional[torch.Tensor] = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``input_ids`` [B, 4] or [B, 5] (the answer, if present, is not read)."""
+        """``input_ids`` [B, 4] or [B, 5] (the answer, if present, is not read), or [B, 5m]: m equations
+        a row (k-equation samples). Returns logits [B·m, P], one row per equation. Attention stays within
+        an equation; a row's m equations share only the routing summary (one sample, 4m routed tokens)."""
+        B, W = input_ids.shape
+        m = 1
+        if W > 5:
+            if W % 5 or not self.cfg.route_all_positions:
+                raise ValueError(f"input width {W}: several equations a row need width 5m and route_all_positions")
+            m = W // 5
+            input_ids = input_ids.reshape(B * m, 5)
         input_ids = input_ids[:, : self.cfg.seq_len]
-        B, S = input_ids.shape
         heads, H = self.cfg.heads, self.cfg.hidden
         d = H // heads
-        x_BSH = self.embed(input_ids) + self.pos[:S]
+        x_BSH = self.embed(input_ids) + self.pos[: input_ids.shape[1]]
         if self.cfg.route_all_positions:
-            return self._forward_all_positions(x_BSH)
+            return self._forward_all_positions(x_BSH, B)
+        S = input_ids.shape[1]
         q_BHd = self.q(x_BSH[:, -1]).view(B, heads, d)  # only the '=' query matters
         k_BSHd = self.k(x_BSH).view(B, S, heads, d)
         v_BSHd = self.v(x_BSH).view(B, S, heads, d)
@@ -121,7 +163,8 @@ class GrokMoE(nn.Module):
         return self.unembed(self.norms[-1](x_BH))
 
 
-    def _forward_all_positions(self, x_BSH: torch.Tensor) -> torch.Tensor:
+    def _forward_all_positions(self, x_BSH: torch.Tensor, rows: int) -> torch.Tensor:
+        """``x_BSH``: B = rows·m equations; each of ``rows`` samples is recorded as m·S routed tokens."""
         B, S, H = x_BSH.shape
         heads = self.cfg.heads
         d = H // heads
@@ -133,8 +176,9 @@ class GrokMoE(nn.Module):
         aux = x_TH.new_zeros(())
         for i, block in enumerate(self.blocks):
             y_TH, logits_TE, probs_TE, top_i_TK = block(self.norms[i](x_TH))
-            if self.monitor is not None:  # S routed positions per equation: [B, S, E]
-                self.monitor.record(i, logits=logits_TE.view(B, S, -1), topk=(top_i_TK.view(B, S, -1), None),
+            if self.monitor is not None:  # m·S routed positions per sample: [rows, m·S, E]
+                self.monitor.record(i, logits=logits_TE.view(rows, -1, logits_TE.shape[-1]),
+                                    topk=(top_i_TK.view(rows, -1, top_i_TK.shape[-1]), None),
                                     router_weight=block.router.weight)
             E = probs_TE.shape[-1]
             load_E = torch.zeros(E, device=x_TH.device).scatter_add_(

@@ -51,6 +51,9 @@ class BenchConfig:
     shared_expert_hidden: int = 256
     norm: int = 1  # 1: RMSNorm before each MoE block (see model.py)
     route_all_positions: int = 0  # 1: all four positions through the MoE blocks (see model.py)
+    equations_per_sample: int = 1  # k > 1: a sample is k equations of one group (needs route_all_positions)
+    router_scale: float = 1.0  # router logits x this (peaked routing, see model.py)
+    sparse_experts: int = 0  # 1: each expert computes only its routed tokens (faster when K/E is small)
     # Agent cadence
     every_n_steps: int = 5
     samples_per_step: int = 48
@@ -60,10 +63,16 @@ class BenchConfig:
     checkpoint_dir: str = ""
 
 
-def answer_loss(model, input_ids_B5, attention_mask=None):
-    """Per-sample NLL of the answer token (the probe's loss for this task)."""
-    logits = model(input_ids_B5)
-    return F.cross_entropy(logits.float(), input_ids_B5[:, 4], reduction="none")
+def answers(input_ids_BW: torch.Tensor) -> torch.Tensor:
+    """The answer token of every equation of [B, 5m] rows, [B·m] (the model's output rows)."""
+    return input_ids_BW.reshape(-1, 5)[:, 4]
+
+
+def answer_loss(model, input_ids_BW, attention_mask=None):
+    """Per-sample NLL of the answer tokens, the mean over a sample's equations (the probe's loss)."""
+    logits = model(input_ids_BW)
+    nll = F.cross_entropy(logits.float(), answers(input_ids_BW), reduction="none")
+    return nll.view(input_ids_BW.shape[0], -1).mean(1)
 
 
 @torch.no_grad()
@@ -98,23 +107,26 @@ def save_checkpoint(model: GrokMoE, step: int, directory: str) -> str:
 
 
 def write_samples(data: Dataset, path: str, per_group: int, seed: int = 0) -> None:
-    """A replay sample set: training equations, ``per_group`` of each group."""
+    """A replay sample set: training samples, ``per_group`` of each group."""
     gen = torch.Generator().manual_seed(seed)
     with open(path, "w") as fh:
         for g, op in enumerate(data.groups):
-            rows = torch.nonzero(data.train.group_B == g).flatten()
+            rows = torch.nonzero(data.samples.group_N == g).flatten()
             for r in rows[torch.randperm(len(rows), generator=gen)[:per_group]].tolist():
-                fh.write(json.dumps({"id": data.train.sample_ids[r], "group": op,
-                                     "input_ids": data.train.ids_B5[r].tolist()}) + "\n")
+                fh.write(json.dumps({"id": data.samples.sample_ids[r], "group": op,
+                                     "input_ids": data.samples.ids_NW[r].tolist()}) + "\n")
 
 
 def build(cfg: BenchConfig):
     torch.manual_seed(cfg.seed)
-    data = make_dataset(list(cfg.groups), cfg.p, cfg.train_fraction, cfg.seed)
+    if cfg.equations_per_sample > 1 and not cfg.route_all_positions:
+        raise ValueError("equations_per_sample > 1 needs route_all_positions=1 (every position routed)")
+    data = make_dataset(list(cfg.groups), cfg.p, cfg.train_fraction, cfg.seed, cfg.equations_per_sample)
     mcfg = ModelConfig(vocab_size=data.vocab_size, num_outputs=cfg.p, hidden=cfg.hidden,
                        num_moe_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
                        expert_hidden=cfg.expert_hidden, shared_expert_hidden=cfg.shared_expert_hidden,
-                       norm=bool(cfg.norm), route_all_positions=bool(cfg.route_all_positions))
+                       norm=bool(cfg.norm), route_all_positions=bool(cfg.route_all_positions),
+                       router_scale=cfg.router_scale, sparse_experts=bool(cfg.sparse_experts))
     model = GrokMoE(mcfg)
     router = [p for n, p in model.named_parameters() if ".router." in n]
     rest = [p for n, p in model.named_parameters() if ".router." not in n]
@@ -141,8 +153,10 @@ def train(cfg: BenchConfig, *, endpoint: Optional[str] = None, run: str = "grokk
                         probe_size=cfg.probe_size_per_group * len(cfg.groups), probe_fn=answer_loss,
                         max_docs_per_sample=1)
         model.monitor = mon
-    ids, sids = data.train.ids_B5, data.train.sample_ids
-    groups = [cfg.groups[g] for g in data.train.group_B.tolist()]
+    ids, sids = data.samples.ids_NW, data.samples.sample_ids
+    groups = [cfg.groups[g] for g in data.samples.group_N.tolist()]
+    targets = answers(ids)
+    k = ids.shape[1] // 5 if ids.shape[1] > 5 else 1
     history = []
     log = open(log_path, "w") if log_path else None
     started = time.perf_counter()
@@ -167,7 +181,7 @@ def train(cfg: BenchConfig, *, endpoint: Optional[str] = None, run: str = "grokk
                 mon.step(step)
                 mon.tag(sids, groups)
             logits = model(ids)
-            loss_B = F.cross_entropy(logits, ids[:, 4], reduction="none")
+            loss_B = F.cross_entropy(logits, targets, reduction="none").view(ids.shape[0], k).mean(1)
             loss = loss_B.mean() + cfg.aux_coef * model.aux_loss
             if mon is not None:  # the train source's loss evidence, per group of the tagged rows (sampled steps)
                 mon.step(step, loss=loss_B)
