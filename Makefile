@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[agent,hf,collector,dev]"
+	$(PY) -m pip install -q -e ".[agent,hf,collector,report,tensorboard,dev]"
 	touch $@
 
 frameworks: $(FRAMEWORKS)/.installed

@@ -509,6 +509,12 @@ def attach(model: nn.Module, endpoint: Optional[str] = None, run: Optional[str] 
     ``layer_names`` if given, with global layer numbers under pipeline
     parallelism): a collector refuses a second set of layers under one run.
     """
+    try:  # a misspelt GROKWATCH_* variable is one warning, never an error
+        from grokwatch.envvars import warn_unknown
+
+        warn_unknown(os.environ, log)
+    except Exception:
+        pass
     config = AgentConfig(
         endpoint=endpoint or os.environ.get("GROKWATCH_ENDPOINT", DEFAULT_ENDPOINT),
         run=run or os.environ.get("GROKWATCH_RUN", "default"),

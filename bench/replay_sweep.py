@@ -62,7 +62,7 @@ def main() -> int:
         c = Collector(CollectorConfig(listen=("tcp://127.0.0.1:0",), metrics_port=0, metrics_addr="127.0.0.1",
                                       state_dir=state_dir, pathway_tau=tau, distance_unit=args.unit,
                                       comparisons_per_sample=64, window_samples=args.per_group * 2),
-                      otel_readers=[]).start()
+                      otel_exporters=[]).start()
         try:
             replay(ckpts, sample_set, c.endpoints[0], "sweep", batch_size=64)
             import time

@@ -16,9 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a package (a dependency there)
+    import tomli as tomllib
 
 DEFAULT_LISTEN = ("tcp://127.0.0.1:5557",)
 DEFAULT_METRICS_PORT = 9464

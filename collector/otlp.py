@@ -1,102 +1,187 @@
-"""OpenTelemetry view: observable instruments whose callbacks read the same
-snapshot as the Prometheus view (``view.build_view``).
+"""OpenTelemetry view: the same snapshot as the Prometheus view (``view.build_view``), exported over OTLP
+as the data types backends read right.
 
-OTel has no observable histogram, so a histogram family becomes three
-observable counters: ``<name>_bucket`` (attribute ``le``, cumulative),
-``<name>_sum`` and ``<name>_count``; a summary becomes ``_sum`` and ``_count``.
-Export over OTLP/HTTP is configured by the standard ``OTEL_*`` variables
-(``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_METRIC_EXPORT_INTERVAL``, …).
+- counters: cumulative monotonic Sums; gauges: Gauges;
+- histograms: OTLP Histograms with their explicit bounds, cumulative. A histogram whose values can be
+  negative (its first bound is below zero: the adjacent cosine, the consistency) carries no ``sum`` in
+  the Histogram point (the OTLP data model: a histogram sum is assumed to be of non-negative events);
+  its sum travels beside it as ``<name>_sum``, a cumulative Sum that is *not* monotonic;
+- summaries (count, sum of a non-negative quantity): ``<name>_count`` and ``<name>_sum``, monotonic Sums.
+
+The SDK has no observable histogram, so this view builds the export batch itself (``collect()``) and a
+thread hands it to the exporters every ``OTEL_METRIC_EXPORT_INTERVAL`` milliseconds (default 60,000)
+and once more at shutdown. The exporter follows the standard variables: ``OTEL_EXPORTER_OTLP_ENDPOINT``
+(or ``…_METRICS_ENDPOINT``), ``OTEL_EXPORTER_OTLP_(METRICS_)PROTOCOL`` — ``http/protobuf`` (default) or
+``grpc`` (the ``otlp-grpc`` extra); anything else is refused at start with one line.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
-from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Gauge,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from grokwatch._version import __version__
-from grokwatch.collector.config import otlp_requested
+from grokwatch.collector.config import ConfigError, otlp_requested
 from grokwatch.collector.state import State
 from grokwatch.collector.view import Family, build_view
 
-_CACHE_S = 0.5  # one snapshot serves every instrument of one collection
+log = logging.getLogger("grokwatch.collector")
+
+CUMULATIVE = AggregationTemporality.CUMULATIVE
+PROTOCOLS = ("http/protobuf", "grpc")
+DEFAULT_INTERVAL_S = 60.0
+
+
+def signed(bounds) -> bool:
+    """The histogram's values can be negative (its lowest bucket bound is below zero)."""
+    return len(bounds) > 0 and float(bounds[0]) < 0
 
 
 class OtelView:
-    def __init__(self, state: State, readers: list[MetricReader],
-                 queue_stats: Optional[Callable[[], tuple[int, int]]] = None):
+    def __init__(self, state: State, exporters: list[MetricExporter],
+                 queue_stats: Optional[Callable[[], tuple]] = None, interval_s: float = DEFAULT_INTERVAL_S):
         self.state = state
+        self.exporters = exporters
         self.queue_stats = queue_stats
-        self._lock = threading.Lock()
-        self._cached: tuple[float, dict[str, Family]] = (0.0, {})
-        self.provider = MeterProvider(metric_readers=readers,
-                                      resource=Resource.create({"service.name": "grokwatch-collector"}))
-        meter = self.provider.get_meter("grokwatch.collector", __version__)
-        for fam in build_view(state, queue_stats):
-            self._register(meter, fam)
+        self.interval_s = interval_s
+        self.start_ns = time.time_ns()  # the start of every cumulative series this process exports
+        self.resource = Resource.create({"service.name": "grokwatch-collector"})
+        self.scope = InstrumentationScope("grokwatch.collector", __version__)
+        self.export_failures = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
 
-    def _families(self) -> dict[str, Family]:
-        with self._lock:
-            at, fams = self._cached
-            if time.monotonic() - at > _CACHE_S:
-                fams = {f.name: f for f in build_view(self.state, self.queue_stats)}
-                self._cached = (time.monotonic(), fams)
-            return fams
+    def start(self) -> "OtelView":
+        if self.exporters:
+            self._thread = threading.Thread(target=self._loop, name="grokwatch-otlp", daemon=True)
+            self._thread.start()
+        return self
 
-    def _register(self, meter, fam: Family) -> None:
-        name, labels = fam.name, fam.labels
+    def collect(self) -> MetricsData:
+        """One export batch from one snapshot of the state."""
+        now = time.time_ns()
+        metrics: list[Metric] = []
+        for fam in build_view(self.state, self.queue_stats):
+            metrics.extend(self._metrics(fam, now))
+        return MetricsData([ResourceMetrics(self.resource, [ScopeMetrics(self.scope, metrics, "")], "")])
 
+    def _metrics(self, fam: Family, now: int) -> list[Metric]:
         def attrs(values):
-            return dict(zip(labels, values))
+            return dict(zip(fam.labels, values))
 
-        def simple(_: CallbackOptions):
-            return [Observation(float(v), attrs(values)) for values, v in self._families()[name].samples]
+        def number(values, v):
+            return NumberDataPoint(attrs(values), self.start_ns, now, float(v))
 
-        def part(index):
-            def cb(_: CallbackOptions):
-                out = []
-                for values, v in self._families()[name].samples:
-                    out.append(Observation(float(v[index]), attrs(values)))
-                return out
-            return cb
-
-        def buckets(_: CallbackOptions):
-            out = []
-            for values, (bounds, counts, _total) in self._families()[name].samples:
-                cum = np.cumsum(counts)
-                for b, c in zip(list(bounds) + [float("inf")], cum):
-                    out.append(Observation(float(c), {**attrs(values), "le": "+Inf" if np.isinf(b) else repr(float(b))}))
-            return out
+        def total(name, points, monotonic):
+            return Metric(name, fam.help, "", Sum(points, CUMULATIVE, monotonic))
 
         if fam.kind == "counter":
-            meter.create_observable_counter(name, callbacks=[simple], description=fam.help)
-        elif fam.kind == "gauge":
-            meter.create_observable_gauge(name, callbacks=[simple], description=fam.help)
-        elif fam.kind == "histogram":
-            meter.create_observable_counter(name + "_bucket", callbacks=[buckets], description=fam.help)
-            meter.create_observable_counter(name + "_sum", callbacks=[part(2)], description=fam.help)
-            meter.create_observable_counter(name + "_count", callbacks=[lambda o: [
-                Observation(float(np.sum(v[1])), attrs(values)) for values, v in self._families()[name].samples]],
-                description=fam.help)
-        else:  # summary (count, sum)
-            meter.create_observable_counter(name + "_count", callbacks=[part(0)], description=fam.help)
-            meter.create_observable_counter(name + "_sum", callbacks=[part(1)], description=fam.help)
+            return [total(fam.name, [number(k, v) for k, v in fam.samples], True)]
+        if fam.kind == "gauge":
+            return [Metric(fam.name, fam.help, "", Gauge([number(k, v) for k, v in fam.samples]))]
+        if fam.kind == "summary":  # (count, sum) of a non-negative quantity
+            return [total(fam.name + "_count", [number(k, v[0]) for k, v in fam.samples], True),
+                    total(fam.name + "_sum", [number(k, v[1]) for k, v in fam.samples], True)]
+        points, signed_sums = [], []
+        for k, (bounds, counts, value_sum) in fam.samples:
+            counts = np.asarray(counts, dtype=np.int64)
+            is_signed = signed(bounds)
+            points.append(HistogramDataPoint(attrs(k), self.start_ns, now, int(counts.sum()),
+                                             None if is_signed else float(value_sum),
+                                             [int(c) for c in counts], [float(b) for b in bounds], None, None))
+            if is_signed:
+                signed_sums.append(number(k, value_sum))
+        out = [Metric(fam.name, fam.help, "", Histogram(points, CUMULATIVE))]
+        if signed_sums:
+            out.append(total(fam.name + "_sum", signed_sums, False))
+        return out
+
+    def export_once(self) -> bool:
+        data = self.collect()
+        ok = True
+        for exporter in self.exporters:
+            try:
+                result = exporter.export(data)
+            except Exception as exc:  # an exporter must never take the collector down
+                result = MetricExportResult.FAILURE
+                log.warning("OTLP export raised %s: %s", type(exc).__name__, exc)
+            if result != MetricExportResult.SUCCESS:
+                ok = False
+        if not ok:
+            self.export_failures += 1
+            log.warning("OTLP export failed (%d so far); the next interval retries", self.export_failures)
+        return ok
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.export_once()
 
     def shutdown(self) -> None:
-        self.provider.shutdown()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval_s + 5)
+            self.export_once()  # what changed since the last interval
+        for exporter in self.exporters:
+            try:
+                exporter.shutdown()
+            except Exception:
+                pass
 
 
-def otlp_readers_from_env(environ) -> list[MetricReader]:
-    """A periodic OTLP/HTTP reader when OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT is set."""
+def otlp_protocol(environ: Mapping[str, str]) -> str:
+    protocol = (environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "http/protobuf").strip()
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: the collector exports "
+                          f"{' or '.join(PROTOCOLS)}")
+    return protocol
+
+
+def export_interval_s(environ: Mapping[str, str]) -> float:
+    raw = environ.get("OTEL_METRIC_EXPORT_INTERVAL")
+    if raw is None or raw.strip() == "":
+        return DEFAULT_INTERVAL_S
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not ms > 0:
+        raise ConfigError(f"OTEL_METRIC_EXPORT_INTERVAL={raw!r}: expected a positive number of milliseconds")
+    return ms / 1000.0
+
+
+def otlp_exporters_from_env(environ: Mapping[str, str]) -> list[MetricExporter]:
+    """The OTLP exporter the standard variables ask for; [] when no endpoint is set. ConfigError on a
+    protocol this collector cannot speak (or whose extra is not installed)."""
     if not otlp_requested(environ):
         return []
+    if otlp_protocol(environ) == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        except ImportError:
+            raise ConfigError("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs the gRPC exporter: "
+                              "pip install 'grokwatch[otlp-grpc]'") from None
+        return [OTLPMetricExporter()]
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    return [PeriodicExportingMetricReader(OTLPMetricExporter())]
+    return [OTLPMetricExporter()]

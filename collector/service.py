@@ -32,7 +32,7 @@ log = logging.getLogger("grokwatch.collector")
 
 
 class Collector:
-    def __init__(self, config: CollectorConfig, *, otel_readers: Optional[list] = None, environ=None):
+    def __init__(self, config: CollectorConfig, *, otel_exporters: Optional[list] = None, environ=None):
         self.config = config
         self.environ = os.environ if environ is None else environ
         if config.state_dir:
@@ -44,7 +44,7 @@ class Collector:
             self.state.journal = self.journal
         if config.state_dir:
             self._resume(config.state_dir)
-        self.otel_readers = otel_readers
+        self.otel_exporters = otel_exporters  # None: from the OTEL_* variables
         self.ingest: Optional[Ingest] = None
         self.otel = None
         self.metrics_port: Optional[int] = None
@@ -111,6 +111,12 @@ class Collector:
         return last + 1
 
     def start(self) -> "Collector":
+        exporters, interval_s = self.otel_exporters, None
+        if exporters is None and otlp_requested(self.environ):  # OpenTelemetry imported only when asked for
+            from grokwatch.collector.otlp import export_interval_s, otlp_exporters_from_env
+
+            exporters = otlp_exporters_from_env(self.environ)  # ConfigError on a protocol it cannot speak
+            interval_s = export_interval_s(self.environ)
         kernels.warm_up()  # compile or load from the cache before the first message
         if self.config.state_dir:
             next_index = self._replay(self.config.state_dir)
@@ -129,15 +135,11 @@ class Collector:
         registry = make_registry(self.state, self.ingest.queue_stats)
         self._server, _, self.metrics_port = serve(registry, self.config.metrics_addr, self.config.metrics_port,
                                                    self.config.tls_certfile, self.config.tls_keyfile)
-        readers = self.otel_readers
-        if readers is None and otlp_requested(self.environ):
-            from grokwatch.collector.otlp import otlp_readers_from_env
+        if exporters:
+            from grokwatch.collector.otlp import DEFAULT_INTERVAL_S, OtelView
 
-            readers = otlp_readers_from_env(self.environ)
-        if readers:  # OpenTelemetry is imported only when it is asked for
-            from grokwatch.collector.otlp import OtelView
-
-            self.otel = OtelView(self.state, readers, self.ingest.queue_stats)
+            self.otel = OtelView(self.state, exporters, self.ingest.queue_stats,
+                                 interval_s or DEFAULT_INTERVAL_S).start()
         self.ingest.start()
         if self.config.state_dir:
             self._snapshot_thread = threading.Thread(target=self._snapshot_loop, name="grokwatch-snapshot",

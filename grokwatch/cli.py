@@ -15,11 +15,48 @@ torch, so they run in the torch-free sidecar image.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import time
 from typing import Callable, Optional, Sequence
 
 from grokwatch._version import __version__
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+
+
+def _log_level(value: str) -> str:
+    level = str(value).strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (RFC 3339, UTC), level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def _global_flags(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--log-level and --log-format, accepted before or after the subcommand (the later one wins). On the
+    subcommands their default is SUPPRESS, so an absent flag there leaves the top level's value."""
+    default = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    parser.add_argument("--log-level", type=_log_level, metavar="LEVEL",
+                        default=default(os.environ.get("GROKWATCH_LOG_LEVEL", "INFO")),
+                        help=f"logging level: {', '.join(LOG_LEVELS)} (default INFO, or GROKWATCH_LOG_LEVEL)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS,
+                        default=default(os.environ.get("GROKWATCH_LOG_FORMAT", "text")),
+                        help="text, or json (one object a line, for log pipelines); default GROKWATCH_LOG_FORMAT "
+                             "or text")
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
@@ -70,14 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="grokwatch",
         description="Memorization-to-generalization telemetry for MoE pretraining.",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--version", action="version", version=f"grokwatch {__version__}")
+    _global_flags(parser, top=True)
+    common = argparse.ArgumentParser(add_help=False)  # every subcommand takes the global flags too
+    _global_flags(common, top=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("version", help="print the version")
+    p = sub.add_parser("version", parents=[common], help="print the version")
     p.set_defaults(func=_cmd_version)
 
-    p = sub.add_parser("collector", help="run the collector sidecar (ZeroMQ in, /metrics out)")
+    p = sub.add_parser("collector", parents=[common], help="run the collector sidecar (ZeroMQ in, /metrics out)")
     p.add_argument("--listen", action="append", metavar="ENDPOINT",
                    help="ZeroMQ endpoint to bind, tcp://HOST:PORT or ipc://PATH (repeatable)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
@@ -88,13 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-config", metavar="FILE", help="validate FILE, print the result, and exit")
     p.set_defaults(func=_cmd_collector)
 
-    p = sub.add_parser("keygen", help="make a ZeroMQ CURVE key pair (NAME.key, NAME.key_secret) for the collector "
+    p = sub.add_parser("keygen", parents=[common], help="make a ZeroMQ CURVE key pair (NAME.key, NAME.key_secret) for the collector "
                                       "or an agent")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the key files")
     p.add_argument("--name", required=True, help="file name stem, e.g. collector or job-a")
     p.set_defaults(func=_cmd_keygen)
 
-    p = sub.add_parser("demo", help="the main job: a small MoE trains under the agent, a collector "
+    p = sub.add_parser("demo", parents=[common], help="the main job: a small MoE trains under the agent, a collector "
                                     "watches it, a report is written")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the benchmark's)")
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
@@ -104,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a benchmark setting (grokwatch/demo/train.py BenchConfig), e.g. num_experts=16")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("report", help="write an HTML report with PNGs from a collector's journal")
+    p = sub.add_parser("report", parents=[common], help="write an HTML report with PNGs from a collector's journal")
     p.add_argument("--state-dir", required=True, help="the collector's state directory")
     p.add_argument("--out", required=True, help="directory for report.html and the PNG files")
     p.add_argument("--run", default=None, help="only this run (default: all)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("replay", help="the paper's offline protocol: probe saved checkpoints into a collector")
+    p = sub.add_parser("replay", parents=[common], help="the paper's offline protocol: probe saved checkpoints into a collector")
     p.add_argument("--checkpoints", nargs="+", required=True,
                    help="save_pretrained directories or .pt checkpoints (see docs/agent.md)")
     p.add_argument("--samples", required=True, help="JSON lines {id, group, input_ids}")
@@ -119,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_cmd_replay)
 
-    p = sub.add_parser("correlate", help="Table-1 correlations of a journal with benchmark scores per checkpoint")
+    p = sub.add_parser("correlate", parents=[common], help="Table-1 correlations of a journal with benchmark scores per checkpoint")
     p.add_argument("--state-dir", required=True, help="the collector's state directory (its journal)")
     p.add_argument("--scores", required=True, help="CSV: a 'step' column and one column of scores per group")
     p.add_argument("--source", default="replay", choices=["train", "probe", "replay"])
@@ -128,13 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = build_parser()
+    for name in ("GROKWATCH_LOG_LEVEL", "GROKWATCH_LOG_FORMAT"):  # a bad default is refused like a bad flag
+        value = os.environ.get(name)
+        try:
+            if value is not None and name.endswith("LEVEL"):
+                _log_level(value)
+            elif value is not None and value not in LOG_FORMATS:
+                raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(LOG_FORMATS)}")
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{name}: {exc}")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level, args.log_format)
+    from grokwatch.envvars import warn_unknown
+
+    warn_unknown(os.environ)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         code = func(args)

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.service import Collector
+from grokwatch.wire import encode
 
 
 def start_collector(tmp_path, **kw) -> Collector:
@@ -28,8 +29,8 @@ def start_collector(tmp_path, **kw) -> Collector:
     kw.setdefault("metrics_addr", "127.0.0.1")
     kw.setdefault("state_dir", str(tmp_path / "state"))
     kw.setdefault("snapshot_interval_s", 3600.0)
-    otel_readers = kw.pop("otel_readers", [])
-    return Collector(CollectorConfig(**kw), otel_readers=otel_readers).start()
+    otel_exporters = kw.pop("otel_exporters", [])
+    return Collector(CollectorConfig(**kw), otel_exporters=otel_exporters).start()
 
 
 def scrape_text(port: int) -> str:
@@ -75,6 +76,24 @@ class Pusher:
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
+
+
+def send_all(collector, messages, raw=()):
+    st = collector.state
+
+    def done():
+        return st.processing_seconds_count + sum(st.rejected_total.values())
+
+    before = done()
+    pusher = Pusher(collector.endpoints[0])
+    try:
+        for m in messages:
+            pusher.send(encode(m))
+        for data in raw:
+            pusher.send(data)
+        wait_until(lambda: done() >= before + len(messages) + len(raw))
+    finally:
+        pusher.close()
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""The collector on real loopback sockets: ingest, /metrics, OTel, restart."""
+"""The collector on real loopback sockets: ingest, /metrics, restart (OTLP: test_otlp.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from grokwatch.collector import reference
 from grokwatch.wire import encode
-from helpers import Pusher, prometheus_tool, scrape, scrape_text, start_collector, value, wait_until
+from helpers import Pusher, prometheus_tool, scrape, scrape_text, send_all, start_collector, value, wait_until
 from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
 
@@ -20,24 +19,6 @@ def collector(tmp_path):
     c = start_collector(tmp_path, comparisons_per_sample=64)
     yield c
     c.stop()
-
-
-def send_all(collector, messages, raw=()):
-    st = collector.state
-
-    def done():
-        return st.processing_seconds_count + sum(st.rejected_total.values())
-
-    before = done()
-    pusher = Pusher(collector.endpoints[0])
-    try:
-        for m in messages:
-            pusher.send(encode(m))
-        for data in raw:
-            pusher.send(data)
-        wait_until(lambda: done() >= before + len(messages) + len(raw))
-    finally:
-        pusher.close()
 
 
 def test_metrics_equal_reference_of_what_was_sent(collector):
@@ -102,27 +83,6 @@ def test_snapshot_and_restart_resume_counters(tmp_path):
         assert value(s, "grokwatch_pathway_samples_total", run="run-a", source="train", group="math") == 9
     finally:
         c2.stop()
-
-
-def test_otel_view_reads_the_same_snapshot(tmp_path):
-    reader = InMemoryMetricReader()
-    c = start_collector(tmp_path, otel_readers=[reader])
-    try:
-        send_all(c, [make_hello(), make_routing(seq=1, n=4)])
-        prom = scrape(c.metrics_port)
-        data = reader.get_metrics_data()
-        points = {}
-        for rm in data.resource_metrics:
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    for p in metric.data.data_points:
-                        points[(metric.name, frozenset(p.attributes.items()))] = p.value
-        key = frozenset(dict(run="run-a", source="train", group="math").items())
-        assert points[("grokwatch_pathway_distance_count", key)] == prom["grokwatch_pathway_distance_count"][key]
-        assert points[("grokwatch_pathway_distance_sum", key)] == pytest.approx(prom["grokwatch_pathway_distance_sum"][key])
-        assert points[("grokwatch_collector_messages_received_total", frozenset())] == 2
-    finally:
-        c.stop()
 
 
 def test_metrics_served_over_tls(tmp_path):

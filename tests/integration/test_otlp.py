@@ -1,0 +1,141 @@
+"""OTLP export: the same snapshot as /metrics, in the OTLP data types, checked at a real receiver process.
+
+The receiver is oteltap (PyPI), an OTLP/HTTP-protobuf receiver that prints what arrives as NDJSON, one
+metric a line (the OTLP JSON mapping): the collector's own exporter sends to it over loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
+
+from grokwatch.collector.otlp import otlp_exporters_from_env
+from helpers import free_port, scrape, send_all, start_collector
+from wire_factories import make_hello, make_routing
+
+GROUP = frozenset(dict(run="run-a", source="train", group="math").items())
+
+
+def _load(collector, n=4):
+    rng = np.random.default_rng(3)
+    send_all(collector, [make_hello()] + [make_routing(rng=rng, seq=i + 1, n=n, step=5 * i, concentration=0.3)
+                                          for i in range(3)])
+
+
+def test_the_otlp_batch_is_the_prometheus_view_in_otlp_types(tmp_path):
+    c = start_collector(tmp_path)
+    try:
+        _load(c)
+        prom = scrape(c.metrics_port)
+        from grokwatch.collector.otlp import OtelView
+
+        data = OtelView(c.state, [], c.ingest.queue_stats).collect()
+        metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+        dist = metrics["grokwatch_pathway_distance"].data
+        assert isinstance(dist, Histogram) and dist.aggregation_temporality == 2  # cumulative
+        point = next(p for p in dist.data_points if frozenset(p.attributes.items()) == GROUP)
+        assert point.count == prom["grokwatch_pathway_distance_count"][GROUP]
+        assert point.sum == pytest.approx(prom["grokwatch_pathway_distance_sum"][GROUP])
+        cumulative = np.cumsum(point.bucket_counts)
+        for bound, c_le in zip(list(point.explicit_bounds) + [float("inf")], cumulative):
+            le = "+Inf" if bound == float("inf") else repr(float(bound))
+            assert prom["grokwatch_pathway_distance_bucket"][GROUP | {("le", le)}] == c_le
+        # A histogram of signed values: no sum in the point, the sum beside it as a Sum that may fall.
+        cos = metrics["grokwatch_pathway_adjacent_cosine"].data
+        assert isinstance(cos, Histogram) and all(p.sum is None for p in cos.data_points)
+        cos_sum = metrics["grokwatch_pathway_adjacent_cosine_sum"].data
+        assert isinstance(cos_sum, Sum) and not cos_sum.is_monotonic
+        assert {frozenset(p.attributes.items()): p.value for p in cos_sum.data_points}[GROUP] == pytest.approx(
+            prom["grokwatch_pathway_adjacent_cosine_sum"][GROUP])
+        received = metrics["grokwatch_collector_messages_received_total"].data
+        assert isinstance(received, Sum) and received.is_monotonic and received.data_points[0].value == 4
+        assert isinstance(metrics["grokwatch_collector_queue_size"].data, Gauge)
+        assert "grokwatch_pathway_distance_bucket" not in metrics  # no Prometheus-shaped counters any more
+    finally:
+        c.stop()
+
+
+def _receiver(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "oteltap", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline()
+    assert "Listening" in line, line
+    return proc
+
+
+def test_a_real_otlp_receiver_reads_histograms_monotonic_sums_and_gauges(tmp_path, monkeypatch):
+    port = free_port()
+    receiver = _receiver(port)
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        c = start_collector(tmp_path, otel_exporters=otlp_exporters_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "x"}))
+        try:
+            _load(c)
+            prom = scrape(c.metrics_port)
+            assert c.otel.export_once()
+        finally:
+            c.stop()  # and its final export
+        time.sleep(0.5)
+    finally:
+        receiver.terminate()
+        out, _ = receiver.communicate(timeout=10)
+    arrived: dict = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            m = json.loads(line)
+            arrived[m["name"]] = m  # the last export of each
+    dist = arrived["grokwatch_pathway_distance"]["histogram"]
+    assert dist["aggregationTemporality"] == 2  # AGGREGATION_TEMPORALITY_CUMULATIVE
+    point = next(p for p in dist["dataPoints"]
+                 if {a["key"]: a["value"]["stringValue"] for a in p["attributes"]} == dict(GROUP))
+    assert int(point["count"]) == prom["grokwatch_pathway_distance_count"][GROUP]
+    assert point["sum"] == pytest.approx(prom["grokwatch_pathway_distance_sum"][GROUP])
+    assert len(point["bucketCounts"]) == len(point["explicitBounds"]) + 1
+    assert sum(int(b) for b in point["bucketCounts"]) == int(point["count"])
+    cos = arrived["grokwatch_pathway_adjacent_cosine"]["histogram"]["dataPoints"]
+    assert all(p.get("sum") is None for p in cos)  # signed values: the sum is not in the histogram
+    cos_sum = arrived["grokwatch_pathway_adjacent_cosine_sum"]["sum"]
+    assert cos_sum.get("isMonotonic", False) is False
+    received = arrived["grokwatch_collector_messages_received_total"]["sum"]
+    assert received["isMonotonic"] is True and received["aggregationTemporality"] == 2
+    assert received["dataPoints"][0]["asDouble"] == 4
+    assert "gauge" in arrived["grokwatch_collector_queue_capacity"]
+    assert "sum" in arrived["grokwatch_collector_processing_seconds_count"]
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "http/protobuf or grpc"),
+    ({"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "gprc"}, "http/protobuf or grpc"),
+    ({"OTEL_METRIC_EXPORT_INTERVAL": "soon"}, "milliseconds"),
+])
+def test_an_otlp_setting_it_cannot_honour_stops_the_start_with_one_line(tmp_path, env, says):
+    import os
+
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}", **env}
+    result = subprocess.run([sys.executable, "-m", "grokwatch.cli", "collector", "--listen",
+                             f"tcp://127.0.0.1:{free_port()}", "--metrics-port", "0"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in lines[0], lines
+
+
+def test_grpc_is_used_when_its_extra_is_installed_and_refused_in_one_line_otherwise():
+    from grokwatch.collector.config import ConfigError
+
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    try:
+        import opentelemetry.exporter.otlp.proto.grpc  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"grokwatch\[otlp-grpc\]"):
+            otlp_exporters_from_env(env)
+    else:
+        (exporter,) = otlp_exporters_from_env(env)
+        assert "grpc" in type(exporter).__module__
+        exporter.shutdown()

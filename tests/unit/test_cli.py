@@ -1,0 +1,82 @@
+"""The command line as a user meets it: --version, global flags anywhere, bad values refused, misspelt
+variables named, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from grokwatch import __version__
+from grokwatch.envvars import known_variables, unknown_variables
+
+
+def cli(*args, env=None, timeout=120):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROKWATCH_")} | (env or {})
+    return subprocess.run([sys.executable, "-m", "grokwatch.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_version_flag():
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"grokwatch {__version__}"
+
+
+@pytest.mark.parametrize("argv", [["--log-level", "DEBUG", "version"], ["version", "--log-level", "DEBUG"],
+                                  ["version", "--log-level", "debug", "--log-format", "json"]])
+def test_global_flags_before_or_after_the_subcommand(argv):
+    from grokwatch.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.log_level == "DEBUG"
+
+
+def test_the_later_log_level_wins_and_absent_after_keeps_the_first():
+    from grokwatch.cli import build_parser
+
+    assert build_parser().parse_args(["--log-level", "ERROR", "version", "--log-level", "debug"]).log_level == "DEBUG"
+    assert build_parser().parse_args(["--log-level", "ERROR", "version"]).log_level == "ERROR"
+
+
+@pytest.mark.parametrize("argv, env", [(["collector", "--log-level", "bogus"], {}),
+                                       (["--log-format", "xml", "version"], {}),
+                                       (["version"], {"GROKWATCH_LOG_LEVEL": "loud"})])
+def test_an_invalid_global_value_is_refused_with_exit_2(argv, env):
+    result = cli(*argv, env=env)
+    assert result.returncode == 2
+    assert "error" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_misspelt_variable_is_named_with_the_nearest_known_one():
+    result = cli("version", env={"GROKWATCH_METRIC_PORT": "9999", "GROKWATCH_STATE_DIR": "/tmp"})
+    assert result.returncode == 0
+    lines = [ln for ln in result.stderr.splitlines() if "GROKWATCH_" in ln]
+    assert len(lines) == 1, result.stderr
+    assert "GROKWATCH_METRIC_PORT" in lines[0] and "did you mean GROKWATCH_METRICS_PORT?" in lines[0]
+
+
+def test_every_variable_the_code_reads_is_known():
+    """The list behind the warning holds what the agent, the CLI and the collector read (no false warning)."""
+    assert unknown_variables({"GROKWATCH_ENDPOINT": "tcp://x:1", "GROKWATCH_RUN": "r", "GROKWATCH_LISTEN": "x",
+                              "GROKWATCH_SNAPSHOT_INTERVAL_S": "10", "GROKWATCH_CURVE_SECRET_KEY": "k",
+                              "GROKWATCH_LOG_FORMAT": "json"}) == []
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    read = set()
+    for folder in ("agent", "collector", "grokwatch"):
+        for path in (root / folder).rglob("*.py"):
+            read |= set(re.findall(r'"(GROKWATCH_[A-Z_]+)"', path.read_text()))
+    assert read and read - {"GROKWATCH_"} <= set(known_variables())
+
+
+def test_json_log_format_is_one_object_a_line():
+    result = cli("--log-format", "json", "version", env={"GROKWATCH_RUNN": "x"})
+    assert result.returncode == 0
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    record = json.loads(line)
+    assert record["level"] == "WARNING" and "GROKWATCH_RUNN" in record["message"] and record["time"].endswith("Z")
