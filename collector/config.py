@@ -62,6 +62,9 @@ class CollectorConfig:
     curve_allowed_clients: Optional[str] = None
     state_dir: Optional[str] = None
     snapshot_interval_s: float = 30.0
+    # TensorBoard event files per run under this directory (collector/tensorboard.py; the tensorboard extra)
+    tensorboard_dir: Optional[str] = None
+    tensorboard_interval_s: float = 30.0
     journal_max_bytes: int = 64 * 1024 * 1024  # one rotation kept: at most twice this on disk
     # The write-ahead log (collector/wal.py) between snapshots; past this size a snapshot is taken early.
     wal_max_bytes: int = 256 * 1024 * 1024
@@ -156,7 +159,7 @@ class CollectorConfig:
             raise ConfigError(f"run_idle_expiry_s: 0 (never) or more, got {self.run_idle_expiry_s}")
         if int(self.max_sequence_jump) < 1:
             raise ConfigError(f"max_sequence_jump: must be at least 1, got {self.max_sequence_jump}")
-        for key in ("snapshot_interval_s", "max_message_age_s", "memorization_delta"):
+        for key in ("snapshot_interval_s", "max_message_age_s", "memorization_delta", "tensorboard_interval_s"):
             if not float(getattr(self, key)) > 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
         if not 0.0 < self.phase_alpha < 0.5:  # NaN fails too

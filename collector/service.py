@@ -47,6 +47,7 @@ class Collector:
         self.otel_exporters = otel_exporters  # None: from the OTEL_* variables
         self.ingest: Optional[Ingest] = None
         self.otel = None
+        self.tensorboard = None
         self.metrics_port: Optional[int] = None
         self._server = None
         self._stop = threading.Event()
@@ -117,6 +118,11 @@ class Collector:
 
             exporters = otlp_exporters_from_env(self.environ)  # ConfigError on a protocol it cannot speak
             interval_s = export_interval_s(self.environ)
+        if self.config.tensorboard_dir:  # before any socket: a missing extra is one line at start
+            from grokwatch.collector.tensorboard import TensorBoardView
+
+            self.tensorboard = TensorBoardView(self.state, self.config.tensorboard_dir,
+                                               self.config.tensorboard_interval_s)
         kernels.warm_up()  # compile or load from the cache before the first message
         if self.config.state_dir:
             next_index = self._replay(self.config.state_dir)
@@ -140,6 +146,9 @@ class Collector:
 
             self.otel = OtelView(self.state, exporters, self.ingest.queue_stats,
                                  interval_s or DEFAULT_INTERVAL_S).start()
+        if self.tensorboard:
+            self.tensorboard.queue_stats = self.ingest.queue_stats
+            self.tensorboard.start()
         self.ingest.start()
         if self.config.state_dir:
             self._snapshot_thread = threading.Thread(target=self._snapshot_loop, name="grokwatch-snapshot",
@@ -197,6 +206,8 @@ class Collector:
             self._server.server_close()
         if self.otel:
             self.otel.shutdown()
+        if self.tensorboard:
+            self.tensorboard.shutdown()
         if self.journal:
             self.journal.close()
         if self.wal:
@@ -210,7 +221,8 @@ def config_from_args(args: argparse.Namespace, environ: Optional[Mapping[str, st
     """The settings ``grokwatch collector`` runs with: flags over GROKWATCH_* variables over --config."""
     return load_config(args.config, environ=environ, overrides=dict(
         listen=tuple(args.listen) if args.listen else None, metrics_port=args.metrics_port,
-        metrics_addr=args.metrics_addr, state_dir=args.state_dir))
+        metrics_addr=args.metrics_addr, state_dir=args.state_dir,
+        tensorboard_dir=getattr(args, "tensorboard", None)))
 
 
 def run_from_args(args: argparse.Namespace) -> int:

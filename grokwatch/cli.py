@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port of the Prometheus /metrics endpoint; 0 picks a free one and logs it")
     p.add_argument("--metrics-addr", metavar="ADDR", help="bind address of /metrics (default 0.0.0.0)")
     p.add_argument("--state-dir", metavar="DIR", help="directory for snapshots and the journal")
+    p.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files, one directory a run "
+                                                          "(the tensorboard extra; config key tensorboard_dir)")
     p.add_argument("--config", metavar="FILE", help="TOML file with every other setting")
     p.add_argument("--check-config", metavar="FILE", help="validate FILE, print the result, and exit")
     p.set_defaults(func=_cmd_collector)

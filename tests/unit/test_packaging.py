@@ -7,16 +7,8 @@ import sys
 
 import pytest
 
+from blocks import BLOCK_TORCH
 from grokwatch.cli import build_parser
-
-BLOCK_TORCH = (
-    "import sys\n"
-    "class Block:\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name == 'torch' or name.startswith('torch.') or name == 'transformers':\n"
-    "            raise ImportError('torch is blocked in this test')\n"
-    "sys.meta_path.insert(0, Block())\n"
-)
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
