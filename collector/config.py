@@ -78,6 +78,7 @@ class CollectorConfig:
     comparisons_per_sample: int = DEFAULT_COMPARISONS
     window_samples: int = DEFAULT_WINDOW
     max_groups: int = DEFAULT_MAX_GROUPS
+    load_rank_k: int = 3  # the top and bottom K experts by load share exported per layer (labels rank 1..K)
     max_runs: int = 16
     # A run that sent nothing for this long is forgotten (its series end), so that finished jobs free their
     # slot in max_runs; 0: never.
@@ -148,7 +149,7 @@ class CollectorConfig:
         if self.phase_distance not in PHASE_DISTANCE_CHOICES:
             raise ConfigError(f"phase_distance: {self.phase_distance!r} must be one of "
                               f"{', '.join(PHASE_DISTANCE_CHOICES)}")
-        for key in ("comparisons_per_sample", "window_samples", "max_groups", "max_runs", "queue_capacity", "queue_max_bytes",
+        for key in ("load_rank_k", "comparisons_per_sample", "window_samples", "max_groups", "max_runs", "queue_capacity", "queue_max_bytes",
                     "max_message_bytes", "memorization_consecutive", "memorization_bucket_steps",
                     "max_probe_samples", "journal_max_bytes", "wal_max_bytes", "phase_window", "phase_patience"):
             if int(getattr(self, key)) < 1:

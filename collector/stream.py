@@ -89,6 +89,7 @@ class WindowView:
             dead_L=(load_LE == 0).sum(axis=1),
             entropy_L=(s.entropy_GWL[g, :n].astype(np.float64) * s.tokens_GW[g, :n, None]).sum(axis=0) / tokens,
             distinct=int(np.unique(s.win_fp_GW[g, :n]).size),
+            share_LE=share_LE,  # each layer's load shares (sum 1): the parity statistics of view.py
         )
 
 

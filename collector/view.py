@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 from grokwatch.collector.persist import PERSIST_ERRORS
 from grokwatch.collector.phases import PHASES
 from grokwatch.collector.state import CROSS_GROUP, State
@@ -22,6 +23,26 @@ ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS
 
 GROUP_LABELS = ("run", "source", "group")
 LAYER_LABELS = ("run", "source", "group", "layer")
+LOAD_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)  # min, p25, median, p75, max of a layer's expert load shares
+
+
+def load_share_stats(share_E: np.ndarray, k: int) -> dict:
+    """One layer's expert load shares (sum 1) -> the statistics MoE frameworks log beside imbalance and CV
+    (docs/collector.md, "Router health"): quantiles (linear interpolation), population std, the top and
+    bottom K experts by share (ties to the lower index), and the expert-diversity score exp(H) / E with
+    H the entropy of the shares in nats (1 = uniform load, 1/E = one expert takes all)."""
+    share_E = np.asarray(share_E, dtype=np.float64)
+    E = share_E.size
+    k = min(int(k), E)
+    total = share_E.sum()
+    p = share_E / total if total > 0 else np.full(E, 1.0 / E)
+    nz = p[p > 0]
+    order = np.arange(E)
+    top = np.lexsort((order, -share_E))[:k]
+    bottom = np.lexsort((order, share_E))[:k]
+    return dict(quantiles=np.quantile(share_E, LOAD_QUANTILES), std=float(share_E.std()),
+                top=[(int(e), float(share_E[e])) for e in top], bottom=[(int(e), float(share_E[e])) for e in bottom],
+                diversity=float(np.exp(-(nz * np.log(nz)).sum()) / E))
 
 HISTOGRAMS = {
     # name suffix -> (state histogram key, help)
@@ -66,6 +87,16 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
     fam("dead_experts", "gauge", "Experts no token put in its top-k over the window", LAYER_LABELS)
     fam("routing_entropy_ratio", "gauge", "Mean per-token routing entropy over log E, over the window",
         LAYER_LABELS)
+    fam("expert_load_share_quantile", "gauge", "Quantiles of the layer's expert load shares over the window "
+        "(quantile 0 = min, 0.5 = median, 1 = max)", LAYER_LABELS + ("quantile",))
+    fam("expert_load_share_std", "gauge", "Standard deviation of the layer's expert load shares over the window",
+        LAYER_LABELS)
+    fam("expert_load_diversity", "gauge", "exp(entropy of the expert load shares) / E over the window: 1 uniform, "
+        "1/E one expert", LAYER_LABELS)
+    fam("expert_load_rank_expert", "gauge", "The expert index at each rank by load share (end top: rank 1 the "
+        "most loaded; end bottom: rank 1 the least)", LAYER_LABELS + ("end", "rank"))
+    fam("expert_load_rank_share", "gauge", "The load share of the expert at each rank (as expert_load_rank_expert)",
+        LAYER_LABELS + ("end", "rank"))
     fam("distinct_pathways", "gauge", "Distinct pathways in the group's window (exact)", GROUP_LABELS)
     fam("memorized_samples", "gauge", "Probe samples memorized (METRICS.md §4)", GROUP_LABELS)
     fam("group_latest_step", "gauge", "Latest training step seen for the group", GROUP_LABELS)
@@ -143,6 +174,15 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
                     F["expert_load_cv"].add(lk, float(health["cv_L"][layer]))
                     F["dead_experts"].add(lk, int(health["dead_L"][layer]))
                     F["routing_entropy_ratio"].add(lk, float(health["entropy_L"][layer]))
+                    stats = load_share_stats(health["share_LE"][layer], state.config.load_rank_k)
+                    for q, v in zip(LOAD_QUANTILES, stats["quantiles"]):
+                        F["expert_load_share_quantile"].add(lk + (repr(q),), float(v))
+                    F["expert_load_share_std"].add(lk, stats["std"])
+                    F["expert_load_diversity"].add(lk, stats["diversity"])
+                    for end in ("top", "bottom"):
+                        for rank, (expert, share) in enumerate(stats[end], start=1):
+                            F["expert_load_rank_expert"].add(lk + (end, rank), expert)
+                            F["expert_load_rank_share"].add(lk + (end, rank), share)
         for run, step in sorted(state.train_step.items()):
             F["train_step"].add((run,), step)
         for (run, group), (step, score) in sorted(state.evals.items()):

@@ -1,0 +1,131 @@
+"""The package as a new user installs it: built wheel and sdist, clean venvs per extra set, no editable
+install, the lowest and highest supported Python. Slow (venvs and installs from the package index)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("grokwatch", "grokwatch/demo", "grokwatch/agent", "grokwatch/wire", "grokwatch/collector")
+# The unit tests that need neither torch nor transformers (the collector side).
+TORCH_FREE_UNIT_TESTS = ("test_wire.py", "test_kernels.py", "test_phases.py", "test_metric_names.py",
+                         "test_analysis.py", "test_cli.py")
+
+
+def run(cmd, timeout=900, **kw) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GROKWATCH_", "PYTHONPATH", "VIRTUAL_ENV"))}
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    assert result.returncode == 0, f"{cmd}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    src = tmp_path_factory.mktemp("src") / "grokwatch"
+    # From what git tracks (as a clean clone has it), not from this checkout's build leftovers.
+    files = run(["git", "ls-files", "-z"], cwd=ROOT).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    run([sys.executable, "-m", "build", "--no-isolation", "--wheel", "--sdist", "--outdir", out, src])
+    return out
+
+
+def venv(path: Path, python: str = sys.executable) -> Path:
+    run([python, "-m", "venv", path])
+    run([path / "bin" / "python", "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    return path / "bin"
+
+
+def wheel_of(dist: Path) -> Path:
+    (wheel,) = dist.glob("grokwatch-*.whl")
+    return wheel
+
+
+def test_the_wheel_and_sdist_hold_every_package_the_license_and_py_typed(dist):
+    names = set(zipfile.ZipFile(wheel_of(dist)).namelist())
+    for package in PACKAGES:
+        assert f"{package}/__init__.py" in names, package
+        assert f"{package}/py.typed" in names, package
+    assert "grokwatch/demo/train.py" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    metadata = next(zipfile.ZipFile(wheel_of(dist)).read(n).decode() for n in names if n.endswith("METADATA"))
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "Requires-Dist: tomli>=1.1; python_version < \"3.11\"" in metadata
+    assert "datasketches" not in metadata
+    for extra in ("collector", "report", "lightning", "otlp-grpc", "tensorboard"):
+        assert f"Provides-Extra: {extra}" in metadata
+    collector_deps = [ln for ln in metadata.splitlines() if 'extra == "collector"' in ln]
+    assert collector_deps and not any("matplotlib" in ln for ln in collector_deps)
+    (sdist,) = dist.glob("grokwatch-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        members = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
+    assert "LICENSE" in members and "grokwatch/demo/__init__.py" in members
+
+
+def _commands_work(bin_dir: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "collector.toml"
+    cfg.write_text('listen = ["tcp://127.0.0.1:5557"]\n')
+    assert run([bin_dir / "grokwatch", "collector", "--check-config", cfg], cwd=tmp_path).stdout.strip() == \
+        f"{cfg}: ok"
+    assert "--state-dir" in run([bin_dir / "grokwatch", "report", "--help"], cwd=tmp_path).stdout
+    assert "--steps" in run([bin_dir / "grokwatch", "demo", "--help"], cwd=tmp_path).stdout
+    assert run([bin_dir / "grokwatch", "--version"], cwd=tmp_path).stdout.startswith("grokwatch ")
+
+
+def _site_packages_mb(bin_dir: Path) -> float:
+    lib = bin_dir.parent / "lib"
+    return sum(f.stat().st_size for f in lib.rglob("*") if f.is_file()) / 2**20
+
+
+def test_the_collector_extra_installs_without_torch_or_matplotlib(dist, tmp_path):
+    bin_dir = venv(tmp_path / "venv")
+    run([bin_dir / "python", "-m", "pip", "install", "-q", f"{wheel_of(dist)}[collector]"])
+    _commands_work(bin_dir, tmp_path)
+    missing = run([bin_dir / "python", "-c", "import importlib.util as u; "
+                   "print([m for m in ('torch', 'matplotlib', 'datasketches') if u.find_spec(m)])"]).stdout
+    assert missing.strip() == "[]"
+    print(f"collector-only install: {_site_packages_mb(bin_dir):.0f} MiB of site-packages")  # docs/deploy.md
+
+
+def test_the_report_extra_brings_matplotlib_and_the_agent_extra_runs_the_demo_module(dist, tmp_path):
+    bin_dir = venv(tmp_path / "venv")
+    run([bin_dir / "python", "-m", "pip", "install", "-q", f"{wheel_of(dist)}[report]"])
+    run([bin_dir / "python", "-c", "import matplotlib, grokwatch.collector.report"])
+    run([bin_dir / "python", "-m", "pip", "install", "-q", "torch==2.13.0", f"{wheel_of(dist)}[agent]"])
+    run([bin_dir / "python", "-c", "import grokwatch.demo.train, grokwatch.agent; print('ok')"])
+    _commands_work(bin_dir, tmp_path)
+
+
+def _pyenv_python(minor: str) -> str:
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = sorted(root.glob(f"{minor}.*/bin/python{minor}")) if root.is_dir() else []
+    if not found:
+        pytest.skip(f"no Python {minor} here (pyenv)")
+    return str(found[-1])
+
+
+@pytest.mark.parametrize("minor", ["3.10", "3.13"])
+def test_the_collector_unit_tests_pass_on_the_lowest_and_highest_python(dist, tmp_path, minor):
+    bin_dir = venv(tmp_path / "venv", _pyenv_python(minor))
+    run([bin_dir / "python", "-m", "pip", "install", "-q", f"{wheel_of(dist)}[collector]", "pytest>=8",
+         "pytest-timeout>=2.3", "hypothesis>=6.100"])
+    _commands_work(bin_dir, tmp_path)
+    tests = tmp_path / "tests"  # a copy: nothing of the checkout is importable from there
+    shutil.copytree(ROOT / "tests", tests, ignore=shutil.ignore_patterns("__pycache__"))
+    result = run([bin_dir / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                  "--rootdir", tmp_path, *[tests / "unit" / t for t in TORCH_FREE_UNIT_TESTS]], cwd=tmp_path,
+                 timeout=1500)
+    assert " passed" in result.stdout
