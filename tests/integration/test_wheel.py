@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ TORCH_FREE_UNIT_TESTS = ("test_wire.py", "test_kernels.py", "test_phases.py", "t
 
 def run(cmd, timeout=900, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GROKWATCH_", "PYTHONPATH", "VIRTUAL_ENV"))}
+    kw.setdefault("cwd", tempfile.gettempdir())  # never the checkout: its grokwatch/ folder would shadow the wheel
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, **kw)
     assert result.returncode == 0, f"{cmd}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
