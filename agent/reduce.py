@@ -167,13 +167,32 @@ def routing_distribution(logits: torch.Tensor, distribution: str, detect_probs: 
             dist = x / x.sum(dim=dim, keepdim=True).clamp_min(_LOG_FLOOR)
         log_dist = dist.clamp_min(_LOG_FLOOR).log()
     if detect_probs:
-        lead = x.shape[0] if x.dim() == 4 else 1
-        off_BX = (x.sum(dim=dim) - 1).abs().reshape(lead, -1)
-        on_simplex = (x.reshape(lead, -1).amin(dim=1) >= 0) & (off_BX.amax(dim=1) < 1e-4)
-        on_simplex = on_simplex.reshape((lead,) + (1,) * (x.dim() - 1)) if x.dim() == 4 else on_simplex[0]
+        on_simplex = _on_simplex(x, dim)
         dist = torch.where(on_simplex, x, dist)
         log_dist = torch.where(on_simplex, x.clamp_min(_LOG_FLOOR).log(), log_dist)
     return dist, log_dist
+
+
+def _on_simplex(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Whether the input already is a distribution (per layer when it stacks layers [G, ...]), on the device."""
+    lead = x.shape[0] if x.dim() == 4 else 1
+    off_BX = (x.sum(dim=dim) - 1).abs().reshape(lead, -1)
+    on_simplex = (x.reshape(lead, -1).amin(dim=1) >= 0) & (off_BX.amax(dim=1) < 1e-4)
+    return on_simplex.reshape((lead,) + (1,) * (x.dim() - 1)) if x.dim() == 4 else on_simplex[0]
+
+
+def router_zloss(x: torch.Tensor, distribution: str, detect_probs: bool, dim: int) -> torch.Tensor:
+    """Per token, logsumexp(logits)² (the router z-loss of ST-MoE, before its mean over tokens), keepdim
+    over ``dim``; -1 where it is undefined: scores that are not softmax logits (sigmoid, probabilities,
+    or a transformers router that returns probabilities in the logits slot). The sender leaves a
+    negative mean out of the message."""
+    x = x.float()
+    if distribution != "softmax":
+        return torch.full_like(x.narrow(dim, 0, 1), -1.0)
+    z = torch.logsumexp(x, dim=dim, keepdim=True).square()
+    if detect_probs:
+        z = torch.where(_on_simplex(x, dim), torch.full_like(z, -1.0), z)
+    return z
 
 
 def routed_positions(ctx: BatchContext, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -372,7 +391,8 @@ def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tens
               distribution: str, detect_probs: bool, packed: bool, top_k: int,
               num_slots: int) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """The batched reduction's math on device tensors (the function torch.compile compiles, see
-    compiled.py): per layer and slot the token average of [p | sum p log p] (``mean_GXF``, F = E + 1),
+    compiled.py): per layer and slot the token average of [p | sum p log p | z] (``mean_GXF``, F = E + 2;
+    z = logsumexp(logits)², the router z-loss, -1 where undefined),
     the top-k counts (``counts``, float) and, given the layers' router weights, the adjacent cosines
     (``cos``, [G-1, X]; else None). ``x``: the logits [G, M, S, E] (``dim`` -2: [G, M, E, S]);
     ``idx_GMSK``: the routing decision (None: top-k of p); ``avg``: the token weights of
@@ -385,14 +405,15 @@ def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tens
     N = num_slots
     tokens_last = dim == -2
     p, log_p = routing_distribution(x, distribution, detect_probs, dim=dim)
-    # [p | p log p] (F = E + 1), averaged over each slot's tokens in one product and sum.
-    feats = torch.cat([p, (p * log_p).sum(dim=dim, keepdim=True)], dim=dim)
+    # [p | p log p | z] (F = E + 2), averaged over each slot's tokens in one product and sum.
+    feats = torch.cat([p, (p * log_p).sum(dim=dim, keepdim=True), router_zloss(x, distribution, detect_probs, dim)],
+                      dim=dim)
     # Per slot: X = N slots when packed rows split into documents, else M rows (one slot each).
     if packed:  # one matmul over the tokens of each slot
         if tokens_last:
-            mean_GXF = torch.matmul(feats, avg).transpose(-1, -2).reshape(G, N, E + 1)  # [G,M,F,S] @ [M,S,D]
+            mean_GXF = torch.matmul(feats, avg).transpose(-1, -2).reshape(G, N, E + 2)  # [G,M,F,S] @ [M,S,D]
         else:
-            mean_GXF = torch.matmul(avg.transpose(-1, -2), feats).reshape(G, N, E + 1)  # [M,D,S] @ [G,M,S,F]
+            mean_GXF = torch.matmul(avg.transpose(-1, -2), feats).reshape(G, N, E + 2)  # [M,D,S] @ [G,M,S,F]
     elif tokens_last:
         mean_GXF = (feats * avg[:, None, :]).sum(dim=-1)
     else:
@@ -408,7 +429,7 @@ def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tens
         counts = torch.zeros(G, M, E, dtype=torch.float32, device=p.device)
         counts = counts.scatter_add_(2, idx_GMSK.reshape(G, M, -1), weight_GMX)
     cos = None if weights_GEH is None else cosine_rows(mean_GXF[..., :E], weights_GEH,
-                                                       out=None if out is None else out[3])
+                                                       out=None if out is None else out[4])
     if out is None:
         return mean_GXF, counts, cos
     write_summaries(out, mean_GXF, counts, cos)
@@ -416,11 +437,12 @@ def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tens
 
 
 def write_summaries(out: tuple, mean_GXF: torch.Tensor, counts: torch.Tensor, cos: Optional[torch.Tensor]) -> None:
-    """Into the staging views ``out`` = (mean, entropy, counts, cosines or None): the means, the mean
-    entropy / log E, the counts (float to int32) and the cosines."""
-    mean, ent, cnt, cos_out = out
-    E = mean_GXF.shape[-1] - 1
+    """Into the staging views ``out`` = (mean, entropy, counts, z-loss, cosines or None): the means, the
+    mean entropy / log E, the counts (float to int32), the mean z-loss and the cosines."""
+    mean, ent, cnt, zloss, cos_out = out
+    E = mean_GXF.shape[-1] - 2
     mean.copy_(mean_GXF[..., :E])
+    zloss.copy_(mean_GXF[..., E + 1])
     if _is_compiling():  # the compiler takes no out= into a strided view; op by op, out= saves a copy
         ent.copy_(mean_GXF[..., E] * (-1.0 / math.log(E)))
     else:

@@ -71,6 +71,11 @@ class Pending:
     with_loss: bool
 
 
+def _defined(zloss_NL: np.ndarray) -> Optional[np.ndarray]:
+    """The z-loss rows, or None where the routers' scores are not softmax logits (the reduction's -1)."""
+    return zloss_NL if zloss_NL.size and zloss_NL.min() >= 0 else None
+
+
 def _as_slice(indices: list[int]):
     """``indices`` as a slice when they step evenly (then NumPy returns views), else as they are."""
     if len(indices) == 1:
@@ -212,6 +217,7 @@ class Sender:
             entropy_NL=v["entropy_NL"][rows],
             adj_cosine_NL1=v["cosine_NL"][rows, 1:] if p.with_cosines and self.shape[0] > 1 else None,
             loss_N=v["loss_N"][rows] if p.with_loss else None,
+            zloss_NL=_defined(v["zloss_NL"][rows]),
         )
 
     def _encode(self, message) -> Optional[bytes]:

@@ -29,6 +29,7 @@ class Staging:
         "mean_NLE": (lambda L, N, E: (N, L, E), torch.float32),
         "counts_NLE": (lambda L, N, E: (N, L, E), torch.int32),
         "entropy_NL": (lambda L, N, E: (N, L), torch.float32),
+        "zloss_NL": (lambda L, N, E: (N, L), torch.float32),  # mean logsumexp(logits)² per slot; < 0: undefined
         "cosine_NL": (lambda L, N, E: (N, L), torch.float32),  # column l: cos(layer l-1, layer l); column 0 unused
         "tokens_N": (lambda L, N, E: (N,), torch.int32),
         "loss_N": (lambda L, N, E: (N,), torch.float32),
@@ -49,6 +50,7 @@ class Staging:
             "mean_LNE": stored["mean_NLE"].transpose(0, 1),
             "counts_LNE": stored["counts_NLE"].transpose(0, 1),
             "entropy_LN": stored["entropy_NL"].t(),
+            "zloss_LN": stored["zloss_NL"].t(),
             "cosine_LN": stored["cosine_NL"].t(),  # row l: cos(layer l-1, layer l)
             "tokens_N": stored["tokens_N"],
             "loss_N": stored["loss_N"],
@@ -60,7 +62,7 @@ class Staging:
         self.cached_views: dict[tuple, tuple] = {}  # slices of ``views`` the reduction writes, made once
 
     def targets(self, layers, docs_per_row: int, packed: bool,
-                names: tuple = ("mean_LNE", "entropy_LN", "counts_LNE")) -> tuple:
+                names: tuple = ("mean_LNE", "entropy_LN", "counts_LNE", "zloss_LN")) -> tuple:
         """Views of ``names`` for ``layers`` (a slice or one index), made once: every slot when packed
         rows split into documents, else each row's slot m*D (the other D-1 keep zero tokens, never read)."""
         key = ((layers.start, layers.stop) if isinstance(layers, slice) else layers, docs_per_row, packed, names)

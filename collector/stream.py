@@ -90,7 +90,14 @@ class WindowView:
             entropy_L=(s.entropy_GWL[g, :n].astype(np.float64) * s.tokens_GW[g, :n, None]).sum(axis=0) / tokens,
             distinct=int(np.unique(s.win_fp_GW[g, :n]).size),
             share_LE=share_LE,  # each layer's load shares (sum 1): the parity statistics of view.py
+            zloss_L=self._zloss_L(),
         )
+
+    def _zloss_L(self) -> Optional[np.ndarray]:
+        """Mean router z-loss per layer over the group's last W samples that carried one; None without."""
+        s, g = self.stream, self.g
+        filled = int(s.zloss_filled_G[g]) if hasattr(s, "zloss_filled_G") and g < len(s.zloss_filled_G) else 0
+        return s.zloss_GWL[g, :filled].astype(np.float64).mean(axis=0) if filled else None
 
 
 class GroupView:
@@ -102,7 +109,7 @@ class GroupView:
 
 
 # Arrays with a leading group axis; they grow together when a group is added.
-_GROUP_ARRAYS = ("win_sym_GWS", "win_len_GW", "win_starts_GWL1", "win_fp_GW", "win_chars_GWC", "win_chars_len_GW",
+_GROUP_ARRAYS = ("zloss_GWL", "zloss_filled_G", "zloss_next_G", "win_sym_GWS", "win_len_GW", "win_starts_GWL1", "win_fp_GW", "win_chars_GWC", "win_chars_len_GW",
                  "win_filled_G", "win_next_G", "topk_GWLE", "tokens_GW", "entropy_GWL", "hist_GHB1", "hist_sum_GH",
                  "layer_sum_GL", "layer_count_GL", "samples_G", "undefined_G", "latest_step_G", "eligible_G")
 _SCRATCH = ("sym_S", "starts_L1", "chars_C", "peq_AW", "pv_W", "mv_W", "lpeq_LAW", "lpv_W", "lmv_W")
@@ -150,7 +157,8 @@ class Stream:
             tokens_GW=((W,), np.int64), entropy_GWL=((W, L), np.float32), hist_GHB1=((nh, nb1), np.float64),
             hist_sum_GH=((nh,), np.float64), layer_sum_GL=((L,), np.float64), layer_count_GL=((L,), np.float64),
             samples_G=((), np.int64), undefined_G=((), np.int64), latest_step_G=((), np.int64),
-            eligible_G=((), np.bool_))
+            eligible_G=((), np.bool_), zloss_GWL=((W, L), np.float32), zloss_filled_G=((), np.int64),
+            zloss_next_G=((), np.int64))
         for name, (shape, dtype) in shapes.items():
             new = np.zeros((groups,) + shape, dtype)
             old = getattr(self, name, None)
@@ -229,4 +237,19 @@ class Stream:
             self.xlayer_sum_L, self.xlayer_count_L, BOUNDS_HB, NB_H, min_max_cosine, stats_GK, ent_GL, load_GLE,
             self.sym_S, self.starts_L1, self.chars_C, self.peq_AW, self.pv_W, self.mv_W, self.lpeq_LAW,
             self.lpv_W, self.lmv_W)
+        if msg.zloss_NL is not None:
+            self._add_zloss(msg.zloss_NL, targets_N2)
         return stats_GK, ent_GL, load_GLE
+
+    def _add_zloss(self, zloss_NL: np.ndarray, targets_N2: np.ndarray) -> None:
+        """The samples' router z-loss into each target group's own ring of the last W samples that had one
+        (outside the kernel: an optional field, and a stream restored from an older snapshot has no ring)."""
+        if not hasattr(self, "zloss_GWL"):
+            self._allocate(len(self.win_filled_G))
+        W = self.window_slots
+        for g in np.unique(targets_N2[targets_N2 >= 0]):
+            rows = np.flatnonzero((targets_N2 == g).any(axis=1))[-W:]
+            slots = (self.zloss_next_G[g] + np.arange(len(rows))) % W
+            self.zloss_GWL[g, slots] = zloss_NL[rows]
+            self.zloss_next_G[g] = (self.zloss_next_G[g] + len(rows)) % W
+            self.zloss_filled_G[g] = min(W, self.zloss_filled_G[g] + len(rows))

@@ -34,7 +34,8 @@ log = logging.getLogger("grokwatch.collector")
 
 PREFIX = "grokwatch_"
 GAUGES = ("routing_entropy_ratio", "expert_load_imbalance_ratio", "expert_load_cv", "dead_experts",
-          "distinct_pathways", "memorized_samples", "pathway_samples_total")
+          "distinct_pathways", "memorized_samples", "pathway_samples_total", "router_zloss",
+          "expert_load_diversity", "expert_load_share_std")
 
 
 def _path_safe(run: str) -> str:

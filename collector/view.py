@@ -87,6 +87,8 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
     fam("dead_experts", "gauge", "Experts no token put in its top-k over the window", LAYER_LABELS)
     fam("routing_entropy_ratio", "gauge", "Mean per-token routing entropy over log E, over the window",
         LAYER_LABELS)
+    fam("router_zloss", "gauge", "Mean router z-loss, logsumexp(router logits) squared, over the group's window "
+        "(only from agents whose routers give softmax logits)", LAYER_LABELS)
     fam("expert_load_share_quantile", "gauge", "Quantiles of the layer's expert load shares over the window "
         "(quantile 0 = min, 0.5 = median, 1 = max)", LAYER_LABELS + ("quantile",))
     fam("expert_load_share_std", "gauge", "Standard deviation of the layer's expert load shares over the window",
@@ -174,6 +176,8 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
                     F["expert_load_cv"].add(lk, float(health["cv_L"][layer]))
                     F["dead_experts"].add(lk, int(health["dead_L"][layer]))
                     F["routing_entropy_ratio"].add(lk, float(health["entropy_L"][layer]))
+                    if health["zloss_L"] is not None:
+                        F["router_zloss"].add(lk, float(health["zloss_L"][layer]))
                     stats = load_share_stats(health["share_LE"][layer], state.config.load_rank_k)
                     for q, v in zip(LOAD_QUANTILES, stats["quantiles"]):
                         F["expert_load_share_quantile"].add(lk + (repr(q),), float(v))

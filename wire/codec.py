@@ -113,6 +113,8 @@ def encode(message: Message) -> bytes:
             out["adj_cosine"] = _array(message.adj_cosine_NL1, F32)
         if message.loss_N is not None:
             out["loss"] = _array(message.loss_N, F32)
+        if message.zloss_NL is not None:
+            out["zloss"] = _array(message.zloss_NL, F32)
     elif isinstance(message, Eval):
         out.update(step=int(message.step), scores={str(k): float(v) for k, v in message.scores.items()})
     elif isinstance(message, Loss):
@@ -309,8 +311,10 @@ def _decode_routing(r: _Reader) -> Routing:
     entropy = r.array("entropy", F32, nl)
     cosine = r.array("adj_cosine", F32, (n, num_layers - 1), optional=True)
     loss = r.array("loss", F32, (n,), optional=True)
+    zloss = r.array("zloss", F32, nl, optional=True)
 
-    for name, arr in (("mean_probs", probs), ("entropy", entropy), ("adj_cosine", cosine), ("loss", loss)):
+    for name, arr in (("mean_probs", probs), ("entropy", entropy), ("adj_cosine", cosine), ("loss", loss),
+                      ("zloss", zloss)):
         if arr is not None and not np.isfinite(arr).all():
             raise WireError("non_finite", f"{name!r} holds a NaN or infinity")
     if (token_counts == 0).any():
@@ -331,6 +335,8 @@ def _decode_routing(r: _Reader) -> Routing:
         raise WireError("value_range", "adjacent cosine outside [-1, 1]")
     if loss is not None and loss.min() < 0:
         raise WireError("value_range", "negative loss")
+    if zloss is not None and zloss.min() < 0:
+        raise WireError("value_range", "negative router z-loss")
     return Routing(
         **header,
         source=source,
@@ -344,6 +350,7 @@ def _decode_routing(r: _Reader) -> Routing:
         entropy_NL=entropy,
         adj_cosine_NL1=cosine,
         loss_N=loss,
+        zloss_NL=zloss,
     )
 
 

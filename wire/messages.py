@@ -66,8 +66,11 @@ class Routing:
     """Per-sample routing summaries of one step (or one probe / replay pass).
 
     ``entropy_NL`` is the mean over the sample's tokens of H(p(t)) / log E, in
-    [0, 1]. ``adj_cosine_NL1`` (needs router weights) and ``loss_N`` (the
-    probe's per-sample mean NLL) are optional.
+    [0, 1]. ``adj_cosine_NL1`` (needs router weights), ``loss_N`` (the
+    probe's per-sample mean NLL) and ``zloss_NL`` (the mean over the sample's
+    tokens of logsumexp(router logits)², the router z-loss; only where the
+    router gives softmax logits) are optional. A collector that predates a field
+    ignores it (the decoder reads only the keys it knows).
     """
 
     run: str
@@ -86,6 +89,7 @@ class Routing:
     entropy_NL: np.ndarray  # float32
     adj_cosine_NL1: Optional[np.ndarray] = None  # float32
     loss_N: Optional[np.ndarray] = None  # float32
+    zloss_NL: Optional[np.ndarray] = None  # float32, >= 0
     kind: str = field(default=KIND_ROUTING, init=False)
 
     @property

@@ -1194,6 +1194,37 @@ def test_manual_record_for_a_hand_written_moe(compiled, sink):
     emb = torch.stack([means[:, i] @ r.weight.detach().double() for i, r in enumerate(model.routers)], dim=1)
     cos = torch.nn.functional.cosine_similarity(emb[:, :-1], emb[:, 1:], dim=-1)
     np.testing.assert_allclose(msg.adj_cosine_NL1, cos.numpy(), rtol=1e-4, atol=1e-5)
+    # The router z-loss: the mean over each sample's tokens of logsumexp(logits)² (ST-MoE), per layer.
+    zloss = torch.stack([torch.logsumexp(x, -1).square().mean(dim=1) for x in model.seen], dim=1)  # [N, L]
+    np.testing.assert_allclose(msg.zloss_NL, zloss.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_no_router_zloss_is_sent_for_scores_that_are_not_softmax_logits(sink):
+    """Sigmoid scores (DeepSeek-V3's router) have no logsumexp: the message carries no z-loss, not a wrong one."""
+    torch.manual_seed(0)
+
+    class Sig(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 8)
+            self.router = torch.nn.Linear(8, 4, bias=False)
+            self.mon = None
+
+        def forward(self, input_ids):
+            h = self.emb(input_ids)
+            logits = self.router(h)
+            self.mon.record(0, logits=logits)
+            return (h * torch.sigmoid(logits).sum(-1, keepdim=True)).sum()
+
+    model = Sig()
+    model.mon = gw.attach(model, sink.endpoint, "sigmoid", num_layers=1, num_experts=4, top_k=2, every_n_steps=1,
+                          distribution="sigmoid")
+    model.mon.step(0)
+    model(torch.randint(0, 16, (2, 5))).backward()
+    model.mon.close()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 1)
+    (msg,) = sink.routing()
+    assert msg.zloss_NL is None and msg.mean_probs_NLE.shape == (2, 1, 4)
 
 
 def test_a_process_whose_default_dtype_is_bfloat16_gets_float32_summaries(sink):

@@ -80,3 +80,39 @@ def test_a_collapsed_layer_shows_at_the_bottom_and_in_the_diversity():
     assert collapsed["top"][0] == (2, 1.0) and collapsed["bottom"][0] == (0, 0.0)
     assert list(collapsed["quantiles"]) == [0.0, 0.0, 0.0, 0.0, 1.0]
     assert len(load_share_stats(np.full(2, 0.5), 5)["top"]) == 2  # K is capped at E
+
+
+def test_router_zloss_is_the_mean_over_the_groups_window_of_what_was_sent(tmp_path):
+    import dataclasses
+
+    rng = np.random.default_rng(2)
+    c = start_collector(tmp_path, window_samples=8)
+    try:
+        msgs = []
+        for i in range(4):  # 4 messages of 3 samples: the window of 8 holds the last 8 samples
+            m = make_routing(rng=rng, seq=i + 1, n=3, step=10 * i, num_layers=4)
+            msgs.append(dataclasses.replace(m, zloss_NL=rng.uniform(0, 9, (3, 4)).astype(np.float32)))
+        send_all(c, [make_hello()] + msgs)
+        s = scrape(c.metrics_port)
+        # A message without a z-loss (an agent whose router has no logits) leaves the window as it is.
+        send_all(c, [make_routing(rng=rng, seq=9, n=3, step=50, num_layers=4)])
+        after = scrape(c.metrics_port)
+    finally:
+        c.stop()
+    last8 = np.concatenate([m.zloss_NL for m in msgs]).astype(np.float64)[-8:]
+    for layer in range(4):
+        lk = dict(run="run-a", source="train", group="math", layer=str(layer))
+        assert value(s, "grokwatch_router_zloss", **lk) == pytest.approx(last8[:, layer].mean(), rel=1e-6)
+        assert value(after, "grokwatch_router_zloss", **lk) == pytest.approx(last8[:, layer].mean(), rel=1e-6)
+
+
+def test_no_zloss_gauge_without_a_zloss():
+    from grokwatch.collector.config import CollectorConfig
+    from grokwatch.collector.state import State
+    from grokwatch.collector.view import build_view
+
+    state = State(CollectorConfig())
+    state.handle(make_hello())
+    state.handle(make_routing(seq=1))
+    (fam,) = [f for f in build_view(state) if f.name == "grokwatch_router_zloss"]
+    assert fam.samples == []

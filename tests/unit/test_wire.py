@@ -308,3 +308,45 @@ def test_empty_names_are_rejected_with_a_reason(msg):
     with pytest.raises(WireError) as err:
         decode(encode(msg()))
     assert err.value.reason == "value_range"
+
+
+# ------------------------------------------------------------------ the optional router z-loss (issue 21)
+
+
+def _with_zloss(zloss):
+    import dataclasses
+
+    return dataclasses.replace(make_routing(n=3, num_layers=4), zloss_NL=zloss)
+
+
+def test_router_zloss_round_trips_and_is_optional():
+    msg = _with_zloss(np.array([[0.5, 1.0, 2.0, 3.0]] * 3, np.float32))
+    assert_same(decode(encode(msg)), msg)
+    assert decode(encode(make_routing(n=3))).zloss_NL is None  # an agent that predates it: None
+
+
+def test_a_decoder_reads_only_the_keys_it_knows():
+    """Both directions of compatibility: a collector that predates a field ignores it (here, a key no decoder
+    knows rides along untouched), and a new collector reads an old agent's message without it (above)."""
+    obj = msgpack.unpackb(encode(_with_zloss(np.ones((3, 4), np.float32))), raw=False)
+    obj["a_field_from_the_future"] = {"dtype": "f4", "shape": [3], "data": b"\0" * 12}
+    without = dict(obj)
+    del without["zloss"]
+    old_view = decode(msgpack.packb(without, use_bin_type=True))  # what an older decoder sees of a new message
+    assert old_view.zloss_NL is None and old_view.num_samples == 3
+    assert decode(msgpack.packb(obj, use_bin_type=True)).zloss_NL is not None
+
+
+@pytest.mark.parametrize("bad, reason", [(-0.5, "value_range"), (math.nan, "non_finite"), (math.inf, "non_finite")])
+def test_a_negative_or_non_finite_zloss_is_rejected(bad, reason):
+    z = np.ones((3, 4), np.float32)
+    z[1, 2] = bad
+    with pytest.raises(WireError) as info:
+        decode(encode(_with_zloss(z)))
+    assert info.value.reason == reason
+
+
+def test_a_zloss_of_the_wrong_shape_is_rejected():
+    with pytest.raises(WireError) as info:
+        decode(encode(_with_zloss(np.ones((3, 2), np.float32))))
+    assert info.value.reason == "shape"
