@@ -147,15 +147,33 @@ class MetricsServer(ThreadingWSGIServer):
             self._slots.release()
 
 
+def with_probes(app, ready: Callable[[], bool]):
+    """The /metrics WSGI app plus the pod's probes: ``/healthz`` 200 while the server answers (liveness),
+    ``/readyz`` 200 only once ``ready()`` (ingest bound, state restored; readiness and startup), else 503."""
+
+    def probes(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            ok = path == "/healthz" or ready()
+            body = b"ok\n" if ok else b"starting\n"
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+            return [body]
+        return app(environ, start_response)
+
+    return probes
+
+
 def serve(registry: CollectorRegistry, addr: str, port: int, certfile: Optional[str] = None,
-          keyfile: Optional[str] = None):
-    """Start the /metrics server; returns (server, thread, bound port)."""
+          keyfile: Optional[str] = None, ready: Callable[[], bool] = lambda: True):
+    """Start the /metrics server (with /healthz and /readyz); returns (server, thread, bound port)."""
     import socket
     from wsgiref.simple_server import make_server
 
     server_class = type("MetricsServer6", (MetricsServer,), {"address_family": socket.AF_INET6}) if ":" in addr \
         else MetricsServer
-    server = make_server(addr, port, make_wsgi_app(registry), server_class, handler_class=_Handler)
+    server = make_server(addr, port, with_probes(make_wsgi_app(registry), ready), server_class,
+                         handler_class=_Handler)
     if certfile and keyfile:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(certfile, keyfile)

@@ -48,6 +48,7 @@ class Collector:
         self.ingest: Optional[Ingest] = None
         self.otel = None
         self.tensorboard = None
+        self.ready = False  # /readyz: ingest bound and the state restored (the end of start())
         self.metrics_port: Optional[int] = None
         self._server = None
         self._stop = threading.Event()
@@ -140,7 +141,8 @@ class Collector:
                              curve_allowed_clients=self.config.curve_allowed_clients, wal=self.wal)
         registry = make_registry(self.state, self.ingest.queue_stats)
         self._server, _, self.metrics_port = serve(registry, self.config.metrics_addr, self.config.metrics_port,
-                                                   self.config.tls_certfile, self.config.tls_keyfile)
+                                                   self.config.tls_certfile, self.config.tls_keyfile,
+                                                   ready=lambda: self.ready)
         if exporters:
             from grokwatch.collector.otlp import DEFAULT_INTERVAL_S, OtelView
 
@@ -155,6 +157,7 @@ class Collector:
                                                      daemon=True)
             self._snapshot_thread.start()
         log.info("listening on %s", ", ".join(self.endpoints))
+        self.ready = True
         return self
 
     def snapshot(self) -> None:
@@ -191,6 +194,7 @@ class Collector:
                 log.exception("snapshot failed; will retry")
 
     def stop(self) -> None:
+        self.ready = False
         self._stop.set()
         self._snapshot_now.set()
         if self.ingest:

@@ -23,12 +23,12 @@ ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS
 
 GROUP_LABELS = ("run", "source", "group")
 LAYER_LABELS = ("run", "source", "group", "layer")
-LOAD_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)  # min, p25, median, p75, max of a layer's expert load shares
+LOAD_PERCENTILES = (0, 25, 50, 75, 100)  # min, p25, median, p75, max of a layer's expert load shares
 
 
 def load_share_stats(share_E: np.ndarray, k: int) -> dict:
     """One layer's expert load shares (sum 1) -> the statistics MoE frameworks log beside imbalance and CV
-    (docs/collector.md, "Router health"): quantiles (linear interpolation), population std, the top and
+    (docs/collector.md, "Router health"): percentiles (linear interpolation), population std, the top and
     bottom K experts by share (ties to the lower index), and the expert-diversity score exp(H) / E with
     H the entropy of the shares in nats (1 = uniform load, 1/E = one expert takes all)."""
     share_E = np.asarray(share_E, dtype=np.float64)
@@ -40,7 +40,7 @@ def load_share_stats(share_E: np.ndarray, k: int) -> dict:
     order = np.arange(E)
     top = np.lexsort((order, -share_E))[:k]
     bottom = np.lexsort((order, share_E))[:k]
-    return dict(quantiles=np.quantile(share_E, LOAD_QUANTILES), std=float(share_E.std()),
+    return dict(percentiles=np.percentile(share_E, LOAD_PERCENTILES), std=float(share_E.std()),
                 top=[(int(e), float(share_E[e])) for e in top], bottom=[(int(e), float(share_E[e])) for e in bottom],
                 diversity=float(np.exp(-(nz * np.log(nz)).sum()) / E))
 
@@ -89,8 +89,8 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
         LAYER_LABELS)
     fam("router_zloss", "gauge", "Mean router z-loss, logsumexp(router logits) squared, over the group's window "
         "(only from agents whose routers give softmax logits)", LAYER_LABELS)
-    fam("expert_load_share_quantile", "gauge", "Quantiles of the layer's expert load shares over the window "
-        "(quantile 0 = min, 0.5 = median, 1 = max)", LAYER_LABELS + ("quantile",))
+    fam("expert_load_share_percentile", "gauge", "Percentiles of the layer's expert load shares over the window "
+        "(0 = min, 50 = median, 100 = max)", LAYER_LABELS + ("percentile",))
     fam("expert_load_share_std", "gauge", "Standard deviation of the layer's expert load shares over the window",
         LAYER_LABELS)
     fam("expert_load_diversity", "gauge", "exp(entropy of the expert load shares) / E over the window: 1 uniform, "
@@ -179,8 +179,8 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
                     if health["zloss_L"] is not None:
                         F["router_zloss"].add(lk, float(health["zloss_L"][layer]))
                     stats = load_share_stats(health["share_LE"][layer], state.config.load_rank_k)
-                    for q, v in zip(LOAD_QUANTILES, stats["quantiles"]):
-                        F["expert_load_share_quantile"].add(lk + (repr(q),), float(v))
+                    for q, v in zip(LOAD_PERCENTILES, stats["percentiles"]):
+                        F["expert_load_share_percentile"].add(lk + (q,), float(v))
                     F["expert_load_share_std"].add(lk, stats["std"])
                     F["expert_load_diversity"].add(lk, stats["diversity"])
                     for end in ("top", "bottom"):

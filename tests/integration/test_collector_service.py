@@ -105,3 +105,22 @@ def test_metrics_served_over_tls(tmp_path):
             urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=5).read()
     finally:
         c.stop()
+
+
+def test_readyz_says_ready_once_ingest_is_bound_and_healthz_while_it_answers(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    c = start_collector(tmp_path)
+    try:
+        base = f"http://127.0.0.1:{c.metrics_port}"
+        assert urllib.request.urlopen(base + "/readyz", timeout=5).read() == b"ok\n"
+        assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
+        c.ready = False  # as during start-up (restore, replay) and shutdown
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(base + "/readyz", timeout=5)
+        assert info.value.code == 503
+        assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
+        assert b"grokwatch_collector_messages_received_total" in urllib.request.urlopen(base + "/metrics").read()
+    finally:
+        c.stop()

@@ -54,9 +54,9 @@ def test_load_share_quantiles_std_ranks_and_diversity_equal_the_reference(tmp_pa
     for layer in range(4):
         ref = reference(msgs, layer)
         lk = dict(key, layer=str(layer))
-        for q in (0.0, 0.25, 0.5, 0.75, 1.0):
-            assert value(s, "grokwatch_expert_load_share_quantile", **lk, quantile=repr(q)) == pytest.approx(
-                reference_quantile(ref["share"], q), abs=1e-12)
+        for pct in (0, 25, 50, 75, 100):
+            assert value(s, "grokwatch_expert_load_share_percentile", **lk, percentile=str(pct)) == pytest.approx(
+                reference_quantile(ref["share"], pct / 100), abs=1e-12)
         assert value(s, "grokwatch_expert_load_share_std", **lk) == pytest.approx(ref["std"], abs=1e-12)
         assert value(s, "grokwatch_expert_load_diversity", **lk) == pytest.approx(ref["diversity"], rel=1e-12)
         for end in ("top", "bottom"):
@@ -78,7 +78,7 @@ def test_a_collapsed_layer_shows_at_the_bottom_and_in_the_diversity():
     collapsed = load_share_stats(np.array([0.0, 0.0, 1.0, 0, 0, 0, 0, 0]), 2)
     assert collapsed["diversity"] == pytest.approx(1 / 8)
     assert collapsed["top"][0] == (2, 1.0) and collapsed["bottom"][0] == (0, 0.0)
-    assert list(collapsed["quantiles"]) == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert list(collapsed["percentiles"]) == [0.0, 0.0, 0.0, 0.0, 1.0]
     assert len(load_share_stats(np.full(2, 0.5), 5)["top"]) == 2  # K is capped at E
 
 

@@ -27,7 +27,7 @@ FROZEN = {
     "grokwatch_dead_experts": ("gauge", GL),
     "grokwatch_routing_entropy_ratio": ("gauge", GL),
     "grokwatch_router_zloss": ("gauge", GL),
-    "grokwatch_expert_load_share_quantile": ("gauge", GL + ("quantile",)),
+    "grokwatch_expert_load_share_percentile": ("gauge", GL + ("percentile",)),
     "grokwatch_expert_load_share_std": ("gauge", GL),
     "grokwatch_expert_load_diversity": ("gauge", GL),
     "grokwatch_expert_load_rank_expert": ("gauge", GL + ("end", "rank")),
