@@ -62,6 +62,8 @@ gpu-wheels: setup
 # The Prometheus Operator's copy of the rules (deploy/k8s/overlays/prometheus-operator), from the one rules file.
 k8s-rules: setup
 	$(PY) deploy/prometheus/to_prometheusrule.py > deploy/k8s/overlays/prometheus-operator/prometheusrule.yaml
+	cp grafana/dashboards/grokwatch.json deploy/k8s/overlays/prometheus-operator/grokwatch-dashboard.json
+	$(PY) deploy/k8s/examples/jobset/make_patch.py > deploy/k8s/examples/jobset/sidecar-patch.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -41,8 +41,11 @@ def kustomize(overlay: str) -> list[dict]:
 
 
 def by_kind(docs: list[dict]) -> dict[str, dict]:
+    """One resource of each kind (the Grafana dashboard's ConfigMap aside: ``dashboard()``)."""
     kinds = {}
     for doc in docs:
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "grokwatch-dashboard":
+            continue
         assert doc["kind"] not in kinds, f"two {doc['kind']}s"
         kinds[doc["kind"]] = doc
     return kinds
@@ -52,17 +55,27 @@ def collector_args(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(["collector", *argv])
 
 
+def validate(doc: dict) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    if doc["kind"] == "JobSet":  # a custom resource: its pod templates against the Pod schema
+        for job in doc["spec"]["replicatedJobs"]:
+            template = job["template"]["spec"]["template"]
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": template.get("metadata", {}),
+                                          "spec": template["spec"]}, KUBERNETES, strict=True)
+        return
+    kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
 @pytest.mark.parametrize("overlay", ["base", "overlays/prometheus-operator"])
 def test_the_manifests_render_and_validate_against_the_kubernetes_schema(overlay):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    pytest.importorskip("kubernetes_validate")
     docs = kustomize(overlay)
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # the operator's CRDs: checked below
-        # strict: an unknown or misspelt field is an error, not silently dropped by the API server
-        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+        validate(doc)  # strict: an unknown or misspelt field is an error, not silently dropped by the API server
     kinds = {doc["kind"] for doc in docs}
-    assert {"Namespace", "ConfigMap", "Service", "DaemonSet"} <= kinds
+    assert {"Namespace", "ConfigMap", "Service", "DaemonSet", "NetworkPolicy"} <= kinds
     assert ({"PodMonitor", "PrometheusRule"} <= kinds) == (overlay != "base")
 
 
@@ -153,3 +166,92 @@ def test_the_image_runs_the_collector_as_the_manifests_expect():
     for folder in set(re.findall(r'= "(\w+)"', package_dirs)):
         assert f"!{folder}" in ignore
         assert f"COPY {folder} {folder}" in DOCKERFILE.read_text()
+
+
+# ------------------------------------------------------------------ the native sidecar (docs/deploy.md)
+
+
+def pod_templates(doc: dict) -> list[dict]:
+    if doc["kind"] == "JobSet":
+        return [job["template"]["spec"]["template"] for job in doc["spec"]["replicatedJobs"]]
+    return [doc["spec"]["template"]]
+
+
+@pytest.mark.parametrize("example, workload", [("examples/job", "Job"), ("examples/jobset", "JobSet")])
+def test_the_sidecar_goes_beside_the_training_containers_on_loopback(example, workload, tmp_path):
+    docs = kustomize(example)
+    for doc in docs:
+        if not doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            validate(doc)
+    kinds = by_kind(docs)
+    [pod] = pod_templates(kinds[workload])
+    [sidecar] = pod["spec"]["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"  # a native sidecar: it does not hold the Job open
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["trainer"]  # the user's containers, untouched
+    assert sidecar["image"] == "grokwatch-collector:0.1.0"
+    # Its config: ingest on loopback only (what the agent's default endpoint reaches), /metrics for Prometheus.
+    configmap = kinds["ConfigMap"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    [config_mount] = [m for m in sidecar["volumeMounts"] if "configMap" in volumes[m["name"]]]
+    assert volumes[config_mount["name"]]["configMap"]["name"] == configmap["metadata"]["name"]  # the hashed name
+    [(filename, toml)] = configmap["data"].items()
+    (tmp_path / filename).write_text(toml)
+    args = collector_args(sidecar["args"])
+    assert Path(args.config) == Path(config_mount["mountPath"]) / filename
+    args.config = str(tmp_path / filename)
+    config = config_from_args(args, environ={})
+    from grokwatch.agent.config import DEFAULT_ENDPOINT
+
+    assert list(config.listen) == [DEFAULT_ENDPOINT] and urlparse(DEFAULT_ENDPOINT).hostname == "127.0.0.1"
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert list(ports.values()) == [config.metrics_port]
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert sidecar["resources"]["limits"]["cpu"] and sidecar["resources"]["limits"]["memory"]
+    writable = [Path(m["mountPath"]) for m in sidecar["volumeMounts"] if not m.get("readOnly")]
+    for path in (config.state_dir, {e["name"]: e["value"] for e in sidecar["env"]}["NUMBA_CACHE_DIR"]):
+        assert any(Path(path).is_relative_to(w) for w in writable), path
+    # The PodMonitor scrapes exactly the patched pods, on the sidecar's port.
+    monitor = kinds["PodMonitor"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
+
+
+def test_the_jobset_patch_is_the_components_job_patch():
+    sys.path.insert(0, str(K8S / "examples/jobset"))
+    from make_patch import render as render_patch
+
+    assert (K8S / "examples/jobset/sidecar-patch.yaml").read_text() == render_patch(), "stale: run make k8s-rules"
+
+
+def test_the_daemonset_pods_get_no_token_and_a_network_policy_admits_only_agents_and_prometheus():
+    kinds = by_kind(kustomize("base"))
+    pod = kinds["DaemonSet"]["spec"]["template"]
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    [container] = pod["spec"]["containers"]
+    assert container["resources"]["limits"]["cpu"]
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    policy = kinds["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    port_names = {p["name"] for p in container["ports"]}
+    rules = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+    assert set(rules) == port_names == {"ingest", "metrics"}
+    # Exactly the training namespaces (no podSelector: kustomize's labels would rewrite it to the collector's own).
+    assert rules["ingest"] == [{"namespaceSelector": {"matchLabels": {"grokwatch.io/agents": "true"}}}]
+    assert rules["metrics"][0]["namespaceSelector"]["matchLabels"]
+
+
+def test_the_operator_objects_carry_the_release_label_and_the_dashboard_ships_for_grafanas_sidecar():
+    docs = kustomize("overlays/prometheus-operator")
+    kinds = by_kind(docs)
+    for kind in ("PodMonitor", "PrometheusRule"):
+        assert kinds[kind]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    [dashboard] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "grokwatch-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    import json
+
+    source = (ROOT / "grafana/dashboards/grokwatch.json").read_text()
+    assert json.loads(dashboard["data"]["grokwatch-dashboard.json"]) == json.loads(source)
+    assert (K8S / "overlays/prometheus-operator/grokwatch-dashboard.json").read_text() == source, \
+        "stale: run make k8s-rules"
