@@ -399,6 +399,23 @@ def process_samples(probs_NLE, counts_NLE, tokens_N, entropy_NL, cos_NL1, has_co
     return 0
 
 
+def seed_cache(environ=None) -> int:
+    """Copy a prebuilt kernel cache (``GROKWATCH_KERNEL_CACHE``, written when the image was built) into
+    Numba's cache directory (``NUMBA_CACHE_DIR``, writable) when that one is empty, so a fresh pod loads
+    the kernels instead of compiling them. Returns the number of files copied (0: nothing to do)."""
+    import os
+    import shutil
+
+    environ = os.environ if environ is None else environ
+    prebuilt, target = environ.get("GROKWATCH_KERNEL_CACHE"), environ.get("NUMBA_CACHE_DIR")
+    if not prebuilt or not target or not os.path.isdir(prebuilt):
+        return 0
+    if os.path.isdir(target) and any(os.scandir(target)):
+        return 0
+    shutil.copytree(prebuilt, target, dirs_exist_ok=True)
+    return sum(len(files) for _, _, files in os.walk(target))
+
+
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) the hot-path kernels before the
     first message: one tiny message through a throwaway state, both units."""

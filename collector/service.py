@@ -124,6 +124,10 @@ class Collector:
 
             self.tensorboard = TensorBoardView(self.state, self.config.tensorboard_dir,
                                                self.config.tensorboard_interval_s)
+        try:
+            kernels.seed_cache()  # the image's prebuilt kernels (docs/deploy.md, "Fast start")
+        except OSError as exc:
+            log.warning("prebuilt kernel cache not copied (%s): the kernels compile", exc)
         kernels.warm_up()  # compile or load from the cache before the first message
         if self.config.state_dir:
             next_index = self._replay(self.config.state_dir)

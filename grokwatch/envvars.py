@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 PREFIX = "GROKWATCH_"
 # Read outside the collector's config: the agent's attach() and the CLI.
 OTHER_VARIABLES = ("GROKWATCH_ENDPOINT", "GROKWATCH_RUN", "GROKWATCH_CURVE_SERVER_KEY", "GROKWATCH_CURVE_SECRET_KEY",
-                   "GROKWATCH_LOG_LEVEL", "GROKWATCH_LOG_FORMAT")
+                   "GROKWATCH_LOG_LEVEL", "GROKWATCH_LOG_FORMAT", "GROKWATCH_KERNEL_CACHE")
 
 
 def known_variables() -> tuple[str, ...]:

@@ -157,6 +157,9 @@ def test_the_image_runs_the_collector_as_the_manifests_expect():
     assert any('grokwatch[collector]' in words for words in installs), installs
     runs = " ".join(arg for op, arg in instructions if op == "RUN")
     assert "torch" not in runs and not re.search(r"\[[^]]*(agent|hf)", runs), runs
+    # The kernels are compiled when the image is built, into the cache the collector seeds Numba's from.
+    env = dict(re.findall(r"(\w+)=(\S+)", last["ENV"]))
+    assert f"NUMBA_CACHE_DIR={env['GROKWATCH_KERNEL_CACHE']}" in runs and "kernels.warm_up()" in runs
     # The user the image runs as is the one the DaemonSet asks for.
     daemonset = by_kind(kustomize("base"))["DaemonSet"]
     assert int(last["USER"]) == daemonset["spec"]["template"]["spec"]["securityContext"]["runAsUser"]

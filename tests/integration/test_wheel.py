@@ -9,10 +9,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -23,8 +26,9 @@ TORCH_FREE_UNIT_TESTS = ("test_wire.py", "test_kernels.py", "test_phases.py", "t
                          "test_analysis.py", "test_cli.py")
 
 
-def run(cmd, timeout=900, **kw) -> subprocess.CompletedProcess:
+def run(cmd, timeout=900, env_extra=None, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GROKWATCH_", "PYTHONPATH", "VIRTUAL_ENV"))}
+    env.update(env_extra or {})
     kw.setdefault("cwd", tempfile.gettempdir())  # never the checkout: its grokwatch/ folder would shadow the wheel
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, **kw)
     assert result.returncode == 0, f"{cmd}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -100,6 +104,43 @@ def test_the_collector_extra_installs_without_torch_or_matplotlib(dist, tmp_path
                    "print([m for m in ('torch', 'matplotlib', 'datasketches') if u.find_spec(m)])"]).stdout
     assert missing.strip() == "[]"
     print(f"collector-only install: {_site_packages_mb(bin_dir):.0f} MiB of site-packages")  # docs/deploy.md
+    _fast_start(bin_dir, tmp_path)
+
+
+def _fast_start(bin_dir: Path, tmp_path: Path) -> None:
+    """The image's build step (deploy/Dockerfile: the kernels compiled into a prebuilt cache), then a fresh
+    'pod': an empty Numba cache directory, the prebuilt one named by GROKWATCH_KERNEL_CACHE. The collector
+    must load the kernels, not compile them (its cache directory ends up holding exactly the prebuilt
+    files), and serve /readyz; the time to ready is printed for docs/deploy.md."""
+    import urllib.request
+
+    prebuilt, fresh = tmp_path / "prebuilt", tmp_path / "pod-cache"
+    run([bin_dir / "python", "-c", "from grokwatch.collector import kernels; kernels.warm_up()"],
+        env_extra={"NUMBA_CACHE_DIR": str(prebuilt)})
+    built = sorted(p.relative_to(prebuilt) for p in prebuilt.rglob("*") if p.is_file())
+    assert built, "the build step wrote no kernel cache"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GROKWATCH_", "PYTHONPATH", "VIRTUAL_ENV"))}
+    env.update(NUMBA_CACHE_DIR=str(fresh), GROKWATCH_KERNEL_CACHE=str(prebuilt))
+    started = time.monotonic()
+    proc = subprocess.Popen([bin_dir / "grokwatch", "collector", "--listen", f"tcp://127.0.0.1:{free_port()}",
+                             "--metrics-port", str(port), "--metrics-addr", "127.0.0.1"],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            assert proc.poll() is None, "the collector exited"
+            assert time.monotonic() - started < 120
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        ready_s = time.monotonic() - started
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file()) == built  # loaded, not compiled
+    print(f"fresh collector with the prebuilt kernel cache: /readyz after {ready_s:.2f} s")  # docs/deploy.md
 
 
 def test_the_report_extra_brings_matplotlib_and_the_training_extras_resolve(dist, tmp_path):

@@ -80,3 +80,18 @@ def test_json_log_format_is_one_object_a_line():
     (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
     record = json.loads(line)
     assert record["level"] == "WARNING" and "GROKWATCH_RUNN" in record["message"] and record["time"].endswith("Z")
+
+
+def test_the_prebuilt_kernel_cache_is_copied_only_into_an_empty_cache(tmp_path):
+    from grokwatch.collector.kernels import seed_cache
+
+    prebuilt = tmp_path / "prebuilt"
+    (prebuilt / "sub").mkdir(parents=True)
+    (prebuilt / "sub" / "k.nbi").write_text("index")
+    target = tmp_path / "cache"
+    env = {"GROKWATCH_KERNEL_CACHE": str(prebuilt), "NUMBA_CACHE_DIR": str(target)}
+    assert seed_cache(env) == 1 and (target / "sub" / "k.nbi").read_text() == "index"
+    (target / "sub" / "k.nbi").write_text("newer")
+    assert seed_cache(env) == 0 and (target / "sub" / "k.nbi").read_text() == "newer"  # never over a cache in use
+    assert seed_cache({"NUMBA_CACHE_DIR": str(target)}) == 0
+    assert seed_cache({"GROKWATCH_KERNEL_CACHE": str(tmp_path / "none"), "NUMBA_CACHE_DIR": str(tmp_path / "x")}) == 0
