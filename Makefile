@@ -16,7 +16,7 @@ STAMP := $(VENV)/.grokwatch-installed
 FRAMEWORKS := $(VENV)/frameworks
 FRAMEWORK_PINS := megatron-core==0.16.1 torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser==0.18.0 triton==3.9.0
 
-.PHONY: setup frameworks demo test quick prometheus bench gpu-wheels k8s-rules clean
+.PHONY: setup frameworks demo test quick lint prometheus bench gpu-wheels k8s-rules clean
 
 setup: $(STAMP)
 
@@ -42,8 +42,12 @@ prometheus:
 demo: setup
 	$(VENV)/bin/grokwatch demo
 
-test: setup frameworks prometheus
+test: setup frameworks prometheus lint
 	$(PY) -m pytest
+
+# ruff (pyproject's [tool.ruff.lint]) on the package's folders: zero findings.
+lint: setup
+	$(VENV)/bin/ruff check wire collector agent grokwatch
 
 quick: setup frameworks
 	$(PY) -m pytest -m "not slow"

@@ -16,8 +16,15 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from grokwatch.agent.reduce import (BatchContext, _is_compiling, attach_indices, build_context, gather_layer,
-                                    token_mask, usable_weight)
+from grokwatch.agent.reduce import (
+    BatchContext,
+    _is_compiling,
+    attach_indices,
+    build_context,
+    gather_layer,
+    token_mask,
+    usable_weight,
+)
 
 log = logging.getLogger("grokwatch.agent")
 

@@ -21,8 +21,13 @@ import torch.optim.optimizer as torch_optimizer
 from torch import nn
 
 import grokwatch.agent.compiled as compiled_module
-from grokwatch.agent.config import (DEFAULT_DOCS_PER_SAMPLE, DEFAULT_ENDPOINT, DEFAULT_EVERY_N_STEPS,  # noqa: F401
-                                    DEFAULT_SAMPLES_PER_STEP, AgentConfig)
+from grokwatch.agent.config import (  # noqa: F401
+    DEFAULT_DOCS_PER_SAMPLE,
+    DEFAULT_ENDPOINT,
+    DEFAULT_EVERY_N_STEPS,
+    DEFAULT_SAMPLES_PER_STEP,
+    AgentConfig,
+)
 from grokwatch.agent.discover import MoELayer, MoEShape, discover
 from grokwatch.agent.hooks import ForwardHooks, _distributed, _is_compiled_module, _is_compiling
 from grokwatch.agent.reduce import BatchContext, freed_weight, gather_layer, reduce_all, usable_weight

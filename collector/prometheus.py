@@ -13,14 +13,14 @@ from typing import Callable, Optional
 
 import numpy as np
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
-from prometheus_client.samples import Sample
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     SummaryMetricFamily,
 )
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+from prometheus_client.samples import Sample
 
 from grokwatch.collector.state import State
 from grokwatch.collector.view import build_view

@@ -29,7 +29,6 @@ from grokwatch.collector.analysis import (
 )
 from grokwatch.collector.persist import read_journal
 
-
 # phase_distance -> how the report names it
 SIGNAL_TITLES = {"normalized": METRIC_TITLES["distance_normalized"], "raw": METRIC_TITLES["distance"],
                  "vs_cross": METRIC_TITLES["distance_vs_cross"],

@@ -18,13 +18,12 @@ import signal
 import threading
 from typing import Mapping, Optional
 
-from grokwatch.collector import kernels
+from grokwatch.collector import kernels, wal
 from grokwatch.collector.config import CollectorConfig, ConfigError, load_config, otlp_requested
 from grokwatch.collector.ingest import Ingest
 from grokwatch.collector.persist import Journal, SnapshotError, check_writable, read_snapshot, set_aside, write_snapshot
 from grokwatch.collector.prometheus import make_registry, serve
 from grokwatch.collector.state import State
-from grokwatch.collector import wal
 from grokwatch.collector.wal import WriteAheadLog
 from grokwatch.wire import Limits
 

@@ -19,8 +19,7 @@ from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.persist import snapshot_bytes
 from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseTracker
 from grokwatch.collector.stream import Stream
-from grokwatch.wire import (AGENT_DROP_REASONS, Eval, Heartbeat, Hello, Loss, Routing, WireError, decode,
-                            peek_sequence)
+from grokwatch.wire import AGENT_DROP_REASONS, Eval, Heartbeat, Hello, Loss, Routing, WireError, decode, peek_sequence
 
 CROSS_GROUP = "_cross"  # METRICS.md §1 cross-group baseline
 OTHER_GROUP = "other"  # label values beyond max_groups

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
+
 from grokwatch.collector.persist import PERSIST_ERRORS
 from grokwatch.collector.phases import PHASES
 from grokwatch.collector.state import CROSS_GROUP, State
