@@ -30,6 +30,9 @@ class AgentConfig:
     # The batched reduction's transient memory at the end of a summarized forward (estimated); beyond it
     # the layers are reduced in several batches.
     reduction_memory_mb: float = 256.0
+    # The router z-loss (mean logsumexp(logits)² per sample and layer) in the same reduction; False leaves it
+    # out (docs/benchmarks.md has its cost).
+    router_zloss: bool = True
     # ZeroMQ CURVE (grokwatch keygen): the collector's public .key file and this agent's .key_secret file;
     # both or neither. Default from GROKWATCH_CURVE_SERVER_KEY / GROKWATCH_CURVE_SECRET_KEY.
     curve_server_key: Optional[str] = None

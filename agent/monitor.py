@@ -240,7 +240,7 @@ class Monitor(ForwardHooks):
             return
         try:
             with_cosines = reduce_all(ctx, self.shape.top_k, summarize_fn=self._reduction,
-                                      max_bytes=self._reduction_max_bytes)
+                                      max_bytes=self._reduction_max_bytes, zloss=self.config.router_zloss)
         except BaseException:
             self.staging.give_back(index)
             raise

@@ -273,7 +273,7 @@ TRANSIENT_COPIES_COMPILED = 2
 
 @torch.inference_mode()
 def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None,
-               summarize_fn: Optional[Callable] = None, max_bytes: Optional[float] = None) -> bool:
+               summarize_fn: Optional[Callable] = None, max_bytes: Optional[float] = None, zloss: bool = True) -> bool:
     """Per sampled slot and layer: mean routing distribution, top-k counts,
     mean entropy ratio; then the cosine between adjacent layers' routing
     embeddings. Layers of the same shape are reduced in one batch (in a
@@ -291,8 +291,8 @@ def reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int] = None,
     device_type = ctx.staging.device.type
     if _autocast_enabled(device_type):  # inside the user's autocast: matmuls would run in bf16/fp16
         with torch.autocast(device_type, enabled=False):
-            return _reduce_all(ctx, top_k, dim, summarize_fn, max_bytes)
-    return _reduce_all(ctx, top_k, dim, summarize_fn, max_bytes)
+            return _reduce_all(ctx, top_k, dim, summarize_fn, max_bytes, zloss)
+    return _reduce_all(ctx, top_k, dim, summarize_fn, max_bytes, zloss)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -305,7 +305,7 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def _reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int], summarize_fn: Optional[Callable],
-                max_bytes: Optional[float]) -> bool:
+                max_bytes: Optional[float], zloss: bool = True) -> bool:
     views = ctx.staging.views
     if summarize_fn is not None:
         dim = -1
@@ -319,7 +319,7 @@ def _reduce_all(ctx: BatchContext, top_k: int, dim: Optional[int], summarize_fn:
     groups = [chunk for group in batches.values() for chunk in _within(ctx, group, max_bytes, copies)]
     weights_LEH = _cosine_weights(groups[0]) if len(groups) == 1 else None
     for group in groups:
-        _reduce_batch(ctx, group, top_k, views, dim, summarize_fn or summarize, weights_LEH)
+        _reduce_batch(ctx, group, top_k, views, dim, summarize_fn or summarize, weights_LEH, zloss)
     with_cosines = weights_LEH is not None or _cosines(ctx, views)
     ctx.pending = []
     return with_cosines
@@ -389,7 +389,7 @@ def _token_weights(ctx: BatchContext, seq_len: Optional[int]) -> tuple:
 def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tensor, weight_GMX: torch.Tensor,
               base: Optional[torch.Tensor], weights_GEH: Optional[torch.Tensor], out: Optional[tuple], *, dim: int,
               distribution: str, detect_probs: bool, packed: bool, top_k: int,
-              num_slots: int) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+              num_slots: int, zloss: bool = True) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """The batched reduction's math on device tensors (the function torch.compile compiles, see
     compiled.py): per layer and slot the token average of [p | sum p log p | z] (``mean_GXF``, F = E + 2;
     z = logsumexp(logits)², the router z-loss, -1 where undefined),
@@ -406,8 +406,8 @@ def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tens
     tokens_last = dim == -2
     p, log_p = routing_distribution(x, distribution, detect_probs, dim=dim)
     # [p | p log p | z] (F = E + 2), averaged over each slot's tokens in one product and sum.
-    feats = torch.cat([p, (p * log_p).sum(dim=dim, keepdim=True), router_zloss(x, distribution, detect_probs, dim)],
-                      dim=dim)
+    z = router_zloss(x, distribution if zloss else "off", detect_probs, dim)  # "off": -1, left out of the message
+    feats = torch.cat([p, (p * log_p).sum(dim=dim, keepdim=True), z], dim=dim)
     # Per slot: X = N slots when packed rows split into documents, else M rows (one slot each).
     if packed:  # one matmul over the tokens of each slot
         if tokens_last:
@@ -453,7 +453,7 @@ def write_summaries(out: tuple, mean_GXF: torch.Tensor, counts: torch.Tensor, co
 
 
 def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: dict, dim: int,
-                  summarize_fn: Callable, weights_GEH: Optional[torch.Tensor]) -> None:
+                  summarize_fn: Callable, weights_GEH: Optional[torch.Tensor], zloss: bool = True) -> None:
     first = group[0]
     E = first.logits_MSE.shape[-1]
     G = len(group)
@@ -477,7 +477,7 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
     layers = [g.layer for g in group]
     lo = layers[0]
     kwargs = dict(dim=dim, distribution=first.distribution, detect_probs=first.detect_probs, packed=packed,
-                  top_k=top_k, num_slots=N)
+                  top_k=top_k, num_slots=N, zloss=zloss)
     if layers == list(range(lo, lo + G)):  # written by summarize (compiled: inside its kernels)
         cos_out = None if weights_GEH is None else ctx.staging.targets(slice(lo + 1, lo + G), D, packed,
                                                                        ("cosine_LN",))[0]

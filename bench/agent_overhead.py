@@ -144,14 +144,15 @@ def timed_step(model, opt, ids, device, peaks: Optional[list] = None) -> float:
     return elapsed
 
 
-def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, batch: int, seq: int) -> dict:
+def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, batch: int, seq: int,
+        zloss: bool = True) -> dict:
     """Pairs of steps, one with the agent paused (A: no hooks at all) and one
     attached (B), in the order AB, BA, AB, ... so that a bias of the first or
     second step of a pair cancels. ``every_n=0`` is the control: the agent is
     paused in both (A/A), which shows the floor of what the design can resolve."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     mon = gw.attach(model, endpoint, f"bench-{every_n}", every_n_steps=max(every_n, 1), max_samples_per_step=batch,
-                    compile_reduction=COMPILE_REDUCTION[reduction])
+                    compile_reduction=COMPILE_REDUCTION[reduction], router_zloss=zloss)
     gen = torch.Generator().manual_seed(1)
     ta, tb = [], []
     peaks: dict[str, list] = {"A": [], "B": []}
@@ -240,16 +241,20 @@ def main() -> int:
                         help="the agent's batched reduction through torch.compile (auto: on CUDA only)")
     parser.add_argument("--cadences", default=f"0,1,{DEFAULT_EVERY_N_STEPS}",
                         help="comma-separated every_n_steps to measure (0: the A/A control); N:on or N:off "
-                             "overrides --compile-reduction for that one (e.g. 0,1,1:off,10)")
+                             "overrides --compile-reduction for that one (e.g. 0,1,1:off,10); N:nozloss attaches "
+                             "with router_zloss=False (the z-loss's cost: 1,1:nozloss,10,10:nozloss)")
     args = parser.parse_args()
     if args.max_seconds is None:
         args.max_seconds = 75.0 if args.device == "cuda" else float("inf")
     cadences = []
     for spec in args.cadences.split(","):
-        n, _, reduction = spec.partition(":")
-        if (reduction or args.compile_reduction) not in COMPILE_REDUCTION:
+        n, *flags = spec.split(":")
+        zloss = "nozloss" not in flags
+        flags = [f for f in flags if f != "nozloss"]
+        reduction = flags[0] if flags else args.compile_reduction
+        if reduction not in COMPILE_REDUCTION or len(flags) > 1:
             parser.error(f"--cadences: {spec!r}: the reduction is one of {sorted(COMPILE_REDUCTION)}")
-        cadences.append((int(n), reduction or args.compile_reduction))
+        cadences.append((int(n), reduction, zloss))
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -275,12 +280,13 @@ def main() -> int:
         print(f"{'cadence':<22} {'pairs':>5} {'base ms':>9} {'agent ms':>9} {'median ratio':>12} {'pair ratio':>11} "
               f"{'95% CI':>15} {'mean ratio':>11} {'sent':>6} {'dropped':>8}  reduction")
         results = []
-        for every_n, reduction in cadences:
+        for every_n, reduction, zloss in cadences:
             r = (run_compiled(every_n, reduction, args, endpoint, vocab, batch, seq) if args.compile
-                 else run(every_n, reduction, args, endpoint, model, vocab, batch, seq))
+                 else run(every_n, reduction, args, endpoint, model, vocab, batch, seq, zloss))
+            r["zloss"] = zloss
             results.append(r)
             label = {0: "control (A/A)", 1: "every step", DEFAULT_EVERY_N_STEPS: f"every {every_n} (default)"}.get(
-                every_n, f"every {every_n}")
+                every_n, f"every {every_n}") + ("" if zloss else ", no z-loss")
             print(f"{label:<22} {r['pairs']:>5} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} "
                   f"{r['pair_ratio']:>11.4f} {r['pair_ratio_ci'][0]:>7.4f}-{r['pair_ratio_ci'][1]:<7.4f} "
                   f"{r['mean_ratio']:>11.4f} {r['sent']:>6} {r['dropped']:>8}  {r['reduction']}"

@@ -1622,3 +1622,31 @@ def test_a_script_that_dies_without_close_still_flushes_what_it_summarized(sink)
     assert [m.step for m in sink.routing()] == [0, 1, 2]
     [beat] = [m for m in sink.messages if isinstance(m, Heartbeat)]
     assert beat.messages_sent == 4 and not beat.disabled  # the hello and three summaries
+
+
+def test_router_zloss_false_leaves_it_out(sink):
+    torch.manual_seed(0)
+    router = torch.nn.Linear(8, 4, bias=False)
+
+    class Soft(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 8)
+            self.router = router
+            self.mon = None
+
+        def forward(self, input_ids):
+            h = self.emb(input_ids)
+            logits = self.router(h)
+            self.mon.record(0, logits=logits)
+            return (h * torch.softmax(logits, -1).sum(-1, keepdim=True)).sum()
+
+    model = Soft()
+    model.mon = gw.attach(model, sink.endpoint, "no-zloss", num_layers=1, num_experts=4, top_k=2, every_n_steps=1,
+                          router_zloss=False)
+    model.mon.step(0)
+    model(torch.randint(0, 16, (2, 5))).backward()
+    model.mon.close()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 1)
+    (msg,) = sink.routing()
+    assert msg.zloss_NL is None and msg.mean_probs_NLE.shape == (2, 1, 4)
