@@ -70,8 +70,17 @@ def _receiver(port: int) -> subprocess.Popen:
 
 
 def test_a_real_otlp_receiver_reads_histograms_monotonic_sums_and_gauges(tmp_path, monkeypatch):
+    import threading
+
     port = free_port()
     receiver = _receiver(port)
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(receiver.stdout.readline, "")), daemon=True)
+    reader.start()
+    wanted = ("grokwatch_pathway_distance", "grokwatch_pathway_adjacent_cosine", "grokwatch_pathway_adjacent_cosine_sum",
+              "grokwatch_collector_messages_received_total", "grokwatch_collector_queue_capacity",
+              "grokwatch_collector_processing_seconds_count")
+    arrived: dict = {}
     try:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
         c = start_collector(tmp_path, otel_exporters=otlp_exporters_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "x"}))
@@ -81,15 +90,21 @@ def test_a_real_otlp_receiver_reads_histograms_monotonic_sums_and_gauges(tmp_pat
             assert c.otel.export_once()
         finally:
             c.stop()  # and its final export
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the receiver has printed every metric we read, twice
+            arrived = {}
+            seen: dict = {}
+            for line in list(lines):
+                if line.startswith("{") and line.endswith("\n"):
+                    m = json.loads(line)
+                    arrived[m["name"]] = m  # the last export of each
+                    seen[m["name"]] = seen.get(m["name"], 0) + 1
+            if all(seen.get(name, 0) >= 2 for name in wanted):
+                break
+            time.sleep(0.1)
     finally:
         receiver.terminate()
-        out, _ = receiver.communicate(timeout=10)
-    arrived: dict = {}
-    for line in out.splitlines():
-        if line.startswith("{"):
-            m = json.loads(line)
-            arrived[m["name"]] = m  # the last export of each
+        receiver.wait(10)
     dist = arrived["grokwatch_pathway_distance"]["histogram"]
     assert dist["aggregationTemporality"] == 2  # AGGREGATION_TEMPORALITY_CUMULATIVE
     point = next(p for p in dist["dataPoints"]
