@@ -18,6 +18,7 @@ import numpy as np
 from grokwatch.collector.config import PHASE_DISTANCES
 from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS
 
+MEMORIZED_OR_LATER = ("memorized", "generalizing", "stable")
 METRICS = ("distance", "distance_vs_cross", "distance_normalized", "normalized_vs_cross", "consistency",
            "adjacent_cosine", "loss")
 METRIC_TITLES = {
@@ -191,7 +192,7 @@ def memorized_step(series: Optional[GroupSeries], ev: Optional[EvalSeries], thre
             return float(ev.steps[hit[0]])
     if series is not None:
         for step, phase in series.phases:
-            if phase != "memorizing":
+            if phase in MEMORIZED_OR_LATER:  # not "unknown" (no evidence) nor "memorizing"
                 return float(step)
     return None
 

@@ -57,3 +57,18 @@ def test_phase_changes_are_placed_at_the_step_the_detector_dates_them_to():
     assert memorized_step(gs, None) == 50
     old = [{k: v for k, v in r.items() if not k.endswith("_step")} for r in records]  # journals before the field
     assert load(old)[0][("r", "probe", "add")].phases == [(0, "memorizing"), (100, "memorized"), (300, "generalizing")]
+
+
+def test_a_group_with_no_evidence_is_not_memorized_from_its_first_point():
+    """`unknown` (no loss evidence) and `memorizing` are not memorized: without training accuracy, the
+    analysis starts where the detector dated memorization, or nowhere (it once started at the first point)."""
+    from grokwatch.collector.analysis import memorized_step
+
+    def point(step, phase, **dated):
+        return dict(kind="point", run="r", source="probe", group="sub", step=step, loss=0.1, phase=phase, **dated)
+
+    gs = load([point(0, "unknown"), point(25, "memorizing"), point(50, "memorizing")])[0][("r", "probe", "sub")]
+    assert memorized_step(gs, None) is None
+    gs = load([point(0, "unknown"), point(25, "memorizing"), point(75, "memorized", memorized_step=60)])[0][
+        ("r", "probe", "sub")]
+    assert memorized_step(gs, None) == 60
