@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("grokwatch", "grokwatch/demo", "grokwatch/agent", "grokwatch/wire", "grokwatch/collector")
 # The unit tests that need neither torch nor transformers (the collector side).
-TORCH_FREE_UNIT_TESTS = ("test_wire.py", "test_kernels.py", "test_phases.py", "test_metric_names.py",
-                         "test_analysis.py", "test_cli.py")
+# test_kernels.py (the Numba kernels against the reference, the longest) runs in the main suite only.
+TORCH_FREE_UNIT_TESTS = ("test_wire.py", "test_phases.py", "test_metric_names.py", "test_analysis.py", "test_cli.py")
 
 
 def run(cmd, timeout=900, env_extra=None, **kw) -> subprocess.CompletedProcess:
@@ -96,7 +96,7 @@ def _site_packages_mb(bin_dir: Path) -> float:
     return sum(f.stat().st_size for f in lib.rglob("*") if f.is_file()) / 2**20
 
 
-def test_the_collector_extra_installs_without_torch_or_matplotlib(dist, tmp_path):
+def test_the_collector_extra_installs_without_torch_or_matplotlib_then_report_adds_it(dist, tmp_path):
     bin_dir = venv(tmp_path / "venv")
     run([bin_dir / "python", "-m", "pip", "install", "-q", f"{wheel_of(dist)}[collector]"])
     _commands_work(bin_dir, tmp_path)
@@ -105,6 +105,15 @@ def test_the_collector_extra_installs_without_torch_or_matplotlib(dist, tmp_path
     assert missing.strip() == "[]"
     print(f"collector-only install: {_site_packages_mb(bin_dir):.0f} MiB of site-packages")  # docs/deploy.md
     _fast_start(bin_dir, tmp_path)
+    # The report extra, on top: matplotlib for grokwatch report.
+    run([bin_dir / "python", "-m", "pip", "install", "-q", f"{wheel_of(dist)}[report]"])
+    run([bin_dir / "python", "-c", "import matplotlib, grokwatch.collector.report"])
+    # The training side's extras resolve to torch (and Lightning) without installing them: a dry run (the
+    # import of grokwatch.agent and grokwatch.demo with torch is what the rest of the suite does).
+    for extra, needs in (("agent", "torch"), ("lightning", "lightning")):
+        plan = run([bin_dir / "python", "-m", "pip", "install", "--dry-run", "torch==2.13.0",
+                    f"{wheel_of(dist)}[{extra}]"]).stdout
+        assert "Would install" in plan and needs in plan.split("Would install", 1)[1], plan[-2000:]
 
 
 def _fast_start(bin_dir: Path, tmp_path: Path) -> None:
@@ -141,19 +150,6 @@ def _fast_start(bin_dir: Path, tmp_path: Path) -> None:
         proc.wait(30)
     assert sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file()) == built  # loaded, not compiled
     print(f"fresh collector with the prebuilt kernel cache: /readyz after {ready_s:.2f} s")  # docs/deploy.md
-
-
-def test_the_report_extra_brings_matplotlib_and_the_training_extras_resolve(dist, tmp_path):
-    bin_dir = venv(tmp_path / "venv")
-    run([bin_dir / "python", "-m", "pip", "install", "-q", f"{wheel_of(dist)}[report]"])
-    run([bin_dir / "python", "-c", "import matplotlib, grokwatch.collector.report"])
-    _commands_work(bin_dir, tmp_path)
-    # The training side's extras resolve to torch (and Lightning) without installing them: a dry run (the
-    # import of grokwatch.agent and grokwatch.demo with torch is what the rest of the suite does).
-    for extra, needs in (("agent", "torch"), ("lightning", "lightning")):
-        plan = run([bin_dir / "python", "-m", "pip", "install", "--dry-run", "torch==2.13.0",
-                    f"{wheel_of(dist)}[{extra}]"]).stdout
-        assert "Would install" in plan and needs in plan.split("Would install", 1)[1], plan[-2000:]
 
 
 def _pyenv_python(minor: str) -> str:

@@ -63,14 +63,15 @@ def test_every_variable_the_code_reads_is_known():
     assert unknown_variables({"GROKWATCH_ENDPOINT": "tcp://x:1", "GROKWATCH_RUN": "r", "GROKWATCH_LISTEN": "x",
                               "GROKWATCH_SNAPSHOT_INTERVAL_S": "10", "GROKWATCH_CURVE_SECRET_KEY": "k",
                               "GROKWATCH_LOG_FORMAT": "json"}) == []
+    import importlib.util
     import re
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
     read = set()
-    for folder in ("agent", "collector", "grokwatch"):
-        for path in (root / folder).rglob("*.py"):
-            read |= set(re.findall(r'"(GROKWATCH_[A-Z_]+)"', path.read_text()))
+    for package in ("grokwatch", "grokwatch.agent", "grokwatch.collector"):  # the checkout's or the installed files
+        for folder in importlib.util.find_spec(package).submodule_search_locations:
+            for path in Path(folder).glob("*.py"):
+                read |= set(re.findall(r'"(GROKWATCH_[A-Z_]+)"', path.read_text()))
     assert read and read - {"GROKWATCH_"} <= set(known_variables())
 
 
