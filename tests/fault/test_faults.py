@@ -129,7 +129,8 @@ def test_oversize_messages_are_dropped_and_counted_by_the_agent(tmp_path):
     c = start_collector(tmp_path)
     try:
         model = tiny_model("olmoe")
-        mon = gw.attach(model, c.endpoints[0], "big", every_n_steps=1)
+        # No heartbeat during the test (one is over 200 bytes too, and a slow machine would send some).
+        mon = gw.attach(model, c.endpoints[0], "big", every_n_steps=1, heartbeat_interval_s=3600)
         wait_until(lambda: mon.sender.sent >= 1)  # the hello (it names the layers: over 200 bytes too)
         mon.sender.max_message_bytes = 200  # any routing message is bigger
         train_steps(model, mon, 3)
