@@ -138,7 +138,7 @@ def _fast_start(bin_dir: Path, tmp_path: Path) -> None:
     try:
         while True:
             assert proc.poll() is None, "the collector exited"
-            assert time.monotonic() - started < 120
+            assert time.monotonic() - started < 300  # a busy machine; the figure: bench/fast_start.py
             try:
                 if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
                     break
