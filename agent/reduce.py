@@ -181,15 +181,17 @@ def _on_simplex(x: torch.Tensor, dim: int) -> torch.Tensor:
     return on_simplex.reshape((lead,) + (1,) * (x.dim() - 1)) if x.dim() == 4 else on_simplex[0]
 
 
-def router_zloss(x: torch.Tensor, distribution: str, detect_probs: bool, dim: int) -> torch.Tensor:
+def router_zloss(x: torch.Tensor, log_p: torch.Tensor, distribution: str, detect_probs: bool,
+                 dim: int) -> torch.Tensor:
     """Per token, logsumexp(logits)² (the router z-loss of ST-MoE, before its mean over tokens), keepdim
-    over ``dim``; -1 where it is undefined: scores that are not softmax logits (sigmoid, probabilities,
-    or a transformers router that returns probabilities in the logits slot). The sender leaves a
-    negative mean out of the message."""
-    x = x.float()
+    over ``dim``, from what the distribution already computed: log p_e = x_e − logsumexp(x), exact at
+    the top expert (never floored), so logsumexp(x) = max x − max log p — two max reductions, no second
+    exp pass. -1 where it is undefined: scores that are not softmax logits (sigmoid, probabilities, a
+    transformers router that returns probabilities in the logits slot) or ``distribution`` "off"
+    (attach(router_zloss=False)). The sender leaves a negative mean out of the message."""
     if distribution != "softmax":
-        return torch.full_like(x.narrow(dim, 0, 1), -1.0)
-    z = torch.logsumexp(x, dim=dim, keepdim=True).square()
+        return torch.full_like(log_p.narrow(dim, 0, 1), -1.0)
+    z = (x.amax(dim=dim, keepdim=True).float() - log_p.amax(dim=dim, keepdim=True)).square()
     if detect_probs:
         z = torch.where(_on_simplex(x, dim), torch.full_like(z, -1.0), z)
     return z
@@ -406,7 +408,7 @@ def summarize(x: torch.Tensor, idx_GMSK: Optional[torch.Tensor], avg: torch.Tens
     tokens_last = dim == -2
     p, log_p = routing_distribution(x, distribution, detect_probs, dim=dim)
     # [p | p log p | z] (F = E + 2), averaged over each slot's tokens in one product and sum.
-    z = router_zloss(x, distribution if zloss else "off", detect_probs, dim)  # "off": -1, left out of the message
+    z = router_zloss(x, log_p, distribution if zloss else "off", detect_probs, dim)  # "off": -1, left out
     feats = torch.cat([p, (p * log_p).sum(dim=dim, keepdim=True), z], dim=dim)
     # Per slot: X = N slots when packed rows split into documents, else M rows (one slot each).
     if packed:  # one matmul over the tokens of each slot
