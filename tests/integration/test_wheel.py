@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("grokwatch", "grokwatch/demo", "grokwatch/agent", "grokwatch/wire", "grokwatch/collector")
 # The unit tests that need neither torch nor transformers (the collector side).
-# test_kernels.py (the Numba kernels against the reference, the longest) runs in the main suite only.
-TORCH_FREE_UNIT_TESTS = ("test_wire.py", "test_phases.py", "test_metric_names.py", "test_analysis.py", "test_cli.py")
+# The Numba kernels (test_kernels.py, test_metric_names.py compile them) run in the main suite only.
+TORCH_FREE_UNIT_TESTS = ("test_wire.py", "test_phases.py", "test_analysis.py", "test_cli.py")  # no Numba compile
 
 
 def run(cmd, timeout=900, env_extra=None, **kw) -> subprocess.CompletedProcess:
