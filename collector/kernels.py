@@ -410,7 +410,7 @@ def seed_cache(environ=None) -> int:
     prebuilt, target = environ.get("GROKWATCH_KERNEL_CACHE"), environ.get("NUMBA_CACHE_DIR")
     if not prebuilt or not target or not os.path.isdir(prebuilt):
         return 0
-    if os.path.isdir(target) and any(os.scandir(target)):
+    if any(files for _, _, files in os.walk(target)):  # a cache in use (importing the kernels makes empty dirs)
         return 0
     shutil.copytree(prebuilt, target, dirs_exist_ok=True)
     return sum(len(files) for _, _, files in os.walk(target))

@@ -119,8 +119,8 @@ def test_the_collector_extra_installs_without_torch_or_matplotlib_then_report_ad
 def _fast_start(bin_dir: Path, tmp_path: Path) -> None:
     """The image's build step (deploy/Dockerfile: the kernels compiled into a prebuilt cache), then a fresh
     'pod': an empty Numba cache directory, the prebuilt one named by GROKWATCH_KERNEL_CACHE. The collector
-    must load the kernels, not compile them (its cache directory ends up holding exactly the prebuilt
-    files), and serve /readyz; the time to ready is printed for docs/deploy.md."""
+    must load the kernels, not compile them (its cache directory ends up holding the prebuilt files,
+    unmodified), and serve /readyz; the time to ready is printed for docs/deploy.md."""
     import urllib.request
 
     prebuilt, fresh = tmp_path / "prebuilt", tmp_path / "pod-cache"
@@ -148,7 +148,10 @@ def _fast_start(bin_dir: Path, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-    assert sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file()) == built  # loaded, not compiled
+    # Loaded, not compiled: the same files, none rewritten (a compile would save each again, newer).
+    assert sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file()) == built
+    for rel in built:
+        assert (fresh / rel).stat().st_mtime_ns == (prebuilt / rel).stat().st_mtime_ns, rel
     print(f"fresh collector with the prebuilt kernel cache: /readyz after {ready_s:.2f} s")  # docs/deploy.md
 
 

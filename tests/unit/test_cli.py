@@ -90,6 +90,7 @@ def test_the_prebuilt_kernel_cache_is_copied_only_into_an_empty_cache(tmp_path):
     (prebuilt / "sub").mkdir(parents=True)
     (prebuilt / "sub" / "k.nbi").write_text("index")
     target = tmp_path / "cache"
+    (target / "sub").mkdir(parents=True)  # importing the kernels makes Numba's (empty) cache directories
     env = {"GROKWATCH_KERNEL_CACHE": str(prebuilt), "NUMBA_CACHE_DIR": str(target)}
     assert seed_cache(env) == 1 and (target / "sub" / "k.nbi").read_text() == "index"
     (target / "sub" / "k.nbi").write_text("newer")
