@@ -1199,31 +1199,38 @@ def test_manual_record_for_a_hand_written_moe(compiled, sink):
     np.testing.assert_allclose(msg.zloss_NL, zloss.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_no_router_zloss_is_sent_for_scores_that_are_not_softmax_logits(sink):
-    """Sigmoid scores (DeepSeek-V3's router) have no logsumexp: the message carries no z-loss, not a wrong one."""
+class OneRouter(torch.nn.Module):
+    """One manual-mode router whose scores mix the hidden state by ``activation`` (softmax or sigmoid)."""
+
+    def __init__(self, activation):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.router = torch.nn.Linear(8, 4, bias=False)
+        self.activation = activation
+        self.mon = None
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        logits = self.router(h)
+        self.mon.record(0, logits=logits)
+        return (h * self.activation(logits).sum(-1, keepdim=True)).sum()
+
+
+def _one_routing_message(sink, activation, run, **options):
     torch.manual_seed(0)
-
-    class Sig(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(16, 8)
-            self.router = torch.nn.Linear(8, 4, bias=False)
-            self.mon = None
-
-        def forward(self, input_ids):
-            h = self.emb(input_ids)
-            logits = self.router(h)
-            self.mon.record(0, logits=logits)
-            return (h * torch.sigmoid(logits).sum(-1, keepdim=True)).sum()
-
-    model = Sig()
-    model.mon = gw.attach(model, sink.endpoint, "sigmoid", num_layers=1, num_experts=4, top_k=2, every_n_steps=1,
-                          distribution="sigmoid")
+    model = OneRouter(activation)
+    model.mon = gw.attach(model, sink.endpoint, run, num_layers=1, num_experts=4, top_k=2, every_n_steps=1, **options)
     model.mon.step(0)
     model(torch.randint(0, 16, (2, 5))).backward()
     model.mon.close()
     sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 1)
     (msg,) = sink.routing()
+    return msg
+
+
+def test_no_router_zloss_is_sent_for_scores_that_are_not_softmax_logits(sink):
+    """Sigmoid scores (DeepSeek-V3's router) have no logsumexp: the message carries no z-loss, not a wrong one."""
+    msg = _one_routing_message(sink, torch.sigmoid, "sigmoid", distribution="sigmoid")
     assert msg.zloss_NL is None and msg.mean_probs_NLE.shape == (2, 1, 4)
 
 
@@ -1625,28 +1632,5 @@ def test_a_script_that_dies_without_close_still_flushes_what_it_summarized(sink)
 
 
 def test_router_zloss_false_leaves_it_out(sink):
-    torch.manual_seed(0)
-    router = torch.nn.Linear(8, 4, bias=False)
-
-    class Soft(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(16, 8)
-            self.router = router
-            self.mon = None
-
-        def forward(self, input_ids):
-            h = self.emb(input_ids)
-            logits = self.router(h)
-            self.mon.record(0, logits=logits)
-            return (h * torch.softmax(logits, -1).sum(-1, keepdim=True)).sum()
-
-    model = Soft()
-    model.mon = gw.attach(model, sink.endpoint, "no-zloss", num_layers=1, num_experts=4, top_k=2, every_n_steps=1,
-                          router_zloss=False)
-    model.mon.step(0)
-    model(torch.randint(0, 16, (2, 5))).backward()
-    model.mon.close()
-    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 1)
-    (msg,) = sink.routing()
+    msg = _one_routing_message(sink, lambda x: torch.softmax(x, -1), "no-zloss", router_zloss=False)
     assert msg.zloss_NL is None and msg.mean_probs_NLE.shape == (2, 1, 4)

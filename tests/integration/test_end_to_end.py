@@ -185,37 +185,26 @@ def test_benchmark_model_routing_every_position_ships_four_tokens_per_sample():
 def test_benchmark_k_equation_samples_ship_4k_tokens_and_the_sample_loss():
     """Round 2's samples (issue 17): k equations a sample, every position routed, so a sample's summary is
     a mean over 4k tokens, and the train source's loss evidence is the sample's mean answer NLL."""
-    import zmq
-
     from grokwatch.demo.train import BenchConfig, train
-    from grokwatch.wire import Loss, Routing, decode
+    from grokwatch.wire import Loss
+    from sink import Sink
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind("tcp://127.0.0.1:0")
-    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    sink = Sink()
     try:
         cfg = BenchConfig(groups=("add", "rand"), p=11, steps=2, eval_every=100, every_n_steps=1, samples_per_step=4,
                           probe_every_n_steps=0, probe_size_per_group=0, hidden=32, expert_hidden=8,
                           shared_expert_hidden=0, threads=1, route_all_positions=1, equations_per_sample=3,
                           num_experts=8, top_k=2, sparse_experts=1, router_scale=4.0)
-        train(cfg, endpoint=endpoint, run="k-equations")
-        routing, losses = [], []
-        while sock.poll(2000):
-            msg = decode(sock.recv())
-            if isinstance(msg, Routing):
-                routing.append(msg)
-            elif isinstance(msg, Loss):
-                losses.append(msg)
+        train(cfg, endpoint=sink.endpoint, run="k-equations")
+        sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Loss)]) >= 2)
+        routing, losses = sink.routing(), [m for m in sink.messages if isinstance(m, Loss)]
         assert [m.step for m in routing] == [0, 1]
         for m in routing:
             assert m.token_counts_N.tolist() == [4 * 3] * 4
             assert all(sid.split(":")[1].startswith("s") for sid in m.sample_ids)
         assert losses and set(losses[0].losses) <= {"add", "rand"}
     finally:
-        sock.close(0)
-        ctx.term()
+        sink.close()
 
 
 def test_demo_rejects_an_unknown_setting_with_one_line():
