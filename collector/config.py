@@ -72,6 +72,9 @@ class CollectorConfig:
     # ... and in bytes, whichever is reached first (a flood of 8 MiB messages must not take gigabytes).
     queue_max_bytes: int = 256 * 1024 * 1024
     max_message_bytes: int = 8 * 1024 * 1024
+    # Threads that run the routing kernels (collector/pipeline.py): a stream's messages on one of them, in
+    # order; streams of different runs and sources in parallel. 0: on the processing thread.
+    kernel_workers: int = 2
     max_message_age_s: float = 3600.0  # older messages (queued before a restart) are rejected as stale
     pathway_tau: float = DEFAULT_TAU
     distance_unit: str = "expert"  # or "string": the paper's text form
@@ -80,6 +83,14 @@ class CollectorConfig:
     max_groups: int = DEFAULT_MAX_GROUPS
     load_rank_k: int = 3  # the top and bottom K experts by load share exported per layer (labels rank 1..K)
     max_runs: int = 16
+    # The pathway state's arrays (every stream's window rings and histograms) may take at most this much;
+    # a message that needs more (a new run, source or group) is rejected as memory_budget. The process
+    # needs about twice this (a snapshot is a copy) plus queue_max_bytes and ~250 MB of Python and Numba:
+    # checked at start-up against the container's memory limit (docs/collector.md, "Memory bound").
+    max_memory_mb: int = 512
+    # A model's layers x experts beyond this are rejected as shape_too_large: the kernels' cost per sample
+    # grows with its square (16,384 admits DeepSeek-V3's 58 x 256; one 8 MiB message then takes ~3 s).
+    max_layer_experts: int = 16384
     # A run that sent nothing for this long is forgotten (its series end), so that finished jobs free their
     # slot in max_runs; 0: never.
     run_idle_expiry_s: float = 24 * 3600.0
@@ -149,7 +160,7 @@ class CollectorConfig:
         if self.phase_distance not in PHASE_DISTANCE_CHOICES:
             raise ConfigError(f"phase_distance: {self.phase_distance!r} must be one of "
                               f"{', '.join(PHASE_DISTANCE_CHOICES)}")
-        for key in ("load_rank_k", "comparisons_per_sample", "window_samples", "max_groups", "max_runs", "queue_capacity", "queue_max_bytes",
+        for key in ("load_rank_k", "comparisons_per_sample", "window_samples", "max_groups", "max_runs", "max_memory_mb", "max_layer_experts", "queue_capacity", "queue_max_bytes",
                     "max_message_bytes", "memorization_consecutive", "memorization_bucket_steps",
                     "max_probe_samples", "journal_max_bytes", "wal_max_bytes", "phase_window", "phase_patience"):
             if int(getattr(self, key)) < 1:
@@ -158,6 +169,8 @@ class CollectorConfig:
             raise ConfigError("window_samples: must be at least 2")
         if not self.run_idle_expiry_s >= 0:
             raise ConfigError(f"run_idle_expiry_s: 0 (never) or more, got {self.run_idle_expiry_s}")
+        if not 0 <= int(self.kernel_workers) <= 64:
+            raise ConfigError(f"kernel_workers: 0 (on the processing thread) to 64, got {self.kernel_workers}")
         if int(self.max_sequence_jump) < 1:
             raise ConfigError(f"max_sequence_jump: must be at least 1, got {self.max_sequence_jump}")
         for key in ("snapshot_interval_s", "max_message_age_s", "memorization_delta", "tensorboard_interval_s"):

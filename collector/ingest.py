@@ -9,11 +9,12 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from grokwatch.collector.pipeline import KernelWorkers
 from grokwatch.collector.state import State
 from grokwatch.wire import Limits, peek_sequence
 
@@ -26,8 +27,10 @@ class Ingest:
     def __init__(self, state: State, endpoints: Sequence[str], *, queue_capacity: int, max_message_bytes: int,
                  queue_max_bytes: int = 256 * 1024 * 1024, context: zmq.Context | None = None,
                  curve_secret_key: Optional[str] = None, curve_allowed_clients: Optional[str] = None,
-                 wal=None):
+                 wal=None, kernel_workers: int = 0):
         self.state = state
+        # collector/pipeline.py: routing kernels on worker threads; 0: on the processing thread
+        self.workers = KernelWorkers(state, kernel_workers) if kernel_workers > 0 else None
         self.wal = wal  # collector/wal.py: every message appended before it is queued or dropped
         self.limits = Limits(max_message_bytes=max_message_bytes)
         self.queue: "queue.Queue[tuple[int, bytes]]" = queue.Queue(maxsize=queue_capacity)  # (wal index, bytes)
@@ -70,13 +73,15 @@ class Ingest:
             self.endpoints.append(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._receiving = True  # cleared first at stop; the processing thread stops after the drain
         self._stop = threading.Event()
+        self._abandon = threading.Event()  # stop now, even with messages queued
         self._threads: list[threading.Thread] = []
-        self.on_processed: Callable[[], None] = lambda: None
 
     def queue_stats(self) -> tuple[int, int, int, int]:
         return self.queue.qsize(), self.capacity, self.queued_bytes, self.capacity_bytes
 
     def start(self) -> None:
+        if self.workers is not None:
+            self.workers.start()
         for target, name in ((self._receive_loop, "grokwatch-receive"), (self._process_loop, "grokwatch-process")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -96,6 +101,14 @@ class Ingest:
         self._stop.set()
         for t in self._threads[1:]:
             t.join(max(0.0, deadline - time.monotonic()))
+        # Past the deadline what is still queued stays in the write-ahead log (replayed at the next start);
+        # the message being admitted now is finished, with what the kernel workers hold, so that the final
+        # snapshot holds every admitted message whole.
+        self._abandon.set()
+        for t in self._threads[1:]:
+            t.join()
+        if self.workers is not None:
+            self.workers.stop()
         try:
             self.sock.disable_monitor()
         except zmq.ZMQError:
@@ -169,16 +182,27 @@ class Ingest:
                 log.warning("receive error: %s", exc)
 
     def _process_loop(self) -> None:
-        while not (self._stop.is_set() and self.queue.empty()):
+        while not (self._stop.is_set() and self.queue.empty()) and not self._abandon.is_set():
             try:
                 index, data = self.queue.get(timeout=POLL_MS / 1000)
             except queue.Empty:
                 continue
-            with self._bytes_lock:
-                self.queued_bytes -= len(data)
             self.process(data, index)
 
+    def _release(self, size: int) -> None:
+        with self._bytes_lock:
+            self.queued_bytes -= size
+
     def process(self, data: bytes, wal_index: int = -1) -> None:
-        """Decode and apply one message (State.apply: every failure counted, none escapes)."""
-        self.state.apply(data, self.limits, wal_index)
-        self.on_processed()
+        """Decode and apply one message (State.apply: every failure counted, none escapes). Its bytes stay
+        counted in ``queued_bytes`` until it is done, kernels included."""
+        size = len(data)
+        dispatch = None
+        if self.workers is not None:
+            workers = self.workers
+
+            def dispatch(job):
+                workers.dispatch(job, lambda: self._release(size))
+
+        if not self.state.apply(data, self.limits, wal_index, dispatch):
+            self._release(size)

@@ -50,6 +50,9 @@ MIN_LOSS_POINTS = 3  # loss points before a loss level counts as evidence
 # Lag-1 correlation assumed before there is history to estimate it: the ground-truth journals' distances
 # show 0 to 0.6 (docs/collector.md, "Phases").
 PRIOR_RHO = 0.6
+# The ranks of one job send a step's summaries a little out of order (each from its own sender thread): a
+# step among the last LATE_STEPS seen is merged into, not taken for a rewind that starts the series over.
+LATE_STEPS = 8
 HISTORY_WINDOWS = 8  # the watched distance's history kept to estimate its autocorrelation, in windows
 _NORMAL = NormalDist()
 
@@ -231,13 +234,16 @@ class PhaseTracker:
         """Loss evidence of the group at a step (points of one step are averaged)."""
         if loss is None or not math.isfinite(loss):
             return
-        if self.losses and step < self.losses[-1][0]:
-            self.losses.clear()  # steps went back (a new run phase): start over
-        if self.losses and self.losses[-1][0] == step:
-            last = self.losses[-1]
-            last[2] += 1
-            last[1] += (loss - last[1]) / last[2]
+        late = self._late(self.losses, step, lambda entry: entry[0])
+        if late is not None:  # this step's loss from another rank: merged into its entry
+            late[2] += 1
+            late[1] += (loss - late[1]) / late[2]
+        elif self.losses and step < self.losses[-1][0] and step >= self.losses[
+                max(0, len(self.losses) - LATE_STEPS)][0]:
+            return  # late, and between two kept steps that other ranks reported: no entry of its own
         else:
+            if self.losses and step < self.losses[-1][0]:
+                self.losses.clear()  # steps went back further (a new run phase): start over
             self.losses.append([step, float(loss), 1])
             if self.loss_reference is None:
                 self._first_losses.append(float(loss))
@@ -251,15 +257,30 @@ class PhaseTracker:
         """Points of the same step are merged (a probe pass may span several messages)."""
         self.add_loss(step, loss)
         p = self._pending
-        if p is not None and p["step"] == step:
+        if p is None or p["step"] != step:
+            # The ranks of a job send the same step a little out of order: a step already closed takes
+            # the late points into its own (a rewind, to a step older than the last LATE_STEPS, starts over).
+            p = self._late(self.points, step, lambda point: point["step"])
+        if p is not None:
             p["n"] += 1
             for key, value in (("distance", distance), ("consistency", consistency), ("baseline", baseline)):
                 if value is not None:
                     p[key] = value if p[key] is None else p[key] + (value - p[key]) / p["n"]
             return
-        if p is not None:
-            self._close(p)
+        if self._pending is not None:
+            if step < self._pending["step"] and self.points and step >= self.points[
+                    max(0, len(self.points) - LATE_STEPS)]["step"]:
+                return  # late, and between two closed steps: no point of its own
+            self._close(self._pending)
         self._pending = dict(step=step, distance=distance, consistency=consistency, baseline=baseline, n=1)
+
+    @staticmethod
+    def _late(entries: deque, step: int, step_of) -> Optional[object]:
+        """The entry of ``step`` among the last LATE_STEPS of ``entries``, if there is one."""
+        for i in range(len(entries) - 1, max(-1, len(entries) - 1 - LATE_STEPS), -1):
+            if step_of(entries[i]) == step:
+                return entries[i]
+        return None
 
     # ------------------------------------------------------------------ evaluation
 

@@ -29,9 +29,48 @@ from grokwatch.wire import Limits
 
 log = logging.getLogger("grokwatch.collector")
 
+# The process beside its pathway state: Python, Numba's compiled kernels, the HTTP server, the journal's
+# buffers (a fresh collector is ~155 MiB; docs/collector.md, "Memory bound").
+BASE_MEMORY_MB = 256
+CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def worst_case_memory_mb(config: CollectorConfig) -> int:
+    """The most memory the configured collector can need: its pathway state (``max_memory_mb``) twice (a
+    snapshot is a copy of it), the ingest queue (``queue_max_bytes``: messages queued and in the kernels),
+    and the rest of the process."""
+    return BASE_MEMORY_MB + 2 * config.max_memory_mb + -(-config.queue_max_bytes // 2**20)
+
+
+def memory_limit_mb(paths: tuple = CGROUP_LIMIT_FILES) -> Optional[int]:
+    """The container's memory limit (cgroup v2, then v1), or None where there is none."""
+    for path in paths:
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+        except OSError:
+            continue
+        if text == "max" or not text.isdigit() or int(text) >= 1 << 60:  # v1 says "no limit" with ~2^63
+            return None
+        return int(text) // 2**20
+    return None
+
+
+def check_memory(config: CollectorConfig, limit_mb: Optional[int]) -> None:
+    """Refuse to start where the worst case cannot fit the container's limit (an OOM kill later, under load,
+    would lose what was in flight): one line naming the knobs."""
+    need = worst_case_memory_mb(config)
+    if limit_mb is not None and need > limit_mb:
+        raise ConfigError(f"the worst case of this configuration needs {need} MiB (2 x max_memory_mb "
+                          f"{config.max_memory_mb} + queue_max_bytes {config.queue_max_bytes // 2**20} MiB + "
+                          f"{BASE_MEMORY_MB} MiB), over the container's memory limit of {limit_mb} MiB: "
+                          "lower max_memory_mb or queue_max_bytes, or raise the limit")
+
 
 class Collector:
-    def __init__(self, config: CollectorConfig, *, otel_exporters: Optional[list] = None, environ=None):
+    def __init__(self, config: CollectorConfig, *, otel_exporters: Optional[list] = None, environ=None,
+                 memory_limit: Optional[int] = None):
+        check_memory(config, memory_limit if memory_limit is not None else memory_limit_mb())
         self.config = config
         self.environ = os.environ if environ is None else environ
         if config.state_dir:
@@ -90,7 +129,7 @@ class Collector:
         after the last snapshot, and those still queued at the kill. Their journal lines written before
         the kill are not written again. Returns the next record index."""
         applied_m, applied_d = self.state.wal_applied
-        self.state.journal_replayed_upto = wal.journal_high_water(self.journal.path) if self.journal else -1
+        self.state.journal_replayed = wal.journaled_records(self.journal.path) if self.journal else wal.JournaledRecords()
         clock, replayed, last = self.state.clock, 0, max(applied_m, applied_d)
         limits = Limits(max_message_bytes=self.config.max_message_bytes)
         try:
@@ -106,7 +145,7 @@ class Collector:
                     replayed += 1
         finally:
             self.state.clock = clock
-            self.state.journal_replayed_upto = -1
+            self.state.journal_replayed = wal.JournaledRecords()
         if replayed:
             log.warning("resumed after an unclean stop: %d write-ahead records replayed on the snapshot", replayed)
         return last + 1
@@ -141,7 +180,8 @@ class Collector:
                              max_message_bytes=self.config.max_message_bytes,
                              queue_max_bytes=self.config.queue_max_bytes,
                              curve_secret_key=self.config.curve_secret_key,
-                             curve_allowed_clients=self.config.curve_allowed_clients, wal=self.wal)
+                             curve_allowed_clients=self.config.curve_allowed_clients, wal=self.wal,
+                             kernel_workers=self.config.kernel_workers)
         registry = make_registry(self.state, self.ingest.queue_stats)
         self._server, _, self.metrics_port = serve(registry, self.config.metrics_addr, self.config.metrics_port,
                                                    self.config.tls_certfile, self.config.tls_keyfile,
@@ -245,7 +285,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     try:
         collector = Collector(config)
-    except OSError as exc:  # an unwritable state directory
+    except (OSError, ConfigError) as exc:  # an unwritable state directory; more memory than the limit
         print(f"grokwatch collector: cannot start: {exc}", flush=True)
         return 2
     try:

@@ -2,6 +2,9 @@
 eval scores, and one ``Stream`` (stream.py) per (run, source).
 
 Runs on the processing thread; exporters and snapshots read under ``State.lock``.
+A routing message is applied in three steps (collector/pipeline.py runs the middle one on a kernel
+worker): ``admit`` (under the lock: sequence, checks, groups) -> ``Stream.process``, the Numba kernels
+(under the stream's own lock only) -> ``finish`` (under the lock: phases, journal, counters).
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ import logging
 import re
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from grokwatch.collector import kernels
+from grokwatch.collector import kernels, wal
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.persist import snapshot_bytes
 from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseTracker
@@ -50,8 +54,21 @@ class Rejected(Exception):
         self.reason = reason
 
 
+@dataclass
+class KernelJob:
+    """A routing message admitted and waiting for its stream's kernels (``State.run``)."""
+
+    msg: Routing
+    stream: Stream
+    labels: list
+    targets_N2: np.ndarray
+    wal_index: int
+    started: float  # perf_counter at admission: processing time runs to the end of ``finish``
+    stats: Optional[tuple] = None  # Stream.process's result
+
+
 class State:
-    """Everything the collector knows. ``handle`` is called on the processing
+    """Everything the collector knows. ``apply``/``handle`` are called on the processing
     thread; exporters and snapshots read under ``lock``."""
 
     def __init__(self, config: CollectorConfig, journal: Optional[Callable[[dict], None]] = None,
@@ -84,10 +101,17 @@ class State:
         # record applied here; -1: none. A snapshot carries them, the replay at start-up resumes after them.
         self.wal_applied = [-1, -1]
         self._wal_index = -1  # the record being applied now (journal lines carry it as "w")
-        self.journal_replayed_upto = -1  # during a replay: records up to this index are journaled already
+        self.journal_replayed = wal.JournaledRecords()  # during a replay: the records journaled already
         self.world_sizes: dict[str, int] = {}  # run -> the largest world size its hellos declared
         self.run_seen: dict[str, float] = {}  # run -> clock of its latest message (run_idle_expiry_s)
         self._next_sweep = 0.0
+        # Routing messages admitted whose kernels have not finished (collector/pipeline.py). A snapshot
+        # waits for none (``quiesce``), and admits nothing new meanwhile, so it holds each message whole.
+        self.in_flight = 0
+        self.stale_stream_reads = 0  # view.py: streams rendered from their previous reading
+        self._over_budget: set[str] = set()  # runs told once that max_memory_mb is reached
+        self._quiescing = 0
+        self._settled = threading.Condition(self.lock)
 
     # ------------------------------------------------------------- counters
 
@@ -126,16 +150,21 @@ class State:
             if wal_index >= 0:
                 self.wal_applied[1] = wal_index
 
-    def apply(self, data: bytes, limits, wal_index: int = -1) -> None:
+    def apply(self, data: bytes, limits, wal_index: int = -1,
+              dispatch: Optional[Callable[[KernelJob], None]] = None) -> bool:
         """Decode and apply one received message; every failure is counted, none escapes. Received and
-        applied in one step under the lock (a snapshot never holds one without the other)."""
+        admitted in one step under the lock (a snapshot never holds one without the other). A routing
+        message's kernels then run through ``dispatch`` (a kernel worker, collector/pipeline.py), or here.
+        Returns whether the message went to ``dispatch``."""
+        job = None
         with self.lock:
+            self._settled.wait_for(lambda: not self._quiescing)
             self.received_total += 1
             self._wal_index = wal_index
             if wal_index >= 0:
                 self.wal_applied[0] = wal_index
             try:
-                self.handle(decode(data, limits))
+                job = self.admit(decode(data, limits))
             except WireError as exc:
                 self.count_rejected(exc.reason, peek_sequence(data, limits))
             except Rejected as exc:
@@ -145,10 +174,38 @@ class State:
                 self.count_rejected("internal")
             finally:
                 self._wal_index = -1
+        if job is None:
+            return False
+        job.wal_index = wal_index
+        if dispatch is None:
+            self.run(job)
+            return False
+        dispatch(job)
+        return True
+
+    def run(self, job: KernelJob) -> None:
+        """The kernels of an admitted routing message, then ``finish``; on any thread. Never raises: a
+        failure is counted as ``internal`` and the job is settled all the same."""
+        try:
+            with job.stream.lock:  # the kernels hold only their stream (lock order: State.lock, then a stream's)
+                job.stats = job.stream.process(job.msg, job.targets_N2, self.config.pathway_tau,
+                                               self.config.comparisons_per_sample, MIN_MAX_COSINE)
+        except Exception:
+            log.exception("internal error in the kernels of a routing message")
+        self.finish(job)
+
+    def _settle(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._settled.notify_all()
+
+    def quiesce(self):
+        """``with state.quiesce():`` the lock held, no routing message half applied, none admitted."""
+        return _Quiesced(self)
 
     def _journal(self, record: dict) -> None:
         if self._wal_index >= 0:
-            if self._wal_index <= self.journal_replayed_upto:
+            if self._wal_index in self.journal_replayed:
                 return  # replayed after a kill: this record was journaled before it
             record["w"] = self._wal_index
         self.journal(record)
@@ -156,9 +213,17 @@ class State:
     # ------------------------------------------------------------- messages
 
     def handle(self, msg) -> None:
-        """Apply one decoded message. Raises ``Rejected`` for a message that is
-        valid on its own but not here (shape mismatch, stale, duplicate)."""
+        """Apply one decoded message, kernels included, on this thread. Raises ``Rejected`` for a message
+        that is valid on its own but not here (shape mismatch, stale, duplicate)."""
+        job = self.admit(msg)
+        if job is not None:
+            self.run(job)
+
+    def admit(self, msg) -> Optional[KernelJob]:
+        """Everything of one decoded message up to the kernels, under the lock: a routing message comes back
+        as the job to ``run``, counted in ``in_flight``; any other is applied whole. Raises ``Rejected``."""
         started = time.perf_counter()
+        job = None
         with self.lock:
             now = self.clock()
             if now >= self._next_sweep:  # before admitting anything: an expired run frees its slot
@@ -170,7 +235,7 @@ class State:
             if isinstance(msg, Hello):
                 self._hello(msg)
             elif isinstance(msg, Routing):
-                self._routing(msg)
+                job = self._routing(msg, started)
             elif isinstance(msg, Eval):
                 self._eval(msg)
             elif isinstance(msg, Heartbeat):
@@ -179,8 +244,12 @@ class State:
                 self._loss(msg)
             self.run_seen[msg.run] = now
             self.last_message_lag_s = max(0.0, now - msg.wall_time)
-            self.processing_seconds_sum += time.perf_counter() - started
-            self.processing_seconds_count += 1
+            if job is None:
+                self.processing_seconds_sum += time.perf_counter() - started
+                self.processing_seconds_count += 1
+            else:
+                self.in_flight += 1
+        return job
 
     def _sequence(self, msg) -> None:
         info = self.senders.get(msg.sender)
@@ -250,6 +319,8 @@ class State:
                 del self.senders[sender]
 
     def _check_shape(self, run: str, shape: tuple[int, int, int]) -> None:
+        if shape[0] * shape[1] > self.config.max_layer_experts:
+            raise Rejected("shape_too_large")
         self._admit_run(run)
         known = self.shapes.setdefault(run, shape)
         if known != shape:
@@ -355,8 +426,29 @@ class State:
         if label == CROSS_GROUP or (label != OTHER_GROUP and len(stream.labels) >= self.config.max_groups):
             label = OTHER_GROUP
         if label not in stream.index:
-            stream.add_group(label)
+            self._check_memory(stream, stream.slots_for(len(stream.labels)))
+            with stream.lock:  # a new group may reallocate the arrays: not while its kernels write them
+                stream.add_group(label)
         return label
+
+    def memory_bytes(self) -> int:
+        """The bytes of every stream's group arrays: what ``max_memory_mb`` bounds."""
+        return sum(stream.nbytes for stream in self.streams.values())
+
+    def _check_memory(self, stream: Stream, slots: int) -> None:
+        grow = stream.bytes_for(slots) - stream.nbytes
+        if grow <= 0:
+            return
+        budget = self.config.max_memory_mb * 1024 * 1024
+        used = self.memory_bytes()
+        if used + grow > budget:
+            if stream.run not in self._over_budget:
+                self._over_budget.add(stream.run)
+                log.warning("run %r, source %r: a new group needs %.1f MiB more, over max_memory_mb (%d MiB, "
+                            "%.1f used): its messages are rejected as memory_budget until room is made (fewer "
+                            "runs, a larger max_memory_mb, a smaller window_samples or max_groups)", stream.run,
+                            stream.source, grow / 2**20, self.config.max_memory_mb, used / 2**20)
+            raise Rejected("memory_budget")
 
     def _stream(self, msg: Routing) -> Stream:
         L, E = msg.mean_probs_NLE.shape[1:]
@@ -368,7 +460,7 @@ class State:
                                                 np.random.default_rng(self.rng.integers(2**63)))
         return stream
 
-    def _routing(self, msg: Routing) -> None:
+    def _routing(self, msg: Routing, started: float) -> KernelJob:
         if self.senders[msg.sender].get("other_layers"):
             raise Rejected("shape_mismatch")
         self._check_rank(msg)
@@ -387,8 +479,29 @@ class State:
                 bucket = self.group_label(stream, stream.memorization.bucket_label(memorized[i]))
                 if bucket != label:
                     targets[i, 1] = stream.index[bucket]
-        stats_GK, ent_GL, load_GLE = stream.process(msg, targets, self.config.pathway_tau,
-                                                    self.config.comparisons_per_sample, MIN_MAX_COSINE)
+        return KernelJob(msg, stream, labels, targets, self._wal_index, started)
+
+    def finish(self, job: KernelJob) -> None:
+        """After the kernels: the message's points into the phase trackers and the journal, under the lock."""
+        with self.lock:
+            self._wal_index = job.wal_index
+            try:
+                if job.stats is None:
+                    self.count_rejected("internal")
+                else:
+                    self._points(job)
+            except Exception:
+                log.exception("internal error while finishing a routing message")
+                self.count_rejected("internal")
+            finally:
+                self._wal_index = -1
+                self.processing_seconds_sum += time.perf_counter() - job.started
+                self.processing_seconds_count += 1
+                self._settle()
+
+    def _points(self, job: KernelJob) -> None:
+        msg, stream, targets = job.msg, job.stream, job.targets_N2
+        stats_GK, ent_GL, load_GLE = job.stats
         self.samples_total += msg.num_samples
         for g in np.unique(targets[targets >= 0]):
             label = stream.labels[g]
@@ -431,7 +544,7 @@ class State:
     SNAPSHOT_FIELDS = ("streams", "shapes", "layer_ids", "senders", "agent_counters", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
                        "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "_accounted", "handshake_failures", "wal_applied",
-                       "world_sizes", "run_seen")
+                       "world_sizes", "run_seen", "stale_stream_reads")
 
     def snapshot(self) -> dict:
         """The fields, by reference: pickle them under ``lock`` (``snapshot_blob``) or they may tear."""
@@ -439,8 +552,8 @@ class State:
             return {name: getattr(self, name) for name in self.SNAPSHOT_FIELDS}
 
     def snapshot_blob(self) -> bytes:
-        """A consistent, pickled copy of the state (taken under the lock; a few ms per MB)."""
-        with self.lock:
+        """A consistent, pickled copy of the state (taken quiesced: a few ms per MB)."""
+        with self.quiesce():
             return snapshot_bytes(self.snapshot())
 
     def restore(self, data: dict) -> None:
@@ -450,6 +563,25 @@ class State:
                     setattr(self, name, data[name])
             for stream in self.streams.values():
                 stream.restore_scratch(self.config)
+
+
+class _Quiesced:
+    def __init__(self, state: State):
+        self.state = state
+
+    def __enter__(self) -> State:
+        s = self.state
+        s.lock.acquire()
+        s._quiescing += 1
+        s._settled.wait_for(lambda: not s.in_flight)
+        return s
+
+    def __exit__(self, *exc) -> None:
+        s = self.state
+        s._quiescing -= 1
+        if not s._quiescing:
+            s._settled.notify_all()
+        s.lock.release()
 
 
 def _has_beaten(info: dict) -> bool:

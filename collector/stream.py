@@ -12,6 +12,7 @@ G=32: about 56 MB; see docs/collector.md.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import numpy as np
@@ -134,6 +135,7 @@ class Stream:
             bucket_steps=config.memorization_bucket_steps) if source != "train" else None
         self.latest_step = 0
         self.rng = rng
+        self.lock = threading.Lock()  # held while the kernels write the arrays (State.run)
         L = num_layers
         nh, nb1 = BOUNDS_HB.shape[0], BOUNDS_HB.shape[1] + 1
         self.xhist_HB1 = np.zeros((nh, nb1))
@@ -145,12 +147,30 @@ class Stream:
 
     # ------------------------------------------------------------ storage
 
-    def _allocate(self, groups: int) -> None:
+    @property
+    def nbytes(self) -> int:
+        """The bytes of this stream's group arrays now (what ``max_memory_mb`` bounds)."""
+        return sum(getattr(self, name).nbytes for name in self._group_shapes() if hasattr(self, name))
+
+    def bytes_for(self, groups: int) -> int:
+        """The bytes of the group arrays at ``groups`` slots."""
+        return groups * sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                            for shape, dtype in self._group_shapes().values())
+
+    def slots_for(self, g: int) -> int:
+        """The slots the arrays hold once group index ``g`` exists (doubling, never past the cap)."""
+        have = len(self.win_filled_G)
+        if g < have:
+            return have
+        cap = getattr(self, "max_slots", 1 << 30)  # a stream from an older snapshot has no cap
+        return max(g + 1, min(max(4, 2 * have), cap))
+
+    def _group_shapes(self) -> dict:
         W, L, E = self.window_slots, self.num_layers, self.num_experts
         S = L * (E + 1)
         C = char_capacity(L, E) if self.use_chars else 1
         nh, nb1 = BOUNDS_HB.shape[0], BOUNDS_HB.shape[1] + 1
-        shapes = dict(
+        return dict(
             win_sym_GWS=((W, S), np.int16), win_len_GW=((W,), np.int64), win_starts_GWL1=((W, L + 1), np.int32),
             win_fp_GW=((W,), np.uint64), win_chars_GWC=((W, C), np.int16), win_chars_len_GW=((W,), np.int64),
             win_filled_G=((), np.int64), win_next_G=((), np.int64), topk_GWLE=((W, L, E), np.uint32),
@@ -159,7 +179,9 @@ class Stream:
             samples_G=((), np.int64), undefined_G=((), np.int64), latest_step_G=((), np.int64),
             eligible_G=((), np.bool_), zloss_GWL=((W, L), np.float32), zloss_filled_G=((), np.int64),
             zloss_next_G=((), np.int64))
-        for name, (shape, dtype) in shapes.items():
+
+    def _allocate(self, groups: int) -> None:
+        for name, (shape, dtype) in self._group_shapes().items():
             new = np.zeros((groups,) + shape, dtype)
             old = getattr(self, name, None)
             if old is not None and len(old):
@@ -183,21 +205,20 @@ class Stream:
 
     def __getstate__(self):
         d = self.__dict__.copy()
-        for k in _SCRATCH:
+        for k in _SCRATCH + ("lock", "last_reading"):
             d.pop(k, None)
         return d
 
     def restore_scratch(self, config: CollectorConfig) -> None:
         self._init_scratch(config)
+        self.lock = threading.Lock()
 
     def add_group(self, label: str) -> int:
         g = len(self.labels)
         self.labels.append(label)
         self.index[label] = g
         if g >= len(self.win_filled_G):
-            # Doubling, but never past the cap (33 groups used to take 64 slots: twice the memory).
-            cap = getattr(self, "max_slots", 1 << 30)  # a stream from an older snapshot has no cap
-            self._allocate(max(g + 1, min(max(4, 2 * len(self.win_filled_G)), cap)))
+            self._allocate(self.slots_for(g))
         self.eligible_G[g] = not label.startswith("mem@")
         return g
 

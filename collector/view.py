@@ -19,12 +19,14 @@ from grokwatch.wire import REASONS as WIRE_REASONS
 
 # Rejections decided by the collector itself (beyond the wire contract's).
 COLLECTOR_REASONS = ("queue_full", "stale", "duplicate", "shape_mismatch", "too_many_runs", "too_many_groups",
-                     "internal", "no_routing", "unknown_run", "bad_rank", "sequence_jump")
+                     "internal", "no_routing", "unknown_run", "bad_rank", "sequence_jump", "shape_too_large",
+                     "memory_budget")
 ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS
 
 GROUP_LABELS = ("run", "source", "group")
 LAYER_LABELS = ("run", "source", "group", "layer")
-LOAD_PERCENTILES = (0, 25, 50, 75, 100)  # min, p25, median, p75, max of a layer's expert load shares
+LOAD_PERCENTILES = (0, 25, 50, 75, 100)
+STREAM_WAIT_S = 0.5  # how long a scrape waits for a stream its kernels hold  # min, p25, median, p75, max of a layer's expert load shares
 
 
 def load_share_stats(share_E: np.ndarray, k: int) -> dict:
@@ -129,6 +131,9 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
     fam("collector_scrapes_stale_total", "counter",
         "Scrapes answered from the previous view because the state stayed locked (a long message) for the "
         "scrape's wait", ())
+    fam("collector_stream_reads_stale_total", "counter",
+        "Streams a scrape rendered from their previous reading because their kernels held them (a long "
+        "message) for STREAM_WAIT_S", ())
     fam("collector_persist_errors_total", "counter", "Snapshot and journal reads and writes that failed, by what",
         ("what",))
     fam("agent_messages_sent_total", "counter", "Messages the agents sent (from heartbeats)", ("run", "rank"))
@@ -139,55 +144,7 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
     with state.lock:
         carriers = state.phase_carriers()
         for (run, source), stream in sorted(state.streams.items()):
-            memorized = stream.memorization.memorized_counts() if stream.memorization else {}
-            series_items = [(name, g.series, g.window) for name, g in sorted(stream.groups.items())]
-            series_items.append((CROSS_GROUP, stream.cross, None))
-            for name, series, window in series_items:
-                key = (run, source, name)
-                for suffix, (hkey, _) in HISTOGRAMS.items():
-                    h = series.hist[hkey]
-                    F[suffix].add(key, (h.bounds.copy(), h.counts.copy(), h.sum))
-                for layer in range(stream.num_layers):
-                    F["pathway_layer_distance"].add(key + (layer,), (float(series.layer_distance_count_L[layer]),
-                                                                     float(series.layer_distance_sum_L[layer])))
-                if window is None:
-                    continue
-                F["pathway_samples_total"].add(key, series.samples_total)
-                F["pathway_consistency_undefined_total"].add(key, series.consistency_undefined_total)
-                F["group_latest_step"].add(key, series.latest_step)
-                tracker = stream.phases.get(name)
-                if tracker is not None:
-                    for phase in PHASES:
-                        F["group_phase"].add(key + (phase,), int(tracker.phase == phase))
-                    # One event, one report: the dated steps come from the carrying source alone.
-                    if carriers.get((run, name)) == source:
-                        if tracker.memorized_step is not None:
-                            F["group_memorized_step"].add(key, tracker.memorized_step)
-                        if tracker.onset_step is not None:
-                            F["group_onset_step"].add(key, tracker.onset_step)
-                if stream.memorization is not None:
-                    F["memorized_samples"].add(key, memorized.get(name, 0))
-                health = window.health(stream.top_k)
-                if health is None:
-                    continue
-                F["distinct_pathways"].add(key, health["distinct"])
-                for layer in range(stream.num_layers):
-                    lk = key + (layer,)
-                    F["expert_load_imbalance_ratio"].add(lk, float(health["imbalance_L"][layer]))
-                    F["expert_load_cv"].add(lk, float(health["cv_L"][layer]))
-                    F["dead_experts"].add(lk, int(health["dead_L"][layer]))
-                    F["routing_entropy_ratio"].add(lk, float(health["entropy_L"][layer]))
-                    if health["zloss_L"] is not None:
-                        F["router_zloss"].add(lk, float(health["zloss_L"][layer]))
-                    stats = load_share_stats(health["share_LE"][layer], state.config.load_rank_k)
-                    for q, v in zip(LOAD_PERCENTILES, stats["percentiles"]):
-                        F["expert_load_share_percentile"].add(lk + (q,), float(v))
-                    F["expert_load_share_std"].add(lk, stats["std"])
-                    F["expert_load_diversity"].add(lk, stats["diversity"])
-                    for end in ("top", "bottom"):
-                        for rank, (expert, share) in enumerate(stats[end], start=1):
-                            F["expert_load_rank_expert"].add(lk + (end, rank), expert)
-                            F["expert_load_rank_share"].add(lk + (end, rank), share)
+            _read_stream(F, state, stream, run, source, carriers)
         for run, step in sorted(state.train_step.items()):
             F["train_step"].add((run,), step)
         for (run, group), (step, score) in sorted(state.evals.items()):
@@ -201,6 +158,7 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
         F["collector_processing_seconds"].add((), (float(state.processing_seconds_count),
                                                    state.processing_seconds_sum))
         F["collector_ingest_lag_seconds"].add((), state.last_message_lag_s)
+        F["collector_stream_reads_stale_total"].add((), state.stale_stream_reads)
         for why in ("auth", "protocol"):
             F["collector_handshake_failures_total"].add((why,), state.handshake_failures.get(why, 0))
         for what in PERSIST_ERRORS:
@@ -217,3 +175,74 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
     F["collector_queue_bytes"].add((), size_bytes)
     F["collector_queue_capacity_bytes"].add((), capacity_bytes)
     return list(F.values())
+
+
+def _read_stream(F: dict, state: State, stream, run: str, source: str, carriers: dict) -> None:
+    """One stream's series, read under its own lock: its kernels write it without the state's lock. A stream
+    whose kernels keep it past ``STREAM_WAIT_S`` (a huge message) is rendered from its previous reading,
+    counted, so that a scrape never waits on the kernels."""
+    if stream.lock.acquire(timeout=STREAM_WAIT_S):
+        try:
+            start = {name: len(f.samples) for name, f in F.items()}
+            _stream_families(F, state, stream, run, source, carriers)
+            stream.last_reading = {name: f.samples[start[name]:] for name, f in F.items()
+                                   if len(f.samples) > start[name]}
+        finally:
+            stream.lock.release()
+        return
+    state.stale_stream_reads += 1
+    for name, samples in getattr(stream, "last_reading", {}).items():
+        F[name].samples.extend(samples)
+
+
+def _stream_families(F: dict, state: State, stream, run: str, source: str, carriers: dict) -> None:
+    """One stream's series into the families ``F`` (the caller holds the state's lock and the stream's)."""
+    memorized = stream.memorization.memorized_counts() if stream.memorization else {}
+    series_items = [(name, g.series, g.window) for name, g in sorted(stream.groups.items())]
+    series_items.append((CROSS_GROUP, stream.cross, None))
+    for name, series, window in series_items:
+        key = (run, source, name)
+        for suffix, (hkey, _) in HISTOGRAMS.items():
+            h = series.hist[hkey]
+            F[suffix].add(key, (h.bounds.copy(), h.counts.copy(), h.sum))
+        for layer in range(stream.num_layers):
+            F["pathway_layer_distance"].add(key + (layer,), (float(series.layer_distance_count_L[layer]),
+                                                             float(series.layer_distance_sum_L[layer])))
+        if window is None:
+            continue
+        F["pathway_samples_total"].add(key, series.samples_total)
+        F["pathway_consistency_undefined_total"].add(key, series.consistency_undefined_total)
+        F["group_latest_step"].add(key, series.latest_step)
+        tracker = stream.phases.get(name)
+        if tracker is not None:
+            for phase in PHASES:
+                F["group_phase"].add(key + (phase,), int(tracker.phase == phase))
+            # One event, one report: the dated steps come from the carrying source alone.
+            if carriers.get((run, name)) == source:
+                if tracker.memorized_step is not None:
+                    F["group_memorized_step"].add(key, tracker.memorized_step)
+                if tracker.onset_step is not None:
+                    F["group_onset_step"].add(key, tracker.onset_step)
+        if stream.memorization is not None:
+            F["memorized_samples"].add(key, memorized.get(name, 0))
+        health = window.health(stream.top_k)
+        if health is None:
+            continue
+        F["distinct_pathways"].add(key, health["distinct"])
+        for layer in range(stream.num_layers):
+            lk = key + (layer,)
+            F["expert_load_imbalance_ratio"].add(lk, float(health["imbalance_L"][layer]))
+            F["expert_load_cv"].add(lk, float(health["cv_L"][layer]))
+            F["dead_experts"].add(lk, int(health["dead_L"][layer]))
+            F["routing_entropy_ratio"].add(lk, float(health["entropy_L"][layer]))
+            if health["zloss_L"] is not None:
+                F["router_zloss"].add(lk, float(health["zloss_L"][layer]))
+            stats = load_share_stats(health["share_LE"][layer], state.config.load_rank_k)
+            for q, v in zip(LOAD_PERCENTILES, stats["percentiles"]):
+                F["expert_load_share_percentile"].add(lk + (q,), float(v))
+            F["expert_load_share_std"].add(lk, stats["std"])
+            F["expert_load_diversity"].add(lk, stats["diversity"])
+            for end in ("top", "bottom"):
+                for rank, (expert, share) in enumerate(stats[end], start=1):
+                    F["expert_load_rank_expert"].add(lk + (end, rank), expert)
+                    F["expert_load_rank_share"].add(lk + (end, rank), share)

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<BQdI")
+JOURNAL_TAIL_BYTES = 4 * 1024 * 1024  # spans thousands of records: many more than are ever in flight
 MESSAGE, DROP = 1, 2
 PREFIX, SUFFIX = "wal.", ".bin"
 
@@ -151,17 +152,38 @@ class WriteAheadLog:
                 self._fd = None
 
 
-def journal_high_water(journal_path: str) -> int:
-    """The largest write-ahead index (``w``) in the journal's last lines: records up to it were journaled
-    before the kill, and their replay must not journal them again."""
+class JournaledRecords:
+    """Which write-ahead records have their journal lines written already (``w in journaled``): those
+    whose index is in the journal's tail, and every one before the tail's first (kernel workers finish
+    messages a few records out of order, far fewer than the tail holds)."""
+
+    def __init__(self, floor: int = -1, seen: frozenset = frozenset()):
+        self.floor, self.seen = floor, seen
+
+    def __contains__(self, index: int) -> bool:
+        return index < self.floor or index in self.seen
+
+
+def journaled_records(journal_path: str) -> JournaledRecords:
+    """Read the journal's last ``JOURNAL_TAIL_BYTES`` for the ``w`` of its lines."""
     try:
         with open(journal_path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
-            fh.seek(max(0, size - 256 * 1024))
+            start = max(0, size - JOURNAL_TAIL_BYTES)
+            fh.seek(start)
             tail = fh.read().decode("utf-8", "replace").splitlines()
     except OSError:
-        return -1
+        return JournaledRecords()
+    seen = set()
+    for line in tail:
+        try:
+            w = json.loads(line).get("w")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(w, int):
+            seen.add(w)
+    return JournaledRecords(min(seen) if seen and start > 0 else -1, frozenset(seen))
     for line in reversed(tail):
         try:
             w = json.loads(line).get("w")

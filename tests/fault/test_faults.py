@@ -68,9 +68,9 @@ def test_collector_restart_mid_training_loses_no_counter_and_resumes(tmp_path):
 class SlowState(State):
     """A collector whose processing is slower than the arrivals (a double of the real State)."""
 
-    def handle(self, msg):
+    def admit(self, msg):
         time.sleep(0.05)
-        super().handle(msg)
+        return super().admit(msg)
 
 
 def test_slow_collector_counts_queue_full_and_accounts_for_every_message():

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from grokwatch.cli import build_parser
-from grokwatch.collector.service import config_from_args
+from grokwatch.collector.service import config_from_args, worst_case_memory_mb
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy/k8s"
@@ -79,6 +79,14 @@ def test_the_manifests_render_and_validate_against_the_kubernetes_schema(overlay
     assert ({"PodMonitor", "PrometheusRule"} <= kinds) == (overlay != "base")
 
 
+def mebibytes(quantity: str) -> int:
+    units = {"Ki": 2**-10, "Mi": 1, "Gi": 2**10}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity) // 2**20
+
+
 def test_the_daemonset_runs_the_collector_as_its_config_says(tmp_path):
     kinds = by_kind(kustomize("base"))
     daemonset, service, configmap = kinds["DaemonSet"], kinds["Service"], kinds["ConfigMap"]
@@ -98,6 +106,9 @@ def test_the_daemonset_runs_the_collector_as_its_config_says(tmp_path):
     args = collector_args(container["args"])
     assert Path(args.config).parent == Path(config_mount["mountPath"]) and Path(args.config).name == filename
     args.config = str(tmp_path / filename)
+    # The worst case of its config fits the container's memory limit (else it refuses to start).
+    assert worst_case_memory_mb(config_from_args(args, environ={})) <= mebibytes(
+        container["resources"]["limits"]["memory"])
     env = {e["name"]: e["value"] for e in container.get("env", [])}
     config = config_from_args(args, environ=env)
     # Ports: the agents' Service reaches the port the collector binds; Prometheus finds /metrics.
@@ -212,6 +223,8 @@ def test_the_sidecar_goes_beside_the_training_containers_on_loopback(example, wo
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert sidecar["resources"]["limits"]["cpu"] and sidecar["resources"]["limits"]["memory"]
+    # Its worst case fits its limit (else the collector refuses to start: check_memory).
+    assert worst_case_memory_mb(config) <= mebibytes(sidecar["resources"]["limits"]["memory"])
     writable = [Path(m["mountPath"]) for m in sidecar["volumeMounts"] if not m.get("readOnly")]
     for path in (config.state_dir, {e["name"]: e["value"] for e in sidecar["env"]}["NUMBA_CACHE_DIR"]):
         assert any(Path(path).is_relative_to(w) for w in writable), path

@@ -53,6 +53,7 @@ FROZEN = {
     "grokwatch_collector_ingest_lag_seconds": ("gauge", ()),
     "grokwatch_collector_persist_errors_total": ("counter", ("what",)),
     "grokwatch_collector_scrapes_stale_total": ("counter", ()),
+    "grokwatch_collector_stream_reads_stale_total": ("counter", ()),
     "grokwatch_collector_handshake_failures_total": ("counter", ("reason",)),
     "grokwatch_agent_messages_sent_total": ("counter", ("run", "rank")),
     "grokwatch_agent_messages_dropped_total": ("counter", ("run", "rank", "reason")),

@@ -291,3 +291,35 @@ def test_auto_watches_the_normalized_distance_until_a_baseline_appears_then_rest
     # Single group: the fall itself is the evidence (no baseline to discount a global change).
     assert tracker.onset_step is not None and 1000 <= tracker.onset_step <= 1300
     assert tracker.signal == "normalized_vs_cross"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ranks_sending_a_step_out_of_order_give_the_phases_of_the_steps_in_order(seed):
+    """Eight ranks each send every step; their messages interleave over the last few steps. Before, a late
+    step was taken for a rewind and the series started over (the window never filled: no phase past
+    memorizing). Now the late points merge into their step, as if they had come in order."""
+    rng = np.random.default_rng(seed)
+    noise = 0.01 * rng.normal(size=len(STEPS))
+    events = [(s + rng.uniform(0, 3) * 25, i, s) for i, s in enumerate(STEPS) for _ in range(8)]
+    shuffled = PhaseTracker(PhaseConfig())
+    for _, i, s in sorted(events):
+        shuffled.add(s, memorizing_loss(s), falling(s) * (1 + noise[i]), None)
+    shuffled.add(10**9, None, None, None)
+    ordered = PhaseTracker(PhaseConfig())
+    run(ordered, STEPS, memorizing_loss, lambda i, s: falling(s) * (1 + noise[i]))
+    assert shuffled.phase == ordered.phase == "stable"
+    assert abs(shuffled.memorized_step - ordered.memorized_step) <= 2 * 25
+    assert abs(shuffled.onset_step - ordered.onset_step) <= 2 * 25
+    assert [p["step"] for p in shuffled.points] == sorted(p["step"] for p in shuffled.points)
+
+
+def test_a_rewind_past_the_late_steps_starts_the_series_over():
+    tracker = PhaseTracker(PhaseConfig(window=3))
+    for s in range(100, 400, 10):
+        tracker.add(s, 1.0, 0.5, None)
+    tracker.add(380, 1.0, 0.9, None)  # late: merged into step 380
+    assert tracker.points[-1]["step"] == 380 and tracker.points[-1]["n"] == 2
+    tracker.add(120, 1.0, 0.5, None)  # resumed from a checkpoint at step 120
+    tracker.add(130, 1.0, 0.5, None)
+    assert [p["step"] for p in tracker.points] == [120]
+    assert [entry[0] for entry in tracker.losses] == [120, 130]

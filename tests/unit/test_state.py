@@ -12,6 +12,7 @@ import pytest
 from grokwatch.collector import reference
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.state import CROSS_GROUP, Rejected, State
+from grokwatch.wire import Limits, encode
 from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
 
@@ -375,3 +376,51 @@ def test_group_slots_stop_at_max_groups_plus_other():
     stream = state.streams[("run-a", "train")]
     assert len(stream.labels) == 33 and stream.labels[-1] == "other"
     assert len(stream.win_filled_G) == 33  # not 64
+
+
+def test_a_model_over_max_layer_experts_is_rejected_before_it_costs_anything():
+    """The kernels' cost per sample grows with the square of L·E: a shape beyond the bound is refused at its
+    hello and its routing, with its own reason, and takes no run slot."""
+    state, _ = new_state(max_layer_experts=31, max_runs=1)
+    with pytest.raises(Rejected, match="shape_too_large"):
+        state.handle(make_hello(num_layers=4, num_experts=8))
+    with pytest.raises(Rejected, match="shape_too_large"):
+        state.handle(make_routing(seq=1, num_layers=4, num_experts=8))
+    assert not state.streams and not state.shapes
+    state.handle(make_hello(run="small", sender="s1", num_layers=2, num_experts=8))  # 16 <= 31: the slot is free
+
+
+def test_the_pathway_state_stays_within_max_memory_mb_and_the_excess_is_counted():
+    state, _ = new_state(window_samples=16, max_memory_mb=1)  # OLMoE's shape: ~100 KB a group slot
+    stream_bytes = []
+    for i in range(12):
+        try:
+            state.apply(encode(make_routing(seq=i + 1, n=1, num_layers=16, num_experts=64, top_k=8,
+                                            groups=(f"g{i}",), sample_ids=(f"s{i}",))), Limits())
+        finally:
+            stream_bytes.append(state.memory_bytes())
+    assert max(stream_bytes) <= 1024 * 1024
+    assert state.rejected_total.get("memory_budget", 0) > 0
+    admitted = len(state.streams[("run-a", "train")].labels)
+    assert admitted == 8  # eight slots fit; doubling to sixteen would not
+    assert admitted + state.rejected_total["memory_budget"] == 12 and state.samples_total == admitted
+    assert state.received_total == 12  # every message counted once, under its reason
+
+
+def test_the_collector_refuses_a_configuration_whose_worst_case_exceeds_the_container_limit(tmp_path):
+    from grokwatch.collector.config import ConfigError
+    from grokwatch.collector.service import check_memory, memory_limit_mb, worst_case_memory_mb
+
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    v2.write_text("max\n")
+    assert memory_limit_mb((str(v2), str(v1))) is None
+    v2.write_text(str(1024 * 2**20))
+    assert memory_limit_mb((str(v2),)) == 1024
+    v1.write_text(str(2**63 - 4096))  # cgroup v1's "no limit"
+    assert memory_limit_mb((str(tmp_path / "absent"), str(v1))) is None
+    config = CollectorConfig(max_memory_mb=512)
+    assert worst_case_memory_mb(config) == 256 + 1024 + 256
+    with pytest.raises(ConfigError, match="max_memory_mb 512.*1024 MiB"):
+        check_memory(config, 1024)
+    check_memory(config, 2048)
+    check_memory(config, None)
