@@ -94,6 +94,9 @@ class CollectorConfig:
     # A run that sent nothing for this long is forgotten (its series end), so that finished jobs free their
     # slot in max_runs; 0: never.
     run_idle_expiry_s: float = 24 * 3600.0
+    # A hello of another shape under a known run is a new incarnation (a restarted job with a new model)
+    # once no message of the old shape has come for this long; before, it is shape_mismatch.
+    run_reshape_quiet_s: float = 60.0
     # A sender's sequence number may jump at most this far (beyond it the message is rejected as
     # sequence_jump: one forged seq of 2^63 would otherwise make all its later messages duplicates).
     max_sequence_jump: int = 1_000_000
@@ -167,6 +170,8 @@ class CollectorConfig:
                 raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
         if self.window_samples < 2:
             raise ConfigError("window_samples: must be at least 2")
+        if not self.run_reshape_quiet_s >= 0:
+            raise ConfigError(f"run_reshape_quiet_s: 0 or more, got {self.run_reshape_quiet_s}")
         if not self.run_idle_expiry_s >= 0:
             raise ConfigError(f"run_idle_expiry_s: 0 (never) or more, got {self.run_idle_expiry_s}")
         if not 0 <= int(self.kernel_workers) <= 64:

@@ -60,12 +60,15 @@ class Ingest:
             self.sock.curve_publickey = public
             self.sock.curve_server = True
             self.sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 0)
-        # Handshakes refused (a stranger's key, or no CURVE at all) are counted, not silent.
+        # Handshakes refused (a stranger's key, or no CURVE at all) are counted, not silent; so are ended
+        # connections (an agent that exited, or one libzmq dropped for a frame over MAXMSGSIZE).
         self._monitor = self.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-        # Safety net only: libzmq drops the peer's connection (and what is in flight on it)
-        # for a bigger message; agents guard sizes themselves and count oversize drops.
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + 1024)
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_DISCONNECTED)
+        # Frames up to twice max_message_bytes are received and counted as too_large. Beyond, libzmq drops
+        # the connection (and what is in flight on it) before we see the frame: a disconnect, and the
+        # sender's next message counts the gap in its sequence numbers as lost.
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
         self.endpoints = []
         for ep in endpoints:
@@ -154,7 +157,9 @@ class Ingest:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.ZMQError:  # zmq.Again: none left
                 return
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.state.count_disconnect()
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.state.count_handshake_failure("auth")
             else:
                 self.state.count_handshake_failure("protocol")

@@ -5,7 +5,7 @@ as the data types backends read right.
 - histograms: OTLP Histograms with their explicit bounds, cumulative. A histogram whose values can be
   negative (its first bound is below zero: the adjacent cosine, the consistency) carries no ``sum`` in
   the Histogram point (the OTLP data model: a histogram sum is assumed to be of non-negative events);
-  its sum travels beside it as ``<name>_sum``, a cumulative Sum that is *not* monotonic;
+  its sum is the view's gauge ``<name>_sum_signed``, as on /metrics;
 - summaries (count, sum of a non-negative quantity): ``<name>_count`` and ``<name>_sum``, monotonic Sums.
 
 The SDK has no observable histogram, so this view builds the export batch itself (``collect()``) and a
@@ -102,19 +102,14 @@ class OtelView:
         if fam.kind == "summary":  # (count, sum) of a non-negative quantity
             return [total(fam.name + "_count", [number(k, v[0]) for k, v in fam.samples], True),
                     total(fam.name + "_sum", [number(k, v[1]) for k, v in fam.samples], True)]
-        points, signed_sums = [], []
+        points = []
         for k, (bounds, counts, value_sum) in fam.samples:
             counts = np.asarray(counts, dtype=np.int64)
             is_signed = signed(bounds)
             points.append(HistogramDataPoint(attrs(k), self.start_ns, now, int(counts.sum()),
                                              None if is_signed else float(value_sum),
                                              [int(c) for c in counts], [float(b) for b in bounds], None, None))
-            if is_signed:
-                signed_sums.append(number(k, value_sum))
-        out = [Metric(fam.name, fam.help, "", Histogram(points, CUMULATIVE))]
-        if signed_sums:
-            out.append(total(fam.name + "_sum", signed_sums, False))
-        return out
+        return [Metric(fam.name, fam.help, "", Histogram(points, CUMULATIVE))]
 
     def export_once(self) -> bool:
         data = self.collect()

@@ -1,13 +1,13 @@
 """Snapshots and the journal in the collector's state directory.
 
-- ``snapshot.pkl``: the whole state, pickled under the state lock (a consistent
+- ``snapshot.msgpack``: the whole state, serialized quiesced (a consistent
   copy) and written atomically (temp file, fsync, rename; the temp file is
   removed when a write fails) every ``snapshot_interval_s`` and at shutdown;
   read back at start so that no exported counter goes backwards across a clean
-  restart. It is read with an allow-list of the classes the collector itself
-  pickles (``SnapshotUnpickler``): a crafted file cannot run code. A file that
+  restart. The format is data only (msgpack; numeric arrays, and the
+  collector's own classes by name): a crafted file cannot run code. A file that
   cannot be read, or is not this collector's, is moved aside
-  (``snapshot.pkl.bad-<time>``), logged in one line and counted
+  (``snapshot.msgpack.bad-<time>``), logged in one line and counted
   (``grokwatch_collector_persist_errors_total{what="snapshot_read"}``).
 - ``journal.jsonl``: append-only JSON lines of the points the collector
   exported, one per (run, source, group, routing message), plus eval scores —
@@ -17,58 +17,165 @@
 
 from __future__ import annotations
 
-import io
+import collections
 import json
 import logging
 import os
-import pickle
 import threading
 import time
 from typing import Callable, Iterator, Optional
 
+import msgpack
+import numpy as np
+
 log = logging.getLogger(__name__)
 
-SNAPSHOT_NAME = "snapshot.pkl"
+SNAPSHOT_NAME = "snapshot.msgpack"
+OLD_SNAPSHOT_NAME = "snapshot.pkl"  # before 0.2: a pickle, no longer read
+MAGIC = b"GROKWATCH-SNAPSHOT\n"
 JOURNAL_NAME = "journal.jsonl"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 
 
 PERSIST_ERRORS = ("snapshot_write", "snapshot_read", "journal_write", "wal_write")  # grokwatch_collector_persist_errors_total{what}
-
-# Every class a snapshot of State holds (collector/state.py SNAPSHOT_FIELDS), and nothing else.
-_SNAPSHOT_CLASSES = {
-    ("collections", "OrderedDict"), ("collections", "deque"),
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"),
-    ("grokwatch.collector.memorization", "MemorizationTracker"),
-    ("grokwatch.collector.memorization", "SampleHistory"),
-    ("grokwatch.collector.phases", "PhaseConfig"), ("grokwatch.collector.phases", "PhaseTracker"),
-    ("grokwatch.collector.stream", "Stream"),
-    ("numpy", "dtype"), ("numpy", "ndarray"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"), ("builtins", "bytearray"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy.random._pcg64", "PCG64"), ("numpy.random._pickle", "__bit_generator_ctor"),
-    ("numpy.random._pickle", "__generator_ctor"), ("numpy.random.bit_generator", "SeedSequence"),
-    ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
-}
-
 
 class SnapshotError(Exception):
     """A snapshot that is not this collector's, or cannot be read."""
 
 
-class SnapshotUnpickler(pickle.Unpickler):
-    """Loads only the classes the collector pickles: a crafted snapshot cannot reach os.system & co."""
+# The snapshot format: msgpack, data only. Plain values are msgpack's own; everything else is an ext type
+# whose payload is msgpack again: tuples, sets, deques, numeric numpy arrays and scalars, the generator's
+# bit state, and the collector's own classes by name (their attributes). Reading builds nothing but these:
+# no code is named by the file, so a crafted one can at worst be refused.
+_TUPLE, _SET, _FROZENSET, _DEQUE, _NDARRAY, _NPSCALAR, _OBJECT, _GENERATOR, _ODICT = range(1, 10)
+_DTYPES = frozenset(np.dtype(t).str for t in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                                              "uint64", "float16", "float32", "float64"))
 
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _SNAPSHOT_CLASSES:
-            raise SnapshotError(f"holds {module}.{name}, which no snapshot of this collector holds")
-        return super().find_class(module, name)
+
+def _classes() -> dict:
+    from grokwatch.collector.memorization import MemorizationTracker, SampleHistory
+    from grokwatch.collector.phases import PhaseConfig, PhaseTracker
+    from grokwatch.collector.stream import Stream
+
+    return {cls.__name__: cls for cls in (Stream, PhaseTracker, PhaseConfig, MemorizationTracker, SampleHistory)}
+
+
+def _pack(obj) -> bytes:
+    return msgpack.packb(obj, default=_default, strict_types=True, use_bin_type=True)
+
+
+def _default(obj):
+    t = type(obj)
+    if t is tuple:
+        return msgpack.ExtType(_TUPLE, _pack(list(obj)))
+    if t is set or t is frozenset:
+        return msgpack.ExtType(_SET if t is set else _FROZENSET, _pack(sorted(obj, key=repr)))
+    if t is collections.deque:
+        return msgpack.ExtType(_DEQUE, _pack([obj.maxlen, list(obj)]))
+    if t is collections.OrderedDict:
+        return msgpack.ExtType(_ODICT, _pack([[k, v] for k, v in obj.items()]))
+    if t is np.ndarray:
+        if obj.dtype.str not in _DTYPES:
+            raise TypeError(f"no snapshot of a {obj.dtype} array")
+        return msgpack.ExtType(_NDARRAY, _pack([obj.dtype.str, list(obj.shape), np.ascontiguousarray(obj).tobytes()]))
+    if isinstance(obj, np.generic):
+        return msgpack.ExtType(_NPSCALAR, _pack([obj.dtype.str, obj.tobytes()]))
+    if t is np.random.Generator:
+        state = obj.bit_generator.state
+        return msgpack.ExtType(_GENERATOR, _pack([state["bit_generator"], str(state["state"]["state"]),
+                                                 str(state["state"]["inc"]), state["has_uint32"], state["uinteger"]]))
+    if _known_class(t.__name__) is t:
+        if hasattr(obj, "__getstate__") and t.__getstate__ is not object.__getstate__:
+            attrs = obj.__getstate__()
+        elif hasattr(t, "__slots__"):
+            attrs = {k: getattr(obj, k) for k in t.__slots__ if hasattr(obj, k)}
+        else:
+            attrs = dict(obj.__dict__)
+        return msgpack.ExtType(_OBJECT, _pack([t.__name__, attrs]))
+    raise TypeError(f"no snapshot of a {t.__module__}.{t.__qualname__}")
+
+
+def _unpack(data: bytes):
+    return msgpack.unpackb(data, ext_hook=_ext, strict_map_key=False, raw=False, use_list=True)
+
+
+def _ext(code: int, data: bytes):
+    v = _unpack(data)
+    if code == _TUPLE:
+        return tuple(v)
+    if code == _SET:
+        return set(v)
+    if code == _FROZENSET:
+        return frozenset(v)
+    if code == _DEQUE:
+        maxlen, items = v
+        return collections.deque(items, maxlen=maxlen)
+    if code == _ODICT:
+        return collections.OrderedDict((k, x) for k, x in v)
+    if code == _NDARRAY:
+        dtype, shape, raw = v
+        if dtype not in _DTYPES:
+            raise SnapshotError(f"holds an array of dtype {dtype!r}")
+        return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+    if code == _NPSCALAR:
+        dtype, raw = v
+        if dtype not in _DTYPES:
+            raise SnapshotError(f"holds a scalar of dtype {dtype!r}")
+        return np.frombuffer(raw, dtype=np.dtype(dtype))[0]
+    if code == _GENERATOR:
+        name, state, inc, has_uint32, uinteger = v
+        if name != "PCG64":
+            raise SnapshotError(f"holds a {name!r} generator")
+        bits = np.random.PCG64()
+        bits.state = {"bit_generator": name, "state": {"state": int(state), "inc": int(inc)},
+                      "has_uint32": has_uint32, "uinteger": uinteger}
+        return np.random.Generator(bits)
+    if code == _OBJECT:
+        name, attrs = v
+        cls = _known_class(name) if isinstance(name, str) else None
+        if cls is None or not isinstance(attrs, dict):
+            raise SnapshotError(f"holds a {name!r}, which no snapshot of this collector holds")
+        obj = cls.__new__(cls)
+        if "__setstate__" in cls.__dict__:
+            obj.__setstate__(attrs)
+        elif hasattr(cls, "__slots__"):
+            for k, x in attrs.items():
+                if k in cls.__slots__:
+                    object.__setattr__(obj, k, x)
+        else:
+            obj.__dict__.update(attrs)
+        return obj
+    raise SnapshotError(f"holds an unknown type (ext {code})")
+
+
+_CLASSES: dict = {}
+
+
+def _known_class(name: str):
+    """The collector's own class of that name a snapshot may hold, or None (imported on first use)."""
+    if not _CLASSES:
+        _CLASSES.update(_classes())
+    return _CLASSES.get(name)
 
 
 def snapshot_bytes(data: dict) -> bytes:
-    """Pickle a State.snapshot() (call it under the state lock: a consistent copy)."""
-    return pickle.dumps({"version": SNAPSHOT_VERSION, "state": data}, protocol=pickle.HIGHEST_PROTOCOL)
+    """Serialize a State.snapshot() (call it quiesced: a consistent copy)."""
+    return MAGIC + _pack({"version": SNAPSHOT_VERSION, "state": data})
+
+
+def load_snapshot_bytes(blob: bytes) -> dict:
+    """The state dict of ``snapshot_bytes``; SnapshotError for anything else."""
+    if not blob.startswith(MAGIC):
+        raise SnapshotError("not a snapshot of this collector (no grokwatch header)")
+    try:
+        data = _unpack(blob[len(MAGIC):])
+    except SnapshotError:
+        raise
+    except Exception as exc:  # torn, truncated, foreign
+        raise SnapshotError(f"unreadable ({type(exc).__name__}: {exc})"[:300]) from None
+    if not isinstance(data, dict) or data.get("version") != SNAPSHOT_VERSION or not isinstance(data.get("state"), dict):
+        raise SnapshotError("not a snapshot of this collector's version")
+    return data["state"]
 
 
 def write_snapshot(state_dir: str, data) -> str:
@@ -95,25 +202,23 @@ def write_snapshot(state_dir: str, data) -> str:
 
 def read_snapshot(state_dir: str) -> Optional[dict]:
     """The saved state, or None when there is none. Raises SnapshotError for a file that is not a
-    readable snapshot of this collector (the caller moves it aside: ``set_aside``)."""
+    readable snapshot of this collector (the caller moves it aside: ``set_aside``), and for the pickle
+    of an older version, which is not read (a pickle can name code)."""
     path = os.path.join(state_dir, SNAPSHOT_NAME)
     if not os.path.exists(path):
+        if os.path.exists(os.path.join(state_dir, OLD_SNAPSHOT_NAME)):
+            raise SnapshotError(f"{OLD_SNAPSHOT_NAME} is an older version's pickle, not read (a pickle can run "
+                                "code); counters start over once")
         return None
-    try:
-        with open(path, "rb") as fh:
-            blob = SnapshotUnpickler(io.BytesIO(fh.read())).load()
-    except SnapshotError:
-        raise
-    except Exception as exc:  # torn, truncated, foreign
-        raise SnapshotError(f"unreadable ({type(exc).__name__}: {exc})"[:300]) from None
-    if not isinstance(blob, dict) or blob.get("version") != SNAPSHOT_VERSION or not isinstance(blob.get("state"), dict):
-        raise SnapshotError("not a snapshot of this collector's version")
-    return blob["state"]
+    with open(path, "rb") as fh:
+        return load_snapshot_bytes(fh.read())
 
 
-def set_aside(state_dir: str) -> str:
+def set_aside(state_dir: str, name: str = None) -> str:
     """Move a bad snapshot out of the way (kept for a post-mortem); returns its new path."""
-    path = os.path.join(state_dir, SNAPSHOT_NAME)
+    path = os.path.join(state_dir, name or SNAPSHOT_NAME)
+    if not os.path.exists(path) and os.path.exists(os.path.join(state_dir, OLD_SNAPSHOT_NAME)):
+        path = os.path.join(state_dir, OLD_SNAPSHOT_NAME)
     dest = f"{path}.bad-{int(time.time())}"
     os.replace(path, dest)
     return dest

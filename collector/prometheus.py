@@ -20,7 +20,6 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
-from prometheus_client.samples import Sample
 
 from grokwatch.collector.state import State
 from grokwatch.collector.view import build_view
@@ -83,14 +82,9 @@ class PrometheusCollector:
                 for values, (bounds, counts, total) in fam.samples:
                     cum = np.cumsum(counts)
                     buckets = [(_le(b), float(c)) for b, c in zip(bounds, cum[:-1])] + [("+Inf", float(cum[-1]))]
-                    out.add_metric(list(values), buckets, float(total))
-                    if bounds[0] < 0:
-                        # prometheus-client leaves _sum and _count out when a bucket is negative
-                        # (OpenMetrics wants a monotonic sum). METRICS.md §2 needs the group mean of
-                        # consistency and cosine as sum / count, so they are written all the same.
-                        labels_map = dict(zip(fam.labels, values))
-                        out.samples.append(Sample(name + "_count", labels_map, float(cum[-1])))
-                        out.samples.append(Sample(name + "_sum", labels_map, float(total)))
+                    # A histogram with negative buckets has no _sum or _count (OpenMetrics: its sum is no
+                    # counter); view.py exports its sum as the gauge <name>_sum_signed.
+                    out.add_metric(list(values), buckets, None if bounds[0] < 0 else float(total))
             else:  # summary: count and sum, no quantiles (aggregatable)
                 out = SummaryMetricFamily(name, fam.help, labels=labels)
                 for values, (count, total) in fam.samples:

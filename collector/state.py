@@ -93,6 +93,7 @@ class State:
         self.train_step: dict[str, int] = {}
         self.evals: dict[tuple[str, str], tuple[int, float]] = {}
         self.persist_errors: dict[str, int] = {}  # persist.PERSIST_ERRORS -> count
+        self.disconnects_total = 0  # ingest connections that ended (ingest.py's socket monitor)
         self.handshake_failures: dict[str, int] = {}  # ZeroMQ handshakes refused: "auth" (CURVE), "protocol"
         # Sequence numbers of messages dropped (and counted under their reason) before they were applied:
         # a later message's gap leaves them out, so that a drop is counted once, not again as lost.
@@ -104,6 +105,7 @@ class State:
         self.journal_replayed = wal.JournaledRecords()  # during a replay: the records journaled already
         self.world_sizes: dict[str, int] = {}  # run -> the largest world size its hellos declared
         self.run_seen: dict[str, float] = {}  # run -> clock of its latest message (run_idle_expiry_s)
+        self.shape_seen: dict[str, float] = {}  # run -> clock of its latest message of the run's shape
         self._next_sweep = 0.0
         # Routing messages admitted whose kernels have not finished (collector/pipeline.py). A snapshot
         # waits for none (``quiesce``), and admits nothing new meanwhile, so it holds each message whole.
@@ -136,6 +138,10 @@ class State:
     def count_handshake_failure(self, why: str) -> None:
         with self.lock:
             self.handshake_failures[why] = self.handshake_failures.get(why, 0) + 1
+
+    def count_disconnect(self) -> None:
+        with self.lock:
+            self.disconnects_total += 1
 
     def count_persist_error(self, what: str) -> None:
         with self.lock:
@@ -310,7 +316,8 @@ class State:
             return
         for run in [r for r, seen in self.run_seen.items() if now - seen > ttl]:
             log.info("run %r sent nothing for %.0f s: forgotten (run_idle_expiry_s)", run, now - self.run_seen[run])
-            for table in (self.shapes, self.layer_ids, self.train_step, self.world_sizes, self.run_seen):
+            for table in (self.shapes, self.layer_ids, self.train_step, self.world_sizes, self.run_seen,
+                          self.shape_seen):
                 table.pop(run, None)
             for table in (self.streams, self.evals, self.agent_counters):
                 for key in [k for k in table if k[0] == run]:
@@ -318,16 +325,31 @@ class State:
             for sender in [s for s, info in self.senders.items() if info["run"] == run]:
                 del self.senders[sender]
 
-    def _check_shape(self, run: str, shape: tuple[int, int, int]) -> None:
+    def _check_shape(self, run: str, shape: tuple[int, int, int], hello: bool = False) -> None:
         if shape[0] * shape[1] > self.config.max_layer_experts:
             raise Rejected("shape_too_large")
         self._admit_run(run)
         known = self.shapes.setdefault(run, shape)
-        if known != shape:
+        now = self.clock()
+        if known == shape:
+            self.shape_seen[run] = now
+            return
+        # Another shape under a known run name: a new incarnation of the run (a job restarted with another
+        # model) once nothing of the old shape has come for run_reshape_quiet_s; until then, and for any
+        # message but a hello, it is refused. (Without CURVE a stranger can still claim a quiet run.)
+        quiet = now - self.shape_seen.get(run, float("-inf"))
+        if not hello or quiet < self.config.run_reshape_quiet_s:
             raise Rejected("shape_mismatch")
+        log.warning("run %r: a hello with shape %s after %.0f s without %s: a new incarnation of the run, its "
+                    "pathway state starts over", run, shape, quiet, known)
+        for key in [k for k in self.streams if k[0] == run]:
+            del self.streams[key]
+        self.layer_ids.pop(run, None)
+        self.shapes[run] = shape
+        self.shape_seen[run] = now
 
     def _hello(self, msg: Hello) -> None:
-        self._check_shape(msg.run, (msg.num_layers, msg.num_experts, msg.top_k))
+        self._check_shape(msg.run, (msg.num_layers, msg.num_experts, msg.top_k), hello=True)
         # A hello declares who the sender is: an agent attached before torch.distributed was initialized
         # says hello again as its real rank, and its counters go under that rank from then on.
         info = self.senders[msg.sender]
@@ -544,15 +566,16 @@ class State:
     SNAPSHOT_FIELDS = ("streams", "shapes", "layer_ids", "senders", "agent_counters", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
                        "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "_accounted", "handshake_failures", "wal_applied",
-                       "world_sizes", "run_seen", "stale_stream_reads")
+                       "world_sizes", "run_seen", "stale_stream_reads", "shape_seen",
+                       "disconnects_total")
 
     def snapshot(self) -> dict:
-        """The fields, by reference: pickle them under ``lock`` (``snapshot_blob``) or they may tear."""
+        """The fields, by reference: serialize them quiesced (``snapshot_blob``) or they may tear."""
         with self.lock:
             return {name: getattr(self, name) for name in self.SNAPSHOT_FIELDS}
 
     def snapshot_blob(self) -> bytes:
-        """A consistent, pickled copy of the state (taken quiesced: a few ms per MB)."""
+        """A consistent, serialized copy of the state (persist.snapshot_bytes, taken quiesced)."""
         with self.quiesce():
             return snapshot_bytes(self.snapshot())
 

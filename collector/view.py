@@ -57,6 +57,12 @@ HISTOGRAMS = {
 }
 
 
+# Histograms whose values can be negative (METRICS.md §2): OpenMetrics allows them no _sum (nor _count),
+# so their running sum is a gauge of its own, <name>_sum_signed, and their count the +Inf bucket.
+SIGNED_HISTOGRAMS = ("pathway_consistency", "pathway_adjacent_cosine")
+SIGNED_SUM = "_sum_signed"
+
+
 @dataclass
 class Family:
     name: str
@@ -79,6 +85,9 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
 
     for suffix, (_, help_) in HISTOGRAMS.items():
         fam(suffix, "histogram", help_, GROUP_LABELS)
+    for suffix in SIGNED_HISTOGRAMS:
+        fam(suffix + SIGNED_SUM, "gauge", f"Sum of the values observed by grokwatch_{suffix} (it can fall: their mean "
+            "over a range is delta() of this over delta() of its +Inf bucket)", GROUP_LABELS)
     fam("pathway_layer_distance", "summary", "Layer-wise pathway edit distance (sum and count per layer)",
         LAYER_LABELS)
     fam("pathway_samples_total", "counter", "Samples whose pathways entered the group's window", GROUP_LABELS)
@@ -128,6 +137,9 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
     fam("collector_handshake_failures_total", "counter",
         "ZeroMQ connections refused at their handshake: auth (a CURVE key not in the allow-list), protocol",
         ("reason",))
+    fam("collector_disconnects_total", "counter", "Ingest connections that ended: agents that exited, and those "
+        "libzmq dropped for a frame over twice max_message_bytes (what was in flight on them is lost, and "
+        "counted as lost at the sender's next message)", ())
     fam("collector_scrapes_stale_total", "counter",
         "Scrapes answered from the previous view because the state stayed locked (a long message) for the "
         "scrape's wait", ())
@@ -159,6 +171,7 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
                                                    state.processing_seconds_sum))
         F["collector_ingest_lag_seconds"].add((), state.last_message_lag_s)
         F["collector_stream_reads_stale_total"].add((), state.stale_stream_reads)
+        F["collector_disconnects_total"].add((), state.disconnects_total)
         for why in ("auth", "protocol"):
             F["collector_handshake_failures_total"].add((why,), state.handshake_failures.get(why, 0))
         for what in PERSIST_ERRORS:
@@ -205,6 +218,8 @@ def _stream_families(F: dict, state: State, stream, run: str, source: str, carri
         for suffix, (hkey, _) in HISTOGRAMS.items():
             h = series.hist[hkey]
             F[suffix].add(key, (h.bounds.copy(), h.counts.copy(), h.sum))
+            if suffix in SIGNED_HISTOGRAMS:
+                F[suffix + SIGNED_SUM].add(key, h.sum)
         for layer in range(stream.num_layers):
             F["pathway_layer_distance"].add(key + (layer,), (float(series.layer_distance_count_L[layer]),
                                                              float(series.layer_distance_sum_L[layer])))

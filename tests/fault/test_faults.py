@@ -15,7 +15,7 @@ from grokwatch.collector.state import State
 from grokwatch.wire import encode
 from helpers import Pusher, scrape, start_collector, value, wait_until
 from tiny_models import VOCAB, tiny_model
-from wire_factories import make_routing
+from wire_factories import make_hello, make_routing
 
 
 def train_steps(model, mon, n, tag_prefix="s"):
@@ -103,7 +103,7 @@ def test_invalid_and_oversize_messages_of_a_sender_are_not_counted_again_as_lost
 
     state = State(CollectorConfig())
     big = encode(make_routing(seq=2, n=40))
-    # Just over the limit (libzmq itself drops frames more than 1 KiB over it, with the connection).
+    # Just over the limit (libzmq itself drops frames over twice the limit, with the connection).
     ingest = Ingest(state, ["tcp://127.0.0.1:0"], queue_capacity=100, max_message_bytes=len(big) - 100)
     ingest.start()
     pusher = Pusher(ingest.endpoints[0])
@@ -142,18 +142,27 @@ def test_oversize_messages_are_dropped_and_counted_by_the_agent(tmp_path):
         c.stop()
 
 
-def test_collector_rejects_oversize_bytes_without_crashing(tmp_path):
+def test_a_frame_over_twice_the_limit_costs_its_connection_and_is_counted_lost_at_the_next_message(tmp_path):
+    """libzmq drops a connection whose frame is over MAXMSGSIZE before the collector sees it: that frame
+    used to vanish from every counter. The disconnect is counted, and the sender's next message (libzmq
+    reconnects) counts the frame it never received as lost; up to twice the limit it is too_large."""
     c = start_collector(tmp_path, max_message_bytes=4096)
     pusher = Pusher(c.endpoints[0])
     try:
-        pusher.send(b"\x00" * 5000)
-        time.sleep(0.3)
-        pusher.close()
-        pusher = Pusher(c.endpoints[0])  # the big frame cost the old connection; a new one works
+        pusher.send(encode(make_hello(seq=0)))
         pusher.send(encode(make_routing(seq=1, n=1)))
         wait_until(lambda: c.state.samples_total == 1)
+        pusher.send(encode(make_routing(seq=2, n=40)))  # over 8 KiB: the connection goes
+        wait_until(lambda: c.state.disconnects_total == 1)
+        pusher.send(encode(make_routing(seq=3, n=1)))  # on the connection libzmq opens again
+        wait_until(lambda: c.state.samples_total == 2)
         s = scrape(c.metrics_port)
-        assert value(s, "grokwatch_collector_messages_rejected_total", reason="too_large") <= 1
+        assert value(s, "grokwatch_collector_disconnects_total") == 1
+        assert value(s, "grokwatch_collector_messages_lost_total") == 1
+        assert value(s, "grokwatch_collector_messages_received_total") == 3
+        pusher.send(encode(make_routing(seq=4, n=20)))  # between 4 and 8 KiB: received and too_large
+        wait_until(lambda: c.state.rejected_total.get("too_large") == 1)
+        assert c.state.disconnects_total == 1
     finally:
         pusher.close()
         c.stop()

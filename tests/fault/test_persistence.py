@@ -9,8 +9,10 @@ import pickle
 import subprocess
 import sys
 
+import msgpack
 import pytest
 
+from grokwatch.collector.persist import MAGIC, SNAPSHOT_NAME, SNAPSHOT_VERSION, load_snapshot_bytes
 from grokwatch.wire import encode
 from helpers import Pusher, scrape, scrape_text, start_collector, value, wait_until
 from wire_factories import make_hello, make_routing
@@ -33,7 +35,12 @@ def _with_a_real_snapshot(tmp_path):
         wait_until(lambda: c.state.samples_total == 4)
     finally:
         c.stop()
-    return tmp_path / "state" / "snapshot.pkl"
+    return tmp_path / "state" / SNAPSHOT_NAME
+
+
+def _blob(state) -> bytes:
+    """A snapshot file in the collector's own format, of any content."""
+    return MAGIC + msgpack.packb({"version": SNAPSHOT_VERSION, "state": state}, use_bin_type=True)
 
 
 def with_pusher(collector, msgs):
@@ -54,7 +61,7 @@ def _starts_fresh_and_counts(tmp_path, caplog):
         s = scrape(c.metrics_port)  # /metrics answers
         assert value(s, "grokwatch_collector_persist_errors_total", what="snapshot_read") == 1
         assert value(s, "grokwatch_collector_messages_received_total") == 0
-        aside = [p for p in os.listdir(tmp_path / "state") if p.startswith("snapshot.pkl.bad-")]
+        aside = [p for p in os.listdir(tmp_path / "state") if ".bad-" in p]
         assert len(aside) == 1
         from grokwatch.collector.persist import read_snapshot
 
@@ -68,13 +75,27 @@ def _starts_fresh_and_counts(tmp_path, caplog):
     return c
 
 
-def test_a_crafted_snapshot_runs_no_code_and_is_set_aside(tmp_path, caplog):
+def test_an_older_versions_pickle_is_never_loaded_and_is_set_aside(tmp_path, caplog):
+    """Snapshots used to be pickles, and a crafted one ran code at start-up. The format is data now; a
+    pickle left by an older version is not read at all (not even with an allow-list), moved aside, counted."""
     marker = tmp_path / "pwned"
     (tmp_path / "state").mkdir()
     with open(tmp_path / "state" / "snapshot.pkl", "wb") as fh:
         pickle.dump({"version": 1, "state": {"received_total": _Exploit(marker)}}, fh)
     _starts_fresh_and_counts(tmp_path, caplog)
     assert not marker.exists()
+    assert not os.path.exists(tmp_path / "state" / "snapshot.pkl")
+
+
+@pytest.mark.parametrize("payload", [
+    msgpack.ExtType(7, msgpack.packb(["Popen", {"args": "touch pwned"}])),  # a class that is not ours
+    msgpack.ExtType(5, msgpack.packb(["|O", [1], b"\x00" * 8])),  # an object array
+    msgpack.ExtType(99, b""),  # no such type
+], ids=["foreign-class", "object-array", "unknown-ext"])
+def test_a_crafted_snapshot_names_nothing_that_runs_and_is_set_aside(tmp_path, caplog, payload):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / SNAPSHOT_NAME).write_bytes(_blob({"received_total": payload}))
+    _starts_fresh_and_counts(tmp_path, caplog)
 
 
 def test_a_truncated_snapshot_is_set_aside_and_counted(tmp_path, caplog):
@@ -85,14 +106,15 @@ def test_a_truncated_snapshot_is_set_aside_and_counted(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("blob", [
-    b"not a pickle at all",
-    pickle.dumps({"version": 99, "state": {}}),  # another version
-    pickle.dumps({"version": 1, "state": {"received_total": "many", "rejected_total": [1, 2]}}),  # wrong types
-    pickle.dumps({"version": 1, "state": {"streams": {("r", "train"): 7}}}),  # wrong types, deeper
-], ids=["garbage", "version", "types", "deep-types"])
+    b"not a snapshot at all",
+    MAGIC + b"\xc1 torn",
+    MAGIC + msgpack.packb({"version": 99, "state": {}}),  # another version
+    _blob({"received_total": "many", "rejected_total": [1, 2]}),  # wrong types
+    _blob({"streams": {"r": 7}}),  # wrong types, deeper
+], ids=["garbage", "torn", "version", "types", "deep-types"])
 def test_a_foreign_or_wrong_typed_snapshot_never_crashes_start_up_or_metrics(tmp_path, caplog, blob):
     (tmp_path / "state").mkdir()
-    (tmp_path / "state" / "snapshot.pkl").write_bytes(blob)
+    (tmp_path / "state" / SNAPSHOT_NAME).write_bytes(blob)
     _starts_fresh_and_counts(tmp_path, caplog)
 
 
@@ -117,7 +139,7 @@ def test_a_full_disk_is_counted_as_persist_errors_not_rejections_and_leaves_no_t
         os.remove(state_dir / "journal.jsonl")
         os.symlink("/dev/full", state_dir / "journal.jsonl")
         c.journal._fh = open(state_dir / "journal.jsonl", "a", encoding="utf-8", buffering=1)  # line-buffered
-        os.symlink("/dev/full", state_dir / "snapshot.pkl.tmp")  # the snapshot's temp file: the disk is full
+        os.symlink("/dev/full", state_dir / (SNAPSHOT_NAME + ".tmp"))  # the snapshot's temp file: the disk is full
         with_pusher(c, [make_hello(seq=0)] + [make_routing(seq=i, n=2, step=i) for i in range(1, 6)])
         wait_until(lambda: c.state.samples_total == 10)
         with pytest.raises(OSError):
@@ -127,14 +149,14 @@ def test_a_full_disk_is_counted_as_persist_errors_not_rejections_and_leaves_no_t
         assert value(s, "grokwatch_collector_persist_errors_total", what="snapshot_write") == 1
         assert value(s, "grokwatch_collector_messages_rejected_total", reason="internal") == 0
         assert value(s, "grokwatch_collector_samples_processed_total") == 10
-        assert not os.path.lexists(state_dir / "snapshot.pkl.tmp")
+        assert not os.path.lexists(state_dir / (SNAPSHOT_NAME + ".tmp"))
         assert "grokwatch_collector_persist_errors_total" in scrape_text(c.metrics_port)
     finally:
         c.stop()
 
 
 def test_a_snapshot_is_consistent_even_while_messages_are_processed(tmp_path):
-    """Pickled under the lock: the total and the per-group samples of the same snapshot agree."""
+    """Taken quiesced: the total and the per-group samples of the same snapshot agree."""
     c = start_collector(tmp_path)
     try:
         p = Pusher(c.endpoints[0])
@@ -147,7 +169,7 @@ def test_a_snapshot_is_consistent_even_while_messages_are_processed(tmp_path):
     finally:
         c.stop()
     for blob in blobs:
-        data = pickle.loads(blob)["state"]
+        data = load_snapshot_bytes(blob)
         per_group = sum(g.series.samples_total for st in data["streams"].values() for g in st.groups.values())
         assert per_group == data["samples_total"]
 

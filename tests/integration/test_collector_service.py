@@ -70,7 +70,7 @@ def test_snapshot_and_restart_resume_counters(tmp_path):
     send_all(c, [make_hello(), make_routing(seq=1), make_routing(seq=2)])
     before = scrape(c.metrics_port)
     c.stop()
-    assert os.path.exists(tmp_path / "state" / "snapshot.pkl")
+    assert os.path.exists(tmp_path / "state" / "snapshot.msgpack")
     c2 = start_collector(tmp_path)
     try:
         after = scrape(c2.metrics_port)
@@ -124,3 +124,31 @@ def test_readyz_says_ready_once_ingest_is_bound_and_healthz_while_it_answers(tmp
         assert b"grokwatch_collector_messages_received_total" in urllib.request.urlopen(base + "/metrics").read()
     finally:
         c.stop()
+
+
+def test_the_openmetrics_exposition_parses_strictly_and_carries_the_same_numbers(collector):
+    """Prometheus asks for OpenMetrics first. Before, the consistency histogram's negative _sum made
+    prometheus-client's strict OpenMetrics parser reject the whole exposition; signed histograms now have
+    no _sum, and their sum is the gauge <name>_sum_signed in both formats."""
+    import urllib.request
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+
+    send_all(collector, [make_hello(), make_routing(seq=1, n=6), make_routing(seq=2, n=6), make_heartbeat(seq=3)])
+    request = urllib.request.Request(f"http://127.0.0.1:{collector.metrics_port}/metrics",
+                                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        text = resp.read().decode()
+    families = {f.name: f for f in openmetrics_families(text)}  # raises on any violation
+    g = {"run": "run-a", "source": "train", "group": "math"}
+    cons = families["grokwatch_pathway_consistency"]
+    assert cons.type == "histogram" and not [s for s in cons.samples if s.name.endswith(("_sum", "_count"))]
+    signed = [s.value for s in families["grokwatch_pathway_consistency_sum_signed"].samples if s.labels == g]
+    text_format = scrape(collector.metrics_port)
+    assert signed == [pytest.approx(value(text_format, "grokwatch_pathway_consistency_sum_signed", **g))]
+    assert (value(text_format, "grokwatch_pathway_consistency_bucket", le="+Inf", **g)
+            + value(text_format, "grokwatch_pathway_consistency_undefined_total", **g)) == 12
+    received = [s.value for s in families["grokwatch_collector_messages_received"].samples
+                if s.name.endswith("_total")]
+    assert received == [value(text_format, "grokwatch_collector_messages_received_total")]

@@ -47,7 +47,7 @@ def test_training_to_metrics_equals_the_reference_of_the_routers(tmp_path):
             assert value(s, "grokwatch_pathway_distance_sum", **labels) == pytest.approx(sum(dists))
             for layer in range(3):
                 assert value(s, "grokwatch_routing_entropy_ratio", layer=layer, **labels) > 0.5
-            assert value(s, "grokwatch_pathway_adjacent_cosine_count", **labels) == len(paths)
+            assert value(s, "grokwatch_pathway_adjacent_cosine_bucket", le="+Inf", **labels) == len(paths)
         cross = value(s, "grokwatch_pathway_distance_count", run="e2e", source="train", group="_cross")
         assert cross > 0
         assert value(s, "grokwatch_train_step", run="e2e") == steps - 1

@@ -46,13 +46,13 @@ def test_the_otlp_batch_is_the_prometheus_view_in_otlp_types(tmp_path):
         for bound, c_le in zip(list(point.explicit_bounds) + [float("inf")], cumulative):
             le = "+Inf" if bound == float("inf") else repr(float(bound))
             assert prom["grokwatch_pathway_distance_bucket"][GROUP | {("le", le)}] == c_le
-        # A histogram of signed values: no sum in the point, the sum beside it as a Sum that may fall.
+        # A histogram of signed values: no sum in the point, the sum beside it as a gauge (it may fall).
         cos = metrics["grokwatch_pathway_adjacent_cosine"].data
         assert isinstance(cos, Histogram) and all(p.sum is None for p in cos.data_points)
-        cos_sum = metrics["grokwatch_pathway_adjacent_cosine_sum"].data
-        assert isinstance(cos_sum, Sum) and not cos_sum.is_monotonic
+        cos_sum = metrics["grokwatch_pathway_adjacent_cosine_sum_signed"].data
+        assert isinstance(cos_sum, Gauge)
         assert {frozenset(p.attributes.items()): p.value for p in cos_sum.data_points}[GROUP] == pytest.approx(
-            prom["grokwatch_pathway_adjacent_cosine_sum"][GROUP])
+            prom["grokwatch_pathway_adjacent_cosine_sum_signed"][GROUP])
         received = metrics["grokwatch_collector_messages_received_total"].data
         assert isinstance(received, Sum) and received.is_monotonic and received.data_points[0].value == 4
         assert isinstance(metrics["grokwatch_collector_queue_size"].data, Gauge)
@@ -77,7 +77,8 @@ def test_a_real_otlp_receiver_reads_histograms_monotonic_sums_and_gauges(tmp_pat
     lines: list = []
     reader = threading.Thread(target=lambda: lines.extend(iter(receiver.stdout.readline, "")), daemon=True)
     reader.start()
-    wanted = ("grokwatch_pathway_distance", "grokwatch_pathway_adjacent_cosine", "grokwatch_pathway_adjacent_cosine_sum",
+    wanted = ("grokwatch_pathway_distance", "grokwatch_pathway_adjacent_cosine",
+              "grokwatch_pathway_adjacent_cosine_sum_signed",
               "grokwatch_collector_messages_received_total", "grokwatch_collector_queue_capacity",
               "grokwatch_collector_processing_seconds_count")
     arrived: dict = {}
@@ -115,8 +116,7 @@ def test_a_real_otlp_receiver_reads_histograms_monotonic_sums_and_gauges(tmp_pat
     assert sum(int(b) for b in point["bucketCounts"]) == int(point["count"])
     cos = arrived["grokwatch_pathway_adjacent_cosine"]["histogram"]["dataPoints"]
     assert all(p.get("sum") is None for p in cos)  # signed values: the sum is not in the histogram
-    cos_sum = arrived["grokwatch_pathway_adjacent_cosine_sum"]["sum"]
-    assert cos_sum.get("isMonotonic", False) is False
+    assert "gauge" in arrived["grokwatch_pathway_adjacent_cosine_sum_signed"]
     received = arrived["grokwatch_collector_messages_received_total"]["sum"]
     assert received["isMonotonic"] is True and received["aggregationTemporality"] == 2
     assert received["dataPoints"][0]["asDouble"] == 4

@@ -424,3 +424,38 @@ def test_the_collector_refuses_a_configuration_whose_worst_case_exceeds_the_cont
         check_memory(config, 1024)
     check_memory(config, 2048)
     check_memory(config, None)
+
+
+def test_a_first_hello_of_another_shape_locks_out_the_real_run_only_while_it_keeps_talking():
+    """A stranger's hello with another shape, sent first, made the real agent shape_mismatch for ever (and
+    after every restart). Now a hello of another shape takes the run over only once nothing of the old
+    shape has come for run_reshape_quiet_s: a live run keeps its shape; a quiet one (the stranger gone, or
+    a job restarted with a new model) is a new incarnation, and its pathway state starts over."""
+    now = [1000.0]
+    state = State(CollectorConfig(run_reshape_quiet_s=60), journal=lambda r: None, clock=lambda: now[0])
+
+    def at(t, msg):
+        now[0] = t
+        msg = dataclasses.replace(msg, wall_time=t)
+        state.handle(msg)
+
+    at(1000, make_hello(sender="stranger", num_layers=3))  # the stranger says hello first
+    with pytest.raises(Rejected, match="shape_mismatch"):
+        at(1010, make_hello(sender="real", num_layers=4))  # the real job: refused while the stranger talks
+    at(1030, make_hello(sender="stranger", seq=1, num_layers=3))
+    with pytest.raises(Rejected, match="shape_mismatch"):
+        at(1080, make_routing(sender="real", seq=1, num_layers=4))  # only a hello may take a run over
+    at(1100, make_hello(sender="real", seq=2, num_layers=4))  # 70 s of silence of the old shape: taken over
+    at(1101, make_routing(sender="real", seq=3, num_layers=4, n=2))
+    assert state.shapes["run-a"] == (4, 8, 2) and state.samples_total == 2
+    with pytest.raises(Rejected, match="shape_mismatch"):
+        at(1120, make_hello(sender="stranger", seq=2, num_layers=3))  # the live run keeps its shape
+    at(1121, make_routing(sender="real", seq=4, num_layers=4, n=2))
+    # A job restarted with a new model: new senders, quiet old ones, accepted after the quiet time.
+    with pytest.raises(Rejected, match="shape_mismatch"):
+        at(1150, make_hello(sender="restarted", num_layers=6))
+    at(1190, make_hello(sender="restarted", seq=1, num_layers=6))
+    at(1191, make_routing(sender="restarted", seq=2, num_layers=6, n=3))
+    assert state.shapes["run-a"] == (6, 8, 2)
+    assert int(state.streams[("run-a", "train")].samples_G.sum()) == 3  # the old model's windows are gone
+    assert state.samples_total == 7  # the counter goes on
