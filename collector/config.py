@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, as a package (a dependency there)
-    import tomli as tomllib
+    import tomli as tomllib  # pyright: ignore[reportMissingImports]  (installed on 3.10 only)
 
 DEFAULT_LISTEN = ("tcp://127.0.0.1:5557",)
 DEFAULT_METRICS_PORT = 9464
@@ -194,6 +194,12 @@ _ENV_PREFIX = "GROKWATCH_"
 _TUPLE_KEYS = {"listen"}
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def _coerce(key: str, value: Any, target: Any) -> Any:
     """Convert a file or environment value to the type of the field's default."""
     try:
@@ -225,8 +231,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any
                 environ: Optional[Mapping[str, str]] = None) -> CollectorConfig:
     """Build the config from a TOML file, GROKWATCH_* variables and overrides."""
     environ = os.environ if environ is None else environ
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(CollectorConfig)}
+    defaults = {f.name: _field_default(f) for f in dataclasses.fields(CollectorConfig)}
     values: dict[str, Any] = {}
     if path:
         try:

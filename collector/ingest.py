@@ -9,13 +9,13 @@ import logging
 import queue
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from grokwatch.collector.pipeline import KernelWorkers
-from grokwatch.collector.state import State
+from grokwatch.collector.state import KernelJob, State
 from grokwatch.wire import Limits, peek_sequence
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class Ingest:
             self.ctx = zmq.Context()
             self.auth = ThreadAuthenticator(self.ctx)
             self.auth.start()
+            if not curve_allowed_clients:  # config.py refuses one without the other
+                raise ValueError("curve_secret_key needs curve_allowed_clients")
             self.auth.configure_curve(domain="*", location=curve_allowed_clients)
         else:
             self.ctx = context or zmq.Context.instance()
@@ -202,12 +204,13 @@ class Ingest:
         """Decode and apply one message (State.apply: every failure counted, none escapes). Its bytes stay
         counted in ``queued_bytes`` until it is done, kernels included."""
         size = len(data)
-        dispatch = None
+        dispatch: Optional[Callable[[KernelJob], None]] = None
         if self.workers is not None:
             workers = self.workers
 
-            def dispatch(job):
+            def to_workers(job: KernelJob) -> None:
                 workers.dispatch(job, lambda: self._release(size))
 
+            dispatch = to_workers
         if not self.state.apply(data, self.limits, wal_index, dispatch):
             self._release(size)

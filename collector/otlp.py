@@ -106,9 +106,12 @@ class OtelView:
         for k, (bounds, counts, value_sum) in fam.samples:
             counts = np.asarray(counts, dtype=np.int64)
             is_signed = signed(bounds)
+            # The SDK's annotations ask for a sum, min and max; the OTLP data model makes all three optional,
+            # and its encoder leaves out what is None (a signed histogram has no sum; we keep no min, max).
             points.append(HistogramDataPoint(attrs(k), self.start_ns, now, int(counts.sum()),
-                                             None if is_signed else float(value_sum),
-                                             [int(c) for c in counts], [float(b) for b in bounds], None, None))
+                                             None if is_signed else float(value_sum),  # pyright: ignore[reportArgumentType]
+                                             [int(c) for c in counts], [float(b) for b in bounds],
+                                             None, None))  # pyright: ignore[reportArgumentType]
         return [Metric(fam.name, fam.help, "", Histogram(points, CUMULATIVE))]
 
     def export_once(self) -> bool:
@@ -172,7 +175,9 @@ def otlp_exporters_from_env(environ: Mapping[str, str]) -> list[MetricExporter]:
         return []
     if otlp_protocol(environ) == "grpc":
         try:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (  # pyright: ignore[reportMissingImports]
+                OTLPMetricExporter,  # the otlp-grpc extra
+            )
         except ImportError:
             raise ConfigError("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs the gRPC exporter: "
                               "pip install 'grokwatch[otlp-grpc]'") from None

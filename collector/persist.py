@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, cast
 
 import msgpack
 import numpy as np
@@ -61,7 +61,7 @@ def _classes() -> dict:
 
 
 def _pack(obj) -> bytes:
-    return msgpack.packb(obj, default=_default, strict_types=True, use_bin_type=True)
+    return cast(bytes, msgpack.packb(obj, default=_default, strict_types=True, use_bin_type=True))
 
 
 def _default(obj):
@@ -85,7 +85,7 @@ def _default(obj):
         return msgpack.ExtType(_GENERATOR, _pack([state["bit_generator"], str(state["state"]["state"]),
                                                  str(state["state"]["inc"]), state["has_uint32"], state["uinteger"]]))
     if _known_class(t.__name__) is t:
-        if hasattr(obj, "__getstate__") and t.__getstate__ is not object.__getstate__:
+        if "__getstate__" in t.__dict__:  # its own (Stream leaves out its scratch arrays and lock)
             attrs = obj.__getstate__()
         elif hasattr(t, "__slots__"):
             attrs = {k: getattr(obj, k) for k in t.__slots__ if hasattr(obj, k)}
@@ -214,7 +214,7 @@ def read_snapshot(state_dir: str) -> Optional[dict]:
         return load_snapshot_bytes(fh.read())
 
 
-def set_aside(state_dir: str, name: str = None) -> str:
+def set_aside(state_dir: str, name: Optional[str] = None) -> str:
     """Move a bad snapshot out of the way (kept for a post-mortem); returns its new path."""
     path = os.path.join(state_dir, name or SNAPSHOT_NAME)
     if not os.path.exists(path) and os.path.exists(os.path.join(state_dir, OLD_SNAPSHOT_NAME)):

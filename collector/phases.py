@@ -35,7 +35,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -275,7 +275,7 @@ class PhaseTracker:
         self._pending = dict(step=step, distance=distance, consistency=consistency, baseline=baseline, n=1)
 
     @staticmethod
-    def _late(entries: deque, step: int, step_of) -> Optional[object]:
+    def _late(entries: deque, step: int, step_of) -> Any:
         """The entry of ``step`` among the last LATE_STEPS of ``entries``, if there is one."""
         for i in range(len(entries) - 1, max(-1, len(entries) - 1 - LATE_STEPS), -1):
             if step_of(entries[i]) == step:
@@ -317,7 +317,11 @@ class PhaseTracker:
         c = self.config
         x, y = np.array([(s, v) for s, v, _ in self.losses], dtype=np.float64).T
         level = float(np.median(y))
-        eps = self.epsilon if self.epsilon is not None else c.loss_low_ratio * self.loss_reference
+        if self.epsilon is not None:
+            eps = self.epsilon
+        else:  # has_loss_evidence without an epsilon: the reference level exists
+            assert self.loss_reference is not None
+            eps = c.loss_low_ratio * self.loss_reference
         change = theil_sen_slope(x, y) * float(x[-1] - x[0]) if len(x) > 1 else 0.0
         tol = max(c.loss_abs_tol, c.loss_rel_tol * level)
         return dict(loss=_r(level), epsilon=_r(eps), loss_change=_r(change), loss_tolerance=_r(tol),
@@ -374,7 +378,8 @@ class PhaseTracker:
         if self._streak < self.config.patience:
             return
         # The transition happened where the first agreeing evaluation's window ended.
-        at, evidence = self._candidate["step"], dict(self._candidate, confirmed_step=t["step"])
+        first = self._candidate if self._candidate is not None else t
+        at, evidence = first["step"], dict(first, confirmed_step=t["step"])
         self._streak, self._candidate = 0, None
         if self.phase == "memorizing":
             self.phase, self.memorized_step = "memorized", at

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import ssl
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import numpy as np
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -135,7 +136,7 @@ class MetricsServer(ThreadingWSGIServer):
 
     def process_request_thread(self, request, client_address):
         try:
-            request.settimeout(CLIENT_TIMEOUT_S)
+            cast(socket.socket, request).settimeout(CLIENT_TIMEOUT_S)  # a TCP server: requests are sockets
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -81,8 +81,8 @@ class State:
         self.streams: dict[tuple[str, str], Stream] = {}
         self.shapes: dict[str, tuple[int, int, int]] = {}
         self.layer_ids: dict[str, tuple] = {}  # run -> layer_identity of its first hello that named its layers
-        self.senders: dict[str, dict] = {}
-        self.agent_counters: dict[tuple[str, int], dict] = {}  # retired senders folded in
+        self.senders: dict[str, dict[str, Any]] = {}  # sender id -> run, rank, last_seq, hello, counters
+        self.agent_counters: dict[tuple[str, int], dict[str, Any]] = {}  # retired senders folded in
         self.received_total = 0
         self.rejected_total: dict[str, int] = {}
         self.lost_total = 0
@@ -319,9 +319,8 @@ class State:
             for table in (self.shapes, self.layer_ids, self.train_step, self.world_sizes, self.run_seen,
                           self.shape_seen):
                 table.pop(run, None)
-            for table in (self.streams, self.evals, self.agent_counters):
-                for key in [k for k in table if k[0] == run]:
-                    del table[key]
+            for by_run in (self.streams, self.evals, self.agent_counters):
+                _drop_keys_of(by_run, run)
             for sender in [s for s, info in self.senders.items() if info["run"] == run]:
                 del self.senders[sender]
 
@@ -497,8 +496,9 @@ class State:
         targets = np.full((msg.num_samples, 2), -1, np.int64)
         for i, label in enumerate(labels):
             targets[i, 0] = stream.index[label]
-            if memorized[i] is not None:
-                bucket = self.group_label(stream, stream.memorization.bucket_label(memorized[i]))
+            step = memorized[i]
+            if step is not None and stream.memorization is not None:
+                bucket = self.group_label(stream, stream.memorization.bucket_label(step))
                 if bucket != label:
                     targets[i, 1] = stream.index[bucket]
         return KernelJob(msg, stream, labels, targets, self._wal_index, started)
@@ -523,6 +523,7 @@ class State:
 
     def _points(self, job: KernelJob) -> None:
         msg, stream, targets = job.msg, job.stream, job.targets_N2
+        assert job.stats is not None  # finish() counts a job without stats as internal
         stats_GK, ent_GL, load_GLE = job.stats
         self.samples_total += msg.num_samples
         for g in np.unique(targets[targets >= 0]):
@@ -546,11 +547,12 @@ class State:
 
     # ------------------------------------------------------------- export view
 
-    def agent_totals(self) -> dict[tuple[str, int], dict]:
+    def agent_totals(self) -> dict[tuple[str, int], dict[str, Any]]:
         """Agents' counters per (run, rank): retired senders plus the live ones,
         so a restarted agent never makes a total go backwards."""
-        out = {k: dict(sent=v["sent"], dropped=dict(v["dropped"]), hook_errors=v["hook_errors"])
-               for k, v in self.agent_counters.items()}
+        out: dict[tuple[str, int], dict[str, Any]] = {
+            k: dict(sent=v["sent"], dropped=dict(v["dropped"]), hook_errors=v["hook_errors"])
+            for k, v in self.agent_counters.items()}
         for info in self.senders.values():
             if not _has_beaten(info):  # no heartbeat yet (or only refused messages): no series
                 continue
@@ -586,6 +588,12 @@ class State:
                     setattr(self, name, data[name])
             for stream in self.streams.values():
                 stream.restore_scratch(self.config)
+
+
+def _drop_keys_of(table: dict[Any, Any], run: str) -> None:
+    """Remove the entries keyed (run, ...) of ``run``."""
+    for key in [k for k in table if k[0] == run]:
+        del table[key]
 
 
 class _Quiesced:

@@ -119,6 +119,30 @@ _SCRATCH = ("sym_S", "starts_L1", "chars_C", "peq_AW", "pv_W", "mv_W", "lpeq_LAW
 class Stream:
     """One (run, source): its groups, cross-group baseline, phases, memorization."""
 
+    # The group arrays (``_group_shapes``: one slot per group, allocated together in ``_allocate``).
+    zloss_GWL: np.ndarray
+    zloss_filled_G: np.ndarray
+    zloss_next_G: np.ndarray
+    win_sym_GWS: np.ndarray
+    win_len_GW: np.ndarray
+    win_starts_GWL1: np.ndarray
+    win_fp_GW: np.ndarray
+    win_chars_GWC: np.ndarray
+    win_chars_len_GW: np.ndarray
+    win_filled_G: np.ndarray
+    win_next_G: np.ndarray
+    topk_GWLE: np.ndarray
+    tokens_GW: np.ndarray
+    entropy_GWL: np.ndarray
+    hist_GHB1: np.ndarray
+    hist_sum_GH: np.ndarray
+    layer_sum_GL: np.ndarray
+    layer_count_GL: np.ndarray
+    samples_G: np.ndarray
+    undefined_G: np.ndarray
+    latest_step_G: np.ndarray
+    eligible_G: np.ndarray
+
     def __init__(self, run: str, source: str, num_layers: int, num_experts: int, top_k: int,
                  config: CollectorConfig, rng: np.random.Generator):
         self.run, self.source = run, source

@@ -92,6 +92,8 @@ class WriteAheadLog:
             index = self.next_index
             self.next_index += 1
             try:
+                if self._fd is None:
+                    raise OSError("the write-ahead log is closed")
                 os.write(self._fd, _HEADER.pack(kind, index, t, len(payload)) + payload)
                 self._size += _HEADER.size + len(payload)
                 m, d = self._max_index[self.generation]
@@ -117,7 +119,7 @@ class WriteAheadLog:
     def rotate(self) -> None:
         """A new generation for what follows (called under the state lock, just before a snapshot)."""
         with self._lock:
-            if self._size == 0:
+            if self._size == 0 or self._fd is None:
                 return
             os.close(self._fd)
             self.generation += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import msgpack
 import numpy as np
@@ -126,7 +126,7 @@ def encode(message: Message) -> bytes:
             hook_errors=int(message.hook_errors),
             disabled=bool(message.disabled),
         )
-    return msgpack.packb(out, use_bin_type=True)
+    return cast(bytes, msgpack.packb(out, use_bin_type=True))  # the stubs say Optional: never None without a stream
 
 
 # ----------------------------------------------------------------- decode
@@ -207,9 +207,10 @@ class _Reader:
             out[k] = v if integer else float(v)
         return out
 
-    def array(self, key: str, dtype: str, shape: tuple[int, ...], optional: bool = False) -> Optional[np.ndarray]:
-        if optional and key not in self.obj:
-            return None
+    def optional_array(self, key: str, dtype: str, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+        return self.array(key, dtype, shape) if key in self.obj else None
+
+    def array(self, key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         value = self._get(key)
         if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
             raise WireError("field_type", f"{key!r} must be an array map with dtype, shape, data")
@@ -309,9 +310,9 @@ def _decode_routing(r: _Reader) -> Routing:
     probs = r.array("mean_probs", F32, nle)
     counts = r.array("topk_counts", U32, nle)
     entropy = r.array("entropy", F32, nl)
-    cosine = r.array("adj_cosine", F32, (n, num_layers - 1), optional=True)
-    loss = r.array("loss", F32, (n,), optional=True)
-    zloss = r.array("zloss", F32, nl, optional=True)
+    cosine = r.optional_array("adj_cosine", F32, (n, num_layers - 1))
+    loss = r.optional_array("loss", F32, (n,))
+    zloss = r.optional_array("zloss", F32, nl)
 
     for name, arr in (("mean_probs", probs), ("entropy", entropy), ("adj_cosine", cosine), ("loss", loss),
                       ("zloss", zloss)):
@@ -440,7 +441,8 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
     version = obj.get("v")
     if version != PROTOCOL_VERSION or isinstance(version, bool):
         raise WireError("version", f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}")
-    decoder = _DECODERS.get(obj.get("kind")) if isinstance(obj.get("kind"), str) else None
+    kind = obj.get("kind")
+    decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
     if decoder is None:
         raise WireError("kind", f"unknown message kind {obj.get('kind')!r}")
     try:
