@@ -6,8 +6,7 @@ training step and a pass over [layers, rows, tokens, experts] in memory.
 counts, the adjacent-layer cosines for consecutive layers with usable router
 weights, and the writes into the staging views); reduce_all calls it in place
 of the op-by-op function. A compiled call has a fixed host cost (dynamo's
-guards, the generated wrapper: ~24 us warm with negligible work on this
-repository's 2-vCPU VM, more in a training step's cold caches), paid once a
+guards, the generated wrapper; measured in docs/benchmarks.md), paid once a
 sampled step. The first
 call compiles (a one-time pause of the training step, logged with its
 duration; a new sequence length compiles once more, then for any length). If

@@ -63,8 +63,8 @@ class ForwardHooks:
 
     def _install_model_hooks(self) -> None:
         """Two hooks stay on the model. The per-layer hooks are armed only for
-        the forwards we summarize: a module with hooks takes the slow call path
-        (~10 us a call), which on unsampled steps would be pure cost. At
+        the forwards we summarize: a module with hooks takes torch's slow call
+        path, which on unsampled steps would be pure cost. At
         ``every_n_steps=1`` they stay armed (``_keep_armed``)."""
         h = self._handles
         pre = self._compile_aware(self._guard(self._on_forward_start))

@@ -83,8 +83,8 @@ class Monitor(ForwardHooks):
         self._handles: list[Any] = []
         self._layer_handles: list[Any] = []
         self._armed_experts: list[bool] = []  # which layers' experts hooks the armed set holds
-        # When every training forward is summarized, arming and disarming each time costs more (~17 us a
-        # layer, cold) than the hooks' slow call path on the odd unsampled forward: they stay armed.
+        # When every training forward is summarized, arming and disarming each time costs more than the
+        # hooks' slow call path on the odd unsampled forward (docs/benchmarks.md): they stay armed.
         self._keep_armed = config.every_n_steps == 1
         self._compiled = False  # seen under torch.compile: the armed hooks are part of the compiled code
         self._active = True  # False while paused or after close (compiled code keeps calling captured hooks)
@@ -292,7 +292,8 @@ class Monitor(ForwardHooks):
         optimizers, e.g. experts and the rest at their own learning rates, are one step; another model's
         optimizer is none). While paused the forwards are not seen: every optimizer step counts."""
         if self._seen_forward:
-            # A process group starts before training does: stop looking for one (a check costs ~10 us cold).
+            # A process group starts before training does: stop looking for one (a check is not free, and
+            # would run every step).
             self._ranks_known = True
         elif self._active:
             self._steps_unseen += 1

@@ -200,7 +200,8 @@ class Sender:
         """One row selection per array: the staging buffer is stored in the
         wire's order and dtypes. Few NumPy calls, because this thread holds the
         GIL while it builds a message and the training thread may be waiting
-        for it (in a training process each call here costs ~10 us, not ~1)."""
+        for it (in a training process, with cold caches, each NumPy call here costs several times what it
+        does in a warm loop: docs/benchmarks.md)."""
         if p.event is not None and not p.event.query():  # done already: no wait, no GIL hand-over
             p.event.synchronize()  # waits here, on the sender thread, not in training
         v = self._host_views[p.host_index]

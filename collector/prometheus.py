@@ -36,9 +36,11 @@ SCRAPE_LOCK_WAIT_S = 2.0  # a scrape waits this long for the state; then it answ
 
 
 class PrometheusCollector:
-    """``collect()`` renders one consistent snapshot of the state. A scrape never waits on a long message
-    (the kernels run under the state lock): after ``SCRAPE_LOCK_WAIT_S`` it answers with the last view it
-    rendered, counted in ``grokwatch_collector_scrapes_stale_total``, well inside Prometheus' 10 s."""
+    """``collect()`` renders one snapshot of the state. The kernels hold only their stream's lock (a busy
+    stream is read from its previous reading: view.py); should the state lock itself stay held past
+    ``SCRAPE_LOCK_WAIT_S`` (a snapshot waiting for the kernels in flight, a new group's allocation), the
+    scrape answers with the last view it rendered, counted in ``grokwatch_collector_scrapes_stale_total``,
+    well inside Prometheus' 10 s."""
 
     def __init__(self, state: State, queue_stats: Optional[Callable[[], tuple]] = None):
         self.state = state

@@ -210,7 +210,7 @@ class Collector:
             return
         if self.journal:
             self.journal.flush()
-        with self.state.lock:  # the log's cut and the state's copy at the same instant
+        with self.state.quiesce():  # the log's cut and the state's copy at the same instant, no message half applied
             if self.wal:
                 self.wal.rotate()
             applied = list(self.state.wal_applied)

@@ -46,10 +46,18 @@ def layer_identity(names: Sequence[str]) -> tuple:
     return tuple(sorted(tuple(int(d) for d in re.findall(r"\d+", name)) for name in names))
 
 
+# Rejections decided by the collector itself, beyond the wire contract's (wire.REASONS); each is a value
+# of grokwatch_collector_messages_rejected_total{reason} (docs/collector.md lists what each means).
+COLLECTOR_REASONS = ("queue_full", "stale", "duplicate", "shape_mismatch", "too_many_runs", "too_many_groups",
+                     "internal", "no_routing", "unknown_run", "bad_rank", "sequence_jump", "shape_too_large",
+                     "memory_budget")
+
+
 class Rejected(Exception):
-    """A message that passed the wire checks but not the collector's own."""
+    """A message that passed the wire checks but not the collector's own. ``reason``: COLLECTOR_REASONS."""
 
     def __init__(self, reason: str):
+        assert reason in COLLECTOR_REASONS, reason
         super().__init__(reason)
         self.reason = reason
 

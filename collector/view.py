@@ -14,14 +14,10 @@ import numpy as np
 
 from grokwatch.collector.persist import PERSIST_ERRORS
 from grokwatch.collector.phases import PHASES
-from grokwatch.collector.state import CROSS_GROUP, State
+from grokwatch.collector.state import COLLECTOR_REASONS, CROSS_GROUP, State
 from grokwatch.wire import REASONS as WIRE_REASONS
 
-# Rejections decided by the collector itself (beyond the wire contract's).
-COLLECTOR_REASONS = ("queue_full", "stale", "duplicate", "shape_mismatch", "too_many_runs", "too_many_groups",
-                     "internal", "no_routing", "unknown_run", "bad_rank", "sequence_jump", "shape_too_large",
-                     "memory_budget")
-ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS
+ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS  # every value of ..._messages_rejected_total{reason}
 
 GROUP_LABELS = ("run", "source", "group")
 LAYER_LABELS = ("run", "source", "group", "layer")

@@ -459,3 +459,21 @@ def test_a_first_hello_of_another_shape_locks_out_the_real_run_only_while_it_kee
     assert state.shapes["run-a"] == (6, 8, 2)
     assert int(state.streams[("run-a", "train")].samples_G.sum()) == 3  # the old model's windows are gone
     assert state.samples_total == 7  # the counter goes on
+
+
+def test_the_collectors_rejection_reasons_are_declared_exported_and_documented():
+    """Like the wire's REASONS: a reason raised is declared, every declared one is a series from the start
+    (alerts need it at 0), and docs/collector.md says what each means."""
+    from pathlib import Path
+
+    from grokwatch.collector.state import COLLECTOR_REASONS
+    from grokwatch.collector.view import build_view
+
+    with pytest.raises(AssertionError):
+        Rejected("made_up")
+    state, _ = new_state()
+    [family] = [f for f in build_view(state) if f.name == "grokwatch_collector_messages_rejected_total"]
+    exported = {values[0] for values, _ in family.samples}
+    assert set(COLLECTOR_REASONS) <= exported
+    docs = (Path(__file__).parents[2] / "docs" / "collector.md").read_text()
+    assert [r for r in COLLECTOR_REASONS if f"`{r}`" not in docs] == []
