@@ -20,7 +20,9 @@ FRAMEWORK_PINS := megatron-core==0.16.1 torchtitan==0.3.0 spmd_types==0.2.3 tyro
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The editable install is a link tree (editable_mode=strict): a module added or removed needs it again,
+# so the package folders (whose mtimes change then) are prerequisites too.
+$(STAMP): pyproject.toml agent wire collector grokwatch grokwatch/demo
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"

@@ -55,9 +55,11 @@ _DTYPES = frozenset(np.dtype(t).str for t in ("bool", "int8", "int16", "int32", 
 def _classes() -> dict:
     from grokwatch.collector.memorization import MemorizationTracker, SampleHistory
     from grokwatch.collector.phases import PhaseConfig, PhaseTracker
+    from grokwatch.collector.senders import Counters, Sender, Senders
     from grokwatch.collector.stream import Stream
 
-    return {cls.__name__: cls for cls in (Stream, PhaseTracker, PhaseConfig, MemorizationTracker, SampleHistory)}
+    return {cls.__name__: cls for cls in (Stream, PhaseTracker, PhaseConfig, MemorizationTracker, SampleHistory,
+                                          Senders, Sender, Counters)}
 
 
 def _pack(obj) -> bytes:

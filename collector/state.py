@@ -22,8 +22,9 @@ from grokwatch.collector import kernels, wal
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.persist import snapshot_bytes
 from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseTracker
+from grokwatch.collector.senders import Counters, Senders, SequenceError
 from grokwatch.collector.stream import Stream
-from grokwatch.wire import AGENT_DROP_REASONS, Eval, Heartbeat, Hello, Loss, Routing, WireError, decode, peek_sequence
+from grokwatch.wire import Eval, Heartbeat, Hello, Loss, Routing, WireError, decode, peek_sequence
 
 CROSS_GROUP = "_cross"  # METRICS.md §1 cross-group baseline
 OTHER_GROUP = "other"  # label values beyond max_groups
@@ -33,8 +34,6 @@ BUCKET_PREFIX = "mem@"  # the probe's memorization buckets (METRICS.md §4): dia
 CARRIER_ORDER = ("probe", "train", "replay")
 MIN_MAX_COSINE = 0.05  # METRICS.md §2: below this, consistency is undefined
 EXPIRY_SWEEP_S = 60.0  # how often idle runs are looked for
-MAX_ACCOUNTED_SENDERS = 4096  # senders with dropped-and-counted messages not yet passed by a later one
-MAX_ACCOUNTED_PER_SENDER = 65536
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,7 @@ class State:
         self.streams: dict[tuple[str, str], Stream] = {}
         self.shapes: dict[str, tuple[int, int, int]] = {}
         self.layer_ids: dict[str, tuple] = {}  # run -> layer_identity of its first hello that named its layers
-        self.senders: dict[str, dict[str, Any]] = {}  # sender id -> run, rank, last_seq, hello, counters
-        self.agent_counters: dict[tuple[str, int], dict[str, Any]] = {}  # retired senders folded in
+        self.senders = Senders()  # sender id -> its sequence numbers, hello and counters (senders.py)
         self.received_total = 0
         self.rejected_total: dict[str, int] = {}
         self.lost_total = 0
@@ -103,9 +101,6 @@ class State:
         self.persist_errors: dict[str, int] = {}  # persist.PERSIST_ERRORS -> count
         self.disconnects_total = 0  # ingest connections that ended (ingest.py's socket monitor)
         self.handshake_failures: dict[str, int] = {}  # ZeroMQ handshakes refused: "auth" (CURVE), "protocol"
-        # Sequence numbers of messages dropped (and counted under their reason) before they were applied:
-        # a later message's gap leaves them out, so that a drop is counted once, not again as lost.
-        self._accounted: dict[str, set[int]] = {}
         # Write-ahead log positions (collector/wal.py): the index of the last message and of the last drop
         # record applied here; -1: none. A snapshot carries them, the replay at start-up resumes after them.
         self.wal_applied = [-1, -1]
@@ -131,17 +126,7 @@ class State:
         with self.lock:
             self.rejected_total[reason] = self.rejected_total.get(reason, 0) + 1
             if sequence is not None:
-                sender, seq = sequence
-                info = self.senders.get(sender)
-                if info is not None and seq <= info["last_seq"]:
-                    return
-                marks = self._accounted.get(sender)
-                if marks is None:
-                    if len(self._accounted) >= MAX_ACCOUNTED_SENDERS:
-                        self._accounted.pop(next(iter(self._accounted)))
-                    marks = self._accounted[sender] = set()
-                if len(marks) < MAX_ACCOUNTED_PER_SENDER:
-                    marks.add(seq)
+                self.senders.mark_dropped(*sequence)
 
     def count_handshake_failure(self, why: str) -> None:
         with self.lock:
@@ -266,39 +251,11 @@ class State:
         return job
 
     def _sequence(self, msg) -> None:
-        info = self.senders.get(msg.sender)
-        if info is None:
-            if len(self.senders) >= 4096:
-                self._retire_oldest_sender()
-            info = self.senders[msg.sender] = dict(run=msg.run, rank=msg.rank, last_seq=-1, hello=None,
-                                                   sent=0, dropped={}, hook_errors=0, disabled=False,
-                                                   seen=self.clock())
-        if msg.seq <= info["last_seq"]:
-            raise Rejected("duplicate")
-        gap = msg.seq - info["last_seq"] - 1
-        if gap > self.config.max_sequence_jump:
-            raise Rejected("sequence_jump")  # last_seq stays: the sender's real next message is accepted
-        marks = self._accounted.get(msg.sender)
-        if marks:
-            counted = {s for s in marks if s <= msg.seq}
-            gap -= sum(1 for s in counted if s > info["last_seq"] and s != msg.seq)
-            marks -= counted
-            if not marks:
-                del self._accounted[msg.sender]
-        self.lost_total += gap
-        info["last_seq"] = msg.seq
-        info["seen"] = self.clock()
-
-    def _retire_oldest_sender(self) -> None:
-        oldest = min(self.senders, key=lambda s: self.senders[s]["seen"])
-        info = self.senders.pop(oldest)
-        if not _has_beaten(info):
-            return
-        acc = self.agent_counters.setdefault((info["run"], info["rank"]), dict(sent=0, dropped={}, hook_errors=0))
-        acc["sent"] += info["sent"]
-        acc["hook_errors"] += info["hook_errors"]
-        for reason, n in info["dropped"].items():
-            acc["dropped"][reason] = acc["dropped"].get(reason, 0) + n
+        try:
+            self.lost_total += self.senders.sequence(msg.sender, msg.run, msg.rank, msg.seq, self.clock(),
+                                                     self.config.max_sequence_jump)
+        except SequenceError as exc:
+            raise Rejected(exc.reason) from None
 
     def _admit_run(self, run: str) -> None:
         """A run this collector already follows, or room for a new one (``max_runs``)."""
@@ -327,10 +284,9 @@ class State:
             for table in (self.shapes, self.layer_ids, self.train_step, self.world_sizes, self.run_seen,
                           self.shape_seen):
                 table.pop(run, None)
-            for by_run in (self.streams, self.evals, self.agent_counters):
+            for by_run in (self.streams, self.evals):
                 _drop_keys_of(by_run, run)
-            for sender in [s for s, info in self.senders.items() if info["run"] == run]:
-                del self.senders[sender]
+            self.senders.forget_run(run)
 
     def _check_shape(self, run: str, shape: tuple[int, int, int], hello: bool = False) -> None:
         if shape[0] * shape[1] > self.config.max_layer_experts:
@@ -360,11 +316,11 @@ class State:
         # A hello declares who the sender is: an agent attached before torch.distributed was initialized
         # says hello again as its real rank, and its counters go under that rank from then on.
         info = self.senders[msg.sender]
-        info["rank"] = msg.rank
+        info.rank = msg.rank
         self.world_sizes[msg.run] = max(self.world_sizes.get(msg.run, 0), msg.world_size)
-        info["hello"] = dict(host=msg.host, world_size=msg.world_size, agent_version=msg.agent_version,
-                             distribution=msg.distribution, has_cosines=msg.has_cosines)
-        info["other_layers"] = False
+        info.hello = dict(host=msg.host, world_size=msg.world_size, agent_version=msg.agent_version,
+                          distribution=msg.distribution, has_cosines=msg.has_cosines)
+        info.other_layers = False
         if msg.layer_names is None:  # an agent that does not name its layers (older, or manual mode)
             return
         identity = layer_identity(msg.layer_names)
@@ -372,7 +328,7 @@ class State:
         if identity != known:
             # Same shape, other layers: pipeline stages under one run name. Mixed, their pathways would
             # compare different layers with each other; refused (with all this sender's summaries).
-            info["other_layers"] = True
+            info.other_layers = True
             log.warning("run %r: rank %d on %s routes other layers than the run's first sender (%s, ...): "
                         "pipeline stages? its summaries are rejected as shape_mismatch; give each stage its "
                         "own run, e.g. run=f'{name}/pp{stage}'", msg.run, msg.rank, msg.host,
@@ -380,20 +336,8 @@ class State:
             raise Rejected("shape_mismatch")
 
     def _heartbeat(self, msg: Heartbeat) -> None:
-        """The agent's cumulative counters. Never backwards per sender (a heartbeat that says less than an
-        earlier one is stale or forged: the larger value stays); reasons outside the agent's own list are
-        one "other" (bounded labels)."""
         self._known_sender(msg)
-        info = self.senders[msg.sender]
-        dropped: dict[str, int] = {}
-        for reason, n in msg.messages_dropped.items():
-            key = reason if reason in AGENT_DROP_REASONS else "other"
-            dropped[key] = dropped.get(key, 0) + n
-        old = info["dropped"]
-        info["beats"] = True
-        info.update(sent=max(info["sent"], msg.messages_sent), hook_errors=max(info["hook_errors"], msg.hook_errors),
-                    dropped={r: max(old.get(r, 0), dropped.get(r, 0)) for r in old.keys() | dropped.keys()},
-                    disabled=msg.disabled)
+        self.senders.heartbeat(msg)
 
     def _eval(self, msg: Eval) -> None:
         """Scores for at most ``max_groups`` groups per run (each one is a Prometheus series): the known
@@ -490,7 +434,7 @@ class State:
         return stream
 
     def _routing(self, msg: Routing, started: float) -> KernelJob:
-        if self.senders[msg.sender].get("other_layers"):
+        if self.senders[msg.sender].other_layers:
             raise Rejected("shape_mismatch")
         self._check_rank(msg)
         stream = self._stream(msg)
@@ -555,27 +499,15 @@ class State:
 
     # ------------------------------------------------------------- export view
 
-    def agent_totals(self) -> dict[tuple[str, int], dict[str, Any]]:
-        """Agents' counters per (run, rank): retired senders plus the live ones,
-        so a restarted agent never makes a total go backwards."""
-        out: dict[tuple[str, int], dict[str, Any]] = {
-            k: dict(sent=v["sent"], dropped=dict(v["dropped"]), hook_errors=v["hook_errors"])
-            for k, v in self.agent_counters.items()}
-        for info in self.senders.values():
-            if not _has_beaten(info):  # no heartbeat yet (or only refused messages): no series
-                continue
-            acc = out.setdefault((info["run"], info["rank"]), dict(sent=0, dropped={}, hook_errors=0))
-            acc["sent"] += info["sent"]
-            acc["hook_errors"] += info["hook_errors"]
-            for reason, n in info["dropped"].items():
-                acc["dropped"][reason] = acc["dropped"].get(reason, 0) + n
-        return out
+    def agent_totals(self) -> dict[tuple[str, int], Counters]:
+        """Agents' counters per (run, rank), retired senders included (senders.py)."""
+        return self.senders.totals()
 
     # ------------------------------------------------------------- snapshot
 
-    SNAPSHOT_FIELDS = ("streams", "shapes", "layer_ids", "senders", "agent_counters", "received_total",
+    SNAPSHOT_FIELDS = ("streams", "shapes", "layer_ids", "senders", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
-                       "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "_accounted", "handshake_failures", "wal_applied",
+                       "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "handshake_failures", "wal_applied",
                        "world_sizes", "run_seen", "stale_stream_reads", "shape_seen",
                        "disconnects_total")
 
@@ -621,11 +553,6 @@ class _Quiesced:
         if not s._quiescing:
             s._settled.notify_all()
         s.lock.release()
-
-
-def _has_beaten(info: dict) -> bool:
-    """The sender's heartbeat counters count (a sender restored from an older snapshot has no flag)."""
-    return info.get("beats", bool(info.get("sent") or info.get("dropped") or info.get("hook_errors")))
 
 
 def _finish_stats(st: dict, entropy_L: np.ndarray, load_LE: np.ndarray) -> dict:

@@ -173,9 +173,9 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
         for what in PERSIST_ERRORS:
             F["collector_persist_errors_total"].add((what,), state.persist_errors.get(what, 0))
         for (run, rank), totals in sorted(state.agent_totals().items()):
-            F["agent_messages_sent_total"].add((run, rank), totals["sent"])
-            F["agent_hook_errors_total"].add((run, rank), totals["hook_errors"])
-            for reason, n in sorted(totals["dropped"].items()):
+            F["agent_messages_sent_total"].add((run, rank), totals.sent)
+            F["agent_hook_errors_total"].add((run, rank), totals.hook_errors)
+            for reason, n in sorted(totals.dropped.items()):
                 F["agent_messages_dropped_total"].add((run, rank, reason), n)
     size, capacity, size_bytes, capacity_bytes = (tuple(queue_stats()) + (0, 0))[:4] if queue_stats else (0, 0, 0, 0)
     F["collector_scrapes_stale_total"].add((), stale_scrapes)

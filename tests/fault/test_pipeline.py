@@ -91,7 +91,7 @@ def test_a_snapshot_waits_for_the_messages_in_the_kernels_and_admits_none_meanwh
                 with state.quiesce():
                     stream = state.streams[("run-a", "train")]
                     taken.append((state.in_flight, state.samples_total, int(stream.samples_G.sum()),
-                                  state.senders["s0"]["last_seq"]))
+                                  state.senders["s0"].last_seq))
     finally:
         workers.stop()
     assert all(in_flight == 0 for in_flight, *_ in taken)

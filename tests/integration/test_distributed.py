@@ -80,8 +80,8 @@ def test_every_rank_sends_under_its_own_rank(tmp_path):
         mp.spawn(_rank_main, args=(2, _free_port(), collector.endpoints[0]), nprocs=2, join=True)
         wait_until(lambda: collector.state.samples_total == 2 * 3 * 2)
         senders = collector.state.senders.values()
-        assert sorted(info["rank"] for info in senders) == [0, 1]
-        assert all(info["hello"]["world_size"] == 2 for info in senders)
+        assert sorted(info.rank for info in senders) == [0, 1]
+        assert all(info.hello["world_size"] == 2 for info in senders)
         s = scrape(collector.metrics_port)
         for rank in (0, 1):
             assert value(s, "grokwatch_agent_messages_sent_total", run="ddp", rank=rank) >= 4

@@ -194,7 +194,7 @@ def test_heartbeats_of_a_restarted_agent_never_make_totals_go_backwards():
     state.handle(make_hello(sender="new", seq=0))
     state.handle(make_heartbeat(sender="new", seq=1, messages_sent=2, messages_dropped={"queue_full": 1}))
     totals = state.agent_totals()[("run-a", 0)]
-    assert totals["sent"] == 12 and totals["dropped"] == {"queue_full": 4}
+    assert totals.sent == 12 and totals.dropped == {"queue_full": 4}
 
 
 def test_eval_groups_are_capped_per_run_and_the_excess_counted():
@@ -224,7 +224,7 @@ def test_a_second_hello_moves_the_senders_counters_to_its_rank():
     state.handle(make_hello(sender="late", seq=1, rank=1, world_size=2))
     state.handle(make_heartbeat(sender="late", rank=1, seq=2, messages_sent=7, messages_dropped={}))
     assert set(state.agent_totals()) == {("run-a", 1)}
-    assert state.senders["late"]["hello"]["world_size"] == 2
+    assert state.senders["late"].hello["world_size"] == 2
 
 
 def test_eval_scores_are_kept_and_journaled():
@@ -331,8 +331,8 @@ def test_a_forged_heartbeat_cannot_make_an_agents_counters_go_backwards_or_add_r
     state.handle(make_heartbeat(seq=1, messages_sent=5000, messages_dropped={"queue_full": 7}))
     state.handle(make_heartbeat(seq=2, messages_sent=0, messages_dropped={"queue_full": 0, "x" * 50: 9, "y": 1}))
     totals = state.agent_totals()[("run-a", 0)]
-    assert totals["sent"] == 5000
-    assert totals["dropped"] == {"queue_full": 7, "other": 10}
+    assert totals.sent == 5000
+    assert totals.dropped == {"queue_full": 7, "other": 10}
 
 
 def test_a_forged_sequence_jump_is_rejected_and_the_senders_next_message_still_counts():
@@ -366,7 +366,7 @@ def test_idle_runs_expire_and_free_their_slot():
     assert err.value.reason == "too_many_runs"
     now[0] += 700  # "old" idle for 1,000 s > 600: the next message's sweep forgets it first
     state.handle(hello(run="other", sender="c", seq=0))
-    assert set(state.shapes) == {"other"} and not any(i["run"] == "old" for i in state.senders.values())
+    assert set(state.shapes) == {"other"} and not any(i.run == "old" for i in state.senders.values())
 
 
 def test_group_slots_stop_at_max_groups_plus_other():
