@@ -22,17 +22,10 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _proc import rss_mb  # noqa: E402
 from _synthetic import routing_message  # noqa: E402
 
 from grokwatch.wire import encode  # noqa: E402
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> int:

@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _proc import rss_mb  # noqa: E402
 from _synthetic import routing_message  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
@@ -51,14 +52,6 @@ def read_metrics(port: int) -> dict:
             key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
             out[key] = s.value
     return out
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> int:
@@ -123,7 +116,7 @@ def main() -> int:
     started = time.monotonic()
     end = started + args.minutes * 60
     step, sent_routing, next_read, next_rss = 0, 0, started, started
-    lags, queue_sizes, rss, reads = [], [], [], []
+    lags, lag_times, queue_sizes, rss, reads = [], [], [], [], []
     shuffle = random.Random(1)
     while time.monotonic() < end:
         step += 1
@@ -145,6 +138,7 @@ def main() -> int:
             next_read = now + 0.5
             m = read_metrics(mport)
             lags.append(m["grokwatch_collector_ingest_lag_seconds"])
+            lag_times.append(now - started)
             queue_sizes.append(m["grokwatch_collector_queue_size"])
             reads.append((now - started, m))
         if now >= next_rss:
@@ -183,6 +177,8 @@ def main() -> int:
           f"(expected {sent_routing * args.samples})")
     print(f"ingest lag (scraped every 0.5 s, {len(lag)} reads): median {np.median(lag):.3f} s, "
           f"p99 {np.percentile(lag, 99):.3f} s, max {lag.max():.3f} s; queue max {max(queue_sizes):.0f}")
+    worst = np.argsort(lag)[::-1][:5]
+    print("largest lags (t s: lag s): " + ", ".join(f"{lag_times[i]:.0f}: {lag[i]:.2f}" for i in sorted(worst)))
     print("collector RSS MB (t s, MB): " + ", ".join(f"{t:.0f}:{v:.0f}" for t, v in rss))
     phases = {k: v for k, v in m.items() if k.startswith("grokwatch_group_phase{") and v == 1}
     print("phases:", ", ".join(k.split("group=")[1].split(",")[0] + "=" + k.split("phase=")[1].split(",")[0]
