@@ -21,7 +21,7 @@ for d in agent wire collector; do ln -sfn "../$d" "grokwatch/$d"; done
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, zmq, numba; print('torch', torch.__version__, 'transformers', transformers.__version__, 'pyzmq', zmq.__version__, 'numba', numba.__version__)" | tee -a "$OUT/gpu.txt"
-[ -n "${SKIP_TESTS:-}" ] || timeout "${PYTEST_S:-130}" python3 -m pytest -q -p no:cacheprovider tests/integration/test_agent_capture.py -k "cuda and not layer_by_layer" 2>&1 | tail -25 | tee "$OUT/pytest_cuda.txt"
+[ -n "${SKIP_TESTS:-}" ] || timeout "${PYTEST_S:-130}" python3 -m pytest -q -p no:cacheprovider tests/integration/test_agent_capture.py tests/integration/test_agent_safety.py -k "cuda and not layer_by_layer" 2>&1 | tail -25 | tee "$OUT/pytest_cuda.txt"
 bench() { timeout "$1" python3 bench/agent_overhead.py --device cuda --shape olmoe-1b-7b --steps 400 --warmup 8 \
     --max-seconds "$2" --json "$OUT/agent_overhead.json" --cadences 0,1,1:off,10 "${@:3}" 2>&1 \
     | tee -a "$OUT/agent_overhead.txt"; }
