@@ -181,7 +181,7 @@ def load_snapshot_bytes(blob: bytes) -> dict:
 
 
 def write_snapshot(state_dir: str, data) -> str:
-    """``data``: snapshot_bytes(...) (or a State.snapshot() dict, pickled here). Atomic; on any failure
+    """``data``: snapshot_bytes(...) (or a State.snapshot() dict, serialized here). Atomic; on any failure
     the temp file is removed and the exception raised (the caller counts it)."""
     blob = data if isinstance(data, bytes) else snapshot_bytes(data)
     os.makedirs(state_dir, exist_ok=True)
@@ -216,9 +216,10 @@ def read_snapshot(state_dir: str) -> Optional[dict]:
         return load_snapshot_bytes(fh.read())
 
 
-def set_aside(state_dir: str, name: Optional[str] = None) -> str:
-    """Move a bad snapshot out of the way (kept for a post-mortem); returns its new path."""
-    path = os.path.join(state_dir, name or SNAPSHOT_NAME)
+def set_aside(state_dir: str) -> str:
+    """Move a bad snapshot (or an older version's pickle) out of the way, kept for a post-mortem; returns
+    its new path."""
+    path = os.path.join(state_dir, SNAPSHOT_NAME)
     if not os.path.exists(path) and os.path.exists(os.path.join(state_dir, OLD_SNAPSHOT_NAME)):
         path = os.path.join(state_dir, OLD_SNAPSHOT_NAME)
     dest = f"{path}.bad-{int(time.time())}"

@@ -14,15 +14,12 @@ kernels are done).
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import zlib
 from typing import Callable
 
 from grokwatch.collector.state import KernelJob, State
-
-log = logging.getLogger(__name__)
 
 JOBS_PER_WORKER = 16  # admitted messages waiting for one worker's kernels (a few MB at most)
 _STOP = object()

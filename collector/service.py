@@ -68,9 +68,8 @@ def check_memory(config: CollectorConfig, limit_mb: Optional[int]) -> None:
 
 
 class Collector:
-    def __init__(self, config: CollectorConfig, *, otel_exporters: Optional[list] = None, environ=None,
-                 memory_limit: Optional[int] = None):
-        check_memory(config, memory_limit if memory_limit is not None else memory_limit_mb())
+    def __init__(self, config: CollectorConfig, *, otel_exporters: Optional[list] = None, environ=None):
+        check_memory(config, memory_limit_mb())
         self.config = config
         self.environ = os.environ if environ is None else environ
         if config.state_dir:

@@ -9,12 +9,13 @@ worker): ``admit`` (under the lock: sequence, checks, groups) -> ``Stream.proces
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -67,7 +68,6 @@ class KernelJob:
 
     msg: Routing
     stream: Stream
-    labels: list
     targets_N2: np.ndarray
     wal_index: int
     started: float  # perf_counter at admission: processing time runs to the end of ``finish``
@@ -175,7 +175,6 @@ class State:
                 self._wal_index = -1
         if job is None:
             return False
-        job.wal_index = wal_index
         if dispatch is None:
             self.run(job)
             return False
@@ -198,9 +197,18 @@ class State:
         if not self.in_flight:
             self._settled.notify_all()
 
-    def quiesce(self):
+    @contextlib.contextmanager
+    def quiesce(self) -> Iterator["State"]:
         """``with state.quiesce():`` the lock held, no routing message half applied, none admitted."""
-        return _Quiesced(self)
+        with self.lock:
+            self._quiescing += 1
+            try:
+                self._settled.wait_for(lambda: not self.in_flight)
+                yield self
+            finally:
+                self._quiescing -= 1
+                if not self._quiescing:
+                    self._settled.notify_all()
 
     def _journal(self, record: dict) -> None:
         if self._wal_index >= 0:
@@ -228,7 +236,7 @@ class State:
             if now >= self._next_sweep:  # before admitting anything: an expired run frees its slot
                 self._next_sweep = now + EXPIRY_SWEEP_S
                 self._expire_runs(now)
-            self._sequence(msg)  # first, so a stale message is not also counted as lost
+            self._sequence(msg, now)  # first, so a stale message is not also counted as lost
             if now - msg.wall_time > self.config.max_message_age_s:
                 raise Rejected("stale")
             if isinstance(msg, Hello):
@@ -250,9 +258,9 @@ class State:
                 self.in_flight += 1
         return job
 
-    def _sequence(self, msg) -> None:
+    def _sequence(self, msg, now: float) -> None:
         try:
-            self.lost_total += self.senders.sequence(msg.sender, msg.run, msg.rank, msg.seq, self.clock(),
+            self.lost_total += self.senders.sequence(msg.sender, msg.run, msg.rank, msg.seq, now,
                                                      self.config.max_sequence_jump)
         except SequenceError as exc:
             raise Rejected(exc.reason) from None
@@ -305,8 +313,7 @@ class State:
             raise Rejected("shape_mismatch")
         log.warning("run %r: a hello with shape %s after %.0f s without %s: a new incarnation of the run, its "
                     "pathway state starts over", run, shape, quiet, known)
-        for key in [k for k in self.streams if k[0] == run]:
-            del self.streams[key]
+        _drop_keys_of(self.streams, run)
         self.layer_ids.pop(run, None)
         self.shapes[run] = shape
         self.shape_seen[run] = now
@@ -453,7 +460,7 @@ class State:
                 bucket = self.group_label(stream, stream.memorization.bucket_label(step))
                 if bucket != label:
                     targets[i, 1] = stream.index[bucket]
-        return KernelJob(msg, stream, labels, targets, self._wal_index, started)
+        return KernelJob(msg, stream, targets, self._wal_index, started)
 
     def finish(self, job: KernelJob) -> None:
         """After the kernels: the message's points into the phase trackers and the journal, under the lock."""
@@ -534,25 +541,6 @@ def _drop_keys_of(table: dict[Any, Any], run: str) -> None:
     """Remove the entries keyed (run, ...) of ``run``."""
     for key in [k for k in table if k[0] == run]:
         del table[key]
-
-
-class _Quiesced:
-    def __init__(self, state: State):
-        self.state = state
-
-    def __enter__(self) -> State:
-        s = self.state
-        s.lock.acquire()
-        s._quiescing += 1
-        s._settled.wait_for(lambda: not s.in_flight)
-        return s
-
-    def __exit__(self, *exc) -> None:
-        s = self.state
-        s._quiescing -= 1
-        if not s._quiescing:
-            s._settled.notify_all()
-        s.lock.release()
 
 
 def _finish_stats(st: dict, entropy_L: np.ndarray, load_LE: np.ndarray) -> dict:

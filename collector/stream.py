@@ -109,10 +109,6 @@ class GroupView:
                                  stream.latest_step_G[g])
 
 
-# Arrays with a leading group axis; they grow together when a group is added.
-_GROUP_ARRAYS = ("zloss_GWL", "zloss_filled_G", "zloss_next_G", "win_sym_GWS", "win_len_GW", "win_starts_GWL1", "win_fp_GW", "win_chars_GWC", "win_chars_len_GW",
-                 "win_filled_G", "win_next_G", "topk_GWLE", "tokens_GW", "entropy_GWL", "hist_GHB1", "hist_sum_GH",
-                 "layer_sum_GL", "layer_count_GL", "samples_G", "undefined_G", "latest_step_G", "eligible_G")
 _SCRATCH = ("sym_S", "starts_L1", "chars_C", "peq_AW", "pv_W", "mv_W", "lpeq_LAW", "lpv_W", "lmv_W")
 
 

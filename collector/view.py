@@ -21,8 +21,8 @@ ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS  # every value of ..._mess
 
 GROUP_LABELS = ("run", "source", "group")
 LAYER_LABELS = ("run", "source", "group", "layer")
-LOAD_PERCENTILES = (0, 25, 50, 75, 100)
-STREAM_WAIT_S = 0.5  # how long a scrape waits for a stream its kernels hold  # min, p25, median, p75, max of a layer's expert load shares
+LOAD_PERCENTILES = (0, 25, 50, 75, 100)  # min, p25, median, p75, max of a layer's expert load shares
+STREAM_WAIT_S = 0.5  # how long a scrape waits for a stream its kernels hold
 
 
 def load_share_stats(share_E: np.ndarray, k: int) -> dict:
