@@ -323,3 +323,21 @@ def test_a_rewind_past_the_late_steps_starts_the_series_over():
     tracker.add(130, 1.0, 0.5, None)
     assert [p["step"] for p in tracker.points] == [120]
     assert [entry[0] for entry in tracker.losses] == [120, 130]
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.8])
+def test_ranks_out_of_order_on_stationary_noise_give_no_onset(rho):
+    """The negative control of the merge above: eight ranks interleaving their steps over a distance that
+    only wanders. The merged series must not look like a fall: no onset, while memorized stays reachable."""
+    rng = np.random.default_rng(100 + int(rho * 10))
+    onsets = 0
+    for _ in range(20):
+        noise = ar1(rng, len(STEPS), rho)
+        events = [(s + rng.uniform(0, 3) * 25, i, s) for i, s in enumerate(STEPS) for _ in range(8)]
+        tracker = PhaseTracker(PhaseConfig())
+        for _, i, s in sorted(events):
+            tracker.add(s, memorizing_loss(s), 0.5 * (1 + 0.05 * noise[i] + 0.01 * rng.normal()), None)
+        tracker.add(10**9, None, None, None)
+        assert tracker.memorized_step is not None
+        onsets += tracker.onset_step is not None
+    assert onsets == 0
