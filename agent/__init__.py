@@ -3,14 +3,22 @@
     import grokwatch.agent as gw
     mon = gw.attach(model, endpoint="tcp://127.0.0.1:5557", run="olmoe-a")
 
-Data path: discover -> hooks (which rows: sampling; the Monitor's life and public calls: monitor)
--> reduce (on the device) -> staging (pinned host buffers) -> sender (thread, ZeroMQ PUSH). Plus
+Data path: attach -> discover -> capture (the hooks; which forwards and rows: monitor, sampling;
+the Monitor's life and public calls: monitor) -> layout, gather, reduce (on the device) -> staging (pinned host buffers) -> sender (thread, ZeroMQ PUSH). Plus
 the probe, the Hugging Face Trainer callback (integrations) and Lightning's (lightning_callback).
 Which thread runs what: README.md.
 """
 
+from typing import TYPE_CHECKING
+
+from grokwatch.agent.attach import attach
+from grokwatch.agent.config import AgentConfig
 from grokwatch.agent.discover import NoMoELayersError, discover
-from grokwatch.agent.monitor import AgentConfig, Monitor, attach
+from grokwatch.agent.monitor import Monitor
+
+if TYPE_CHECKING:
+    from grokwatch.agent.integrations import GrokwatchCallback, TaggingCollator
+    from grokwatch.agent.lightning_callback import GrokwatchLightningCallback
 
 __all__ = ["AgentConfig", "GrokwatchCallback", "GrokwatchLightningCallback", "Monitor", "NoMoELayersError",
            "TaggingCollator", "attach", "discover"]

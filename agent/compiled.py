@@ -74,6 +74,7 @@ class CompiledReduction:
             torch.cuda.set_sync_debug_mode(0)
         try:
             start = time.perf_counter()
+            assert self._fn is not None
             out = self._fn(*args, **kwargs)
         finally:
             if mode:

@@ -11,6 +11,10 @@ DEFAULT_EVERY_N_STEPS = 10  # summarizing costs a handful of small ops per route
 DEFAULT_SAMPLES_PER_STEP = 8
 DEFAULT_DOCS_PER_SAMPLE = 4  # packed rows: documents kept per row (only when position_ids are passed)
 
+# attach(reduction_layout=...): where the experts go in the batched reduction (reduce.Strategy); None: the
+# device's best (experts last on CUDA, in the middle on CPU). Compiled, they are always last.
+REDUCTION_LAYOUTS = {None: None, "experts_last": -1, "experts_middle": -2}
+
 
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
@@ -30,6 +34,8 @@ class AgentConfig:
     # The batched reduction's transient memory at the end of a summarized forward (estimated); beyond it
     # the layers are reduced in several batches.
     reduction_memory_mb: float = 256.0
+    reduction_layout: Optional[str] = None  # REDUCTION_LAYOUTS
+    reduction_layers_per_batch: Optional[int] = None  # None: as many as reduction_memory_mb allows
     # The router z-loss (mean logsumexp(logits)² per sample and layer) in the same reduction; False leaves it
     # out (docs/benchmarks.md has its cost).
     router_zloss: bool = True
@@ -67,6 +73,12 @@ class AgentConfig:
             raise ValueError("curve_server_key and curve_secret_key: set both or neither")
         if self.curve_server_key:
             self.curve_keys()  # fails fast on a missing or foreign key file
+        if self.reduction_layout not in REDUCTION_LAYOUTS:
+            raise ValueError(f"reduction_layout: one of {sorted(k for k in REDUCTION_LAYOUTS if k)} or None, "
+                             f"got {self.reduction_layout!r}")
+        layers = self.reduction_layers_per_batch
+        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+            raise ValueError(f"reduction_layers_per_batch: a positive integer or None, got {layers!r}")
         if self.compile_reduction not in (None, True, False):
             raise ValueError(f"compile_reduction: True, False or None (on CUDA), got {self.compile_reduction!r}")
 
@@ -78,7 +90,7 @@ class AgentConfig:
 
         try:
             server = load_public(self.curve_server_key)
-            public, secret = load_secret(self.curve_secret_key)
+            public, secret = load_secret(str(self.curve_secret_key))
         except KeyError_ as exc:
             raise ValueError(f"curve keys: {exc}") from None
         return server, public, secret

@@ -34,7 +34,7 @@ SIGMOID_MODEL_TYPES = frozenset({"deepseek_v3", "glm4_moe", "dots1", "kimi_k2"})
 @dataclass
 class MoELayer:
     name: str  # module path of the router, e.g. "model.layers.3.mlp.gate"
-    router: nn.Module
+    router: Optional[nn.Module]  # None in manual mode (record())
     experts: Optional[nn.Module]  # sibling experts module (indices fallback)
     logits_index: int  # which output of the router holds the logits
     weight_EH: Optional[torch.Tensor]  # router weight rows: expert embeddings (METRICS.md §2)

@@ -12,8 +12,9 @@ from typing import Callable, Optional
 
 from transformers import TrainerCallback
 
-from grokwatch.agent.hooks import BATCH_TAGS
-from grokwatch.agent.monitor import Monitor, attach
+from grokwatch.agent.attach import attach
+from grokwatch.agent.capture import BATCH_TAGS
+from grokwatch.agent.monitor import Monitor
 
 log = logging.getLogger("grokwatch.agent")
 

@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from grokwatch.agent.monitor import Monitor, attach
+from grokwatch.agent.attach import attach
+from grokwatch.agent.monitor import Monitor
 
 
 def monitored_module(pl_module: nn.Module, model_attr: Optional[str] = None) -> nn.Module:

@@ -10,13 +10,26 @@ routing reductions of each. The samples' token ids stay on the device
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from grokwatch.agent.monitor import Monitor
+from grokwatch.agent.capture import Capture
+from grokwatch.agent.config import AgentConfig
+from grokwatch.agent.summaries import Summaries
+
+
+class Host(Protocol):
+    """What the probe uses of the Monitor."""
+
+    model: torch.nn.Module
+    config: AgentConfig
+    capture: Capture
+    summaries: Summaries
+
+    @property
+    def disabled(self) -> bool: ...
 
 
 def causal_lm_loss(model, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
@@ -32,7 +45,7 @@ class Probe:
     """``loss_fn(model, input_ids, attention_mask) -> loss per sample`` runs the
     forward itself (so the routers' hooks fire); the default is a causal LM's."""
 
-    def __init__(self, monitor: "Monitor", size: int, loss_fn=None):
+    def __init__(self, monitor: Host, size: int, loss_fn=None):
         self.monitor = monitor
         self.size = size
         self.loss_fn = loss_fn or causal_lm_loss
@@ -42,7 +55,7 @@ class Probe:
         """Replace the sample set: (id, group, token ids) triples (the replay's)."""
         self.samples = {}
         for sid, group, ids in samples:
-            self.samples[str(sid)] = (torch.as_tensor(ids, dtype=torch.long, device=self.monitor.device), str(group))
+            self.samples[str(sid)] = (torch.as_tensor(ids, dtype=torch.long, device=self.monitor.summaries.device), str(group))
 
     def remember(self, input_ids_BS: torch.Tensor, attention_mask_BS: Optional[torch.Tensor], rows, ids, groups):
         """Keep the first ``size`` distinct samples seen (their real tokens)."""
@@ -66,17 +79,13 @@ class Probe:
         model = mon.model
         was_training = model.training
         model.eval()
-        mon._probe_active = True
-        mon._arm_layers()
         try:
-            items = list(self.samples.items())
-            batch = mon.config.max_samples_per_step
-            for start in range(0, len(items), batch):
-                self._micro_batch(step, items[start:start + batch], source)
+            with mon.capture.probing():
+                items = list(self.samples.items())
+                batch = mon.config.max_samples_per_step
+                for start in range(0, len(items), batch):
+                    self._micro_batch(step, items[start:start + batch], source)
         finally:
-            if not mon._keep_armed:  # kept armed at every step and under torch.compile
-                mon._disarm_layers()
-            mon._probe_active = False
             model.train(was_training)
 
     def _micro_batch(self, step: int, items, source: str) -> None:
@@ -90,15 +99,14 @@ class Probe:
         input_ids = ids_BS.clamp_min(0)
         sample_ids = [sid for sid, _ in items]
         groups = [g for _, (_, g) in items]
-        ctx = mon._context(source, step, list(range(len(items))), sample_ids, groups, len(items), width,
-                           mask_BS, None)
+        ctx = mon.summaries.context(source, step, list(range(len(items))), sample_ids, groups, len(items), width,
+                          mask_BS, None)
         ctx.deferred = True
-        mon._set_ctx(ctx)
-        loss_B = self.loss_fn(mon.model, input_ids, mask_BS)
-        if mon._ctx is not ctx:  # a hook error cleared it
+        loss_B = mon.capture.run(ctx, lambda: self.loss_fn(mon.model, input_ids, mask_BS))
+        if loss_B is None:  # a hook error dropped the context
             return
         D = mon.config.max_docs_per_sample
         loss_MD = torch.zeros(mon.config.max_samples_per_step, D, dtype=torch.float32, device=loss_B.device)
         loss_MD[: len(items), 0] = loss_B
-        mon.staging.views["loss_N"].copy_(loss_MD.reshape(-1))
-        mon.finalize(ctx, with_loss=True)
+        mon.summaries.staging.views["loss_N"].copy_(loss_MD.reshape(-1))
+        mon.summaries.finalize(ctx, with_loss=True)

@@ -19,7 +19,7 @@ import importlib
 import json
 import os
 import re
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -79,14 +79,16 @@ def replay(checkpoints: list[str], samples: list[tuple[str, str, list[int]]], en
     for _, path in loaded:
         model, step, probe_fn, extra = load_checkpoint(path)
         model.eval()
-        kwargs = dict(max_samples_per_step=batch_size, probe_every_n_steps=1, probe_size=len(samples),
+        kwargs: dict[str, Any] = dict(max_samples_per_step=batch_size, probe_every_n_steps=1, probe_size=len(samples),
                       probe_fn=probe_fn, max_docs_per_sample=1, **extra, **(attach_kwargs or {}))
         mon = gw.attach(model, endpoint, run, **kwargs)
         if hasattr(model, "monitor"):  # models instrumented through record() hold their monitor
-            model.monitor = mon
+            model.monitor = mon  # pyright: ignore[reportArgumentType]  (torch types Module.__setattr__ for tensors)
+        probe = mon.probe
+        assert probe is not None  # probe_size=len(samples) > 0
         try:
-            mon.probe.set_samples(samples)
-            mon.probe.run(step, source="replay")
+            probe.set_samples(samples)
+            probe.run(step, source="replay")
         finally:
             mon.close()
         steps.append(step)

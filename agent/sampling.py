@@ -70,11 +70,13 @@ class Sampler:
         if _nested(sample_ids) or _nested(groups):
             # Documents per row, the same for ids and groups where both are given, none empty.
             shapes = {tuple(map(len, x)) if _nested(x) else None for x in (sample_ids, groups) if x is not None}
-            if len(shapes) != 1 or None in shapes or 0 in next(iter(shapes)):
+            only = next(iter(shapes)) if len(shapes) == 1 else None
+            if only is None or 0 in only:
                 self._mismatch("per-document ids and groups of different shapes")
                 return
             doc_ids = [_names(row) for row in sample_ids] if sample_ids is not None else None
-            doc_grp = [_groups(row) for row in groups] if groups is not None else [["all"] * len(r) for r in doc_ids]
+            doc_grp = ([_groups(row) for row in groups] if groups is not None
+                       else [["all"] * len(r) for r in doc_ids or ()])
             self._tag = ([row[0] for row in doc_ids] if doc_ids is not None else None,
                          [row[0] for row in doc_grp], (doc_ids, doc_grp))
             self.row_groups = self._tag[1]
@@ -82,7 +84,7 @@ class Sampler:
         ids = _names(sample_ids) if sample_ids is not None else None
         grp = _groups(groups) if groups is not None else None
         if ids is None or grp is None or len(grp) == len(ids):
-            self._tag = (ids, grp if grp is not None else ["all"] * len(ids), None)
+            self._tag = (ids, grp if grp is not None else ["all"] * len(ids or ()), None)
             self.row_groups = self._tag[1]
         else:
             self._mismatch(f"{len(ids)} sample ids and {len(grp)} groups")

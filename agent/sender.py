@@ -43,7 +43,7 @@ def _number(value) -> float:
 def group_losses(losses) -> dict[str, float]:
     """The wire's {group: mean loss} from what Monitor.step(loss=...) queued (on the sender thread):
     non-finite and negative values are left out (the wire refuses a message holding any)."""
-    if isinstance(losses, tuple) and losses[0] == "rows":
+    if isinstance(losses, tuple):  # ("rows", per-row losses, their groups)
         _, rows, groups = losses
         values = rows.detach().float().cpu().reshape(-1).tolist()
         sums: dict[str, list[float]] = {}
@@ -159,7 +159,7 @@ class Sender:
         return True
 
     def submit(self, pending: Pending) -> None:
-        if not self._enqueue(pending):
+        if not self._enqueue(pending) and self.staging is not None:
             self.staging.give_back(pending.host_index)
 
     def submit_eval(self, step: int, scores: dict[str, float]) -> None:
@@ -264,7 +264,8 @@ class Sender:
                 message = self._routing(item)
                 data = None if message is None else self._encode(message)
             finally:
-                self.staging.give_back(item.host_index)
+                if self.staging is not None:
+                    self.staging.give_back(item.host_index)
             if data is not None:
                 self._send_bytes(data)
         elif item[0] == "hello":

@@ -58,7 +58,6 @@ class Staging:
         pin = device.type == "cuda"
         self.pool = [torch.zeros(total, dtype=torch.int32, pin_memory=pin) for _ in range(pool_size)]
         self.free = list(range(pool_size))
-        self.layouts: dict[tuple, tuple] = {}  # build_context's device tensors for unmasked batches
         self.cached_views: dict[tuple, tuple] = {}  # slices of ``views`` the reduction writes, made once
 
     def targets(self, layers, docs_per_row: int, packed: bool,

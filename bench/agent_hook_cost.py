@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import grokwatch.agent.hooks as hooks_module  # noqa: E402
-import grokwatch.agent.monitor as monitor_module  # noqa: E402
+import grokwatch.agent.capture as capture_module  # noqa: E402
+import grokwatch.agent.summaries as summaries_module  # noqa: E402
 import grokwatch.agent.reduce as reduce_module  # noqa: E402
 from agent_overhead import COMPILE_REDUCTION, PULL_SINK, free_port, make_model, start_receiver  # noqa: E402
 
@@ -63,15 +63,15 @@ def main() -> int:
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
         return wrapper
 
-    M = monitor_module.Monitor
-    M._on_forward_start = timed("start (pre-hook)", M._on_forward_start)
-    M._on_forward_end = timed("end (post-hook)", M._on_forward_end)
-    monitor_module.reduce_all = timed("  of which reduce_all", monitor_module.reduce_all)
+    C = capture_module.Capture
+    C._forward_start = timed("start (pre-hook)", C._forward_start)
+    C._forward_end = timed("end (post-hook)", C._forward_end)
+    summaries_module.reduce_all = timed("  of which reduce_all", summaries_module.reduce_all)
     reduce_module._reduce_batch = timed("    summaries", reduce_module._reduce_batch)
-    hooks_module.gather_layer = timed("  of which gather_layer", hooks_module.gather_layer)
+    capture_module.gather_layer = timed("  of which gather_layer", capture_module.gather_layer)
     sender_module = sys.modules["grokwatch.agent.sender"]
     sender_module.Sender.submit = timed("  of which submit", sender_module.Sender.submit)
-    M._disarm_layers = timed("  of which disarm", M._disarm_layers)
+    C.disarm = timed("  of which disarm", C.disarm)
     process = sender_module.Sender._process
     sender_cpu = [0.0, 0]
 
@@ -84,8 +84,8 @@ def main() -> int:
                 sender_cpu[0] += time.thread_time() - t
                 sender_cpu[1] += 1
     sender_module.Sender._process = process_timed
-    router_hook = M._router_hook
-    M._router_hook = lambda self, index: timed("router hooks", router_hook(self, index))
+    router_hook = C._router_hook
+    C._router_hook = lambda self, index: timed("router hooks", router_hook(self, index))
 
     model, vocab, batch, seq = make_model(args.shape, args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)

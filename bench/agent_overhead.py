@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 import grokwatch.agent as gw
-from grokwatch.agent.monitor import DEFAULT_EVERY_N_STEPS
+from grokwatch.agent.config import DEFAULT_EVERY_N_STEPS
 
 
 def free_port() -> int:

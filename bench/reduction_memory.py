@@ -3,8 +3,8 @@
     python bench/reduction_memory.py [--device cpu|cuda] [--layers 16] [--rows 8] [--seq 4096]
         [--experts 64] [--no-compiled]
 
-Runs ``reduce.summarize`` on router logits stacked as the agent stacks them ([G, M, S, E], float32,
-the CPU op-by-op layout [G, M, E, S] too) and reads the peak memory around each call: on CPU the
+Runs ``reduce.summarize`` on router logits stacked as the agent stacks them ([L, M, S, E], float32,
+the CPU op-by-op layout [L, M, E, S] too) and reads the peak memory around each call: on CPU the
 process's peak resident memory (Linux: /proc/self/clear_refs resets VmHWM; large tensors are
 mmap'd, so freed memory leaves the resident set), on CUDA the allocator's peak. Printed in
 multiples of one float32 copy of the stacked logits — what
@@ -64,26 +64,26 @@ def main() -> int:
     parser.add_argument("--no-compiled", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    G, M, S, E, K = args.layers, args.rows, args.seq, args.experts, args.top_k
-    copy = G * M * S * E * 4
+    L, M, S, E, K = args.layers, args.rows, args.seq, args.experts, args.top_k
+    copy = L * M * S * E * 4
     with torch.device(args.device):
-        x_GMSE = torch.randn(G, M, S, E)
-        idx = torch.randint(0, E, (G, M, S, K))
+        x_LMSE = torch.randn(L, M, S, E)
+        idx = torch.randint(0, E, (L, M, S, K))
         avg = torch.full((M, S), 1.0 / S)
-        weight = torch.ones(G, M, S * K)
-        router_weights = torch.randn(G, E, 256)
+        weight = torch.ones(L, M, S * K)
+        router_weights = torch.randn(L, E, 256)
     fixed = dict(distribution="softmax", detect_probs=False, packed=False, top_k=K, num_slots=M)
-    print(f"stacked logits [G={G}, M={M}, S={S}, E={E}] float32: {copy / 2**20:.0f} MiB (one copy); "
+    print(f"stacked logits [L={L}, M={M}, S={S}, E={E}] float32: {copy / 2**20:.0f} MiB (one copy); "
           f"torch {torch.__version__}, {args.device}")
     if args.device == "cpu" and copy < 64 * 2**20:
         print("(on CPU the resident set only sees mmap'd allocations, tens of MiB and up: use a larger shape)")
-    cases = [("op by op, experts last [G, M, S, E]", -1, False),
-             ("op by op, experts at -2 [G, M, E, S] (CPU)", -2, False)]
+    cases = [("op by op, experts last [L, M, S, E]", -1, False),
+             ("op by op, experts at -2 [L, M, E, S] (CPU)", -2, False)]
     if not args.no_compiled:
         cases.append((f"compiled (inductor, {'Triton' if args.device == 'cuda' else 'C++'}), experts last", -1, True))
     with torch.inference_mode():
         for name, dim, compiled in cases:
-            x = x_GMSE if dim == -1 else x_GMSE.transpose(-1, -2).contiguous()
+            x = x_LMSE if dim == -1 else x_LMSE.transpose(-1, -2).contiguous()
             fn = functools.partial(reduce_module.summarize, dim=dim, **fixed)
             if compiled:
                 fn = torch.compile(fn, fullgraph=True)

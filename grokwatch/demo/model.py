@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from grokwatch.agent.monitor import Monitor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +123,7 @@ class GrokMoE(nn.Module):
         make_norm = (lambda: nn.RMSNorm(H)) if cfg.norm else nn.Identity
         self.norms = nn.ModuleList(make_norm() for _ in range(cfg.num_moe_layers + 1))
         self.unembed = nn.Linear(H, cfg.num_outputs, bias=False)
-        self.monitor = None  # set to a grokwatch Monitor to record routing
+        self.monitor: Optional[Monitor] = None  # set to a grokwatch Monitor to record routing
         self.aux_loss: Optional[torch.Tensor] = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -148,7 +151,7 @@ class GrokMoE(nn.Module):
         att_BSh = torch.softmax((q_BHd[:, None] * k_BSHd).sum(-1) / math.sqrt(d), dim=1)
         x_BH = x_BSH[:, -1] + self.o((att_BSh[..., None] * v_BSHd).sum(1).reshape(B, H))
         aux = x_BH.new_zeros(())
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(cast(list[MoEBlock], self.blocks)):
             y_BH, logits_BE, probs_BE, top_i_BK = block(self.norms[i](x_BH))
             if self.monitor is not None:
                 # One routed position per equation: [B, 1, E].
@@ -174,7 +177,7 @@ class GrokMoE(nn.Module):
         att_BQKh = torch.softmax(scores_BQKh.masked_fill(~causal_QK[None, :, :, None], float("-inf")), dim=2)
         x_TH = (x_BSH + self.o(torch.einsum("bqkh,bkhd->bqhd", att_BQKh, v).reshape(B, S, H))).reshape(B * S, H)
         aux = x_TH.new_zeros(())
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(cast(list[MoEBlock], self.blocks)):
             y_TH, logits_TE, probs_TE, top_i_TK = block(self.norms[i](x_TH))
             if self.monitor is not None:  # m·S routed positions per sample: [rows, m·S, E]
                 self.monitor.record(i, logits=logits_TE.view(rows, -1, logits_TE.shape[-1]),

@@ -182,6 +182,7 @@ def train(cfg: BenchConfig, *, endpoint: Optional[str] = None, run: str = "grokk
                 mon.tag(sids, groups)
             logits = model(ids)
             loss_B = F.cross_entropy(logits, targets, reduction="none").view(ids.shape[0], k).mean(1)
+            assert model.aux_loss is not None  # set by the forward
             loss = loss_B.mean() + cfg.aux_coef * model.aux_loss
             if mon is not None:  # the train source's loss evidence, per group of the tagged rows (sampled steps)
                 mon.step(step, loss=loss_B)
@@ -200,7 +201,7 @@ def train(cfg: BenchConfig, *, endpoint: Optional[str] = None, run: str = "grokk
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "The grokwatch demo").splitlines()[0])
     parser.add_argument("--endpoint", default=None)
     parser.add_argument("--run", default="grokking")
     parser.add_argument("--log", default=None, help="write eval points as JSON lines here")

@@ -9,7 +9,6 @@ import torch._dynamo
 from sink import Sink
 
 import grokwatch.agent.compiled as compiled_module
-import grokwatch.agent.reduce as reduce_module
 
 
 @pytest.fixture
@@ -22,41 +21,33 @@ def sink():
 @pytest.fixture(params=["device", "experts_last", "layer_by_layer",
                         pytest.param("compiled", marks=pytest.mark.slow)])
 def layout(request, monkeypatch):
-    """"device": what attach() does on the test's device: on CPU op by op with the experts at dim -2
-    ([G, M, E, S]); on CUDA compiled. "experts_last": op by op with the experts last ([G, M, S, E], the
+    """attach() options choosing the batched reduction's strategy; a test passes them on (``**layout``).
+    "device": attach()'s defaults on the test's device: on CPU op by op with the experts at dim -2
+    ([L, M, E, S]); on CUDA compiled. "experts_last": op by op with the experts last ([L, M, S, E], the
     CUDA layout), on any machine. "layer_by_layer": as "device", with each layer reduced in a batch of
     its own (what reduction_memory_mb does to a model too large for it; the cosines then come from
     the staged means). "compiled": the reduction through torch.compile (on CPU; on CUDA that is
     "device"). Wherever compiled, the test fails unless the compiled code ran and never fell back."""
     callspec = getattr(request.node, "callspec", None)
     on_cuda = callspec is not None and callspec.params.get("device") == "cuda"
-    if request.param == "layer_by_layer":
-        batches = []
-        within = reduce_module._within
-        monkeypatch.setattr(reduce_module, "TRANSIENT_COPIES_OP_BY_OP", 10**15)
-        monkeypatch.setattr(reduce_module, "TRANSIENT_COPIES_COMPILED", 10**15)
-        monkeypatch.setattr(reduce_module, "_within", lambda *a: batches.extend(within(*a)) or within(*a))
-    if request.param == "experts_last":
-        monkeypatch.setattr(reduce_module, "expert_dim", lambda device: -1)
-        monkeypatch.setattr(compiled_module, "compile_by_default", lambda device: False)
-    elif request.param == "compiled":
-        if on_cuda:
-            pytest.skip("on CUDA the device's default is compiled")
-        monkeypatch.setattr(compiled_module, "compile_by_default", lambda device: True)
+    options = {"device": {},
+               "experts_last": dict(reduction_layout="experts_last", compile_reduction=False),
+               "layer_by_layer": dict(reduction_layers_per_batch=1),
+               "compiled": dict(compile_reduction=True)}[request.param]
+    if request.param == "compiled" and on_cuda:
+        pytest.skip("on CUDA the device's default is compiled")
     compiled = request.param == "compiled" or (request.param == "device" and on_cuda)
     made = []
     if compiled:
         torch._dynamo.reset()  # a fresh compile for this test's shapes (dynamo's recompile limit is per function)
 
-        class Tracked(compiled_module.CompiledReduction):
+        class Tracked(compiled_module.CompiledReduction):  # observes the compiled reductions made
             def __init__(self):
                 super().__init__()
                 made.append(self)
 
         monkeypatch.setattr(compiled_module, "CompiledReduction", Tracked)
-    yield request.param
-    if request.param == "layer_by_layer":
-        assert batches and all(len(batch) == 1 for batch in batches), [len(b) for b in batches]
+    yield options
     if compiled:
         assert made and all(c.error is None for c in made), [c.error for c in made]
         assert all(c.compile_seconds is not None for c in made), "the compiled reduction never ran"

@@ -34,7 +34,7 @@ def test_agent_ships_what_the_routers_computed(family, device, layout, sink):
     shape = discover(model)
     assert shape.distribution == ("sigmoid" if family == "deepseek_v3" else "softmax")
     tap = RouterTap(model)
-    mon = gw.attach(model, sink.endpoint, f"t-{family}", every_n_steps=1, max_samples_per_step=3)
+    mon = gw.attach(model, sink.endpoint, f"t-{family}", every_n_steps=1, max_samples_per_step=3, **layout)
     torch.manual_seed(1)
     input_ids = torch.randint(0, VOCAB, (4, 12))
     mask = torch.ones(4, 12, dtype=torch.long)
@@ -131,7 +131,7 @@ def test_a_bf16_model_is_summarized_in_float32_from_its_own_router_outputs(layou
     model = tiny_model("olmoe").to(torch.bfloat16)
     shape = discover(model)
     tap = RouterTap(model)
-    mon = gw.attach(model, sink.endpoint, "bf16", every_n_steps=1, max_samples_per_step=2)
+    mon = gw.attach(model, sink.endpoint, "bf16", every_n_steps=1, max_samples_per_step=2, **layout)
     torch.manual_seed(3)
     input_ids = torch.randint(0, VOCAB, (2, 9))
     run_one_step(model, mon, input_ids)
@@ -199,7 +199,7 @@ def test_untagged_batch_whose_first_rows_are_sampled_takes_views_not_gathers(sam
     model = tiny_model("qwen2_moe")
     shape = discover(model)
     tap = RouterTap(model)
-    mon = gw.attach(model, sink.endpoint, "prefix", every_n_steps=1, max_samples_per_step=sampled)
+    mon = gw.attach(model, sink.endpoint, "prefix", every_n_steps=1, max_samples_per_step=sampled, **layout)
     torch.manual_seed(2)
     input_ids = torch.randint(0, VOCAB, (4, 10))
     mask = torch.ones(4, 10, dtype=torch.long)
@@ -227,7 +227,7 @@ def test_a_masked_out_expert_adds_nothing_to_the_entropy(layout, sink):
 
     model = MaskingRouter()
     mon = model.mon = gw.attach(model, sink.endpoint, "masked", num_layers=1, num_experts=4, top_k=1,
-                                every_n_steps=1)
+                                every_n_steps=1, **layout)
     model(torch.zeros(1, 3, dtype=torch.long))
     mon.close()
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
@@ -247,7 +247,7 @@ def test_router_output_that_is_not_contiguous_is_summarized_in_both_layouts(layo
 
     model = TransposedRouter()
     mon = model.mon = gw.attach(model, sink.endpoint, "strided", num_layers=1, num_experts=4, top_k=1,
-                                every_n_steps=1, max_samples_per_step=2)
+                                every_n_steps=1, max_samples_per_step=2, **layout)
     model(torch.zeros(2, 5, dtype=torch.long))
     mon.close()
     sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
@@ -331,7 +331,7 @@ def test_gradient_checkpointing_records_each_layer_once(sink):
 def test_packed_sequences_split_where_position_ids_restart(layout, sink):
     model = tiny_model("olmoe")
     tap = RouterTap(model)
-    mon = gw.attach(model, sink.endpoint, "packed", every_n_steps=1, max_samples_per_step=1)
+    mon = gw.attach(model, sink.endpoint, "packed", every_n_steps=1, max_samples_per_step=1, **layout)
     input_ids = torch.randint(0, VOCAB, (1, 12))
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
     run_one_step(model, mon, input_ids, position_ids=position_ids, ids=["row"], groups=["g"])
@@ -355,7 +355,7 @@ def test_inside_the_users_autocast_the_summaries_stay_float32(packed, layout, si
     this was handled the cosines were off by 1.4e-3 here."""
     model = tiny_model("olmoe")
     tap = RouterTap(model)
-    mon = gw.attach(model, sink.endpoint, "autocast", every_n_steps=1, max_samples_per_step=1)
+    mon = gw.attach(model, sink.endpoint, "autocast", every_n_steps=1, max_samples_per_step=1, **layout)
     input_ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
     kwargs = dict(input_ids=input_ids, labels=input_ids)
     docs = [(0, 12)]

@@ -341,13 +341,13 @@ def test_a_router_without_indices_takes_the_decision_from_the_experts_module(sin
                 expected = np.bincount(decisions[3 * n + layer].reshape(2, 6, K)[row].numpy().ravel(), minlength=E)
                 np.testing.assert_array_equal(msg.topk_counts_NLE[row, layer], expected)
         assert (msg.topk_counts_NLE[:, :, 0] == 6).all()  # the bias always selects expert 0
-    assert mon._needs_experts_hook == [True, True, True]
+    assert mon.capture.needs_experts_hook == [True, True, True]
 
     # A router that returns its indices (every transformers 5.24 family): the experts hook is dropped.
     olmoe = tiny_model("olmoe")
     mon = gw.attach(olmoe, sink.endpoint, "with-indices", every_n_steps=1)
     run_one_step(olmoe, mon, torch.randint(0, VOCAB, (2, 8)))
-    assert not any(mon._needs_experts_hook)
+    assert not any(mon.capture.needs_experts_hook)
     run_one_step(olmoe, mon, torch.randint(0, VOCAB, (2, 8)))
     assert not any(layer.experts._forward_pre_hooks for layer in discover(olmoe).layers)  # kept armed: routers only
     mon.close()

@@ -133,11 +133,11 @@ def test_an_exception_inside_a_hook_never_reaches_training(where, sink, caplog, 
     if where == "forward end":
         def broken_reduction(*args, **kwargs):
             raise RuntimeError("broken reduction")
-        monkeypatch.setattr("grokwatch.agent.monitor.reduce_all", broken_reduction)
+        monkeypatch.setattr("grokwatch.agent.summaries.reduce_all", broken_reduction)
     else:
         def broken(*args, **kwargs):
             raise RuntimeError("broken gather")
-        monkeypatch.setattr("grokwatch.agent.hooks.gather_layer", broken)
+        monkeypatch.setattr("grokwatch.agent.capture.gather_layer", broken)
     ids = torch.randint(0, VOCAB, (2, 8))
     for _ in range(6):
         run_one_step(model, mon, ids)  # must not raise
@@ -235,10 +235,15 @@ def test_attach_fails_fast_on_bad_config_and_dense_models():
     for budget in (0, -1.0, float("nan"), "lots"):
         with pytest.raises(ValueError, match="reduction_memory_mb"):
             gw.attach(tiny_model("olmoe"), "tcp://127.0.0.1:5999", "x", reduction_memory_mb=budget)
+    with pytest.raises(ValueError, match="reduction_layout"):
+        gw.attach(tiny_model("olmoe"), "tcp://127.0.0.1:5999", "x", reduction_layout="experts_first")
+    for most in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="reduction_layers_per_batch"):
+            gw.attach(tiny_model("olmoe"), "tcp://127.0.0.1:5999", "x", reduction_layers_per_batch=most)
 
 
 @pytest.mark.parametrize("compile_reduction", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_reduction_memory_mb_bounds_each_batch_and_changes_nothing_shipped(compile_reduction, sink, monkeypatch):
+def test_reduction_memory_mb_bounds_each_batch_and_changes_nothing_shipped(compile_reduction, sink):
     """The batched reduction runs at the end of the forward, when the saved activations peak: beyond
     reduction_memory_mb of (estimated) transient memory, the layers are reduced in several batches;
     what ships is the same, cosines across the batch boundaries included."""
@@ -256,32 +261,35 @@ def test_reduction_memory_mb_bounds_each_batch_and_changes_nothing_shipped(compi
             return x_BSH.sum()
 
     batches = []
-    within = reduce_module._within
-    monkeypatch.setattr(reduce_module, "_within", lambda *a: batches.append([len(b) for b in within(*a)])
-                        or within(*a))
     copies = reduce_module.TRANSIENT_COPIES_COMPILED if compile_reduction else reduce_module.TRANSIENT_COPIES_OP_BY_OP
     per_layer = copies * 4 * M * S * E
     model = Stack()
     torch._dynamo.reset()
     x = torch.randn(M, S, 8)
     shipped = []
-    for budget_mb in (256.0, 2.5 * per_layer / 2**20):
-        mon = model.mon = gw.attach(model, sink.endpoint, f"budget-{budget_mb}", num_layers=L, num_experts=E,
+    for budget_mb, most in ((256.0, None), (2.5 * per_layer / 2**20, None), (256.0, 1)):
+        mon = model.mon = gw.attach(model, sink.endpoint, f"budget-{budget_mb}-{most}", num_layers=L, num_experts=E,
                                     top_k=1, every_n_steps=1, max_samples_per_step=M, reduction_memory_mb=budget_mb,
-                                    compile_reduction=compile_reduction)
+                                    compile_reduction=compile_reduction, reduction_layers_per_batch=most)
         mon.step(0)
         model(x)
         assert mon.stats()["reduction"] == ("compiled" if compile_reduction else "op by op")
+        batches.append(list(mon.stats()["reduction_batches"]))
         mon.close()
         sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) > len(shipped))
         shipped = sink.routing()
-    assert batches == [[5], [2, 2, 1]]
-    whole, split = shipped
+    assert batches == [[5], [2, 2, 1], [1, 1, 1, 1, 1]]
+    whole, split, single = shipped
     np.testing.assert_allclose(split.mean_probs_NLE, whole.mean_probs_NLE, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(split.topk_counts_NLE, whole.topk_counts_NLE)
     np.testing.assert_allclose(split.entropy_NL, whole.entropy_NL, rtol=1e-6, atol=1e-7)
     assert whole.adj_cosine_NL1 is not None and split.adj_cosine_NL1 is not None
     np.testing.assert_allclose(split.adj_cosine_NL1, whole.adj_cosine_NL1, rtol=1e-5, atol=1e-6)
+    for one in (split, single):
+        np.testing.assert_allclose(one.mean_probs_NLE, whole.mean_probs_NLE, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(one.topk_counts_NLE, whole.topk_counts_NLE)
+        assert one.adj_cosine_NL1 is not None
+        np.testing.assert_allclose(one.adj_cosine_NL1, whole.adj_cosine_NL1, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("call", ["model(...)", "model.forward(...)"])
