@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, cast
 
 import numpy as np
 
 from grokwatch.collector.config import PHASE_DISTANCES
 from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS
+from grokwatch.collector.points import SERIES_KEYS, JournalPoint
 
 MEMORIZED_OR_LATER = ("memorized", "generalizing", "stable")
 METRICS = ("distance", "distance_vs_cross", "distance_normalized", "normalized_vs_cross", "consistency",
@@ -34,8 +35,8 @@ METRIC_TITLES = {
 }
 DERIVED = {"distance_vs_cross": PHASE_DISTANCES["vs_cross"],  # a / b, per step
            "normalized_vs_cross": PHASE_DISTANCES["normalized_vs_cross"]}
-POINT_KEYS = tuple(k for k in METRICS if k not in DERIVED) + ("cross_distance", "cross_distance_normalized",
-                                                                 "entropy")
+POINT_KEYS = SERIES_KEYS
+assert set(POINT_KEYS) >= {k for k in METRICS if k not in DERIVED}
 
 
 @dataclass
@@ -79,24 +80,28 @@ def load(records: Iterable[dict]):
             continue
         if r.get("kind") != "point":
             continue
-        key = (r["run"], r["source"], r["group"])
-        step = r["step"]
-        w = r.get("samples", 1) or 1
+        p = cast(JournalPoint, r)
+        key = (p["run"], p["source"], p["group"])
+        step = p["step"]
+        w = p.get("samples", 1) or 1
         for k in POINT_KEYS:
-            if r.get(k) is not None:
-                acc[key][step][k].append((r[k], w))
+            if p.get(k) is not None:
+                acc[key][step][k].append((p[k], w))
         for k in ("entropy_layers", "imbalance_layers"):
-            if r.get(k) is not None:
-                layers[key][k].setdefault(step, []).append(r[k])
-        if r.get("phase") and (not phase_seq[key] or phase_seq[key][-1][1] != r["phase"]):
+            if p.get(k) is not None:
+                layers[key][k].setdefault(step, []).append(p[k])
+        phase = p.get("phase")
+        if phase and (not phase_seq[key] or phase_seq[key][-1][1] != phase):
             # The step the detector dates the transition to (newer journals carry it), else this record's.
-            dated = r.get(DATED_STEPS[r["phase"]]) if r["phase"] in DATED_STEPS else None
-            phase_seq[key].append((dated if dated is not None else step, r["phase"]))
-        if r.get("phase_signal"):
-            phase_signal[key] = r["phase_signal"]
-        for phase, name in EVIDENCE_KEYS.items():
-            if r.get(name):
-                evidence[key][phase] = r[name]
+            dated = p.get(DATED_STEPS[phase]) if phase in DATED_STEPS else None
+            phase_seq[key].append((dated if dated is not None else step, phase))
+        signal = p.get("phase_signal")
+        if signal:
+            phase_signal[key] = signal
+        for changed, name in EVIDENCE_KEYS.items():
+            found = p.get(name)
+            if found:
+                evidence[key][changed] = found
     series = {}
     for key, by_step in acc.items():
         steps = np.array(sorted(by_step), dtype=np.float64)

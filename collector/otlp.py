@@ -43,7 +43,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from grokwatch._version import __version__
 from grokwatch.collector.config import ConfigError, otlp_requested
 from grokwatch.collector.state import State
-from grokwatch.collector.view import Family, build_view
+from grokwatch.collector.view import Family, HistogramValue, SummaryValue, build_view, scalar
 
 log = logging.getLogger("grokwatch.collector")
 
@@ -90,7 +90,7 @@ class OtelView:
             return dict(zip(fam.labels, values))
 
         def number(values, v):
-            return NumberDataPoint(attrs(values), self.start_ns, now, float(v))
+            return NumberDataPoint(attrs(values), self.start_ns, now, scalar(v))
 
         def total(name, points, monotonic):
             return Metric(name, fam.help, "", Sum(points, CUMULATIVE, monotonic))
@@ -99,12 +99,15 @@ class OtelView:
             return [total(fam.name, [number(k, v) for k, v in fam.samples], True)]
         if fam.kind == "gauge":
             return [Metric(fam.name, fam.help, "", Gauge([number(k, v) for k, v in fam.samples]))]
-        if fam.kind == "summary":  # (count, sum) of a non-negative quantity
-            return [total(fam.name + "_count", [number(k, v[0]) for k, v in fam.samples], True),
-                    total(fam.name + "_sum", [number(k, v[1]) for k, v in fam.samples], True)]
+        if fam.kind == "summary":  # the count and sum of a non-negative quantity
+            summaries = [(k, v) for k, v in fam.samples if isinstance(v, SummaryValue)]
+            return [total(fam.name + "_count", [number(k, v.count) for k, v in summaries], True),
+                    total(fam.name + "_sum", [number(k, v.sum) for k, v in summaries], True)]
         points = []
-        for k, (bounds, counts, value_sum) in fam.samples:
-            counts = np.asarray(counts, dtype=np.int64)
+        for k, hist in fam.samples:
+            assert isinstance(hist, HistogramValue)
+            bounds, value_sum = hist.bounds, hist.sum
+            counts = np.asarray(hist.counts, dtype=np.int64)
             is_signed = signed(bounds)
             # The SDK's annotations ask for a sum, min and max; the OTLP data model makes all three optional,
             # and its encoder leaves out what is None (a signed histogram has no sum; we keep no min, max).

@@ -35,7 +35,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class PhaseConfig:
     consistency_abs_tol: float = math.inf  # rise of 1 - C over the window (inf: consistency ignored)
 
 
-def distance_signal(point: dict, kind: str) -> Optional[float]:
+def distance_signal(point: Mapping[str, Any], kind: str) -> Optional[float]:
     """The distance the detector watches, from one exported point (CollectorConfig.phase_distance)."""
     key, baseline = PHASE_DISTANCES[kind]
     d = point.get(key)
@@ -81,7 +81,7 @@ def distance_signal(point: dict, kind: str) -> Optional[float]:
     return d / c if d is not None and c else None
 
 
-def baseline_of(point: dict, kind: str) -> Optional[float]:
+def baseline_of(point: Mapping[str, Any], kind: str) -> Optional[float]:
     """The cross-group baseline behind a ÷-baseline signal (evidence only)."""
     key, baseline = PHASE_DISTANCES[kind]
     return point.get(baseline or ("cross_" + key))
@@ -216,7 +216,7 @@ class PhaseTracker:
 
     # ------------------------------------------------------------------ input
 
-    def observe(self, step: int, point: dict) -> Optional[str]:
+    def observe(self, step: int, point: Mapping[str, Any]) -> Optional[str]:
         """One exported point (state.py's, or a journal's) of this group. Returns the phase it moved to,
         if this call moved it."""
         self._changed = None

@@ -23,7 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 from grokwatch.collector.state import State
-from grokwatch.collector.view import build_view
+from grokwatch.collector.view import HistogramValue, Sample, SummaryValue, build_view, scalar
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class PrometheusCollector:
         out = []
         for fam in self._last:
             if fam.name == "grokwatch_collector_scrapes_stale_total":
-                fam = dataclasses.replace(fam, samples=[((), self.stale_scrapes)])
+                fam = dataclasses.replace(fam, samples=[Sample((), self.stale_scrapes)])
             out.append(fam)
         return out
 
@@ -75,23 +75,26 @@ class PrometheusCollector:
             if fam.kind == "counter":
                 out = CounterMetricFamily(name.removesuffix("_total"), fam.help, labels=labels)
                 for values, v in fam.samples:
-                    out.add_metric(list(values), float(v))
+                    out.add_metric(list(values), scalar(v))
             elif fam.kind == "gauge":
                 out = GaugeMetricFamily(name, fam.help, labels=labels)
                 for values, v in fam.samples:
-                    out.add_metric(list(values), float(v))
+                    out.add_metric(list(values), scalar(v))
             elif fam.kind == "histogram":
                 out = HistogramMetricFamily(name, fam.help, labels=labels)
-                for values, (bounds, counts, total) in fam.samples:
-                    cum = np.cumsum(counts)
+                for values, hist in fam.samples:
+                    assert isinstance(hist, HistogramValue)
+                    bounds, total = hist.bounds, hist.sum
+                    cum = np.cumsum(hist.counts)
                     buckets = [(_le(b), float(c)) for b, c in zip(bounds, cum[:-1])] + [("+Inf", float(cum[-1]))]
                     # A histogram with negative buckets has no _sum or _count (OpenMetrics: its sum is no
                     # counter); view.py exports its sum as the gauge <name>_sum_signed.
                     out.add_metric(list(values), buckets, None if bounds[0] < 0 else float(total))
             else:  # summary: count and sum, no quantiles (aggregatable)
                 out = SummaryMetricFamily(name, fam.help, labels=labels)
-                for values, (count, total) in fam.samples:
-                    out.add_metric(list(values), count_value=count, sum_value=total)
+                for values, summary in fam.samples:
+                    assert isinstance(summary, SummaryValue)
+                    out.add_metric(list(values), count_value=int(summary.count), sum_value=summary.sum)
             yield out
 
 

@@ -19,10 +19,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from grokwatch.collector import kernels, wal
+from grokwatch.collector import wal
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.persist import snapshot_bytes
 from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseTracker
+from grokwatch.collector.points import JournalPoint, point_of
 from grokwatch.collector.senders import Counters, Senders, SequenceError
 from grokwatch.collector.stream import Stream
 from grokwatch.wire import Eval, Heartbeat, Hello, Loss, Routing, WireError, decode, peek_sequence
@@ -487,7 +488,7 @@ class State:
         self.samples_total += msg.num_samples
         for g in np.unique(targets[targets >= 0]):
             label = stream.labels[g]
-            point = _finish_stats(dict(zip(kernels.STAT_KEYS, stats_GK[g])), ent_GL[g], load_GLE[g])
+            point = point_of(stats_GK[g], ent_GL[g], load_GLE[g])
             extra: dict = {}
             if not label.startswith(BUCKET_PREFIX):  # buckets are diagnostics: no phase, no event
                 tracker = stream.phases.get(label)
@@ -501,8 +502,10 @@ class State:
                 extra.update(phase=tracker.phase, phase_signal=tracker.signal)
                 if changed in EVIDENCE_KEYS:
                     extra[EVIDENCE_KEYS[changed]] = tracker.evidence[changed]
-            self._journal(dict(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
-                              t=msg.wall_time, **extra, **point))
+            record: dict = dict(JournalPoint(kind="point", run=msg.run, source=msg.source, group=label,
+                                             step=msg.step, t=msg.wall_time, **point))
+            record.update(extra)  # the phase's keys (JournalPoint), named by phases.DATED_STEPS / EVIDENCE_KEYS
+            self._journal(record)
 
     # ------------------------------------------------------------- export view
 
@@ -541,26 +544,3 @@ def _drop_keys_of(table: dict[Any, Any], run: str) -> None:
     """Remove the entries keyed (run, ...) of ``run``."""
     for key in [k for k in table if k[0] == run]:
         del table[key]
-
-
-def _finish_stats(st: dict, entropy_L: np.ndarray, load_LE: np.ndarray) -> dict:
-    def mean(key, n):
-        return float(st[key] / st[n]) if st[n] else None
-
-    tokens = st["tokens"]
-    mean_L = load_LE.mean(axis=1)
-    return dict(
-        samples=int(st["n"]),
-        distance=mean("dist_sum", "dist_n"),
-        distance_normalized=mean("norm_sum", "dist_n"),
-        cross_distance=mean("x_dist_sum", "x_dist_n"),
-        cross_distance_normalized=mean("x_norm_sum", "x_dist_n"),
-        consistency=mean("cons_sum", "cons_n"),
-        adjacent_cosine=mean("cos_sum", "cos_n"),
-        entropy=mean("entropy_sum", "tokens"),
-        loss=mean("loss_sum", "loss_n"),
-        # Router health of this message's samples, per layer (for reports).
-        entropy_layers=(entropy_L / tokens).round(6).tolist() if tokens else None,
-        imbalance_layers=np.where(mean_L > 0, load_LE.max(axis=1) / np.where(mean_L > 0, mean_L, 1),
-                                  0.0).round(6).tolist(),
-    )

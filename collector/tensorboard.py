@@ -28,7 +28,7 @@ import numpy as np
 from grokwatch.collector.config import ConfigError
 from grokwatch.collector.phases import PHASES
 from grokwatch.collector.state import CROSS_GROUP, State
-from grokwatch.collector.view import GROUP_LABELS, LAYER_LABELS, build_view
+from grokwatch.collector.view import GROUP_LABELS, LAYER_LABELS, HistogramValue, build_view, scalar
 
 log = logging.getLogger("grokwatch.collector")
 
@@ -101,7 +101,7 @@ class TensorBoardView:
     def write_once(self) -> int:
         """Write what moved since the last call; returns the number of points written."""
         fams = {f.name.removeprefix(PREFIX): f for f in build_view(self.state, self.queue_stats)}
-        steps = {values: v for values, v in fams["group_latest_step"].samples}
+        steps = {values: scalar(v) for values, v in fams["group_latest_step"].samples}
         for (run, source, _), step in list(steps.items()):  # the cross-group baseline: its stream's latest step
             key = (run, source, CROSS_GROUP)
             steps[key] = max(steps.get(key, step), step)
@@ -113,16 +113,17 @@ class TensorBoardView:
                 tag = f"{source}/{group}/{name}" + (f"/layer{values[3]}" if fam.labels == LAYER_LABELS else "")
                 self._scalar(run, tag, v, steps.get(values[:3]))
         for values, v in fams["group_phase"].samples:
-            if int(v) == 1:
+            if scalar(v) == 1:
                 run, source, group, phase = values
                 self._scalar(run, f"{source}/{group}/phase", PHASES.index(phase), steps.get(values[:3]))
-        eval_steps = {values: v for values, v in fams["eval_step"].samples}
+        eval_steps = {values: scalar(v) for values, v in fams["eval_step"].samples}
         for (run, group), score in fams["eval_score"].samples:
             self._scalar(run, f"eval/{group}", score, eval_steps.get((run, group)))
         for name, fam in fams.items():
             if fam.kind == "histogram" and fam.labels == GROUP_LABELS:
-                for values, (bounds, counts, total) in fam.samples:
-                    self._histogram(name, values, bounds, counts, total, steps.get(values))
+                for values, hist in fam.samples:
+                    assert isinstance(hist, HistogramValue)
+                    self._histogram(name, values, hist.bounds, hist.counts, hist.sum, steps.get(values))
         for writer in self.writers.values():
             writer.flush()
         return self.points - before

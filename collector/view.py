@@ -1,14 +1,15 @@
 """One snapshot of the collector's state as metric families — the single
 source of truth that both exporters (Prometheus, OpenTelemetry) render.
 
-Names, types and label sets here are frozen by tests/unit/test_metric_names.py:
-dashboards and alerts depend on them.
+The families are declared once (``SPECS``: name, kind, help, labels), their samples are typed
+(``Sample`` with a number, a ``HistogramValue`` or a ``SummaryValue``); names, kinds and label sets
+are frozen by tests/unit/test_metric_names.py: dashboards and alerts depend on them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Literal, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -59,25 +60,65 @@ SIGNED_HISTOGRAMS = ("pathway_consistency", "pathway_adjacent_cosine")
 SIGNED_SUM = "_sum_signed"
 
 
-@dataclass
-class Family:
-    name: str
-    kind: str  # counter | gauge | histogram | summary
+Kind = Literal["counter", "gauge", "histogram", "summary"]
+
+
+class HistogramValue(NamedTuple):
+    """One series of a histogram: upper bounds (``le``, +Inf left out), the count in each bucket (not
+    cumulative; +Inf last, so one more than the bounds) and the sum of the values observed."""
+
+    bounds: np.ndarray
+    counts: np.ndarray
+    sum: float
+
+
+class SummaryValue(NamedTuple):
+    """One series of a summary without quantiles: how many values were observed and their sum."""
+
+    count: float
+    sum: float
+
+
+Value = Union[int, float, np.number, HistogramValue, SummaryValue]
+
+
+def scalar(value: Value) -> float:
+    """A counter's or gauge's value as a float."""
+    if isinstance(value, (HistogramValue, SummaryValue)):
+        raise TypeError(f"a number, not {type(value).__name__}")
+    return float(value)
+
+
+class Sample(NamedTuple):
+    labels: tuple[str, ...]  # in the order of the family's label names
+    value: Value
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str  # without the "grokwatch_" prefix
+    kind: Kind
     help: str
     labels: tuple[str, ...]
-    samples: list = field(default_factory=list)  # (label values tuple, value)
-
-    def add(self, values: tuple, value) -> None:
-        self.samples.append((tuple(str(v) for v in values), value))
 
 
-def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, stale_scrapes: int = 0) -> list[Family]:
-    """All families, read under the state's lock (a consistent snapshot)."""
-    F = {}
+@dataclass
+class Family:
+    name: str  # the exported name
+    kind: Kind
+    help: str
+    labels: tuple[str, ...]
+    samples: list[Sample] = field(default_factory=list)
 
-    def fam(name, kind, help_, labels):
-        F[name] = Family("grokwatch_" + name, kind, help_, labels)
-        return F[name]
+    def add(self, values: tuple, value: Value) -> None:
+        self.samples.append(Sample(tuple(str(v) for v in values), value))
+
+
+def _specs() -> tuple[Spec, ...]:
+    specs: list[Spec] = []
+
+    def fam(name: str, kind: Kind, help_: str, labels: tuple[str, ...]) -> None:
+        specs.append(Spec(name, kind, help_, labels))
 
     for suffix, (_, help_) in HISTOGRAMS.items():
         fam(suffix, "histogram", help_, GROUP_LABELS)
@@ -149,6 +190,16 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
         ("run", "rank", "reason"))
     fam("agent_hook_errors_total", "counter", "Errors caught inside the agents' hooks", ("run", "rank"))
 
+    return tuple(specs)
+
+
+SPECS = _specs()  # every family the collector exports, in exposition order
+
+
+def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, stale_scrapes: int = 0) -> list[Family]:
+    """All families, read under the state's lock (a consistent snapshot)."""
+    F = {spec.name: Family("grokwatch_" + spec.name, spec.kind, spec.help, spec.labels) for spec in SPECS}
+
     with state.lock:
         carriers = state.phase_carriers()
         for (run, source), stream in sorted(state.streams.items()):
@@ -163,8 +214,8 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
             F["collector_messages_rejected_total"].add((reason,), state.rejected_total.get(reason, 0))
         F["collector_messages_lost_total"].add((), state.lost_total)
         F["collector_samples_processed_total"].add((), state.samples_total)
-        F["collector_processing_seconds"].add((), (float(state.processing_seconds_count),
-                                                   state.processing_seconds_sum))
+        F["collector_processing_seconds"].add((), SummaryValue(float(state.processing_seconds_count),
+                                                               state.processing_seconds_sum))
         F["collector_ingest_lag_seconds"].add((), state.last_message_lag_s)
         F["collector_stream_reads_stale_total"].add((), state.stale_stream_reads)
         F["collector_disconnects_total"].add((), state.disconnects_total)
@@ -213,12 +264,12 @@ def _stream_families(F: dict, state: State, stream, run: str, source: str, carri
         key = (run, source, name)
         for suffix, (hkey, _) in HISTOGRAMS.items():
             h = series.hist[hkey]
-            F[suffix].add(key, (h.bounds.copy(), h.counts.copy(), h.sum))
+            F[suffix].add(key, HistogramValue(h.bounds.copy(), h.counts.copy(), h.sum))
             if suffix in SIGNED_HISTOGRAMS:
                 F[suffix + SIGNED_SUM].add(key, h.sum)
         for layer in range(stream.num_layers):
-            F["pathway_layer_distance"].add(key + (layer,), (float(series.layer_distance_count_L[layer]),
-                                                             float(series.layer_distance_sum_L[layer])))
+            F["pathway_layer_distance"].add(key + (layer,), SummaryValue(float(series.layer_distance_count_L[layer]),
+                                                                         float(series.layer_distance_sum_L[layer])))
         if window is None:
             continue
         F["pathway_samples_total"].add(key, series.samples_total)

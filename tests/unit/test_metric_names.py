@@ -7,7 +7,7 @@ import numpy as np
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.prometheus import PrometheusCollector
 from grokwatch.collector.state import State
-from grokwatch.collector.view import build_view
+from grokwatch.collector.view import SPECS, HistogramValue, SummaryValue, build_view
 from wire_factories import make_heartbeat, make_hello, make_routing
 
 G = ("run", "source", "group")
@@ -74,8 +74,21 @@ def populated_state():
 
 
 def test_exported_names_types_and_labels_are_frozen():
+    assert {"grokwatch_" + spec.name: (spec.kind, spec.labels) for spec in SPECS} == FROZEN  # as declared
     fams = {f.name: (f.kind, f.labels) for f in build_view(populated_state())}
-    assert fams == FROZEN
+    assert fams == FROZEN  # as rendered
+
+
+def test_each_sample_holds_the_value_type_of_its_kind():
+    """The exporters read histograms and summaries by field: a sample of another type would be a bug."""
+    want = {"histogram": HistogramValue, "summary": SummaryValue}
+    for fam in build_view(populated_state()):
+        for sample in fam.samples:
+            assert len(sample.labels) == len(fam.labels), fam.name
+            if fam.kind in want:
+                assert isinstance(sample.value, want[fam.kind]), fam.name
+            else:
+                assert not isinstance(sample.value, tuple), fam.name
 
 
 def test_prometheus_families_carry_the_frozen_label_sets():
