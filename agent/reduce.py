@@ -346,5 +346,5 @@ def _cosines(ctx: BatchContext, views: dict) -> bool:
     if weights_LEH is None:
         return False
     lo, hi = gathered[0].layer, gathered[-1].layer + 1
-    cosine_rows(views["mean_LNE"][lo:hi], weights_LEH, out=views["cosine_LN"][lo + 1:hi])
+    cosine_rows(views["mean_probs_LNE"][lo:hi], weights_LEH, out=views["cosine_LN"][lo + 1:hi])
     return True

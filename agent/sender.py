@@ -213,10 +213,10 @@ class Sender:
             **self._header(), source=p.source, step=p.step, top_k=self.shape[2],
             sample_ids=tuple(p.sample_ids[i] for i in keep), groups=tuple(p.groups[i] for i in keep),
             token_counts_N=v["tokens_N"][rows].view(np.uint32),
-            mean_probs_NLE=v["mean_NLE"][rows],
+            mean_probs_NLE=v["mean_probs_NLE"][rows],
             topk_counts_NLE=v["counts_NLE"][rows].view(np.uint32),
             entropy_NL=v["entropy_NL"][rows],
-            adj_cosine_NL1=v["cosine_NL"][rows, 1:] if p.with_cosines and self.shape[0] > 1 else None,
+            adj_cosine_NJ=v["cosine_NL"][rows, 1:] if p.with_cosines and self.shape[0] > 1 else None,
             loss_N=v["loss_N"][rows] if p.with_loss else None,
             zloss_NL=_defined(v["zloss_NL"][rows]),
         )

@@ -26,7 +26,7 @@ class Staging:
     bits (a float copy of small integers' bit patterns, denormals, could flush)."""
 
     FIELDS = {  # name: (storage shape from (L, N, E), dtype)
-        "mean_NLE": (lambda L, N, E: (N, L, E), torch.float32),
+        "mean_probs_NLE": (lambda L, N, E: (N, L, E), torch.float32),
         "counts_NLE": (lambda L, N, E: (N, L, E), torch.int32),
         "entropy_NL": (lambda L, N, E: (N, L), torch.float32),
         "zloss_NL": (lambda L, N, E: (N, L), torch.float32),  # mean logsumexp(logits)² per slot; < 0: undefined
@@ -47,7 +47,7 @@ class Staging:
         self.device_buf = torch.zeros(total, dtype=torch.int32, device=device)
         stored = self.split(self.device_buf)
         self.views = {  # what the reduction writes: layer-major views of the same memory
-            "mean_LNE": stored["mean_NLE"].transpose(0, 1),
+            "mean_probs_LNE": stored["mean_probs_NLE"].transpose(0, 1),
             "counts_LNE": stored["counts_NLE"].transpose(0, 1),
             "entropy_LN": stored["entropy_NL"].t(),
             "zloss_LN": stored["zloss_NL"].t(),
@@ -61,7 +61,7 @@ class Staging:
         self.cached_views: dict[tuple, tuple] = {}  # slices of ``views`` the reduction writes, made once
 
     def targets(self, layers, docs_per_row: int, packed: bool,
-                names: tuple = ("mean_LNE", "entropy_LN", "counts_LNE", "zloss_LN")) -> tuple:
+                names: tuple = ("mean_probs_LNE", "entropy_LN", "counts_LNE", "zloss_LN")) -> tuple:
         """Views of ``names`` for ``layers`` (a slice or one index), made once: every slot when packed
         rows split into documents, else each row's slot m*D (the other D-1 keep zero tokens, never read)."""
         key = ((layers.start, layers.stop) if isinstance(layers, slice) else layers, docs_per_row, packed, names)

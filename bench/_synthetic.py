@@ -26,4 +26,4 @@ def routing_message(rng, *, n=64, num_layers=16, num_experts=64, top_k=8, concen
                    groups=tuple(groups[i % len(groups)] for i in range(n)),
                    token_counts_N=np.full(n, tokens, np.uint32), mean_probs_NLE=probs, topk_counts_NLE=counts,
                    entropy_NL=rng.uniform(0.5, 0.9, (n, num_layers)).astype(np.float32),
-                   adj_cosine_NL1=rng.uniform(0.1, 0.9, (n, num_layers - 1)).astype(np.float32))
+                   adj_cosine_NJ=rng.uniform(0.1, 0.9, (n, num_layers - 1)).astype(np.float32))

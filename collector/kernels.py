@@ -3,27 +3,32 @@
 Each kernel names the METRICS.md definition it implements; ``reference.py``
 holds the plain-Python version the tests compare against.
 
-Legend: L layers, E experts, S symbols of a pathway, W 64-bit words, B buckets.
+Shapes (docs/shapes.md): L layers, E experts, Y pathway symbols, A alphabet, Q 64-bit words,
+G groups, W window slots, P picks, R histograms, U bucket bounds (Up: with +Inf), V statistics.
 Pathway symbols (the `expert` unit) are int16: expert ids 0..E-1 and SEP = E.
 """
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import numpy as np
 from numba import njit
 
-_ONE = np.uint64(1)
-_ZERO = np.uint64(0)
-_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
-_WORD = 64
+from grokwatch.collector.edit_distance import (  # noqa: F401  (kernels.levenshtein & co., as before)
+    build_peq,
+    compare_to_window,
+    levenshtein,
+    levenshtein_peq,
+)
 
 
 @njit(cache=True, nogil=True)
-def build_pathway(probs_LE, tau, sym_S, starts_L1):
+def build_pathway(probs_LE, tau, sym_Y, starts_Lp):
     """METRICS.md §1 layer lists e_l and pathway s = e_1 ⊕ SEP ⊕ … ⊕ e_L.
 
-    Writes the symbols into ``sym_S`` (capacity L*(E+1)) and the start of each
-    layer's list into ``starts_L1`` (starts_L1[L] = S + 1, as if a SEP
+    Writes the symbols into ``sym_Y`` (capacity L*(E+1)) and the start of each
+    layer's list into ``starts_Lp`` (starts_Lp[L] = S + 1, as if a SEP
     followed the last layer). Returns S. Ties keep the lower expert index first
     (stable sort); cumulative weights are summed in float64 like the reference.
     """
@@ -32,30 +37,30 @@ def build_pathway(probs_LE, tau, sym_S, starts_L1):
     n = 0
     for layer in range(num_layers):
         if layer > 0:
-            sym_S[n] = sep
+            sym_Y[n] = sep
             n += 1
-        starts_L1[layer] = n
+        starts_Lp[layer] = n
         order_E = np.argsort(-probs_LE[layer].astype(np.float64), kind="mergesort")
         total = 0.0
         for r in range(num_experts):
             k = order_E[r]
-            sym_S[n] = k
+            sym_Y[n] = k
             n += 1
             total += np.float64(probs_LE[layer, k])
             if total >= tau:
                 break
-    starts_L1[num_layers] = n + 1
+    starts_Lp[num_layers] = n + 1
     return n
 
 
 @njit(cache=True, nogil=True)
-def pathway_chars(sym_S, length, sep, out_C):
+def pathway_chars(sym_Y, length, sep, out_C):
     """The paper's string form of a pathway as ASCII codes: ',' between experts
     of a layer, '-' between layers. Returns the number of characters."""
     n = 0
     first_in_layer = True
     for i in range(length):
-        s = sym_S[i]
+        s = sym_Y[i]
         if s == sep:
             out_C[n] = 45  # '-'
             n += 1
@@ -83,169 +88,194 @@ def pathway_chars(sym_S, length, sep, out_C):
 
 
 @njit(cache=True, nogil=True)
-def build_peq(a, length, alphabet, peq_AW):
-    """Match masks of pattern ``a`` for the bit-parallel edit distance:
-    bit i of peq_AW[c, i // 64] is set iff a[i] == c. Returns the words used."""
-    words = (length + _WORD - 1) // _WORD
-    for c in range(alphabet):
-        for w in range(words):
-            peq_AW[c, w] = _ZERO
-    for i in range(length):
-        peq_AW[a[i], i // _WORD] |= _ONE << np.uint64(i % _WORD)
-    return words
-
-
-@njit(cache=True, nogil=True)
-def levenshtein_peq(peq_AW, m, b, n, pv_W, mv_W):
-    """METRICS.md §1 Levenshtein (unit costs) of pattern (given as ``peq_AW``,
-    length m) against ``b[:n]``: Myers' bit-vector algorithm in Hyyrö's
-    multi-word form, O(ceil(m/64) * n). Rows below m in the last word are
-    computed but never read, since carries only flow downwards."""
-    if m == 0:
-        return n
-    if n == 0:
-        return m
-    words = (m + _WORD - 1) // _WORD
-    for w in range(words):
-        pv_W[w] = _ALL
-        mv_W[w] = _ZERO
-    last_bit = np.uint64((m - 1) % _WORD)
-    last = words - 1
-    score = m
-    for j in range(n):
-        c = b[j]
-        hp = _ONE  # horizontal delta carried into each word: +1 at row 0 of the DP
-        hn = _ZERO
-        ph = _ZERO
-        mh = _ZERO
-        for w in range(words):
-            eq = peq_AW[c, w]
-            pv = pv_W[w]
-            mv = mv_W[w]
-            xv = eq | mv
-            eq |= hn
-            xh = (((eq & pv) + pv) ^ pv) | eq
-            ph = mv | (~(xh | pv))
-            mh = pv & xh
-            hp_out = ph >> np.uint64(63)
-            hn_out = mh >> np.uint64(63)
-            if w == last:
-                score += np.int64((ph >> last_bit) & _ONE) - np.int64((mh >> last_bit) & _ONE)
-            ph = (ph << _ONE) | hp
-            mh = (mh << _ONE) | hn
-            pv_W[w] = mh | (~(xv | ph))
-            mv_W[w] = ph & xv
-            hp = hp_out
-            hn = hn_out
-    return score
-
-
-@njit(cache=True, nogil=True)
-def levenshtein(a, m, b, n, alphabet):
-    """One-off edit distance of a[:m] and b[:n] (allocates its scratch)."""
-    words = max(1, (m + _WORD - 1) // _WORD)
-    peq = np.empty((alphabet, words), np.uint64)
-    build_peq(a, m, alphabet, peq)
-    pv = np.empty(words, np.uint64)
-    mv = np.empty(words, np.uint64)
-    return levenshtein_peq(peq, m, b, n, pv, mv)
-
-
-@njit(cache=True, nogil=True)
-def compare_to_window(a_S, a_len, win_sym_NS, win_len_N, picks_P, alphabet, peq_AW, pv_W, mv_W,
-                      out_dist_P, out_norm_P):
-    """Distances of one new pathway to the window pathways ``picks_P``:
-    D (METRICS.md §1, in whatever unit the symbols are) and D / max length.
-    ``peq_AW`` needs ceil(S/64) words for the longest pattern."""
-    build_peq(a_S, a_len, alphabet, peq_AW)
-    for p in range(picks_P.shape[0]):
-        slot = picks_P[p]
-        b_len = win_len_N[slot]
-        d = levenshtein_peq(peq_AW, a_len, win_sym_NS[slot], b_len, pv_W, mv_W)
-        out_dist_P[p] = d
-        longest = max(a_len, b_len)
-        out_norm_P[p] = d / longest if longest > 0 else 0.0
-    return 0
-
-
-@njit(cache=True, nogil=True)
-def fingerprint(sym_S, length):
+def fingerprint(sym_Y, length):
     """64-bit FNV-1a of a pathway (deterministic across processes, unlike hash())."""
     h = np.uint64(0xCBF29CE484222325)
     prime = np.uint64(0x100000001B3)
     for i in range(length):
-        h ^= np.uint64(sym_S[i] & 0xFFFF)
+        h ^= np.uint64(sym_Y[i] & 0xFFFF)
         h *= prime
     return h
 
 
-# Per-group statistics a message accumulates for the journal (columns of stats_GK).
+# Per-group statistics a message accumulates for the journal (columns of stats_GV).
 STAT_KEYS = ("n", "tokens", "entropy_sum", "dist_sum", "norm_sum", "dist_n", "x_dist_sum", "x_norm_sum", "x_dist_n",
              "cons_sum", "cons_n", "cos_sum", "cos_n", "loss_sum", "loss_n")
 (S_N, S_TOKENS, S_ENT, S_DIST, S_NORM, S_DN, S_XDIST, S_XNORM, S_XDN, S_CONS, S_CONSN, S_COS, S_COSN, S_LOSS,
  S_LOSSN) = range(len(STAT_KEYS))
-# Histogram rows of hist_GHB1 (bounds in bounds_HB, padded with +inf).
+# Histogram rows of hist_GRUp (bounds in bounds_RU, padded with +inf).
 H_DIST, H_NORM, H_CONS, H_COS, H_LOSS = range(5)
 
 
 @njit(cache=True, nogil=True)
-def _observe(bounds_B, nb, counts_B1, value):
+def _observe(bounds_U, nb, counts_Up, value):
     lo = 0
     hi = nb
     while lo < hi:
         mid = (lo + hi) // 2
-        if bounds_B[mid] < value:
+        if bounds_U[mid] < value:
             lo = mid + 1
         else:
             hi = mid
-    counts_B1[lo] += 1
+    counts_Up[lo] += 1
+
+
+# The arguments of process_samples, grouped by what they hold (Numba takes named tuples of arrays).
+# One routing message's samples and the draws for them (read only).
+Samples = namedtuple("Samples", ["mean_probs_NLE", "counts_NLE", "tokens_N", "entropy_NL", "cos_NJ", "has_cos",
+                                 "loss_N", "has_loss", "step", "targets_N2", "u_N2P", "ux_NP"])
+# Every group's window ring: its last W pathways and their router-health inputs (the new ones go in).
+Windows = namedtuple("Windows", ["sym_GWY", "len_GW", "starts_GWLp", "fp_GW", "chars_GWC", "chars_len_GW", "filled_G",
+                                 "next_G", "topk_GWLE", "tokens_GW", "entropy_GWL", "eligible_G"])
+# Every group's cumulative series.
+Series = namedtuple("Series", ["hist_GRUp", "hist_sum_GR", "layer_sum_GL", "layer_count_GL", "samples_G",
+                               "undefined_G", "latest_step_G"])
+# One series of distances: a group's, or the cross-group baseline's.
+Distances = namedtuple("Distances", ["hist_RUp", "hist_sum_R", "layer_sum_L", "layer_count_L"])
+# What this message adds per group, for the journal (``STAT_KEYS`` columns; entropy and load per layer).
+Sums = namedtuple("Sums", ["stats_GV", "ent_GL", "load_GLE"])
+# Per-sample working memory: the pathway, its string form, and the bit-parallel rows.
+Scratch = namedtuple("Scratch", ["sym_Y", "starts_Lp", "chars_C", "peq_AQ", "pv_Q", "mv_Q", "lpeq_LAQ", "lpv_Q",
+                                 "lmv_Q"])
+# The configuration: METRICS.md §1's tau, the distance unit, §2's cosine floor, the histograms' bounds.
+Params = namedtuple("Params", ["tau", "use_chars", "min_max_cosine", "bounds_RU", "nb_R"])
 
 
 @njit(cache=True, nogil=True)
-def _pairs(a_len, a_starts, a_chars_len, use_chars, g, picks_P, win_sym_GWS, win_len_GW, win_starts_GWL1,
-           win_chars_GWC, win_chars_len_GW, peq_AW, pv_W, mv_W, lpeq_LAW, lpv_W, lmv_W, bounds_HB, nb_H, hist_HB1,
-           hist_sum_H, layer_sum_L, layer_count_L, stats_K, prefix):
-    """Distances of one pathway to the window slots ``picks_P`` of group g,
-    observed into one series (a group's or the cross-group baseline's).
-    ``peq_AW`` holds the match masks of the whole pathway, ``lpeq_LAW`` those
-    of each layer's list (both built once per sample)."""
+def _pairs(a_len, c_len, g, picks_P, win, scratch, params, into, stats_V, prefix):
+    """Distances of one pathway (in ``scratch``) to the window slots ``picks_P`` of group g,
+    observed ``into`` one series (a group's or the cross-group baseline's). ``peq_AQ`` holds
+    the match masks of the whole pathway, ``lpeq_LAQ`` those of each layer's list (both built
+    once per sample)."""
+    a_starts = scratch.starts_Lp
     num_layers = a_starts.shape[0] - 1
+    bounds_RU, nb_R = params.bounds_RU, params.nb_R
     for p in range(picks_P.shape[0]):
         slot = picks_P[p]
-        if use_chars:
-            b_len = win_chars_len_GW[g, slot]
-            d = levenshtein_peq(peq_AW, a_chars_len, win_chars_GWC[g, slot], b_len, pv_W, mv_W)
-            longest = max(a_chars_len, b_len)
+        if params.use_chars:
+            b_len = win.chars_len_GW[g, slot]
+            d = levenshtein_peq(scratch.peq_AQ, c_len, win.chars_GWC[g, slot], b_len, scratch.pv_Q, scratch.mv_Q)
+            longest = max(c_len, b_len)
         else:
-            b_len = win_len_GW[g, slot]
-            d = levenshtein_peq(peq_AW, a_len, win_sym_GWS[g, slot], b_len, pv_W, mv_W)
+            b_len = win.len_GW[g, slot]
+            d = levenshtein_peq(scratch.peq_AQ, a_len, win.sym_GWY[g, slot], b_len, scratch.pv_Q, scratch.mv_Q)
             longest = max(a_len, b_len)
         norm = d / longest if longest > 0 else 0.0
-        _observe(bounds_HB[H_DIST], nb_H[H_DIST], hist_HB1[H_DIST], d)
-        hist_sum_H[H_DIST] += d
-        _observe(bounds_HB[H_NORM], nb_H[H_NORM], hist_HB1[H_NORM], norm)
-        hist_sum_H[H_NORM] += norm
-        stats_K[prefix + 0] += d
-        stats_K[prefix + 1] += norm
-        stats_K[prefix + 2] += 1
+        _observe(bounds_RU[H_DIST], nb_R[H_DIST], into.hist_RUp[H_DIST], d)
+        into.hist_sum_R[H_DIST] += d
+        _observe(bounds_RU[H_NORM], nb_R[H_NORM], into.hist_RUp[H_NORM], norm)
+        into.hist_sum_R[H_NORM] += norm
+        stats_V[prefix + 0] += d
+        stats_V[prefix + 1] += norm
+        stats_V[prefix + 2] += 1
         for layer in range(num_layers):
             a_n = a_starts[layer + 1] - 1 - a_starts[layer]
-            b0 = win_starts_GWL1[g, slot, layer]
-            b_n = win_starts_GWL1[g, slot, layer + 1] - 1 - b0
-            layer_sum_L[layer] += levenshtein_peq(lpeq_LAW[layer], a_n, win_sym_GWS[g, slot, b0:b0 + b_n], b_n,
-                                                  lpv_W, lmv_W)
-            layer_count_L[layer] += 1
+            b0 = win.starts_GWLp[g, slot, layer]
+            b_n = win.starts_GWLp[g, slot, layer + 1] - 1 - b0
+            into.layer_sum_L[layer] += levenshtein_peq(scratch.lpeq_LAQ[layer], a_n, win.sym_GWY[g, slot, b0:b0 + b_n],
+                                                       b_n, scratch.lpv_Q, scratch.lmv_Q)
+            into.layer_count_L[layer] += 1
 
 
 @njit(cache=True, nogil=True)
-def process_samples(probs_NLE, counts_NLE, tokens_N, entropy_NL, cos_NL1, has_cos, loss_N, has_loss, targets_N2,
-                    u_N2M, ux_NM, tau, use_chars, eligible_G,
-                    win_sym_GWS, win_len_GW, win_starts_GWL1, win_fp_GW, win_chars_GWC, win_chars_len_GW,
-                    win_filled_G, win_next_G, topk_GWLE, tokens_GW, entropy_GWL,
-                    hist_GHB1, hist_sum_GH, layer_sum_GL, layer_count_GL, samples_G, undefined_G, latest_step_G, step,
-                    xhist_HB1, xhist_sum_H, xlayer_sum_L, xlayer_count_L,
-                    bounds_HB, nb_H, min_max_cosine, stats_GK, stats_ent_GL, stats_load_GLE,
-                    sym_S, starts_L1, chars_C, peq_AW, pv_W, mv_W, lpeq_LAW, lpv_W, lmv_W):
+def _cosines(cos_J, defined, min_max_cosine):
+    """METRICS.md §2 of one sample: the mean adjacent-layer cosine and the consistency (whether defined)."""
+    J = cos_J.shape[0]
+    cos_raw = 0.0
+    cons = 0.0
+    cons_ok = False
+    if defined:
+        top = -2.0
+        for l in range(J):
+            c = np.float64(cos_J[l])
+            cos_raw += c
+            if c > top:
+                top = c
+        cos_raw /= J
+        if J >= 2 and top > min_max_cosine:
+            for l in range(J):
+                cons += np.float64(cos_J[l]) / (top + 1e-8)
+            cons /= J
+            cons_ok = True
+    return cos_raw, cons, cons_ok
+
+
+@njit(cache=True, nogil=True)
+def _within_picks(u_P, filled, picks):
+    """The window slots one sample is compared with: all of them while at most m, else m drawn."""
+    m = u_P.shape[0]
+    if filled <= m:
+        for p in range(filled):
+            picks[p] = p
+        return filled
+    for p in range(m):
+        picks[p] = min(np.int64(u_P[p] * filled), filled - 1)
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _cross_pairs(a_len, c_len, g, ux_P, win, scratch, params, baseline, st, picks, xpicks, xowner):
+    """The cross-group baseline of a sample of group g: m slots drawn over the other eligible groups'
+    windows (all their slots alike), compared group by group."""
+    filled_G, eligible_G = win.filled_G, win.eligible_G
+    G = filled_G.shape[0]
+    m = ux_P.shape[0]
+    total = 0
+    for h in range(G):
+        if h != g and eligible_G[h]:
+            total += filled_G[h]
+    if total == 0:
+        return
+    for p in range(m):
+        r = min(np.int64(ux_P[p] * total), total - 1)
+        for h in range(G):
+            if h == g or not eligible_G[h]:
+                continue
+            if r < filled_G[h]:
+                xowner[p] = h
+                xpicks[p] = r
+                break
+            r -= filled_G[h]
+    for h in range(G):
+        cnt = 0
+        for p in range(m):
+            if xowner[p] == h:
+                picks[cnt] = xpicks[p]
+                cnt += 1
+        if cnt:
+            _pairs(a_len, c_len, h, picks[:cnt], win, scratch, params, baseline, st, S_XDIST)
+    for p in range(m):
+        xowner[p] = -1
+
+
+@njit(cache=True, nogil=True)
+def _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars):
+    """Sample i's pathway and router-health inputs into group g's ring (its oldest slot once full)."""
+    L, E = samples.counts_NLE.shape[1], samples.counts_NLE.shape[2]
+    W = win.sym_GWY.shape[1]
+    s = win.next_G[g]
+    for j in range(a_len):
+        win.sym_GWY[g, s, j] = scratch.sym_Y[j]
+    win.len_GW[g, s] = a_len
+    for l in range(L + 1):
+        win.starts_GWLp[g, s, l] = scratch.starts_Lp[l]
+    win.fp_GW[g, s] = fp
+    if use_chars:
+        for j in range(c_len):
+            win.chars_GWC[g, s, j] = scratch.chars_C[j]
+        win.chars_len_GW[g, s] = c_len
+    for l in range(L):
+        for k in range(E):
+            win.topk_GWLE[g, s, l, k] = samples.counts_NLE[i, l, k]
+        win.entropy_GWL[g, s, l] = samples.entropy_NL[i, l]
+    win.tokens_GW[g, s] = tok
+    win.next_G[g] = (s + 1) % W
+    if win.filled_G[g] < W:
+        win.filled_G[g] += 1
+
+
+@njit(cache=True, nogil=True)
+def process_samples(samples, win, series, baseline, sums, scratch, params):
     """METRICS.md §1-3 for every sample of one routing message, in one call.
 
     For each sample: build its pathway (§1), compare it with m window samples
@@ -257,145 +287,83 @@ def process_samples(probs_NLE, counts_NLE, tokens_N, entropy_NL, cos_NL1, has_co
     into each target group's ring. Random draws come in as uniforms (numpy's
     generator, seeded), so the kernel itself is deterministic.
     """
+    probs_NLE, counts_NLE, entropy_NL, cos_NJ = samples.mean_probs_NLE, samples.counts_NLE, samples.entropy_NL, \
+        samples.cos_NJ
+    targets_N2, u_N2P, ux_NP = samples.targets_N2, samples.u_N2P, samples.ux_NP
+    has_cos, has_loss, step = samples.has_cos, samples.has_loss, samples.step
+    sym_Y, starts_Lp, chars_C = scratch.sym_Y, scratch.starts_Lp, scratch.chars_C
+    tau, use_chars, min_max_cosine = params.tau, params.use_chars, params.min_max_cosine
+    bounds_RU, nb_R = params.bounds_RU, params.nb_R
+    filled_G = win.filled_G
+    hist_GRUp, hist_sum_GR = series.hist_GRUp, series.hist_sum_GR
     N, L, E = probs_NLE.shape
-    W = win_sym_GWS.shape[1]
-    m = u_N2M.shape[2]
-    G = win_filled_G.shape[0]
+    m = u_N2P.shape[2]
     alphabet_sym = E + 1
     alphabet = 128 if use_chars else alphabet_sym
     picks = np.empty(m, np.int64)
     xpicks = np.empty(m, np.int64)
     xowner = np.full(m, -1, np.int64)
     for i in range(N):
-        a_len = build_pathway(probs_NLE[i], tau, sym_S, starts_L1)
-        c_len = pathway_chars(sym_S, a_len, E, chars_C) if use_chars else 0
+        a_len = build_pathway(probs_NLE[i], tau, sym_Y, starts_Lp)
+        c_len = pathway_chars(sym_Y, a_len, E, chars_C) if use_chars else 0
         if use_chars:
-            build_peq(chars_C, c_len, alphabet, peq_AW)
+            build_peq(chars_C, c_len, alphabet, scratch.peq_AQ)
         else:
-            build_peq(sym_S, a_len, alphabet, peq_AW)
+            build_peq(sym_Y, a_len, alphabet, scratch.peq_AQ)
         for l in range(L):
-            a0 = starts_L1[l]
-            build_peq(sym_S[a0:starts_L1[l + 1] - 1], starts_L1[l + 1] - 1 - a0, alphabet_sym, lpeq_LAW[l])
-        cos_raw = 0.0
-        cons = 0.0
-        cons_ok = False
-        if has_cos and L > 1:
-            top = -2.0
-            for l in range(L - 1):
-                c = np.float64(cos_NL1[i, l])
-                cos_raw += c
-                if c > top:
-                    top = c
-            cos_raw /= L - 1
-            if L - 1 >= 2 and top > min_max_cosine:
-                for l in range(L - 1):
-                    cons += np.float64(cos_NL1[i, l]) / (top + 1e-8)
-                cons /= L - 1
-                cons_ok = True
-        fp = fingerprint(sym_S, a_len)
+            a0 = starts_Lp[l]
+            build_peq(sym_Y[a0:starts_Lp[l + 1] - 1], starts_Lp[l + 1] - 1 - a0, alphabet_sym, scratch.lpeq_LAQ[l])
+        cos_raw, cons, cons_ok = _cosines(cos_NJ[i], has_cos and L > 1, min_max_cosine)
+        fp = fingerprint(sym_Y, a_len)
         ent_mean = 0.0
         for l in range(L):
             ent_mean += np.float64(entropy_NL[i, l])
         ent_mean /= L
-        tok = np.int64(tokens_N[i])
+        tok = np.int64(samples.tokens_N[i])
         for t in range(2):
             g = targets_N2[i, t]
             if g < 0:
                 continue
-            filled = win_filled_G[g]
+            st = sums.stats_GV[g]
+            filled = filled_G[g]
             # --- within-group pairs
             if filled > 0:
-                if filled <= m:
-                    npk = filled
-                    for p in range(npk):
-                        picks[p] = p
-                else:
-                    npk = m
-                    for p in range(m):
-                        picks[p] = min(np.int64(u_N2M[i, t, p] * filled), filled - 1)
-                _pairs(a_len, starts_L1, c_len, use_chars, g, picks[:npk], win_sym_GWS, win_len_GW, win_starts_GWL1,
-                       win_chars_GWC, win_chars_len_GW, peq_AW, pv_W, mv_W, lpeq_LAW, lpv_W, lmv_W, bounds_HB, nb_H,
-                       hist_GHB1[g], hist_sum_GH[g], layer_sum_GL[g], layer_count_GL[g], stats_GK[g], S_DIST)
+                npk = _within_picks(u_N2P[i, t], filled, picks)
+                own = Distances(hist_GRUp[g], hist_sum_GR[g], series.layer_sum_GL[g], series.layer_count_GL[g])
+                _pairs(a_len, c_len, g, picks[:npk], win, scratch, params, own, st, S_DIST)
             # --- cross-group baseline (primary target only)
             if t == 0:
-                total = 0
-                for h in range(G):
-                    if h != g and eligible_G[h]:
-                        total += win_filled_G[h]
-                if total > 0:
-                    for p in range(m):
-                        r = min(np.int64(ux_NM[i, p] * total), total - 1)
-                        for h in range(G):
-                            if h == g or not eligible_G[h]:
-                                continue
-                            if r < win_filled_G[h]:
-                                xowner[p] = h
-                                xpicks[p] = r
-                                break
-                            r -= win_filled_G[h]
-                    for h in range(G):
-                        cnt = 0
-                        for p in range(m):
-                            if xowner[p] == h:
-                                picks[cnt] = xpicks[p]
-                                cnt += 1
-                        if cnt:
-                            _pairs(a_len, starts_L1, c_len, use_chars, h, picks[:cnt], win_sym_GWS, win_len_GW,
-                                   win_starts_GWL1, win_chars_GWC, win_chars_len_GW, peq_AW, pv_W, mv_W, lpeq_LAW,
-                                   lpv_W, lmv_W, bounds_HB, nb_H, xhist_HB1, xhist_sum_H, xlayer_sum_L,
-                                   xlayer_count_L, stats_GK[g], S_XDIST)
-                    for p in range(m):
-                        xowner[p] = -1
+                _cross_pairs(a_len, c_len, g, ux_NP[i], win, scratch, params, baseline, st, picks, xpicks, xowner)
             # --- per-sample series
-            samples_G[g] += 1
-            if step > latest_step_G[g]:
-                latest_step_G[g] = step
-            st = stats_GK[g]
+            series.samples_G[g] += 1
+            if step > series.latest_step_G[g]:
+                series.latest_step_G[g] = step
             if has_cos and L > 1:
-                _observe(bounds_HB[H_COS], nb_H[H_COS], hist_GHB1[g, H_COS], cos_raw)
-                hist_sum_GH[g, H_COS] += cos_raw
+                _observe(bounds_RU[H_COS], nb_R[H_COS], hist_GRUp[g, H_COS], cos_raw)
+                hist_sum_GR[g, H_COS] += cos_raw
                 st[S_COS] += cos_raw
                 st[S_COSN] += 1
                 if cons_ok:
-                    _observe(bounds_HB[H_CONS], nb_H[H_CONS], hist_GHB1[g, H_CONS], cons)
-                    hist_sum_GH[g, H_CONS] += cons
+                    _observe(bounds_RU[H_CONS], nb_R[H_CONS], hist_GRUp[g, H_CONS], cons)
+                    hist_sum_GR[g, H_CONS] += cons
                     st[S_CONS] += cons
                     st[S_CONSN] += 1
                 else:
-                    undefined_G[g] += 1
+                    series.undefined_G[g] += 1
             if has_loss:
-                lv = np.float64(loss_N[i])
-                _observe(bounds_HB[H_LOSS], nb_H[H_LOSS], hist_GHB1[g, H_LOSS], lv)
-                hist_sum_GH[g, H_LOSS] += lv
+                lv = np.float64(samples.loss_N[i])
+                _observe(bounds_RU[H_LOSS], nb_R[H_LOSS], hist_GRUp[g, H_LOSS], lv)
+                hist_sum_GR[g, H_LOSS] += lv
                 st[S_LOSS] += lv
                 st[S_LOSSN] += 1
             st[S_ENT] += ent_mean * tok
             st[S_TOKENS] += tok
             st[S_N] += 1
             for l in range(L):
-                stats_ent_GL[g, l] += np.float64(entropy_NL[i, l]) * tok
+                sums.ent_GL[g, l] += np.float64(entropy_NL[i, l]) * tok
                 for k in range(E):
-                    stats_load_GLE[g, l, k] += counts_NLE[i, l, k]
-            # --- insert into the ring
-            s = win_next_G[g]
-            for j in range(a_len):
-                win_sym_GWS[g, s, j] = sym_S[j]
-            win_len_GW[g, s] = a_len
-            for l in range(L + 1):
-                win_starts_GWL1[g, s, l] = starts_L1[l]
-            win_fp_GW[g, s] = fp
-            if use_chars:
-                for j in range(c_len):
-                    win_chars_GWC[g, s, j] = chars_C[j]
-                win_chars_len_GW[g, s] = c_len
-            for l in range(L):
-                for k in range(E):
-                    topk_GWLE[g, s, l, k] = counts_NLE[i, l, k]
-                entropy_GWL[g, s, l] = entropy_NL[i, l]
-            tokens_GW[g, s] = tok
-            win_next_G[g] = (s + 1) % W
-            if win_filled_G[g] < W:
-                win_filled_G[g] += 1
+                    sums.load_GLE[g, l, k] += counts_NLE[i, l, k]
+            _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars)
     return 0
 
 
@@ -439,7 +407,7 @@ def warm_up() -> None:
                                  groups=("x", "y", "x"), token_counts_N=np_.full(3, 2, np_.uint32),
                                  mean_probs_NLE=probs, topk_counts_NLE=counts,
                                  entropy_NL=np_.full((3, 3), 0.5, np_.float32),
-                                 adj_cosine_NL1=np_.full((3, 2), 0.5, np_.float32),
+                                 adj_cosine_NJ=np_.full((3, 2), 0.5, np_.float32),
                                  loss_N=np_.ones(3, np_.float32) if source == "probe" else None))
     sym = np_.zeros(4, np_.int16)
     levenshtein(sym, 4, sym, 4, 5)

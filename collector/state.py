@@ -484,11 +484,11 @@ class State:
     def _points(self, job: KernelJob) -> None:
         msg, stream, targets = job.msg, job.stream, job.targets_N2
         assert job.stats is not None  # finish() counts a job without stats as internal
-        stats_GK, ent_GL, load_GLE = job.stats
+        stats_GV, ent_GL, load_GLE = job.stats
         self.samples_total += msg.num_samples
         for g in np.unique(targets[targets >= 0]):
             label = stream.labels[g]
-            point = point_of(stats_GK[g], ent_GL[g], load_GLE[g])
+            point = point_of(stats_GV[g], ent_GL[g], load_GLE[g])
             extra: dict = {}
             if not label.startswith(BUCKET_PREFIX):  # buckets are diagnostics: no phase, no event
                 tracker = stream.phases.get(label)

@@ -2,12 +2,12 @@
 cumulative series, held in arrays so that one Numba call
 (``kernels.process_samples``) handles a whole routing message.
 
-Legend: G groups (grows), W window slots, S pathway symbols (L·(E+1)),
-C characters of the string form, L layers, E experts, H histograms, B bounds.
+Shapes (docs/shapes.md): G groups (grows), W window slots, Y pathway symbols (L·(E+1)),
+C characters of the string form, L layers, E experts, R histograms, U bucket bounds.
 
-Memory bound per (run, source), G groups: G·W·(2·S + 4·L·(E+1) + 4·L·E + 4·L + 32)
-bytes (+ G·W·2·C with the `string` unit) — e.g. OLMoE (L=16, E=64), W=256,
-G=32: about 56 MB; see docs/collector.md.
+Memory per (run, source) of G groups: ``Stream.bytes_for(G)``, exact (what ``max_memory_mb``
+bounds) — about G·W·(2·Y + 4·(L+1) + 4·L·E + 8·L + 34) bytes (+ G·W·2·C with the `string` unit), e.g. OLMoE
+(L=16, E=64), W=256, G=32: 52.5 MB; see docs/collector.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.memorization import MemorizationTracker
 from grokwatch.collector.phases import PhaseTracker
 
-# Classic-histogram upper bounds (Prometheus `le`), per distribution; rows of hist_GHB1.
+# Classic-histogram upper bounds (Prometheus `le`), per distribution; rows of hist_GRUp.
 HISTOGRAM_BOUNDS = {
     "distance": (0.0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
     "distance_normalized": tuple(round(0.05 * i, 2) for i in range(1, 21)),
@@ -33,11 +33,11 @@ HISTOGRAM_BOUNDS = {
 HIST_NAMES = tuple(HISTOGRAM_BOUNDS)  # order = kernels.H_DIST, H_NORM, H_CONS, H_COS, H_LOSS
 assert HIST_NAMES == ("distance", "distance_normalized", "consistency", "adjacent_cosine", "probe_loss")
 _BMAX = max(len(b) for b in HISTOGRAM_BOUNDS.values())
-BOUNDS_HB = np.full((len(HIST_NAMES), _BMAX), np.inf)
-NB_H = np.zeros(len(HIST_NAMES), np.int64)
+BOUNDS_RU = np.full((len(HIST_NAMES), _BMAX), np.inf)
+NB_R = np.zeros(len(HIST_NAMES), np.int64)
 for _h, _b in enumerate(HISTOGRAM_BOUNDS.values()):
-    BOUNDS_HB[_h, : len(_b)] = _b
-    NB_H[_h] = len(_b)
+    BOUNDS_RU[_h, : len(_b)] = _b
+    NB_R[_h] = len(_b)
 
 
 def char_capacity(num_layers: int, num_experts: int) -> int:
@@ -57,8 +57,8 @@ class HistogramView:
 
 
 class SeriesView:
-    def __init__(self, hist_HB1, hist_sum_H, layer_sum_L, layer_count_L, samples=0, undefined=0, latest_step=0):
-        self.hist = {name: HistogramView(BOUNDS_HB[h, : NB_H[h]], hist_HB1[h, : NB_H[h] + 1], hist_sum_H[h])
+    def __init__(self, hist_RUp, hist_sum_R, layer_sum_L, layer_count_L, samples=0, undefined=0, latest_step=0):
+        self.hist = {name: HistogramView(BOUNDS_RU[h, : NB_R[h]], hist_RUp[h, : NB_R[h] + 1], hist_sum_R[h])
                      for h, name in enumerate(HIST_NAMES)}
         self.layer_distance_sum_L = layer_sum_L
         self.layer_distance_count_L = layer_count_L
@@ -72,7 +72,7 @@ class WindowView:
         self.stream, self.g = stream, g
         self.filled = int(stream.win_filled_G[g])
         self.len_W = stream.win_len_GW[g]
-        self.sym_WS = stream.win_sym_GWS[g]
+        self.sym_WY = stream.win_sym_GWY[g]
 
     def health(self, top_k: int) -> Optional[dict]:
         """METRICS.md §3 per layer over the window's tokens."""
@@ -104,12 +104,12 @@ class WindowView:
 class GroupView:
     def __init__(self, stream: "Stream", g: int):
         self.window = WindowView(stream, g)
-        self.series = SeriesView(stream.hist_GHB1[g], stream.hist_sum_GH[g], stream.layer_sum_GL[g],
+        self.series = SeriesView(stream.hist_GRUp[g], stream.hist_sum_GR[g], stream.layer_sum_GL[g],
                                  stream.layer_count_GL[g], stream.samples_G[g], stream.undefined_G[g],
                                  stream.latest_step_G[g])
 
 
-_SCRATCH = ("sym_S", "starts_L1", "chars_C", "peq_AW", "pv_W", "mv_W", "lpeq_LAW", "lpv_W", "lmv_W")
+_SCRATCH = ("sym_Y", "starts_Lp", "chars_C", "peq_AQ", "pv_Q", "mv_Q", "lpeq_LAQ", "lpv_Q", "lmv_Q")
 
 
 class Stream:
@@ -119,9 +119,9 @@ class Stream:
     zloss_GWL: np.ndarray
     zloss_filled_G: np.ndarray
     zloss_next_G: np.ndarray
-    win_sym_GWS: np.ndarray
+    win_sym_GWY: np.ndarray
     win_len_GW: np.ndarray
-    win_starts_GWL1: np.ndarray
+    win_starts_GWLp: np.ndarray
     win_fp_GW: np.ndarray
     win_chars_GWC: np.ndarray
     win_chars_len_GW: np.ndarray
@@ -130,8 +130,8 @@ class Stream:
     topk_GWLE: np.ndarray
     tokens_GW: np.ndarray
     entropy_GWL: np.ndarray
-    hist_GHB1: np.ndarray
-    hist_sum_GH: np.ndarray
+    hist_GRUp: np.ndarray
+    hist_sum_GR: np.ndarray
     layer_sum_GL: np.ndarray
     layer_count_GL: np.ndarray
     samples_G: np.ndarray
@@ -157,9 +157,9 @@ class Stream:
         self.rng = rng
         self.lock = threading.Lock()  # held while the kernels write the arrays (State.run)
         L = num_layers
-        nh, nb1 = BOUNDS_HB.shape[0], BOUNDS_HB.shape[1] + 1
-        self.xhist_HB1 = np.zeros((nh, nb1))
-        self.xhist_sum_H = np.zeros(nh)
+        nh, nb1 = BOUNDS_RU.shape[0], BOUNDS_RU.shape[1] + 1
+        self.xhist_RUp = np.zeros((nh, nb1))
+        self.xhist_sum_R = np.zeros(nh)
         self.xlayer_sum_L = np.zeros(L)
         self.xlayer_count_L = np.zeros(L)
         self._allocate(0)
@@ -187,15 +187,15 @@ class Stream:
 
     def _group_shapes(self) -> dict:
         W, L, E = self.window_slots, self.num_layers, self.num_experts
-        S = L * (E + 1)
+        Y = L * (E + 1)
         C = char_capacity(L, E) if self.use_chars else 1
-        nh, nb1 = BOUNDS_HB.shape[0], BOUNDS_HB.shape[1] + 1
+        nh, nb1 = BOUNDS_RU.shape[0], BOUNDS_RU.shape[1] + 1
         return dict(
-            win_sym_GWS=((W, S), np.int16), win_len_GW=((W,), np.int64), win_starts_GWL1=((W, L + 1), np.int32),
+            win_sym_GWY=((W, Y), np.int16), win_len_GW=((W,), np.int64), win_starts_GWLp=((W, L + 1), np.int32),
             win_fp_GW=((W,), np.uint64), win_chars_GWC=((W, C), np.int16), win_chars_len_GW=((W,), np.int64),
             win_filled_G=((), np.int64), win_next_G=((), np.int64), topk_GWLE=((W, L, E), np.uint32),
-            tokens_GW=((W,), np.int64), entropy_GWL=((W, L), np.float32), hist_GHB1=((nh, nb1), np.float64),
-            hist_sum_GH=((nh,), np.float64), layer_sum_GL=((L,), np.float64), layer_count_GL=((L,), np.float64),
+            tokens_GW=((W,), np.int64), entropy_GWL=((W, L), np.float32), hist_GRUp=((nh, nb1), np.float64),
+            hist_sum_GR=((nh,), np.float64), layer_sum_GL=((L,), np.float64), layer_count_GL=((L,), np.float64),
             samples_G=((), np.int64), undefined_G=((), np.int64), latest_step_G=((), np.int64),
             eligible_G=((), np.bool_), zloss_GWL=((W, L), np.float32), zloss_filled_G=((), np.int64),
             zloss_next_G=((), np.int64))
@@ -210,18 +210,18 @@ class Stream:
 
     def _init_scratch(self, config: CollectorConfig) -> None:
         L, E = self.num_layers, self.num_experts
-        self.sym_S = np.zeros(L * (E + 1), np.int16)
-        self.starts_L1 = np.zeros(L + 1, np.int32)
+        self.sym_Y = np.zeros(L * (E + 1), np.int16)
+        self.starts_Lp = np.zeros(L + 1, np.int32)
         self.chars_C = np.zeros(char_capacity(L, E), np.int16)
-        longest = self.chars_C.shape[0] if self.use_chars else self.sym_S.shape[0]
+        longest = self.chars_C.shape[0] if self.use_chars else self.sym_Y.shape[0]
         words = (longest + 63) // 64
-        self.peq_AW = np.zeros((128 if self.use_chars else E + 1, words), np.uint64)
-        self.pv_W = np.zeros(words, np.uint64)
-        self.mv_W = np.zeros(words, np.uint64)
+        self.peq_AQ = np.zeros((128 if self.use_chars else E + 1, words), np.uint64)
+        self.pv_Q = np.zeros(words, np.uint64)
+        self.mv_Q = np.zeros(words, np.uint64)
         layer_words = (E + 63) // 64
-        self.lpeq_LAW = np.zeros((L, E + 1, layer_words), np.uint64)
-        self.lpv_W = np.zeros(layer_words, np.uint64)
-        self.lmv_W = np.zeros(layer_words, np.uint64)
+        self.lpeq_LAQ = np.zeros((L, E + 1, layer_words), np.uint64)
+        self.lpv_Q = np.zeros(layer_words, np.uint64)
+        self.lmv_Q = np.zeros(layer_words, np.uint64)
 
     def __getstate__(self):
         d = self.__dict__.copy()
@@ -250,37 +250,40 @@ class Stream:
 
     @property
     def cross(self) -> SeriesView:
-        return SeriesView(self.xhist_HB1, self.xhist_sum_H, self.xlayer_sum_L, self.xlayer_count_L)
+        return SeriesView(self.xhist_RUp, self.xhist_sum_R, self.xlayer_sum_L, self.xlayer_count_L)
 
     # ------------------------------------------------------------ the hot path
 
     def process(self, msg, targets_N2: np.ndarray, tau: float, m: int, min_max_cosine: float):
         """Apply one routing message (kernels.process_samples). Returns the
-        per-group statistics of this message: (stats_GK, entropy_GL, load_GLE)."""
+        per-group statistics of this message: (stats_GV, entropy_GL, load_GLE)."""
         G, L, E = len(self.labels), self.num_layers, self.num_experts
         n = msg.num_samples
-        stats_GK = np.zeros((G, len(kernels.STAT_KEYS)))
+        stats_GV = np.zeros((G, len(kernels.STAT_KEYS)))
         ent_GL = np.zeros((G, L))
         load_GLE = np.zeros((G, L, E))
         u = self.rng.random((n, 2, m))
         ux = self.rng.random((n, m))
-        has_cos = msg.adj_cosine_NL1 is not None
+        has_cos = msg.adj_cosine_NJ is not None
         has_loss = msg.loss_N is not None
-        cos = msg.adj_cosine_NL1 if has_cos else np.zeros((n, max(L - 1, 0)), np.float32)
+        cos = msg.adj_cosine_NJ if has_cos else np.zeros((n, max(L - 1, 0)), np.float32)
         loss = msg.loss_N if has_loss else np.zeros(n, np.float32)
         kernels.process_samples(
-            msg.mean_probs_NLE, msg.topk_counts_NLE, msg.token_counts_N, msg.entropy_NL, cos, has_cos, loss,
-            has_loss, targets_N2, u, ux, tau, self.use_chars, self.eligible_G[:G],
-            self.win_sym_GWS, self.win_len_GW, self.win_starts_GWL1, self.win_fp_GW, self.win_chars_GWC,
-            self.win_chars_len_GW, self.win_filled_G[:G], self.win_next_G, self.topk_GWLE, self.tokens_GW,
-            self.entropy_GWL, self.hist_GHB1, self.hist_sum_GH, self.layer_sum_GL, self.layer_count_GL,
-            self.samples_G, self.undefined_G, self.latest_step_G, msg.step, self.xhist_HB1, self.xhist_sum_H,
-            self.xlayer_sum_L, self.xlayer_count_L, BOUNDS_HB, NB_H, min_max_cosine, stats_GK, ent_GL, load_GLE,
-            self.sym_S, self.starts_L1, self.chars_C, self.peq_AW, self.pv_W, self.mv_W, self.lpeq_LAW,
-            self.lpv_W, self.lmv_W)
+            kernels.Samples(msg.mean_probs_NLE, msg.topk_counts_NLE, msg.token_counts_N, msg.entropy_NL, cos, has_cos,
+                            loss, has_loss, msg.step, targets_N2, u, ux),
+            kernels.Windows(self.win_sym_GWY, self.win_len_GW, self.win_starts_GWLp, self.win_fp_GW, self.win_chars_GWC,
+                            self.win_chars_len_GW, self.win_filled_G[:G], self.win_next_G, self.topk_GWLE,
+                            self.tokens_GW, self.entropy_GWL, self.eligible_G[:G]),
+            kernels.Series(self.hist_GRUp, self.hist_sum_GR, self.layer_sum_GL, self.layer_count_GL, self.samples_G,
+                           self.undefined_G, self.latest_step_G),
+            kernels.Distances(self.xhist_RUp, self.xhist_sum_R, self.xlayer_sum_L, self.xlayer_count_L),
+            kernels.Sums(stats_GV, ent_GL, load_GLE),
+            kernels.Scratch(self.sym_Y, self.starts_Lp, self.chars_C, self.peq_AQ, self.pv_Q, self.mv_Q, self.lpeq_LAQ,
+                            self.lpv_Q, self.lmv_Q),
+            kernels.Params(tau, self.use_chars, min_max_cosine, BOUNDS_RU, NB_R))
         if msg.zloss_NL is not None:
             self._add_zloss(msg.zloss_NL, targets_N2)
-        return stats_GK, ent_GL, load_GLE
+        return stats_GV, ent_GL, load_GLE
 
     def _add_zloss(self, zloss_NL: np.ndarray, targets_N2: np.ndarray) -> None:
         """The samples' router z-loss into each target group's own ring of the last W samples that had one

@@ -66,7 +66,7 @@ def check_against_reference(msg: Routing, ref: list[dict]):
         np.testing.assert_allclose(msg.mean_probs_NLE[i], r["mean"], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(msg.topk_counts_NLE[i], r["counts"])
         np.testing.assert_allclose(msg.entropy_NL[i], r["entropy"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(msg.adj_cosine_NL1[i], r["cosine"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(msg.adj_cosine_NJ[i], r["cosine"], rtol=1e-4, atol=1e-5)
 
 
 def close_and_read_one(mon, tap, sink) -> Routing:

@@ -21,18 +21,18 @@ def routing_arrays(rng: np.random.Generator, n: int, num_layers: int, num_expert
                    concentration: float = 1.0, max_tokens: int = 40):
     """Per-sample token-level routing reduced exactly as METRICS.md says."""
     tokens_N = rng.integers(1, max_tokens + 1, size=n)
-    probs_NLE = np.zeros((n, num_layers, num_experts), np.float64)
+    mean_probs_NLE = np.zeros((n, num_layers, num_experts), np.float64)
     counts_NLE = np.zeros((n, num_layers, num_experts), np.uint32)
     entropy_NL = np.zeros((n, num_layers), np.float64)
     for i, t in enumerate(tokens_N):
         p_TLE = rng.dirichlet(np.full(num_experts, concentration), size=(t, num_layers))
-        probs_NLE[i] = p_TLE.mean(axis=0)
+        mean_probs_NLE[i] = p_TLE.mean(axis=0)
         top_TLK = np.argsort(-p_TLE, axis=2, kind="stable")[..., :top_k]
         for layer in range(num_layers):
             counts_NLE[i, layer] = np.bincount(top_TLK[:, layer].ravel(), minlength=num_experts)
         h_TL = -(p_TLE * np.log(np.clip(p_TLE, 1e-30, None))).sum(axis=2)
         entropy_NL[i] = h_TL.mean(axis=0) / np.log(num_experts)
-    return (tokens_N.astype(np.uint32), probs_NLE.astype(np.float32), counts_NLE,
+    return (tokens_N.astype(np.uint32), mean_probs_NLE.astype(np.float32), counts_NLE,
             np.clip(entropy_NL, 0, 1).astype(np.float32))
 
 
@@ -47,7 +47,7 @@ def make_routing(*, rng=None, n=3, num_layers=4, num_experts=8, top_k=2, run="ru
         sample_ids=tuple(sample_ids or (f"sample-{i}" for i in range(n))),
         groups=tuple(groups or ("math",) * n),
         token_counts_N=tokens, mean_probs_NLE=probs, topk_counts_NLE=counts, entropy_NL=entropy,
-        adj_cosine_NL1=rng.uniform(-1, 1, (n, num_layers - 1)).astype(np.float32) if cosines else None,
+        adj_cosine_NJ=rng.uniform(-1, 1, (n, num_layers - 1)).astype(np.float32) if cosines else None,
         loss_N=rng.uniform(0, 5, n).astype(np.float32) if loss else None,
     )
 

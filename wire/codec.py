@@ -109,8 +109,8 @@ def encode(message: Message) -> bytes:
             topk_counts=_array(message.topk_counts_NLE, U32),
             entropy=_array(message.entropy_NL, F32),
         )
-        if message.adj_cosine_NL1 is not None:
-            out["adj_cosine"] = _array(message.adj_cosine_NL1, F32)
+        if message.adj_cosine_NJ is not None:
+            out["adj_cosine"] = _array(message.adj_cosine_NJ, F32)
         if message.loss_N is not None:
             out["loss"] = _array(message.loss_N, F32)
         if message.zloss_NL is not None:
@@ -349,7 +349,7 @@ def _decode_routing(r: _Reader) -> Routing:
         mean_probs_NLE=probs,
         topk_counts_NLE=counts,
         entropy_NL=entropy,
-        adj_cosine_NL1=cosine,
+        adj_cosine_NJ=cosine,
         loss_N=loss,
         zloss_NL=zloss,
     )

@@ -1,8 +1,7 @@
 """The four message kinds of wire protocol v1, as plain dataclasses.
 
-Shape legend (array field names end with their shape):
-  N  sampled samples in the message      L  MoE layers      E  experts
-  L1 adjacent layer pairs (L - 1)
+Array field names end with their shape (docs/shapes.md): N the message's samples, L MoE layers,
+E experts, J adjacent layer pairs (L − 1).
 
 Every message carries the same header: which run and rank sent it, a random
 ``sender`` id chosen once per agent process (so a restarted agent is a new
@@ -66,7 +65,7 @@ class Routing:
     """Per-sample routing summaries of one step (or one probe / replay pass).
 
     ``entropy_NL`` is the mean over the sample's tokens of H(p(t)) / log E, in
-    [0, 1]. ``adj_cosine_NL1`` (needs router weights), ``loss_N`` (the
+    [0, 1]. ``adj_cosine_NJ`` (needs router weights), ``loss_N`` (the
     probe's per-sample mean NLL) and ``zloss_NL`` (the mean over the sample's
     tokens of logsumexp(router logits)², the router z-loss; only where the
     router gives softmax logits) are optional. A collector that predates a field
@@ -87,7 +86,7 @@ class Routing:
     mean_probs_NLE: np.ndarray  # float32, rows on the simplex
     topk_counts_NLE: np.ndarray  # uint32
     entropy_NL: np.ndarray  # float32
-    adj_cosine_NL1: Optional[np.ndarray] = None  # float32
+    adj_cosine_NJ: Optional[np.ndarray] = None  # float32
     loss_N: Optional[np.ndarray] = None  # float32
     zloss_NL: Optional[np.ndarray] = None  # float32, >= 0
     kind: str = field(default=KIND_ROUTING, init=False)

@@ -38,4 +38,4 @@ def check_against(message: Routing, rows: dict[str, int], tokens: int, reference
         np.testing.assert_allclose(message.mean_probs_NLE[n], mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(message.topk_counts_NLE[n], counts)
         np.testing.assert_allclose(message.entropy_NL[n], ent, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(message.adj_cosine_NL1[n], cos, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(message.adj_cosine_NJ[n], cos, rtol=1e-4, atol=1e-5)

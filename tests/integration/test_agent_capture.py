@@ -374,7 +374,7 @@ def test_inside_the_users_autocast_the_summaries_stay_float32(packed, layout, si
                                   "softmax", 2, 8)[0]
         np.testing.assert_allclose(msg.mean_probs_NLE[doc], ref["mean"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(msg.entropy_NL[doc], ref["entropy"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(msg.adj_cosine_NL1[doc], ref["cosine"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(msg.adj_cosine_NJ[doc], ref["cosine"], rtol=1e-4, atol=1e-5)
 
 
 def test_left_padding_with_position_ids_keeps_one_document_per_row(sink):

@@ -69,7 +69,7 @@ def test_manual_record_for_a_hand_written_moe(compiled, sink):
     np.testing.assert_allclose(msg.mean_probs_NLE, means.numpy(), rtol=1e-5, atol=1e-6)
     emb = torch.stack([means[:, i] @ r.weight.detach().double() for i, r in enumerate(model.routers)], dim=1)
     cos = torch.nn.functional.cosine_similarity(emb[:, :-1], emb[:, 1:], dim=-1)
-    np.testing.assert_allclose(msg.adj_cosine_NL1, cos.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(msg.adj_cosine_NJ, cos.numpy(), rtol=1e-4, atol=1e-5)
     # The router z-loss: the mean over each sample's tokens of logsumexp(logits)² (ST-MoE), per layer.
     zloss = torch.stack([torch.logsumexp(x, -1).square().mean(dim=1) for x in model.seen], dim=1)  # [N, L]
     np.testing.assert_allclose(msg.zloss_NL, zloss.numpy(), rtol=1e-5, atol=1e-6)
@@ -160,13 +160,13 @@ def test_a_recorded_router_weight_freed_before_the_reduction_is_copied_from_then
     sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 3)
     first, *later = sink.routing()
     assert stats["hook_errors"] == 0
-    assert first.adj_cosine_NL1 is None
+    assert first.adj_cosine_NJ is None
     assert sum("freed before the reduction" in r.getMessage() for r in caplog.records) == 1
     for step, msg in enumerate(later, start=1):
         (l0, w0), (l1, w1) = model.seen[2 * step:2 * step + 2]
         emb = [torch.softmax(logits, -1).mean(dim=(0, 1)) @ w for logits, w in ((l0, w0), (l1, w1))]
         expected = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0).item()
-        np.testing.assert_allclose(msg.adj_cosine_NL1[0, 0], expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(msg.adj_cosine_NJ[0, 0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_hello_names_the_moe_layers_so_pipeline_stages_can_be_told_apart(sink):
@@ -228,7 +228,7 @@ def test_record_of_unlike_routers_ships_without_cosines_and_a_layer_twice_is_inc
     [msg] = sink.routing()
     assert stats["hook_errors"] == 0 and stats["dropped"] == {"incomplete": 1}
     assert sum("recorded MoE layers [0, 0] of 0..1" in r.message for r in caplog.records) == 1
-    assert msg.step == 0 and msg.adj_cosine_NL1 is None
+    assert msg.step == 0 and msg.adj_cosine_NJ is None
     first, second = model.seen[0]
     expected = torch.stack([torch.softmax(first, -1).mean(dim=(0, 1)), torch.softmax(second, -1).mean(dim=(0, 1))])
     np.testing.assert_allclose(msg.mean_probs_NLE[0], expected.numpy(), rtol=1e-5, atol=1e-6)
@@ -268,7 +268,7 @@ def test_router_weights_emptied_after_their_layer_are_copied_from_then_on(sink, 
         handle.remove()
     sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
     first, second = sink.routing()
-    assert stats["hook_errors"] == 0 and first.adj_cosine_NL1 is None
+    assert stats["hook_errors"] == 0 and first.adj_cosine_NJ is None
     assert sum("were freed before the reduction" in r.getMessage() for r in caplog.records) == 1
     L = shape.num_layers
     calls = tap.calls[L:2 * L]

@@ -283,13 +283,13 @@ def test_reduction_memory_mb_bounds_each_batch_and_changes_nothing_shipped(compi
     np.testing.assert_allclose(split.mean_probs_NLE, whole.mean_probs_NLE, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(split.topk_counts_NLE, whole.topk_counts_NLE)
     np.testing.assert_allclose(split.entropy_NL, whole.entropy_NL, rtol=1e-6, atol=1e-7)
-    assert whole.adj_cosine_NL1 is not None and split.adj_cosine_NL1 is not None
-    np.testing.assert_allclose(split.adj_cosine_NL1, whole.adj_cosine_NL1, rtol=1e-5, atol=1e-6)
+    assert whole.adj_cosine_NJ is not None and split.adj_cosine_NJ is not None
+    np.testing.assert_allclose(split.adj_cosine_NJ, whole.adj_cosine_NJ, rtol=1e-5, atol=1e-6)
     for one in (split, single):
         np.testing.assert_allclose(one.mean_probs_NLE, whole.mean_probs_NLE, rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(one.topk_counts_NLE, whole.topk_counts_NLE)
-        assert one.adj_cosine_NL1 is not None
-        np.testing.assert_allclose(one.adj_cosine_NL1, whole.adj_cosine_NL1, rtol=1e-5, atol=1e-6)
+        assert one.adj_cosine_NJ is not None
+        np.testing.assert_allclose(one.adj_cosine_NJ, whole.adj_cosine_NJ, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("call", ["model(...)", "model.forward(...)"])

@@ -162,7 +162,7 @@ class Traffic(threading.Thread):
         return Routing(run="run-a", rank=0, sender="s0", seq=self.seq, wall_time=time.time(), source="train",
                        step=step, top_k=self.K, sample_ids=tuple(f"{step}:{i}" for i in range(4)), groups=groups,
                        token_counts_N=arrays[0], mean_probs_NLE=arrays[1], topk_counts_NLE=arrays[2],
-                       entropy_NL=arrays[3], adj_cosine_NL1=np.full((4, self.L - 1), -0.5, np.float32))
+                       entropy_NL=arrays[3], adj_cosine_NJ=np.full((4, self.L - 1), -0.5, np.float32))
 
     def run(self) -> None:
         self.send(make_hello(num_layers=self.L, num_experts=self.E, top_k=self.K))

@@ -176,9 +176,9 @@ def test_fsdp2_sharded_routers_ship_summaries_with_their_cosines(compile_reducti
 
     messages = [m for m in _spawn_two_ranks(_fsdp_rank_main, compile_reduction) if isinstance(m, Routing)]
     assert sorted((m.rank, m.step) for m in messages) == [(r, s) for r in (0, 1) for s in range(3)]
-    assert all(m.adj_cosine_NL1 is not None for m in messages)
+    assert all(m.adj_cosine_NJ is not None for m in messages)
     weights = [layer.weight_EH.detach().double() for layer in gw.discover(tiny_model("olmoe", seed=0)).layers]
     for m in (m for m in messages if m.step == 0):
         emb = torch.stack([torch.tensor(m.mean_probs_NLE[:, i], dtype=torch.float64) @ w for i, w in enumerate(weights)], 1)
         expected = torch.nn.functional.cosine_similarity(emb[:, :-1], emb[:, 1:], dim=-1)
-        torch.testing.assert_close(torch.tensor(m.adj_cosine_NL1, dtype=torch.float64), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(m.adj_cosine_NJ, dtype=torch.float64), expected, rtol=1e-4, atol=1e-5)

@@ -104,4 +104,4 @@ def test_a_family_is_found_and_ships_whole_summaries(family):
     expected = torch.stack([p.mean(dim=1) for p in scores], dim=1)  # [rows, layers, experts]
     np.testing.assert_allclose(msg.mean_probs_NLE, expected.numpy(), rtol=1e-5, atol=1e-6)
     assert (msg.topk_counts_NLE.sum(-1) == TOP_K * TOKENS).all()
-    assert (msg.adj_cosine_NL1 is not None) == (shape.num_layers > 1)
+    assert (msg.adj_cosine_NJ is not None) == (shape.num_layers > 1)

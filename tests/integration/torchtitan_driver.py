@@ -82,7 +82,7 @@ def main(fsdp: bool) -> int:
     assert stats["hook_errors"] == 0 and not stats["disabled"], stats
     assert len(messages) == steps, f"{len(messages)} routing messages received; {stats}"
     if fsdp:
-        assert messages[0].adj_cosine_NL1 is None  # the weights were freed before the reduction
+        assert messages[0].adj_cosine_NJ is None  # the weights were freed before the reduction
     message = messages[-1]
     assert len(tap) == 3
     chosen = [np.sort(np.argsort(-(s + b.numpy()), -1)[..., :K], -1) for (s, _), b in

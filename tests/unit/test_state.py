@@ -67,7 +67,7 @@ def test_group_distance_sums_equal_all_pairs_reference_when_window_holds_everyth
 def test_consistency_and_cosine_follow_the_definition_and_undefined_cases_are_counted():
     state, records = new_state()
     msg = make_routing(n=6, num_layers=4, num_experts=8)
-    cos = np.array(msg.adj_cosine_NL1, np.float64)
+    cos = np.array(msg.adj_cosine_NJ, np.float64)
     state.handle(msg)
     series = state.streams[("run-a", "train")].groups["math"].series
     expected = [reference.consistency(list(c)) for c in cos]
