@@ -3,5 +3,16 @@ state, Numba kernels, Prometheus and OpenTelemetry export, snapshots, journal.
 
 Never imports torch (the sidecar image carries none).
 
-Data path: ingest -> validate -> state (kernels beside reference) -> export.
+Data path, one module a stage:
+
+- ingest.py (ZeroMQ PULL, bounded queue) and wal.py (the write-ahead log) -> pipeline.py (admission
+  under the state's lock, kernels on per-stream workers, finish);
+- state.py: sequence numbers (senders.py), runs and shapes (runs.py), rejections (reasons.py),
+  memory bounds; one stream.py per (run, source) whose arrays kernels.py writes (edit_distance.py;
+  reference.py is the plain version the tests compare against);
+- evidence.py: each message's points (points.py) into the phase trackers (phases.py,
+  memorization.py) and the journal;
+- view.py: one snapshot of it all as typed metric families -> prometheus.py, otlp.py, tensorboard.py;
+- persist.py (snapshots), service.py (the process), analysis.py and report.py (journals, offline);
+- config.py: the options. Shapes in names: docs/shapes.md.
 """

@@ -55,11 +55,12 @@ _DTYPES = frozenset(np.dtype(t).str for t in ("bool", "int8", "int16", "int32", 
 def _classes() -> dict:
     from grokwatch.collector.memorization import MemorizationTracker, SampleHistory
     from grokwatch.collector.phases import PhaseConfig, PhaseTracker
+    from grokwatch.collector.runs import Runs
     from grokwatch.collector.senders import Counters, Sender, Senders
     from grokwatch.collector.stream import Stream
 
     return {cls.__name__: cls for cls in (Stream, PhaseTracker, PhaseConfig, MemorizationTracker, SampleHistory,
-                                          Senders, Sender, Counters)}
+                                          Senders, Sender, Counters, Runs)}
 
 
 def _pack(obj) -> bytes:

@@ -11,56 +11,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from grokwatch.collector import wal
+from grokwatch.collector import evidence, wal
 from grokwatch.collector.config import CollectorConfig
+from grokwatch.collector.evidence import CROSS_GROUP
 from grokwatch.collector.persist import snapshot_bytes
-from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseTracker
-from grokwatch.collector.points import JournalPoint, point_of
+from grokwatch.collector.reasons import Rejected
+from grokwatch.collector.runs import Runs
 from grokwatch.collector.senders import Counters, Senders, SequenceError
 from grokwatch.collector.stream import Stream
 from grokwatch.wire import Eval, Heartbeat, Hello, Loss, Routing, WireError, decode, peek_sequence
 
-CROSS_GROUP = "_cross"  # METRICS.md §1 cross-group baseline
 OTHER_GROUP = "other"  # label values beyond max_groups
-BUCKET_PREFIX = "mem@"  # the probe's memorization buckets (METRICS.md §4): diagnostics, no phase of their own
-# METRICS.md §5 "one event, one report": the source that carries a data group's phase is the first of these
-# with loss evidence for it (the probe measures per-sample loss; the train source has the user's loss).
-CARRIER_ORDER = ("probe", "train", "replay")
 MIN_MAX_COSINE = 0.05  # METRICS.md §2: below this, consistency is undefined
 EXPIRY_SWEEP_S = 60.0  # how often idle runs are looked for
 
 log = logging.getLogger(__name__)
-
-
-def layer_identity(names: Sequence[str]) -> tuple:
-    """Which layers a sender routes, from their module names: the numbers in each name (layer indices),
-    as a multiset. Wrappers (DDP's ``module.``, ``_orig_mod.``, FSDP's) add no number, so they leave it
-    unchanged; two pipeline stages (``layers.0``… and ``layers.12``…) differ."""
-    return tuple(sorted(tuple(int(d) for d in re.findall(r"\d+", name)) for name in names))
-
-
-# Rejections decided by the collector itself, beyond the wire contract's (wire.REASONS); each is a value
-# of grokwatch_collector_messages_rejected_total{reason} (docs/collector.md lists what each means).
-COLLECTOR_REASONS = ("queue_full", "stale", "duplicate", "shape_mismatch", "too_many_runs", "too_many_groups",
-                     "internal", "no_routing", "unknown_run", "bad_rank", "sequence_jump", "shape_too_large",
-                     "memory_budget")
-
-
-class Rejected(Exception):
-    """A message that passed the wire checks but not the collector's own. ``reason``: COLLECTOR_REASONS."""
-
-    def __init__(self, reason: str):
-        assert reason in COLLECTOR_REASONS, reason
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -87,8 +59,7 @@ class State:
         self.clock = clock
         self.rng = np.random.default_rng(config.seed)
         self.streams: dict[tuple[str, str], Stream] = {}
-        self.shapes: dict[str, tuple[int, int, int]] = {}
-        self.layer_ids: dict[str, tuple] = {}  # run -> layer_identity of its first hello that named its layers
+        self.runs = Runs()  # each run's shape, layers, world size and when it was last heard (runs.py)
         self.senders = Senders()  # sender id -> its sequence numbers, hello and counters (senders.py)
         self.received_total = 0
         self.rejected_total: dict[str, int] = {}
@@ -107,9 +78,6 @@ class State:
         self.wal_applied = [-1, -1]
         self._wal_index = -1  # the record being applied now (journal lines carry it as "w")
         self.journal_replayed = wal.JournaledRecords()  # during a replay: the records journaled already
-        self.world_sizes: dict[str, int] = {}  # run -> the largest world size its hellos declared
-        self.run_seen: dict[str, float] = {}  # run -> clock of its latest message (run_idle_expiry_s)
-        self.shape_seen: dict[str, float] = {}  # run -> clock of its latest message of the run's shape
         self._next_sweep = 0.0
         # Routing messages admitted whose kernels have not finished (collector/pipeline.py). A snapshot
         # waits for none (``quiesce``), and admits nothing new meanwhile, so it holds each message whole.
@@ -249,8 +217,8 @@ class State:
             elif isinstance(msg, Heartbeat):
                 self._heartbeat(msg)
             elif isinstance(msg, Loss):
-                self._loss(msg)
-            self.run_seen[msg.run] = now
+                self._train_losses(msg)
+            self.runs.heard(msg.run, now)
             self.last_message_lag_s = max(0.0, now - msg.wall_time)
             if job is None:
                 self.processing_seconds_sum += time.perf_counter() - started
@@ -266,58 +234,21 @@ class State:
         except SequenceError as exc:
             raise Rejected(exc.reason) from None
 
-    def _admit_run(self, run: str) -> None:
-        """A run this collector already follows, or room for a new one (``max_runs``)."""
-        if run not in self.shapes and len(self.shapes) >= self.config.max_runs:
-            raise Rejected("too_many_runs")
-
-    def _known_sender(self, msg) -> None:
-        """Heartbeats, evals and losses come after their run's hello (the agent sends it first, and again
-        before each heartbeat): an unknown run adds no series, and a rank must be below the world size
-        the run's hellos declared (every (run, rank) is a series)."""
-        if msg.run not in self.shapes:
-            raise Rejected("unknown_run")
-        self._check_rank(msg)
-
-    def _check_rank(self, msg) -> None:
-        if msg.rank >= self.world_sizes.get(msg.run, 1 << 20):
-            raise Rejected("bad_rank")
+    @property
+    def shapes(self) -> dict[str, tuple[int, int, int]]:
+        return self.runs.shapes
 
     def _expire_runs(self, now: float) -> None:
         """Forget runs idle for ``run_idle_expiry_s``: their slot in ``max_runs`` and their series."""
-        ttl = self.config.run_idle_expiry_s
-        if not ttl:
-            return
-        for run in [r for r, seen in self.run_seen.items() if now - seen > ttl]:
-            log.info("run %r sent nothing for %.0f s: forgotten (run_idle_expiry_s)", run, now - self.run_seen[run])
-            for table in (self.shapes, self.layer_ids, self.train_step, self.world_sizes, self.run_seen,
-                          self.shape_seen):
-                table.pop(run, None)
+        for run in self.runs.idle(now, self.config.run_idle_expiry_s):
+            self.train_step.pop(run, None)
             for by_run in (self.streams, self.evals):
                 _drop_keys_of(by_run, run)
             self.senders.forget_run(run)
 
     def _check_shape(self, run: str, shape: tuple[int, int, int], hello: bool = False) -> None:
-        if shape[0] * shape[1] > self.config.max_layer_experts:
-            raise Rejected("shape_too_large")
-        self._admit_run(run)
-        known = self.shapes.setdefault(run, shape)
-        now = self.clock()
-        if known == shape:
-            self.shape_seen[run] = now
-            return
-        # Another shape under a known run name: a new incarnation of the run (a job restarted with another
-        # model) once nothing of the old shape has come for run_reshape_quiet_s; until then, and for any
-        # message but a hello, it is refused. (Without CURVE a stranger can still claim a quiet run.)
-        quiet = now - self.shape_seen.get(run, float("-inf"))
-        if not hello or quiet < self.config.run_reshape_quiet_s:
-            raise Rejected("shape_mismatch")
-        log.warning("run %r: a hello with shape %s after %.0f s without %s: a new incarnation of the run, its "
-                    "pathway state starts over", run, shape, quiet, known)
-        _drop_keys_of(self.streams, run)
-        self.layer_ids.pop(run, None)
-        self.shapes[run] = shape
-        self.shape_seen[run] = now
+        if self.runs.check_shape(run, shape, self.config, self.clock(), hello=hello):
+            _drop_keys_of(self.streams, run)  # a new incarnation: its pathway state starts over
 
     def _hello(self, msg: Hello) -> None:
         self._check_shape(msg.run, (msg.num_layers, msg.num_experts, msg.top_k), hello=True)
@@ -325,32 +256,28 @@ class State:
         # says hello again as its real rank, and its counters go under that rank from then on.
         info = self.senders[msg.sender]
         info.rank = msg.rank
-        self.world_sizes[msg.run] = max(self.world_sizes.get(msg.run, 0), msg.world_size)
+        self.runs.declare_world(msg.run, msg.world_size)
         info.hello = dict(host=msg.host, world_size=msg.world_size, agent_version=msg.agent_version,
                           distribution=msg.distribution, has_cosines=msg.has_cosines)
         info.other_layers = False
-        if msg.layer_names is None:  # an agent that does not name its layers (older, or manual mode)
-            return
-        identity = layer_identity(msg.layer_names)
-        known = self.layer_ids.setdefault(msg.run, identity)
-        if identity != known:
+        if not self.runs.same_layers(msg.run, msg.layer_names):
             # Same shape, other layers: pipeline stages under one run name. Mixed, their pathways would
             # compare different layers with each other; refused (with all this sender's summaries).
             info.other_layers = True
             log.warning("run %r: rank %d on %s routes other layers than the run's first sender (%s, ...): "
                         "pipeline stages? its summaries are rejected as shape_mismatch; give each stage its "
                         "own run, e.g. run=f'{name}/pp{stage}'", msg.run, msg.rank, msg.host,
-                        ", ".join(msg.layer_names[:2]))
+                        ", ".join((msg.layer_names or ())[:2]))
             raise Rejected("shape_mismatch")
 
     def _heartbeat(self, msg: Heartbeat) -> None:
-        self._known_sender(msg)
+        self.runs.known(msg.run, msg.rank)
         self.senders.heartbeat(msg)
 
     def _eval(self, msg: Eval) -> None:
         """Scores for at most ``max_groups`` groups per run (each one is a Prometheus series): the known
         ones and new ones while there is room; the rest of the message is dropped and counted."""
-        self._known_sender(msg)
+        self.runs.known(msg.run, msg.rank)
         known = {group for run, group in self.evals if run == msg.run}  # eval messages are rare
         kept = {}
         for group, score in msg.scores.items():
@@ -363,42 +290,20 @@ class State:
         if len(kept) < len(msg.scores):
             raise Rejected("too_many_groups")
 
-    def _loss(self, msg: Loss) -> None:
-        """The user's training loss per group: loss evidence for the train source's phases. A group that
-        has no routing summaries yet gets a tracker (no window) while the stream has room for it."""
-        self._known_sender(msg)
+    def _train_losses(self, msg: Loss) -> None:
+        self.runs.known(msg.run, msg.rank)
         stream = self.streams.get((msg.run, "train"))
         if stream is None:
             raise Rejected("no_routing")  # the run's first train summaries come before its first loss
-        kept = 0
-        for group, loss in msg.losses.items():
-            tracker = stream.phases.get(group)
-            if tracker is None:
-                if group.startswith(BUCKET_PREFIX) or group == CROSS_GROUP or len(stream.phases) >= self.config.max_groups:
-                    continue
-                tracker = stream.phases[group] = self._tracker(group)
-            tracker.add_loss(msg.step, loss)
-            kept += 1
-            self._journal(dict(kind="loss", run=msg.run, source="train", group=group, step=msg.step, loss=loss,
-                              t=msg.wall_time))
-        if kept < len(msg.losses):
+        records, all_kept = evidence.train_losses(self.config, msg, stream)
+        for record in records:
+            self._journal(record)
+        if not all_kept:
             raise Rejected("too_many_groups")
 
-    def _tracker(self, label: str) -> PhaseTracker:
-        return PhaseTracker(self.config.phase_config(), self.config.phase_distance,
-                            epsilon=self.config.memorization_epsilon.get(label))
-
     def phase_carriers(self) -> dict[tuple[str, str], str]:
-        """(run, group) -> the source whose tracker carries that group's phase (CARRIER_ORDER)."""
-        out: dict[tuple[str, str], str] = {}
-        for source in CARRIER_ORDER:
-            for (run, src), stream in self.streams.items():
-                if src != source:
-                    continue
-                for group, tracker in stream.phases.items():
-                    if tracker.has_loss_evidence:
-                        out.setdefault((run, group), source)
-        return out
+        """(run, group) -> the source whose tracker carries that group's phase (evidence.CARRIER_ORDER)."""
+        return evidence.carriers(self.streams)
 
     def group_label(self, stream: Stream, label: str) -> str:
         """The label a sample is counted under; admits (creates) new groups up to the cap."""
@@ -444,7 +349,7 @@ class State:
     def _routing(self, msg: Routing, started: float) -> KernelJob:
         if self.senders[msg.sender].other_layers:
             raise Rejected("shape_mismatch")
-        self._check_rank(msg)
+        self.runs.check_rank(msg.run, msg.rank)
         stream = self._stream(msg)
         if msg.source == "train":
             self.train_step[msg.run] = max(self.train_step.get(msg.run, 0), msg.step)
@@ -471,7 +376,10 @@ class State:
                 if job.stats is None:
                     self.count_rejected("internal")
                 else:
-                    self._points(job)
+                    self.samples_total += job.msg.num_samples
+                    for record in evidence.routing_points(self.config, job.msg, job.stream, job.targets_N2,
+                                                          job.stats):
+                        self._journal(record)
             except Exception:
                 log.exception("internal error while finishing a routing message")
                 self.count_rejected("internal")
@@ -481,32 +389,6 @@ class State:
                 self.processing_seconds_count += 1
                 self._settle()
 
-    def _points(self, job: KernelJob) -> None:
-        msg, stream, targets = job.msg, job.stream, job.targets_N2
-        assert job.stats is not None  # finish() counts a job without stats as internal
-        stats_GV, ent_GL, load_GLE = job.stats
-        self.samples_total += msg.num_samples
-        for g in np.unique(targets[targets >= 0]):
-            label = stream.labels[g]
-            point = point_of(stats_GV[g], ent_GL[g], load_GLE[g])
-            extra: dict = {}
-            if not label.startswith(BUCKET_PREFIX):  # buckets are diagnostics: no phase, no event
-                tracker = stream.phases.get(label)
-                if tracker is None:
-                    tracker = stream.phases[label] = self._tracker(label)
-                changed = tracker.observe(msg.step, point)
-                # The detector dates a transition back to its first agreeing evaluation; the journal carries
-                # those steps (the gauges' values), and the evidence where the phase changed, so that the
-                # report marks the same steps and prints why.
-                extra = {k: getattr(tracker, k) for k in DATED_STEPS.values() if getattr(tracker, k) is not None}
-                extra.update(phase=tracker.phase, phase_signal=tracker.signal)
-                if changed in EVIDENCE_KEYS:
-                    extra[EVIDENCE_KEYS[changed]] = tracker.evidence[changed]
-            record: dict = dict(JournalPoint(kind="point", run=msg.run, source=msg.source, group=label,
-                                             step=msg.step, t=msg.wall_time, **point))
-            record.update(extra)  # the phase's keys (JournalPoint), named by phases.DATED_STEPS / EVIDENCE_KEYS
-            self._journal(record)
-
     # ------------------------------------------------------------- export view
 
     def agent_totals(self) -> dict[tuple[str, int], Counters]:
@@ -515,11 +397,10 @@ class State:
 
     # ------------------------------------------------------------- snapshot
 
-    SNAPSHOT_FIELDS = ("streams", "shapes", "layer_ids", "senders", "received_total",
+    SNAPSHOT_FIELDS = ("streams", "runs", "senders", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
                        "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "handshake_failures", "wal_applied",
-                       "world_sizes", "run_seen", "stale_stream_reads", "shape_seen",
-                       "disconnects_total")
+                       "stale_stream_reads", "disconnects_total")
 
     def snapshot(self) -> dict:
         """The fields, by reference: serialize them quiesced (``snapshot_blob``) or they may tear."""
@@ -536,6 +417,12 @@ class State:
             for name in self.SNAPSHOT_FIELDS:
                 if name in data:
                     setattr(self, name, data[name])
+            if "runs" not in data:  # a snapshot from before runs.py: its tables by name
+                runs = self.runs
+                for table, key in ((runs.shapes, "shapes"), (runs.layer_ids, "layer_ids"),
+                                   (runs.world_sizes, "world_sizes"), (runs.seen, "run_seen"),
+                                   (runs.shape_seen, "shape_seen")):
+                    table.update(data.get(key) or {})
             for stream in self.streams.values():
                 stream.restore_scratch(self.config)
 

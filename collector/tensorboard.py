@@ -26,8 +26,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from grokwatch.collector.config import ConfigError
+from grokwatch.collector.evidence import CROSS_GROUP
 from grokwatch.collector.phases import PHASES
-from grokwatch.collector.state import CROSS_GROUP, State
+from grokwatch.collector.state import State
 from grokwatch.collector.view import GROUP_LABELS, LAYER_LABELS, HistogramValue, build_view, scalar
 
 log = logging.getLogger("grokwatch.collector")

@@ -13,9 +13,11 @@ from typing import Callable, Literal, NamedTuple, Optional, Union
 
 import numpy as np
 
+from grokwatch.collector.evidence import CROSS_GROUP
 from grokwatch.collector.persist import PERSIST_ERRORS
 from grokwatch.collector.phases import PHASES
-from grokwatch.collector.state import COLLECTOR_REASONS, CROSS_GROUP, State
+from grokwatch.collector.reasons import COLLECTOR_REASONS
+from grokwatch.collector.state import State
 from grokwatch.wire import REASONS as WIRE_REASONS
 
 ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS  # every value of ..._messages_rejected_total{reason}

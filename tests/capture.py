@@ -73,8 +73,7 @@ def close_and_read_one(mon, tap, sink) -> Routing:
     """Close the monitor and the tap, then the one routing message the sink receives."""
     mon.close()
     tap.remove()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    [msg] = sink.wait_routing()
     return msg
 
 
@@ -151,6 +150,5 @@ def _one_routing_message(sink, activation, run, **options):
     model.mon.step(0)
     model(torch.randint(0, 16, (2, 5))).backward()
     model.mon.close()
-    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 1)
-    (msg,) = sink.routing()
+    (msg,) = sink.wait_routing(1)
     return msg

@@ -1,10 +1,9 @@
+"""Settings every test shares. The helpers shared by unit and integration tests (tests/*.py) are on
+the path by pytest's ``pythonpath`` (pyproject.toml)."""
+
 import os
-import sys
 
-# Factories shared by unit and integration tests.
-sys.path.insert(0, os.path.dirname(__file__))
-
-from hypothesis import settings  # noqa: E402
+from hypothesis import settings
 
 settings.register_profile("ci", max_examples=60, deadline=None)
 settings.register_profile("dev", max_examples=25, deadline=None)

@@ -34,6 +34,12 @@ class Sink:
     def routing(self, source=None):
         return [m for m in self.messages if isinstance(m, Routing) and (source is None or m.source == source)]
 
+    def wait_routing(self, n: int = 1, source=None, timeout_s: float = 3.0) -> list[Routing]:
+        """Drain until ``n`` routing messages (of ``source``) have come and nothing more is arriving, then
+        all of them (at least ``n`` unless the wait timed out)."""
+        self.drain(timeout_s, until=lambda ms: len(self.routing(source)) >= n)
+        return self.routing(source)
+
     def close(self):
         self.sock.close(0)
         self.ctx.term()

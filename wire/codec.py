@@ -10,14 +10,13 @@ anything else, whatever the bytes.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any, Optional, cast
 
 import msgpack
 import numpy as np
 
 from grokwatch.wire.errors import WireError
+from grokwatch.wire.limits import DEFAULT_LIMITS, Limits
 from grokwatch.wire.messages import (
     DISTRIBUTIONS,
     KIND_EVAL,
@@ -34,32 +33,10 @@ from grokwatch.wire.messages import (
     Message,
     Routing,
 )
+from grokwatch.wire.reader import Reader
 
-DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 F32 = "<f4"
 U32 = "<u4"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Limits:
-    """Bounds a decoded message must respect. The defaults fit OLMoE-class
-    models (L=16, E=64) with thousands of samples per message."""
-
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_str_len: int = 256
-    max_samples: int = 8192
-    max_layers: int = 1024
-    max_experts: int = 4096
-    max_top_k: int = 256
-    max_map_entries: int = 256
-    # Mean routing weights are float32 means of float32 distributions.
-    prob_sum_tol: float = 1e-3
-    prob_range_tol: float = 1e-5
-    unit_tol: float = 1e-4  # entropy ratio in [0, 1], cosine in [-1, 1]
-
-
-DEFAULT_LIMITS = Limits()
-_INT64_MAX = 2**63 - 1
 
 
 # ----------------------------------------------------------------- encode
@@ -132,112 +109,7 @@ def encode(message: Message) -> bytes:
 # ----------------------------------------------------------------- decode
 
 
-class _Reader:
-    """Typed field access over one decoded map; every failure is a WireError."""
-
-    def __init__(self, obj: dict, limits: Limits):
-        self.obj = obj
-        self.limits = limits
-
-    def _get(self, key: str) -> Any:
-        if key not in self.obj:
-            raise WireError("missing_field", f"missing field {key!r}")
-        return self.obj[key]
-
-    def str(self, key: str) -> str:
-        value = self._get(key)
-        if not isinstance(value, str):
-            raise WireError("field_type", f"{key!r} must be a string")
-        _check_str(value, key, self.limits)
-        return value
-
-    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
-        value = self.str(key)
-        if value not in allowed:
-            raise WireError("value_range", f"{key!r} must be one of {allowed}, got {value!r}")
-        return value
-
-    def int(self, key: str, lo: int = 0, hi: int = _INT64_MAX) -> int:
-        value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise WireError("field_type", f"{key!r} must be an integer")
-        if not lo <= value <= hi:
-            raise WireError("value_range", f"{key!r}={value} outside [{lo}, {hi}]")
-        return value
-
-    def bool(self, key: str) -> bool:
-        value = self._get(key)
-        if not isinstance(value, bool):
-            raise WireError("field_type", f"{key!r} must be a boolean")
-        return value
-
-    def float(self, key: str) -> float:
-        value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise WireError("field_type", f"{key!r} must be a number")
-        if not math.isfinite(value):
-            raise WireError("non_finite", f"{key!r} is not finite")
-        return float(value)
-
-    def str_list(self, key: str) -> tuple[str, ...]:
-        value = self._get(key)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise WireError("field_type", f"{key!r} must be a list of strings")
-        for v in value:
-            _check_str(v, key, self.limits)
-        return tuple(value)
-
-    def number_map(self, key: str, integer: bool) -> dict:
-        value = self._get(key)
-        if not isinstance(value, dict):
-            raise WireError("field_type", f"{key!r} must be a map")
-        if len(value) > self.limits.max_map_entries:
-            raise WireError("too_many", f"{key!r} has {len(value)} entries")
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise WireError("field_type", f"{key!r} keys must be strings")
-            _check_str(k, key, self.limits)
-            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-                raise WireError("field_type", f"{key!r}[{k!r}] must be {'an integer' if integer else 'a number'}")
-            if integer and not 0 <= v <= _INT64_MAX:
-                raise WireError("value_range", f"{key!r}[{k!r}]={v} must be a non-negative count")
-            if not integer and not math.isfinite(v):
-                raise WireError("non_finite", f"{key!r}[{k!r}] is not finite")
-            out[k] = v if integer else float(v)
-        return out
-
-    def optional_array(self, key: str, dtype: str, shape: tuple[int, ...]) -> Optional[np.ndarray]:
-        return self.array(key, dtype, shape) if key in self.obj else None
-
-    def array(self, key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-        value = self._get(key)
-        if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
-            raise WireError("field_type", f"{key!r} must be an array map with dtype, shape, data")
-        if value["dtype"] != dtype:
-            raise WireError("dtype", f"{key!r} must have dtype {dtype}, got {value['dtype']!r}")
-        got_shape = value["shape"]
-        if not isinstance(got_shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) for d in got_shape
-        ):
-            raise WireError("field_type", f"{key!r} shape must be a list of integers")
-        if tuple(got_shape) != shape:
-            raise WireError("shape", f"{key!r} has shape {tuple(got_shape)}, expected {shape}")
-        data = value["data"]
-        if not isinstance(data, bytes):
-            raise WireError("field_type", f"{key!r} data must be bytes")
-        count = math.prod(shape)
-        if len(data) != count * 4:
-            raise WireError("shape", f"{key!r} holds {len(data)} bytes, expected {count * 4}")
-        return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
-
-
-def _check_str(value: str, key: str, limits: Limits) -> None:
-    if len(value) > limits.max_str_len:
-        raise WireError("string_length", f"{key!r} is {len(value)} characters, limit {limits.max_str_len}")
-
-
-def _header(r: _Reader) -> dict:
+def _header(r: Reader) -> dict:
     header = dict(
         run=r.str("run"),
         rank=r.int("rank", hi=1 << 20),
@@ -256,7 +128,7 @@ def _no_empty(names, key: str) -> None:
         raise WireError("value_range", f"{key!r} holds an empty name")
 
 
-def _decode_hello(r: _Reader) -> Hello:
+def _decode_hello(r: Reader) -> Hello:
     lim = r.limits
     msg = Hello(
         **_header(r),
@@ -279,7 +151,7 @@ def _decode_hello(r: _Reader) -> Hello:
     return msg
 
 
-def _decode_routing(r: _Reader) -> Routing:
+def _decode_routing(r: Reader) -> Routing:
     lim = r.limits
     header = _header(r)
     source = r.choice("source", SOURCES)
@@ -355,13 +227,13 @@ def _decode_routing(r: _Reader) -> Routing:
     )
 
 
-def _decode_eval(r: _Reader) -> Eval:
+def _decode_eval(r: Reader) -> Eval:
     msg = Eval(**_header(r), step=r.int("step"), scores=r.number_map("scores", integer=False))
     _no_empty(msg.scores, "scores")
     return msg
 
 
-def _decode_loss(r: _Reader) -> Loss:
+def _decode_loss(r: Reader) -> Loss:
     msg = Loss(**_header(r), step=r.int("step"), losses=r.number_map("losses", integer=False))
     if not msg.losses:
         raise WireError("missing_field", "'losses' is empty")
@@ -371,7 +243,7 @@ def _decode_loss(r: _Reader) -> Loss:
     return msg
 
 
-def _decode_heartbeat(r: _Reader) -> Heartbeat:
+def _decode_heartbeat(r: Reader) -> Heartbeat:
     return Heartbeat(
         **_header(r),
         messages_sent=r.int("messages_sent"),
@@ -446,7 +318,7 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
     if decoder is None:
         raise WireError("kind", f"unknown message kind {obj.get('kind')!r}")
     try:
-        return decoder(_Reader(obj, limits))
+        return decoder(Reader(obj, limits))
     except WireError:
         raise
     except Exception as exc:  # a shape or type the checks above did not foresee

@@ -137,8 +137,7 @@ def test_a_bf16_model_is_summarized_in_float32_from_its_own_router_outputs(layou
     run_one_step(model, mon, input_ids)
     mon.close()
     tap.remove()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing("train")
+    [msg] = sink.wait_routing(source="train")
     assert tap.calls[0][0].dtype == torch.float64 and shape.layers[0].router.weight.dtype == torch.bfloat16
     weights = tap.weights[:shape.num_layers]
     ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], np.ones((2, 9)), [0, 1],
@@ -207,8 +206,7 @@ def test_untagged_batch_whose_first_rows_are_sampled_takes_views_not_gathers(sam
     run_one_step(model, mon, input_ids, mask)
     mon.close()
     tap.remove()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing("train")
+    [msg] = sink.wait_routing(source="train")
     assert list(msg.sample_ids) == ["0:0", "0:1", "0:2", "0:3"][:sampled]
     weights = tap.weights[:shape.num_layers]
     ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], mask.numpy(),
@@ -230,8 +228,7 @@ def test_a_masked_out_expert_adds_nothing_to_the_entropy(layout, sink):
                                 every_n_steps=1, **layout)
     model(torch.zeros(1, 3, dtype=torch.long))
     mon.close()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    [msg] = sink.wait_routing()
     np.testing.assert_allclose(msg.mean_probs_NLE[0, 0], [1 / 3, 1 / 3, 0, 1 / 3], rtol=1e-6)
     np.testing.assert_allclose(msg.entropy_NL[0, 0], math.log(3) / math.log(4), rtol=1e-6)
 
@@ -250,8 +247,7 @@ def test_router_output_that_is_not_contiguous_is_summarized_in_both_layouts(layo
                                 every_n_steps=1, max_samples_per_step=2, **layout)
     model(torch.zeros(2, 5, dtype=torch.long))
     mon.close()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    [msg] = sink.wait_routing()
     expected = torch.softmax(model.logits_ET.t().reshape(2, 5, 4), -1).mean(dim=1)
     np.testing.assert_allclose(msg.mean_probs_NLE[:, 0], expected.numpy(), rtol=1e-5, atol=1e-6)
 

@@ -225,8 +225,7 @@ def test_documents_packed_by_the_flattening_collator_go_out_under_their_own_name
     mon = gw.attach(model, sink.endpoint, "flat", every_n_steps=1, max_samples_per_step=1)
     train_batches(model, loader)
     mon.close()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing("train")
+    [msg] = sink.wait_routing(source="train")
     assert list(msg.sample_ids) == ["doc-a", "doc-b", "doc-c"] and list(msg.groups) == ["math", "code", "math"]
     assert msg.token_counts_N.tolist() == [5, 3, 4]
 
@@ -238,6 +237,5 @@ def test_a_forward_may_be_tagged_with_groups_alone(sink):
     mon.tag(groups=["math", "code", "math"])
     run_one_step(model, mon, ids)
     mon.close()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing("train")
+    [msg] = sink.wait_routing(source="train")
     assert list(msg.sample_ids) == ["0:0", "0:1", "0:2"] and list(msg.groups) == ["math", "code", "math"]

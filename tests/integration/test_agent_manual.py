@@ -18,7 +18,7 @@ from tiny_models import VOCAB, tiny_model
 
 import grokwatch.agent as gw
 from grokwatch.agent.discover import discover
-from grokwatch.wire import Hello, Routing
+from grokwatch.wire import Hello
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -60,8 +60,7 @@ def test_manual_record_for_a_hand_written_moe(compiled, sink):
         forward(torch.randint(0, 16, (2, 5))).backward()
     mon.close()
     torch._dynamo.reset()
-    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
-    assert [m.step for m in sink.routing()] == [0, 2]
+    assert [m.step for m in sink.wait_routing(2)] == [0, 2]
     msg = sink.routing()[-1]
     assert msg.mean_probs_NLE.shape == (2, 3, 4)
     assert msg.topk_counts_NLE.sum(axis=2).tolist() == [[5, 1, 5], [5, 1, 5]]
@@ -115,8 +114,7 @@ def test_a_process_whose_default_dtype_is_bfloat16_gets_float32_summaries(sink):
     stats = mon.stats()
     mon.close()
     assert stats["hook_errors"] == 0, stats
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    [msg] = sink.wait_routing()
     assert msg.topk_counts_NLE[:, 0].sum(axis=1).tolist() == [10, 10]
     top, last = model.seen
     dense = torch.zeros(2, 5, 4, dtype=torch.float64).scatter_(2, top.indices, top.values.detach().double())
@@ -157,8 +155,7 @@ def test_a_recorded_router_weight_freed_before_the_reduction_is_copied_from_then
             model(torch.randn(1, 3, 4, requires_grad=True))
     stats = mon.stats()
     mon.close()
-    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 3)
-    first, *later = sink.routing()
+    first, *later = sink.wait_routing(3)
     assert stats["hook_errors"] == 0
     assert first.adj_cosine_NJ is None
     assert sum("freed before the reduction" in r.getMessage() for r in caplog.records) == 1
@@ -224,8 +221,7 @@ def test_record_of_unlike_routers_ships_without_cosines_and_a_layer_twice_is_inc
         model(torch.randn(1, 4, 4, requires_grad=True)).backward()
     stats = mon.stats()
     mon.close()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    [msg] = sink.wait_routing()
     assert stats["hook_errors"] == 0 and stats["dropped"] == {"incomplete": 1}
     assert sum("recorded MoE layers [0, 0] of 0..1" in r.message for r in caplog.records) == 1
     assert msg.step == 0 and msg.adj_cosine_NJ is None
@@ -266,8 +262,7 @@ def test_router_weights_emptied_after_their_layer_are_copied_from_then_on(sink, 
     tap.remove()
     for handle in handles:
         handle.remove()
-    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
-    first, second = sink.routing()
+    first, second = sink.wait_routing(2)
     assert stats["hook_errors"] == 0 and first.adj_cosine_NJ is None
     assert sum("were freed before the reduction" in r.getMessage() for r in caplog.records) == 1
     L = shape.num_layers
@@ -332,8 +327,7 @@ def test_a_router_without_indices_takes_the_decision_from_the_experts_module(sin
     mon.close()
     for t in taps:
         t.remove()
-    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
-    msgs = sink.routing()
+    msgs = sink.wait_routing(2)
     assert len(msgs) == 2
     for n, msg in enumerate(msgs):
         for row in range(2):

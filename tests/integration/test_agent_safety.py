@@ -50,8 +50,7 @@ def test_a_model_moved_after_attach_is_followed(device, sink, caplog):
     assert stats["hook_errors"] == 0 and stats["dropped"] == {}, stats
     assert mon.staging is not attached_staging and mon.staging.device_buf.device.type == device
     assert sum("the agent follows" in r.message for r in caplog.records) == 1
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    [msg] = sink.wait_routing()
     ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], np.ones((2, 9)), [0, 1],
                               tap.weights, "softmax", 2, 8)
     check_against_reference(msg, ref)
@@ -74,8 +73,7 @@ def test_a_model_attached_on_the_meta_device_is_followed_after_to_empty(sink):
     tap.remove()
     assert stats["hook_errors"] == 0 and stats["dropped"] == {}, stats
     assert mon.staging.device_buf.device.type == "cpu"
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    [msg] = sink.wait_routing()
     ref = reference_summaries([c[0] for c in tap.calls], [c[1] for c in tap.calls], np.ones((2, 9)), [0, 1],
                               tap.weights, "softmax", 2, 8)
     check_against_reference(msg, ref)
@@ -315,15 +313,16 @@ def test_a_script_that_dies_without_close_still_flushes_what_it_summarized(sink)
     """The training script raises (or just ends) without mon.close(): at interpreter exit the monitor closes
     itself, so the summaries already handed over go out and the collector gets the agent's last heartbeat
     (its counts); the process exits with the script's own error, promptly."""
+    import os
     import subprocess
     import sys
     import textwrap
+    from pathlib import Path
 
     from grokwatch.wire import Heartbeat
 
     script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parents[1])!r})
+        import torch
         from tiny_models import VOCAB, tiny_model
         import grokwatch.agent as gw
         model = tiny_model("olmoe")
@@ -335,7 +334,9 @@ def test_a_script_that_dies_without_close_still_flushes_what_it_summarized(sink)
             mon.step(step + 1)
         raise RuntimeError("the training script fails")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 1 and "the training script fails" in done.stderr
     sink.drain(until=lambda ms: any(isinstance(m, Heartbeat) for m in ms))
     assert [m.step for m in sink.routing()] == [0, 1, 2]

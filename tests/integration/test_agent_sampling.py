@@ -22,8 +22,7 @@ def test_untagged_rows_of_several_ranks_carry_their_rank(sink):
     mon.sampler.rank, mon.sampler.world_size = 1, 2  # what attach() reads from torch.distributed
     run_one_step(model, mon, torch.randint(0, VOCAB, (2, 8)))
     mon.close()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    [msg] = sink.wait_routing()
     assert list(msg.sample_ids) == ["0:1:0", "0:1:1"]
 
 
@@ -34,8 +33,7 @@ def test_ids_and_groups_given_as_tensors_are_their_values(sink):
     mon = gw.attach(model, sink.endpoint, "tensor-ids", every_n_steps=1, max_samples_per_step=2)
     run_one_step(model, mon, torch.randint(0, VOCAB, (2, 8)), ids=torch.tensor([17, 4]), groups=torch.tensor([1, 0]))
     mon.close()
-    sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-    [msg] = sink.routing()
+    [msg] = sink.wait_routing()
     assert sorted(zip(msg.sample_ids, msg.groups)) == [("17", "1"), ("4", "0")]
 
 
@@ -73,8 +71,7 @@ def test_sampling_follows_the_same_sample_ids_over_steps(sink):
         perm = list(np.random.default_rng(step).permutation(6))
         run_one_step(model, mon, ids, ids=[pool[i] for i in perm], groups=["g"] * 6)
     mon.close()
-    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
-    msgs = sink.routing()
+    msgs = sink.wait_routing(2)
     assert [m.step for m in msgs] == [0, 2]  # every_n_steps=2, counted by the optimizer hook
     assert set(msgs[0].sample_ids) == set(msgs[1].sample_ids)
 
@@ -129,8 +126,7 @@ def test_layer_hooks_are_armed_only_for_the_forwards_that_are_summarized(sink):
     assert seen == [1] * n + [0] * n + [1] * n
     for t in taps:
         t.remove()
-    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 2)
-    assert [m.step for m in sink.routing()] == [0, 2]
+    assert [m.step for m in sink.wait_routing(2)] == [0, 2]
 
 
 def test_at_every_step_the_layer_hooks_stay_armed_and_other_forwards_are_not_summarized(sink):
@@ -150,8 +146,7 @@ def test_at_every_step_the_layer_hooks_stay_armed_and_other_forwards_are_not_sum
     run_one_step(model, mon, ids)
     mon.close()
     assert not any(r._forward_hooks for r in routers)
-    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing)]) >= 3)
-    msgs = sink.routing()
+    msgs = sink.wait_routing(3)
     assert [m.step for m in msgs] == [0, 1, 2] and all(m.token_counts_N.tolist() == [8, 8] for m in msgs)
     K = discover(model).top_k
     assert all((m.topk_counts_NLE.sum(axis=2) == 8 * K).all() for m in msgs)  # each token counted once

@@ -100,7 +100,7 @@ def test_every_metric_label_and_recording_rule_named_by_the_rules_and_the_dashbo
         if var["type"] == "query":
             check_names(var["query"]["query"], f"variable {var['name']}", names, recorded)
     # The cross-group baseline, and the label values the rules filter on, are the collector's.
-    from grokwatch.collector.state import CROSS_GROUP
+    from grokwatch.collector.evidence import CROSS_GROUP
     assert '"_cross"' in RULES.read_text() and CROSS_GROUP == "_cross"
 
 

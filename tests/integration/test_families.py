@@ -15,7 +15,6 @@ import torch
 from sink import Sink
 
 import grokwatch.agent as gw
-from grokwatch.wire import Routing
 
 VOCAB, EXPERTS, TOP_K, TOKENS = 64, 4, 2, 8
 # Set where a config has them; a family's own names for the same thing are all listed.
@@ -89,8 +88,7 @@ def test_a_family_is_found_and_ships_whole_summaries(family):
         model(input_ids=ids, labels=ids).loss.backward()
         stats = mon.stats()
         mon.close()
-        sink.drain(until=lambda ms: any(isinstance(m, Routing) for m in ms))
-        [msg] = sink.routing()
+        [msg] = sink.wait_routing()
     finally:
         sink.close()
         for tap in taps:

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 JOURNALS = sorted(glob.glob(os.path.join(ROOT, "docs", "groundtruth", "v2-*-journal.jsonl.gz")))
 
 pytestmark = pytest.mark.slow

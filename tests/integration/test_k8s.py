@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
+from to_prometheusrule import RULES, render  # deploy/prometheus (pytest's pythonpath)
 
 from grokwatch.cli import build_parser
 from grokwatch.collector.service import config_from_args, worst_case_memory_mb
@@ -27,8 +28,6 @@ K8S = ROOT / "deploy/k8s"
 DOCKERFILE = ROOT / "deploy/Dockerfile"
 KUBERNETES = "1.30.0"  # the oldest Kubernetes the manifests are checked against (internalTrafficPolicy: 1.26)
 
-sys.path.insert(0, str(ROOT / "deploy/prometheus"))
-from to_prometheusrule import RULES, render  # noqa: E402
 
 
 def kustomize(overlay: str) -> list[dict]:
@@ -235,8 +234,7 @@ def test_the_sidecar_goes_beside_the_training_containers_on_loopback(example, wo
 
 
 def test_the_jobset_patch_is_the_components_job_patch():
-    sys.path.insert(0, str(K8S / "examples/jobset"))
-    from make_patch import render as render_patch
+    from make_patch import render as render_patch  # deploy/k8s/examples/jobset (pytest's pythonpath)
 
     assert (K8S / "examples/jobset/sidecar-patch.yaml").read_text() == render_patch(), "stale: run make k8s-rules"
 

@@ -8,12 +8,14 @@ import time
 
 import numpy as np
 import pytest
+from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
 from grokwatch.collector import reference
 from grokwatch.collector.config import CollectorConfig
-from grokwatch.collector.state import CROSS_GROUP, Rejected, State
+from grokwatch.collector.evidence import CROSS_GROUP
+from grokwatch.collector.reasons import Rejected
+from grokwatch.collector.state import State
 from grokwatch.wire import Limits, encode
-from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
 
 def new_state(**kw):
@@ -178,6 +180,16 @@ def test_pipeline_stages_under_one_run_are_told_apart_by_their_layers_and_the_se
     restored.restore(state.snapshot())
     with pytest.raises(Rejected):
         restored.handle(make_hello(sender="pp1-again", layer_names=stage1))
+    # A snapshot from before the run tables were one object (runs.py) names them one by one.
+    old = {k: v for k, v in state.snapshot().items() if k != "runs"}
+    old.update(shapes=dict(state.runs.shapes), layer_ids=dict(state.runs.layer_ids),
+               world_sizes=dict(state.runs.world_sizes), run_seen=dict(state.runs.seen),
+               shape_seen=dict(state.runs.shape_seen))
+    from_old, _ = new_state()
+    from_old.restore(old)
+    assert from_old.shapes == state.shapes and from_old.runs.layer_ids == state.runs.layer_ids
+    with pytest.raises(Rejected):
+        from_old.handle(make_hello(sender="pp1-again", layer_names=stage1))
 
 
 def test_stale_messages_are_rejected():
@@ -466,7 +478,7 @@ def test_the_collectors_rejection_reasons_are_declared_exported_and_documented()
     (alerts need it at 0), and docs/collector.md says what each means."""
     from pathlib import Path
 
-    from grokwatch.collector.state import COLLECTOR_REASONS
+    from grokwatch.collector.reasons import COLLECTOR_REASONS
     from grokwatch.collector.view import build_view
 
     with pytest.raises(AssertionError):
