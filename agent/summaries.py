@@ -37,6 +37,9 @@ def reduction_for(config: AgentConfig, device: torch.device) -> Optional[compile
 
 
 class Summaries:
+    """The summaries of the forwards Capture hands over: built into ``staging`` on ``device`` by the
+    reduction (compiled or op by op, laid out by the ``Strategy``), then submitted to the sender."""
+
     def __init__(self, config: AgentConfig, shape: MoEShape, capture: Capture, sender: Sender, staging: Staging,
                  device: torch.device):
         self.config = config

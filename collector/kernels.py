@@ -141,43 +141,49 @@ Scratch = namedtuple("Scratch", ["sym_Y", "starts_Lp", "chars_C", "peq_AQ", "pv_
 Params = namedtuple("Params", ["tau", "use_chars", "min_max_cosine", "bounds_RU", "nb_R"])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _pairs(a_len, c_len, g, picks_P, win, scratch, params, into, stats_V, prefix):
     """Distances of one pathway (in ``scratch``) to the window slots ``picks_P`` of group g,
     observed ``into`` one series (a group's or the cross-group baseline's). ``peq_AQ`` holds
     the match masks of the whole pathway, ``lpeq_LAQ`` those of each layer's list (both built
     once per sample)."""
-    a_starts = scratch.starts_Lp
+    # The hot loop reads locals: fields read from the named tuples inside it are not hoisted out of it
+    # by Numba (docs/benchmarks.md, "Collector throughput").
+    sym_GWY, len_GW, starts_GWLp, chars_GWC, chars_len_GW = win.sym_GWY, win.len_GW, win.starts_GWLp, \
+        win.chars_GWC, win.chars_len_GW
+    a_starts, peq_AQ, pv_Q, mv_Q = scratch.starts_Lp, scratch.peq_AQ, scratch.pv_Q, scratch.mv_Q
+    lpeq_LAQ, lpv_Q, lmv_Q = scratch.lpeq_LAQ, scratch.lpv_Q, scratch.lmv_Q
+    use_chars, bounds_RU, nb_R = params.use_chars, params.bounds_RU, params.nb_R
+    hist_RUp, hist_sum_R, layer_sum_L, layer_count_L = into.hist_RUp, into.hist_sum_R, into.layer_sum_L, \
+        into.layer_count_L
     num_layers = a_starts.shape[0] - 1
-    bounds_RU, nb_R = params.bounds_RU, params.nb_R
     for p in range(picks_P.shape[0]):
         slot = picks_P[p]
-        if params.use_chars:
-            b_len = win.chars_len_GW[g, slot]
-            d = levenshtein_peq(scratch.peq_AQ, c_len, win.chars_GWC[g, slot], b_len, scratch.pv_Q, scratch.mv_Q)
+        if use_chars:
+            b_len = chars_len_GW[g, slot]
+            d = levenshtein_peq(peq_AQ, c_len, chars_GWC[g, slot], b_len, pv_Q, mv_Q)
             longest = max(c_len, b_len)
         else:
-            b_len = win.len_GW[g, slot]
-            d = levenshtein_peq(scratch.peq_AQ, a_len, win.sym_GWY[g, slot], b_len, scratch.pv_Q, scratch.mv_Q)
+            b_len = len_GW[g, slot]
+            d = levenshtein_peq(peq_AQ, a_len, sym_GWY[g, slot], b_len, pv_Q, mv_Q)
             longest = max(a_len, b_len)
         norm = d / longest if longest > 0 else 0.0
-        _observe(bounds_RU[H_DIST], nb_R[H_DIST], into.hist_RUp[H_DIST], d)
-        into.hist_sum_R[H_DIST] += d
-        _observe(bounds_RU[H_NORM], nb_R[H_NORM], into.hist_RUp[H_NORM], norm)
-        into.hist_sum_R[H_NORM] += norm
+        _observe(bounds_RU[H_DIST], nb_R[H_DIST], hist_RUp[H_DIST], d)
+        hist_sum_R[H_DIST] += d
+        _observe(bounds_RU[H_NORM], nb_R[H_NORM], hist_RUp[H_NORM], norm)
+        hist_sum_R[H_NORM] += norm
         stats_V[prefix + 0] += d
         stats_V[prefix + 1] += norm
         stats_V[prefix + 2] += 1
         for layer in range(num_layers):
             a_n = a_starts[layer + 1] - 1 - a_starts[layer]
-            b0 = win.starts_GWLp[g, slot, layer]
-            b_n = win.starts_GWLp[g, slot, layer + 1] - 1 - b0
-            into.layer_sum_L[layer] += levenshtein_peq(scratch.lpeq_LAQ[layer], a_n, win.sym_GWY[g, slot, b0:b0 + b_n],
-                                                       b_n, scratch.lpv_Q, scratch.lmv_Q)
-            into.layer_count_L[layer] += 1
+            b0 = starts_GWLp[g, slot, layer]
+            b_n = starts_GWLp[g, slot, layer + 1] - 1 - b0
+            layer_sum_L[layer] += levenshtein_peq(lpeq_LAQ[layer], a_n, sym_GWY[g, slot, b0:b0 + b_n], b_n, lpv_Q, lmv_Q)
+            layer_count_L[layer] += 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _cosines(cos_J, defined, min_max_cosine):
     """METRICS.md §2 of one sample: the mean adjacent-layer cosine and the consistency (whether defined)."""
     J = cos_J.shape[0]
@@ -200,7 +206,7 @@ def _cosines(cos_J, defined, min_max_cosine):
     return cos_raw, cons, cons_ok
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _within_picks(u_P, filled, picks):
     """The window slots one sample is compared with: all of them while at most m, else m drawn."""
     m = u_P.shape[0]
@@ -213,7 +219,7 @@ def _within_picks(u_P, filled, picks):
     return m
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _cross_pairs(a_len, c_len, g, ux_P, win, scratch, params, baseline, st, picks, xpicks, xowner):
     """The cross-group baseline of a sample of group g: m slots drawn over the other eligible groups'
     windows (all their slots alike), compared group by group."""
@@ -248,26 +254,29 @@ def _cross_pairs(a_len, c_len, g, ux_P, win, scratch, params, baseline, st, pick
         xowner[p] = -1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars):
     """Sample i's pathway and router-health inputs into group g's ring (its oldest slot once full)."""
-    L, E = samples.counts_NLE.shape[1], samples.counts_NLE.shape[2]
-    W = win.sym_GWY.shape[1]
+    counts_NLE, entropy_NL = samples.counts_NLE, samples.entropy_NL
+    sym_Y, starts_Lp, chars_C = scratch.sym_Y, scratch.starts_Lp, scratch.chars_C
+    sym_GWY, topk_GWLE, entropy_GWL = win.sym_GWY, win.topk_GWLE, win.entropy_GWL
+    L, E = counts_NLE.shape[1], counts_NLE.shape[2]
+    W = sym_GWY.shape[1]
     s = win.next_G[g]
     for j in range(a_len):
-        win.sym_GWY[g, s, j] = scratch.sym_Y[j]
+        sym_GWY[g, s, j] = sym_Y[j]
     win.len_GW[g, s] = a_len
     for l in range(L + 1):
-        win.starts_GWLp[g, s, l] = scratch.starts_Lp[l]
+        win.starts_GWLp[g, s, l] = starts_Lp[l]
     win.fp_GW[g, s] = fp
     if use_chars:
         for j in range(c_len):
-            win.chars_GWC[g, s, j] = scratch.chars_C[j]
+            win.chars_GWC[g, s, j] = chars_C[j]
         win.chars_len_GW[g, s] = c_len
     for l in range(L):
         for k in range(E):
-            win.topk_GWLE[g, s, l, k] = samples.counts_NLE[i, l, k]
-        win.entropy_GWL[g, s, l] = samples.entropy_NL[i, l]
+            topk_GWLE[g, s, l, k] = counts_NLE[i, l, k]
+        entropy_GWL[g, s, l] = entropy_NL[i, l]
     win.tokens_GW[g, s] = tok
     win.next_G[g] = (s + 1) % W
     if win.filled_G[g] < W:
@@ -294,8 +303,14 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
     sym_Y, starts_Lp, chars_C = scratch.sym_Y, scratch.starts_Lp, scratch.chars_C
     tau, use_chars, min_max_cosine = params.tau, params.use_chars, params.min_max_cosine
     bounds_RU, nb_R = params.bounds_RU, params.nb_R
+    # Locals, not fields read inside the loops (see _pairs).
     filled_G = win.filled_G
     hist_GRUp, hist_sum_GR = series.hist_GRUp, series.hist_sum_GR
+    samples_G, undefined_G, latest_step_G = series.samples_G, series.undefined_G, series.latest_step_G
+    layer_sum_GL, layer_count_GL = series.layer_sum_GL, series.layer_count_GL
+    stats_GV, ent_GL, load_GLE = sums.stats_GV, sums.ent_GL, sums.load_GLE
+    tokens_N, loss_N = samples.tokens_N, samples.loss_N
+    peq_AQ, lpeq_LAQ = scratch.peq_AQ, scratch.lpeq_LAQ
     N, L, E = probs_NLE.shape
     m = u_N2P.shape[2]
     alphabet_sym = E + 1
@@ -307,37 +322,37 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
         a_len = build_pathway(probs_NLE[i], tau, sym_Y, starts_Lp)
         c_len = pathway_chars(sym_Y, a_len, E, chars_C) if use_chars else 0
         if use_chars:
-            build_peq(chars_C, c_len, alphabet, scratch.peq_AQ)
+            build_peq(chars_C, c_len, alphabet, peq_AQ)
         else:
-            build_peq(sym_Y, a_len, alphabet, scratch.peq_AQ)
+            build_peq(sym_Y, a_len, alphabet, peq_AQ)
         for l in range(L):
             a0 = starts_Lp[l]
-            build_peq(sym_Y[a0:starts_Lp[l + 1] - 1], starts_Lp[l + 1] - 1 - a0, alphabet_sym, scratch.lpeq_LAQ[l])
+            build_peq(sym_Y[a0:starts_Lp[l + 1] - 1], starts_Lp[l + 1] - 1 - a0, alphabet_sym, lpeq_LAQ[l])
         cos_raw, cons, cons_ok = _cosines(cos_NJ[i], has_cos and L > 1, min_max_cosine)
         fp = fingerprint(sym_Y, a_len)
         ent_mean = 0.0
         for l in range(L):
             ent_mean += np.float64(entropy_NL[i, l])
         ent_mean /= L
-        tok = np.int64(samples.tokens_N[i])
+        tok = np.int64(tokens_N[i])
         for t in range(2):
             g = targets_N2[i, t]
             if g < 0:
                 continue
-            st = sums.stats_GV[g]
+            st = stats_GV[g]
             filled = filled_G[g]
             # --- within-group pairs
             if filled > 0:
                 npk = _within_picks(u_N2P[i, t], filled, picks)
-                own = Distances(hist_GRUp[g], hist_sum_GR[g], series.layer_sum_GL[g], series.layer_count_GL[g])
+                own = Distances(hist_GRUp[g], hist_sum_GR[g], layer_sum_GL[g], layer_count_GL[g])
                 _pairs(a_len, c_len, g, picks[:npk], win, scratch, params, own, st, S_DIST)
             # --- cross-group baseline (primary target only)
             if t == 0:
                 _cross_pairs(a_len, c_len, g, ux_NP[i], win, scratch, params, baseline, st, picks, xpicks, xowner)
             # --- per-sample series
-            series.samples_G[g] += 1
-            if step > series.latest_step_G[g]:
-                series.latest_step_G[g] = step
+            samples_G[g] += 1
+            if step > latest_step_G[g]:
+                latest_step_G[g] = step
             if has_cos and L > 1:
                 _observe(bounds_RU[H_COS], nb_R[H_COS], hist_GRUp[g, H_COS], cos_raw)
                 hist_sum_GR[g, H_COS] += cos_raw
@@ -349,9 +364,9 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
                     st[S_CONS] += cons
                     st[S_CONSN] += 1
                 else:
-                    series.undefined_G[g] += 1
+                    undefined_G[g] += 1
             if has_loss:
-                lv = np.float64(samples.loss_N[i])
+                lv = np.float64(loss_N[i])
                 _observe(bounds_RU[H_LOSS], nb_R[H_LOSS], hist_GRUp[g, H_LOSS], lv)
                 hist_sum_GR[g, H_LOSS] += lv
                 st[S_LOSS] += lv
@@ -360,9 +375,9 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
             st[S_TOKENS] += tok
             st[S_N] += 1
             for l in range(L):
-                sums.ent_GL[g, l] += np.float64(entropy_NL[i, l]) * tok
+                ent_GL[g, l] += np.float64(entropy_NL[i, l]) * tok
                 for k in range(E):
-                    sums.load_GLE[g, l, k] += counts_NLE[i, l, k]
+                    load_GLE[g, l, k] += counts_NLE[i, l, k]
             _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars)
     return 0
 
