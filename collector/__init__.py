@@ -8,7 +8,7 @@ Data path, one module a stage:
 - ingest.py (ZeroMQ PULL, bounded queue) and wal.py (the write-ahead log) -> pipeline.py (admission
   under the state's lock, kernels on per-stream workers, finish);
 - state.py: sequence numbers (senders.py), runs and shapes (runs.py), rejections (reasons.py),
-  memory bounds; one stream.py per (run, source) whose arrays kernels.py writes (edit_distance.py;
+  memory bounds (budget.py); one stream.py per (run, source) whose arrays kernels.py writes (edit_distance.py;
   reference.py is the plain version the tests compare against);
 - evidence.py: each message's points (points.py) into the phase trackers (phases.py,
   memorization.py) and the journal;

@@ -24,7 +24,7 @@ from grokwatch.collector.edit_distance import (  # noqa: F401  (kernels.levensht
 
 
 @njit(cache=True, nogil=True)
-def build_pathway(probs_LE, tau, sym_Y, starts_Lp):
+def build_pathway(mean_probs_LE, tau, sym_Y, starts_Lp):
     """METRICS.md §1 layer lists e_l and pathway s = e_1 ⊕ SEP ⊕ … ⊕ e_L.
 
     Writes the symbols into ``sym_Y`` (capacity L*(E+1)) and the start of each
@@ -32,7 +32,7 @@ def build_pathway(probs_LE, tau, sym_Y, starts_Lp):
     followed the last layer). Returns S. Ties keep the lower expert index first
     (stable sort); cumulative weights are summed in float64 like the reference.
     """
-    num_layers, num_experts = probs_LE.shape
+    num_layers, num_experts = mean_probs_LE.shape
     sep = num_experts
     n = 0
     for layer in range(num_layers):
@@ -40,13 +40,13 @@ def build_pathway(probs_LE, tau, sym_Y, starts_Lp):
             sym_Y[n] = sep
             n += 1
         starts_Lp[layer] = n
-        order_E = np.argsort(-probs_LE[layer].astype(np.float64), kind="mergesort")
+        order_E = np.argsort(-mean_probs_LE[layer].astype(np.float64), kind="mergesort")
         total = 0.0
         for r in range(num_experts):
             k = order_E[r]
             sym_Y[n] = k
             n += 1
-            total += np.float64(probs_LE[layer, k])
+            total += np.float64(mean_probs_LE[layer, k])
             if total >= tau:
                 break
     starts_Lp[num_layers] = n + 1
@@ -296,7 +296,7 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
     into each target group's ring. Random draws come in as uniforms (numpy's
     generator, seeded), so the kernel itself is deterministic.
     """
-    probs_NLE, counts_NLE, entropy_NL, cos_NJ = samples.mean_probs_NLE, samples.counts_NLE, samples.entropy_NL, \
+    mean_probs_NLE, counts_NLE, entropy_NL, cos_NJ = samples.mean_probs_NLE, samples.counts_NLE, samples.entropy_NL, \
         samples.cos_NJ
     targets_N2, u_N2P, ux_NP = samples.targets_N2, samples.u_N2P, samples.ux_NP
     has_cos, has_loss, step = samples.has_cos, samples.has_loss, samples.step
@@ -311,7 +311,7 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
     stats_GV, ent_GL, load_GLE = sums.stats_GV, sums.ent_GL, sums.load_GLE
     tokens_N, loss_N = samples.tokens_N, samples.loss_N
     peq_AQ, lpeq_LAQ = scratch.peq_AQ, scratch.lpeq_LAQ
-    N, L, E = probs_NLE.shape
+    N, L, E = mean_probs_NLE.shape
     m = u_N2P.shape[2]
     alphabet_sym = E + 1
     alphabet = 128 if use_chars else alphabet_sym
@@ -319,7 +319,7 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
     xpicks = np.empty(m, np.int64)
     xowner = np.full(m, -1, np.int64)
     for i in range(N):
-        a_len = build_pathway(probs_NLE[i], tau, sym_Y, starts_Lp)
+        a_len = build_pathway(mean_probs_NLE[i], tau, sym_Y, starts_Lp)
         c_len = pathway_chars(sym_Y, a_len, E, chars_C) if use_chars else 0
         if use_chars:
             build_peq(chars_C, c_len, alphabet, peq_AQ)

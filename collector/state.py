@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from grokwatch.collector import evidence, wal
+from grokwatch.collector.budget import MemoryBudget
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.evidence import CROSS_GROUP
 from grokwatch.collector.persist import snapshot_bytes
@@ -83,7 +84,7 @@ class State:
         # waits for none (``quiesce``), and admits nothing new meanwhile, so it holds each message whole.
         self.in_flight = 0
         self.stale_stream_reads = 0  # view.py: streams rendered from their previous reading
-        self._over_budget: set[str] = set()  # runs told once that max_memory_mb is reached
+        self.budget = MemoryBudget(config.max_memory_mb)
         self._quiescing = 0
         self._settled = threading.Condition(self.lock)
 
@@ -312,29 +313,14 @@ class State:
         if label == CROSS_GROUP or (label != OTHER_GROUP and len(stream.labels) >= self.config.max_groups):
             label = OTHER_GROUP
         if label not in stream.index:
-            self._check_memory(stream, stream.slots_for(len(stream.labels)))
+            self.budget.check(self.streams.values(), stream, stream.slots_for(len(stream.labels)))
             with stream.lock:  # a new group may reallocate the arrays: not while its kernels write them
                 stream.add_group(label)
         return label
 
     def memory_bytes(self) -> int:
         """The bytes of every stream's group arrays: what ``max_memory_mb`` bounds."""
-        return sum(stream.nbytes for stream in self.streams.values())
-
-    def _check_memory(self, stream: Stream, slots: int) -> None:
-        grow = stream.bytes_for(slots) - stream.nbytes
-        if grow <= 0:
-            return
-        budget = self.config.max_memory_mb * 1024 * 1024
-        used = self.memory_bytes()
-        if used + grow > budget:
-            if stream.run not in self._over_budget:
-                self._over_budget.add(stream.run)
-                log.warning("run %r, source %r: a new group needs %.1f MiB more, over max_memory_mb (%d MiB, "
-                            "%.1f used): its messages are rejected as memory_budget until room is made (fewer "
-                            "runs, a larger max_memory_mb, a smaller window_samples or max_groups)", stream.run,
-                            stream.source, grow / 2**20, self.config.max_memory_mb, used / 2**20)
-            raise Rejected("memory_budget")
+        return self.budget.used(self.streams.values())
 
     def _stream(self, msg: Routing) -> Stream:
         L, E = msg.mean_probs_NLE.shape[1:]

@@ -1,0 +1,38 @@
+"""``max_memory_mb``: the bound on the bytes of every stream's group arrays, checked exactly before a
+new run, source or group makes them grow (``memory_budget``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from grokwatch.collector.reasons import Rejected
+from grokwatch.collector.stream import Stream
+
+log = logging.getLogger("grokwatch.collector.state")
+
+
+class MemoryBudget:
+    def __init__(self, max_memory_mb: int):
+        self.max_memory_mb = max_memory_mb
+        self._told: set[str] = set()  # runs told once that the budget is reached
+
+    @staticmethod
+    def used(streams: Iterable[Stream]) -> int:
+        """The bytes of these streams' group arrays."""
+        return sum(stream.nbytes for stream in streams)
+
+    def check(self, streams: Iterable[Stream], stream: Stream, slots: int) -> None:
+        """Whether ``stream`` may grow to ``slots`` group slots; raises ``Rejected("memory_budget")``."""
+        grow = stream.bytes_for(slots) - stream.nbytes
+        if grow <= 0:
+            return
+        used = self.used(streams)
+        if used + grow > self.max_memory_mb * 1024 * 1024:
+            if stream.run not in self._told:
+                self._told.add(stream.run)
+                log.warning("run %r, source %r: a new group needs %.1f MiB more, over max_memory_mb (%d MiB, "
+                            "%.1f used): its messages are rejected as memory_budget until room is made (fewer "
+                            "runs, a larger max_memory_mb, a smaller window_samples or max_groups)", stream.run,
+                            stream.source, grow / 2**20, self.max_memory_mb, used / 2**20)
+            raise Rejected("memory_budget")
