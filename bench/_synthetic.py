@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from grokwatch.wire import Routing
+from grokwatch.wire import Routing, decode
 
 OLMOE = dict(num_layers=16, num_experts=64, top_k=8)
 
@@ -27,3 +27,13 @@ def routing_message(rng, *, n=64, num_layers=16, num_experts=64, top_k=8, concen
                    token_counts_N=np.full(n, tokens, np.uint32), mean_probs_NLE=probs, topk_counts_NLE=counts,
                    entropy_NL=rng.uniform(0.5, 0.9, (n, num_layers)).astype(np.float32),
                    adj_cosine_NJ=rng.uniform(0.1, 0.9, (n, num_layers - 1)).astype(np.float32))
+
+
+def fresh(data: bytes, seq: int) -> Routing:
+    """An encoded message decoded as the sender "bench"'s message ``seq``: the same payload under fresh
+    sequence numbers, so that a benchmark can apply one pool of messages over and over."""
+    msg = decode(data)
+    assert isinstance(msg, Routing)
+    object.__setattr__(msg, "seq", seq)
+    object.__setattr__(msg, "sender", "bench")
+    return msg

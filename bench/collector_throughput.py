@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _synthetic import routing_message  # noqa: E402
+from _synthetic import fresh, routing_message  # noqa: E402
 
 from grokwatch.collector import kernels  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
@@ -41,9 +41,7 @@ def measure(concentration: float, unit: str, seconds: float) -> tuple[float, flo
         seq = 1000
         while time.perf_counter() - started < seconds:
             for data in pool:
-                msg = decode(data)
-                object.__setattr__(msg, "seq", seq)  # fresh sequence numbers, same payload
-                object.__setattr__(msg, "sender", "bench")
+                msg = fresh(data, seq)
                 seq += 1
                 state.handle(msg)
                 samples += msg.num_samples

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _synthetic import routing_message  # noqa: E402
+from _synthetic import fresh, routing_message  # noqa: E402
 
 from grokwatch.collector import kernels  # noqa: E402
 from grokwatch.collector import stream as stream_module  # noqa: E402
@@ -57,9 +57,7 @@ def main() -> int:
         stream_module.kernels.process_samples = timed
         seq, samples, started = 1000, 0, time.perf_counter()
         for n in range(args.messages):
-            msg = decode(pool[n % len(pool)])
-            object.__setattr__(msg, "seq", seq)  # fresh sequence numbers, same payload
-            object.__setattr__(msg, "sender", "bench")
+            msg = fresh(pool[n % len(pool)], seq)
             seq += 1
             state.handle(msg)
             samples += msg.num_samples
