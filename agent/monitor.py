@@ -1,6 +1,5 @@
 """The Monitor (``attach()`` returns it, attach.py): its life (install, steps, close), the public
-calls, which training forwards are summarized and what follows one (``finalize``: reduce, one copy
-to pinned memory, hand-over).
+calls, and which training forwards are summarized (what follows one: summaries.py).
 
 Threads: every hook (capture.py) runs on the training thread and only enqueues device work
 (gather.py, reduce.py); encoding and sending happen on the sender thread (sender.py). After ``attach()``

@@ -139,7 +139,7 @@ class Sender:
 
     def use_staging(self, staging) -> None:
         """The host buffers messages are read from: NumPy views of each pinned buffer (shared memory),
-        made once. Swapped by the monitor only while no message is in flight (``Monitor._follow_device``)."""
+        made once. Swapped by the monitor only while no message is in flight (``Summaries.follow``)."""
         self._host_views = [{k: t.numpy() for k, t in staging.split(buf).items()} for buf in staging.pool]
         self.staging = staging
 
