@@ -186,9 +186,6 @@ class Capture:
         self._ctx = ctx
         self._sampling = ctx is not None
 
-    def hook_error(self, exc: BaseException) -> None:
-        self.faults.error(exc)  # the Monitor's on_error drops the context (set_ctx(None))
-
     @contextlib.contextmanager
     def probing(self) -> Iterator[None]:
         """The probe's forwards: the model's pre-hook leaves the context the probe sets (``run``) alone,
@@ -303,7 +300,7 @@ class Capture:
                 gather_layer(ctx, position[index], outputs[layer.logits_index], outputs[at] if at >= 0 else None,
                              weight, self.shape.distribution, detect_probs=self.shape.detect_probs)
             except Exception as exc:  # never into the training loop
-                self.hook_error(exc)
+                faults.error(exc)  # the monitor's on_error drops the context
             return None
         twin = self._opaque_twin(hook)
         return hook
@@ -360,7 +357,7 @@ class Capture:
                 dist, x = "probs", dense / dense.sum(dim=-1, keepdim=True).clamp_min(1e-30)
             gather_layer(ctx, layer, x, ids, self.router_weights[layer], dist, seq_len)
         except Exception as exc:
-            self.hook_error(exc)
+            self.faults.error(exc)
 
     # ------------------------------------------------------------------ what a complete forward teaches
 

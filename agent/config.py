@@ -82,6 +82,11 @@ class AgentConfig:
         if self.compile_reduction not in (None, True, False):
             raise ValueError(f"compile_reduction: True, False or None (on CUDA), got {self.compile_reduction!r}")
 
+    @property
+    def sample_slots(self) -> int:
+        """N: the sample slots of one summarized forward, max_samples_per_step rows x max_docs_per_sample."""
+        return self.max_samples_per_step * self.max_docs_per_sample
+
     def curve_keys(self) -> Optional[tuple[bytes, bytes, bytes]]:
         """(server public, own public, own secret) from the key files, or None without CURVE."""
         if not self.curve_server_key:

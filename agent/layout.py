@@ -92,10 +92,6 @@ class BatchContext:
     deferred: bool = False  # the probe finalizes itself after adding losses
     rows_prefix: bool = False  # the sampled rows are 0..M-1: a slice (a view) replaces the gathers
 
-    @property
-    def tokens_MD(self) -> torch.Tensor:
-        return self.slots.tokens_MD
-
 
 def token_mask(attention_mask, seq_len: int) -> Optional[torch.Tensor]:
     """Which tokens count, [B, S], from what the model was given as ``attention_mask``: a [B, S] mask as

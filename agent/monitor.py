@@ -190,7 +190,7 @@ class Monitor:
         if self.probe is not None and input_ids is not None:
             self.probe.remember(input_ids, mask_BS, rows, ids, groups)
         return self.summaries.context("train", step, rows, ids, groups, num_rows, seq_len, mask_BS,
-                            kwargs.get("position_ids"), self.sampler.chosen_docs)
+                                      kwargs.get("position_ids"), self.sampler.chosen_docs)
 
     def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
         """Counts training steps: the first optimizer step after a training forward of the model (several

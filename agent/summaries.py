@@ -24,7 +24,7 @@ log = logging.getLogger("grokwatch.agent")
 
 
 def staging_on(config: AgentConfig, shape: MoEShape, device: torch.device) -> Staging:
-    return Staging(num_layers=shape.num_layers, slots=config.max_samples_per_step * config.max_docs_per_sample,
+    return Staging(num_layers=shape.num_layers, slots=config.sample_slots,
                    num_experts=shape.num_experts, device=device)
 
 
@@ -48,7 +48,6 @@ class Summaries:
         self.sender = sender
         self.staging = staging
         self.device = device
-        self.slots = config.max_samples_per_step * config.max_docs_per_sample
         self._layouts: dict[tuple, Layout] = {}  # build_context's, on this device
         self._strategy = Strategy(experts_dim=REDUCTION_LAYOUTS[config.reduction_layout],
                                   layers_per_batch=config.reduction_layers_per_batch)
@@ -87,8 +86,8 @@ class Summaries:
         when the tag named them: a packed row's document d goes out under its own name (else "<row
         id>#d" and the row's group)."""
         D = self.config.max_docs_per_sample
-        slot_ids = [""] * self.slots
-        slot_groups = ["all"] * self.slots
+        slot_ids = [""] * self.config.sample_slots
+        slot_groups = ["all"] * self.config.sample_slots
         packed = position_ids is not None and D > 1
         doc_ids, doc_groups = docs if packed and docs is not None else (None, None)
         for m, r in enumerate(rows):

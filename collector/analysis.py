@@ -35,8 +35,7 @@ METRIC_TITLES = {
 }
 DERIVED = {"distance_vs_cross": PHASE_DISTANCES["vs_cross"],  # a / b, per step
            "normalized_vs_cross": PHASE_DISTANCES["normalized_vs_cross"]}
-POINT_KEYS = SERIES_KEYS
-assert set(POINT_KEYS) >= {k for k in METRICS if k not in DERIVED}
+assert set(SERIES_KEYS) >= {k for k in METRICS if k not in DERIVED}  # what a chart plots, a point carries
 
 
 @dataclass
@@ -84,7 +83,7 @@ def load(records: Iterable[dict]):
         key = (p["run"], p["source"], p["group"])
         step = p["step"]
         w = p.get("samples", 1) or 1
-        for k in POINT_KEYS:
+        for k in SERIES_KEYS:
             if p.get(k) is not None:
                 acc[key][step][k].append((p[k], w))
         for k in ("entropy_layers", "imbalance_layers"):
@@ -106,7 +105,7 @@ def load(records: Iterable[dict]):
     for key, by_step in acc.items():
         steps = np.array(sorted(by_step), dtype=np.float64)
         values = {}
-        for k in POINT_KEYS:
+        for k in SERIES_KEYS:
             col = []
             for s in sorted(by_step):
                 vals = by_step[s].get(k)

@@ -100,9 +100,12 @@ class OtelView:
         if fam.kind == "gauge":
             return [Metric(fam.name, fam.help, "", Gauge([number(k, v) for k, v in fam.samples]))]
         if fam.kind == "summary":  # the count and sum of a non-negative quantity
-            summaries = [(k, v) for k, v in fam.samples if isinstance(v, SummaryValue)]
-            return [total(fam.name + "_count", [number(k, v.count) for k, v in summaries], True),
-                    total(fam.name + "_sum", [number(k, v.sum) for k, v in summaries], True)]
+            counts, sums = [], []
+            for k, summary in fam.samples:
+                assert isinstance(summary, SummaryValue)
+                counts.append(number(k, summary.count))
+                sums.append(number(k, summary.sum))
+            return [total(fam.name + "_count", counts, True), total(fam.name + "_sum", sums, True)]
         points = []
         for k, hist in fam.samples:
             assert isinstance(hist, HistogramValue)
