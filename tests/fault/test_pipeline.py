@@ -54,7 +54,8 @@ def test_a_long_message_holds_its_stream_only(tmp_path):
         assert value(s, "grokwatch_pathway_samples_total", run=huge, source="train", group="math") == 1
         assert value(s, "grokwatch_collector_stream_reads_stale_total") >= 1
         wait_until(lambda: c.state.samples_total == 1 + 12 + 20, timeout_s=60)
-        assert c.state.in_flight == 0 and not c.state.rejected_total.get("internal")
+        with c.state.lock:  # finish() counts the samples before it settles, both under the lock
+            assert c.state.in_flight == 0 and not c.state.rejected_total.get("internal")
     finally:
         pusher.close()
         c.stop()
