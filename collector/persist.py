@@ -271,13 +271,20 @@ class Journal:
                     self._rotate()
                 self._fh.write(line)
                 self._size += len(line)
+                return
             except (OSError, ValueError) as exc:  # ValueError: the file was closed by a failed rotation
-                self.on_error("journal_write")
-                if not self._logged_error:
-                    self._logged_error = True
-                    log.warning("journal %s: write failed (%s); counted in "
-                                "grokwatch_collector_persist_errors_total{what=\"journal_write\"}, logged once",
-                                self.path, exc)
+                failure = exc
+        self._failed(failure)
+
+    def _failed(self, exc: Exception) -> None:
+        """Count and log a failed write, never under this journal's lock: the counter takes the state's lock,
+        which a message being journaled holds while it waits for this one (lock order: State, then Journal)."""
+        self.on_error("journal_write")
+        if not self._logged_error:
+            self._logged_error = True
+            log.warning("journal %s: write failed (%s); counted in "
+                        "grokwatch_collector_persist_errors_total{what=\"journal_write\"}, logged once",
+                        self.path, exc)
 
     def _rotate(self) -> None:
         self._fh.close()
@@ -289,15 +296,19 @@ class Journal:
         with self._lock:
             try:
                 self._fh.flush()
-            except (OSError, ValueError):
-                self.on_error("journal_write")
+                return
+            except (OSError, ValueError) as exc:
+                failure = exc
+        self._failed(failure)
 
     def close(self) -> None:
         with self._lock:
             try:
                 self._fh.close()  # flushes: on a full disk this is where the last lines fail
-            except (OSError, ValueError):
-                self.on_error("journal_write")
+                return
+            except (OSError, ValueError) as exc:
+                failure = exc
+        self._failed(failure)
 
 
 def read_journal(state_dir: str) -> Iterator[dict]:

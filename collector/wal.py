@@ -88,6 +88,7 @@ class WriteAheadLog:
         self._max_index[self.generation] = (-1, -1)
 
     def _append(self, kind: int, t: float, payload: bytes) -> int:
+        failure = None
         with self._lock:
             index = self.next_index
             self.next_index += 1
@@ -99,12 +100,16 @@ class WriteAheadLog:
                 m, d = self._max_index[self.generation]
                 self._max_index[self.generation] = (index, d) if kind == MESSAGE else (m, index)
             except OSError as exc:
-                self.on_error("wal_write")
-                if not self._logged_error:
-                    self._logged_error = True
-                    log.warning("write-ahead log: write failed (%s); counted in grokwatch_collector_persist_errors_total"
-                                "{what=\"wal_write\"}, logged once: a SIGKILL now loses what the snapshot lacks", exc)
+                failure = exc
             full = self._size > self.max_bytes
+        # Counted outside this log's lock: the counter takes the state's lock, which a snapshot holds while
+        # it rotates this log (lock order: State, then WriteAheadLog).
+        if failure is not None:
+            self.on_error("wal_write")
+            if not self._logged_error:
+                self._logged_error = True
+                log.warning("write-ahead log: write failed (%s); counted in grokwatch_collector_persist_errors_total"
+                            "{what=\"wal_write\"}, logged once: a SIGKILL now loses what the snapshot lacks", failure)
         if full:
             self.on_full()
         return index
@@ -131,21 +136,31 @@ class WriteAheadLog:
         except FileNotFoundError:
             pass
         except OSError:
-            self.on_error("wal_write")
             return False
         return True
 
     def trim(self, applied_message: int, applied_drop: int) -> None:
         """Remove the generations whose every record a written snapshot has applied."""
+        failed = 0
         with self._lock:
             for gen, (m, d) in list(self._max_index.items()):
-                if gen != self.generation and m <= applied_message and d <= applied_drop and self._remove(gen):
-                    del self._max_index[gen]
+                if gen != self.generation and m <= applied_message and d <= applied_drop:
+                    if self._remove(gen):
+                        del self._max_index[gen]
+                    else:
+                        failed += 1
+        self._count_removals_failed(failed)
 
     def discard_replayed(self) -> None:
         """Remove the generations found at start (their records are in the snapshot just written)."""
         with self._lock:
             self._replayed = [gen for gen in self._replayed if not self._remove(gen)]
+            failed = len(self._replayed)  # those kept are those that could not be removed
+        self._count_removals_failed(failed)
+
+    def _count_removals_failed(self, failed: int) -> None:
+        for _ in range(failed):  # outside the lock, as in _append
+            self.on_error("wal_write")
 
     def close(self) -> None:
         with self._lock:

@@ -8,11 +8,16 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
+import time
 
 import msgpack
 import pytest
 
-from grokwatch.collector.persist import MAGIC, SNAPSHOT_NAME, SNAPSHOT_VERSION, load_snapshot_bytes
+from grokwatch.collector.config import CollectorConfig
+from grokwatch.collector.persist import MAGIC, SNAPSHOT_NAME, SNAPSHOT_VERSION, Journal, load_snapshot_bytes
+from grokwatch.collector.state import State
+from grokwatch.collector.wal import WriteAheadLog
 from grokwatch.wire import encode
 from helpers import Pusher, scrape, scrape_text, start_collector, value, wait_until
 from wire_factories import make_hello, make_routing
@@ -153,6 +158,59 @@ def test_a_full_disk_is_counted_as_persist_errors_not_rejections_and_leaves_no_t
         assert "grokwatch_collector_persist_errors_total" in scrape_text(c.metrics_port)
     finally:
         c.stop()
+
+
+def _while_the_state_lock_is_held(state: State, then, fail) -> tuple[bool, bool]:
+    """One thread holds the state's lock (a message finishing, a snapshot quiesced) and then calls ``then``;
+    meanwhile another runs ``fail``, a persistence call that fails on the full disk and counts it. Whether
+    each thread ended within 10 s: a counter taken under the persister's own lock deadlocks them."""
+    held = threading.Event()
+
+    def holder():
+        with state.lock:
+            held.set()
+            time.sleep(0.3)  # the failing call takes the persister's lock meanwhile
+            then()
+
+    def failing():
+        held.wait()
+        fail()
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (holder, failing)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    return tuple(not t.is_alive() for t in threads)
+
+
+def test_a_journal_that_fails_on_a_full_disk_never_deadlocks_with_a_message_being_journaled(tmp_path):
+    """Found by the collector hanging: a snapshot flushed the journal on a full disk (journal lock, then the
+    counter's state lock) while a finishing message journaled its points (state lock, then journal lock)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    state = State(CollectorConfig())
+    os.symlink("/dev/full", tmp_path / "journal.jsonl")
+    journal = Journal(str(tmp_path), 1 << 20, on_error=state.count_persist_error)
+    journal({"kind": "point"})  # buffered: the disk is found full at the flush
+    ended = _while_the_state_lock_is_held(state, then=lambda: journal({"kind": "point"}), fail=journal.flush)
+    assert ended == (True, True)
+    assert state.persist_errors["journal_write"] >= 1
+
+
+def test_a_write_ahead_log_that_fails_on_a_full_disk_never_deadlocks_with_a_snapshot(tmp_path):
+    """The receive thread appends (the log's lock, then on a failure the counter's state lock) while a
+    snapshot, quiesced under the state lock, rotates the log (its lock)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    state = State(CollectorConfig())
+    log = WriteAheadLog(str(tmp_path), 0, 1 << 20, on_error=state.count_persist_error)
+    log.message(time.time(), b"x")  # something written: a rotation opens the next generation
+    os.close(log._fd)
+    log._fd = os.open("/dev/full", os.O_WRONLY)  # and then the disk is full
+    ended = _while_the_state_lock_is_held(state, then=log.rotate, fail=lambda: log.message(time.time(), b"x"))
+    assert ended == (True, True)
+    assert state.persist_errors["wal_write"] == 1 and log.generation == 1
 
 
 def test_a_snapshot_is_consistent_even_while_messages_are_processed(tmp_path):
