@@ -139,7 +139,8 @@ def test_hf_trainer_callback_streams_a_real_training(tmp_path):
         trainer = Trainer(model=model, args=args, train_dataset=_TokenDataset(), callbacks=[callback])
         trainer.train()
         assert callback.monitor is None  # closed at train end
-        wait_until(lambda: collector.state.train_step.get("trainer") == 3)
+        # The step is known at admission, the samples once the kernels are done: wait for both.
+        wait_until(lambda: collector.state.train_step.get("trainer") == 3 and collector.state.samples_total == 4 * 4)
         s = scrape(collector.metrics_port)
         assert value(s, "grokwatch_train_step", run="trainer") == 3
         assert value(s, "grokwatch_pathway_samples_total", run="trainer", source="train", group="all") == 4 * 4
