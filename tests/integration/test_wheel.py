@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import free_port
+from static_tools import COLLECTOR_SIDE, check_tools_resolve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -108,6 +109,9 @@ def test_the_collector_extra_installs_without_torch_or_matplotlib_then_report_ad
     # The report extra, on top: matplotlib for grokwatch report.
     run([bin_dir / "python", "-m", "pip", "install", "-q", f"{wheel_of(dist)}[report]"])
     run([bin_dir / "python", "-c", "import matplotlib, grokwatch.collector.report"])
+    # Standard tools resolve the installed wheel (its py.typed files) from user code outside the checkout.
+    (tmp_path / "user").mkdir()
+    check_tools_resolve(bin_dir / "python", tmp_path / "user", COLLECTOR_SIDE)
     # The training side's extras resolve to torch (and Lightning) without installing them: a dry run (the
     # import of grokwatch.agent and grokwatch.demo with torch is what the rest of the suite does).
     for extra, needs in (("agent", "torch"), ("lightning", "lightning")):
