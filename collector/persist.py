@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -265,16 +266,24 @@ class Journal:
         """Never raises: a write that fails (a full disk) is counted (``journal_write``) and logged once;
         the message it belongs to is still processed and counted as processed."""
         line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+        with self._guarded():
+            if self._size + len(line) > self.max_bytes:
+                self._rotate()
+            self._fh.write(line)
+            self._size += len(line)
+
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Under this journal's lock; a failed write (ValueError: the file was closed by a failed rotation)
+        is counted once the lock is released."""
+        failure = None
         with self._lock:
             try:
-                if self._size + len(line) > self.max_bytes:
-                    self._rotate()
-                self._fh.write(line)
-                self._size += len(line)
-                return
-            except (OSError, ValueError) as exc:  # ValueError: the file was closed by a failed rotation
+                yield
+            except (OSError, ValueError) as exc:
                 failure = exc
-        self._failed(failure)
+        if failure is not None:
+            self._failed(failure)
 
     def _failed(self, exc: Exception) -> None:
         """Count and log a failed write, never under this journal's lock: the counter takes the state's lock,
@@ -293,22 +302,12 @@ class Journal:
         self._size = 0
 
     def flush(self) -> None:
-        with self._lock:
-            try:
-                self._fh.flush()
-                return
-            except (OSError, ValueError) as exc:
-                failure = exc
-        self._failed(failure)
+        with self._guarded():
+            self._fh.flush()
 
     def close(self) -> None:
-        with self._lock:
-            try:
-                self._fh.close()  # flushes: on a full disk this is where the last lines fail
-                return
-            except (OSError, ValueError) as exc:
-                failure = exc
-        self._failed(failure)
+        with self._guarded():
+            self._fh.close()  # flushes: on a full disk this is where the last lines fail
 
 
 def read_journal(state_dir: str) -> Iterator[dict]:

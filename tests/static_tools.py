@@ -49,7 +49,7 @@ def check_tools_resolve(python: Path, workdir: Path, names: dict[str, tuple[str,
     for i, (name, (_, full)) in enumerate(names.items()):
         revealed = [ln for ln in out.splitlines() if ln.startswith(f"{user.name}:{len(names) + 1 + i}:")]
         assert revealed and f"-> {full}" in revealed[0], f"mypy does not see {full}:\n{out}"
-        assert f'{user.name}:{first_attribute_line + i}: error: "type[{name.split(".")[-1]}]" has no attribute ' \
+        assert f'{user.name}:{first_attribute_line + i}: error: "type[{name}]" has no attribute ' \
                f'"no_such_attribute"' in out, f"mypy:\n{out}"
     assert "import-not-found" not in out and "import-untyped" not in out, out
 
