@@ -37,7 +37,7 @@ def layer_lists(g_NLE: np.ndarray, tau: float) -> list[list[list[int]]]:
     cum = np.cumsum(np.take_along_axis(g_NLE, order, axis=-1), axis=-1)
     # the expert that crosses τ is included: count of prefixes strictly below τ, plus one
     keep = np.minimum((cum < tau).sum(-1) + 1, E)
-    return [[order[n, l, : keep[n, l]].tolist() for l in range(L)] for n in range(N)]
+    return [[order[n, k, : keep[n, k]].tolist() for k in range(L)] for n in range(N)]
 
 
 def pathway_strings(lists: list[list[list[int]]]) -> tuple[list[str], list[list[str]]]:

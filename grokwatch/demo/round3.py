@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -80,12 +80,13 @@ def build_model(cfg: Round3Config, vocab_size: int):
     return model
 
 
-def routers(model) -> list[torch.nn.Module]:
-    return [layer.mlp.gate for layer in model.model.layers]
+def router_weights(model) -> list[torch.Tensor]:
+    """Each layer's router weight [E, H] (OlmoeTopKRouter.weight)."""
+    return [cast(torch.Tensor, layer.mlp.gate.weight) for layer in model.model.layers]
 
 
 def build_optimizer(cfg: Round3Config, model):
-    router_ids = {id(r.weight) for r in routers(model)}
+    router_ids = {id(w) for w in router_weights(model)}
     rest = [p for p in model.parameters() if id(p) not in router_ids]
     router = [p for p in model.parameters() if id(p) in router_ids]
     opt = torch.optim.AdamW([{"params": rest}, {"params": router, "weight_decay": cfg.router_weight_decay}],
@@ -170,7 +171,7 @@ def probe(model, data: ModDocs, sets: ProbeSets, cfg: Round3Config, step: int) -
     rows = torch.cat([sets.train_idx, n_train + sets.fresh_idx]).numpy()
     domain_N = torch.cat([data.train.domain_N[sets.train_idx], data.heldout.domain_N[sets.fresh_idx]]).numpy()
     fresh_N = np.r_[np.zeros(len(sets.train_idx), bool), np.ones(len(sets.fresh_idx), bool)]
-    W_LEH = np.stack([r.weight.detach().float().numpy() for r in routers(model)]).astype(np.float64)
+    W_LEH = np.stack([w.detach().float().numpy() for w in router_weights(model)]).astype(np.float64)
     metrics = checkpoint_metrics(fw.g_NLE[rows], fw.h_tok_N[rows], domain_N, fresh_N, list(data.domains),
                                  tau=cfg.tau, router_W_LEH=W_LEH, seed=cfg.seed * 100_003 + step,
                                  permutations=cfg.permutations)
@@ -212,9 +213,10 @@ def train(cfg: Round3Config, log_path: Optional[str] = None, echo: bool = True) 
         for step in range(cfg.steps + 1):
             if step % cfg.probe_every == 0:
                 t0 = time.perf_counter()
-                rec = dict(step=step, t=round(t0 - started, 2),
-                           train_loss=float(np.mean(recent)) if recent else None,
-                           domains=probe(model, data, sets, cfg, step))
+                rec: dict[str, Any] = dict(step=step, t=round(t0 - started, 2),
+                                           train_loss=float(np.mean(recent)) if recent else None)
+                metrics = probe(model, data, sets, cfg, step)
+                rec["domains"] = metrics
                 rec["probe_s"] = round(time.perf_counter() - t0, 3)
                 recent = []
                 history.append(rec)
@@ -223,7 +225,7 @@ def train(cfg: Round3Config, log_path: Optional[str] = None, echo: bool = True) 
                     log.flush()
                 if echo:
                     print(json.dumps({"step": step, "t": rec["t"], **{
-                        d: [round(m["acc_train"], 2), round(m["acc_test"], 2)] for d, m in rec["domains"].items()}}),
+                        d: [round(m["acc_train"], 2), round(m["acc_test"], 2)] for d, m in metrics.items()}}),
                         flush=True)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and cfg.checkpoint_dir:
                 os.makedirs(cfg.checkpoint_dir, exist_ok=True)
