@@ -68,7 +68,7 @@ bench: setup
 # image lacks (pyzmq), as a wheel for its Python 3.12, in the git-ignored .whl/ that run(carry=[".whl"]) takes.
 gpu-wheels: setup
 	$(PY) -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 --implementation cp \
-	  --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0
+	  --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0 rapidfuzz==$$($(PY) -c "import rapidfuzz; print(rapidfuzz.__version__)")
 
 # The Prometheus Operator's copy of the rules (deploy/k8s/overlays/prometheus-operator), from the one rules file.
 k8s-rules: setup

@@ -58,6 +58,7 @@ class Round3Config:
     tau: float = 0.7
     permutations: int = 200
     threads: int = 1
+    device: str = "cpu"  # "cuda": bench/gpu_groundtruth.sh (the metrics are computed on the host either way)
     checkpoint_every: int = 0  # >0: state dicts into checkpoint_dir (outside git)
     checkpoint_dir: str = ""
 
@@ -72,7 +73,7 @@ def build_model(cfg: Round3Config, vocab_size: int):
                        output_router_logits=True, tie_word_embeddings=False, pad_token_id=None,
                        bos_token_id=None, eos_token_id=None)
     torch.manual_seed(cfg.seed)
-    model = OlmoeForCausalLM(mcfg)
+    model = OlmoeForCausalLM(mcfg).to(cfg.device)
     try:  # about 5 % faster on this CPU; the default loop is the fallback
         model.set_experts_implementation("grouped_mm")
     except Exception:  # noqa: BLE001 - an older transformers: keep its default
@@ -106,7 +107,7 @@ def routing_probs(router_logits_TE: torch.Tensor) -> torch.Tensor:
     """The full routing distribution: transformers' routers hand back raw logits (5.25) or, in some 5.x
     releases, probabilities in that slot (METRICS.md: never a softmax twice)."""
     x = router_logits_TE.float()
-    if bool((x >= 0).all()) and bool(torch.allclose(x.sum(-1), torch.ones(x.shape[0]), atol=1e-3)):
+    if bool((x >= 0).all()) and bool(torch.allclose(x.sum(-1), torch.ones_like(x[:, 0]), atol=1e-3)):
         return x
     return torch.softmax(x, dim=-1)
 
@@ -124,17 +125,18 @@ def evaluate(model, data: ModDocs, ids_NW: torch.Tensor, chunk: int = 512) -> Fo
     was = model.training
     model.eval()
     pos = data.answer_positions()
+    device = next(model.parameters()).device
     correct, nll, g, h = [], [], [], []
     try:
         for start in range(0, ids_NW.shape[0], chunk):
             x = ids_NW[start:start + chunk]
-            out = model(x, output_router_logits=True)
-            logits_NQV = out.logits[:, pos - 1].float()
+            out = model(x.to(device), output_router_logits=True)
+            logits_NQV = out.logits[:, pos - 1].float().cpu()
             target_NQ = x[:, pos]
             correct.append(logits_NQV.argmax(-1) == target_NQ)
             nll.append(F.cross_entropy(logits_NQV.transpose(1, 2), target_NQ, reduction="none"))
             n, w = x.shape
-            probs_LNTE = torch.stack([routing_probs(r).view(n, w, -1) for r in out.router_logits])
+            probs_LNTE = torch.stack([routing_probs(r.cpu()).view(n, w, -1) for r in out.router_logits])
             g.append(probs_LNTE.mean(2).permute(1, 0, 2).numpy().astype(np.float64))
             E = probs_LNTE.shape[-1]
             ent = -(probs_LNTE * probs_LNTE.clamp_min(1e-30).log()).sum(-1) / math.log(E)
@@ -171,7 +173,7 @@ def probe(model, data: ModDocs, sets: ProbeSets, cfg: Round3Config, step: int) -
     rows = torch.cat([sets.train_idx, n_train + sets.fresh_idx]).numpy()
     domain_N = torch.cat([data.train.domain_N[sets.train_idx], data.heldout.domain_N[sets.fresh_idx]]).numpy()
     fresh_N = np.r_[np.zeros(len(sets.train_idx), bool), np.ones(len(sets.fresh_idx), bool)]
-    W_LEH = np.stack([w.detach().float().numpy() for w in router_weights(model)]).astype(np.float64)
+    W_LEH = np.stack([w.detach().float().cpu().numpy() for w in router_weights(model)]).astype(np.float64)
     metrics = checkpoint_metrics(fw.g_NLE[rows], fw.h_tok_N[rows], domain_N, fresh_N, list(data.domains),
                                  tau=cfg.tau, router_W_LEH=W_LEH, seed=cfg.seed * 100_003 + step,
                                  permutations=cfg.permutations)
@@ -235,7 +237,7 @@ def train(cfg: Round3Config, log_path: Optional[str] = None, echo: bool = True) 
                 break
             rows = torch.randint(0, pool.shape[0], (cfg.batch,), generator=gen)
             x = data.redraw_noise(pool[rows], pool_domain[rows], gen)
-            out = model(x, labels=answer_labels(data, x), output_router_logits=True)
+            out = model(x.to(cfg.device), labels=answer_labels(data, x).to(cfg.device), output_router_logits=True)
             out.loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
