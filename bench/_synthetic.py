@@ -31,9 +31,11 @@ def routing_message(rng, *, n=64, num_layers=16, num_experts=64, top_k=8, concen
 
 def fresh(data: bytes, seq: int) -> Routing:
     """An encoded message decoded as the sender "bench"'s message ``seq``: the same payload under fresh
-    sequence numbers, so that a benchmark can apply one pool of messages over and over."""
+    sequence numbers and sample ids (a sample is never compared with its own earlier copy, METRICS.md §1),
+    so that a benchmark can apply one pool of messages over and over."""
     msg = decode(data)
     assert isinstance(msg, Routing)
     object.__setattr__(msg, "seq", seq)
     object.__setattr__(msg, "sender", "bench")
+    object.__setattr__(msg, "sample_ids", tuple(f"{seq}-{i}" for i in range(len(msg.sample_ids))))
     return msg

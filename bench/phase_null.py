@@ -64,18 +64,25 @@ def false_onset_rate(cfg, n_series: int, n_points: int, rho: float, drift: bool,
     return onsets / n_series, memorized / n_series
 
 
-def power(cfg, n_series: int, rho: float, sd: float, seed: int) -> tuple[float, float]:
+def power(cfg, n_series: int, rho: float, sd: float, seed: int, fall: float = 0.4,
+          group_specific: bool = False) -> tuple[float, float]:
     """Share of series whose onset is found, and the median delay after the fall starts: a memorized group
-    whose distance falls 40 % over 1,000 steps from step 2,000 (240 points, one per 25 steps)."""
+    whose distance falls by ``fall`` over 1,000 steps from step 2,000 (240 points, one per 25 steps).
+    ``group_specific``: the group's within distance falls while a cross-group baseline with its own noise
+    stays flat, and the detector watches their ratio (phase_distance "auto", a tagged run)."""
     rng = np.random.default_rng(seed)
     found = []
     for _ in range(n_series):
         steps = np.arange(240) * STEP
         loss = 4.0 * np.exp(-steps / 100.0) + 0.01
-        d = 0.5 * (1 - 0.4 * np.clip((steps - 2000) / 1000, 0, 1)) * (1 + sd * ar1(rng, 240, rho))
+        d = 0.5 * (1 - fall * np.clip((steps - 2000) / 1000, 0, 1)) * (1 + sd * ar1(rng, 240, rho))
+        cross = 0.5 * (1 + sd * ar1(rng, 240, rho)) if group_specific else None
         tracker = PhaseTracker(cfg, "auto")
-        for s, l, v in zip(steps, loss, d):
-            tracker.observe(int(s), dict(loss=float(l), distance_normalized=float(v)))
+        for i, (s, l, v) in enumerate(zip(steps, loss, d)):
+            point = dict(loss=float(l), distance_normalized=float(v))
+            if cross is not None:
+                point["cross_distance_normalized"] = float(cross[i])
+            tracker.observe(int(s), point)
         tracker.observe(10**12, {})
         if tracker.onset_step is not None:
             found.append(tracker.onset_step - 2000)
@@ -89,15 +96,31 @@ def main(argv=None) -> int:
     parser.add_argument("--rho", type=float, nargs="+", default=[0.0, 0.5, 0.8, 0.9])
     parser.add_argument("--alpha", type=float, default=None, help="override phase_alpha")
     parser.add_argument("--power", action="store_true", help="measure the power on a real fall instead")
+    parser.add_argument("--falls", type=float, nargs="+", default=None,
+                        help="with --power: group-specific falls (e.g. 0.01 0.02 0.03 0.05 0.1) watched against a "
+                             "flat cross-group baseline: the power curve (docs/collector.md)")
+    parser.add_argument("--sd", type=float, nargs="+", default=[0.01, 0.03], help="with --power: noise sd")
     args = parser.parse_args(argv)
     cfg = CollectorConfig().phase_config()
     if args.alpha is not None:
         cfg = replace(cfg, alpha=args.alpha)
+    if args.power and args.falls:
+        print(f"# {args.series} series per row: a group-specific fall over 1,000 steps (the within distance falls, "
+              f"the cross-group baseline stays flat, each with its own noise; the ratio watched); detector {cfg}")
+        print("| fall | noise sd | lag-1 rho | onsets found | median delay (steps) |")
+        print("|---|---|---|---|---|")
+        for fall in args.falls:
+            for sd in args.sd:
+                for rho in args.rho:
+                    share, delay = power(cfg, args.series, rho, sd, seed=int(1e4 * fall + 1000 * sd + 10 * rho),
+                                         fall=fall, group_specific=True)
+                    print(f"| {fall:.0%} | {sd:.0%} | {rho} | {share:.0%} | {delay:.0f} |", flush=True)
+        return 0
     if args.power:
         print(f"# {args.series} series per row: a 40 % fall over 1,000 steps; detector {cfg}")
         print("| noise sd | lag-1 rho | onsets found | median delay (steps) |")
         print("|---|---|---|---|")
-        for sd in (0.01, 0.03):
+        for sd in args.sd:
             for rho in args.rho:
                 share, delay = power(cfg, args.series, rho, sd, seed=int(1000 * sd + 10 * rho))
                 print(f"| {sd:.0%} | {rho} | {share:.0%} | {delay:.0f} |", flush=True)

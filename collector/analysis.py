@@ -21,7 +21,10 @@ from grokwatch.collector.points import SERIES_KEYS, JournalPoint
 
 MEMORIZED_OR_LATER = ("memorized", "generalizing", "stable")
 METRICS = ("distance", "distance_vs_cross", "distance_normalized", "normalized_vs_cross", "consistency",
-           "adjacent_cosine", "loss")
+           "adjacent_cosine", "loss", "pathway_length", "mean_routing_entropy", "entropy")
+# The confounders (METRICS.md §6), scored like the metrics: a metric is evidence only where it says more
+# than these (and the step) do.
+CONFOUNDERS = ("pathway_length", "mean_routing_entropy", "entropy")
 METRIC_TITLES = {
     "distance": "pathway distance",
     # METRICS.md §1: a group generalizing moves its within-group distance away from the
@@ -32,6 +35,9 @@ METRIC_TITLES = {
     "consistency": "consistency (1 - C)",
     "adjacent_cosine": "adjacent cosine",
     "loss": "training-sample loss (probe)",
+    "pathway_length": "pathway length (confounder)",
+    "mean_routing_entropy": "H(mean routing) (confounder)",
+    "entropy": "per-token entropy (confounder)",
 }
 DERIVED = {"distance_vs_cross": PHASE_DISTANCES["vs_cross"],  # a / b, per step
            "normalized_vs_cross": PHASE_DISTANCES["normalized_vs_cross"]}
@@ -206,18 +212,28 @@ def correlation_table(series: GroupSeries, ev: EvalSeries, since: Optional[float
     keep = ev.steps >= (since if since is not None else -math.inf)
     steps, accuracy = ev.steps[keep], ev.heldout[keep]
     entropy = aligned(series, steps, "entropy")
+    hbar = aligned(series, steps, "mean_routing_entropy")
+    length = aligned(series, steps, "pathway_length")
     rows = {}
     for key in METRICS:
         x = aligned(series, steps, key)
         ok = ~np.isnan(x) & ~np.isnan(accuracy)
         okz = ok & ~np.isnan(entropy)
+        okh = ok & ~np.isnan(hbar)
+        okl = ok & ~np.isnan(length)
         rows[key] = dict(
             n=int(ok.sum()),
             pearson=pearson(x[ok], accuracy[ok]),
             spearman=spearman(x[ok], accuracy[ok]),
             vs_entropy=pearson(x[okz], entropy[okz]),
+            vs_mean_entropy=pearson(x[okh], hbar[okh]),
+            vs_length=pearson(x[okl], length[okl]),
             vs_step=pearson(x[ok], steps[ok]),
             partial_entropy=partial(x[okz], accuracy[okz], entropy[okz]),
+            # controlling for H(ḡ), what sets the pathway's length (METRICS.md §6)
+            partial_mean_entropy=partial(x[okh], accuracy[okh], hbar[okh]),
+            # controlling for the step: what the metric says beyond "both trend"
+            partial_step=partial(x[ok], accuracy[ok], steps[ok]),
         )
     return rows
 

@@ -117,6 +117,10 @@ class CollectorConfig:
     phase_loss_abs_tol: float = 0.05
     phase_loss_rel_tol: float = 0.05
     phase_loss_low_ratio: float = 0.1
+    # ... and at most ln 2 × this (issue 27): a loss averaged over a sample's answers can sit under a tenth of
+    # its first level while a fifth of them are wrong; a mean token loss ≤ w·ln 2 leaves at most a share w
+    # of tokens whose loss reaches ln 2 (Markov) — every other token has p > 1/2, so its argmax is right.
+    phase_loss_max_wrong: float = 0.05
     phase_alpha: float = 0.001
     phase_distance_rel_tol: float = 0.03
     phase_consistency_abs_tol: float = math.inf
@@ -131,7 +135,8 @@ class CollectorConfig:
 
         return PhaseConfig(window=self.phase_window, patience=self.phase_patience,
                            loss_abs_tol=self.phase_loss_abs_tol, loss_rel_tol=self.phase_loss_rel_tol,
-                           loss_low_ratio=self.phase_loss_low_ratio, alpha=self.phase_alpha,
+                           loss_low_ratio=self.phase_loss_low_ratio, loss_max_wrong=self.phase_loss_max_wrong,
+                           alpha=self.phase_alpha,
                            distance_rel_tol=self.phase_distance_rel_tol,
                            consistency_abs_tol=self.phase_consistency_abs_tol)
 
@@ -185,6 +190,8 @@ class CollectorConfig:
             raise ConfigError(f"phase_alpha: a false-alarm rate in (0, 0.5), got {self.phase_alpha}")
         if not 0.0 < self.phase_loss_low_ratio <= 1.0:
             raise ConfigError(f"phase_loss_low_ratio: a fraction in (0, 1], got {self.phase_loss_low_ratio}")
+        if not 0.0 < self.phase_loss_max_wrong <= 1.0:
+            raise ConfigError(f"phase_loss_max_wrong: a fraction in (0, 1], got {self.phase_loss_max_wrong}")
         for key in ("phase_loss_abs_tol", "phase_loss_rel_tol", "phase_distance_rel_tol", "phase_consistency_abs_tol"):
             if not float(getattr(self, key)) >= 0:  # NaN fails too
                 raise ConfigError(f"{key}: must be 0 or more (inf: ignore this evidence), got {getattr(self, key)}")

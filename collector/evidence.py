@@ -30,10 +30,10 @@ def routing_points(config: CollectorConfig, msg: Routing, stream: Stream, target
                    sums: tuple) -> Iterator[dict]:
     """The journal records of one message's points, one per group it reached, each observed by the
     group's tracker on the way (a bucket's too: it has no phase)."""
-    stats_GV, ent_GL, load_GLE = sums
+    stats_GV, ent_GL, load_GLE, layer_sum_GL, layer_n_GL = sums
     for g in np.unique(targets_N2[targets_N2 >= 0]):
         label = stream.labels[g]
-        point = point_of(stats_GV[g], ent_GL[g], load_GLE[g])
+        point = point_of(stats_GV[g], ent_GL[g], load_GLE[g], layer_sum_GL[g], layer_n_GL[g])
         record: dict = dict(JournalPoint(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
                                          t=msg.wall_time, **point))
         if not label.startswith(BUCKET_PREFIX):  # buckets are diagnostics: no phase, no event

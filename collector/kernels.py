@@ -23,6 +23,14 @@ from grokwatch.collector.edit_distance import (  # noqa: F401  (kernels.levensht
 )
 
 
+def sample_keys(sample_ids) -> np.ndarray:
+    """Each sample id as a 64-bit key (BLAKE2b; the same in every process), for ``Samples.id_N``."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(str(s).encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                    "little") for s in sample_ids], dtype=np.uint64)
+
+
 @njit(cache=True, nogil=True)
 def build_pathway(mean_probs_LE, tau, sym_Y, starts_Lp):
     """METRICS.md §1 layer lists e_l and pathway s = e_1 ⊕ SEP ⊕ … ⊕ e_L.
@@ -99,10 +107,12 @@ def fingerprint(sym_Y, length):
 
 
 # Per-group statistics a message accumulates for the journal (columns of stats_GV).
+# length_sum: pathway symbols (METRICS.md §6's |s|); hbar_sum: H(ḡ) ÷ log E, the entropy of the sample-mean
+# routing (mean over layers), the confounder that sets the pathway's length.
 STAT_KEYS = ("n", "tokens", "entropy_sum", "dist_sum", "norm_sum", "dist_n", "x_dist_sum", "x_norm_sum", "x_dist_n",
-             "cons_sum", "cons_n", "cos_sum", "cos_n", "loss_sum", "loss_n")
+             "cons_sum", "cons_n", "cos_sum", "cos_n", "loss_sum", "loss_n", "length_sum", "hbar_sum")
 (S_N, S_TOKENS, S_ENT, S_DIST, S_NORM, S_DN, S_XDIST, S_XNORM, S_XDN, S_CONS, S_CONSN, S_COS, S_COSN, S_LOSS,
- S_LOSSN) = range(len(STAT_KEYS))
+ S_LOSSN, S_LEN, S_HBAR) = range(len(STAT_KEYS))
 # Histogram rows of hist_GRUp (bounds in bounds_RU, padded with +inf).
 H_DIST, H_NORM, H_CONS, H_COS, H_LOSS = range(5)
 
@@ -122,27 +132,30 @@ def _observe(bounds_U, nb, counts_Up, value):
 
 # The arguments of process_samples, grouped by what they hold (Numba takes named tuples of arrays).
 # One routing message's samples and the draws for them (read only).
+# id_N: each sample's id hashed (``sample_key``): a sample is never compared with a copy of itself; same_round:
+# the probe and replay sources compare only samples of the same step (one probe round, one checkpoint).
 Samples = namedtuple("Samples", ["mean_probs_NLE", "counts_NLE", "tokens_N", "entropy_NL", "cos_NJ", "has_cos",
-                                 "loss_N", "has_loss", "step", "targets_N2", "u_N2P", "ux_NP"])
+                                 "loss_N", "has_loss", "step", "targets_N2", "u_N2P", "ux_NP", "id_N", "same_round"])
 # Every group's window ring: its last W pathways and their router-health inputs (the new ones go in).
 Windows = namedtuple("Windows", ["sym_GWY", "len_GW", "starts_GWLp", "fp_GW", "chars_GWC", "chars_len_GW", "filled_G",
-                                 "next_G", "topk_GWLE", "tokens_GW", "entropy_GWL", "eligible_G"])
+                                 "next_G", "topk_GWLE", "tokens_GW", "entropy_GWL", "eligible_G", "id_GW", "step_GW"])
 # Every group's cumulative series.
 Series = namedtuple("Series", ["hist_GRUp", "hist_sum_GR", "layer_sum_GL", "layer_count_GL", "samples_G",
                                "undefined_G", "latest_step_G"])
 # One series of distances: a group's, or the cross-group baseline's.
 Distances = namedtuple("Distances", ["hist_RUp", "hist_sum_R", "layer_sum_L", "layer_count_L"])
-# What this message adds per group, for the journal (``STAT_KEYS`` columns; entropy and load per layer).
-Sums = namedtuple("Sums", ["stats_GV", "ent_GL", "load_GLE"])
+# What this message adds per group, for the journal (``STAT_KEYS`` columns; entropy and load per layer; the
+# within-group layer-wise distances' sum and count per layer).
+Sums = namedtuple("Sums", ["stats_GV", "ent_GL", "load_GLE", "layer_sum_GL", "layer_n_GL"])
 # Per-sample working memory: the pathway, its string form, and the bit-parallel rows.
 Scratch = namedtuple("Scratch", ["sym_Y", "starts_Lp", "chars_C", "peq_AQ", "pv_Q", "mv_Q", "lpeq_LAQ", "lpv_Q",
-                                 "lmv_Q"])
+                                 "lmv_Q", "x_layer_sum_L", "x_layer_n_L"])
 # The configuration: METRICS.md §1's tau, the distance unit, §2's cosine floor, the histograms' bounds.
 Params = namedtuple("Params", ["tau", "use_chars", "min_max_cosine", "bounds_RU", "nb_R"])
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _pairs(a_len, c_len, g, picks_P, win, scratch, params, into, stats_V, prefix):
+def _pairs(a_len, c_len, g, picks_P, win, scratch, params, into, stats_V, prefix, msg_layer_sum_L, msg_layer_n_L):
     """Distances of one pathway (in ``scratch``) to the window slots ``picks_P`` of group g,
     observed ``into`` one series (a group's or the cross-group baseline's). ``peq_AQ`` holds
     the match masks of the whole pathway, ``lpeq_LAQ`` those of each layer's list (both built
@@ -179,8 +192,11 @@ def _pairs(a_len, c_len, g, picks_P, win, scratch, params, into, stats_V, prefix
             a_n = a_starts[layer + 1] - 1 - a_starts[layer]
             b0 = starts_GWLp[g, slot, layer]
             b_n = starts_GWLp[g, slot, layer + 1] - 1 - b0
-            layer_sum_L[layer] += levenshtein_peq(lpeq_LAQ[layer], a_n, sym_GWY[g, slot, b0:b0 + b_n], b_n, lpv_Q, lmv_Q)
+            ld = levenshtein_peq(lpeq_LAQ[layer], a_n, sym_GWY[g, slot, b0:b0 + b_n], b_n, lpv_Q, lmv_Q)
+            layer_sum_L[layer] += ld
             layer_count_L[layer] += 1
+            msg_layer_sum_L[layer] += ld
+            msg_layer_n_L[layer] += 1
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -207,41 +223,61 @@ def _cosines(cos_J, defined, min_max_cosine):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _within_picks(u_P, filled, picks):
-    """The window slots one sample is compared with: all of them while at most m, else m drawn."""
+def _eligible(id_W, step_W, filled, sid, step, same_round, out_W):
+    """METRICS.md §1: a pair is two distinct samples (never a copy of the same id), of one probe round
+    (the same step) for the probe and replay sources. Writes the eligible slots of one group's window
+    into ``out_W`` and returns their number. (Arrays, not the named tuple: a field read inside a loop is
+    not hoisted by Numba and costs more than the comparison.)"""
+    e = 0
+    if same_round:
+        for slot in range(filled):
+            if id_W[slot] != sid and step_W[slot] == step:
+                out_W[e] = slot
+                e += 1
+    else:
+        for slot in range(filled):
+            if id_W[slot] != sid:
+                out_W[e] = slot
+                e += 1
+    return e
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _within_picks(u_P, g, filled, picks, elig_W, win, sid, step, same_round):
+    """The window slots one sample is compared with: all the eligible ones (``_eligible``) while at most m,
+    else m drawn uniformly among them."""
     m = u_P.shape[0]
-    if filled <= m:
-        for p in range(filled):
-            picks[p] = p
-        return filled
+    e = _eligible(win.id_GW[g], win.step_GW[g], filled, sid, step, same_round, elig_W)
+    if e <= m:
+        for p in range(e):
+            picks[p] = elig_W[p]
+        return e
     for p in range(m):
-        picks[p] = min(np.int64(u_P[p] * filled), filled - 1)
+        picks[p] = elig_W[min(np.int64(u_P[p] * e), e - 1)]
     return m
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _cross_pairs(a_len, c_len, g, ux_P, win, scratch, params, baseline, st, picks, xpicks, xowner):
+def _cross_pairs(a_len, c_len, g, ux_P, win, scratch, params, baseline, st, picks, xpicks, xowner, xslot_X,
+                 xgroup_X, sid, step, same_round, msg_layer_sum_L, msg_layer_n_L):
     """The cross-group baseline of a sample of group g: m slots drawn over the other eligible groups'
-    windows (all their slots alike), compared group by group."""
-    filled_G, eligible_G = win.filled_G, win.eligible_G
+    windows (all their eligible slots alike, ``_slot_ok``), compared group by group."""
+    filled_G, eligible_G, id_GW, step_GW = win.filled_G, win.eligible_G, win.id_GW, win.step_GW
     G = filled_G.shape[0]
     m = ux_P.shape[0]
     total = 0
     for h in range(G):
         if h != g and eligible_G[h]:
-            total += filled_G[h]
+            e = _eligible(id_GW[h], step_GW[h], filled_G[h], sid, step, same_round, xslot_X[total:])
+            for j in range(total, total + e):
+                xgroup_X[j] = h
+            total += e
     if total == 0:
         return
     for p in range(m):
         r = min(np.int64(ux_P[p] * total), total - 1)
-        for h in range(G):
-            if h == g or not eligible_G[h]:
-                continue
-            if r < filled_G[h]:
-                xowner[p] = h
-                xpicks[p] = r
-                break
-            r -= filled_G[h]
+        xowner[p] = xgroup_X[r]
+        xpicks[p] = xslot_X[r]
     for h in range(G):
         cnt = 0
         for p in range(m):
@@ -249,13 +285,14 @@ def _cross_pairs(a_len, c_len, g, ux_P, win, scratch, params, baseline, st, pick
                 picks[cnt] = xpicks[p]
                 cnt += 1
         if cnt:
-            _pairs(a_len, c_len, h, picks[:cnt], win, scratch, params, baseline, st, S_XDIST)
+            _pairs(a_len, c_len, h, picks[:cnt], win, scratch, params, baseline, st, S_XDIST, msg_layer_sum_L,
+                   msg_layer_n_L)
     for p in range(m):
         xowner[p] = -1
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars):
+def _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars, sid, step):
     """Sample i's pathway and router-health inputs into group g's ring (its oldest slot once full)."""
     counts_NLE, entropy_NL = samples.counts_NLE, samples.entropy_NL
     sym_Y, starts_Lp, chars_C = scratch.sym_Y, scratch.starts_Lp, scratch.chars_C
@@ -269,6 +306,8 @@ def _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars):
     for l in range(L + 1):
         win.starts_GWLp[g, s, l] = starts_Lp[l]
     win.fp_GW[g, s] = fp
+    win.id_GW[g, s] = sid
+    win.step_GW[g, s] = step
     if use_chars:
         for j in range(c_len):
             win.chars_GWC[g, s, j] = chars_C[j]
@@ -309,6 +348,8 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
     samples_G, undefined_G, latest_step_G = series.samples_G, series.undefined_G, series.latest_step_G
     layer_sum_GL, layer_count_GL = series.layer_sum_GL, series.layer_count_GL
     stats_GV, ent_GL, load_GLE = sums.stats_GV, sums.ent_GL, sums.load_GLE
+    msg_layer_sum_GL, msg_layer_n_GL = sums.layer_sum_GL, sums.layer_n_GL
+    id_N, same_round = samples.id_N, samples.same_round
     tokens_N, loss_N = samples.tokens_N, samples.loss_N
     peq_AQ, lpeq_LAQ = scratch.peq_AQ, scratch.lpeq_LAQ
     N, L, E = mean_probs_NLE.shape
@@ -318,6 +359,11 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
     picks = np.empty(m, np.int64)
     xpicks = np.empty(m, np.int64)
     xowner = np.full(m, -1, np.int64)
+    W = win.sym_GWY.shape[1]
+    elig_W = np.empty(W, np.int64)
+    xslot_X = np.empty(max(1, filled_G.shape[0] * W), np.int64)
+    xgroup_X = np.empty(max(1, filled_G.shape[0] * W), np.int64)
+    log_E = np.log(np.float64(E))
     for i in range(N):
         a_len = build_pathway(mean_probs_NLE[i], tau, sym_Y, starts_Lp)
         c_len = pathway_chars(sym_Y, a_len, E, chars_C) if use_chars else 0
@@ -335,6 +381,15 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
             ent_mean += np.float64(entropy_NL[i, l])
         ent_mean /= L
         tok = np.int64(tokens_N[i])
+        sid = id_N[i]
+        # H(ḡ) ÷ log E, mean over layers (METRICS.md §6)
+        hbar = 0.0
+        for l in range(L):
+            for k in range(E):
+                pk = np.float64(mean_probs_NLE[i, l, k])
+                if pk > 0.0:
+                    hbar -= pk * np.log(pk)
+        hbar = hbar / (L * log_E) if E > 1 else 0.0
         for t in range(2):
             g = targets_N2[i, t]
             if g < 0:
@@ -343,12 +398,15 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
             filled = filled_G[g]
             # --- within-group pairs
             if filled > 0:
-                npk = _within_picks(u_N2P[i, t], filled, picks)
-                own = Distances(hist_GRUp[g], hist_sum_GR[g], layer_sum_GL[g], layer_count_GL[g])
-                _pairs(a_len, c_len, g, picks[:npk], win, scratch, params, own, st, S_DIST)
-            # --- cross-group baseline (primary target only)
+                npk = _within_picks(u_N2P[i, t], g, filled, picks, elig_W, win, sid, step, same_round)
+                if npk:
+                    own = Distances(hist_GRUp[g], hist_sum_GR[g], layer_sum_GL[g], layer_count_GL[g])
+                    _pairs(a_len, c_len, g, picks[:npk], win, scratch, params, own, st, S_DIST, msg_layer_sum_GL[g],
+                           msg_layer_n_GL[g])
+            # --- cross-group baseline (primary target only; its layer-wise distances are not journaled)
             if t == 0:
-                _cross_pairs(a_len, c_len, g, ux_NP[i], win, scratch, params, baseline, st, picks, xpicks, xowner)
+                _cross_pairs(a_len, c_len, g, ux_NP[i], win, scratch, params, baseline, st, picks, xpicks, xowner,
+                             xslot_X, xgroup_X, sid, step, same_round, scratch.x_layer_sum_L, scratch.x_layer_n_L)
             # --- per-sample series
             samples_G[g] += 1
             if step > latest_step_G[g]:
@@ -374,11 +432,13 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
             st[S_ENT] += ent_mean * tok
             st[S_TOKENS] += tok
             st[S_N] += 1
+            st[S_LEN] += a_len
+            st[S_HBAR] += hbar
             for l in range(L):
                 ent_GL[g, l] += np.float64(entropy_NL[i, l]) * tok
                 for k in range(E):
                     load_GLE[g, l, k] += counts_NLE[i, l, k]
-            _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars)
+            _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars, sid, step)
     return 0
 
 

@@ -10,7 +10,9 @@ Each closed pathway point, once the window holds ``window`` of them, is one eval
 
   unknown      -> memorizing    there is loss evidence (3 loss points or more); without it, no claim
   memorizing   -> memorized     the loss is low (ε: per group if configured, else ``loss_low_ratio`` of
-                                the group's first loss level) and flat over the window
+                                the group's first loss level and at most ``loss_max_wrong`` × ln 2, so
+                                that a loss averaged over many answers cannot hide wrong ones) and flat
+                                over the window
   memorized    -> generalizing  the loss is still low and the watched distance falls *significantly*:
                                 a one-sided Mann–Kendall test at ``alpha``, its variance corrected for
                                 autocorrelation (Hamed & Rao 1998), and a Theil–Sen fall of at least
@@ -66,6 +68,7 @@ class PhaseConfig:
     loss_abs_tol: float = 0.05  # nats over the window: smaller changes count as flat
     loss_rel_tol: float = 0.05  # ... or this fraction of the window's median loss, whichever is larger
     loss_low_ratio: float = 0.1  # "low" without a configured ε: at most this fraction of the first loss level
+    loss_max_wrong: float = 0.05  # ... and at most ln 2 × this (Markov: at most this share of tokens unlearned)
     alpha: float = 0.001  # one-sided false-alarm rate of one evaluation's trend test (bench/phase_null.py)
     distance_rel_tol: float = 0.03  # effect-size floor: relative fall of the watched distance over the window
     consistency_abs_tol: float = math.inf  # rise of 1 - C over the window (inf: consistency ignored)
@@ -321,7 +324,7 @@ class PhaseTracker:
             eps = self.epsilon
         else:  # has_loss_evidence without an epsilon: the reference level exists
             assert self.loss_reference is not None
-            eps = c.loss_low_ratio * self.loss_reference
+            eps = min(c.loss_low_ratio * self.loss_reference, math.log(2.0) * c.loss_max_wrong)
         change = theil_sen_slope(x, y) * float(x[-1] - x[0]) if len(x) > 1 else 0.0
         tol = max(c.loss_abs_tol, c.loss_rel_tol * level)
         return dict(loss=_r(level), epsilon=_r(eps), loss_change=_r(change), loss_tolerance=_r(tol),

@@ -22,15 +22,20 @@ class Point(TypedDict):
     cross_distance_normalized: Optional[float]
     consistency: Optional[float]  # METRICS.md §2
     adjacent_cosine: Optional[float]
-    entropy: Optional[float]  # routing entropy ratio, token-weighted
+    entropy: Optional[float]  # routing entropy ratio, token-weighted (per token: not what sets the length)
+    # METRICS.md §6's confounders: the mean pathway length in symbols, and H(ḡ) ÷ log E (the entropy of each
+    # sample's mean routing, mean over layers), which sets it
+    pathway_length: Optional[float]
+    mean_routing_entropy: Optional[float]
     loss: Optional[float]  # the probe's per-sample loss
     entropy_layers: Optional[list[float]]  # per layer, token-weighted (router health, for reports)
     imbalance_layers: list[float]  # max over mean expert load, per layer
+    distance_layers: Optional[list[Optional[float]]]  # within-group layer-wise distance per layer (paper Fig. 5)
 
 
 # The per-step quantities the analysis averages (weighted by samples) from a point.
 SERIES_KEYS = ("distance", "distance_normalized", "consistency", "adjacent_cosine", "loss", "cross_distance",
-               "cross_distance_normalized", "entropy")
+               "cross_distance_normalized", "entropy", "pathway_length", "mean_routing_entropy")
 
 
 class _Where(TypedDict):
@@ -56,7 +61,8 @@ class JournalPoint(Point, _Where, _Phase):
     (the phase keys only where the group has a phase)."""
 
 
-def point_of(stats_V: np.ndarray, entropy_L: np.ndarray, load_LE: np.ndarray) -> Point:
+def point_of(stats_V: np.ndarray, entropy_L: np.ndarray, load_LE: np.ndarray,
+             layer_sum_L: Optional[np.ndarray] = None, layer_n_L: Optional[np.ndarray] = None) -> Point:
     """One group's point from the kernel's sums (``kernels.STAT_KEYS`` columns) over a message."""
     st: dict[str, float] = dict(zip(kernels.STAT_KEYS, stats_V))
 
@@ -74,8 +80,12 @@ def point_of(stats_V: np.ndarray, entropy_L: np.ndarray, load_LE: np.ndarray) ->
         consistency=mean("cons_sum", "cons_n"),
         adjacent_cosine=mean("cos_sum", "cos_n"),
         entropy=mean("entropy_sum", "tokens"),
+        pathway_length=mean("length_sum", "n"),
+        mean_routing_entropy=mean("hbar_sum", "n"),
         loss=mean("loss_sum", "loss_n"),
         entropy_layers=(entropy_L / tokens).round(6).tolist() if tokens else None,
         imbalance_layers=np.where(mean_L > 0, load_LE.max(axis=1) / np.where(mean_L > 0, mean_L, 1),
                                   0.0).round(6).tolist(),
+        distance_layers=None if layer_sum_L is None or layer_n_L is None or not layer_n_L.any() else [
+            round(float(s / n), 6) if n else None for s, n in zip(layer_sum_L, layer_n_L)],
     )

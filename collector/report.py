@@ -169,12 +169,15 @@ def build_report(state_dir: str, out_dir: str, run: Optional[str] = None) -> str
                 table_rows.append(
                     f"<tr><td>{html.escape(r)}</td><td>{html.escape(group)}</td><td>{METRIC_TITLES[key]}</td>"
                     f"<td>{row['n']}</td><td>{_fmt(row['pearson'])}</td><td>{_fmt(row['spearman'])}</td>"
-                    f"<td>{_fmt(row['vs_entropy'])}</td><td>{_fmt(row['vs_step'])}</td>"
-                    f"<td>{_fmt(row['partial_entropy'])}</td></tr>")
+                    f"<td>{_fmt(row['vs_entropy'])}</td><td>{_fmt(row['vs_mean_entropy'])}</td>"
+                    f"<td>{_fmt(row['vs_length'])}</td><td>{_fmt(row['vs_step'])}</td>"
+                    f"<td>{_fmt(row['partial_entropy'])}</td><td>{_fmt(row['partial_mean_entropy'])}</td>"
+                    f"<td>{_fmt(row['partial_step'])}</td></tr>")
     table_html = (
         "<table><tr><th>run</th><th>group</th><th>metric</th><th>n</th><th>Pearson r (acc)</th>"
-        "<th>Spearman ρ (acc)</th><th>r with entropy</th><th>r with step</th>"
-        "<th>partial r (acc | entropy)</th></tr>" + "".join(table_rows) + "</table>"
+        "<th>Spearman ρ (acc)</th><th>r with entropy</th><th>r with H(ḡ)</th><th>r with length</th>"
+        "<th>r with step</th><th>partial r (acc | entropy)</th><th>partial r (acc | H(ḡ))</th>"
+        "<th>partial r (acc | step)</th></tr>" + "".join(table_rows) + "</table>"
         if table_rows else "<p>No held-out accuracy was logged (mon.log_eval), so there is no Table 1.</p>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>grokwatch report</title>
 <style>body{{font-family:sans-serif;max-width:980px;margin:2em auto}}table{{border-collapse:collapse;font-size:13px}}
@@ -246,10 +249,11 @@ def run_correlate(args: argparse.Namespace) -> int:
         print(f"grokwatch correlate: no {args.source} points of the CSV's groups in {args.state_dir}")
         return 1
     head = f"{'run':<14} {'group':<10} {'metric':<22} {'n':>3} {'pearson':>8} {'spearman':>8} {'r(entropy)':>10} " \
-           f"{'r(step)':>8} {'partial':>8}"
+           f"{'r(H(g))':>8} {'r(len)':>8} {'r(step)':>8} {'partial':>8} {'p|H(g)':>8} {'p|step':>8}"
     print(head)
     for row in rows:
         print(f"{row['run'][:14]:<14} {row['group'][:10]:<10} {METRIC_TITLES[row['metric']][:22]:<22} {row['n']:>3} "
               f"{_fmt(row['pearson']):>8} {_fmt(row['spearman']):>8} {_fmt(row['vs_entropy']):>10} "
-              f"{_fmt(row['vs_step']):>8} {_fmt(row['partial_entropy']):>8}")
+              f"{_fmt(row['vs_mean_entropy']):>8} {_fmt(row['vs_length']):>8} {_fmt(row['vs_step']):>8} "
+              f"{_fmt(row['partial_entropy']):>8} {_fmt(row['partial_mean_entropy']):>8} {_fmt(row['partial_step']):>8}")
     return 0

@@ -109,7 +109,10 @@ class GroupView:
                                  stream.latest_step_G[g])
 
 
-_SCRATCH = ("sym_Y", "starts_Lp", "chars_C", "peq_AQ", "pv_Q", "mv_Q", "lpeq_LAQ", "lpv_Q", "lmv_Q")
+_SCRATCH = ("sym_Y", "starts_Lp", "chars_C", "peq_AQ", "pv_Q", "mv_Q", "lpeq_LAQ", "lpv_Q", "lmv_Q", "x_layer_sum_L",
+            "x_layer_n_L")
+# Sources whose pairs are taken within one step only (METRICS.md §1: one probe round, one replayed checkpoint).
+SAME_ROUND_SOURCES = ("probe", "replay")
 
 
 class Stream:
@@ -123,6 +126,8 @@ class Stream:
     win_len_GW: np.ndarray
     win_starts_GWLp: np.ndarray
     win_fp_GW: np.ndarray
+    win_id_GW: np.ndarray
+    win_step_GW: np.ndarray
     win_chars_GWC: np.ndarray
     win_chars_len_GW: np.ndarray
     win_filled_G: np.ndarray
@@ -192,7 +197,8 @@ class Stream:
         nh, nb1 = BOUNDS_RU.shape[0], BOUNDS_RU.shape[1] + 1
         return dict(
             win_sym_GWY=((W, Y), np.int16), win_len_GW=((W,), np.int64), win_starts_GWLp=((W, L + 1), np.int32),
-            win_fp_GW=((W,), np.uint64), win_chars_GWC=((W, C), np.int16), win_chars_len_GW=((W,), np.int64),
+            win_fp_GW=((W,), np.uint64), win_id_GW=((W,), np.uint64), win_step_GW=((W,), np.int64),
+            win_chars_GWC=((W, C), np.int16), win_chars_len_GW=((W,), np.int64),
             win_filled_G=((), np.int64), win_next_G=((), np.int64), topk_GWLE=((W, L, E), np.uint32),
             tokens_GW=((W,), np.int64), entropy_GWL=((W, L), np.float32), hist_GRUp=((nh, nb1), np.float64),
             hist_sum_GR=((nh,), np.float64), layer_sum_GL=((L,), np.float64), layer_count_GL=((L,), np.float64),
@@ -222,6 +228,8 @@ class Stream:
         self.lpeq_LAQ = np.zeros((L, E + 1, layer_words), np.uint64)
         self.lpv_Q = np.zeros(layer_words, np.uint64)
         self.lmv_Q = np.zeros(layer_words, np.uint64)
+        self.x_layer_sum_L = np.zeros(L)  # the cross pairs' per-layer sums of one message (not journaled)
+        self.x_layer_n_L = np.zeros(L)
 
     def __getstate__(self):
         d = self.__dict__.copy()
@@ -255,13 +263,14 @@ class Stream:
     # ------------------------------------------------------------ the hot path
 
     def process(self, msg, targets_N2: np.ndarray, tau: float, m: int, min_max_cosine: float):
-        """Apply one routing message (kernels.process_samples). Returns the
-        per-group statistics of this message: (stats_GV, entropy_GL, load_GLE)."""
+        """Apply one routing message (kernels.process_samples). Returns the per-group statistics of this
+        message: kernels.Sums (stats_GV, entropy_GL, load_GLE, layer-wise distance sums and counts)."""
         G, L, E = len(self.labels), self.num_layers, self.num_experts
         n = msg.num_samples
-        stats_GV = np.zeros((G, len(kernels.STAT_KEYS)))
-        ent_GL = np.zeros((G, L))
-        load_GLE = np.zeros((G, L, E))
+        if not hasattr(self, "win_id_GW"):  # a stream from a snapshot before sample keys: empty keys and steps
+            self._allocate(len(self.win_filled_G))
+        sums = kernels.Sums(np.zeros((G, len(kernels.STAT_KEYS))), np.zeros((G, L)), np.zeros((G, L, E)),
+                            np.zeros((G, L)), np.zeros((G, L)))
         u = self.rng.random((n, 2, m))
         ux = self.rng.random((n, m))
         has_cos = msg.adj_cosine_NJ is not None
@@ -270,20 +279,21 @@ class Stream:
         loss = msg.loss_N if has_loss else np.zeros(n, np.float32)
         kernels.process_samples(
             kernels.Samples(msg.mean_probs_NLE, msg.topk_counts_NLE, msg.token_counts_N, msg.entropy_NL, cos, has_cos,
-                            loss, has_loss, msg.step, targets_N2, u, ux),
+                            loss, has_loss, msg.step, targets_N2, u, ux, kernels.sample_keys(msg.sample_ids),
+                            self.source in SAME_ROUND_SOURCES),
             kernels.Windows(self.win_sym_GWY, self.win_len_GW, self.win_starts_GWLp, self.win_fp_GW, self.win_chars_GWC,
                             self.win_chars_len_GW, self.win_filled_G[:G], self.win_next_G, self.topk_GWLE,
-                            self.tokens_GW, self.entropy_GWL, self.eligible_G[:G]),
+                            self.tokens_GW, self.entropy_GWL, self.eligible_G[:G], self.win_id_GW, self.win_step_GW),
             kernels.Series(self.hist_GRUp, self.hist_sum_GR, self.layer_sum_GL, self.layer_count_GL, self.samples_G,
                            self.undefined_G, self.latest_step_G),
             kernels.Distances(self.xhist_RUp, self.xhist_sum_R, self.xlayer_sum_L, self.xlayer_count_L),
-            kernels.Sums(stats_GV, ent_GL, load_GLE),
+            sums,
             kernels.Scratch(self.sym_Y, self.starts_Lp, self.chars_C, self.peq_AQ, self.pv_Q, self.mv_Q, self.lpeq_LAQ,
-                            self.lpv_Q, self.lmv_Q),
+                            self.lpv_Q, self.lmv_Q, self.x_layer_sum_L, self.x_layer_n_L),
             kernels.Params(tau, self.use_chars, min_max_cosine, BOUNDS_RU, NB_R))
         if msg.zloss_NL is not None:
             self._add_zloss(msg.zloss_NL, targets_N2)
-        return stats_GV, ent_GL, load_GLE
+        return sums
 
     def _add_zloss(self, zloss_NL: np.ndarray, targets_N2: np.ndarray) -> None:
         """The samples' router z-loss into each target group's own ring of the last W samples that had one

@@ -47,6 +47,9 @@ class Round3Config:
     warmup_steps: int = 200
     grad_clip: float = 1.0
     aux_coef: float = 0.001
+    # The routers' initial weight scale (OLMoE's initializer_range, 0.02, gives logits of std ≈ 0.2 behind its
+    # RMSNorm: near-uniform routing that these runs never leave, pilots r3-pilot*). 0: the model's own init.
+    router_init_std: float = 0.0
     hidden: int = 128
     layers: int = 4
     heads: int = 4
@@ -73,7 +76,12 @@ def build_model(cfg: Round3Config, vocab_size: int):
                        output_router_logits=True, tie_word_embeddings=False, pad_token_id=None,
                        bos_token_id=None, eos_token_id=None)
     torch.manual_seed(cfg.seed)
-    model = OlmoeForCausalLM(mcfg).to(cfg.device)
+    model = OlmoeForCausalLM(mcfg)
+    cast(Any, model).to(torch.device(cfg.device))  # (transformers types .to() oddly)
+    if cfg.router_init_std > 0:
+        with torch.no_grad():
+            for w in router_weights(model):
+                w.normal_(0.0, cfg.router_init_std)
     try:  # about 5 % faster on this CPU; the default loop is the fallback
         model.set_experts_implementation("grouped_mm")
     except Exception:  # noqa: BLE001 - an older transformers: keep its default
@@ -87,10 +95,15 @@ def router_weights(model) -> list[torch.Tensor]:
 
 
 def build_optimizer(cfg: Round3Config, model):
+    """AdamW; the routers decay at ``router_weight_decay`` and the norms' gains not at all (decayed, the
+    RMSNorm gains shrink every router's logits alike and routing drifts to uniform in every domain at once:
+    pilots r3-pilot3), everything else at ``weight_decay``."""
     router_ids = {id(w) for w in router_weights(model)}
-    rest = [p for p in model.parameters() if id(p) not in router_ids]
     router = [p for p in model.parameters() if id(p) in router_ids]
-    opt = torch.optim.AdamW([{"params": rest}, {"params": router, "weight_decay": cfg.router_weight_decay}],
+    flat = [p for p in model.parameters() if id(p) not in router_ids and p.ndim < 2]
+    rest = [p for p in model.parameters() if id(p) not in router_ids and p.ndim >= 2]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": router, "weight_decay": cfg.router_weight_decay},
+                             {"params": flat, "weight_decay": 0.0}],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
     return opt, sched

@@ -341,3 +341,23 @@ def test_ranks_out_of_order_on_stationary_noise_give_no_onset(rho):
         assert tracker.memorized_step is not None
         onsets += tracker.onset_step is not None
     assert onsets == 0
+
+
+def _k_answer_loss(right_per_sample: float, k: int = 8, wrong_loss: float = 1.5, right_loss: float = 0.01):
+    """A sample's loss as the probe measures it: the mean over its k answers' NLL (wrong answers at
+    ``wrong_loss``: p = 0.22 < 1/2, so argmax is wrong)."""
+    return lambda s: (4.08 * max(0.0, 1 - s / 400) + (right_per_sample * right_loss
+                                                    + (k - right_per_sample) * wrong_loss) / k)
+
+
+def test_a_loss_averaged_over_8_answers_with_a_fifth_wrong_is_not_memorized():
+    """The k-equation negative control (issue 27): 6.5 of 8 answers right averages to 0.31 nats, under a
+    tenth of the first level (0.41) — the old threshold called it memorized. The Markov bound (mean ≤
+    0.05·ln 2) does not; every answer right does."""
+    for right, memorized in ((6.5, False), (7.5, False), (8.0, True)):
+        tracker = PhaseTracker(PhaseConfig())
+        run(tracker, STEPS, _k_answer_loss(right), lambda i, s: 0.5)
+        assert (tracker.memorized_step is not None) == memorized, right
+    old = PhaseTracker(PhaseConfig(loss_max_wrong=1.0))  # without the bound: the old rule fires
+    run(old, STEPS, _k_answer_loss(6.5), lambda i, s: 0.5)
+    assert old.memorized_step is not None

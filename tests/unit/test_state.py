@@ -47,7 +47,11 @@ def test_group_distance_sums_equal_all_pairs_reference_when_window_holds_everyth
         state.handle(m)
     series = state.streams[("run-a", "train")].groups["math"].series
     paths = pathways(msgs, unit=unit)
-    pairs = list(itertools.combinations(range(len(paths)), 2))
+    # Each message re-sends sample-0..3 (the same samples, seen again): a sample is never compared with a
+    # copy of itself (METRICS.md §1, distinct ids), so the pairs are those of distinct ids.
+    ids = [sid for m in msgs for sid in m.sample_ids]
+    pairs = [(i, j) for i, j in itertools.combinations(range(len(paths)), 2) if ids[i] != ids[j]]
+    assert len(pairs) == 190 - 4 * 10
     dists = [reference.levenshtein(paths[i][0], paths[j][0]) for i, j in pairs]
     norms = [reference.normalized_distance(d, len(paths[i][0]), len(paths[j][0])) for d, (i, j) in zip(dists, pairs)]
     h = series.hist["distance"]
@@ -61,7 +65,7 @@ def test_group_distance_sums_equal_all_pairs_reference_when_window_holds_everyth
     # The journal point of the last message: the mean over that message's comparisons.
     last = [r for r in records if r["kind"] == "point"][-1]
     new = range(16, 20)
-    exp = [reference.levenshtein(paths[i][0], paths[j][0]) for i in new for j in range(i)]
+    exp = [reference.levenshtein(paths[i][0], paths[j][0]) for i in new for j in range(i) if ids[i] != ids[j]]
     assert last["distance"] == pytest.approx(np.mean(exp))
     assert last["step"] == 40 and last["samples"] == 4
 
@@ -489,3 +493,82 @@ def test_the_collectors_rejection_reasons_are_declared_exported_and_documented()
     assert set(COLLECTOR_REASONS) <= exported
     docs = (Path(__file__).parents[2] / "docs" / "collector.md").read_text()
     assert [r for r in COLLECTOR_REASONS if f"`{r}`" not in docs] == []
+
+
+def _peaked(sample_experts, num_layers, num_experts):
+    """mean_probs [N, L, E] whose pathway is, at every layer, the one expert given per sample."""
+    p = np.full((len(sample_experts), num_layers, num_experts), 0.0, np.float32)
+    for i, k in enumerate(sample_experts):
+        p[i, :, k] = 1.0
+    return p
+
+
+def test_probe_pairs_exclude_self_pairs_and_other_rounds_so_pathways_4_apart_average_exactly_4():
+    """Issue 27's case: 16 probe samples whose pathways are pairwise exactly 4 edits apart, re-probed for
+    12 rounds. The old estimator compared each with its own earlier copies (distance 0) and other rounds'
+    samples: 3.79. Pairs of distinct ids within one round give exactly 4."""
+    state, records = new_state(comparisons_per_sample=16, window_samples=256)
+    L, E = 4, 16
+    for rnd in range(12):
+        for half in range(2):  # a round spans two messages
+            ids = list(range(8 * half, 8 * half + 8))
+            msg = make_routing(seq=2 * rnd + half + 1, n=8, num_layers=L, num_experts=E, step=100 * (rnd + 1),
+                               source="probe", sample_ids=[f"doc-{i}" for i in ids], groups=("math",) * 8,
+                               loss=True)
+            msg = dataclasses.replace(msg, mean_probs_NLE=_peaked(ids, L, E))
+            state.handle(msg)
+    series = state.streams[("run-a", "probe")].groups["math"].series
+    h = series.hist["distance"]
+    assert h.count == 12 * (16 * 15 // 2)  # every pair of a round once (≤ m eligible: all of them)
+    assert h.sum / h.count == 4.0
+    points = [r for r in records if r["kind"] == "point" and r["group"] == "math"]
+    assert all(p["distance"] == 4.0 for p in points if p["distance"] is not None)
+    # the first message of each round has no earlier sample of its round for its first sample only
+    assert points[0]["distance"] == 4.0
+
+
+def test_train_pairs_exclude_the_same_sample_seen_again_but_compare_across_steps():
+    state, _ = new_state(comparisons_per_sample=64, window_samples=64)
+    L, E = 3, 8
+    for step in range(3):  # samples a, b each step, identical pathways for the same id
+        msg = make_routing(seq=step + 1, n=2, num_layers=L, num_experts=E, step=step, sample_ids=["a", "b"],
+                           groups=("math",) * 2)
+        state.handle(dataclasses.replace(msg, mean_probs_NLE=_peaked([0, 1], L, E)))
+    h = state.streams[("run-a", "train")].groups["math"].series.hist["distance"]
+    # a-b pairs only (within and across steps): 1 + 2·2 + 2·2... every (a, b) pair once = 3·3 = 9, each 3 edits
+    assert h.count == 9 and h.sum == 9 * 3
+
+
+def test_cross_group_probe_pairs_stay_within_the_round():
+    state, _ = new_state(comparisons_per_sample=8)
+    L, E = 3, 8
+    for rnd, k in ((1, 0), (2, 1)):
+        for seq_off, group, ids in ((0, "math", ["m0", "m1"]), (1, "code", ["c0", "c1"])):
+            msg = make_routing(seq=2 * rnd + seq_off, n=2, num_layers=L, num_experts=E, step=rnd, source="probe",
+                               sample_ids=ids, groups=(group,) * 2, loss=True)
+            # round 1: every sample on expert 0; round 2: math on expert 1, code on expert 1
+            state.handle(dataclasses.replace(msg, mean_probs_NLE=_peaked([k, k], L, E)))
+    cross = state.streams[("run-a", "probe")].cross.hist["distance"]
+    # code's samples draw from math's same-round slots only: identical pathways, distance 0 (an old-round
+    # slot would be 3 edits away)
+    assert cross.count == 2 * 2 * 8 and cross.sum == 0
+
+
+def test_points_journal_pathway_length_mean_routing_entropy_and_layer_distances():
+    state, records = new_state(comparisons_per_sample=64, window_samples=64)
+    rng = np.random.default_rng(11)
+    msgs = [make_routing(rng=rng, seq=s + 1, n=5, num_layers=3, num_experts=6, step=s, concentration=0.5,
+                         sample_ids=[f"s{s}-{i}" for i in range(5)]) for s in range(2)]
+    for m in msgs:
+        state.handle(m)
+    last = [r for r in records if r["kind"] == "point"][-1]
+    paths = pathways(msgs)
+    new, old = range(5, 10), range(5)
+    assert last["pathway_length"] == pytest.approx(np.mean([len(paths[i][0]) for i in new]))
+    g = msgs[1].mean_probs_NLE.astype(np.float64)
+    hbar = [np.mean([-(row[row > 0] * np.log(row[row > 0])).sum() / np.log(6) for row in g[i]]) for i in range(5)]
+    assert last["mean_routing_entropy"] == pytest.approx(np.mean(hbar), rel=1e-6)
+    for layer in range(3):
+        exp = [reference.levenshtein(paths[i][1][layer], paths[j][1][layer]) for i in new for j in list(old) + [
+            k for k in new if k < i]]
+        assert last["distance_layers"][layer] == pytest.approx(np.mean(exp))
