@@ -11,7 +11,8 @@ null run has only rand tables: every onset there is false.
 
 Definitions (pre-registered; docs/groundtruth.md, "Round 3"):
 
-* memorized step of a domain: the first probe step with training accuracy ≥ 0.99;
+* memorized step of a domain: the first probe step with training accuracy ≥ 0.75 (0.99 until pilot 4, amended
+  before any seed ran: at the weight decay that lets a domain generalize, training accuracy plateaus at 0.76–0.94);
   crossing: the first probe step with held-out (swap-clean) accuracy ≥ 0.5.
 * **T1, panel test per seed.** Over the domains that memorized (rule domains and rand) plus noise, from the
   latest of their memorized steps to the end: M[d, t] = α_d + γ_t + β·acc[d, t]. The step effects γ_t absorb
@@ -52,6 +53,7 @@ p is two-sided and their direction the pooled β's sign.
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import math
@@ -74,7 +76,7 @@ METRICS: dict[str, int] = {
 }
 PRIMARY = ("R", "E_path")
 SCALE_OF = {"R": None, "E_path": "within_norm", "E_js": "within_js"}  # None: scale 1
-MEMORIZED_ACC = 0.99
+MEMORIZED_ACC = 0.75  # amended before any seed run (pilot 4: at the weight decay that lets a domain generalize, rule domains and rand plateau at 0.76-0.94 training accuracy)
 CROSS_ACC = 0.5
 T2_FROM_STEP = 500
 T2_EDGE = 0.05
@@ -110,7 +112,7 @@ class Run:
 
 def load(path: str) -> Run:
     records = []
-    with open(path) as fh:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as fh:
         for line in fh:
             rec = json.loads(line)
             if "step" in rec:
