@@ -307,6 +307,20 @@ class Monitor:
         weights [T,K])`` alone; ``router_weight`` [E,H] enables cosines."""
         self.capture.record(layer, logits=logits, probs=probs, topk=topk, router_weight=router_weight)
 
+    def probe_fresh(self, samples) -> None:
+        """Fresh documents for the transfer metric (METRICS.md §6): ``(id, group, token_ids)`` triples of a
+        small slice of each group that training has not seen (held back, or a first showing). Each probe round
+        routes them after the group's training samples; the collector journals, per group and round, the
+        train–fresh routing discrepancy E with its permutation z-score and the fresh-loss gap. Needs the probe
+        (``probe_every_n_steps``); without it, a warning and nothing else."""
+        try:
+            if self.probe is None:
+                log.warning("grokwatch: probe_fresh() needs the probe (attach(probe_every_n_steps=...)); ignored")
+                return
+            self.probe.set_fresh(samples)
+        except Exception as exc:
+            self.faults.error(exc)
+
     def run_probe(self, step: Optional[int] = None) -> None:
         if self.probe is not None and not self.disabled:
             self.probe.run(self._step if step is None else int(step))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from grokwatch.agent.capture import Capture
 from grokwatch.agent.config import AgentConfig
 from grokwatch.agent.summaries import Summaries
+from grokwatch.wire import FRESH_PREFIX
 
 
 class Host(Protocol):
@@ -50,12 +51,22 @@ class Probe:
         self.size = size
         self.loss_fn = loss_fn or causal_lm_loss
         self.samples: dict[str, tuple[torch.Tensor, str]] = {}  # id -> (token ids [S_i] on device, group)
+        # Fresh documents (never trained on), run after the training samples of each round under the group
+        # label FRESH_PREFIX + group: the collector's transfer metric and fresh-loss gap (METRICS.md §6).
+        self.fresh: dict[str, tuple[torch.Tensor, str]] = {}
 
     def set_samples(self, samples) -> None:
         """Replace the sample set: (id, group, token ids) triples (the replay's)."""
         self.samples = {}
         for sid, group, ids in samples:
             self.samples[str(sid)] = (torch.as_tensor(ids, dtype=torch.long, device=self.monitor.summaries.device), str(group))
+
+    def set_fresh(self, samples) -> None:
+        """Replace the fresh documents: (id, group, token ids) triples of each group's held-back slice."""
+        self.fresh = {}
+        for sid, group, ids in samples:
+            self.fresh[str(sid)] = (torch.as_tensor(ids, dtype=torch.long, device=self.monitor.summaries.device),
+                                    FRESH_PREFIX + str(group))
 
     def remember(self, input_ids_BS: torch.Tensor, attention_mask_BS: Optional[torch.Tensor], rows, ids, groups):
         """Keep the first ``size`` distinct samples seen (their real tokens)."""
@@ -74,17 +85,19 @@ class Probe:
     @torch.no_grad()
     def run(self, step: int, source: str = "probe") -> None:
         mon = self.monitor
-        if not self.samples or mon.disabled:
+        if not (self.samples or self.fresh) or mon.disabled:
             return
         model = mon.model
         was_training = model.training
         model.eval()
         try:
             with mon.capture.probing():
-                items = list(self.samples.items())
                 batch = mon.config.max_samples_per_step
-                for start in range(0, len(items), batch):
-                    self._micro_batch(step, items[start:start + batch], source)
+                # the training samples first, then the fresh documents (their own micro-batches): the collector
+                # compares each fresh document with the round's training samples already in the window
+                for items in (list(self.samples.items()), list(self.fresh.items())):
+                    for start in range(0, len(items), batch):
+                        self._micro_batch(step, items[start:start + batch], source)
         finally:
             model.train(was_training)
 

@@ -21,7 +21,9 @@ from grokwatch.collector.points import SERIES_KEYS, JournalPoint
 
 MEMORIZED_OR_LATER = ("memorized", "generalizing", "stable")
 METRICS = ("distance", "distance_vs_cross", "distance_normalized", "normalized_vs_cross", "consistency",
-           "adjacent_cosine", "loss", "pathway_length", "mean_routing_entropy", "entropy")
+           "adjacent_cosine", "loss", "transfer", "fresh_loss_gap", "pathway_length", "mean_routing_entropy", "entropy")
+# METRICS.md §6's per-round records (kind "transfer", collector/transfer.py): the last of a (group, step) wins
+TRANSFER_KEYS = ("transfer", "transfer_z", "fresh_loss_gap")
 # The confounders (METRICS.md §6), scored like the metrics: a metric is evidence only where it says more
 # than these (and the step) do.
 CONFOUNDERS = ("pathway_length", "mean_routing_entropy", "entropy")
@@ -35,6 +37,8 @@ METRIC_TITLES = {
     "consistency": "consistency (1 - C)",
     "adjacent_cosine": "adjacent cosine",
     "loss": "training-sample loss (probe)",
+    "transfer": "train-fresh discrepancy E",
+    "fresh_loss_gap": "fresh-loss gap (baseline)",
     "pathway_length": "pathway length (confounder)",
     "mean_routing_entropy": "H(mean routing) (confounder)",
     "entropy": "per-token entropy (confounder)",
@@ -75,7 +79,11 @@ def load(records: Iterable[dict]):
     phase_signal: dict = {}
     evidence: dict = defaultdict(dict)
     evals: dict = defaultdict(dict)
+    transfers: dict = defaultdict(dict)  # key -> step -> record
     for r in records:
+        if r.get("kind") == "transfer":
+            transfers[(r["run"], r["source"], r["group"])][r["step"]] = r
+            continue
         if r.get("kind") == "eval":
             for name, score in r.get("scores", {}).items():
                 evals[(r["run"], name)][r["step"]] = score
@@ -120,6 +128,10 @@ def load(records: Iterable[dict]):
         for k, (a, b) in DERIVED.items():
             with np.errstate(divide="ignore", invalid="ignore"):
                 values[k] = np.where(values[b] > 0, values[a] / values[b], math.nan)
+        for k in TRANSFER_KEYS:
+            by = transfers.get(key, {})
+            values[k] = np.array([math.nan if by.get(s, {}).get(k) is None else float(by[s][k])
+                                  for s in sorted(by_step)])
         gs = GroupSeries(*key, steps=steps, values=values, phases=phase_seq[key], phase_signal=phase_signal.get(key),
                          evidence=dict(evidence.get(key, {})))
         for k in ("entropy_layers", "imbalance_layers"):

@@ -13,7 +13,7 @@ from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseTracker
 from grokwatch.collector.points import JournalPoint, point_of
 from grokwatch.collector.stream import Stream
-from grokwatch.wire import Loss, Routing
+from grokwatch.wire import FRESH_PREFIX, Loss, Routing
 
 CROSS_GROUP = "_cross"  # METRICS.md §1 cross-group baseline
 BUCKET_PREFIX = "mem@"  # the probe's memorization buckets (METRICS.md §4): diagnostics, no phase of their own
@@ -36,7 +36,7 @@ def routing_points(config: CollectorConfig, msg: Routing, stream: Stream, target
         point = point_of(stats_GV[g], ent_GL[g], load_GLE[g], layer_sum_GL[g], layer_n_GL[g])
         record: dict = dict(JournalPoint(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
                                          t=msg.wall_time, **point))
-        if not label.startswith(BUCKET_PREFIX):  # buckets are diagnostics: no phase, no event
+        if not label.startswith((BUCKET_PREFIX, FRESH_PREFIX)):  # buckets, fresh documents: no phase, no event
             phases = stream.phases.get(label)
             if phases is None:
                 phases = stream.phases[label] = tracker(config, label)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -27,7 +27,7 @@ from grokwatch.collector.reasons import Rejected
 from grokwatch.collector.runs import Runs
 from grokwatch.collector.senders import Counters, Senders, SequenceError
 from grokwatch.collector.stream import Stream
-from grokwatch.wire import Eval, Heartbeat, Hello, Loss, Routing, WireError, decode, peek_sequence
+from grokwatch.wire import FRESH_PREFIX, Eval, Heartbeat, Hello, Loss, Routing, WireError, decode, peek_sequence
 
 OTHER_GROUP = "other"  # label values beyond max_groups
 MIN_MAX_COSINE = 0.05  # METRICS.md §2: below this, consistency is undefined
@@ -46,6 +46,7 @@ class KernelJob:
     wal_index: int
     started: float  # perf_counter at admission: processing time runs to the end of ``finish``
     stats: Optional[tuple] = None  # Stream.process's result
+    transfers: list = field(default_factory=list)  # Stream.transfers's (group, record) pairs
 
 
 class State:
@@ -158,6 +159,7 @@ class State:
             with job.stream.lock:  # the kernels hold only their stream (lock order: State.lock, then a stream's)
                 job.stats = job.stream.process(job.msg, job.targets_N2, self.config.pathway_tau,
                                                self.config.comparisons_per_sample, MIN_MAX_COSINE)
+                job.transfers = job.stream.transfers(job.msg, job.targets_N2)
         except Exception:
             log.exception("internal error in the kernels of a routing message")
         self.finish(job)
@@ -341,9 +343,14 @@ class State:
             self.train_step[msg.run] = max(self.train_step.get(msg.run, 0), msg.step)
         stream.latest_step = max(stream.latest_step, msg.step)
         labels = [self.group_label(stream, g) for g in msg.groups]
-        memorized = [None] * msg.num_samples
+        memorized: list[Optional[int]] = [None] * msg.num_samples
         if stream.memorization is not None and msg.loss_N is not None:
-            memorized = stream.memorization.observe(msg.step, msg.sample_ids, labels, msg.loss_N)
+            trained = [i for i, label in enumerate(labels) if not label.startswith(FRESH_PREFIX)]  # fresh: never
+            if trained:
+                seen = stream.memorization.observe(msg.step, [msg.sample_ids[i] for i in trained],
+                                                   [labels[i] for i in trained], msg.loss_N[trained])
+                for i, m in zip(trained, seen):
+                    memorized[i] = m
         targets = np.full((msg.num_samples, 2), -1, np.int64)
         for i, label in enumerate(labels):
             targets[i, 0] = stream.index[label]
@@ -366,6 +373,9 @@ class State:
                     for record in evidence.routing_points(self.config, job.msg, job.stream, job.targets_N2,
                                                           job.stats):
                         self._journal(record)
+                    for group, transfer in job.transfers:  # METRICS.md §6 (collector/transfer.py)
+                        self._journal(dict(kind="transfer", run=job.msg.run, source=job.msg.source, group=group,
+                                           step=job.msg.step, t=job.msg.wall_time, **transfer))
             except Exception:
                 log.exception("internal error while finishing a routing message")
                 self.count_rejected("internal")

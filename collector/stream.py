@@ -21,6 +21,8 @@ from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.memorization import MemorizationTracker
 from grokwatch.collector.phases import PhaseTracker
+from grokwatch.collector.transfer import RoundLosses, round_transfer
+from grokwatch.wire import FRESH_PREFIX
 
 # Classic-histogram upper bounds (Prometheus `le`), per distribution; rows of hist_GRUp.
 HISTOGRAM_BOUNDS = {
@@ -169,6 +171,7 @@ class Stream:
         self.xlayer_count_L = np.zeros(L)
         self._allocate(0)
         self._init_scratch(config)
+        self.round_losses = RoundLosses()
 
     # ------------------------------------------------------------ storage
 
@@ -233,13 +236,14 @@ class Stream:
 
     def __getstate__(self):
         d = self.__dict__.copy()
-        for k in _SCRATCH + ("lock", "last_reading"):
+        for k in _SCRATCH + ("lock", "last_reading", "round_losses", "transfer_open", "transfer_closed"):
             d.pop(k, None)
         return d
 
     def restore_scratch(self, config: CollectorConfig) -> None:
         self._init_scratch(config)
         self.lock = threading.Lock()
+        self.round_losses = RoundLosses()  # the current round's only: not snapshotted
 
     def add_group(self, label: str) -> int:
         g = len(self.labels)
@@ -247,7 +251,8 @@ class Stream:
         self.index[label] = g
         if g >= len(self.win_filled_G):
             self._allocate(self.slots_for(g))
-        self.eligible_G[g] = not label.startswith("mem@")
+        # memorization buckets and fresh documents: not in the cross-group baseline
+        self.eligible_G[g] = not label.startswith(("mem@", FRESH_PREFIX))
         return g
 
     # ------------------------------------------------------------ views
@@ -294,6 +299,38 @@ class Stream:
         if msg.zloss_NL is not None:
             self._add_zloss(msg.zloss_NL, targets_N2)
         return sums
+
+    def transfers(self, msg, targets_N2: np.ndarray) -> list[tuple[str, dict]]:
+        """After ``process`` (under the lock): the transfer record of every group this probe or replay message
+        touched that has fresh documents (collector/transfer.py), as (group, record)."""
+        if self.source not in SAME_ROUND_SOURCES:
+            return []
+        if not hasattr(self, "round_losses"):
+            self.round_losses = RoundLosses()
+        labels = [self.labels[g] for g in targets_N2[:, 0]]
+        if msg.loss_N is not None:
+            for label, loss in zip(labels, msg.loss_N.tolist()):
+                self.round_losses.add(label, msg.step, loss)
+        out = []
+        for label in sorted({lb[len(FRESH_PREFIX):] if lb.startswith(FRESH_PREFIX) else lb for lb in labels}):
+            if label.startswith("mem@"):
+                continue
+            record = round_transfer(self, label, msg.step, self.rng)
+            if record is not None:
+                out.append((label, record))
+                self._close_rounds(label, msg.step, record)
+        return out
+
+    def _close_rounds(self, label: str, step: int, record: dict) -> None:
+        """The exported transfer is the latest *closed* round's (a later step has begun): a round in progress
+        holds only part of its samples."""
+        if not hasattr(self, "transfer_open"):
+            self.transfer_open, self.transfer_closed = {}, {}
+        held = self.transfer_open.get(label)
+        if held is not None and held[0] < step:
+            self.transfer_closed[label] = held[1]
+        if held is None or held[0] <= step:
+            self.transfer_open[label] = (step, record)
 
     def _add_zloss(self, zloss_NL: np.ndarray, targets_N2: np.ndarray) -> None:
         """The samples' router z-loss into each target group's own ring of the last W samples that had one

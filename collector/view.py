@@ -159,6 +159,11 @@ def _specs() -> tuple[Spec, ...]:
         "from the source that carries its phase only", GROUP_LABELS)
     fam("group_onset_step", "gauge", "Step at which the group began generalizing (grokking onset), from the source "
         "that carries its phase only", GROUP_LABELS)
+    fam("group_transfer", "gauge", "Train-fresh routing discrepancy E of the group's latest closed probe round "
+        "(METRICS.md §6; experimental: docs/groundtruth.md)", GROUP_LABELS)
+    fam("group_transfer_z", "gauge", "E's z-score against its permutation null, same round", GROUP_LABELS)
+    fam("group_fresh_loss_gap", "gauge", "Mean loss of the group's fresh documents minus its training samples', same "
+        "round (the label-free baseline)", GROUP_LABELS)
     fam("train_step", "gauge", "Latest training step seen from the run's train source", ("run",))
     fam("eval_score", "gauge", "The user's own held-out score per group (ground truth, not a metric input)",
         ("run", "group"))
@@ -287,6 +292,12 @@ def _stream_families(F: dict, state: State, stream, run: str, source: str, carri
                     F["group_memorized_step"].add(key, tracker.memorized_step)
                 if tracker.onset_step is not None:
                     F["group_onset_step"].add(key, tracker.onset_step)
+        closed = getattr(stream, "transfer_closed", {}).get(name)
+        if closed is not None:
+            for fam_name, field_name in (("group_transfer", "transfer"), ("group_transfer_z", "transfer_z"),
+                                         ("group_fresh_loss_gap", "fresh_loss_gap")):
+                if closed.get(field_name) is not None:
+                    F[fam_name].add(key, float(closed[field_name]))
         if stream.memorization is not None:
             F["memorized_samples"].add(key, memorized.get(name, 0))
         health = window.health(stream.top_k)

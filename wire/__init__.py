@@ -12,6 +12,7 @@ from grokwatch.wire.limits import DEFAULT_LIMITS, DEFAULT_MAX_MESSAGE_BYTES, Lim
 from grokwatch.wire.messages import (
     AGENT_DROP_REASONS,
     DISTRIBUTIONS,
+    FRESH_PREFIX,
     KINDS,
     PROTOCOL_VERSION,
     SOURCES,
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DISTRIBUTIONS",
+    "FRESH_PREFIX",
     "KINDS",
     "PROTOCOL_VERSION",
     "REASONS",

@@ -29,6 +29,9 @@ KIND_LOSS = "loss"
 KINDS = (KIND_HELLO, KIND_ROUTING, KIND_EVAL, KIND_HEARTBEAT, KIND_LOSS)
 
 SOURCES = ("train", "probe", "replay")
+# A probe sample's group label with this prefix is a *fresh* document of the group after it (never trained on):
+# routed in the same round as the group's training samples for the transfer metric (METRICS.md §6).
+FRESH_PREFIX = "fresh@"
 # Why an agent drops a message (its heartbeat's ``messages_dropped`` keys). The collector exports a
 # reason outside this list as "other", so that a heartbeat cannot add label values at will.
 AGENT_DROP_REASONS = ("queue_full", "send_blocked", "too_large", "staging_busy", "incomplete", "encode_error",

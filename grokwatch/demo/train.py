@@ -117,6 +117,18 @@ def write_samples(data: Dataset, path: str, per_group: int, seed: int = 0) -> No
                                      "input_ids": data.samples.ids_NW[r].tolist()}) + "\n")
 
 
+def fresh_documents(data: Dataset, per_group: int, k: int = 1) -> list[tuple[str, str, list[int]]]:
+    """The held-back slice the probe routes as fresh documents (METRICS.md §6): ``per_group`` samples of k
+    held-out equations per group, never trained on, as (id, group, token ids)."""
+    out = []
+    for g, op in enumerate(data.groups):
+        rows = torch.nonzero(data.test.group_B == g).flatten()[: per_group * k]
+        for j in range(len(rows) // k):
+            ids = data.test.ids_B5[rows[j * k:(j + 1) * k]].reshape(-1).tolist()
+            out.append((f"{op}:fresh{j}", op, ids))
+    return out
+
+
 def build(cfg: BenchConfig):
     torch.manual_seed(cfg.seed)
     if cfg.equations_per_sample > 1 and not cfg.route_all_positions:
@@ -153,6 +165,7 @@ def train(cfg: BenchConfig, *, endpoint: Optional[str] = None, run: str = "grokk
                         probe_size=cfg.probe_size_per_group * len(cfg.groups), probe_fn=answer_loss,
                         max_docs_per_sample=1)
         model.monitor = mon
+        mon.probe_fresh(fresh_documents(data, cfg.probe_size_per_group, cfg.equations_per_sample))
     ids, sids = data.samples.ids_NW, data.samples.sample_ids
     groups = [cfg.groups[g] for g in data.samples.group_N.tolist()]
     targets = answers(ids)

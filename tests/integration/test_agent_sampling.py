@@ -94,6 +94,28 @@ def test_probe_reruns_seen_samples_with_their_loss(sink):
     assert model.training  # the probe restores train mode
 
 
+def test_fresh_documents_ride_each_probe_round_after_the_training_samples_under_their_own_label(sink):
+    """METRICS.md §6: the fresh (never trained) documents a user hands probe_fresh() are routed every
+    round, after the round's training samples, as FRESH_PREFIX + group, with their loss."""
+    from grokwatch.wire import FRESH_PREFIX
+
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "fresh", every_n_steps=1, max_samples_per_step=2, probe_every_n_steps=2,
+                    probe_size=2)
+    mon.probe_fresh([(f"new{i}", "g", torch.randint(0, VOCAB, (6,)).tolist()) for i in range(3)])
+    for step in range(4):
+        ids = torch.randint(0, VOCAB, (2, 8))
+        run_one_step(model, mon, ids, ids=[f"s{step}a", f"s{step}b"], groups=["g", "g"])
+    mon.close()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, Routing) and m.source == "probe"]) >= 4)
+    for step in (2, 4):
+        msgs = [m for m in sink.routing("probe") if m.step == step]
+        order = [(sid, grp) for m in msgs for sid, grp in zip(m.sample_ids, m.groups)]
+        assert order[:2] == [("s0a", "g"), ("s0b", "g")]  # the training samples first
+        assert order[2:] == [(f"new{i}", FRESH_PREFIX + "g") for i in range(3)]
+        assert all(m.loss_N is not None for m in msgs)
+
+
 def test_pause_removes_every_hook_and_resume_restores_them(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "pause", every_n_steps=1)

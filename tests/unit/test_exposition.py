@@ -36,7 +36,8 @@ def fixed_state() -> State:
     messages = [make_hello(num_layers=3, num_experts=4, top_k=2, world_size=2)]
     for seq in range(1, 7):
         messages.append(make_routing(rng=rng, seq=seq, step=10 * seq, n=3, num_layers=3, num_experts=4, top_k=2,
-                                     groups=("math", "code", "math"), concentration=0.5))
+                                     groups=("math", "code", "math"), concentration=0.5,
+                                     sample_ids=[f"m{seq}-{i}" for i in range(3)]))  # new samples each step
     messages += [make_eval(seq=7, step=60, scores={"math": 0.25}),
                  make_heartbeat(seq=8, messages_sent=9, messages_dropped={"queue_full": 1})]
     for msg in messages:

@@ -572,3 +572,60 @@ def test_points_journal_pathway_length_mean_routing_entropy_and_layer_distances(
         exp = [reference.levenshtein(paths[i][1][layer], paths[j][1][layer]) for i in new for j in list(old) + [
             k for k in new if k < i]]
         assert last["distance_layers"][layer] == pytest.approx(np.mean(exp))
+
+
+def _round(state, seq, step, groups_ids, probs, losses):
+    msg = make_routing(seq=seq, n=len(groups_ids), num_layers=probs.shape[1], num_experts=probs.shape[2], step=step,
+                       source="probe", sample_ids=[sid for _, sid in groups_ids],
+                       groups=tuple(g for g, _ in groups_ids), loss=True)
+    state.handle(dataclasses.replace(msg, mean_probs_NLE=probs.astype(np.float32),
+                                     loss_N=np.asarray(losses, np.float32)))
+
+
+def test_transfer_metric_and_fresh_loss_gap_equal_the_all_pairs_reference_per_round():
+    """METRICS.md §6 live: per group and probe round, E = 2·D(train, fresh) − D(train, train) − D(fresh,
+    fresh) over distinct pairs of the round (normalized pathway distances), its permutation z, and the
+    fresh-loss gap, from the training samples and the fresh@ documents of the round."""
+    from grokwatch.collector.transfer import discrepancy
+    from grokwatch.wire import FRESH_PREFIX
+
+    state, records = new_state(comparisons_per_sample=16, window_samples=256)
+    rng = np.random.default_rng(2)
+    L, E = 3, 8
+    for rnd in range(3):
+        train = rng.dirichlet(np.full(E, 0.3), size=(6, L))
+        fresh = rng.dirichlet(np.full(E, 0.3), size=(5, L))
+        tl, fl = rng.uniform(0, 1, 6), rng.uniform(2, 3, 5)
+        step = 100 * (rnd + 1)
+        _round(state, 2 * rnd + 1, step, [("math", f"t{i}") for i in range(6)], train, tl)
+        _round(state, 2 * rnd + 2, step, [(FRESH_PREFIX + "math", f"f{i}") for i in range(5)], fresh, fl)
+        paths = [reference.pathway_symbols(reference.pathway_layers(p, 0.7), E) for p in np.concatenate([train, fresh])]
+        D = np.array([[reference.normalized_distance(reference.levenshtein(a, b), len(a), len(b)) for b in paths]
+                      for a in paths])
+        want = discrepancy(D, np.arange(6), np.arange(6, 11))
+        got = [r for r in records if r["kind"] == "transfer" and r["step"] == step][-1]
+        assert got["group"] == "math" and got["transfer_train"] == 6 and got["transfer_fresh"] == 5
+        assert got["transfer"] == pytest.approx(want, abs=1e-6)
+        assert got["fresh_loss_gap"] == pytest.approx(fl.mean() - tl.mean(), abs=1e-5)
+        assert got["transfer_z"] is not None
+    stream = state.streams[("run-a", "probe")]
+    assert not stream.eligible_G[stream.index[FRESH_PREFIX + "math"]]  # not in the cross-group baseline
+    assert FRESH_PREFIX + "math" not in stream.phases  # no phase of its own
+    assert all(not str(r.get("group", "")).startswith("mem@" + FRESH_PREFIX) for r in records)
+
+
+def test_transfer_z_is_null_when_fresh_documents_route_like_training_ones_and_large_when_not():
+    from grokwatch.wire import FRESH_PREFIX
+
+    L, E = 4, 16
+    zs = {}
+    for case in ("alike", "apart"):
+        state, records = new_state(comparisons_per_sample=16, window_samples=256)
+        rng = np.random.default_rng(7)
+        experts = rng.integers(0, 8, size=40)  # training documents use experts 0..7
+        fresh = rng.integers(0, 8, size=40) if case == "alike" else rng.integers(8, 16, size=40)
+        _round(state, 1, 100, [("math", f"t{i}") for i in range(40)], _peaked(experts, L, E), np.zeros(40))
+        _round(state, 2, 100, [(FRESH_PREFIX + "math", f"f{i}") for i in range(40)], _peaked(fresh, L, E),
+               np.zeros(40))
+        zs[case] = [r for r in records if r["kind"] == "transfer"][-1]["transfer_z"]
+    assert abs(zs["alike"]) < 3.5 and zs["apart"] > 10
