@@ -87,6 +87,10 @@ class Senders:
             if len(self.records) >= MAX_SENDERS:
                 self._retire_oldest()
             info = self.records[sender] = Sender(run=run, rank=rank, seen=now)
+            # An unknown sender's first number is its baseline (issue 29): a collector without its history (no
+            # state dir, a rescheduled pod, an upgrade) cannot tell a gap from the messages it never knew of,
+            # and an agent past max_jump messages would otherwise be rejected as sequence_jump for ever.
+            info.last_seq = seq - 1
         if seq <= info.last_seq:
             raise SequenceError("duplicate")
         gap = seq - info.last_seq - 1

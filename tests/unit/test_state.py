@@ -629,3 +629,15 @@ def test_transfer_z_is_null_when_fresh_documents_route_like_training_ones_and_la
                np.zeros(40))
         zs[case] = [r for r in records if r["kind"] == "transfer"][-1]["transfer_z"]
     assert abs(zs["alike"]) < 3.5 and zs["apart"] > 10
+
+
+def test_an_unknown_senders_first_number_is_its_baseline_so_a_long_running_agent_survives_a_lost_state():
+    """Issue 29: an agent past max_sequence_jump messages meeting a collector without its history was
+    rejected as sequence_jump for ever. Its first number is now the baseline: nothing lost, then gaps count."""
+    state, _ = new_state(max_sequence_jump=1000)
+    for seq in (2_000_000, 2_000_001, 2_000_003):
+        state.handle(make_routing(seq=seq, n=2, sample_ids=[f"s{seq}-0", f"s{seq}-1"]))
+    assert state.rejected_total.get("sequence_jump", 0) == 0
+    assert state.lost_total == 1 and state.samples_total == 6
+    with pytest.raises(Rejected, match="sequence_jump"):  # a forged jump from a known sender is still refused
+        state.handle(make_routing(seq=2_000_003 + 10_000, n=1))
