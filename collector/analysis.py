@@ -45,7 +45,7 @@ METRIC_TITLES = {
 }
 DERIVED = {"distance_vs_cross": PHASE_DISTANCES["vs_cross"],  # a / b, per step
            "normalized_vs_cross": PHASE_DISTANCES["normalized_vs_cross"]}
-assert set(SERIES_KEYS) >= {k for k in METRICS if k not in DERIVED}  # what a chart plots, a point carries
+assert set(SERIES_KEYS) >= {k for k in METRICS if k not in DERIVED and k not in TRANSFER_KEYS}  # a point carries the rest
 
 
 @dataclass

@@ -120,7 +120,7 @@ class CollectorConfig:
     # ... and at most ln 2 × this (issue 27): a loss averaged over a sample's answers can sit under a tenth of
     # its first level while a fifth of them are wrong; a mean token loss ≤ w·ln 2 leaves at most a share w
     # of tokens whose loss reaches ln 2 (Markov) — every other token has p > 1/2, so its argmax is right.
-    phase_loss_max_wrong: float = 0.05
+    phase_loss_max_wrong: float = 0.2
     phase_alpha: float = 0.001
     phase_distance_rel_tol: float = 0.03
     phase_consistency_abs_tol: float = math.inf

@@ -68,7 +68,7 @@ class PhaseConfig:
     loss_abs_tol: float = 0.05  # nats over the window: smaller changes count as flat
     loss_rel_tol: float = 0.05  # ... or this fraction of the window's median loss, whichever is larger
     loss_low_ratio: float = 0.1  # "low" without a configured ε: at most this fraction of the first loss level
-    loss_max_wrong: float = 0.05  # ... and at most ln 2 × this (Markov: at most this share of tokens unlearned)
+    loss_max_wrong: float = 0.2  # ... and at most ln 2 × this (Markov: at most this share of tokens unlearned)
     alpha: float = 0.001  # one-sided false-alarm rate of one evaluation's trend test (bench/phase_null.py)
     distance_rel_tol: float = 0.03  # effect-size floor: relative fall of the watched distance over the window
     consistency_abs_tol: float = math.inf  # rise of 1 - C over the window (inf: consistency ignored)
