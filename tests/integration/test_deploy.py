@@ -187,8 +187,8 @@ class Traffic(threading.Thread):
 
 
 # Dashboard panels that the traffic above must fill (the others need the probe, an onset or a fault).
-FILLED = {"Phase per group", "Pathway distance within groups vs the cross-group baseline", "Distance over the baseline",
-          "Held-out score (your eval)", "Distance per layer", "Adjacent-layer cosine",
+FILLED = {"Phase per group (experimental)", "Pathway distance within groups vs the cross-group baseline (experimental)",
+          "Distance over the baseline (experimental)", "Held-out score (your eval)", "Distance per layer (experimental)", "Adjacent-layer cosine (experimental)",
           "Expert load imbalance (max over groups)", "Dead experts (max over groups)",
           "Routing entropy ratio (mean over groups)", "Expert load CV (mean over groups)",
           "Distinct pathways per group",

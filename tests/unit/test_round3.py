@@ -270,3 +270,23 @@ def test_the_shipped_detector_runs_over_probe_points_and_the_gate_reads_a_pilot(
     assert det["crossings"] == 3 and det["false_onsets"] == []  # a global fall is no onset
     g = ana.gate(runs[0], budget_steps=10000, memorize_by=1500)
     assert g["pass"] and g["memorized"]["add"] == 800
+
+
+@pytest.mark.slow
+def test_the_gpu_groundtruth_script_runs_in_miniature_on_the_cpu(tmp_path):
+    """bench/gpu_groundtruth.sh as a task with a device would run it, in miniature (MINI=1: the CPU, a few
+    steps): three seeds and the null run side by side, their logs, then the analysis over them."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, MINI="1", OUT=str(tmp_path), PY=sys.executable, STEPS="20", PROBE="10")
+    done = subprocess.run(["bash", "bench/gpu_groundtruth.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for name in ("seed0", "seed1", "seed2", "null"):
+        lines = (tmp_path / f"r3-gpu-{name}.jsonl").read_text().splitlines()
+        assert len(lines) == 1 + 3  # the config, then probe steps 0, 10, 20
+        assert f"{name}: exit 0 after 3 probe steps" in done.stdout
+    assert (tmp_path / "r3-gpu-analysis.json").exists() and "| metric |" in done.stdout
