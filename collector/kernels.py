@@ -223,6 +223,20 @@ def _cosines(cos_J, defined, min_max_cosine):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _latest_before(win, g, step):
+    """The latest step before ``step`` held by the other eligible groups' windows (-1: none)."""
+    filled_G, eligible_G, step_GW = win.filled_G, win.eligible_G, win.step_GW
+    best = -1
+    for h in range(filled_G.shape[0]):
+        if h != g and eligible_G[h]:
+            for slot in range(filled_G[h]):
+                s = step_GW[h, slot]
+                if s < step and s > best:
+                    best = s
+    return best
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _eligible(id_W, step_W, filled, sid, step, same_round, out_W):
     """METRICS.md §1: a pair is two distinct samples (never a copy of the same id), of one probe round
     (the same step) for the probe and replay sources. Writes the eligible slots of one group's window
@@ -272,6 +286,17 @@ def _cross_pairs(a_len, c_len, g, ux_P, win, scratch, params, baseline, st, pick
             for j in range(total, total + e):
                 xgroup_X[j] = h
             total += e
+    if total == 0 and same_round:
+        # The first group of a probe round finds no other group's sample of its round yet: its baseline
+        # compares with the other groups' latest earlier round (else it would never have one).
+        prev = _latest_before(win, g, step)
+        if prev >= 0:
+            for h in range(G):
+                if h != g and eligible_G[h]:
+                    e = _eligible(id_GW[h], step_GW[h], filled_G[h], sid, prev, same_round, xslot_X[total:])
+                    for j in range(total, total + e):
+                        xgroup_X[j] = h
+                    total += e
     if total == 0:
         return
     for p in range(m):

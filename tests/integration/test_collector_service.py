@@ -23,7 +23,8 @@ def collector(tmp_path):
 
 def test_metrics_equal_reference_of_what_was_sent(collector):
     rng = np.random.default_rng(1)
-    msgs = [make_hello()] + [make_routing(rng=rng, seq=i + 1, n=3, step=i * 5, concentration=0.3) for i in range(4)]
+    msgs = [make_hello()] + [make_routing(rng=rng, seq=i + 1, n=3, step=i * 5, concentration=0.3,
+                                          sample_ids=[f"m{i}-{k}" for k in range(3)]) for i in range(4)]  # new samples
     send_all(collector, msgs + [make_eval(seq=9, step=15), make_heartbeat(seq=10)])
     s = scrape(collector.metrics_port)
     paths = []

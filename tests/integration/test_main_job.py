@@ -103,7 +103,8 @@ def test_replay_of_saved_checkpoints_and_correlate(job, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].split()[:4] == ["run", "group", "metric", "n"]
     assert any(" add " in line and "pathway distance" in line for line in lines)
-    n_column = [int(line.split()[-6]) for line in lines[1:] if "pathway distance" in line]
+    n_at = len(lines[0].split()) - lines[0].split().index("n")  # from the right: the metric's title has spaces
+    n_column = [int(line.split()[-n_at]) for line in lines[1:] if "pathway distance" in line]
     assert n_column and all(n == len(ckpts) for n in n_column)
 
 

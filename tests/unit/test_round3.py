@@ -269,7 +269,7 @@ def test_the_shipped_detector_runs_over_probe_points_and_the_gate_reads_a_pilot(
     det = ana.t4(runs, [])
     assert det["crossings"] == 3 and det["false_onsets"] == []  # a global fall is no onset
     g = ana.gate(runs[0], budget_steps=10000, memorize_by=1500)
-    assert g["pass"] and g["memorized"]["add"] == 800
+    assert g["pass"] and g["memorized"]["add"] == 600  # training accuracy 0.75 of its ramp to 1 at 800
 
 
 @pytest.mark.slow

@@ -539,7 +539,7 @@ def test_train_pairs_exclude_the_same_sample_seen_again_but_compare_across_steps
     assert h.count == 9 and h.sum == 9 * 3
 
 
-def test_cross_group_probe_pairs_stay_within_the_round():
+def test_cross_group_probe_pairs_stay_within_the_round_or_the_last_one():
     state, _ = new_state(comparisons_per_sample=8)
     L, E = 3, 8
     for rnd, k in ((1, 0), (2, 1)):
@@ -549,9 +549,9 @@ def test_cross_group_probe_pairs_stay_within_the_round():
             # round 1: every sample on expert 0; round 2: math on expert 1, code on expert 1
             state.handle(dataclasses.replace(msg, mean_probs_NLE=_peaked([k, k], L, E)))
     cross = state.streams[("run-a", "probe")].cross.hist["distance"]
-    # code's samples draw from math's same-round slots only: identical pathways, distance 0 (an old-round
-    # slot would be 3 edits away)
-    assert cross.count == 2 * 2 * 8 and cross.sum == 0
+    # code's samples draw from math's same-round slots only: identical pathways, distance 0. Math, first in
+    # round 2, finds no code sample of its round: its baseline takes code's latest round (1), 3 edits away.
+    assert cross.count == 2 * 2 * 8 + 2 * 8 and cross.sum == 2 * 8 * 3
 
 
 def test_points_journal_pathway_length_mean_routing_entropy_and_layer_distances():
