@@ -53,6 +53,15 @@ def _parameter_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _fork_handler(ref: "weakref.ref[Monitor]"):
+    """What a forked child runs for the monitor behind ``ref``, if it still exists."""
+    def after_in_child() -> None:
+        mon = ref()
+        if mon is not None:
+            mon._after_fork()
+    return after_in_child
+
+
 class Monitor:
     """Returned by ``attach``. Public: tag, step, log_loss, log_eval, record, run_probe, pause, resume, close,
     stats; ``capture`` is its hooks' state (capture.py)."""
@@ -126,7 +135,9 @@ class Monitor:
         self._step_handle = torch_optimizer.register_optimizer_step_post_hook(
             self.faults.guard(self._on_optimizer_step))
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._after_fork)
+            # Through a weak reference: a fork handler cannot be unregistered, and a bound method would keep a
+            # closed monitor, and its model, alive for the life of the process (issue 29).
+            os.register_at_fork(after_in_child=_fork_handler(weakref.ref(self)))
         self._pid = os.getpid()
         _open_monitors.add(self)
 

@@ -342,3 +342,20 @@ def test_a_script_that_dies_without_close_still_flushes_what_it_summarized(sink)
     assert [m.step for m in sink.routing()] == [0, 1, 2]
     [beat] = [m for m in sink.messages if isinstance(m, Heartbeat)]
     assert beat.messages_sent == 4 and not beat.disabled  # the hello and three summaries
+
+
+def test_a_closed_and_deleted_monitor_frees_its_model(sink):
+    """Issue 29: the fork handler held the monitor's bound method for the life of the process, and with it
+    the model (+135 MB for three closed tiny models). It holds a weak reference now."""
+    import gc
+    import weakref
+
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "freed", every_n_steps=1)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    mon.close()
+    alive = weakref.ref(model)
+    del model, mon
+    gc.collect()
+    assert alive() is None
