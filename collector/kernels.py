@@ -272,31 +272,35 @@ def _within_picks(u_P, g, filled, picks, elig_W, win, sid, step, same_round):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _cross_pairs(a_len, c_len, g, ux_P, win, scratch, params, baseline, st, picks, xpicks, xowner, xslot_X,
-                 xgroup_X, sid, step, same_round, msg_layer_sum_L, msg_layer_n_L):
-    """The cross-group baseline of a sample of group g: m slots drawn over the other eligible groups'
-    windows (all their eligible slots alike, ``_slot_ok``), compared group by group."""
+def _other_slots(win, g, sid, step, same_round, xslot_X, xgroup_X):
+    """The eligible slots (``_eligible``) of every other eligible group, as (group, slot) pairs into
+    ``xgroup_X``/``xslot_X``; returns their number."""
     filled_G, eligible_G, id_GW, step_GW = win.filled_G, win.eligible_G, win.id_GW, win.step_GW
-    G = filled_G.shape[0]
-    m = ux_P.shape[0]
     total = 0
-    for h in range(G):
+    for h in range(filled_G.shape[0]):
         if h != g and eligible_G[h]:
             e = _eligible(id_GW[h], step_GW[h], filled_G[h], sid, step, same_round, xslot_X[total:])
             for j in range(total, total + e):
                 xgroup_X[j] = h
             total += e
+    return total
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cross_pairs(a_len, c_len, g, ux_P, win, scratch, params, baseline, st, picks, xpicks, xowner, xslot_X,
+                 xgroup_X, sid, step, same_round, msg_layer_sum_L, msg_layer_n_L):
+    """The cross-group baseline of a sample of group g: m slots drawn over the other eligible groups'
+    windows (all their eligible slots alike, ``_eligible``), compared group by group."""
+    filled_G = win.filled_G
+    G = filled_G.shape[0]
+    m = ux_P.shape[0]
+    total = _other_slots(win, g, sid, step, same_round, xslot_X, xgroup_X)
     if total == 0 and same_round:
         # The first group of a probe round finds no other group's sample of its round yet: its baseline
         # compares with the other groups' latest earlier round (else it would never have one).
         prev = _latest_before(win, g, step)
         if prev >= 0:
-            for h in range(G):
-                if h != g and eligible_G[h]:
-                    e = _eligible(id_GW[h], step_GW[h], filled_G[h], sid, prev, same_round, xslot_X[total:])
-                    for j in range(total, total + e):
-                        xgroup_X[j] = h
-                    total += e
+            total = _other_slots(win, g, sid, prev, same_round, xslot_X, xgroup_X)
     if total == 0:
         return
     for p in range(m):
