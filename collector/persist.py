@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ JOURNAL_NAME = "journal.jsonl"
 SNAPSHOT_VERSION = 2
 
 
-PERSIST_ERRORS = ("snapshot_write", "snapshot_read", "journal_write", "wal_write")  # grokwatch_collector_persist_errors_total{what}
+PERSIST_ERRORS = ("snapshot_write", "snapshot_read", "journal_write", "wal_write", "wal_read")  # grokwatch_collector_persist_errors_total{what}
 
 class SnapshotError(Exception):
     """A snapshot that is not this collector's, or cannot be read."""
@@ -242,20 +241,41 @@ def check_writable(state_dir: str) -> None:
 
 
 class Journal:
-    """Append-only JSON lines, rotated at a size bound. Thread-safe."""
+    """Append-only JSON lines, rotated at a size bound. Thread-safe. Each line is one unbuffered append,
+    written whole or cut back (collector/wal.py's ``_write_whole``): a disk that fills mid-line leaves no torn
+    line, and a SIGKILL loses no line already written. A journal that could not open its file (no
+    descriptors, no inodes) counts each line it could not write and opens again once a second has passed."""
 
-    def __init__(self, state_dir: str, max_bytes: int, on_error: Callable[[str], None] = lambda what: None):
+    def __init__(self, state_dir: str, max_bytes: int, on_error: Callable[[str], None] = lambda what: None,
+                 clock: Callable[[], float] = time.monotonic):
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, JOURNAL_NAME)
         self.max_bytes = max_bytes
         self.on_error = on_error
-        self._logged_error = False
+        self.clock = clock
+        self.failing = 0  # writes failed in a row (0: writing)
         self._lock = threading.Lock()
-        self._fh = open(self.path, "a", encoding="utf-8")
-        self._size = self._fh.tell()
-        if self._size and not self._ends_with_newline():
-            self._fh.write("\n")  # a line torn by a kill: end it, so that the next line stays whole
-            self._size += 1
+        self._fd: Optional[int] = None
+        self._retry_at = 0.0
+        self._size = 0
+        self._open()  # at start-up an OSError is raised: the collector cannot start without its state dir
+
+    @property
+    def healthy(self) -> bool:
+        return self.failing == 0
+
+    def _open(self) -> None:
+        from grokwatch.collector.wal import _write_whole
+
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and not self._ends_with_newline():
+                size = _write_whole(fd, b"\n", size)  # a line torn by a kill: end it, so that the next stays whole
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._size = fd, size
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as fh:
@@ -263,51 +283,63 @@ class Journal:
             return fh.read(1) == b"\n"
 
     def __call__(self, record: dict) -> None:
-        """Never raises: a write that fails (a full disk) is counted (``journal_write``) and logged once;
-        the message it belongs to is still processed and counted as processed."""
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
-        with self._guarded():
-            if self._size + len(line) > self.max_bytes:
-                self._rotate()
-            self._fh.write(line)
-            self._size += len(line)
+        """Never raises: a write that fails (a full disk) is counted (``journal_write``) and logged once per
+        outage; the message it belongs to is still processed and counted as processed."""
+        from grokwatch.collector.wal import _write_whole
 
-    @contextlib.contextmanager
-    def _guarded(self) -> Iterator[None]:
-        """Under this journal's lock; a failed write (ValueError: the file was closed by a failed rotation)
-        is counted once the lock is released."""
-        failure = None
+        try:
+            line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        except (TypeError, ValueError) as exc:
+            self._failed(exc)
+            return
+        failure, recovered = None, 0
         with self._lock:
             try:
-                yield
-            except (OSError, ValueError) as exc:
+                if self._fd is not None and self._size + len(line) > self.max_bytes:
+                    self._rotate()
+                if self._fd is None:
+                    if self.clock() < self._retry_at:
+                        raise OSError("the journal has no open file (it could not open one)")
+                    self._open()
+                assert self._fd is not None
+                self._size = _write_whole(self._fd, line, self._size)
+                recovered, self.failing = self.failing, 0
+            except OSError as exc:
                 failure = exc
+                self.failing += 1
+                if self._fd is None:
+                    self._retry_at = self.clock() + 1.0
         if failure is not None:
             self._failed(failure)
+        elif recovered:
+            log.warning("journal %s: writing again after %d failed writes", self.path, recovered)
 
     def _failed(self, exc: Exception) -> None:
         """Count and log a failed write, never under this journal's lock: the counter takes the state's lock,
         which a message being journaled holds while it waits for this one (lock order: State, then Journal)."""
         self.on_error("journal_write")
-        if not self._logged_error:
-            self._logged_error = True
+        if self.failing <= 1:
             log.warning("journal %s: write failed (%s); counted in "
-                        "grokwatch_collector_persist_errors_total{what=\"journal_write\"}, logged once",
-                        self.path, exc)
+                        "grokwatch_collector_persist_errors_total{what=\"journal_write\"}, logged once until it "
+                        "writes again", self.path, exc)
 
     def _rotate(self) -> None:
-        self._fh.close()
+        """The current file becomes ``journal.1.jsonl`` and a new one is opened; should the open fail, the
+        journal writes nothing (counted) until it can open one."""
+        assert self._fd is not None
         os.replace(self.path, self.path.replace(".jsonl", ".1.jsonl"))
-        self._fh = open(self.path, "a", encoding="utf-8")
-        self._size = 0
+        os.close(self._fd)
+        self._fd = None
+        self._open()
 
     def flush(self) -> None:
-        with self._guarded():
-            self._fh.flush()
+        """Every line is written when it is appended: nothing is buffered here."""
 
     def close(self) -> None:
-        with self._guarded():
-            self._fh.close()  # flushes: on a full disk this is where the last lines fail
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def read_journal(state_dir: str) -> Iterator[dict]:

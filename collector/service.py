@@ -32,6 +32,7 @@ log = logging.getLogger("grokwatch.collector")
 # The process beside its pathway state: Python, Numba's compiled kernels, the HTTP server, the journal's
 # buffers (a fresh collector is ~155 MiB; docs/collector.md, "Memory bound").
 BASE_MEMORY_MB = 256
+SNAPSHOT_RETRY_S = 5.0  # a failed snapshot (a full disk) is tried again this soon, whatever the interval
 CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
@@ -65,6 +66,24 @@ def check_memory(config: CollectorConfig, limit_mb: Optional[int]) -> None:
                           f"{config.max_memory_mb} + queue_max_bytes {config.queue_max_bytes // 2**20} MiB + "
                           f"{BASE_MEMORY_MB} MiB), over the container's memory limit of {limit_mb} MiB: "
                           "lower max_memory_mb or queue_max_bytes, or raise the limit")
+
+
+RECEIVE_DROP_REASONS = ("too_large", "queue_full")  # the reasons Ingest._accept drops a message for
+
+
+def _drop_record(payload: bytes) -> Optional[tuple[str, Optional[tuple[str, int]]]]:
+    """(reason, (sender, seq) or None) of a write-ahead drop record, or None where it is not one."""
+    try:
+        reason, sender, seq = json.loads(payload)
+    except (ValueError, TypeError):
+        return None
+    if reason not in RECEIVE_DROP_REASONS:
+        return None
+    if sender is None and seq is None:
+        return reason, None
+    if isinstance(sender, str) and isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63:
+        return reason, (sender, seq)
+    return None
 
 
 class Collector:
@@ -132,15 +151,20 @@ class Collector:
         clock, replayed, last = self.state.clock, 0, max(applied_m, applied_d)
         limits = Limits(max_message_bytes=self.config.max_message_bytes)
         try:
-            for kind, index, t, payload in wal.read(state_dir):
+            for kind, index, t, payload in wal.read(state_dir, on_bad=self.state.count_persist_error):
                 last = max(last, index)
                 if kind == wal.MESSAGE and index > applied_m:
                     self.state.clock = lambda t=t: t  # judged (stale, idle runs) as when it arrived
                     self.state.apply(payload, limits, index)
                     replayed += 1
                 elif kind == wal.DROP and index > applied_d:
-                    reason, sender, seq = json.loads(payload)
-                    self.state.count_drop(reason, (sender, seq) if sender is not None else None, index)
+                    drop = _drop_record(payload)
+                    if drop is None:  # intact but not a drop this collector writes (a crafted file)
+                        log.error("write-ahead log: drop record %d is malformed; not replayed", index)
+                        self.state.count_persist_error("wal_read")
+                        continue
+                    reason, sequence = drop
+                    self.state.count_drop(reason, sequence, index)
                     replayed += 1
         finally:
             self.state.clock = clock
@@ -169,7 +193,8 @@ class Collector:
         if self.config.state_dir:
             next_index = self._replay(self.config.state_dir)
             self.wal = WriteAheadLog(self.config.state_dir, next_index, self.config.wal_max_bytes,
-                                     on_error=self.state.count_persist_error, on_full=self._snapshot_now.set)
+                                     on_error=self.state.count_persist_error, on_full=self._snapshot_now.set,
+                                     on_recovered=self._snapshot_now.set)
             try:
                 self.snapshot()  # holds the replay: the old generations can go
                 self.wal.discard_replayed()
@@ -223,22 +248,25 @@ class Collector:
             self.wal.trim(*applied)
 
     def _snapshot_loop(self) -> None:
+        wait_s = self.config.snapshot_interval_s
         while not self._stop.is_set():
-            self._snapshot_now.wait(self.config.snapshot_interval_s)
+            self._snapshot_now.wait(wait_s)
             self._snapshot_now.clear()
             if self._stop.is_set():
                 break
             try:
                 self.snapshot()
-            except OSError as exc:
-                log.warning("snapshot failed (%s); counted, will retry", exc)
-            except Exception:
-                log.exception("snapshot failed; will retry")
+                wait_s = self.config.snapshot_interval_s
+            except Exception as exc:  # OSError: a full disk, no inodes; counted in snapshot()
+                wait_s = min(self.config.snapshot_interval_s, SNAPSHOT_RETRY_S)
+                log.warning("snapshot failed (%s: %s); counted, retried in %.0f s", type(exc).__name__, exc, wait_s)
 
     def stop(self) -> None:
         self.ready = False
         self._stop.set()
         self._snapshot_now.set()
+        if self._snapshot_thread is not None:  # one snapshot at a time: both would write the same temp file
+            self._snapshot_thread.join()
         if self.ingest:
             self.ingest.stop()
         try:

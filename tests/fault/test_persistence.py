@@ -17,7 +17,7 @@ import pytest
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.persist import MAGIC, SNAPSHOT_NAME, SNAPSHOT_VERSION, Journal, load_snapshot_bytes
 from grokwatch.collector.state import State
-from grokwatch.collector.wal import WriteAheadLog
+from grokwatch.collector.wal import FILE_MAGIC, WriteAheadLog
 from grokwatch.wire import encode
 from helpers import Pusher, scrape, scrape_text, start_collector, value, wait_until
 from wire_factories import make_hello, make_routing
@@ -140,10 +140,9 @@ def test_a_full_disk_is_counted_as_persist_errors_not_rejections_and_leaves_no_t
     c = start_collector(tmp_path)
     try:
         state_dir = tmp_path / "state"
-        c.journal._fh.close()
-        os.remove(state_dir / "journal.jsonl")
-        os.symlink("/dev/full", state_dir / "journal.jsonl")
-        c.journal._fh = open(state_dir / "journal.jsonl", "a", encoding="utf-8", buffering=1)  # line-buffered
+        assert c.journal._fd is not None
+        os.close(c.journal._fd)
+        c.journal._fd = os.open("/dev/full", os.O_WRONLY)  # the journal's disk is full
         os.symlink("/dev/full", state_dir / (SNAPSHOT_NAME + ".tmp"))  # the snapshot's temp file: the disk is full
         with_pusher(c, [make_hello(seq=0)] + [make_routing(seq=i, n=2, step=i) for i in range(1, 6)])
         wait_until(lambda: c.state.samples_total == 10)
@@ -192,8 +191,8 @@ def test_a_journal_that_fails_on_a_full_disk_never_deadlocks_with_a_message_bein
     state = State(CollectorConfig())
     os.symlink("/dev/full", tmp_path / "journal.jsonl")
     journal = Journal(str(tmp_path), 1 << 20, on_error=state.count_persist_error)
-    journal({"kind": "point"})  # buffered: the disk is found full at the flush
-    ended = _while_the_state_lock_is_held(state, then=lambda: journal({"kind": "point"}), fail=journal.flush)
+    ended = _while_the_state_lock_is_held(state, then=lambda: journal({"kind": "point"}),
+                                          fail=lambda: journal({"kind": "point"}))
     assert ended == (True, True)
     assert state.persist_errors["journal_write"] >= 1
 
@@ -266,9 +265,9 @@ def test_a_snapshot_trims_the_write_ahead_log_it_covers(tmp_path):
         with_pusher(c, [make_hello(seq=0)] + [make_routing(seq=i, n=2, step=i) for i in range(1, 20)])
         wait_until(lambda: c.state.samples_total == 38)
         wals = lambda: sorted(p for p in os.listdir(tmp_path / "state") if p.startswith("wal."))  # noqa: E731
-        assert len(wals()) == 1 and os.path.getsize(tmp_path / "state" / wals()[0]) > 0
+        assert len(wals()) == 1 and os.path.getsize(tmp_path / "state" / wals()[0]) > len(FILE_MAGIC)
         c.snapshot()
-        assert len(wals()) == 1 and os.path.getsize(tmp_path / "state" / wals()[0]) == 0  # a new, empty one
+        assert len(wals()) == 1 and os.path.getsize(tmp_path / "state" / wals()[0]) == len(FILE_MAGIC)  # a new one
     finally:
         c.stop()
 
