@@ -129,6 +129,12 @@ class CollectorConfig:
     # normalized ÷ baseline where groups are tagged, normalized where there is one group.
     phase_distance: str = "auto"
     seed: int = 0
+    # Ingest against strangers (docs/reliability.md): a ZeroMQ handshake not done in this time is dropped;
+    # connections past this many are closed as they come (the descriptors left serve /metrics and the state).
+    handshake_timeout_s: float = 10.0
+    max_ingest_connections: int = 8192
+    # A hello's world_size is believed up to this: the senders of a run are bounded by its world size.
+    max_world_size: int = 65536
 
     def phase_config(self):
         from grokwatch.collector.phases import PhaseConfig
@@ -146,8 +152,6 @@ class CollectorConfig:
         for ep in self.listen:
             if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://")):
                 raise ConfigError(f"listen: {ep!r} is not a tcp://, ipc:// or inproc:// endpoint")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port: {self.metrics_port} is not a port number")
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
             raise ConfigError("tls_certfile and tls_keyfile: set both or neither")
         if bool(self.curve_secret_key) != bool(self.curve_allowed_clients):
@@ -161,40 +165,74 @@ class CollectorConfig:
                 load_secret(self.curve_secret_key)
             except KeyError_ as exc:
                 raise ConfigError(f"curve_secret_key: {exc}") from None
-        if not 0.0 < self.pathway_tau <= 1.0:
-            raise ConfigError(f"pathway_tau: {self.pathway_tau} must be in (0, 1]")
         if self.distance_unit not in ("expert", "string"):
             raise ConfigError(f"distance_unit: {self.distance_unit!r} must be 'expert' or 'string'")
         if self.phase_distance not in PHASE_DISTANCE_CHOICES:
             raise ConfigError(f"phase_distance: {self.phase_distance!r} must be one of "
                               f"{', '.join(PHASE_DISTANCE_CHOICES)}")
-        for key in ("load_rank_k", "comparisons_per_sample", "window_samples", "max_groups", "max_runs", "max_memory_mb", "max_layer_experts", "queue_capacity", "queue_max_bytes",
-                    "max_message_bytes", "memorization_consecutive", "memorization_bucket_steps",
-                    "max_probe_samples", "journal_max_bytes", "wal_max_bytes", "phase_window", "phase_patience"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
-        if self.window_samples < 2:
-            raise ConfigError("window_samples: must be at least 2")
-        if not self.run_reshape_quiet_s >= 0:
-            raise ConfigError(f"run_reshape_quiet_s: 0 or more, got {self.run_reshape_quiet_s}")
-        if not self.run_idle_expiry_s >= 0:
-            raise ConfigError(f"run_idle_expiry_s: 0 (never) or more, got {self.run_idle_expiry_s}")
-        if not 0 <= int(self.kernel_workers) <= 64:
-            raise ConfigError(f"kernel_workers: 0 (on the processing thread) to 64, got {self.kernel_workers}")
-        if int(self.max_sequence_jump) < 1:
-            raise ConfigError(f"max_sequence_jump: must be at least 1, got {self.max_sequence_jump}")
-        for key in ("snapshot_interval_s", "max_message_age_s", "memorization_delta", "tensorboard_interval_s"):
-            if not float(getattr(self, key)) > 0:
-                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
-        if not 0.0 < self.phase_alpha < 0.5:  # NaN fails too
-            raise ConfigError(f"phase_alpha: a false-alarm rate in (0, 0.5), got {self.phase_alpha}")
-        if not 0.0 < self.phase_loss_low_ratio <= 1.0:
-            raise ConfigError(f"phase_loss_low_ratio: a fraction in (0, 1], got {self.phase_loss_low_ratio}")
-        if not 0.0 < self.phase_loss_max_wrong <= 1.0:
-            raise ConfigError(f"phase_loss_max_wrong: a fraction in (0, 1], got {self.phase_loss_max_wrong}")
-        for key in ("phase_loss_abs_tol", "phase_loss_rel_tol", "phase_distance_rel_tol", "phase_consistency_abs_tol"):
-            if not float(getattr(self, key)) >= 0:  # NaN fails too
-                raise ConfigError(f"{key}: must be 0 or more (inf: ignore this evidence), got {getattr(self, key)}")
+        for key, bounds in BOUNDS.items():
+            check_bound(key, getattr(self, key), bounds)
+        for group, eps in dict(self.memorization_epsilon).items():
+            check_bound(f"memorization_epsilon.{group}", eps, (0.0, 1e6, "[]"))
+
+
+# Every numeric key's range (lo, hi, which ends are closed; int keys are whole numbers): refused outside it,
+# in one line naming the key, by --check-config and at start alike. NaN is outside every range, infinity
+# outside all but the phase detector's tolerances' (inf: "ignore this evidence"). The upper ends keep each allocation, timer
+# and loop the key drives finite (a snapshot interval of 1e12 s killed the snapshot thread; a comparison
+# count of 1e12 made every message "internal").
+_YEAR_S = 365 * 24 * 3600.0
+BOUNDS: dict[str, tuple] = {
+    "metrics_port": (0, 65535, "[]"),
+    "snapshot_interval_s": (0.1, 86_400.0, "[]"),
+    "tensorboard_interval_s": (0.1, 86_400.0, "[]"),
+    "journal_max_bytes": (256, 1 << 40, "[]"),
+    "wal_max_bytes": (4096, 1 << 40, "[]"),
+    "queue_capacity": (1, 10_000_000, "[]"),
+    "queue_max_bytes": (1, 1 << 38, "[]"),
+    "max_message_bytes": (256, 1 << 29, "[]"),  # twice it is libzmq's frame cap; the log's record limit is 2^30
+    "kernel_workers": (0, 64, "[]"),
+    "max_message_age_s": (0.0, 10 * _YEAR_S, "(]"),
+    "pathway_tau": (0.0, 1.0, "(]"),
+    "comparisons_per_sample": (1, 1024, "[]"),
+    "window_samples": (2, 1 << 20, "[]"),
+    "max_groups": (1, 4096, "[]"),
+    "load_rank_k": (1, 1024, "[]"),
+    "max_runs": (1, 4096, "[]"),
+    "max_memory_mb": (1, 1 << 20, "[]"),
+    "max_layer_experts": (1, 1 << 20, "[]"),
+    "run_idle_expiry_s": (0.0, 10 * _YEAR_S, "[]"),
+    "run_reshape_quiet_s": (0.0, 10 * _YEAR_S, "[]"),
+    "max_sequence_jump": (1, 1 << 62, "[]"),
+    "memorization_delta": (0.0, 1e6, "(]"),
+    "memorization_consecutive": (1, 100_000, "[]"),
+    "memorization_bucket_steps": (1, 1 << 40, "[]"),
+    "max_probe_samples": (1, 100_000_000, "[]"),
+    "phase_window": (1, 100_000, "[]"),
+    "phase_patience": (1, 100_000, "[]"),
+    "phase_loss_abs_tol": (0.0, math.inf, "[]"),
+    "phase_loss_rel_tol": (0.0, math.inf, "[]"),
+    "phase_loss_low_ratio": (0.0, 1.0, "(]"),
+    "phase_loss_max_wrong": (0.0, 1.0, "(]"),
+    "phase_alpha": (0.0, 0.5, "()"),
+    "phase_distance_rel_tol": (0.0, math.inf, "[]"),
+    "phase_consistency_abs_tol": (0.0, math.inf, "[]"),
+    "seed": (0, (1 << 63) - 1, "[]"),
+    "handshake_timeout_s": (0.1, 3600.0, "[]"),
+    "max_ingest_connections": (1, 1_000_000, "[]"),
+    "max_world_size": (1, 1 << 20, "[]"),
+}
+
+
+def check_bound(key: str, value: Any, bounds: tuple) -> None:
+    lo, hi, ends = bounds
+    whole = isinstance(lo, int) and isinstance(hi, int)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: a number is needed, got {value!r}")
+    inside = (lo <= value if ends[0] == "[" else lo < value) and (value <= hi if ends[1] == "]" else value < hi)
+    if not inside or (whole and value != int(value)) or (value != value):  # NaN compares false: refused
+        what = "a whole number" if whole else "a finite number" if math.isfinite(hi) else "a number"
+        raise ConfigError(f"{key}: {what} in {ends[0]}{lo}, {hi}{ends[1]}, got {value!r}")
 
 
 _ENV_PREFIX = "GROKWATCH_"
@@ -221,11 +259,14 @@ def _coerce(key: str, value: Any, target: Any) -> Any:
         if isinstance(target, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         if isinstance(target, int):
-            return int(value)
+            number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else float(str(value))
+            if number != int(number):  # 3.5 is no count (int() would quietly make it 3)
+                raise ValueError("not a whole number")
+            return int(number)
         if isinstance(target, float):
             return float(value)
         return None if value in (None, "") else str(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf)
         raise ConfigError(f"{key}: cannot read {value!r} ({exc})") from None
 
 

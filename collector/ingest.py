@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import resource
+import socket
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -21,13 +23,60 @@ from grokwatch.wire import Limits, peek_sequence
 log = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often the threads look at the stop flag
+RESERVED_DESCRIPTORS = 256  # kept from ingest connections: /metrics, the state directory, libzmq's own
+LOOP_ERROR_LOG_EVERY = 1000  # an unexpected error in a loop is logged the first time, then every this many
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft limit on open descriptors to its hard limit (a collector holds one per
+    agent connection; the usual soft default of 1,024 is exhausted by ~1,000 stalled strangers). Returns
+    the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:  # e.g. above fs.nr_open
+            log.warning("could not raise the descriptor limit from %d to %d: %s", soft, target, exc)
+    return soft
+
+
+def _connection_identity(fd: int) -> Optional[tuple]:
+    """(local address, peer address) of the connection on descriptor ``fd``, or None where ``fd`` is no
+    longer a connected socket. The descriptor is borrowed, never closed."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        return sock.getsockname(), sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+
+
+def _shut(fd: int) -> None:
+    """End the connection on ``fd`` (libzmq sees the end and closes it: a disconnect event follows)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
 
 
 class Ingest:
     def __init__(self, state: State, endpoints: Sequence[str], *, queue_capacity: int, max_message_bytes: int,
                  queue_max_bytes: int = 256 * 1024 * 1024, context: zmq.Context | None = None,
                  curve_secret_key: Optional[str] = None, curve_allowed_clients: Optional[str] = None,
-                 wal=None, kernel_workers: int = 0):
+                 wal=None, kernel_workers: int = 0, handshake_timeout_s: float = 10.0,
+                 max_connections: int = 8192):
         self.state = state
         # collector/pipeline.py: routing kernels on worker threads; 0: on the processing thread
         self.workers = KernelWorkers(state, kernel_workers) if kernel_workers > 0 else None
@@ -63,10 +112,24 @@ class Ingest:
             self.sock.curve_server = True
             self.sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 0)
         # Handshakes refused (a stranger's key, or no CURVE at all) are counted, not silent; so are ended
-        # connections (an agent that exited, or one libzmq dropped for a frame over MAXMSGSIZE).
+        # connections (an agent that exited, or one libzmq dropped for a frame over MAXMSGSIZE). Accepted
+        # connections are tracked by descriptor, so that those past the cap are closed as they come.
         self._monitor = self.sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            | zmq.EVENT_DISCONNECTED)
+            | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
+        # A connection that has not finished its ZMTP greeting (and CURVE handshake) in this time is dropped
+        # by libzmq (a stranger that sends a few bytes and stalls holds a descriptor no longer).
+        self.sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(handshake_timeout_s * 1000)))
+        limit = raise_descriptor_limit()
+        self.max_connections = max(1, min(max_connections, limit - RESERVED_DESCRIPTORS))
+        if self.max_connections < max_connections:
+            log.warning("ingest connections capped at %d (descriptor limit %d, %d kept for /metrics and the "
+                        "state), under max_ingest_connections %d", self.max_connections, limit,
+                        RESERVED_DESCRIPTORS, max_connections)
+        self._connections: dict[int, Optional[tuple]] = {}  # descriptor -> its identity when accepted
+        self._refused: set[int] = set()  # descriptors shut for the cap: their disconnect is not an agent's
+        self._handshake_failed = False  # the last event was a handshake failed with no detail
+        self._cap_logged = 0
         # Frames up to twice max_message_bytes are received and counted as too_large. Beyond, libzmq drops
         # the connection (and what is in flight on it) before we see the frame: a disconnect, and the
         # sender's next message counts the gap in its sequence numbers as lost.
@@ -80,6 +143,13 @@ class Ingest:
         self._stop = threading.Event()
         self._abandon = threading.Event()  # stop now, even with messages queued
         self._threads: list[threading.Thread] = []
+
+    def working(self) -> Optional[str]:
+        """None while both threads run; else what is not working (for /readyz)."""
+        for t in self._threads:
+            if not t.is_alive():
+                return f"ingest thread {t.name} ended"
+        return None if self._threads else "ingest not started"
 
     def queue_stats(self) -> tuple[int, int, int, int]:
         return self.queue.qsize(), self.capacity, self.queued_bytes, self.capacity_bytes
@@ -159,12 +229,53 @@ class Ingest:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.ZMQError:  # zmq.Again: none left
                 return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self.state.count_disconnect()
-            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            kind, value = event["event"], event["value"]  # a descriptor, except an errno for NO_DETAIL
+            if kind == zmq.EVENT_ACCEPTED:
+                self._accepted(value)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                # libzmq's one I/O thread signals a failed handshake and then, at once, its disconnect: the
+                # failure is judged here, where the descriptor tells a connection we shut for the cap.
+                failed, self._handshake_failed = self._handshake_failed, False
+                if value in self._refused:
+                    self._refused.discard(value)
+                else:
+                    self._connections.pop(value, None)
+                    self.state.count_disconnect()
+                    if failed:  # the greeting or handshake timed out (handshake_timeout_s), or the peer left in it
+                        self.state.count_handshake_failure("incomplete")
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.state.count_handshake_failure("auth")
-            else:
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                 self.state.count_handshake_failure("protocol")
+            else:  # no detail
+                self._handshake_failed = True
+            self.state.ingest_connections = len(self._connections)
+
+    def _accepted(self, fd: int) -> None:
+        """A new connection: tracked, or — past the cap — shut at once and counted (``connection_cap``)."""
+        if len(self._connections) >= self.max_connections:
+            # Events can be missed (the monitor's queue is bounded): forget connections whose descriptor no
+            # longer holds the connection accepted on it before refusing anyone.
+            for other, identity in list(self._connections.items()):
+                if identity is None or _connection_identity(other) != identity:
+                    del self._connections[other]
+        if len(self._connections) >= self.max_connections:
+            self._refused.add(fd)
+            _shut(fd)
+            self.state.count_handshake_failure("connection_cap")
+            self._cap_logged += 1
+            if self._cap_logged == 1 or self._cap_logged % 1000 == 0:
+                log.warning("ingest: %d connections open, the cap (max_ingest_connections); closed a new one "
+                            "(%d so far)", self.max_connections, self._cap_logged)
+            return
+        self._refused.discard(fd)
+        self._connections[fd] = _connection_identity(fd)
+
+    def _loop_error(self, where: str, exc: BaseException) -> None:
+        n = self.state.count_loop_error(where)
+        if n == 1 or n % LOOP_ERROR_LOG_EVERY == 0:
+            log.error("%s thread: unexpected %s: %s; counted in grokwatch_collector_loop_errors_total, the thread "
+                      "goes on (%d so far)", where, type(exc).__name__, exc, n, exc_info=n == 1)
 
     def _receive_loop(self) -> None:
         poller = zmq.Poller()
@@ -186,7 +297,9 @@ class Ingest:
             except zmq.ZMQError as exc:
                 if not self._receiving or exc.errno == zmq.ETERM:
                     return
-                log.warning("receive error: %s", exc)
+                self._loop_error("receive", exc)
+            except Exception as exc:  # a bug must not end ingest while /readyz says ready
+                self._loop_error("receive", exc)
 
     def _process_loop(self) -> None:
         while not (self._stop.is_set() and self.queue.empty()) and not self._abandon.is_set():
@@ -194,7 +307,11 @@ class Ingest:
                 index, data = self.queue.get(timeout=POLL_MS / 1000)
             except queue.Empty:
                 continue
-            self.process(data, index)
+            try:
+                self.process(data, index)
+            except Exception as exc:  # State.apply counts its own failures; this is a bug, survived
+                self._release(len(data))
+                self._loop_error("process", exc)
 
     def _release(self, size: int) -> None:
         with self._bytes_lock:

@@ -44,7 +44,7 @@ class Runs:
         self.check_rank(run, rank)
 
     def check_rank(self, run: str, rank: int) -> None:
-        if rank >= self.world_sizes.get(run, 1 << 20):
+        if rank >= self.world_sizes.get(run, 1 << 20):  # declared sizes are capped by max_world_size
             raise Rejected("bad_rank")
 
     def declare_world(self, run: str, world_size: int) -> None:

@@ -8,12 +8,19 @@ not count it again as lost.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from grokwatch.wire import AGENT_DROP_REASONS, Heartbeat
 
-MAX_SENDERS = 4096  # beyond, the longest-quiet sender is retired (its counters kept under its run and rank)
+# Live senders: a run has at most its world size (the largest its hellos declared, capped by max_world_size)
+# — a new sender past it retires the run's longest-quiet one (a restarted agent replaces its dead self). All
+# runs together have at most MAX_SENDERS, a backstop. A retired sender is kept, dormant, with its counters and
+# sequence number: should it speak again it is revived, not counted twice nor as a gap. Past MAX_DORMANT the
+# oldest dormant sender's counters fold into its (run, rank) total.
+MAX_SENDERS = 1 << 16
+MAX_DORMANT = 1 << 16
 MAX_ACCOUNTED_SENDERS = 4096  # senders with dropped-and-counted messages not yet passed by a later one
 MAX_ACCOUNTED_PER_SENDER = 65536
 
@@ -62,8 +69,23 @@ class Senders:
 
     def __init__(self) -> None:
         self.records: dict[str, Sender] = {}
-        self.retired: dict[tuple[str, int], Counters] = {}  # counters of senders retired or forgotten
+        self.retired: dict[tuple[str, int], Counters] = {}  # counters of dormant senders folded away
+        self.dormant: collections.OrderedDict[str, Sender] = collections.OrderedDict()  # retired, oldest first
+        # Live senders by recency (the quietest first), in all and per run: retiring one is O(1).
+        self.order: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.by_run: dict[str, collections.OrderedDict[str, None]] = {}
         self.accounted: dict[str, set[int]] = {}  # sender -> sequence numbers dropped and counted already
+
+    def __setstate__(self, attrs: dict) -> None:
+        """A snapshot from before the dormant table: the live senders counted per run."""
+        self.__dict__.update(attrs)
+        if "dormant" not in attrs:
+            self.dormant = collections.OrderedDict()
+        if "order" not in attrs:
+            self.order, self.by_run = collections.OrderedDict(), {}
+            for sender, info in sorted(self.records.items(), key=lambda kv: kv[1].seen):
+                self.order[sender] = None
+                self.by_run.setdefault(info.run, collections.OrderedDict())[sender] = None
 
     def __getitem__(self, sender: str) -> Sender:
         return self.records[sender]
@@ -77,20 +99,29 @@ class Senders:
     def __len__(self) -> int:
         return len(self.records)
 
-    def sequence(self, sender: str, run: str, rank: int, seq: int, now: float, max_jump: int) -> int:
+    def sequence(self, sender: str, run: str, rank: int, seq: int, now: float, max_jump: int,
+                 run_limit: int = MAX_SENDERS) -> int:
         """Admit ``seq`` from ``sender``; returns the messages lost before it (its gap, less the ones dropped
         and counted already). Raises SequenceError: ``duplicate`` (not beyond the last), ``sequence_jump``
         (more than ``max_jump`` ahead: a forged number would make the sender's later messages duplicates;
-        the last stays, so its real next message is accepted)."""
+        the last stays, so its real next message is accepted). ``run_limit``: the live senders ``run`` may
+        have (its world size)."""
         info = self.records.get(sender)
         if info is None:
+            info = self.dormant.pop(sender, None)  # retired, and back: its history holds
+            while len(self.by_run.get(run, ())) >= max(1, run_limit):
+                self._retire(next(iter(self.by_run[run])))
             if len(self.records) >= MAX_SENDERS:
-                self._retire_oldest()
-            info = self.records[sender] = Sender(run=run, rank=rank, seen=now)
-            # An unknown sender's first number is its baseline (issue 29): a collector without its history (no
-            # state dir, a rescheduled pod, an upgrade) cannot tell a gap from the messages it never knew of,
-            # and an agent past max_jump messages would otherwise be rejected as sequence_jump for ever.
-            info.last_seq = seq - 1
+                self._retire(next(iter(self.order)))
+            if info is None:
+                info = Sender(run=run, rank=rank, seen=now)
+                # An unknown sender's first number is its baseline (issue 29): a collector without its history
+                # (no state dir, a rescheduled pod, an upgrade) cannot tell a gap from the messages it never
+                # knew of, and an agent past max_jump messages would otherwise be rejected as sequence_jump.
+                info.last_seq = seq - 1
+            self.records[sender] = info
+            self.order[sender] = None
+            self.by_run.setdefault(info.run, collections.OrderedDict())[sender] = None
         if seq <= info.last_seq:
             raise SequenceError("duplicate")
         gap = seq - info.last_seq - 1
@@ -105,6 +136,8 @@ class Senders:
                 del self.accounted[sender]
         info.last_seq = seq
         info.seen = now
+        self.order.move_to_end(sender)
+        self.by_run[info.run].move_to_end(sender)
         return gap
 
     def mark_dropped(self, sender: str, seq: int) -> None:
@@ -137,12 +170,12 @@ class Senders:
             dropped={r: max(old.dropped.get(r, 0), dropped.get(r, 0)) for r in old.dropped.keys() | dropped.keys()})
 
     def totals(self) -> dict[tuple[str, int], Counters]:
-        """Counters per (run, rank): retired senders plus the live ones, so a restarted agent never makes
-        a total go backwards. A sender without a heartbeat yet adds no series."""
+        """Counters per (run, rank): folded, dormant and live senders, each once, so a restarted agent never
+        makes a total go backwards. A sender without a heartbeat yet adds no series."""
         out: dict[tuple[str, int], Counters] = {}
         for key, counters in self.retired.items():
             out.setdefault(key, Counters()).add(counters)
-        for info in self.records.values():
+        for info in (*self.dormant.values(), *self.records.values()):
             if info.beats:
                 out.setdefault((info.run, info.rank), Counters()).add(info.counters)
         return out
@@ -151,11 +184,24 @@ class Senders:
         """An expired run: its senders and their counters go (its series end)."""
         for sender in [s for s, info in self.records.items() if info.run == run]:
             del self.records[sender]
+            self.order.pop(sender, None)
+        for sender in [s for s, info in self.dormant.items() if info.run == run]:
+            del self.dormant[sender]
         for key in [k for k in self.retired if k[0] == run]:
             del self.retired[key]
+        self.by_run.pop(run, None)
 
-    def _retire_oldest(self) -> None:
-        oldest = min(self.records, key=lambda s: self.records[s].seen)
-        info = self.records.pop(oldest)
-        if info.beats:
-            self.retired.setdefault((info.run, info.rank), Counters()).add(info.counters)
+    def _retire(self, sender: str) -> None:
+        """A live sender goes dormant (the quietest of its run, or of all)."""
+        info = self.records.pop(sender)
+        self.order.pop(sender, None)
+        recent = self.by_run.get(info.run)
+        if recent is not None:
+            recent.pop(sender, None)
+            if not recent:
+                del self.by_run[info.run]
+        self.dormant[sender] = info
+        while len(self.dormant) > MAX_DORMANT:
+            _, old = self.dormant.popitem(last=False)
+            if old.beats:
+                self.retired.setdefault((old.run, old.rank), Counters()).add(old.counters)

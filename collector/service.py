@@ -104,7 +104,8 @@ class Collector:
         self.ingest: Optional[Ingest] = None
         self.otel = None
         self.tensorboard = None
-        self.ready = False  # /readyz: ingest bound and the state restored (the end of start())
+        self.ready = False  # the end of start(): ingest bound, the state restored (and not_ready() for /readyz)
+        self.snapshot_failing = False
         self.metrics_port: Optional[int] = None
         self._server = None
         self._stop = threading.Event()
@@ -205,11 +206,13 @@ class Collector:
                              queue_max_bytes=self.config.queue_max_bytes,
                              curve_secret_key=self.config.curve_secret_key,
                              curve_allowed_clients=self.config.curve_allowed_clients, wal=self.wal,
-                             kernel_workers=self.config.kernel_workers)
+                             kernel_workers=self.config.kernel_workers,
+                             handshake_timeout_s=self.config.handshake_timeout_s,
+                             max_connections=self.config.max_ingest_connections)
         registry = make_registry(self.state, self.ingest.queue_stats)
         self._server, _, self.metrics_port = serve(registry, self.config.metrics_addr, self.config.metrics_port,
                                                    self.config.tls_certfile, self.config.tls_keyfile,
-                                                   ready=lambda: self.ready)
+                                                   ready=self.not_ready)
         if exporters:
             from grokwatch.collector.otlp import DEFAULT_INTERVAL_S, OtelView
 
@@ -226,6 +229,22 @@ class Collector:
         log.info("listening on %s", ", ".join(self.endpoints))
         self.ready = True
         return self
+
+    def not_ready(self) -> Optional[str]:
+        """/readyz: None when ready; else what is not working — start-up unfinished, an ingest thread
+        ended, or a persister failing (the write-ahead log, the journal, the last snapshot)."""
+        if not self.ready:
+            return "starting"
+        problem = self.ingest.working() if self.ingest else "ingest not started"
+        if problem:
+            return problem
+        if self.wal is not None and not self.wal.healthy:
+            return "the write-ahead log cannot write (persist_errors_total{what=\"wal_write\"})"
+        if self.journal is not None and not self.journal.healthy:
+            return "the journal cannot write (persist_errors_total{what=\"journal_write\"})"
+        if self.snapshot_failing:
+            return "the last snapshot failed (persist_errors_total{what=\"snapshot_write\"})"
+        return None
 
     def snapshot(self) -> None:
         """Flush the journal and write a consistent snapshot. A failure (a full disk) is counted
@@ -259,7 +278,12 @@ class Collector:
                 wait_s = self.config.snapshot_interval_s
             except Exception as exc:  # OSError: a full disk, no inodes; counted in snapshot()
                 wait_s = min(self.config.snapshot_interval_s, SNAPSHOT_RETRY_S)
+                self.snapshot_failing = True
+                if not isinstance(exc, OSError):
+                    self.state.count_loop_error("snapshot")
                 log.warning("snapshot failed (%s: %s); counted, retried in %.0f s", type(exc).__name__, exc, wait_s)
+            else:
+                self.snapshot_failing = False
 
     def stop(self) -> None:
         self.ready = False
@@ -304,6 +328,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         if args.check_config:
             config = load_config(args.check_config)
+            check_memory(config, memory_limit_mb())  # as at start: the same refusals, the same line
             print(f"{args.check_config}: ok")
             return 0
         config = config_from_args(args)

@@ -74,7 +74,10 @@ class State:
         self.evals: dict[tuple[str, str], tuple[int, float]] = {}
         self.persist_errors: dict[str, int] = {}  # persist.PERSIST_ERRORS -> count
         self.disconnects_total = 0  # ingest connections that ended (ingest.py's socket monitor)
-        self.handshake_failures: dict[str, int] = {}  # ZeroMQ handshakes refused: "auth" (CURVE), "protocol"
+        self.handshake_failures: dict[str, int] = {}  # ZeroMQ connections refused: ingest.HANDSHAKE_REASONS
+        self.loop_errors: dict[str, int] = {}  # unexpected exceptions survived, by thread (ingest.py, service.py)
+        self.ingest_connections = 0
+        self._world_capped: set[str] = set()  # runs whose declared world size was over max_world_size (logged)  # open ingest connections (ingest.py's socket monitor; set by its thread)
         # Write-ahead log positions (collector/wal.py): the index of the last message and of the last drop
         # record applied here; -1: none. A snapshot carries them, the replay at start-up resumes after them.
         self.wal_applied = [-1, -1]
@@ -102,6 +105,11 @@ class State:
     def count_handshake_failure(self, why: str) -> None:
         with self.lock:
             self.handshake_failures[why] = self.handshake_failures.get(why, 0) + 1
+
+    def count_loop_error(self, where: str) -> int:
+        with self.lock:
+            n = self.loop_errors[where] = self.loop_errors.get(where, 0) + 1
+        return n
 
     def count_disconnect(self) -> None:
         with self.lock:
@@ -233,7 +241,8 @@ class State:
     def _sequence(self, msg, now: float) -> None:
         try:
             self.lost_total += self.senders.sequence(msg.sender, msg.run, msg.rank, msg.seq, now,
-                                                     self.config.max_sequence_jump)
+                                                     self.config.max_sequence_jump,
+                                                     self.runs.world_sizes.get(msg.run, self.config.max_world_size))
         except SequenceError as exc:
             raise Rejected(exc.reason) from None
 
@@ -248,6 +257,7 @@ class State:
             for by_run in (self.streams, self.evals):
                 _drop_keys_of(by_run, run)
             self.senders.forget_run(run)
+            self._world_capped.discard(run)
 
     def _check_shape(self, run: str, shape: tuple[int, int, int], hello: bool = False) -> None:
         if self.runs.check_shape(run, shape, self.config, self.clock(), hello=hello):
@@ -259,7 +269,12 @@ class State:
         # says hello again as its real rank, and its counters go under that rank from then on.
         info = self.senders[msg.sender]
         info.rank = msg.rank
-        self.runs.declare_world(msg.run, msg.world_size)
+        if msg.world_size > self.config.max_world_size and msg.run not in self._world_capped:
+            self._world_capped.add(msg.run)
+            log.warning("run %r: a hello declares world_size %d, over max_world_size %d: believed up to %d (ranks "
+                        "beyond are rejected as bad_rank)", msg.run, msg.world_size, self.config.max_world_size,
+                        self.config.max_world_size)
+        self.runs.declare_world(msg.run, min(msg.world_size, self.config.max_world_size))
         info.hello = dict(host=msg.host, world_size=msg.world_size, agent_version=msg.agent_version,
                           distribution=msg.distribution, has_cosines=msg.has_cosines)
         info.other_layers = False
@@ -396,7 +411,7 @@ class State:
     SNAPSHOT_FIELDS = ("streams", "runs", "senders", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
                        "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "handshake_failures", "wal_applied",
-                       "stale_stream_reads", "disconnects_total")
+                       "stale_stream_reads", "disconnects_total", "loop_errors")
 
     def snapshot(self) -> dict:
         """The fields, by reference: serialize them quiesced (``snapshot_blob``) or they may tear."""

@@ -20,6 +20,9 @@ from grokwatch.collector.reasons import COLLECTOR_REASONS
 from grokwatch.collector.state import State
 from grokwatch.wire import REASONS as WIRE_REASONS
 
+HANDSHAKE_REASONS = ("auth", "protocol", "incomplete", "connection_cap")  # ingest.py's socket monitor
+LOOP_THREADS = ("receive", "process", "snapshot")  # threads that count and survive an unexpected exception
+
 ALL_REASONS = tuple(WIRE_REASONS) + COLLECTOR_REASONS  # every value of ..._messages_rejected_total{reason}
 
 GROUP_LABELS = ("run", "source", "group")
@@ -179,8 +182,12 @@ def _specs() -> tuple[Spec, ...]:
     fam("collector_processing_seconds", "summary", "Processing time per message", ())
     fam("collector_ingest_lag_seconds", "gauge", "Receive time minus send time of the latest message", ())
     fam("collector_handshake_failures_total", "counter",
-        "ZeroMQ connections refused at their handshake: auth (a CURVE key not in the allow-list), protocol",
+        "ZeroMQ connections refused at their handshake: auth (a CURVE key not in the allow-list), protocol, "
+        "incomplete (timed out, or left mid-handshake), connection_cap (over max_ingest_connections)",
         ("reason",))
+    fam("collector_ingest_connections", "gauge", "Ingest connections open (accepted, not yet ended)", ())
+    fam("collector_loop_errors_total", "counter",
+        "Unexpected exceptions the collector's threads survived, by thread (a bug: please report it)", ("thread",))
     fam("collector_disconnects_total", "counter", "Ingest connections that ended: agents that exited, and those "
         "libzmq dropped for a frame over twice max_message_bytes (what was in flight on them is lost, and "
         "counted as lost at the sender's next message)", ())
@@ -226,8 +233,11 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
         F["collector_ingest_lag_seconds"].add((), state.last_message_lag_s)
         F["collector_stream_reads_stale_total"].add((), state.stale_stream_reads)
         F["collector_disconnects_total"].add((), state.disconnects_total)
-        for why in ("auth", "protocol"):
+        for why in HANDSHAKE_REASONS:
             F["collector_handshake_failures_total"].add((why,), state.handshake_failures.get(why, 0))
+        F["collector_ingest_connections"].add((), state.ingest_connections)
+        for thread in LOOP_THREADS:
+            F["collector_loop_errors_total"].add((thread,), state.loop_errors.get(thread, 0))
         for what in PERSIST_ERRORS:
             F["collector_persist_errors_total"].add((what,), state.persist_errors.get(what, 0))
         for (run, rank), totals in sorted(state.agent_totals().items()):

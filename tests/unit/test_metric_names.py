@@ -61,6 +61,8 @@ FROZEN = {
     "grokwatch_collector_stream_reads_stale_total": ("counter", ()),
     "grokwatch_collector_disconnects_total": ("counter", ()),
     "grokwatch_collector_handshake_failures_total": ("counter", ("reason",)),
+    "grokwatch_collector_ingest_connections": ("gauge", ()),
+    "grokwatch_collector_loop_errors_total": ("counter", ("thread",)),
     "grokwatch_agent_messages_sent_total": ("counter", ("run", "rank")),
     "grokwatch_agent_messages_dropped_total": ("counter", ("run", "rank", "reason")),
     "grokwatch_agent_hook_errors_total": ("counter", ("run", "rank")),

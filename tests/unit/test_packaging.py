@@ -67,7 +67,7 @@ def test_bad_collector_config_fails_fast_with_one_readable_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "grokwatch.cli", "collector", "--check-config", str(bad)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stdout.strip().splitlines() == ["grokwatch collector: pathway_tau: 3.0 must be in (0, 1]"]
+    assert result.stdout.strip().splitlines() == ["grokwatch collector: pathway_tau: a finite number in (0.0, 1.0], got 3.0"]
     good = tmp_path / "ok.toml"
     good.write_text('listen = ["tcp://127.0.0.1:5557"]\ndistance_unit = "string"\n')
     result = subprocess.run([sys.executable, "-m", "grokwatch.cli", "collector", "--check-config", str(good)],

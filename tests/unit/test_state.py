@@ -641,3 +641,74 @@ def test_an_unknown_senders_first_number_is_its_baseline_so_a_long_running_agent
     assert state.lost_total == 1 and state.samples_total == 6
     with pytest.raises(Rejected, match="sequence_jump"):  # a forged jump from a known sender is still refused
         state.handle(make_routing(seq=2_000_003 + 10_000, n=1))
+
+
+def _hello_and_beat(state, sender, rank, run="run-a", world=8, sent=10, seq0=0):
+    state.handle(make_hello(run=run, rank=rank, sender=sender, seq=seq0, world_size=world))
+    state.handle(make_heartbeat(run=run, rank=rank, sender=sender, seq=seq0 + 1, messages_sent=sent,
+                                messages_dropped={}))
+
+
+def test_more_than_4096_live_senders_lose_nothing_and_count_each_once():
+    """Issue 29: past 4,096 senders live ranks were retired and came back as new: lost_total said 9,000 of
+    18,000 where nothing was lost, and the agents' sent counters summed to 18,000 instead of 13,500."""
+    state, _ = new_state()
+    world = 4500
+    for rank in range(world):
+        _hello_and_beat(state, f"s{rank}", rank, world=world, sent=2)
+    for rank in range(world):  # every sender speaks again, its counter up by one
+        state.handle(make_heartbeat(rank=rank, sender=f"s{rank}", seq=2, messages_sent=3, messages_dropped={}))
+    assert state.lost_total == 0 and not state.rejected_total
+    assert sum(c.sent for c in state.agent_totals().values()) == 3 * world
+
+
+def test_a_run_has_at_most_its_world_size_of_live_senders_and_a_retired_one_comes_back_whole():
+    state, _ = new_state()
+    for i in range(4):  # world 2: four senders (restarted agents) for ranks 0 and 1
+        _hello_and_beat(state, f"s{i}", i % 2, world=2, sent=10 * (i + 1))
+    assert len(state.senders) == 2 and len(state.senders.dormant) == 2
+    # s0, retired, speaks again with its next number: revived, nothing lost, its counter not doubled
+    state.handle(make_heartbeat(rank=0, sender="s0", seq=2, messages_sent=11, messages_dropped={}))
+    assert state.lost_total == 0 and len(state.senders) == 2
+    totals = state.agent_totals()
+    assert totals[("run-a", 0)].sent == 11 + 30 and totals[("run-a", 1)].sent == 20 + 40
+    with pytest.raises(Rejected, match="duplicate"):  # its history held: a replay is still a duplicate
+        state.handle(make_heartbeat(rank=1, sender="s1", seq=1, messages_sent=20, messages_dropped={}))
+
+
+def test_the_dormant_table_is_bounded_and_folds_its_oldest_into_the_rank_totals(monkeypatch):
+    from grokwatch.collector import senders as senders_module
+
+    monkeypatch.setattr(senders_module, "MAX_DORMANT", 3)
+    state, _ = new_state()
+    for i in range(10):
+        _hello_and_beat(state, f"s{i}", 0, world=1, sent=1)
+    assert len(state.senders) == 1 and len(state.senders.dormant) == 3
+    assert state.agent_totals()[("run-a", 0)].sent == 10  # nothing lost in the folding, nothing twice
+
+
+def test_a_hellos_world_size_is_believed_up_to_max_world_size():
+    """Issue 29: one hello with world_size 2^20 and 10,000 forged heartbeats made 50,000 agent series."""
+    state, _ = new_state(max_world_size=64)
+    state.handle(make_hello(world_size=1 << 20))
+    for rank in (63, 64, 5000):
+        try:
+            state.handle(make_heartbeat(rank=rank, sender=f"f{rank}", seq=1, messages_dropped={}))
+        except Rejected as exc:
+            assert exc.reason == "bad_rank" and rank >= 64
+        else:
+            assert rank < 64
+    assert {rank for _, rank in state.agent_totals()} == {63}
+
+
+def test_senders_from_an_older_snapshot_restore_their_recency_tables():
+    from grokwatch.collector.persist import _pack, _unpack
+    from grokwatch.collector.senders import Sender, Senders
+
+    old = Senders()
+    old.records = {"a": Sender(run="r", rank=0, seen=2.0), "b": Sender(run="r", rank=1, seen=1.0)}
+    attrs = {"records": old.records, "retired": {}, "accounted": {}}  # what a snapshot of 0fec6778 held
+    restored = Senders.__new__(Senders)
+    restored.__setstate__(_unpack(_pack(attrs)))
+    assert list(restored.order) == ["b", "a"] and list(restored.by_run["r"]) == ["b", "a"]
+    assert not restored.dormant

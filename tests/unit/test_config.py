@@ -1,0 +1,82 @@
+"""Every configuration value bounded and finite (issue 29): hostile values for every key, from a file and from
+the environment, give one ConfigError naming the key — never a traceback, never a value that passes
+--check-config and then fails at start, never an infinite timer or a loop of 10^12."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pytest
+
+from grokwatch.collector.config import BOUNDS, CollectorConfig, ConfigError, load_config
+
+FIELDS = {f.name: f for f in dataclasses.fields(CollectorConfig)}
+NUMERIC = sorted(k for k, f in FIELDS.items() if f.type in ("int", "float"))
+HOSTILE = [math.inf, -math.inf, math.nan, 1e12, 2**62, 2**64, -1, -1e-9, 0, 3.5, 1e-300, "abc", "", True, [1], {"a": 1}]
+
+
+def test_every_numeric_key_has_bounds():
+    assert set(NUMERIC) == set(BOUNDS), set(NUMERIC) ^ set(BOUNDS)
+
+
+def _outcome(load, key):
+    try:
+        config = load()
+    except ConfigError as exc:
+        msg = str(exc)
+        assert "\n" not in msg and msg.startswith(key), msg  # one line, naming the key
+        return "refused"
+    value = getattr(config, key)
+    lo, hi, ends = BOUNDS[key]
+    assert isinstance(value, (int, float)) and not isinstance(value, bool)
+    assert (lo <= value <= hi) and value == value, (key, value)
+    assert math.isfinite(value) or (hi == math.inf and key.startswith("phase_") and key.endswith("_tol"))
+    return "accepted"
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+def test_every_key_refuses_hostile_values_in_one_line(key, tmp_path):
+    outcomes = []
+    for i, bad in enumerate(HOSTILE):
+        outcomes.append(_outcome(lambda: CollectorConfig(**{key: bad}), key))
+        env = {"GROKWATCH_" + key.upper(): str(bad)}
+        outcomes.append(_outcome(lambda: load_config(environ=env), key))
+        if isinstance(bad, float) and not math.isfinite(bad):
+            text = f"{key} = {'nan' if bad != bad else ('inf' if bad > 0 else '-inf')}\n"
+        elif isinstance(bad, str):
+            text = f'{key} = "{bad}"\n'
+        elif isinstance(bad, bool):
+            text = f"{key} = true\n"
+        elif isinstance(bad, dict):
+            text = f"{key} = {{a = 1}}\n"
+        else:
+            text = f"{key} = {bad}\n"
+        path = tmp_path / f"c{i}.toml"
+        path.write_text(text)
+        outcomes.append(_outcome(lambda: load_config(str(path), environ={}), key))
+    assert "refused" in outcomes  # every key has a range to leave
+
+
+def test_epsilons_are_bounded_too():
+    for bad in ("a=nan", "a=inf", "a=-1", "a=x"):
+        with pytest.raises(ConfigError, match="^memorization_epsilon"):
+            load_config(environ={"GROKWATCH_MEMORIZATION_EPSILON": bad})
+
+
+@pytest.mark.parametrize("text", ["seed = -1", "max_message_bytes = 4611686018427387904", "queue_capacity = inf",
+                                  "snapshot_interval_s = 1e12", "comparisons_per_sample = 1e12", "pathway_tau = nan"])
+def test_check_config_refuses_what_start_would_in_one_line(tmp_path, text):
+    """Before: `inf` in an integer key gave a 23-26-line traceback from --check-config too; seed = -1 and
+    max_message_bytes = 2^62 passed --check-config and failed at start."""
+    path = tmp_path / "c.toml"
+    path.write_text(text + "\n")
+    for args in (["--check-config", str(path)],
+                 ["--config", str(path), "--metrics-port", "0", "--listen", "tcp://127.0.0.1:0"]):
+        r = subprocess.run([sys.executable, "-m", "grokwatch.cli", "collector", *args], capture_output=True,
+                           text=True, timeout=60)
+        out = (r.stdout + r.stderr).strip().splitlines()
+        assert r.returncode == 2 and len(out) == 1, out
+        assert text.split()[0] in out[0]
