@@ -16,7 +16,7 @@ STAMP := $(VENV)/.grokwatch-installed
 FRAMEWORKS := $(VENV)/frameworks
 FRAMEWORK_PINS := megatron-core==0.16.1 torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser==0.18.0 triton==3.9.0
 
-.PHONY: setup frameworks demo test quick lint typecheck prometheus bench gpu-wheels k8s-rules clean
+.PHONY: setup frameworks demo test quick lint typecheck prometheus bench gpu-wheels k8s-rules k8s-keys clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,12 @@ bench: setup
 gpu-wheels: setup
 	$(PY) -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0 rapidfuzz==$$($(PY) -c "import rapidfuzz; print(rapidfuzz.__version__)")
+
+# The DaemonSet's CURVE keys (deploy/k8s/base/kustomization.yaml): the collector's pair and one pair the agents
+# share; never committed (.gitignore). The base does not render without them: closed by default.
+k8s-keys: setup
+	$(VENV)/bin/grokwatch keygen --out deploy/k8s/base/curve --name collector
+	$(VENV)/bin/grokwatch keygen --out deploy/k8s/base/curve --name agent
 
 # The Prometheus Operator's copy of the rules (deploy/k8s/overlays/prometheus-operator), from the one rules file.
 k8s-rules: setup

@@ -1,6 +1,7 @@
 """The collector at its rated load: 64 agents x 10 messages/s x 8 samples, OLMoE shape, peaked routing.
 
     python bench/rated_load.py [--minutes 10] [--agents 64] [--rate 10] [--samples 8] [--kernel-workers 2]
+                               [--scrapers 50]
 
 A real collector process (`grokwatch collector`, state dir on disk: write-ahead log, journal, snapshots
 every 30 s) and 64 ZeroMQ PUSH sockets in this process, one per rank of one 64-rank job, each with its
@@ -8,6 +9,10 @@ own sender id and sequence numbers, as the agents would. All ranks send each ste
 shuffled order, so a step's summaries arrive interleaved with the next one's. Every 0.5 s /metrics is
 read: received, processed, lost, rejected, queue, ingest lag (receive minus send time of the latest
 message); the collector's RSS every 10 s. Prints the figures docs/benchmarks.md records.
+
+``--scrapers N`` adds N concurrent /metrics clients in a separate process, each scraping every
+``--scrape-interval`` seconds (default 1; 0: again as soon as its last scrape is answered, the worst case;
+Prometheus scrapes every 15 s), for the whole run.
 """
 
 from __future__ import annotations
@@ -54,6 +59,31 @@ def read_metrics(port: int) -> dict:
     return out
 
 
+SCRAPERS = """
+import signal, sys, threading, urllib.request
+import time
+port, n, every = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+done, failed, stop = [0] * n, [0] * n, threading.Event()
+def loop(i):
+    stop.wait(every * i / n)  # spread over the interval
+    while not stop.is_set():
+        began = time.monotonic()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+                r.read()
+            done[i] += 1
+        except OSError:
+            failed[i] += 1
+        stop.wait(max(0.0, every - (time.monotonic() - began)))
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(n)]
+for t in threads:
+    t.start()
+stop.wait()
+print(f"{sum(done)} scrapes served, {sum(failed)} failed")
+"""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -62,6 +92,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--kernel-workers", type=int, default=2)
     ap.add_argument("--concentration", type=float, default=0.05, help="Dirichlet: 0.05 peaked (the paper's OLMoE)")
+    ap.add_argument("--scrapers", type=int, default=0, help="concurrent /metrics clients")
+    ap.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between a client's scrapes (0: none)")
     args = ap.parse_args()
 
     state = tempfile.mkdtemp(prefix="gw-rated-")
@@ -85,6 +117,11 @@ def main() -> int:
             return 1
         time.sleep(0.2)
 
+    scrapers = None
+    if args.scrapers:
+        scrapers = subprocess.Popen([sys.executable, "-c", SCRAPERS, str(mport), str(args.scrapers),
+                                     str(args.scrape_interval)],
+                                    stdout=subprocess.PIPE, text=True)
     rng = np.random.default_rng(0)
     pool = [routing_message(rng, n=args.samples, concentration=args.concentration, seq=i) for i in range(64)]
     ctx = zmq.Context()
@@ -158,6 +195,10 @@ def main() -> int:
         time.sleep(0.5)
     time.sleep(1.0)
     m = read_metrics(mport)
+    scraped = ""
+    if scrapers is not None:
+        scrapers.terminate()
+        scraped = (scrapers.communicate(timeout=30)[0] or "").strip()
     rss.append((time.monotonic() - started, rss_mb(proc.pid)))
     for s in socks:
         s.close()
@@ -170,6 +211,8 @@ def main() -> int:
     lag = np.array(lags)
     print(f"agents {args.agents} x {args.rate:g} msg/s x {args.samples} samples, {args.minutes:g} min "
           f"({elapsed:.0f} s), kernel_workers {args.kernel_workers}, concentration {args.concentration}")
+    if scrapers is not None:
+        print(f"scrapers {args.scrapers} (every {args.scrape_interval:g} s): {scraped}")
     print(f"offered: {sent_routing / elapsed:.1f} routing msg/s = {sent_routing * args.samples / elapsed:.0f} samples/s")
     print(f"sent {total_sent}  received {m['grokwatch_collector_messages_received_total']:.0f}  "
           f"lost {m['grokwatch_collector_messages_lost_total']:.0f}  rejected {rejected or 0}")

@@ -1,5 +1,6 @@
-"""``max_memory_mb``: the bound on the bytes of every stream's group arrays, checked exactly before a
-new run, source or group makes them grow (``memory_budget``)."""
+"""``max_memory_mb``: the bound on the bytes of every stream's group arrays and probe loss histories. The
+arrays are checked exactly before a new run, source or group makes them grow (``memory_budget``); the
+histories, a cache of what the probe saw, make room by forgetting their least recently probed samples."""
 
 from __future__ import annotations
 
@@ -19,16 +20,33 @@ class MemoryBudget:
 
     @staticmethod
     def used(streams: Iterable[Stream]) -> int:
-        """The bytes of these streams' group arrays."""
-        return sum(stream.nbytes for stream in streams)
+        """The bytes of these streams' group arrays and probe histories."""
+        return sum(stream.nbytes + (stream.memorization.nbytes if stream.memorization else 0) for stream in streams)
+
+    @property
+    def limit(self) -> int:
+        return self.max_memory_mb * 1024 * 1024
+
+    def fit(self, streams: Iterable[Stream], need: int = 0) -> int:
+        """Forget probe history samples (the least recently probed first, stream by stream) until the streams
+        and ``need`` more bytes fit; returns the bytes used then."""
+        streams = list(streams)
+        used = self.used(streams)
+        for stream in streams:
+            if used + need <= self.limit:
+                break
+            if stream.memorization is not None:
+                used -= stream.memorization.shrink(used + need - self.limit)
+        return used
 
     def check(self, streams: Iterable[Stream], stream: Stream, slots: int) -> None:
-        """Whether ``stream`` may grow to ``slots`` group slots; raises ``Rejected("memory_budget")``."""
+        """Whether ``stream`` may grow to ``slots`` group slots (probe histories make room first); raises
+        ``Rejected("memory_budget")``."""
         grow = stream.bytes_for(slots) - stream.nbytes
         if grow <= 0:
             return
-        used = self.used(streams)
-        if used + grow > self.max_memory_mb * 1024 * 1024:
+        used = self.fit(streams, grow)
+        if used + grow > self.limit:
             if stream.run not in self._told:
                 self._told.add(stream.run)
                 log.warning("run %r, source %r: a new group needs %.1f MiB more, over max_memory_mb (%d MiB, "

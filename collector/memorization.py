@@ -11,6 +11,10 @@ from typing import Mapping, Optional
 import numpy as np
 
 MAX_HISTORY = 256  # probes kept per sample; t* older than this many probes is clamped
+# What a history costs, at most (tests/unit/test_state.py measures them with tracemalloc): a sample's record,
+# its id and table entry, and each observation (a step and a loss in two lists). ``max_memory_mb`` counts them.
+SAMPLE_BYTES = 512
+OBS_BYTES = 44
 
 
 class SampleHistory:
@@ -22,11 +26,13 @@ class SampleHistory:
         self.losses: list[float] = []
         self.memorized_step: Optional[int] = None
 
-    def add(self, step: int, loss: float) -> None:
+    def add(self, step: int, loss: float) -> int:
+        """Record one probe; returns the change in this history's length."""
+        before = len(self.steps)
         if self.steps and step <= self.steps[-1]:
             if step == self.steps[-1]:
                 self.losses[-1] = loss  # the same probe again (another rank): keep the latest
-                return
+                return 0
             # An older step after a newer one: a new run phase (replay from a checkpoint). Restart.
             self.steps.clear()
             self.losses.clear()
@@ -34,6 +40,7 @@ class SampleHistory:
         self.losses.append(loss)
         if len(self.steps) > MAX_HISTORY:
             del self.steps[0], self.losses[0]
+        return len(self.steps) - before
 
 
 def memorized_since(steps: list[int], losses: list[float], epsilon: float, delta: float,
@@ -66,6 +73,31 @@ class MemorizationTracker:
         self.max_samples = max_samples
         self.bucket_steps = bucket_steps
         self.samples: "OrderedDict[str, SampleHistory]" = OrderedDict()
+        self.observations = 0  # probes held over all samples (nbytes)
+        self.evicted = 0  # samples forgotten to keep the collector within max_memory_mb
+
+    def __setstate__(self, attrs: dict) -> None:
+        """A snapshot from before the histories were counted: count them."""
+        self.__dict__.update(attrs)
+        if "observations" not in attrs:
+            self.observations = sum(len(h.steps) for h in self.samples.values())
+            self.evicted = 0
+
+    @property
+    def nbytes(self) -> int:
+        """What these histories take, at most (``max_memory_mb`` counts it)."""
+        return len(self.samples) * SAMPLE_BYTES + self.observations * OBS_BYTES
+
+    def shrink(self, excess: int) -> int:
+        """Forget the least recently probed samples until ``excess`` bytes are freed (or none is left);
+        returns the bytes freed."""
+        freed = 0
+        while freed < excess and self.samples:
+            _, hist = self.samples.popitem(last=False)
+            self.observations -= len(hist.steps)
+            freed += SAMPLE_BYTES + len(hist.steps) * OBS_BYTES
+            self.evicted += 1
+        return freed
 
     def group_epsilon(self, group: str) -> float:
         """Configured ε, else (ours) the 0.25 quantile of the group's latest probe losses."""
@@ -81,11 +113,12 @@ class MemorizationTracker:
             if hist is None:
                 hist = self.samples[sid] = SampleHistory(group)
                 if len(self.samples) > self.max_samples:
-                    self.samples.popitem(last=False)
+                    _, old = self.samples.popitem(last=False)
+                    self.observations -= len(old.steps)
             else:
                 self.samples.move_to_end(sid)
             hist.group = group
-            hist.add(step, float(loss))
+            self.observations += hist.add(step, float(loss))
         eps = {g: self.group_epsilon(g) for g in set(groups)}
         out = []
         for sid, group in zip(sample_ids, groups):

@@ -5,8 +5,10 @@ from ``view.build_view`` — the same snapshot the OpenTelemetry view reads.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import selectors
 import socket
 import ssl
 import threading
@@ -109,47 +111,220 @@ def make_registry(state: State, queue_stats=None) -> CollectorRegistry:
 MAX_CONNECTIONS = 64  # /metrics connections served at once; more are closed at once (and logged)
 CLIENT_TIMEOUT_S = 10.0  # a client that sends nothing (or takes longer for its TLS handshake) is dropped
 BACKLOG = 128
+MAX_REQUESTS_PER_S = 100  # requests served per second at most (all clients together); more wait their turn (a
+# probe behind MAX_CONNECTIONS waiting requests: 0.64 s, inside the kubelet's 1 s)
+
+
+class Pacer:
+    """Spaces events at least ``1 / rate`` s apart: ``wait()`` sleeps (the interpreter's lock released) until
+    this caller's turn. A client in a tight loop then costs the process ``rate`` requests a second at most."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic, sleep=time.sleep):
+        self.interval, self.clock, self.sleep = 1.0 / rate, clock, sleep
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def wait(self) -> float:
+        with self._lock:
+            now = self.clock()
+            turn = max(now, self._next)
+            self._next = turn + self.interval
+        if turn > now:
+            self.sleep(turn - now)
+        return turn - now
 
 
 class _Handler(_SilentHandler):
     timeout = CLIENT_TIMEOUT_S  # StreamRequestHandler: the socket's timeout, so a half-open client cannot pin a thread
 
+    def parse_request(self):
+        ok = super().parse_request()
+        request_read = getattr(self.server, "request_read", None)
+        if request_read is not None:
+            request_read(self.connection)
+        return ok
+
+
+MAX_WAITING = 8192  # accepted connections that have sent nothing yet; past it the longest waiting is closed
+WAIT_TIMEOUT_S = 5.0  # a connection that sends nothing this long after it is accepted is closed
+REQUEST_DEADLINE_S = 10.0  # reading one request's line and headers takes at most this (a drip-feeding client)
+
 
 class MetricsServer(ThreadingWSGIServer):
-    """prometheus-client's threading WSGI server with bounds: a connection cap, a per-client timeout (TLS
-    handshakes happen in the client's thread, under it, not in the accept loop) and a listen backlog."""
+    """prometheus-client's threading WSGI server with bounds, so that thousands of idle or slow clients cannot
+    keep a scrape out (issue 34: 3,015 idle connections filled the 64 threads, and 5 of 23 real scrapes
+    failed or took over a second). An accepted connection waits in a room that costs no thread (one selector
+    thread watches them all) until it sends its first bytes; only then does it get one of ``MAX_CONNECTIONS``
+    worker threads. The room holds ``MAX_WAITING`` (the longest waiting is closed to make room) for
+    ``WAIT_TIMEOUT_S`` each; a worker reads the request under ``CLIENT_TIMEOUT_S`` per read and
+    ``REQUEST_DEADLINE_S`` in all (the selector thread ends a client that drips its headers), and serves at
+    most ``MAX_REQUESTS_PER_S`` requests a second (``Pacer``). TLS handshakes happen in the worker."""
 
     request_queue_size = BACKLOG
     daemon_threads = True
 
     def __init__(self, *args, **kwargs):
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.refused = 0
+        self.pacer = Pacer(MAX_REQUESTS_PER_S)
+        self.refused = 0  # connections closed unserved: waited too long, or no room
+        self._lock = threading.Lock()
+        self._incoming: list = []  # (socket, address) accepted, not yet in the room
+        self._waiting: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()  # fd -> (sock, addr, t)
+        self._ready: "collections.deque[tuple]" = collections.deque()  # (sock, addr, t): sent bytes, no worker yet
+        self._reading: dict[int, tuple] = {}  # fd -> (sock, deadline): workers reading a request
+        self._closing = False
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._stopped = threading.Event()
         super().__init__(*args, **kwargs)
 
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            self.refused += 1
-            if self.refused == 1 or self.refused % 1000 == 0:
-                log.warning("/metrics: %d connections open, the cap; closed one from %s (%d so far)",
-                            MAX_CONNECTIONS, client_address[0], self.refused)
-            self.shutdown_request(request)
-            return
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """The room's loop, on the server's thread: it accepts too (every pending connection at each turn),
+        so no other thread is woken per connection."""
+        self.socket.setblocking(False)
+        self._selector.register(self.socket, selectors.EVENT_READ)
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+            while not self._closing:
+                try:
+                    self._room_turn()
+                except Exception:  # never let the room die: scrapes would stop
+                    log.exception("/metrics: waiting room error")
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._closing = True
+        self._wake()
+        self._stopped.wait(10)
+
+    def _accept_all(self) -> None:
+        while True:
+            try:
+                request, address = self.get_request()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. no descriptor left: try at the next turn
+                log.warning("/metrics: accept failed: %s", exc)
+                return
+            with self._lock:
+                self._incoming.append((request, address))
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # full (it is awake already) or closed
+            pass
+
+    def process_request(self, request, client_address):
+        """On the accept thread: into the room, no thread yet."""
+        with self._lock:
+            self._incoming.append((request, client_address))
+        self._wake()
+
+    def _close(self, sock, why: str) -> None:
+        self.refused += 1
+        if self.refused == 1 or self.refused % 1000 == 0:
+            log.warning("/metrics: closed a connection unserved (%s; %d so far)", why, self.refused)
+        try:
+            self.shutdown_request(sock)
+        except OSError:
+            pass
+
+    def _room_turn(self) -> None:
+        timeout = 0.05 if self._ready else 0.5
+        for key, _ in self._selector.select(timeout):
+            if key.fileobj is self.socket:
+                self._accept_all()
+                continue
+            if key.fileobj is self._wake_r:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except OSError:
+                    pass
+                continue
+            entry = self._waiting.pop(key.fd, None)
+            self._selector.unregister(key.fileobj)
+            if entry is not None:
+                self._ready.append(entry)
+        now = time.monotonic()
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        for sock, addr in incoming:
+            if len(self._waiting) >= MAX_WAITING:
+                _, (old, _, _) = self._waiting.popitem(last=False)
+                self._selector.unregister(old)
+                self._close(old, "the waiting room was full: the longest waiting")
+            try:
+                self._selector.register(sock, selectors.EVENT_READ)
+            except (OSError, ValueError):
+                self._close(sock, "could not be watched")
+                continue
+            self._waiting[sock.fileno()] = (sock, addr, now)
+        while self._waiting:
+            fd, (sock, _, t) = next(iter(self._waiting.items()))
+            if now - t < WAIT_TIMEOUT_S:
+                break
+            del self._waiting[fd]
+            self._selector.unregister(sock)
+            self._close(sock, f"sent nothing in {WAIT_TIMEOUT_S:.0f} s")
+        while self._ready and now - self._ready[0][2] >= WAIT_TIMEOUT_S:
+            self._close(self._ready.popleft()[0], "no worker free in time")
+        while self._ready and self._slots.acquire(blocking=False):
+            sock, addr, _ = self._ready.popleft()
+            try:
+                super().process_request(sock, addr)  # a worker thread: process_request_thread
+            except BaseException:
+                self._slots.release()
+                self._close(sock, "no thread")
+        for fd, (sock, deadline) in list(self._reading.items()):
+            if now > deadline:
+                self._reading.pop(fd, None)
+                try:
+                    sock.shutdown(socket.SHUT_RD)  # the worker's read returns: its request ends
+                except OSError:
+                    pass
 
     def process_request_thread(self, request, client_address):
+        fd = cast(socket.socket, request).fileno()
         try:
             cast(socket.socket, request).settimeout(CLIENT_TIMEOUT_S)  # a TCP server: requests are sockets
+            self._reading[fd] = (request, time.monotonic() + REQUEST_DEADLINE_S)
+            self.pacer.wait()  # under the worker cap: at most MAX_CONNECTIONS wait, sleeping
             super().process_request_thread(request, client_address)
         finally:
+            self._reading.pop(fd, None)
             self._slots.release()
+            self._wake()  # a worker is free: the room may hand out the next ready connection
+
+    def request_read(self, request) -> None:
+        """The handler has the whole request: no deadline while the response is written."""
+        try:
+            self._reading.pop(request.fileno(), None)
+        except OSError:
+            pass
+
+    def server_close(self):
+        self.shutdown()
+        super().server_close()
+        with self._lock:
+            leftovers = [s for s, _ in self._incoming] + [s for s, _, _ in self._waiting.values()] + \
+                [s for s, _, _ in self._ready]
+        for sock in leftovers:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 COALESCE_S = 0.5  # a scrape that waited for another's render takes it, if that render began at most this before
+RENDER_DUTY = 0.1  # renders take at most this share of the time: after one of d s, the next waits 9 d
 
 
 class CoalescedMetrics:
@@ -157,8 +332,10 @@ class CoalescedMetrics:
     another's render was under way takes that render's bytes (if it began at most ``COALESCE_S`` before the
     scrape arrived) instead of rendering again. Fifty scrapers cost about what one does: the state's lock
     is taken once per render, not once per scrape (issue 29: 50 concurrent scrapers held it so often that
-    ingest lagged 27.5 s at 20 msg/s). A scrape that arrives with no render under way renders afresh: what
-    it shows is never older than the scrape."""
+    ingest lagged 27.5 s at 20 msg/s). And renders take at most ``RENDER_DUTY`` of the time: after a render
+    of d seconds, scrapes within the next d (1 − duty) / duty seconds are answered with its bytes (for a
+    small state, d is a few milliseconds: a lone scrape that follows a change is fresh). So a client that
+    scrapes in a tight loop cannot keep the state's lock, nor the interpreter, busy."""
 
     def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic):
         self.registry = registry
@@ -166,6 +343,7 @@ class CoalescedMetrics:
         self.renders = 0
         self._lock = threading.Lock()
         self._last: Optional[tuple] = None  # (key, began, ended, (status, headers, body))
+        self._next_render = 0.0
 
     def __call__(self, environ, start_response):
         if environ.get("REQUEST_METHOD") != "GET" or environ.get("PATH_INFO") == "/favicon.ico":
@@ -175,13 +353,17 @@ class CoalescedMetrics:
         key = (environ.get("HTTP_ACCEPT"), environ.get("HTTP_ACCEPT_ENCODING"), tuple(params.get("name[]", ())))
         with self._lock:
             last = self._last
-            if last is not None and last[0] == key and last[2] >= arrived and last[1] >= arrived - COALESCE_S:
+            shared = last is not None and last[0] == key and (
+                (last[2] >= arrived and last[1] >= arrived - COALESCE_S) or self.clock() < self._next_render)
+            if last is not None and shared:
                 status, headers, body = last[3]
             else:
                 began = self.clock()
                 status, headers, body = _bake_output(self.registry, key[0], key[1], params, False)
                 self.renders += 1
-                self._last = (key, began, self.clock(), (status, headers, body))
+                ended = self.clock()
+                self._last = (key, began, ended, (status, headers, body))
+                self._next_render = ended + (ended - began) * (1 - RENDER_DUTY) / RENDER_DUTY
         start_response(status, headers)
         return [body]
 
@@ -213,8 +395,9 @@ def serve(registry: CollectorRegistry, addr: str, port: int, certfile: Optional[
 
     server_class = type("MetricsServer6", (MetricsServer,), {"address_family": socket.AF_INET6}) if ":" in addr \
         else MetricsServer
-    server = make_server(addr, port, with_probes(CoalescedMetrics(registry), ready), server_class,
-                         handler_class=_Handler)
+    metrics_app = CoalescedMetrics(registry)
+    server = make_server(addr, port, with_probes(metrics_app, ready), server_class, handler_class=_Handler)
+    server.metrics_app = metrics_app  # type: ignore[attr-defined]  (its render count, for tests and benchmarks)
     if certfile and keyfile:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(certfile, keyfile)

@@ -122,8 +122,10 @@ class Collector:
             snap = read_snapshot(state_dir)
             if snap is None:
                 return
+            from grokwatch.collector.schema import validate_state
             from grokwatch.collector.view import build_view
 
+            validate_state(snap, self.config)  # the shapes and ranges the kernels index by
             scratch = State(self.config)
             scratch.restore(snap)
             build_view(scratch)

@@ -336,7 +336,7 @@ class State:
         return label
 
     def memory_bytes(self) -> int:
-        """The bytes of every stream's group arrays: what ``max_memory_mb`` bounds."""
+        """The bytes of every stream's group arrays and probe histories: what ``max_memory_mb`` bounds."""
         return self.budget.used(self.streams.values())
 
     def _stream(self, msg: Routing) -> Stream:
@@ -366,6 +366,7 @@ class State:
                                                    [labels[i] for i in trained], msg.loss_N[trained])
                 for i, m in zip(trained, seen):
                     memorized[i] = m
+                self.budget.fit(self.streams.values())  # the histories grew: within max_memory_mb
         targets = np.full((msg.num_samples, 2), -1, np.int64)
         for i, label in enumerate(labels):
             targets[i, 0] = stream.index[label]

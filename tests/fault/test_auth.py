@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 import zmq
-
-import grokwatch.agent as gw
-from grokwatch.collector.config import ConfigError, CollectorConfig
-from grokwatch.wire import encode
-from grokwatch.keys import generate
 from helpers import Pusher, scrape, start_collector, value, wait_until
 from tiny_models import VOCAB, tiny_model
 from wire_factories import make_hello, make_routing
+
+import grokwatch.agent as gw
+from grokwatch.collector.config import CollectorConfig, ConfigError
+from grokwatch.keys import generate
+from grokwatch.wire import encode
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
 

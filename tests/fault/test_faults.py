@@ -7,15 +7,15 @@ import time
 import psutil
 import pytest
 import torch
+from helpers import Pusher, scrape, start_collector, value, wait_until
+from tiny_models import VOCAB, tiny_model
+from wire_factories import make_hello, make_routing
 
 import grokwatch.agent as gw
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.ingest import Ingest
 from grokwatch.collector.state import State
 from grokwatch.wire import encode
-from helpers import Pusher, scrape, start_collector, value, wait_until
-from tiny_models import VOCAB, tiny_model
-from wire_factories import make_hello, make_routing
 
 
 def train_steps(model, mon, n, tag_prefix="s"):

@@ -13,14 +13,14 @@ import time
 
 import msgpack
 import pytest
+from helpers import Pusher, scrape, scrape_text, start_collector, value, wait_until
+from wire_factories import make_hello, make_routing
 
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.persist import MAGIC, SNAPSHOT_NAME, SNAPSHOT_VERSION, Journal, load_snapshot_bytes
 from grokwatch.collector.state import State
 from grokwatch.collector.wal import FILE_MAGIC, WriteAheadLog
 from grokwatch.wire import encode
-from helpers import Pusher, scrape, scrape_text, start_collector, value, wait_until
-from wire_factories import make_hello, make_routing
 
 
 class _Exploit:
@@ -287,6 +287,7 @@ def test_a_scrape_never_waits_on_a_long_message(tmp_path, monkeypatch):
         with_pusher(c, [make_hello(seq=0), make_routing(seq=1, n=4)])
         wait_until(lambda: c.state.samples_total == 4)
         assert value(scrape(c.metrics_port), "grokwatch_collector_samples_processed_total") == 4
+        time.sleep(0.3)  # past the render duty window (prometheus.RENDER_DUTY): the next scrape renders
         held, release = threading.Event(), threading.Event()
 
         def long_message():  # what a huge message does to the lock
@@ -307,3 +308,138 @@ def test_a_scrape_never_waits_on_a_long_message(tmp_path, monkeypatch):
         assert value(s, "grokwatch_collector_scrapes_stale_total") == 1
     finally:
         c.stop()
+
+
+def test_fifty_concurrent_scrapers_share_renders_and_a_lone_scrape_is_never_stale(tmp_path):
+    """Issue 29: 50 concurrent scrapers each built the view under the state lock; ingest lagged 27.5 s at
+    20 msg/s. Concurrent scrapes now share one render (the state's lock taken once per render)."""
+    import threading
+    import urllib.request
+
+    c = start_collector(tmp_path)
+    stop, served, errors = threading.Event(), [], []
+
+    def scraper():
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=10) as r:
+                    r.read()
+                served.append(1)
+            except OSError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=scraper, daemon=True) for _ in range(50)]
+    try:
+        app = c._server.metrics_app
+        for t in threads:
+            t.start()
+        p = Pusher(c.endpoints[0])
+        p.send(encode(make_hello(seq=0)))
+        for seq in range(1, 41):
+            p.send(encode(make_routing(seq=seq, n=2, step=seq, sample_ids=[f"a{seq}", f"b{seq}"])))
+            time.sleep(0.025)
+        wait_until(lambda: c.state.received_total == 41, timeout_s=30)
+        stop.set()
+        for t in threads:
+            t.join(15)
+        assert not errors and len(served) > 50
+        assert app.renders < len(served) / 2, (app.renders, len(served))  # shared, not one per scrape
+        # with nobody else scraping, a scrape renders afresh: it shows what happened before it
+        p.send(encode(make_routing(seq=41, n=2, step=41, sample_ids=["a41", "b41"])))
+        wait_until(lambda: c.state.received_total == 42)
+        assert value(scrape(c.metrics_port), "grokwatch_collector_messages_received_total") == 42
+        p.close()
+    finally:
+        stop.set()
+        c.stop()
+
+
+def _damage(stream, what):
+    """One corruption of a real stream, as a flipped byte or a bad writer would leave it."""
+    import numpy as np
+
+    if what == "window-index":
+        stream.win_next_G[0] = stream.window_slots + 5
+    elif what == "window-shape":
+        stream.win_sym_GWY = stream.win_sym_GWY[:, :-1]
+    elif what == "labels-null":
+        stream.labels = None
+    elif what == "symbol":
+        stream.win_sym_GWY[0, 0, 0] = stream.num_experts + 7
+    elif what == "layer-starts":
+        stream.win_starts_GWLp[0, 0, 1] = 10_000
+    elif what == "dtype":
+        stream.win_len_GW = stream.win_len_GW.astype(np.float64)
+    elif what == "filled":
+        stream.win_filled_G[0] = -3
+    elif what == "index":
+        stream.index = {"math": 5}
+    elif what == "shape":
+        stream.num_experts = 3
+
+
+DAMAGES = ["window-index", "window-shape", "labels-null", "symbol", "layer-starts", "dtype", "filled", "index", "shape"]
+
+
+@pytest.mark.parametrize("what", DAMAGES)
+def test_a_damaged_snapshot_is_set_aside_before_a_kernel_sees_it(tmp_path, caplog, what):
+    """Issue 34: a window index out of range (one flipped byte) passed the start-up check, and the next routing
+    message killed the process with SIGSEGV; labels set to null made every message internal. Every field the
+    kernels index by is checked first (collector/schema.py); the collector starts fresh and keeps working."""
+    from grokwatch.collector.persist import snapshot_bytes
+
+    path = _with_a_real_snapshot(tmp_path)
+    data = load_snapshot_bytes(path.read_bytes())
+    _damage(data["streams"][("run-a", "train")], what)
+    path.write_bytes(snapshot_bytes(data))
+    c = _starts_fresh_and_counts(tmp_path, caplog)
+    assert c.state.rejected_total.get("internal", 0) == 0
+
+
+@pytest.mark.parametrize("field,bad", [("received_total", -5), ("wal_applied", [1]), ("rejected_total", {"x": "y"}),
+                                       ("evals", {("r", "g"): (1, "nan")}), ("rng", 7)])
+def test_a_snapshot_with_a_bad_counter_is_set_aside(tmp_path, caplog, field, bad):
+    from grokwatch.collector.persist import snapshot_bytes
+
+    path = _with_a_real_snapshot(tmp_path)
+    data = load_snapshot_bytes(path.read_bytes())
+    data[field] = bad
+    path.write_bytes(snapshot_bytes(data))
+    _starts_fresh_and_counts(tmp_path, caplog)
+
+
+def test_a_damaged_snapshot_cannot_kill_a_collector_process(tmp_path):
+    """The reported case end to end: the damaged window index, a real collector process, a routing message.
+    Before: rc -11 (SIGSEGV). Now: the snapshot is set aside, the message processed, a clean exit."""
+    from helpers import free_port
+
+    from grokwatch.collector.persist import snapshot_bytes
+
+    path = _with_a_real_snapshot(tmp_path)
+    data = load_snapshot_bytes(path.read_bytes())
+    _damage(data["streams"][("run-a", "train")], "window-index")
+    path.write_bytes(snapshot_bytes(data))
+    endpoint, metrics = f"tcp://127.0.0.1:{free_port()}", free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "grokwatch.cli", "collector", "--listen", endpoint,
+                             "--metrics-port", str(metrics), "--metrics-addr", "127.0.0.1",
+                             "--state-dir", str(tmp_path / "state")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def up():
+            try:
+                return scrape(metrics)
+            except OSError:
+                return None
+
+        wait_until(up, timeout_s=60)
+        p = Pusher(endpoint)
+        p.send(encode(make_hello(seq=0)))
+        p.send(encode(make_routing(seq=1, n=4)))
+        wait_until(lambda: value(scrape(metrics), "grokwatch_collector_samples_processed_total") == 4, timeout_s=20)
+        p.close()
+        assert value(scrape(metrics), "grokwatch_collector_persist_errors_total", what="snapshot_read") == 1
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait(10)

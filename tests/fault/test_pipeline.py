@@ -7,12 +7,12 @@ import time
 import zlib
 
 import numpy as np
+from helpers import Pusher, scrape, start_collector, value, wait_until
+from wire_factories import make_hello, make_routing
 
 from grokwatch.collector.pipeline import KernelWorkers
 from grokwatch.collector.state import State
 from grokwatch.wire import encode
-from helpers import Pusher, scrape, start_collector, value, wait_until
-from wire_factories import make_hello, make_routing
 
 HUGE = dict(num_layers=128, num_experts=1024, top_k=8, concentration=50.0)  # near-uniform: ~90k symbols
 

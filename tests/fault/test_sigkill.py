@@ -10,9 +10,10 @@ import sys
 import threading
 import time
 
-from grokwatch.wire import encode
 from helpers import Pusher, free_port, scrape, wait_until
 from wire_factories import make_hello, make_routing
+
+from grokwatch.wire import encode
 
 N = 1500  # routing messages of 4 samples
 COUNTERS = ("grokwatch_collector_messages_received_total", "grokwatch_collector_samples_processed_total",

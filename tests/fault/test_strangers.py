@@ -14,9 +14,11 @@ import time
 import urllib.error
 import urllib.request
 
-from grokwatch.wire import encode
+import pytest
 from helpers import Pusher, free_port, scrape, start_collector, value, wait_until
 from wire_factories import make_hello, make_routing
+
+from grokwatch.wire import encode
 
 GREETING_START = b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f"  # ZMTP 3 signature; the rest never comes
 
@@ -70,14 +72,13 @@ def test_stalled_greetings_are_capped_timed_out_and_counted(tmp_path):
         c.stop()
 
 
+@pytest.mark.slow
 def test_a_thousand_stalled_strangers_cannot_stop_ingest_or_metrics(tmp_path):
     """The reported case: a collector started with the soft limit of 1,024 descriptors, 1,100 stalled
     connections, an agent sending meanwhile. The collector raises its soft limit to the hard one, caps
     ingest connections below it, drops stalled greetings after the handshake timeout."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 4096 or soft < 2400:
-        import pytest
-
         pytest.skip(f"descriptor limits {soft}/{hard}: too low to stage 1,100 connections from the test")
     endpoint, metrics = f"tcp://127.0.0.1:{free_port()}", free_port()
     env = {**os.environ, "GROKWATCH_HANDSHAKE_TIMEOUT_S": "2", "GROKWATCH_SNAPSHOT_INTERVAL_S": "1"}
@@ -197,4 +198,51 @@ def test_an_unexpected_error_in_the_receive_loop_is_counted_and_survived(tmp_pat
         assert value(s, "grokwatch_collector_loop_errors_total", thread="receive") == 1
         assert all(t.is_alive() for t in c.ingest._threads) and _readyz(c.metrics_port)[0] == 200
     finally:
+        c.stop()
+
+
+@pytest.mark.slow
+def test_thousands_of_idle_metrics_connections_cannot_keep_a_scrape_out(tmp_path):
+    """Issue 34: 3,015 idle connections to /metrics filled the 64 connection slots, and 5 of 23 legitimate
+    concurrent scrapes failed or took over a second. Idle connections now wait in a room that costs no
+    thread; a scrape gets a worker as soon as it sends its request."""
+    import threading
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if min(hard, 1 << 20) < 8192:
+        pytest.skip(f"descriptor limit {hard}: too low for 3,000 connections on both sides in one process")
+    c = start_collector(tmp_path)  # raises this process's soft limit to the hard one
+    # The idle clients are another process, as an attacker's would be (in this one, the accept thread
+    # would share the interpreter's lock with the loop that connects).
+    code = ("import resource, socket, sys, time\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)\n"
+            "idle = [socket.create_connection(('127.0.0.1', int(sys.argv[1]))) for _ in range(3000)]\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(120)\n")
+    idle = subprocess.Popen([sys.executable, "-c", code, str(c.metrics_port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert idle.stdout is not None and idle.stdout.readline().strip() == "ready"
+        times, errors = [], []
+
+        def one_scrape():
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=10) as r:
+                    assert r.status == 200 and b"grokwatch_collector_messages_received_total" in r.read()
+                times.append(time.monotonic() - started)
+            except Exception as exc:  # noqa: BLE001 — any failure is the finding
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one_scrape) for _ in range(23)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors and len(times) == 23
+        assert max(times) < 2.0, sorted(times)  # well inside Prometheus' 10 s scrape timeout
+        assert _readyz(c.metrics_port)[0] == 200
+        assert threading.active_count() < 200  # the idle ones hold no thread
+    finally:
+        idle.kill()
+        idle.wait(10)
         c.stop()

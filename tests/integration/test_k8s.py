@@ -8,12 +8,16 @@ No Docker engine runs here, so the image is not built: its command and ports are
 from __future__ import annotations
 
 import argparse
+import base64
+import functools
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Optional
 from urllib.parse import urlparse
 
 import pytest
@@ -30,11 +34,25 @@ KUBERNETES = "1.30.0"  # the oldest Kubernetes the manifests are checked against
 
 
 
-def kustomize(overlay: str) -> list[dict]:
+@functools.lru_cache(maxsize=1)
+def keyed_tree() -> Path:
+    """A copy of deploy/k8s with the DaemonSet's CURVE keys made, as ``make k8s-keys`` does (the keys are
+    never committed: the tree as committed does not render its base)."""
+    from grokwatch.keys import generate
+
+    tree = Path(tempfile.mkdtemp(prefix="gw-k8s-")) / "k8s"
+    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("curve"))
+    for name in ("collector", "agent"):
+        generate(str(tree / "base" / "curve"), name)
+    return tree
+
+
+def kustomize(overlay: str, tree: Optional[Path] = None) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with its kustomize) is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(K8S / overlay)], capture_output=True, text=True)
+    out = subprocess.run([kubectl, "kustomize", str((tree or keyed_tree()) / overlay)], capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
@@ -78,6 +96,60 @@ def test_the_manifests_render_and_validate_against_the_kubernetes_schema(overlay
     assert ({"PodMonitor", "PrometheusRule"} <= kinds) == (overlay != "base")
 
 
+CURVE_MOUNT = "/etc/grokwatch-curve"
+
+
+def materialize_secret(pod: dict, secret: dict, where: Path) -> Path:
+    """Write the Secret's data as the pod's secret volume lays it out (its items' paths); returns the folder
+    standing for the volume's mount."""
+    [container] = pod["spec"]["containers"]
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == CURVE_MOUNT]
+    [volume] = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    root = where / "curve-volume"
+    for item in volume["secret"]["items"]:
+        path = root / item["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(secret["data"][item["key"]]))
+    return root
+
+
+def test_the_daemonset_is_closed_by_default_curve_keys_from_a_generated_secret(tmp_path):
+    """Issue 34: the shipped DaemonSet admitted anyone its NetworkPolicy admitted (4 of 7 spoofing attacks
+    worked). Its collector now requires CURVE, from a Secret made of `make k8s-keys`' files; without them
+    the base does not render."""
+    kinds = by_kind(kustomize("base"))
+    pod = kinds["DaemonSet"]["spec"]["template"]
+    [(filename, toml)] = kinds["ConfigMap"]["data"].items()
+    assert f'curve_secret_key = "{CURVE_MOUNT}/' in toml and f'curve_allowed_clients = "{CURVE_MOUNT}/' in toml
+    curve_dir = materialize_secret(pod, kinds["Secret"], tmp_path)
+    (tmp_path / filename).write_text(toml.replace(CURVE_MOUNT, str(curve_dir)))
+    config = config_from_args(collector_args(["--config", str(tmp_path / filename)]), environ={})
+    assert config.curve_secret_key and config.curve_allowed_clients  # the collector refuses plain clients
+    assert [p.name for p in Path(config.curve_allowed_clients).iterdir()] == ["agent.key"]
+    # The keys are never committed, and the tree as committed does not render the base.
+    assert subprocess.run(["git", "check-ignore", "-q", "deploy/k8s/base/curve/collector.key_secret"],
+                          cwd=ROOT).returncode == 0
+    bare = Path(tempfile.mkdtemp(prefix="gw-k8s-bare-")) / "k8s"
+    shutil.copytree(K8S, bare, ignore=shutil.ignore_patterns("curve"))
+    kubectl = shutil.which("kubectl") or "kubectl"
+    out = subprocess.run([kubectl, "kustomize", str(bare / "base")], capture_output=True, text=True)
+    assert out.returncode != 0 and "curve" in out.stderr
+    # The agent's side: the example Job mounts its Secret where its variables point, under the names the
+    # documented `kubectl create secret --from-file` gives the keys.
+    [job] = [d for d in kustomize("examples/agent-curve") if d["kind"] == "Job"]
+    validate(job)
+    spec = job["spec"]["template"]["spec"]
+    [trainer] = spec["containers"]
+    env = {e["name"]: e["value"] for e in trainer["env"]}
+    [mount] = trainer["volumeMounts"]
+    [volume] = spec["volumes"]
+    assert mount["name"] == volume["name"] and volume["secret"]["secretName"] == "grokwatch-agent-curve"
+    assert env["GROKWATCH_CURVE_SERVER_KEY"] == f"{mount['mountPath']}/collector.key"
+    assert env["GROKWATCH_CURVE_SECRET_KEY"] == f"{mount['mountPath']}/agent.key_secret"
+    assert env["GROKWATCH_ENDPOINT"].startswith("tcp://grokwatch-collector.grokwatch.svc:")
+
+
 def mebibytes(quantity: str) -> int:
     units = {"Ki": 2**-10, "Mi": 1, "Gi": 2**10}
     for suffix, factor in units.items():
@@ -91,8 +163,11 @@ def test_the_daemonset_runs_the_collector_as_its_config_says(tmp_path):
     daemonset, service, configmap = kinds["DaemonSet"], kinds["Service"], kinds["ConfigMap"]
     pod = daemonset["spec"]["template"]
     [container] = pod["spec"]["containers"]
-    # The config file the ConfigMap mounts is valid for the collector (its own --check-config).
+    # The config file the ConfigMap mounts is valid for the collector (its own --check-config), with the
+    # CURVE Secret's files where the volume puts them (here under tmp_path).
     [(filename, toml)] = configmap["data"].items()
+    curve_dir = materialize_secret(pod, kinds["Secret"], tmp_path)
+    toml = toml.replace(CURVE_MOUNT, str(curve_dir))
     (tmp_path / filename).write_text(toml)
     check = subprocess.run([sys.executable, "-m", "grokwatch.cli", "collector", "--check-config",
                             str(tmp_path / filename)], capture_output=True, text=True)

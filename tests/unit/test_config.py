@@ -41,9 +41,9 @@ def _outcome(load, key):
 def test_every_key_refuses_hostile_values_in_one_line(key, tmp_path):
     outcomes = []
     for i, bad in enumerate(HOSTILE):
-        outcomes.append(_outcome(lambda: CollectorConfig(**{key: bad}), key))
+        outcomes.append(_outcome(lambda bad=bad: CollectorConfig(**{key: bad}), key))
         env = {"GROKWATCH_" + key.upper(): str(bad)}
-        outcomes.append(_outcome(lambda: load_config(environ=env), key))
+        outcomes.append(_outcome(lambda env=env: load_config(environ=env), key))
         if isinstance(bad, float) and not math.isfinite(bad):
             text = f"{key} = {'nan' if bad != bad else ('inf' if bad > 0 else '-inf')}\n"
         elif isinstance(bad, str):
@@ -56,7 +56,7 @@ def test_every_key_refuses_hostile_values_in_one_line(key, tmp_path):
             text = f"{key} = {bad}\n"
         path = tmp_path / f"c{i}.toml"
         path.write_text(text)
-        outcomes.append(_outcome(lambda: load_config(str(path), environ={}), key))
+        outcomes.append(_outcome(lambda path=path: load_config(str(path), environ={}), key))
     assert "refused" in outcomes  # every key has a range to leave
 
 

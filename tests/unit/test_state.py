@@ -712,3 +712,42 @@ def test_senders_from_an_older_snapshot_restore_their_recency_tables():
     restored.__setstate__(_unpack(_pack(attrs)))
     assert list(restored.order) == ["b", "a"] and list(restored.by_run["r"]) == ["b", "a"]
     assert not restored.dormant
+
+
+def test_probe_histories_cost_no_more_than_they_are_counted_for():
+    """The estimate max_memory_mb charges for (memorization.SAMPLE_BYTES, OBS_BYTES) bounds what the
+    histories really take (tracemalloc), for new samples and for long histories."""
+    import tracemalloc
+
+    from grokwatch.collector.memorization import MemorizationTracker
+
+    rng = np.random.default_rng(0)
+    ids = [f"probe-sample-{i:06d}" for i in range(1000)]
+    tracker = MemorizationTracker(delta=0.05, consecutive=3, epsilon={"math": 0.1}, max_samples=10**6,
+                                  bucket_steps=1000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for step in range(1, 301):  # past MAX_HISTORY: the histories roll
+            for j in range(0, len(ids), 300):
+                tracker.observe(step, ids[j:j + 300], ["math"] * 300, rng.random(300))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert tracker.observations == 256 * len(ids)
+    held = grown + 80 * len(ids)  # the ids themselves (~70 B), made before tracemalloc looked
+    assert held <= tracker.nbytes < 1.5 * held  # an upper bound, and not a wild one
+
+
+def test_probe_histories_stay_within_max_memory_mb_by_forgetting_the_oldest_samples():
+    """Issue 29: one probe stream at the caps held ~1.1 GiB of histories outside the bound."""
+    state, _ = new_state(max_memory_mb=2, comparisons_per_sample=4, window_samples=8)
+    rng = np.random.default_rng(3)
+    for seq in range(1, 301):
+        state.handle(make_routing(rng=rng, seq=seq, n=32, step=seq, source="probe", loss=True, num_layers=2,
+                                  num_experts=4, groups=("math",) * 32,
+                                  sample_ids=[f"p{seq}-{i}" for i in range(32)]))
+        assert state.memory_bytes() <= 2 * 2**20
+    stream = state.streams[("run-a", "probe")]
+    assert stream.memorization.evicted > 0 and not state.rejected_total
+    assert state.samples_total == 300 * 32
