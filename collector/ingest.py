@@ -5,6 +5,7 @@ the processing thread decodes, validates and applies. Both count what they drop.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import resource
@@ -18,7 +19,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from grokwatch.collector.pipeline import KernelWorkers
 from grokwatch.collector.state import KernelJob, State
-from grokwatch.wire import Limits, peek_sequence
+from grokwatch.wire import Limits, peek_route, peek_sequence
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,25 @@ class Ingest:
         self.state = state
         # collector/pipeline.py: routing kernels on worker threads; 0: on the processing thread
         self.workers = KernelWorkers(state, kernel_workers) if kernel_workers > 0 else None
+        if self.workers is not None:
+            self.workers.on_room = lambda: self._room.set()
         self.wal = wal  # collector/wal.py: every message appended before it is queued or dropped
         self.limits = Limits(max_message_bytes=max_message_bytes)
-        self.queue: "queue.Queue[tuple[int, bytes]]" = queue.Queue(maxsize=queue_capacity)  # (wal index, bytes)
+        # (wal index, bytes, wire.peek_route of them)
+        self.queue: "queue.Queue[tuple[int, bytes, Optional[tuple[str, str, Optional[str]]]]]" = queue.Queue(
+            maxsize=queue_capacity)
         self.capacity = queue_capacity
         self.capacity_bytes = queue_max_bytes  # bounded in bytes too: messages of up to max_message_bytes each
         self.queued_bytes = 0
         self._bytes_lock = threading.Lock()
+        # Fair shares (issue 34): bytes queued per sender; past half the byte bound, a sender holding more
+        # than its share (the bound / the senders with bytes queued) has its next message dropped as
+        # queue_full, so that one sender's flood cannot take the whole queue from the others.
+        self._sender_bytes: dict[Optional[str], int] = {}
+        # Messages held back, unadmitted, because their stream's kernels hold their backlog (pipeline.py):
+        # per sender, in order (a sender's messages are admitted in the order it sent them).
+        self._parked: "collections.OrderedDict[Optional[str], collections.deque]" = collections.OrderedDict()
+        self._room = threading.Event()  # a stream fell below its cap: the parked may go
         self.auth = None
         if curve_secret_key:
             # CURVE: an own context (one ZAP handler per context), the allow-list checked by pyzmq's
@@ -206,13 +219,21 @@ class Ingest:
         (received and rejected), a queued message when the processing thread applies it."""
         t = time.time()
         reason = None
+        route = None
         if len(data) > self.limits.max_message_bytes:
             reason = "too_large"
         else:
+            route = peek_route(data, self.limits)
+            sender = route[0] if route else None
+            size = len(data)
             with self._bytes_lock:
-                room = self.queued_bytes + len(data) <= self.capacity_bytes and not self.queue.full()
+                room = self.queued_bytes + size <= self.capacity_bytes and not self.queue.full()
+                if room and self.queued_bytes > self.capacity_bytes // 2:
+                    active = len(self._sender_bytes) + (sender not in self._sender_bytes)
+                    room = self._sender_bytes.get(sender, 0) + size <= self.capacity_bytes // active
                 if room:
-                    self.queued_bytes += len(data)
+                    self.queued_bytes += size
+                    self._sender_bytes[sender] = self._sender_bytes.get(sender, 0) + size
             if not room:
                 reason = "queue_full"
         if reason is not None:
@@ -221,7 +242,9 @@ class Ingest:
             self.state.count_drop(reason, sequence, index)
             return
         index = self.wal.message(t, data) if self.wal else -1
-        self.queue.put_nowait((index, data))  # cannot fail: one producer, and there was room
+        self.queue.put_nowait((index, data, route))  # cannot fail: one producer, and there was room
+        if self._parked:
+            self._room.set()  # the processing thread may be waiting on held-back messages: a new one came
 
     def _monitor_events(self) -> None:
         while True:
@@ -302,22 +325,63 @@ class Ingest:
                 self._loop_error("receive", exc)
 
     def _process_loop(self) -> None:
-        while not (self._stop.is_set() and self.queue.empty()) and not self._abandon.is_set():
-            try:
-                index, data = self.queue.get(timeout=POLL_MS / 1000)
-            except queue.Empty:
+        while not (self._stop.is_set() and self.queue.empty() and not self._parked) and not self._abandon.is_set():
+            item = self._next()
+            if item is None:
                 continue
+            index, data, route = item
             try:
-                self.process(data, index)
+                self.process(data, index, route)
             except Exception as exc:  # State.apply counts its own failures; this is a bug, survived
-                self._release(len(data))
+                self._release(len(data), route)
                 self._loop_error("process", exc)
 
-    def _release(self, size: int) -> None:
+    def _stream_of(self, route) -> Optional[tuple[str, str]]:
+        return (route[1], route[2]) if route is not None and route[2] is not None else None
+
+    def _next(self):
+        """The next message to admit: a held-back sender's first whose stream has room now, else the queue's
+        next — unless its sender is held back (it joins the line) or its stream is full (it starts one)."""
+        workers = self.workers
+        if workers is not None:
+            for sender, line in self._parked.items():
+                key = self._stream_of(line[0][2])
+                if key is None or workers.has_room(key):
+                    item = line.popleft()
+                    if not line:
+                        del self._parked[sender]
+                    return item
+        self._room.clear()
+        try:
+            # With messages held back, wait for room or a new message (both set _room), not on the queue
+            # alone: a stream's room must be used at once, or its worker idles.
+            item = self.queue.get_nowait() if self._parked else self.queue.get(timeout=POLL_MS / 1000)
+        except queue.Empty:
+            if self._parked:
+                self._room.wait(POLL_MS / 1000)
+            return None
+        if workers is None:
+            return item
+        route = item[2]
+        sender = route[0] if route is not None else None
+        key = self._stream_of(route)
+        if sender in self._parked or (key is not None and not workers.has_room(key)):
+            self._parked.setdefault(sender, collections.deque()).append(item)
+            self.state.hold_wal(item[0])  # applied out of order: a snapshot must not count it as applied
+            return None
+        return item
+
+    def _release(self, size: int, route=None) -> None:
+        sender = route[0] if route is not None else None
         with self._bytes_lock:
             self.queued_bytes -= size
+            left = self._sender_bytes.get(sender, 0) - size
+            if left > 0:
+                self._sender_bytes[sender] = left
+            else:
+                self._sender_bytes.pop(sender, None)
 
-    def process(self, data: bytes, wal_index: int = -1) -> None:
+    def process(self, data: bytes, wal_index: int = -1, route=None) -> None:
         """Decode and apply one message (State.apply: every failure counted, none escapes). Its bytes stay
         counted in ``queued_bytes`` until it is done, kernels included."""
         size = len(data)
@@ -326,8 +390,8 @@ class Ingest:
             workers = self.workers
 
             def to_workers(job: KernelJob) -> None:
-                workers.dispatch(job, lambda: self._release(size))
+                workers.dispatch(job, lambda: self._release(size, route))
 
             dispatch = to_workers
         if not self.state.apply(data, self.limits, wal_index, dispatch):
-            self._release(size)
+            self._release(size, route)

@@ -74,6 +74,11 @@ def validate_state(data: dict, config: CollectorConfig) -> None:
             _fail("wal_applied", "not a pair")
         for i, v in enumerate(w):
             _count(f"wal_applied[{i}]", v, lo=-1)
+    held = data.get("wal_held", set())
+    if not isinstance(held, set):
+        _fail("wal_held", "not a set")
+    for v in held:
+        _count("wal_held", v)
     if "rng" in data and not isinstance(data["rng"], np.random.Generator):
         _fail("rng", "not a generator")
     for run, step in _dict("train_step", data.get("train_step", {})).items():

@@ -150,13 +150,14 @@ class Collector:
         after the last snapshot, and those still queued at the kill. Their journal lines written before
         the kill are not written again. Returns the next record index."""
         applied_m, applied_d = self.state.wal_applied
+        held = set(self.state.wal_held)
         self.state.journal_replayed = wal.journaled_records(self.journal.path) if self.journal else wal.JournaledRecords()
         clock, replayed, last = self.state.clock, 0, max(applied_m, applied_d)
         limits = Limits(max_message_bytes=self.config.max_message_bytes)
         try:
             for kind, index, t, payload in wal.read(state_dir, on_bad=self.state.count_persist_error):
                 last = max(last, index)
-                if kind == wal.MESSAGE and index > applied_m:
+                if kind == wal.MESSAGE and (index > applied_m or index in held):
                     self.state.clock = lambda t=t: t  # judged (stale, idle runs) as when it arrived
                     self.state.apply(payload, limits, index)
                     replayed += 1
@@ -259,6 +260,8 @@ class Collector:
             if self.wal:
                 self.wal.rotate()
             applied = list(self.state.wal_applied)
+            if self.state.wal_held:  # a held-back message's record stays until it is applied
+                applied[0] = min(applied[0], min(self.state.wal_held) - 1)
             blob = self.state.snapshot_blob()
         try:
             write_snapshot(self.config.state_dir, blob)

@@ -81,6 +81,9 @@ class State:
         # Write-ahead log positions (collector/wal.py): the index of the last message and of the last drop
         # record applied here; -1: none. A snapshot carries them, the replay at start-up resumes after them.
         self.wal_applied = [-1, -1]
+        # Message records held back by ingest (their stream's kernels full: collector/pipeline.py) and so
+        # applied after later ones: not applied, whatever wal_applied says; the replay applies them.
+        self.wal_held: set[int] = set()
         self._wal_index = -1  # the record being applied now (journal lines carry it as "w")
         self.journal_replayed = wal.JournaledRecords()  # during a replay: the records journaled already
         self._next_sweep = 0.0
@@ -105,6 +108,12 @@ class State:
     def count_handshake_failure(self, why: str) -> None:
         with self.lock:
             self.handshake_failures[why] = self.handshake_failures.get(why, 0) + 1
+
+    def hold_wal(self, index: int) -> None:
+        """A message record ingest holds back: applied later than records after it."""
+        if index >= 0:
+            with self.lock:
+                self.wal_held.add(index)
 
     def count_loop_error(self, where: str) -> int:
         with self.lock:
@@ -140,7 +149,8 @@ class State:
             self.received_total += 1
             self._wal_index = wal_index
             if wal_index >= 0:
-                self.wal_applied[0] = wal_index
+                self.wal_applied[0] = max(self.wal_applied[0], wal_index)
+                self.wal_held.discard(wal_index)
             try:
                 job = self.admit(decode(data, limits))
             except WireError as exc:
@@ -412,7 +422,7 @@ class State:
     SNAPSHOT_FIELDS = ("streams", "runs", "senders", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
                        "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "handshake_failures", "wal_applied",
-                       "stale_stream_reads", "disconnects_total", "loop_errors")
+                       "stale_stream_reads", "disconnects_total", "loop_errors", "wal_held")
 
     def snapshot(self) -> dict:
         """The fields, by reference: serialize them quiesced (``snapshot_blob``) or they may tear."""

@@ -6,7 +6,7 @@ Imported by both sides; needs only numpy and msgpack. Format: docs/wire.md.
     msg = decode(encode(routing))   # raises only WireError for bad bytes
 """
 
-from grokwatch.wire.codec import decode, encode, peek_sequence
+from grokwatch.wire.codec import decode, encode, peek_route, peek_sequence
 from grokwatch.wire.errors import REASONS, WireError
 from grokwatch.wire.limits import DEFAULT_LIMITS, DEFAULT_MAX_MESSAGE_BYTES, Limits
 from grokwatch.wire.messages import (
@@ -44,5 +44,6 @@ __all__ = [
     "WireError",
     "decode",
     "encode",
+    "peek_route",
     "peek_sequence",
 ]

@@ -287,6 +287,28 @@ def peek_sequence(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Optional[tupl
     return None
 
 
+def peek_route(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Optional[tuple[str, str, Optional[str]]]:
+    """(sender, run, source) of a message without decoding its arrays (source None but for routing
+    messages): where the collector's kernels will run it, known before it is admitted, so that one run's
+    backlog can wait without holding the others up. None when the header does not say. Never raises."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1), max_bin_len=0,
+                                    max_str_len=limits.max_str_len * 4, max_array_len=0, max_map_len=64, max_ext_len=0)
+        unpacker.feed(data[:4096])
+        fields: dict = {}
+        for _ in range(min(unpacker.read_map_header(), 16)):
+            key = unpacker.unpack()
+            value = unpacker.unpack()
+            if key in ("kind", "run", "sender", "source") and isinstance(value, str):
+                fields[key] = value
+            if "sender" in fields and "run" in fields and "kind" in fields and (
+                    fields["kind"] != "routing" or "source" in fields):
+                return fields["sender"], fields["run"], fields.get("source")
+    except Exception:
+        return None
+    return None
+
+
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
     """Parse and validate one message. Raises only ``WireError``."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
