@@ -24,6 +24,10 @@ from grokwatch.wire import Limits, peek_route, peek_sequence
 log = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often the threads look at the stop flag
+# Graceful degradation (issue 33): with more than DEGRADE_FROM of the queue's capacity waiting (held-back
+# messages included), a routing message's pairs per sample are lowered linearly, to 1 at DEGRADE_TO, so that
+# the kernels catch up instead of the queue dropping messages; every message is still applied.
+DEGRADE_FROM, DEGRADE_TO = 0.01, 0.10
 RESERVED_DESCRIPTORS = 256  # kept from ingest connections: /metrics, the state directory, libzmq's own
 LOOP_ERROR_LOG_EVERY = 1000  # an unexpected error in a loop is logged the first time, then every this many
 
@@ -100,6 +104,7 @@ class Ingest:
         # per sender, in order (a sender's messages are admitted in the order it sent them).
         self._parked: "collections.OrderedDict[Optional[str], collections.deque]" = collections.OrderedDict()
         self._room = threading.Event()  # a stream fell below its cap: the parked may go
+        self._parked_count = 0
         self.auth = None
         if curve_secret_key:
             # CURVE: an own context (one ZAP handler per context), the allow-list checked by pyzmq's
@@ -330,11 +335,22 @@ class Ingest:
             if item is None:
                 continue
             index, data, route = item
+            self.state.comparisons_now = self._comparisons()
             try:
                 self.process(data, index, route)
             except Exception as exc:  # State.apply counts its own failures; this is a bug, survived
                 self._release(len(data), route)
                 self._loop_error("process", exc)
+
+    def _comparisons(self) -> int:
+        """Pairs per sample for the next message: m while the queue is short; fewer, down to 1, as it fills."""
+        m = self.state.config.comparisons_per_sample
+        waiting = self.queue.qsize() + self._parked_count
+        fill = max(waiting / self.capacity, self.queued_bytes / self.capacity_bytes)
+        if fill <= DEGRADE_FROM:
+            return m
+        share = 1.0 - (fill - DEGRADE_FROM) / (DEGRADE_TO - DEGRADE_FROM)
+        return max(1, min(m, round(m * share)))
 
     def _stream_of(self, route) -> Optional[tuple[str, str]]:
         return (route[1], route[2]) if route is not None and route[2] is not None else None
@@ -348,6 +364,7 @@ class Ingest:
                 key = self._stream_of(line[0][2])
                 if key is None or workers.has_room(key):
                     item = line.popleft()
+                    self._parked_count -= 1
                     if not line:
                         del self._parked[sender]
                     return item
@@ -367,6 +384,7 @@ class Ingest:
         key = self._stream_of(route)
         if sender in self._parked or (key is not None and not workers.has_room(key)):
             self._parked.setdefault(sender, collections.deque()).append(item)
+            self._parked_count += 1
             self.state.hold_wal(item[0])  # applied out of order: a snapshot must not count it as applied
             return None
         return item

@@ -45,6 +45,7 @@ class KernelJob:
     targets_N2: np.ndarray
     wal_index: int
     started: float  # perf_counter at admission: processing time runs to the end of ``finish``
+    comparisons: int = 0  # m for this message: the configured one, fewer when the collector is behind (ingest.py)
     stats: Optional[tuple] = None  # Stream.process's result
     transfers: list = field(default_factory=list)  # Stream.transfers's (group, record) pairs
 
@@ -77,6 +78,10 @@ class State:
         self.handshake_failures: dict[str, int] = {}  # ZeroMQ connections refused: ingest.HANDSHAKE_REASONS
         self.loop_errors: dict[str, int] = {}  # unexpected exceptions survived, by thread (ingest.py, service.py)
         self.ingest_connections = 0
+        # Pairs per sample for the next routing message: the configured m, or fewer while ingest is behind
+        # (set by the processing thread before it applies a message: ingest.py ``_comparisons``).
+        self.comparisons_now = config.comparisons_per_sample
+        self.reduced_messages_total = 0  # routing messages whose pairs were reduced (a noisier estimate)
         self._world_capped: set[str] = set()  # runs whose declared world size was over max_world_size (logged)  # open ingest connections (ingest.py's socket monitor; set by its thread)
         # Write-ahead log positions (collector/wal.py): the index of the last message and of the last drop
         # record applied here; -1: none. A snapshot carries them, the replay at start-up resumes after them.
@@ -176,7 +181,7 @@ class State:
         try:
             with job.stream.lock:  # the kernels hold only their stream (lock order: State.lock, then a stream's)
                 job.stats = job.stream.process(job.msg, job.targets_N2, self.config.pathway_tau,
-                                               self.config.comparisons_per_sample, MIN_MAX_COSINE)
+                                               job.comparisons or self.config.comparisons_per_sample, MIN_MAX_COSINE)
                 job.transfers = job.stream.transfers(job.msg, job.targets_N2)
         except Exception:
             log.exception("internal error in the kernels of a routing message")
@@ -385,7 +390,11 @@ class State:
                 bucket = self.group_label(stream, stream.memorization.bucket_label(step))
                 if bucket != label:
                     targets[i, 1] = stream.index[bucket]
-        return KernelJob(msg, stream, targets, self._wal_index, started)
+        m = min(self.comparisons_now, self.config.comparisons_per_sample)
+        if m < self.config.comparisons_per_sample:
+            self.reduced_messages_total += 1
+        stream.comparisons = m
+        return KernelJob(msg, stream, targets, self._wal_index, started, comparisons=m)
 
     def finish(self, job: KernelJob) -> None:
         """After the kernels: the message's points into the phase trackers and the journal, under the lock."""
@@ -398,6 +407,7 @@ class State:
                     self.samples_total += job.msg.num_samples
                     for record in evidence.routing_points(self.config, job.msg, job.stream, job.targets_N2,
                                                           job.stats):
+                        record["comparisons"] = job.comparisons  # m of this point's pairs (fewer: noisier)
                         self._journal(record)
                     for group, transfer in job.transfers:  # METRICS.md §6 (collector/transfer.py)
                         self._journal(dict(kind="transfer", run=job.msg.run, source=job.msg.source, group=group,
@@ -422,7 +432,7 @@ class State:
     SNAPSHOT_FIELDS = ("streams", "runs", "senders", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
                        "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "handshake_failures", "wal_applied",
-                       "stale_stream_reads", "disconnects_total", "loop_errors", "wal_held")
+                       "stale_stream_reads", "disconnects_total", "loop_errors", "wal_held", "reduced_messages_total")
 
     def snapshot(self) -> dict:
         """The fields, by reference: serialize them quiesced (``snapshot_blob``) or they may tear."""

@@ -161,6 +161,7 @@ class Stream:
             epsilon=config.memorization_epsilon, max_samples=config.max_probe_samples,
             bucket_steps=config.memorization_bucket_steps) if source != "train" else None
         self.latest_step = 0
+        self.comparisons = config.comparisons_per_sample  # m of its latest routing message (state.py, view.py)
         self.rng = rng
         self.lock = threading.Lock()  # held while the kernels write the arrays (State.run)
         L = num_layers

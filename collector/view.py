@@ -154,6 +154,9 @@ def _specs() -> tuple[Spec, ...]:
     fam("expert_load_rank_share", "gauge", "The load share of the expert at each rank (as expert_load_rank_expert)",
         LAYER_LABELS + ("end", "rank"))
     fam("distinct_pathways", "gauge", "Distinct pathways in the group's window (exact)", GROUP_LABELS)
+    fam("pathway_comparisons_effective", "gauge", "Pairs per sample of the stream's latest routing message: "
+        "comparisons_per_sample, or fewer while the collector is behind (a noisier, still unbiased estimate)",
+        ("run", "source"))
     fam("memorized_samples", "gauge", "Probe samples memorized (METRICS.md §4)", GROUP_LABELS)
     fam("group_latest_step", "gauge", "Latest training step seen for the group", GROUP_LABELS)
     fam("group_phase", "gauge", "1 for the group's current phase, 0 for the others (METRICS.md §5)",
@@ -186,6 +189,9 @@ def _specs() -> tuple[Spec, ...]:
         "incomplete (timed out, or left mid-handshake), connection_cap (over max_ingest_connections)",
         ("reason",))
     fam("collector_ingest_connections", "gauge", "Ingest connections open (accepted, not yet ended)", ())
+    fam("collector_reduced_precision_messages_total", "counter",
+        "Routing messages whose pairs were reduced below comparisons_per_sample because ingest was behind "
+        "(every message is still applied: router health, counts, pathways)", ())
     fam("collector_loop_errors_total", "counter",
         "Unexpected exceptions the collector's threads survived, by thread (a bug: please report it)", ("thread",))
     fam("collector_disconnects_total", "counter", "Ingest connections that ended: agents that exited, and those "
@@ -236,6 +242,7 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
         for why in HANDSHAKE_REASONS:
             F["collector_handshake_failures_total"].add((why,), state.handshake_failures.get(why, 0))
         F["collector_ingest_connections"].add((), state.ingest_connections)
+        F["collector_reduced_precision_messages_total"].add((), state.reduced_messages_total)
         for thread in LOOP_THREADS:
             F["collector_loop_errors_total"].add((thread,), state.loop_errors.get(thread, 0))
         for what in PERSIST_ERRORS:
@@ -275,6 +282,7 @@ def _read_stream(F: dict, state: State, stream, run: str, source: str, carriers:
 def _stream_families(F: dict, state: State, stream, run: str, source: str, carriers: dict) -> None:
     """One stream's series into the families ``F`` (the caller holds the state's lock and the stream's)."""
     memorized = stream.memorization.memorized_counts() if stream.memorization else {}
+    F["pathway_comparisons_effective"].add((run, source), getattr(stream, "comparisons", state.config.comparisons_per_sample))
     series_items = [(name, g.series, g.window) for name, g in sorted(stream.groups.items())]
     series_items.append((CROSS_GROUP, stream.cross, None))
     for name, series, window in series_items:

@@ -62,6 +62,8 @@ FROZEN = {
     "grokwatch_collector_disconnects_total": ("counter", ()),
     "grokwatch_collector_handshake_failures_total": ("counter", ("reason",)),
     "grokwatch_collector_ingest_connections": ("gauge", ()),
+    "grokwatch_collector_reduced_precision_messages_total": ("counter", ()),
+    "grokwatch_pathway_comparisons_effective": ("gauge", ("run", "source")),
     "grokwatch_collector_loop_errors_total": ("counter", ("thread",)),
     "grokwatch_agent_messages_sent_total": ("counter", ("run", "rank")),
     "grokwatch_agent_messages_dropped_total": ("counter", ("run", "rank", "reason")),

@@ -751,3 +751,62 @@ def test_probe_histories_stay_within_max_memory_mb_by_forgetting_the_oldest_samp
     stream = state.streams[("run-a", "probe")]
     assert stream.memorization.evicted > 0 and not state.rejected_total
     assert state.samples_total == 300 * 32
+
+
+def test_fewer_comparisons_per_sample_keep_the_point_estimate_unbiased():
+    """Issue 33: under overload the collector lowers m instead of dropping messages. Each sample's m pairs
+    are drawn uniformly from its eligible window slots, so the point (the mean over the message's pairs)
+    estimates the same mean at any m: over 300 seeds at m = 2 it agrees with the all-pairs reference."""
+    rng = np.random.default_rng(21)
+    shape = dict(num_layers=3, num_experts=12, top_k=2, concentration=0.3)
+    warm = make_routing(rng=rng, seq=1, n=10, step=1, sample_ids=[f"w{i}" for i in range(10)], **shape)
+    test = make_routing(rng=rng, seq=2, n=4, step=2, sample_ids=[f"t{i}" for i in range(4)], **shape)
+    paths = [p for p, _ in pathways([warm, test])]
+    expected = np.mean([np.mean([reference.levenshtein(paths[10 + i], paths[j]) for j in range(10 + i)])
+                        for i in range(4)])
+    got = []
+    for seed in range(300):
+        state, records = new_state(seed=seed, comparisons_per_sample=16, window_samples=64)
+        state.handle(warm)
+        state.comparisons_now = 2  # what ingest sets while it is behind
+        state.handle(test)
+        point = [r for r in records if r["kind"] == "point"][-1]
+        assert point["comparisons"] == 2 and point["samples"] == 4
+        got.append(point["distance"])
+    assert state.reduced_messages_total == 1
+    se = np.std(got) / np.sqrt(len(got))
+    assert abs(np.mean(got) - expected) < 4 * se + 1e-9, (np.mean(got), expected, se)
+    assert np.std(got) > 0  # a noisier estimate, not the same one
+
+
+@pytest.mark.slow
+def test_a_collector_behind_lowers_its_comparisons_and_applies_every_message(tmp_path):
+    """Issue 33: at moderate routing the rated load dropped 10 % of messages as queue_full. Now a backlog
+    lowers the pairs per sample (down to 1) before anything is dropped: every message applied, counted as
+    reduced, journaled with its m, and exported."""
+    from grokwatch.collector.persist import read_journal
+    from grokwatch.wire import encode
+    from helpers import Pusher, scrape, start_collector, value, wait_until
+
+    c = start_collector(tmp_path, kernel_workers=0, comparisons_per_sample=64, window_samples=256)
+    rng = np.random.default_rng(0)
+    n = 1500
+    msgs = [encode(make_routing(rng=rng, seq=s, n=8, step=s, num_layers=16, num_experts=64, top_k=8,
+                                concentration=0.3, sample_ids=[f"s{s}-{i}" for i in range(8)]))
+            for s in range(1, n + 1)]
+    p = Pusher(c.endpoints[0])
+    try:
+        p.send(encode(make_hello(seq=0, num_layers=16, num_experts=64, top_k=8)))
+        for m in msgs:
+            p.send(m)
+        wait_until(lambda: c.state.samples_total == 8 * n, timeout_s=120)
+        s = scrape(c.metrics_port)
+        assert sum(s["grokwatch_collector_messages_rejected_total"].values()) == 0
+        reduced = value(s, "grokwatch_collector_reduced_precision_messages_total")
+        assert 0 < reduced <= n
+        assert value(s, "grokwatch_pathway_comparisons_effective", run="run-a", source="train") == 64  # caught up
+    finally:
+        p.close()
+        c.stop()
+    ms = [r["comparisons"] for r in read_journal(str(tmp_path / "state")) if r.get("kind") == "point"]
+    assert min(ms) < 64 and max(ms) == 64
