@@ -153,7 +153,7 @@ def main() -> int:
     started = time.monotonic()
     end = started + args.minutes * 60
     step, sent_routing, next_read, next_rss = 0, 0, started, started
-    lags, lag_times, queue_sizes, rss, reads = [], [], [], [], []
+    lags, lag_times, queue_sizes, rss, reads, effective = [], [], [], [], [], []
     shuffle = random.Random(1)
     while time.monotonic() < end:
         step += 1
@@ -177,6 +177,9 @@ def main() -> int:
             lags.append(m["grokwatch_collector_ingest_lag_seconds"])
             lag_times.append(now - started)
             queue_sizes.append(m["grokwatch_collector_queue_size"])
+            ms = [v for k, v in m.items() if k.startswith("grokwatch_pathway_comparisons_effective{")]
+            if ms:
+                effective.append(min(ms))
             reads.append((now - started, m))
         if now >= next_rss:
             next_rss = now + 10
@@ -218,6 +221,14 @@ def main() -> int:
           f"lost {m['grokwatch_collector_messages_lost_total']:.0f}  rejected {rejected or 0}")
     print(f"routing sent {sent_routing}  samples processed {m['grokwatch_collector_samples_processed_total']:.0f} "
           f"(expected {sent_routing * args.samples})")
+    reduced = m.get("grokwatch_collector_reduced_precision_messages_total", 0.0)
+    print(f"reduced precision (pairs per sample lowered while behind): {reduced:.0f} of {sent_routing} routing "
+          f"messages ({100 * reduced / max(sent_routing, 1):.1f} %)")
+    if effective:
+        from grokwatch.collector.config import DEFAULT_COMPARISONS
+
+        print(f"pairs per sample in force (read every 0.5 s; configured {DEFAULT_COMPARISONS}): "
+              f"mean {np.mean(effective):.1f}, median {np.median(effective):.0f}, min {min(effective):.0f}")
     print(f"ingest lag (scraped every 0.5 s, {len(lag)} reads): median {np.median(lag):.3f} s, "
           f"p99 {np.percentile(lag, 99):.3f} s, max {lag.max():.3f} s; queue max {max(queue_sizes):.0f}")
     worst = np.argsort(lag)[::-1][:5]
