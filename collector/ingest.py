@@ -6,18 +6,19 @@ the processing thread decodes, validates and applies. Both count what they drop.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
 import resource
 import socket
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from grokwatch.collector.pipeline import KernelWorkers
+from grokwatch.collector.pipeline import KernelWorkers, stream_key
 from grokwatch.collector.state import KernelJob, State
 from grokwatch.wire import Limits, peek_route, peek_sequence
 
@@ -47,33 +48,39 @@ def raise_descriptor_limit() -> int:
     return soft
 
 
-def _connection_identity(fd: int) -> Optional[tuple]:
-    """(local address, peer address) of the connection on descriptor ``fd``, or None where ``fd`` is no
-    longer a connected socket. The descriptor is borrowed, never closed."""
+@contextlib.contextmanager
+def _borrowed(fd: int) -> Iterator[Optional[socket.socket]]:
+    """libzmq's socket on descriptor ``fd``, borrowed (never closed: detached after), or None where ``fd`` is
+    no longer a socket."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
-        return None
+        yield None
+        return
     try:
-        return sock.getsockname(), sock.getpeername()
-    except OSError:
-        return None
+        yield sock
     finally:
         sock.detach()
+
+
+def _connection_identity(fd: int) -> Optional[tuple]:
+    """(local address, peer address) of the connection on descriptor ``fd``, or None where ``fd`` is no
+    longer a connected socket."""
+    with _borrowed(fd) as sock:
+        try:
+            return (sock.getsockname(), sock.getpeername()) if sock is not None else None
+        except OSError:
+            return None
 
 
 def _shut(fd: int) -> None:
     """End the connection on ``fd`` (libzmq sees the end and closes it: a disconnect event follows)."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.detach()
+    with _borrowed(fd) as sock:
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class Ingest:
@@ -353,7 +360,7 @@ class Ingest:
         return max(1, min(m, round(m * share)))
 
     def _stream_of(self, route) -> Optional[tuple[str, str]]:
-        return (route[1], route[2]) if route is not None and route[2] is not None else None
+        return stream_key(route[1], route[2]) if route is not None and route[2] is not None else None
 
     def _next(self):
         """The next message to admit: a held-back sender's first whose stream has room now, else the queue's

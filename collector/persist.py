@@ -28,6 +28,8 @@ from typing import Callable, Iterator, Optional, cast
 import msgpack
 import numpy as np
 
+from grokwatch.collector.wal import _write_whole
+
 log = logging.getLogger(__name__)
 
 SNAPSHOT_NAME = "snapshot.msgpack"
@@ -265,8 +267,6 @@ class Journal:
         return self.failing == 0
 
     def _open(self) -> None:
-        from grokwatch.collector.wal import _write_whole
-
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             size = os.fstat(fd).st_size
@@ -285,8 +285,6 @@ class Journal:
     def __call__(self, record: dict) -> None:
         """Never raises: a write that fails (a full disk) is counted (``journal_write``) and logged once per
         outage; the message it belongs to is still processed and counted as processed."""
-        from grokwatch.collector.wal import _write_whole
-
         try:
             line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
         except (TypeError, ValueError) as exc:

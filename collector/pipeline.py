@@ -9,11 +9,11 @@ decoded while the kernels of this one run, and streams of different runs use mor
 One worker per stream, chosen by the stream's key: a stream's messages run in arrival order. Fairness
 (issue 34: one run's messages at the largest allowed shape left another run on the same worker with 248 of
 5,112 samples processed): a worker shares its time between its streams (start-time fair queueing: the
-next job is of the stream that has used the least kernel time since it last became busy, a newly busy
-stream starting level with the others), and a stream holds admitted, unfinished jobs worth at most ``BACKLOG_S`` of
-kernel time (by the recent cost of its jobs). The processing thread never waits for a worker: a
-message whose stream is full is held back with the rest of its sender's messages (ingest.py ``Ingest``:
-a sender's messages stay in order), and the others go on. So a message of a stream that has used less time waits, at worst,
+next job is of the stream that has used the least kernel time, a stream back from idle starting no lower
+than the others), and a stream holds admitted, unfinished jobs worth at most ``BACKLOG_S`` of kernel time
+(by the recent cost of its jobs). The processing thread never waits for a worker: a message whose stream
+is full is held back with the rest of its sender's messages (ingest.py ``Ingest``: a sender's messages
+stay in order), and the others go on. So a message of a stream that has used less time waits, at worst,
 for the job its worker is running now; and a shutdown, for the running jobs and about ``BACKLOG_S`` of
 queued kernel time per stream (and one job of a stream whose cost is not yet known).
 """
@@ -24,7 +24,7 @@ import collections
 import threading
 import time
 import zlib
-from typing import Callable, Hashable
+from typing import Callable
 
 from grokwatch.collector.state import KernelJob, State
 
@@ -36,7 +36,10 @@ BACKLOG_S = 1.0
 MAX_JOBS_PER_STREAM = 64
 
 
-def stream_key(run: str, source: str) -> tuple[str, str]:
+StreamKey = tuple[str, str]  # (run, source)
+
+
+def stream_key(run: str, source: str) -> StreamKey:
     return run, source
 
 
@@ -46,13 +49,13 @@ class _Worker:
     def __init__(self, state: State, name: str):
         self.state = state
         self.cond = threading.Condition()
-        self.queues: dict[Hashable, collections.deque] = {}
-        self.used: dict[Hashable, float] = {}  # kernel seconds each busy stream has used (its virtual time)
+        self.queues: dict[StreamKey, collections.deque] = {}
+        self.used: dict[StreamKey, float] = {}  # kernel seconds each busy stream has used (its virtual time)
         self.now = 0.0  # the virtual time: the used time of the stream picked last
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def put(self, key: Hashable, item) -> None:
+    def put(self, key: StreamKey, item) -> None:
         with self.cond:
             if key not in self.queues:
                 self.queues[key] = collections.deque()
@@ -99,8 +102,8 @@ class KernelWorkers:
         self.state = state
         self.workers = [_Worker(state, f"grokwatch-kernels-{i}") for i in range(max(1, workers))]
         self._lock = threading.Lock()
-        self.pending: dict[Hashable, int] = {}  # stream key -> jobs admitted and unfinished
-        self.cost: dict[Hashable, float] = {}  # stream key -> recent kernel seconds per job (moving average)
+        self.pending: dict[StreamKey, int] = {}  # stream key -> jobs admitted and unfinished
+        self.cost: dict[StreamKey, float] = {}  # stream key -> recent kernel seconds per job (moving average)
         self.on_room: Callable[[], None] = lambda: None  # a stream fell below its cap (Ingest wakes up)
 
     @property
@@ -112,20 +115,20 @@ class KernelWorkers:
             w.thread.start()
         return self
 
-    def has_room(self, key: Hashable) -> bool:
+    def has_room(self, key: StreamKey) -> bool:
         """Whether a message of stream ``key`` may be admitted now (its backlog under BACKLOG_S)."""
         with self._lock:
             return self._room_for(key)
 
-    def _room_for(self, key: Hashable) -> bool:
+    def _room_for(self, key: StreamKey) -> bool:
         pending = self.pending.get(key, 0)
         if pending == 0:
             return True
         cost = self.cost.get(key)
         return cost is not None and pending < MAX_JOBS_PER_STREAM and pending * cost < BACKLOG_S
 
-    def _worker(self, key: Hashable) -> _Worker:
-        return self.workers[zlib.crc32("\0".join(map(str, key)).encode()) % len(self.workers)]  # type: ignore[arg-type]
+    def _worker(self, key: StreamKey) -> _Worker:
+        return self.workers[zlib.crc32("\0".join(key).encode()) % len(self.workers)]
 
     def dispatch(self, job: KernelJob, done: Callable[[], None] = lambda: None) -> None:
         """On the processing thread: queue the job for its stream's worker (never waits); ``done`` is called

@@ -167,8 +167,6 @@ class MetricsServer(ThreadingWSGIServer):
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.pacer = Pacer(MAX_REQUESTS_PER_S)
         self.refused = 0  # connections closed unserved: waited too long, or no room
-        self._lock = threading.Lock()
-        self._incoming: list = []  # (socket, address) accepted, not yet in the room
         self._waiting: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()  # fd -> (sock, addr, t)
         self._ready: "collections.deque[tuple]" = collections.deque()  # (sock, addr, t): sent bytes, no worker yet
         self._reading: dict[int, tuple] = {}  # fd -> (sock, deadline): workers reading a request
@@ -200,29 +198,32 @@ class MetricsServer(ThreadingWSGIServer):
         self._wake()
         self._stopped.wait(10)
 
-    def _accept_all(self) -> None:
+    def _accept_all(self, now: float) -> None:
+        """Every pending connection into the room."""
         while True:
             try:
-                request, address = self.get_request()
+                sock, addr = self.get_request()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. no descriptor left: try at the next turn
                 log.warning("/metrics: accept failed: %s", exc)
                 return
-            with self._lock:
-                self._incoming.append((request, address))
+            if len(self._waiting) >= MAX_WAITING:
+                _, (old, _, _) = self._waiting.popitem(last=False)
+                self._selector.unregister(old)
+                self._close(old, "the waiting room was full: the longest waiting")
+            try:
+                self._selector.register(sock, selectors.EVENT_READ)
+            except (OSError, ValueError):
+                self._close(sock, "could not be watched")
+                continue
+            self._waiting[sock.fileno()] = (sock, addr, now)
 
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"x")
         except OSError:  # full (it is awake already) or closed
             pass
-
-    def process_request(self, request, client_address):
-        """On the accept thread: into the room, no thread yet."""
-        with self._lock:
-            self._incoming.append((request, client_address))
-        self._wake()
 
     def _close(self, sock, why: str) -> None:
         self.refused += 1
@@ -235,9 +236,11 @@ class MetricsServer(ThreadingWSGIServer):
 
     def _room_turn(self) -> None:
         timeout = 0.05 if self._ready else 0.5
-        for key, _ in self._selector.select(timeout):
+        events = self._selector.select(timeout)
+        now = time.monotonic()
+        for key, _ in events:
             if key.fileobj is self.socket:
-                self._accept_all()
+                self._accept_all(now)
                 continue
             if key.fileobj is self._wake_r:
                 try:
@@ -250,20 +253,6 @@ class MetricsServer(ThreadingWSGIServer):
             self._selector.unregister(key.fileobj)
             if entry is not None:
                 self._ready.append(entry)
-        now = time.monotonic()
-        with self._lock:
-            incoming, self._incoming = self._incoming, []
-        for sock, addr in incoming:
-            if len(self._waiting) >= MAX_WAITING:
-                _, (old, _, _) = self._waiting.popitem(last=False)
-                self._selector.unregister(old)
-                self._close(old, "the waiting room was full: the longest waiting")
-            try:
-                self._selector.register(sock, selectors.EVENT_READ)
-            except (OSError, ValueError):
-                self._close(sock, "could not be watched")
-                continue
-            self._waiting[sock.fileno()] = (sock, addr, now)
         while self._waiting:
             fd, (sock, _, t) = next(iter(self._waiting.items()))
             if now - t < WAIT_TIMEOUT_S:
@@ -310,10 +299,7 @@ class MetricsServer(ThreadingWSGIServer):
     def server_close(self):
         self.shutdown()
         super().server_close()
-        with self._lock:
-            leftovers = [s for s, _ in self._incoming] + [s for s, _, _ in self._waiting.values()] + \
-                [s for s, _, _ in self._ready]
-        for sock in leftovers:
+        for sock in [s for s, _, _ in self._waiting.values()] + [s for s, _, _ in self._ready]:
             try:
                 sock.close()
             except OSError:

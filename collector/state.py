@@ -77,12 +77,12 @@ class State:
         self.disconnects_total = 0  # ingest connections that ended (ingest.py's socket monitor)
         self.handshake_failures: dict[str, int] = {}  # ZeroMQ connections refused: ingest.HANDSHAKE_REASONS
         self.loop_errors: dict[str, int] = {}  # unexpected exceptions survived, by thread (ingest.py, service.py)
-        self.ingest_connections = 0
+        self.ingest_connections = 0  # open ingest connections (ingest.py's socket monitor; set by its thread)
         # Pairs per sample for the next routing message: the configured m, or fewer while ingest is behind
         # (set by the processing thread before it applies a message: ingest.py ``_comparisons``).
         self.comparisons_now = config.comparisons_per_sample
         self.reduced_messages_total = 0  # routing messages whose pairs were reduced (a noisier estimate)
-        self._world_capped: set[str] = set()  # runs whose declared world size was over max_world_size (logged)  # open ingest connections (ingest.py's socket monitor; set by its thread)
+        self._world_capped: set[str] = set()  # runs whose declared world size was over max_world_size (logged)
         # Write-ahead log positions (collector/wal.py): the index of the last message and of the last drop
         # record applied here; -1: none. A snapshot carries them, the replay at start-up resumes after them.
         self.wal_applied = [-1, -1]

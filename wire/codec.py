@@ -10,7 +10,7 @@ anything else, whatever the bytes.
 
 from __future__ import annotations
 
-from typing import Any, Optional, cast
+from typing import Any, Iterator, Optional, cast
 
 import msgpack
 import numpy as np
@@ -262,20 +262,24 @@ _DECODERS = {
 }
 
 
+def _header_items(data: bytes, limits: Limits) -> Iterator[tuple[Any, Any]]:
+    """(key, value) of a message's first header entries, without decoding its arrays: ``encode`` writes the
+    header keys first, so this reads a few hundred bytes. Raises on bytes that do not start like a message."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1), max_bin_len=0,
+                                max_str_len=limits.max_str_len * 4, max_array_len=0, max_map_len=64, max_ext_len=0)
+    unpacker.feed(data[:4096])  # the header is in the first bytes
+    for _ in range(min(unpacker.read_map_header(), 16)):
+        key = unpacker.unpack()
+        yield key, unpacker.unpack()
+
+
 def peek_sequence(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Optional[tuple[str, int]]:
-    """(sender, seq) of a message without decoding its arrays: the header keys come first (``encode``
-    writes them first), so this reads a few hundred bytes. For the collector's accounting of messages it
+    """(sender, seq) of a message without decoding its arrays. For the collector's accounting of messages it
     drops before decoding (queue full, too large, invalid): each is counted once, under its reason, and
     not again as a sequence gap. None when the bytes do not start like a message. Never raises."""
+    sender = seq = None
     try:
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1), max_bin_len=0,
-                                    max_str_len=limits.max_str_len * 4, max_array_len=0, max_map_len=64, max_ext_len=0)
-        unpacker.feed(data[:4096])  # the header is in the first bytes
-        entries = unpacker.read_map_header()
-        sender = seq = None
-        for _ in range(min(entries, 16)):
-            key = unpacker.unpack()
-            value = unpacker.unpack()
+        for key, value in _header_items(data, limits):
             if key == "sender" and isinstance(value, str):
                 sender = value
             elif key == "seq" and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -291,14 +295,9 @@ def peek_route(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Optional[tuple[s
     """(sender, run, source) of a message without decoding its arrays (source None but for routing
     messages): where the collector's kernels will run it, known before it is admitted, so that one run's
     backlog can wait without holding the others up. None when the header does not say. Never raises."""
+    fields: dict = {}
     try:
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1), max_bin_len=0,
-                                    max_str_len=limits.max_str_len * 4, max_array_len=0, max_map_len=64, max_ext_len=0)
-        unpacker.feed(data[:4096])
-        fields: dict = {}
-        for _ in range(min(unpacker.read_map_header(), 16)):
-            key = unpacker.unpack()
-            value = unpacker.unpack()
+        for key, value in _header_items(data, limits):
             if key in ("kind", "run", "sender", "source") and isinstance(value, str):
                 fields[key] = value
             if "sender" in fields and "run" in fields and "kind" in fields and (
