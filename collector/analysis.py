@@ -21,9 +21,10 @@ from grokwatch.collector.points import SERIES_KEYS, JournalPoint
 
 MEMORIZED_OR_LATER = ("memorized", "generalizing", "stable")
 METRICS = ("distance", "distance_vs_cross", "distance_normalized", "normalized_vs_cross", "consistency",
-           "adjacent_cosine", "loss", "transfer", "fresh_loss_gap", "pathway_length", "mean_routing_entropy", "entropy")
+           "adjacent_cosine", "loss", "transfer", "transfer_js", "fresh_loss_gap",
+           "pathway_length", "mean_routing_entropy", "entropy")
 # METRICS.md §6's per-round records (kind "transfer", collector/transfer.py): the last of a (group, step) wins
-TRANSFER_KEYS = ("transfer", "transfer_z", "fresh_loss_gap")
+TRANSFER_KEYS = ("transfer", "transfer_z", "transfer_js", "transfer_js_z", "fresh_loss_gap")
 # The confounders (METRICS.md §6), scored like the metrics: a metric is evidence only where it says more
 # than these (and the step) do.
 CONFOUNDERS = ("pathway_length", "mean_routing_entropy", "entropy")
@@ -38,6 +39,7 @@ METRIC_TITLES = {
     "adjacent_cosine": "adjacent cosine",
     "loss": "training-sample loss (probe)",
     "transfer": "train-fresh discrepancy E",
+    "transfer_js": "train-fresh discrepancy E on mean routing (JS)",
     "fresh_loss_gap": "fresh-loss gap (baseline)",
     "pathway_length": "pathway length (confounder)",
     "mean_routing_entropy": "H(mean routing) (confounder)",

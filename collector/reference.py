@@ -60,6 +60,22 @@ def normalized_distance(d: int, len_a: int, len_b: int) -> float:
     return d / longest if longest else 0.0
 
 
+def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
+    """METRICS.md §6: Jensen–Shannon divergence in nats, ½KL(p‖m) + ½KL(q‖m) with m = (p + q)/2; each
+    distribution renormalized first, 0·log 0 = 0."""
+    sp, sq = sum(p), sum(q)
+    p = [x / sp for x in p]
+    q = [x / sq for x in q]
+    total = 0.0
+    for a, b in zip(p, q):
+        m = (a + b) / 2
+        if a > 0:
+            total += 0.5 * a * math.log(a / m)
+        if b > 0:
+            total += 0.5 * b * math.log(b / m)
+    return total
+
+
 def consistency(cosines: Sequence[float], min_max_cosine: float = 0.05):
     """METRICS.md §2: returns (1 - C_i, raw mean cosine). 1 - C_i is None where
     it is undefined: fewer than 2 adjacent pairs (L < 3) or max cosine <= 0.05."""

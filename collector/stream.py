@@ -7,7 +7,8 @@ C characters of the string form, L layers, E experts, R histograms, U bucket bou
 
 Memory per (run, source) of G groups: ``Stream.bytes_for(G)``, exact (what ``max_memory_mb``
 bounds) — about G·W·(2·Y + 4·(L+1) + 4·L·E + 8·L + 34) bytes (+ G·W·2·C with the `string` unit), e.g. OLMoE
-(L=16, E=64), W=256, G=32: 52.5 MB; see docs/collector.md.
+(L=16, E=64), W=256, G=32: 52.5 MB (+ 64·L·E·4 + 512 bytes per group in probe and replay streams: the round's
+ḡ rows, transfer.RoundRouting); see docs/collector.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from grokwatch.collector import kernels
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.memorization import MemorizationTracker
 from grokwatch.collector.phases import PhaseTracker
-from grokwatch.collector.transfer import RoundLosses, round_transfer
+from grokwatch.collector.transfer import RoundLosses, RoundRouting, round_transfer
 from grokwatch.wire import FRESH_PREFIX
 
 # Classic-histogram upper bounds (Prometheus `le`), per distribution; rows of hist_GRUp.
@@ -173,18 +174,27 @@ class Stream:
         self._allocate(0)
         self._init_scratch(config)
         self.round_losses = RoundLosses()
+        self.round_routing = RoundRouting(num_layers, num_experts)
 
     # ------------------------------------------------------------ storage
 
     @property
     def nbytes(self) -> int:
-        """The bytes of this stream's group arrays now (what ``max_memory_mb`` bounds)."""
-        return sum(getattr(self, name).nbytes for name in self._group_shapes() if hasattr(self, name))
+        """The bytes of this stream's group arrays now, with the round buffers they reserve (what
+        ``max_memory_mb`` bounds)."""
+        arrays = sum(getattr(self, name).nbytes for name in self._group_shapes() if hasattr(self, name))
+        return arrays + len(self.win_filled_G) * self._round_bytes()
 
     def bytes_for(self, groups: int) -> int:
-        """The bytes of the group arrays at ``groups`` slots."""
-        return groups * sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-                            for shape, dtype in self._group_shapes().values())
+        """The bytes of the group arrays at ``groups`` slots, with their round buffers."""
+        return groups * (self._round_bytes() + sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                                                   for shape, dtype in self._group_shapes().values()))
+
+    def _round_bytes(self) -> int:
+        """Per group: the ḡ rows of one probe round (transfer.RoundRouting), in same-round sources only."""
+        if self.source not in SAME_ROUND_SOURCES:
+            return 0
+        return RoundRouting.nbytes_per_label(self.num_layers, self.num_experts)
 
     def slots_for(self, g: int) -> int:
         """The slots the arrays hold once group index ``g`` exists (doubling, never past the cap)."""
@@ -237,7 +247,8 @@ class Stream:
 
     def __getstate__(self):
         d = self.__dict__.copy()
-        for k in _SCRATCH + ("lock", "last_reading", "round_losses", "transfer_open", "transfer_closed"):
+        for k in _SCRATCH + ("lock", "last_reading", "round_losses", "round_routing", "transfer_open",
+                             "transfer_closed"):
             d.pop(k, None)
         return d
 
@@ -245,6 +256,7 @@ class Stream:
         self._init_scratch(config)
         self.lock = threading.Lock()
         self.round_losses = RoundLosses()  # the current round's only: not snapshotted
+        self.round_routing = RoundRouting(self.num_layers, self.num_experts)
 
     def add_group(self, label: str) -> int:
         g = len(self.labels)
@@ -312,6 +324,10 @@ class Stream:
         if msg.loss_N is not None:
             for label, loss in zip(labels, msg.loss_N.tolist()):
                 self.round_losses.add(label, msg.step, loss)
+        if not hasattr(self, "round_routing"):
+            self.round_routing = RoundRouting(self.num_layers, self.num_experts)
+        for label, key, g_LE in zip(labels, kernels.sample_keys(msg.sample_ids).tolist(), msg.mean_probs_NLE):
+            self.round_routing.add(label, msg.step, key, g_LE)
         out = []
         for label in sorted({lb[len(FRESH_PREFIX):] if lb.startswith(FRESH_PREFIX) else lb for lb in labels}):
             if label.startswith("mem@"):

@@ -7,7 +7,10 @@ message, for every group it touched, the round so far (the window slots of that 
 
 * E = 2·D(train, fresh) − D(train, train) − D(fresh, fresh), every pair of distinct samples of the round, on
   normalized pathway distances (the ``expert`` unit whatever ``distance_unit`` is);
-* its z-score against the permutation null (train/fresh labels shuffled among the round's samples);
+* the same E on the samples' mean routing distributions ḡ (Jensen–Shannon divergence in nats, averaged over
+  layers; ``transfer_js``), from the round's ḡ rows (``RoundRouting``: the first ROUND_SAMPLES distinct
+  sample ids of each label and round);
+* each one's z-score against the permutation null (train/fresh labels shuffled among the round's samples);
 * the fresh-loss gap: mean loss of the fresh documents − mean loss of the group's training samples, same
   round — the label-free baseline every routing metric must beat.
 
@@ -18,6 +21,7 @@ step) holds the whole round. Legend: S the round's samples, Y pathway symbols.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -28,6 +32,7 @@ from grokwatch.wire import FRESH_PREFIX
 
 PERMUTATIONS = 200
 MIN_SAMPLES = 2  # of each kind in the round
+ROUND_SAMPLES = 64  # ḡ rows kept per label and round (RoundRouting): the first distinct ids
 
 
 @njit(cache=True, nogil=True)
@@ -49,6 +54,40 @@ def normalized_matrix(sym_SY, len_S, alphabet):
                 continue
             d = levenshtein_peq(peq_AQ, len_S[i], sym_SY[j], len_S[j], pv_Q, mv_Q) if len_S[j] else len_S[i]
             out[i, j] = out[j, i] = d / longest
+    return out
+
+
+@njit(cache=True, nogil=True)
+def js_matrix(g_SLE):
+    """Jensen–Shannon divergence (nats) between the S samples' ḡ, averaged over layers (symmetric, zero
+    diagonal). Each row is renormalized (float32 rows on the simplex up to rounding); 0·log 0 = 0."""
+    S, L, E = g_SLE.shape
+    P = np.empty((S, L, E))
+    H = np.zeros((S, L))
+    for i in range(S):
+        for layer in range(L):
+            total = 0.0
+            for e in range(E):
+                v = max(float(g_SLE[i, layer, e]), 0.0)
+                P[i, layer, e] = v
+                total += v
+            for e in range(E):
+                p = P[i, layer, e] / total if total > 0 else 1.0 / E
+                P[i, layer, e] = p
+                if p > 0:
+                    H[i, layer] -= p * math.log(p)
+    out = np.zeros((S, S))
+    for i in range(S):
+        for j in range(i + 1, S):
+            acc = 0.0
+            for layer in range(L):
+                hm = 0.0
+                for e in range(E):
+                    m = 0.5 * (P[i, layer, e] + P[j, layer, e])
+                    if m > 0:
+                        hm -= m * math.log(m)
+                acc += hm - 0.5 * (H[i, layer] + H[j, layer])
+            out[i, j] = out[j, i] = max(acc / L, 0.0)
     return out
 
 
@@ -97,6 +136,42 @@ class RoundLosses:
         return held[1] / held[2] if held is not None and held[0] == step and held[2] else None
 
 
+class RoundRouting:
+    """Each label's ḡ rows in its current round: the first ROUND_SAMPLES distinct sample ids (bounded:
+    ``nbytes_per_label``; a round's later rows and repeated ids are not kept)."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.shape = (ROUND_SAMPLES, num_layers, num_experts)
+        self.rounds: dict[str, tuple[int, np.ndarray, list[int]]] = {}  # label -> (step, rows, sample keys)
+
+    @staticmethod
+    def nbytes_per_label(num_layers: int, num_experts: int) -> int:
+        return ROUND_SAMPLES * num_layers * num_experts * 4 + ROUND_SAMPLES * 8
+
+    def add(self, label: str, step: int, key: int, g_LE: np.ndarray) -> None:
+        held = self.rounds.get(label)
+        if held is not None and step < held[0]:
+            return  # a late message of a closed round
+        if held is None or held[0] != step:
+            rows = held[1] if held is not None else np.zeros(self.shape, np.float32)
+            held = (step, rows, [])
+            self.rounds[label] = held
+        _, rows, keys = held
+        if len(keys) < ROUND_SAMPLES and key not in keys:
+            rows[len(keys)] = g_LE
+            keys.append(key)
+
+    def rows(self, label: str, step: int) -> np.ndarray:
+        held = self.rounds.get(label)
+        if held is None or held[0] != step:
+            return np.zeros((0,) + self.shape[1:], np.float32)
+        return held[1][: len(held[2])]
+
+
+def _with_z(e: float, z: float) -> tuple[float, Optional[float]]:
+    return round(e, 6), None if not math.isfinite(z) else round(z, 4)
+
+
 def round_transfer(stream, label: str, step: int, rng: np.random.Generator) -> Optional[dict]:
     """The transfer record of ``label`` at ``step`` from ``stream``'s windows (under its lock), or None
     while the round has fewer than MIN_SAMPLES training or fresh samples."""
@@ -115,11 +190,22 @@ def round_transfer(stream, label: str, step: int, rng: np.random.Generator) -> O
     lengths = np.concatenate([stream.win_len_GW[g, tr], stream.win_len_GW[f, fr]]).astype(np.int64)
     D = normalized_matrix(sym, lengths, stream.num_experts + 1)
     e, z = discrepancy_z(D, len(tr), rng)
+    record: dict[str, Optional[float]] = {}
+    record["transfer"], record["transfer_z"] = _with_z(e, z)
+    routing = getattr(stream, "round_routing", None)
+    g_tr = routing.rows(label, step) if routing is not None else None
+    g_fr = routing.rows(FRESH_PREFIX + label, step) if routing is not None else None
+    if g_tr is not None and g_fr is not None and len(g_tr) >= MIN_SAMPLES and len(g_fr) >= MIN_SAMPLES:
+        # its own permutations (seeded by the round), so the stream's pair draws stay as they were
+        own = np.random.default_rng([step & 0xFFFFFFFF, zlib.crc32(label.encode())])
+        e_js, z_js = discrepancy_z(js_matrix(np.concatenate([g_tr, g_fr])), len(g_tr), own)
+        record["transfer_js"], record["transfer_js_z"] = _with_z(e_js, z_js)
+    else:
+        record["transfer_js"] = record["transfer_js_z"] = None
     losses = getattr(stream, "round_losses", None)
     train_loss = losses.mean(label, step) if losses is not None else None
     fresh_loss = losses.mean(FRESH_PREFIX + label, step) if losses is not None else None
-    return dict(transfer=round(e, 6), transfer_z=None if not math.isfinite(z) else round(z, 4),
-                transfer_train=int(len(tr)), transfer_fresh=int(len(fr)),
+    return dict(record, transfer_train=int(len(tr)), transfer_fresh=int(len(fr)),
                 train_loss=None if train_loss is None else round(train_loss, 6),
                 fresh_loss=None if fresh_loss is None else round(fresh_loss, 6),
                 fresh_loss_gap=None if train_loss is None or fresh_loss is None else round(fresh_loss - train_loss, 6))

@@ -168,6 +168,9 @@ def _specs() -> tuple[Spec, ...]:
     fam("group_transfer", "gauge", "Train-fresh routing discrepancy E of the group's latest closed probe round "
         "(METRICS.md §6; experimental: docs/groundtruth.md)", GROUP_LABELS)
     fam("group_transfer_z", "gauge", "E's z-score against its permutation null, same round", GROUP_LABELS)
+    fam("group_transfer_js", "gauge", "Train-fresh discrepancy E on the samples' mean routing (Jensen-Shannon, nats, "
+        "mean over layers), same round (METRICS.md §6; experimental)", GROUP_LABELS)
+    fam("group_transfer_js_z", "gauge", "E_js's z-score against its permutation null, same round", GROUP_LABELS)
     fam("group_fresh_loss_gap", "gauge", "Mean loss of the group's fresh documents minus its training samples', same "
         "round (the label-free baseline)", GROUP_LABELS)
     fam("train_step", "gauge", "Latest training step seen from the run's train source", ("run",))
@@ -313,6 +316,8 @@ def _stream_families(F: dict, state: State, stream, run: str, source: str, carri
         closed = getattr(stream, "transfer_closed", {}).get(name)
         if closed is not None:
             for fam_name, field_name in (("group_transfer", "transfer"), ("group_transfer_z", "transfer_z"),
+                                         ("group_transfer_js", "transfer_js"),
+                                         ("group_transfer_js_z", "transfer_js_z"),
                                          ("group_fresh_loss_gap", "fresh_loss_gap")):
                 if closed.get(field_name) is not None:
                     F[fam_name].add(key, float(closed[field_name]))

@@ -42,6 +42,8 @@ FROZEN = {
     "grokwatch_group_onset_step": ("gauge", G),
     "grokwatch_group_transfer": ("gauge", G),
     "grokwatch_group_transfer_z": ("gauge", G),
+    "grokwatch_group_transfer_js": ("gauge", G),
+    "grokwatch_group_transfer_js_z": ("gauge", G),
     "grokwatch_group_fresh_loss_gap": ("gauge", G),
     "grokwatch_train_step": ("gauge", ("run",)),
     "grokwatch_eval_score": ("gauge", ("run", "group")),

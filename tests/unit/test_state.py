@@ -606,12 +606,42 @@ def test_transfer_metric_and_fresh_loss_gap_equal_the_all_pairs_reference_per_ro
         got = [r for r in records if r["kind"] == "transfer" and r["step"] == step][-1]
         assert got["group"] == "math" and got["transfer_train"] == 6 and got["transfer_fresh"] == 5
         assert got["transfer"] == pytest.approx(want, abs=1e-6)
+        g = np.concatenate([train, fresh]).astype(np.float32).astype(np.float64)
+        JS = np.array([[np.mean([reference.js_divergence(a[layer], b[layer]) for layer in range(L)]) for b in g]
+                       for a in g])
+        assert got["transfer_js"] == pytest.approx(discrepancy(JS, np.arange(6), np.arange(6, 11)), abs=1e-6)
+        assert got["transfer_js_z"] is not None
         assert got["fresh_loss_gap"] == pytest.approx(fl.mean() - tl.mean(), abs=1e-5)
         assert got["transfer_z"] is not None
     stream = state.streams[("run-a", "probe")]
     assert not stream.eligible_G[stream.index[FRESH_PREFIX + "math"]]  # not in the cross-group baseline
     assert FRESH_PREFIX + "math" not in stream.phases  # no phase of its own
     assert all(not str(r.get("group", "")).startswith("mem@" + FRESH_PREFIX) for r in records)
+
+
+def test_transfer_js_takes_each_sample_id_once_per_round_and_no_other_round():
+    """A sample re-sent in its round (a probe retried) is one row; rows of an earlier round never enter a
+    later round's E_js; a round with fewer than two fresh documents has none."""
+    from grokwatch.collector.transfer import discrepancy
+    from grokwatch.wire import FRESH_PREFIX
+
+    state, records = new_state(comparisons_per_sample=8, window_samples=256)
+    rng = np.random.default_rng(4)
+    L, E = 2, 6
+    old = rng.dirichlet(np.full(E, 0.3), size=(4, L))
+    _round(state, 1, 10, [("math", f"t{i}") for i in range(4)], old, np.zeros(4))
+    _round(state, 2, 10, [(FRESH_PREFIX + "math", f"f{i}") for i in range(2)], old[:2], np.zeros(2))
+    train = rng.dirichlet(np.full(E, 0.3), size=(3, L))
+    fresh = rng.dirichlet(np.full(E, 0.3), size=(3, L))
+    _round(state, 3, 20, [("math", f"t{i}") for i in range(3)], train, np.zeros(3))
+    _round(state, 4, 20, [("math", "t0")], rng.dirichlet(np.full(E, 0.3), size=(1, L)), np.zeros(1))  # again
+    _round(state, 5, 20, [(FRESH_PREFIX + "math", "f0")], fresh[:1], np.zeros(1))
+    assert [r for r in records if r["kind"] == "transfer" and r["step"] == 20] == []  # one fresh: no record
+    _round(state, 6, 20, [(FRESH_PREFIX + "math", f"f{i}") for i in (1, 2)], fresh[1:], np.zeros(2))
+    got = [r for r in records if r["kind"] == "transfer" and r["step"] == 20][-1]
+    g = np.concatenate([train, fresh]).astype(np.float32).astype(np.float64)
+    JS = np.array([[np.mean([reference.js_divergence(a[k], b[k]) for k in range(L)]) for b in g] for a in g])
+    assert got["transfer_js"] == pytest.approx(discrepancy(JS, np.arange(3), np.arange(3, 6)), abs=1e-6)
 
 
 def test_transfer_z_is_null_when_fresh_documents_route_like_training_ones_and_large_when_not():
@@ -627,8 +657,10 @@ def test_transfer_z_is_null_when_fresh_documents_route_like_training_ones_and_la
         _round(state, 1, 100, [("math", f"t{i}") for i in range(40)], _peaked(experts, L, E), np.zeros(40))
         _round(state, 2, 100, [(FRESH_PREFIX + "math", f"f{i}") for i in range(40)], _peaked(fresh, L, E),
                np.zeros(40))
-        zs[case] = [r for r in records if r["kind"] == "transfer"][-1]["transfer_z"]
-    assert abs(zs["alike"]) < 3.5 and zs["apart"] > 10
+        last = [r for r in records if r["kind"] == "transfer"][-1]
+        zs[case] = last["transfer_z"], last["transfer_js_z"]
+    assert abs(zs["alike"][0]) < 3.5 and zs["apart"][0] > 10
+    assert abs(zs["alike"][1]) < 3.5 and zs["apart"][1] > 10  # the same on mean routing
 
 
 def test_an_unknown_senders_first_number_is_its_baseline_so_a_long_running_agent_survives_a_lost_state():
