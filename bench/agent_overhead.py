@@ -1,7 +1,8 @@
 """Training step with vs without the agent: paired A/B in one process.
 
     python bench/agent_overhead.py [--steps 200] [--device cpu|cuda] [--shape tiny|olmoe-1b-7b]
-        [--compile-reduction auto|on|off] [--cadences 0,1,1:off,10] [--compile BACKEND]
+        [--compile-reduction auto|on|off] [--cadences 0,1,1:off,10,10:probe] [--compile BACKEND]
+        [--probe-every 20] [--probe-size N] [--probe-fresh N]
 
 One model trains; steps come in pairs, A (agent paused: no hooks at all) and
 B (agent attached), ordered AB, BA, AB, ... so that drift (thermal, other
@@ -16,13 +17,17 @@ the ratio of means (at a cadence
 of N the median is an unsampled step; the mean carries the sampled ones at
 their true share). ``--cadences`` picks them (default 0,1,10; ``1:off`` is
 every step with the reduction op by op, whatever ``--compile-reduction``
-says for the others: both ways in one process).
+says for the others: both ways in one process). ``N:probe`` attaches with the probe on (every
+``--probe-every`` steps, ``--probe-size`` remembered training rows and ``--probe-fresh`` fresh documents
+through ``probe_fresh``): its rows split the pairs into probe steps and the others, so the probe's extra
+forward shows where it runs and nowhere else. B's timed region includes ``mon.step()``, where the probe runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -31,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import time
-
 from typing import Optional
 
 import torch
@@ -125,13 +129,16 @@ def summary(every_n: int, ta: list[float], tb: list[float], stats: dict, peaks=N
                 base_ms_all=[a * 1e3 for a in ta], agent_ms_all=[b * 1e3 for b in tb], **peak)
 
 
-def timed_step(model, opt, ids, device, peaks: Optional[list] = None) -> float:
-    """One training step's wall time; on CUDA its peak allocated memory is appended to ``peaks``."""
+def timed_step(model, opt, ids, device, peaks: Optional[list] = None, before=None) -> float:
+    """One training step's wall time (``before()`` first, inside it: the agent's step call); on CUDA its peak
+    allocated memory is appended to ``peaks``."""
     if device == "cuda":
         torch.cuda.synchronize()
         if peaks is not None:
             torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
+    if before is not None:
+        before()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     opt.step()
@@ -145,16 +152,21 @@ def timed_step(model, opt, ids, device, peaks: Optional[list] = None) -> float:
 
 
 def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, batch: int, seq: int,
-        zloss: bool = True) -> dict:
+        zloss: bool = True, probe: bool = False) -> dict:
     """Pairs of steps, one with the agent paused (A: no hooks at all) and one
     attached (B), in the order AB, BA, AB, ... so that a bias of the first or
     second step of a pair cancels. ``every_n=0`` is the control: the agent is
     paused in both (A/A), which shows the floor of what the design can resolve."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    mon = gw.attach(model, endpoint, f"bench-{every_n}", every_n_steps=max(every_n, 1), max_samples_per_step=batch,
-                    compile_reduction=COMPILE_REDUCTION[reduction], router_zloss=zloss)
+    probe_kw = dict(probe_every_n_steps=args.probe_every, probe_size=args.probe_size or batch) if probe else {}
+    mon = gw.attach(model, endpoint, f"bench-{every_n}{'-probe' if probe else ''}", every_n_steps=max(every_n, 1),
+                    max_samples_per_step=batch, compile_reduction=COMPILE_REDUCTION[reduction], router_zloss=zloss,
+                    **probe_kw)
     gen = torch.Generator().manual_seed(1)
-    ta, tb = [], []
+    if probe and args.probe_fresh:
+        mon.probe_fresh([(f"fresh-{i}", "default", torch.randint(0, vocab, (seq,), generator=gen).tolist())
+                         for i in range(args.probe_fresh)])
+    ta, tb, probe_pair = [], [], []
     peaks: dict[str, list] = {"A": [], "B": []}
     deadline = None
     for step in range(args.warmup + args.steps):
@@ -165,19 +177,29 @@ def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, ba
         ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(args.device)
         times = {}
         for arm in ("AB" if step % 2 == 0 else "BA"):
+            before = None
             if arm == "A" or every_n == 0:
                 mon.pause()
             else:
                 mon.resume()
-                mon.step(step)  # B's steps are numbered 0, 1, 2, ...: the cadence applies to them
-            times[arm] = timed_step(model, opt, ids, args.device, peaks[arm] if step >= args.warmup else None)
+                # B's steps are numbered 0, 1, 2, ...: the cadence (and the probe's) applies to them
+                before = lambda s=step: mon.step(s)  # noqa: E731
+            times[arm] = timed_step(model, opt, ids, args.device, peaks[arm] if step >= args.warmup else None,
+                                    before)
         if step >= args.warmup:
             ta.append(times["A"])
             tb.append(times["B"])
+            probe_pair.append(probe and step % args.probe_every == 0)
     stats = mon.stats()
     mon.close()
     del opt
-    return summary(every_n, ta, tb, stats, peaks)
+    row = summary(every_n, ta, tb, stats, peaks)
+    if probe:
+        for name, keep in (("probe_steps", True), ("other_steps", False)):
+            ratios = [b / a for a, b, p in zip(ta, tb, probe_pair) if p == keep]
+            row[name] = dict(pairs=len(ratios), pair_ratio=statistics.median(ratios) if ratios else None,
+                             pair_ratio_ci=bootstrap_median_ci(ratios) if len(ratios) > 1 else None)
+    return row
 
 
 def run_compiled(every_n: int, reduction: str, args, endpoint: str, vocab: int, batch: int, seq: int) -> dict:
@@ -237,24 +259,30 @@ def main() -> int:
     parser.add_argument("--json", help="also write every step time and the summary here")
     parser.add_argument("--compile", metavar="BACKEND",
                         help="torch.compile both arms with this backend (inductor, aot_eager, ...): two models")
+    parser.add_argument("--probe-every", type=int, default=20, help="N:probe cadences: probe_every_n_steps")
+    parser.add_argument("--probe-size", type=int, default=0, help="N:probe: probe_size (default: the batch)")
+    parser.add_argument("--probe-fresh", type=int, default=8, help="N:probe: fresh documents (probe_fresh)")
     parser.add_argument("--compile-reduction", choices=sorted(COMPILE_REDUCTION), default="auto",
                         help="the agent's batched reduction through torch.compile (auto: on CUDA only)")
     parser.add_argument("--cadences", default=f"0,1,{DEFAULT_EVERY_N_STEPS}",
                         help="comma-separated every_n_steps to measure (0: the A/A control); N:on or N:off "
                              "overrides --compile-reduction for that one (e.g. 0,1,1:off,10); N:nozloss attaches "
-                             "with router_zloss=False (the z-loss's cost: 1,1:nozloss,10,10:nozloss)")
+                             "with router_zloss=False (the z-loss's cost: 1,1:nozloss,10,10:nozloss); N:probe turns "
+                             "the probe on (--probe-every, --probe-size, --probe-fresh)")
     args = parser.parse_args()
     if args.max_seconds is None:
         args.max_seconds = 75.0 if args.device == "cuda" else float("inf")
     cadences = []
     for spec in args.cadences.split(","):
         n, *flags = spec.split(":")
-        zloss = "nozloss" not in flags
-        flags = [f for f in flags if f != "nozloss"]
+        zloss, probe = "nozloss" not in flags, "probe" in flags
+        flags = [f for f in flags if f not in ("nozloss", "probe")]
         reduction = flags[0] if flags else args.compile_reduction
         if reduction not in COMPILE_REDUCTION or len(flags) > 1:
             parser.error(f"--cadences: {spec!r}: the reduction is one of {sorted(COMPILE_REDUCTION)}")
-        cadences.append((int(n), reduction, zloss))
+        if probe and (args.compile or int(n) == 0):
+            parser.error(f"--cadences: {spec!r}: the probe needs the agent on (N > 0) and no --compile")
+        cadences.append((int(n), reduction, zloss, probe))
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -280,17 +308,23 @@ def main() -> int:
         print(f"{'cadence':<22} {'pairs':>5} {'base ms':>9} {'agent ms':>9} {'median ratio':>12} {'pair ratio':>11} "
               f"{'95% CI':>15} {'mean ratio':>11} {'sent':>6} {'dropped':>8}  reduction")
         results = []
-        for every_n, reduction, zloss in cadences:
+        for every_n, reduction, zloss, probe in cadences:
             r = (run_compiled(every_n, reduction, args, endpoint, vocab, batch, seq) if args.compile
-                 else run(every_n, reduction, args, endpoint, model, vocab, batch, seq, zloss))
-            r["zloss"] = zloss
+                 else run(every_n, reduction, args, endpoint, model, vocab, batch, seq, zloss, probe))
+            r["zloss"], r["probe"] = zloss, probe
             results.append(r)
             label = {0: "control (A/A)", 1: "every step", DEFAULT_EVERY_N_STEPS: f"every {every_n} (default)"}.get(
-                every_n, f"every {every_n}") + ("" if zloss else ", no z-loss")
+                every_n, f"every {every_n}") + ("" if zloss else ", no z-loss") + (
+                f", probe/{args.probe_every}" if probe else "")
             print(f"{label:<22} {r['pairs']:>5} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} "
                   f"{r['pair_ratio']:>11.4f} {r['pair_ratio_ci'][0]:>7.4f}-{r['pair_ratio_ci'][1]:<7.4f} "
                   f"{r['mean_ratio']:>11.4f} {r['sent']:>6} {r['dropped']:>8}  {r['reduction']}"
                   + (f" (first call {r['reduction_compile_s']:.1f} s)" if r["reduction_compile_s"] else ""), flush=True)
+            for part in ("probe_steps", "other_steps"):
+                if part in r and r[part]["pair_ratio"] is not None:
+                    ci = r[part]["pair_ratio_ci"] or (math.nan, math.nan)
+                    print(f"{'':<22} {part.replace('_', ' ')}: {r[part]['pairs']} pairs, pair ratio "
+                          f"{r[part]['pair_ratio']:.4f} ({ci[0]:.4f}-{ci[1]:.4f})", flush=True)
             if "peak_mib_base" in r:
                 print(f"{'':<22} peak memory a step: {r['peak_mib_base']:.0f} MiB base, {r['peak_mib_agent']:.0f} "
                       f"MiB with the agent ({r['peak_mib_agent'] - r['peak_mib_base']:+.0f} MiB)", flush=True)
