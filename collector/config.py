@@ -75,6 +75,9 @@ class CollectorConfig:
     # Threads that run the routing kernels (collector/pipeline.py): a stream's messages on one of them, in
     # order; streams of different runs and sources in parallel. 0: on the processing thread.
     kernel_workers: int = 2
+    # Threads computing the pairs of one routing message (collector/pairs.py: the same result, sooner); 1: the
+    # kernel alone; 0: the cores this process may use, at most 4.
+    pair_threads: int = 0
     max_message_age_s: float = 3600.0  # older messages (queued before a restart) are rejected as stale
     pathway_tau: float = DEFAULT_TAU
     distance_unit: str = "expert"  # or "string": the paper's text form
@@ -192,6 +195,7 @@ BOUNDS: dict[str, tuple] = {
     "queue_max_bytes": (1, 1 << 38, "[]"),
     "max_message_bytes": (256, 1 << 29, "[]"),  # twice it is libzmq's frame cap; the log's record limit is 2^30
     "kernel_workers": (0, 64, "[]"),
+    "pair_threads": (0, 64, "[]"),
     "max_message_age_s": (0.0, 10 * _YEAR_S, "(]"),
     "pathway_tau": (0.0, 1.0, "(]"),
     "comparisons_per_sample": (1, 1024, "[]"),

@@ -31,6 +31,9 @@ def sample_keys(sample_ids) -> np.ndarray:
                                     "little") for s in sample_ids], dtype=np.uint64)
 
 
+_SELECT_FIRST = 8  # build_pathway: experts found by selection before it sorts
+
+
 @njit(cache=True, nogil=True)
 def build_pathway(mean_probs_LE, tau, sym_Y, starts_Lp):
     """METRICS.md §1 layer lists e_l and pathway s = e_1 ⊕ SEP ⊕ … ⊕ e_L.
@@ -48,15 +51,38 @@ def build_pathway(mean_probs_LE, tau, sym_Y, starts_Lp):
             sym_Y[n] = sep
             n += 1
         starts_Lp[layer] = n
-        order_E = np.argsort(-mean_probs_LE[layer].astype(np.float64), kind="mergesort")
+        # The first experts by selection (the largest not yet taken, the lower index on ties: the stable sort's
+        # order), as long as a pathway's layer list is short; the rest of a long one by the sort.
         total = 0.0
-        for r in range(num_experts):
-            k = order_E[r]
-            sym_Y[n] = k
+        taken = 0
+        done = False
+        row = mean_probs_LE[layer]
+        prev, prev_v = -1, np.inf
+        while taken < _SELECT_FIRST and taken < num_experts:
+            # the largest (value, -index) below the previous pick's
+            best = -1
+            best_v = 0.0
+            for k in range(num_experts):
+                v = np.float64(row[k])
+                if (v < prev_v or (v == prev_v and k > prev)) and (best < 0 or v > best_v):
+                    best, best_v = k, v
+            prev, prev_v = best, best_v
+            sym_Y[n] = best
             n += 1
-            total += np.float64(mean_probs_LE[layer, k])
+            taken += 1
+            total += best_v
             if total >= tau:
+                done = True
                 break
+        if not done and taken < num_experts:
+            order_E = np.argsort(-row.astype(np.float64), kind="mergesort")
+            for r in range(taken, num_experts):
+                k = order_E[r]
+                sym_Y[n] = k
+                n += 1
+                total += np.float64(row[k])
+                if total >= tau:
+                    break
     starts_Lp[num_layers] = n + 1
     return n
 
@@ -155,11 +181,14 @@ Params = namedtuple("Params", ["tau", "use_chars", "min_max_cosine", "bounds_RU"
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _pairs(a_len, c_len, g, picks_P, win, scratch, params, into, stats_V, prefix, msg_layer_sum_L, msg_layer_n_L):
-    """Distances of one pathway (in ``scratch``) to the window slots ``picks_P`` of group g,
+def _pairs(i, a_len, c_len, g, picks_P, win, scratch, params, into, stats_V, prefix, msg_layer_sum_L,
+           msg_layer_n_L, plan):
+    """Distances of sample i's pathway (in ``scratch``) to the window slots ``picks_P`` of group g,
     observed ``into`` one series (a group's or the cross-group baseline's). ``peq_AQ`` holds
     the match masks of the whole pathway, ``lpeq_LAQ`` those of each layer's list (both built
-    once per sample)."""
+    once per sample). A pair that is the next one of ``plan`` (collector/pairs.py) takes its
+    precomputed figures; any other is computed here (and counted in ``plan.missed`` when a plan
+    was made)."""
     # The hot loop reads locals: fields read from the named tuples inside it are not hoisted out of it
     # by Numba (docs/benchmarks.md, "Collector throughput").
     sym_GWY, len_GW, starts_GWLp, chars_GWC, chars_len_GW = win.sym_GWY, win.len_GW, win.starts_GWLp, \
@@ -170,16 +199,27 @@ def _pairs(a_len, c_len, g, picks_P, win, scratch, params, into, stats_V, prefix
     hist_RUp, hist_sum_R, layer_sum_L, layer_count_L = into.hist_RUp, into.hist_sum_R, into.layer_sum_L, \
         into.layer_count_L
     num_layers = a_starts.shape[0] - 1
+    cursor_1, planned_1 = plan.cursor, plan.count[0]
+    p_i, p_g, p_slot, p_d, p_longest, p_ld = plan.i_P, plan.g_P, plan.slot_P, plan.d_P, plan.longest_P, plan.ld_PL
     for p in range(picks_P.shape[0]):
         slot = picks_P[p]
-        if use_chars:
-            b_len = chars_len_GW[g, slot]
-            d = levenshtein_peq(peq_AQ, c_len, chars_GWC[g, slot], b_len, pv_Q, mv_Q)
-            longest = max(c_len, b_len)
+        c = cursor_1[0]
+        hit = c < planned_1 and p_i[c] == i and p_g[c] == g and p_slot[c] == slot
+        if hit:
+            d = p_d[c]
+            longest = p_longest[c]
+            cursor_1[0] = c + 1
         else:
-            b_len = len_GW[g, slot]
-            d = levenshtein_peq(peq_AQ, a_len, sym_GWY[g, slot], b_len, pv_Q, mv_Q)
-            longest = max(a_len, b_len)
+            if planned_1 > 0:
+                plan.missed[0] += 1
+            if use_chars:
+                b_len = chars_len_GW[g, slot]
+                d = levenshtein_peq(peq_AQ, c_len, chars_GWC[g, slot], b_len, pv_Q, mv_Q)
+                longest = max(c_len, b_len)
+            else:
+                b_len = len_GW[g, slot]
+                d = levenshtein_peq(peq_AQ, a_len, sym_GWY[g, slot], b_len, pv_Q, mv_Q)
+                longest = max(a_len, b_len)
         norm = d / longest if longest > 0 else 0.0
         _observe(bounds_RU[H_DIST], nb_R[H_DIST], hist_RUp[H_DIST], d)
         hist_sum_R[H_DIST] += d
@@ -189,14 +229,54 @@ def _pairs(a_len, c_len, g, picks_P, win, scratch, params, into, stats_V, prefix
         stats_V[prefix + 1] += norm
         stats_V[prefix + 2] += 1
         for layer in range(num_layers):
-            a_n = a_starts[layer + 1] - 1 - a_starts[layer]
-            b0 = starts_GWLp[g, slot, layer]
-            b_n = starts_GWLp[g, slot, layer + 1] - 1 - b0
-            ld = levenshtein_peq(lpeq_LAQ[layer], a_n, sym_GWY[g, slot, b0:b0 + b_n], b_n, lpv_Q, lmv_Q)
+            if hit:
+                ld = p_ld[c, layer]
+            else:
+                a_n = a_starts[layer + 1] - 1 - a_starts[layer]
+                b0 = starts_GWLp[g, slot, layer]
+                b_n = starts_GWLp[g, slot, layer + 1] - 1 - b0
+                ld = levenshtein_peq(lpeq_LAQ[layer], a_n, sym_GWY[g, slot, b0:b0 + b_n], b_n, lpv_Q, lmv_Q)
             layer_sum_L[layer] += ld
             layer_count_L[layer] += 1
             msg_layer_sum_L[layer] += ld
             msg_layer_n_L[layer] += 1
+
+
+# The loops of process_samples a planned pair belongs to (collector/pairs.py, Plan.kind_P).
+WITHIN_FIRST, CROSS, WITHIN_SECOND = 0, 1, 2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _planned(plan, i, kind, picks):
+    """The slots of sample i's next planned pairs of ``kind`` (from the plan's cursor on) into ``picks``;
+    returns their number (the cursor moves as ``_pairs`` takes them)."""
+    c = plan.cursor[0]
+    count = plan.count[0]
+    i_P, kind_P, slot_P = plan.i_P, plan.kind_P, plan.slot_P
+    n = 0
+    while c + n < count and i_P[c + n] == i and kind_P[c + n] == kind and n < picks.shape[0]:
+        picks[n] = slot_P[c + n]
+        n += 1
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _planned_cross(i, a_len, c_len, win, scratch, params, baseline, st, picks, msg_layer_sum_L, msg_layer_n_L,
+                   plan):
+    """Sample i's planned cross-group pairs, group by group as ``_cross_pairs`` takes them."""
+    count = plan.count[0]
+    while True:
+        c = plan.cursor[0]
+        if c >= count or plan.i_P[c] != i or plan.kind_P[c] != CROSS:
+            return
+        h = plan.g_P[c]
+        cnt = 0
+        while c + cnt < count and plan.i_P[c + cnt] == i and plan.kind_P[c + cnt] == CROSS and \
+                plan.g_P[c + cnt] == h and cnt < picks.shape[0]:
+            picks[cnt] = plan.slot_P[c + cnt]
+            cnt += 1
+        _pairs(i, a_len, c_len, h, picks[:cnt], win, scratch, params, baseline, st, S_XDIST, msg_layer_sum_L,
+               msg_layer_n_L, plan)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -287,8 +367,8 @@ def _other_slots(win, g, sid, step, same_round, xslot_X, xgroup_X):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _cross_pairs(a_len, c_len, g, ux_P, win, scratch, params, baseline, st, picks, xpicks, xowner, xslot_X,
-                 xgroup_X, sid, step, same_round, msg_layer_sum_L, msg_layer_n_L):
+def _cross_pairs(i, a_len, c_len, g, ux_P, win, scratch, params, baseline, st, picks, xpicks, xowner, xslot_X,
+                 xgroup_X, sid, step, same_round, msg_layer_sum_L, msg_layer_n_L, plan):
     """The cross-group baseline of a sample of group g: m slots drawn over the other eligible groups'
     windows (all their eligible slots alike, ``_eligible``), compared group by group."""
     filled_G = win.filled_G
@@ -314,8 +394,8 @@ def _cross_pairs(a_len, c_len, g, ux_P, win, scratch, params, baseline, st, pick
                 picks[cnt] = xpicks[p]
                 cnt += 1
         if cnt:
-            _pairs(a_len, c_len, h, picks[:cnt], win, scratch, params, baseline, st, S_XDIST, msg_layer_sum_L,
-                   msg_layer_n_L)
+            _pairs(i, a_len, c_len, h, picks[:cnt], win, scratch, params, baseline, st, S_XDIST, msg_layer_sum_L,
+                   msg_layer_n_L, plan)
     for p in range(m):
         xowner[p] = -1
 
@@ -352,7 +432,7 @@ def _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars, sid, 
 
 
 @njit(cache=True, nogil=True)
-def process_samples(samples, win, series, baseline, sums, scratch, params):
+def process_samples(samples, win, series, baseline, sums, scratch, params, plan):
     """METRICS.md §1-3 for every sample of one routing message, in one call.
 
     For each sample: build its pathway (§1), compare it with m window samples
@@ -362,7 +442,8 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
     observe distances, layer-wise distances, consistency and cosine (§2) and
     probe loss, then insert the pathway and its router-health inputs (§3)
     into each target group's ring. Random draws come in as uniforms (numpy's
-    generator, seeded), so the kernel itself is deterministic.
+    generator, seeded), so the kernel itself is deterministic. ``plan``: the pairs' figures computed ahead,
+    on several threads (collector/pairs.py; ``pairs.empty_plan``: none).
     """
     mean_probs_NLE, counts_NLE, entropy_NL, cos_NJ = samples.mean_probs_NLE, samples.counts_NLE, samples.entropy_NL, \
         samples.cos_NJ
@@ -393,16 +474,18 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
     xslot_X = np.empty(max(1, filled_G.shape[0] * W), np.int64)
     xgroup_X = np.empty(max(1, filled_G.shape[0] * W), np.int64)
     log_E = np.log(np.float64(E))
+    planned = plan.count[0] > 0  # the pairs' slots and figures come from the plan: no window scans here
     for i in range(N):
         a_len = build_pathway(mean_probs_NLE[i], tau, sym_Y, starts_Lp)
         c_len = pathway_chars(sym_Y, a_len, E, chars_C) if use_chars else 0
-        if use_chars:
-            build_peq(chars_C, c_len, alphabet, peq_AQ)
-        else:
-            build_peq(sym_Y, a_len, alphabet, peq_AQ)
-        for l in range(L):
-            a0 = starts_Lp[l]
-            build_peq(sym_Y[a0:starts_Lp[l + 1] - 1], starts_Lp[l + 1] - 1 - a0, alphabet_sym, lpeq_LAQ[l])
+        if not planned:  # the match masks for computing the pairs here (a plan brings them computed)
+            if use_chars:
+                build_peq(chars_C, c_len, alphabet, peq_AQ)
+            else:
+                build_peq(sym_Y, a_len, alphabet, peq_AQ)
+            for l in range(L):
+                a0 = starts_Lp[l]
+                build_peq(sym_Y[a0:starts_Lp[l + 1] - 1], starts_Lp[l + 1] - 1 - a0, alphabet_sym, lpeq_LAQ[l])
         cos_raw, cons, cons_ok = _cosines(cos_NJ[i], has_cos and L > 1, min_max_cosine)
         fp = fingerprint(sym_Y, a_len)
         ent_mean = 0.0
@@ -427,15 +510,22 @@ def process_samples(samples, win, series, baseline, sums, scratch, params):
             filled = filled_G[g]
             # --- within-group pairs
             if filled > 0:
-                npk = _within_picks(u_N2P[i, t], g, filled, picks, elig_W, win, sid, step, same_round)
+                if planned:
+                    npk = _planned(plan, i, WITHIN_FIRST if t == 0 else WITHIN_SECOND, picks)
+                else:
+                    npk = _within_picks(u_N2P[i, t], g, filled, picks, elig_W, win, sid, step, same_round)
                 if npk:
                     own = Distances(hist_GRUp[g], hist_sum_GR[g], layer_sum_GL[g], layer_count_GL[g])
-                    _pairs(a_len, c_len, g, picks[:npk], win, scratch, params, own, st, S_DIST, msg_layer_sum_GL[g],
-                           msg_layer_n_GL[g])
+                    _pairs(i, a_len, c_len, g, picks[:npk], win, scratch, params, own, st, S_DIST,
+                           msg_layer_sum_GL[g], msg_layer_n_GL[g], plan)
             # --- cross-group baseline (primary target only; its layer-wise distances are not journaled)
-            if t == 0:
-                _cross_pairs(a_len, c_len, g, ux_NP[i], win, scratch, params, baseline, st, picks, xpicks, xowner,
-                             xslot_X, xgroup_X, sid, step, same_round, scratch.x_layer_sum_L, scratch.x_layer_n_L)
+            if t == 0 and planned:
+                _planned_cross(i, a_len, c_len, win, scratch, params, baseline, st, picks, scratch.x_layer_sum_L,
+                               scratch.x_layer_n_L, plan)
+            elif t == 0:
+                _cross_pairs(i, a_len, c_len, g, ux_NP[i], win, scratch, params, baseline, st, picks, xpicks, xowner,
+                             xslot_X, xgroup_X, sid, step, same_round, scratch.x_layer_sum_L, scratch.x_layer_n_L,
+                             plan)
             # --- per-sample series
             samples_G[g] += 1
             if step > latest_step_G[g]:

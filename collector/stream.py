@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from grokwatch.collector import kernels
+from grokwatch.collector import kernels, pairs
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.memorization import MemorizationTracker
 from grokwatch.collector.phases import PhaseTracker
@@ -230,6 +230,11 @@ class Stream:
 
     def _init_scratch(self, config: CollectorConfig) -> None:
         L, E = self.num_layers, self.num_experts
+        # threads computing one message's pairs (collector/pairs.py); 0: the cores this process may use, at most 4
+        self.pair_threads = config.pair_threads or min(4, pairs.available_cores())
+        self.pairs_missed = 0  # planned pairs the kernel had to compute itself (0 unless pairs.py is wrong)
+        self.planned_messages = 0
+        self.mean_length = 0.0  # the pathways' recent mean length (symbols; the first message is not planned)
         self.sym_Y = np.zeros(L * (E + 1), np.int16)
         self.starts_Lp = np.zeros(L + 1, np.int32)
         self.chars_C = np.zeros(char_capacity(L, E), np.int16)
@@ -248,7 +253,8 @@ class Stream:
     def __getstate__(self):
         d = self.__dict__.copy()
         for k in _SCRATCH + ("lock", "last_reading", "round_losses", "round_routing", "transfer_open",
-                             "transfer_closed"):
+                             "transfer_closed", "pair_threads", "pairs_missed", "mean_length",
+                             "planned_messages"):
             d.pop(k, None)
         return d
 
@@ -295,20 +301,35 @@ class Stream:
         has_loss = msg.loss_N is not None
         cos = msg.adj_cosine_NJ if has_cos else np.zeros((n, max(L - 1, 0)), np.float32)
         loss = msg.loss_N if has_loss else np.zeros(n, np.float32)
+        samples = kernels.Samples(msg.mean_probs_NLE, msg.topk_counts_NLE, msg.token_counts_N, msg.entropy_NL, cos,
+                                  has_cos, loss, has_loss, msg.step, targets_N2, u, ux,
+                                  kernels.sample_keys(msg.sample_ids), self.source in SAME_ROUND_SOURCES)
+        windows = kernels.Windows(self.win_sym_GWY, self.win_len_GW, self.win_starts_GWLp, self.win_fp_GW,
+                                  self.win_chars_GWC, self.win_chars_len_GW, self.win_filled_G[:G], self.win_next_G,
+                                  self.topk_GWLE, self.tokens_GW, self.entropy_GWL, self.eligible_G[:G],
+                                  self.win_id_GW, self.win_step_GW)
+        scratch = kernels.Scratch(self.sym_Y, self.starts_Lp, self.chars_C, self.peq_AQ, self.pv_Q, self.mv_Q,
+                                  self.lpeq_LAQ, self.lpv_Q, self.lmv_Q, self.x_layer_sum_L, self.x_layer_n_L)
+        params = kernels.Params(tau, self.use_chars, min_max_cosine, BOUNDS_RU, NB_R)
+        threads = self.pair_threads
+        if pairs.worth_planning(threads, n, m, self.mean_length):
+            plan = pairs.new_plan(3 * n * m, L)
+            paths = pairs.new_pathways(n, L, E, self.chars_C.shape[0] if self.use_chars else 1)
+            pairs.plan_pairs(samples, windows, scratch, params, plan, paths)
+            pairs.compute(plan, paths, windows, self.use_chars, E, threads)
+            self.planned_messages += 1
+        else:
+            plan = pairs.empty_plan(L)
         kernels.process_samples(
-            kernels.Samples(msg.mean_probs_NLE, msg.topk_counts_NLE, msg.token_counts_N, msg.entropy_NL, cos, has_cos,
-                            loss, has_loss, msg.step, targets_N2, u, ux, kernels.sample_keys(msg.sample_ids),
-                            self.source in SAME_ROUND_SOURCES),
-            kernels.Windows(self.win_sym_GWY, self.win_len_GW, self.win_starts_GWLp, self.win_fp_GW, self.win_chars_GWC,
-                            self.win_chars_len_GW, self.win_filled_G[:G], self.win_next_G, self.topk_GWLE,
-                            self.tokens_GW, self.entropy_GWL, self.eligible_G[:G], self.win_id_GW, self.win_step_GW),
+            samples, windows,
             kernels.Series(self.hist_GRUp, self.hist_sum_GR, self.layer_sum_GL, self.layer_count_GL, self.samples_G,
                            self.undefined_G, self.latest_step_G),
             kernels.Distances(self.xhist_RUp, self.xhist_sum_R, self.xlayer_sum_L, self.xlayer_count_L),
-            sums,
-            kernels.Scratch(self.sym_Y, self.starts_Lp, self.chars_C, self.peq_AQ, self.pv_Q, self.mv_Q, self.lpeq_LAQ,
-                            self.lpv_Q, self.lmv_Q, self.x_layer_sum_L, self.x_layer_n_L),
-            kernels.Params(tau, self.use_chars, min_max_cosine, BOUNDS_RU, NB_R))
+            sums, scratch, params, plan)
+        self.pairs_missed += int(plan.missed[0])
+        # the pathways' recent mean length, which decides whether the next message is planned
+        self.mean_length = 0.5 * self.mean_length + 0.5 * float(sums.stats_GV[:, kernels.S_LEN].sum()) / max(
+            float(sums.stats_GV[:, kernels.S_N].sum()), 1.0)
         if msg.zloss_NL is not None:
             self._add_zloss(msg.zloss_NL, targets_N2)
         return sums
