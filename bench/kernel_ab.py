@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import routing_message  # noqa: E402
 
-from grokwatch.collector import kernels  # noqa: E402
+from grokwatch.collector import kernels, pairs  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.state import MIN_MAX_COSINE, State  # noqa: E402
 from grokwatch.collector.stream import BOUNDS_RU, NB_R  # noqa: E402
@@ -53,7 +53,8 @@ def run_new(a, msg, targets, u, ux, tau, G, sums):
         kernels.Distances(a["xhist_RUp"], a["xhist_sum_R"], a["xlayer_sum_L"], a["xlayer_count_L"]),
         kernels.Sums(*sums),
         kernels.Scratch(*(a[k] for k in NEW_SCRATCH)),
-        kernels.Params(tau, False, MIN_MAX_COSINE, BOUNDS_RU, NB_R))
+        kernels.Params(tau, False, MIN_MAX_COSINE, BOUNDS_RU, NB_R, kernels.SELECT_FIRST),
+        pairs.empty_plan(msg.mean_probs_NLE.shape[1]))  # the kernel alone (collector/pairs.py: the same result)
 
 
 def run_old(old, a, msg, targets, u, ux, tau, G, sums):

@@ -31,11 +31,14 @@ def sample_keys(sample_ids) -> np.ndarray:
                                     "little") for s in sample_ids], dtype=np.uint64)
 
 
-_SELECT_FIRST = 8  # build_pathway: experts found by selection before it sorts
+SELECT_FIRST = 8  # build_pathway: experts found by selection before it sorts (0: sort at once)
+# A stream whose pathways average more than this many symbols a layer sorts at once: selection pays only for
+# short layer lists (peaked routing), and costs ~1.5x the sort for long ones (collector/stream.py).
+SELECT_MAX_LAYER_SYMBOLS = 5.0
 
 
 @njit(cache=True, nogil=True)
-def build_pathway(mean_probs_LE, tau, sym_Y, starts_Lp):
+def build_pathway(mean_probs_LE, tau, sym_Y, starts_Lp, select_first=SELECT_FIRST):
     """METRICS.md §1 layer lists e_l and pathway s = e_1 ⊕ SEP ⊕ … ⊕ e_L.
 
     Writes the symbols into ``sym_Y`` (capacity L*(E+1)) and the start of each
@@ -58,7 +61,7 @@ def build_pathway(mean_probs_LE, tau, sym_Y, starts_Lp):
         done = False
         row = mean_probs_LE[layer]
         prev, prev_v = -1, np.inf
-        while taken < _SELECT_FIRST and taken < num_experts:
+        while taken < select_first and taken < num_experts:
             # the largest (value, -index) below the previous pick's
             best = -1
             best_v = 0.0
@@ -177,7 +180,7 @@ Sums = namedtuple("Sums", ["stats_GV", "ent_GL", "load_GLE", "layer_sum_GL", "la
 Scratch = namedtuple("Scratch", ["sym_Y", "starts_Lp", "chars_C", "peq_AQ", "pv_Q", "mv_Q", "lpeq_LAQ", "lpv_Q",
                                  "lmv_Q", "x_layer_sum_L", "x_layer_n_L"])
 # The configuration: METRICS.md §1's tau, the distance unit, §2's cosine floor, the histograms' bounds.
-Params = namedtuple("Params", ["tau", "use_chars", "min_max_cosine", "bounds_RU", "nb_R"])
+Params = namedtuple("Params", ["tau", "use_chars", "min_max_cosine", "bounds_RU", "nb_R", "select_first"])
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -476,7 +479,7 @@ def process_samples(samples, win, series, baseline, sums, scratch, params, plan)
     log_E = np.log(np.float64(E))
     planned = plan.count[0] > 0  # the pairs' slots and figures come from the plan: no window scans here
     for i in range(N):
-        a_len = build_pathway(mean_probs_NLE[i], tau, sym_Y, starts_Lp)
+        a_len = build_pathway(mean_probs_NLE[i], tau, sym_Y, starts_Lp, params.select_first)
         c_len = pathway_chars(sym_Y, a_len, E, chars_C) if use_chars else 0
         if not planned:  # the match masks for computing the pairs here (a plan brings them computed)
             if use_chars:
@@ -576,32 +579,3 @@ def seed_cache(environ=None) -> int:
         return 0
     shutil.copytree(prebuilt, target, dirs_exist_ok=True)
     return sum(len(files) for _, _, files in os.walk(target))
-
-
-def warm_up() -> None:
-    """Compile (or load from the on-disk cache) the hot-path kernels before the
-    first message: one tiny message through a throwaway state, both units."""
-    import time
-
-    import numpy as np_
-
-    from grokwatch.collector.config import CollectorConfig
-    from grokwatch.collector.state import State
-    from grokwatch.wire import Routing
-
-    rng = np_.random.default_rng(0)
-    for unit in ("expert", "string"):
-        state = State(CollectorConfig(distance_unit=unit))
-        for seq, source in ((1, "train"), (2, "probe")):
-            probs = rng.dirichlet(np_.ones(4), size=(3, 3)).astype(np_.float32)
-            counts = np_.zeros((3, 3, 4), np_.uint32)
-            counts[..., 0] = 2
-            state.handle(Routing(run="warm-up", rank=0, sender="warm-up", seq=seq, wall_time=time.time(),
-                                 source=source, step=seq, top_k=1, sample_ids=("a", "b", "c"),
-                                 groups=("x", "y", "x"), token_counts_N=np_.full(3, 2, np_.uint32),
-                                 mean_probs_NLE=probs, topk_counts_NLE=counts,
-                                 entropy_NL=np_.full((3, 3), 0.5, np_.float32),
-                                 adj_cosine_NJ=np_.full((3, 2), 0.5, np_.float32),
-                                 loss_N=np_.ones(3, np_.float32) if source == "probe" else None))
-    sym = np_.zeros(4, np_.int16)
-    levenshtein(sym, 4, sym, 4, 5)

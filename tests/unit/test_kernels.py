@@ -135,3 +135,24 @@ def test_fingerprint_separates_pathways_and_is_stable():
     for s in a.tolist():
         h = ((h ^ s) * 0x100000001B3) % 2**64
     assert int(kernels.fingerprint(a, 4)) == h
+
+
+def test_pathways_by_selection_equal_pathways_by_the_stable_sort_ties_included():
+    """build_pathway finds a layer's first experts by selection (peaked routing) or sorts at once (long
+    lists): the same pathway either way, ties to the lower expert index as the stable sort orders them."""
+    rng = np.random.default_rng(12)
+    for case in range(400):
+        E = int(rng.integers(2, 40))
+        conc = (0.05, 0.3, 5.0)[case % 3]
+        p = rng.dirichlet(np.full(E, conc), size=3).astype(np.float32)
+        if case % 4 == 0:  # ties: values repeated across experts
+            p = np.round(p * 8) / 8 + 1e-3
+            p = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+        out = []
+        for select in (0, 1, 3, kernels.SELECT_FIRST, 64):
+            sym = np.zeros(3 * (E + 1), np.int16)
+            starts = np.zeros(4, np.int32)
+            n = kernels.build_pathway(p, 0.7, sym, starts, select)
+            out.append((n, sym[:n].tolist(), starts.tolist()))
+        assert all(o == out[0] for o in out), case
+        assert out[0][1] == reference.pathway_symbols(reference.pathway_layers(p, 0.7), E)
