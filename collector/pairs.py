@@ -127,7 +127,7 @@ def plan_pairs(samples, win, scratch, params, plan, paths):
     xgroup_X = np.empty(max(1, G * W), np.int64)
     n = 0
     for i in range(N):
-        a_len = build_pathway(mean_probs_NLE[i], tau, sym_Y, starts_Lp)
+        a_len = build_pathway(mean_probs_NLE[i], tau, sym_Y, starts_Lp, params.select_first)
         for j in range(a_len):
             paths.sym_NY[i, j] = sym_Y[j]
         paths.len_N[i] = a_len

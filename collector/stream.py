@@ -20,6 +20,7 @@ import numpy as np
 
 from grokwatch.collector import kernels, pairs
 from grokwatch.collector.config import CollectorConfig
+from grokwatch.collector.labels import BUCKET_PREFIX
 from grokwatch.collector.memorization import MemorizationTracker
 from grokwatch.collector.phases import PhaseTracker
 from grokwatch.collector.transfer import RoundLosses, RoundRouting, round_transfer
@@ -271,7 +272,7 @@ class Stream:
         if g >= len(self.win_filled_G):
             self._allocate(self.slots_for(g))
         # memorization buckets and fresh documents: not in the cross-group baseline
-        self.eligible_G[g] = not label.startswith(("mem@", FRESH_PREFIX))
+        self.eligible_G[g] = not label.startswith((BUCKET_PREFIX, FRESH_PREFIX))
         return g
 
     # ------------------------------------------------------------ views
@@ -310,7 +311,9 @@ class Stream:
                                   self.win_id_GW, self.win_step_GW)
         scratch = kernels.Scratch(self.sym_Y, self.starts_Lp, self.chars_C, self.peq_AQ, self.pv_Q, self.mv_Q,
                                   self.lpeq_LAQ, self.lpv_Q, self.lmv_Q, self.x_layer_sum_L, self.x_layer_n_L)
-        params = kernels.Params(tau, self.use_chars, min_max_cosine, BOUNDS_RU, NB_R)
+        short = self.mean_length <= kernels.SELECT_MAX_LAYER_SYMBOLS * L  # (0 at first: select)
+        params = kernels.Params(tau, self.use_chars, min_max_cosine, BOUNDS_RU, NB_R,
+                                kernels.SELECT_FIRST if short else 0)
         threads = self.pair_threads
         if pairs.worth_planning(threads, n, m, self.mean_length):
             plan = pairs.new_plan(3 * n * m, L)
@@ -351,7 +354,7 @@ class Stream:
             self.round_routing.add(label, msg.step, key, g_LE)
         out = []
         for label in sorted({lb[len(FRESH_PREFIX):] if lb.startswith(FRESH_PREFIX) else lb for lb in labels}):
-            if label.startswith("mem@"):
+            if label.startswith(BUCKET_PREFIX):
                 continue
             record = round_transfer(self, label, msg.step, self.rng)
             if record is not None:

@@ -91,7 +91,8 @@ def test_a_plan_leaves_the_windows_as_it_found_them():
                               stream.lpeq_LAQ, stream.lpv_Q, stream.lmv_Q, stream.x_layer_sum_L, stream.x_layer_n_L)
     plan = pairs.new_plan(3 * 20 * m, 4)
     paths = pairs.new_pathways(20, 4, 12, 1)
-    n = pairs.plan_pairs(samples, windows, scratch, kernels.Params(0.7, False, 0.05, BOUNDS_RU, NB_R), plan, paths)
+    n = pairs.plan_pairs(samples, windows, scratch, kernels.Params(0.7, False, 0.05, BOUNDS_RU, NB_R, 8), plan,
+                         paths)
     assert n == 20 * 2 * m  # full windows: m within and m cross pairs per sample
     assert (plan.ref_P[:n] < 0).any()  # some pairs are with a sample of this very message
     after = _arrays(stream)
