@@ -14,7 +14,6 @@ Checkpoints: Hugging Face ``save_pretrained`` directories, or ``.pt`` files of
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -95,18 +94,3 @@ def replay(checkpoints: list[str], samples: list[tuple[str, str, list[int]]], en
         if on_checkpoint:
             on_checkpoint(path, step)
     return steps
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    try:
-        samples = load_samples(args.samples)
-        for c in args.checkpoints:
-            if not os.path.exists(c):
-                raise ValueError(f"{c}: no such checkpoint")
-    except ValueError as exc:
-        print(f"grokwatch replay: {exc}")
-        return 2
-    steps = replay(args.checkpoints, samples, args.endpoint, args.run, args.batch_size,
-                   on_checkpoint=lambda p, s: print(f"replayed {p} (step {s})", flush=True))
-    print(f"replayed {len(steps)} checkpoints over {len(samples)} samples")
-    return 0

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the benchmarks' and the tests' one way to pick one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def rss_mb(pid: int) -> float:
     """A process's resident set (VmRSS) in MB, or NaN when it is gone."""

@@ -31,7 +31,6 @@ import math
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,16 +38,10 @@ import time
 from typing import Optional
 
 import torch
+from _proc import free_port
 
 import grokwatch.agent as gw
 from grokwatch.agent.config import DEFAULT_EVERY_N_STEPS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 PULL_SINK = """
 import sys, zmq

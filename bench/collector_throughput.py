@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import fresh, routing_message  # noqa: E402
 
-from grokwatch.collector import kernels  # noqa: E402
+from grokwatch.collector import warmup  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.persist import Journal  # noqa: E402
 from grokwatch.collector.state import State  # noqa: E402
@@ -33,7 +33,7 @@ def measure(concentration: float, unit: str, seconds: float) -> tuple[float, flo
     with tempfile.TemporaryDirectory() as tmp:
         journal = Journal(tmp, 64 * 1024 * 1024)
         state = State(CollectorConfig(distance_unit=unit, comparisons_per_sample=16), journal=journal)
-        kernels.warm_up()
+        warmup.warm_up()
         # Fill the windows first: the steady state compares against full windows.
         for data in pool[:8]:
             state.handle(decode(data))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,11 +21,7 @@ import tempfile
 import time
 import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _proc import free_port
 
 
 def time_to_ready(env: dict) -> float:
@@ -56,7 +51,7 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="grokwatch-fast-start-")
     base = {k: v for k, v in os.environ.items() if not k.startswith("GROKWATCH_")}
     prebuilt = os.path.join(work, "prebuilt")
-    subprocess.run([sys.executable, "-c", "from grokwatch.collector import kernels; kernels.warm_up()"],
+    subprocess.run([sys.executable, "-c", "from grokwatch.collector import warmup; warmup.warm_up()"],
                    env=dict(base, NUMBA_CACHE_DIR=prebuilt), check=True)
     times: dict = {"cold": [], "seeded": []}
     try:

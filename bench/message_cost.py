@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import fresh, routing_message  # noqa: E402
 
-from grokwatch.collector import kernels  # noqa: E402
+from grokwatch.collector import kernels, warmup  # noqa: E402
 from grokwatch.collector import stream as stream_module  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.persist import Journal  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         journal = Journal(tmp, 64 * 1024 * 1024)
         state = State(CollectorConfig(distance_unit="expert", comparisons_per_sample=16), journal=journal)
-        kernels.warm_up()
+        warmup.warm_up()
         for data in pool[:8]:  # full windows first
             state.handle(decode(data))
         in_kernel = [0.0]

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import fresh, routing_message  # noqa: E402
 
-from grokwatch.collector import kernels  # noqa: E402
+from grokwatch.collector import warmup  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.state import State  # noqa: E402
 from grokwatch.wire import encode  # noqa: E402
@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=8, help="samples a message (the rated load's: 8)")
     parser.add_argument("--concentrations", default="0.05,0.3,5")
     args = parser.parse_args()
-    kernels.warm_up()
+    warmup.warm_up()
     print(f"pair_threads 1 against {args.threads}; {args.samples} samples a message, {args.messages} messages an arm, "
           f"blocks of {BLOCK} (ABBA)")
     print(f"{'routing':>8} {'1 thread ms':>12} {f'{args.threads} threads ms':>13} {'ratio':>7} {'block ratio':>12} "

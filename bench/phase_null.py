@@ -23,7 +23,7 @@ from dataclasses import replace
 import numpy as np
 
 from grokwatch.collector.config import CollectorConfig
-from grokwatch.collector.phases import PhaseTracker
+from grokwatch.collector.phases import PhaseConfig, PhaseTracker
 
 STEP = 25
 
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                              "flat cross-group baseline: the power curve (docs/collector.md)")
     parser.add_argument("--sd", type=float, nargs="+", default=[0.01, 0.03], help="with --power: noise sd")
     args = parser.parse_args(argv)
-    cfg = CollectorConfig().phase_config()
+    cfg = PhaseConfig.of(CollectorConfig())
     if args.alpha is not None:
         cfg = replace(cfg, alpha=args.alpha)
     if args.power and args.falls:

@@ -31,21 +31,13 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _proc import rss_mb  # noqa: E402
+from _proc import free_port, rss_mb  # noqa: E402
 from _synthetic import routing_message  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from grokwatch.wire import Heartbeat, Hello, encode  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_metrics(port: int) -> dict:

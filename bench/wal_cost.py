@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import routing_message  # noqa: E402
 
-from grokwatch.collector import kernels  # noqa: E402
+from grokwatch.collector import warmup  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.persist import Journal  # noqa: E402
 from grokwatch.collector.state import State  # noqa: E402
@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--messages", type=int, default=200)
     args = parser.parse_args()
-    kernels.warm_up()
+    warmup.warm_up()
     rng = np.random.default_rng(0)
     limits = Limits()
     times = {"A": [], "B": []}

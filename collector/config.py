@@ -139,15 +139,6 @@ class CollectorConfig:
     # A hello's world_size is believed up to this: the senders of a run are bounded by its world size.
     max_world_size: int = 65536
 
-    def phase_config(self):
-        from grokwatch.collector.phases import PhaseConfig
-
-        return PhaseConfig(window=self.phase_window, patience=self.phase_patience,
-                           loss_abs_tol=self.phase_loss_abs_tol, loss_rel_tol=self.phase_loss_rel_tol,
-                           loss_low_ratio=self.phase_loss_low_ratio, loss_max_wrong=self.phase_loss_max_wrong,
-                           alpha=self.phase_alpha,
-                           distance_rel_tol=self.phase_distance_rel_tol,
-                           consistency_abs_tol=self.phase_consistency_abs_tol)
 
     def __post_init__(self) -> None:
         if not self.listen:

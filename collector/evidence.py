@@ -10,20 +10,19 @@ from typing import Iterator
 import numpy as np
 
 from grokwatch.collector.config import CollectorConfig
-from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseTracker
+from grokwatch.collector.labels import BUCKET_PREFIX, CROSS_GROUP
+from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseConfig, PhaseTracker
 from grokwatch.collector.points import JournalPoint, point_of
 from grokwatch.collector.stream import Stream
 from grokwatch.wire import FRESH_PREFIX, Loss, Routing
 
-CROSS_GROUP = "_cross"  # METRICS.md §1 cross-group baseline
-BUCKET_PREFIX = "mem@"  # the probe's memorization buckets (METRICS.md §4): diagnostics, no phase of their own
 # METRICS.md §5 "one event, one report": the source that carries a data group's phase is the first of these
 # with loss evidence for it (the probe measures per-sample loss; the train source has the user's loss).
 CARRIER_ORDER = ("probe", "train", "replay")
 
 
 def tracker(config: CollectorConfig, label: str) -> PhaseTracker:
-    return PhaseTracker(config.phase_config(), config.phase_distance, epsilon=config.memorization_epsilon.get(label))
+    return PhaseTracker(PhaseConfig.of(config), config.phase_distance, epsilon=config.memorization_epsilon.get(label))
 
 
 def routing_points(config: CollectorConfig, msg: Routing, stream: Stream, targets_N2: np.ndarray,

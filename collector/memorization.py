@@ -10,6 +10,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from grokwatch.collector.labels import BUCKET_PREFIX
+
 MAX_HISTORY = 256  # probes kept per sample; t* older than this many probes is clamped
 # What a history costs, at most (tests/unit/test_state.py measures them with tracemalloc): a sample's record,
 # its id and table entry, and each observation (a step and a loss in two lists). ``max_memory_mb`` counts them.
@@ -133,7 +135,7 @@ class MemorizationTracker:
     def bucket_label(self, memorized_step: int) -> str:
         """The probe-source group of a memorized sample: the bucket of its t*."""
         start = (memorized_step // self.bucket_steps) * self.bucket_steps
-        return f"mem@{start}"
+        return f"{BUCKET_PREFIX}{start}"
 
     def memorized_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -18,7 +18,8 @@ and once more at shutdown. The exporter follows the standard variables: ``OTEL_E
 from __future__ import annotations
 
 import logging
-import threading
+import os
+import socket
 import time
 from typing import Callable, Mapping, Optional
 
@@ -42,6 +43,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from grokwatch._version import __version__
 from grokwatch.collector.config import ConfigError, otlp_requested
+from grokwatch.collector.periodic import Periodic
 from grokwatch.collector.state import State
 from grokwatch.collector.view import Family, HistogramValue, SummaryValue, build_view, scalar
 
@@ -52,9 +54,21 @@ PROTOCOLS = ("http/protobuf", "grpc")
 DEFAULT_INTERVAL_S = 60.0
 
 
-def signed(bounds) -> bool:
-    """The histogram's values can be negative (its lowest bucket bound is below zero)."""
-    return len(bounds) > 0 and float(bounds[0]) < 0
+def instance_id() -> str:
+    """``service.instance.id``: this process, unique among the collectors of a fleet (host and pid)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def unit(name: str) -> str:
+    """A metric's UCUM unit, from the name's Prometheus suffix: seconds, bytes, else dimensionless."""
+    if name.endswith("_count"):  # a summary's count
+        return "1"
+    base = name.removesuffix("_total").removesuffix("_sum")
+    if base.endswith("_seconds"):
+        return "s"
+    if base.endswith("_bytes"):
+        return "By"
+    return "1"
 
 
 class OtelView:
@@ -65,16 +79,20 @@ class OtelView:
         self.queue_stats = queue_stats
         self.interval_s = interval_s
         self.start_ns = time.time_ns()  # the start of every cumulative series this process exports
-        self.resource = Resource.create({"service.name": "grokwatch-collector"})
+        # Who sent it: several collectors pushing cumulative sums with the same attributes would otherwise
+        # collide in a backend (OTEL_RESOURCE_ATTRIBUTES, e.g. a pod's name, adds to these and wins).
+        self.resource = Resource.create({"service.name": "grokwatch-collector", "service.version": __version__,
+                                         "service.instance.id": instance_id()})
         self.scope = InstrumentationScope("grokwatch.collector", __version__)
         self.export_failures = 0
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        # the last export (what changed since the last interval) is the shutdown's, where there is an exporter
+        self._periodic = Periodic("grokwatch-otlp", interval_s, self._round,
+                                  final=self.export_once if exporters else None)
+        self._closed = False
 
     def start(self) -> "OtelView":
         if self.exporters:
-            self._thread = threading.Thread(target=self._loop, name="grokwatch-otlp", daemon=True)
-            self._thread.start()
+            self._periodic.start()
         return self
 
     def collect(self) -> MetricsData:
@@ -86,6 +104,8 @@ class OtelView:
         return MetricsData([ResourceMetrics(self.resource, [ScopeMetrics(self.scope, metrics, "")], "")])
 
     def _metrics(self, fam: Family, now: int) -> list[Metric]:
+        u = unit(fam.name)
+
         def attrs(values):
             return dict(zip(fam.labels, values))
 
@@ -93,12 +113,12 @@ class OtelView:
             return NumberDataPoint(attrs(values), self.start_ns, now, scalar(v))
 
         def total(name, points, monotonic):
-            return Metric(name, fam.help, "", Sum(points, CUMULATIVE, monotonic))
+            return Metric(name, fam.help, unit(name), Sum(points, CUMULATIVE, monotonic))
 
         if fam.kind == "counter":
             return [total(fam.name, [number(k, v) for k, v in fam.samples], True)]
         if fam.kind == "gauge":
-            return [Metric(fam.name, fam.help, "", Gauge([number(k, v) for k, v in fam.samples]))]
+            return [Metric(fam.name, fam.help, u, Gauge([number(k, v) for k, v in fam.samples]))]
         if fam.kind == "summary":  # the count and sum of a non-negative quantity
             counts, sums = [], []
             for k, summary in fam.samples:
@@ -111,14 +131,14 @@ class OtelView:
             assert isinstance(hist, HistogramValue)
             bounds, value_sum = hist.bounds, hist.sum
             counts = np.asarray(hist.counts, dtype=np.int64)
-            is_signed = signed(bounds)
+            is_signed = fam.signed  # view.Spec.signed
             # The SDK's annotations ask for a sum, min and max; the OTLP data model makes all three optional,
             # and its encoder leaves out what is None (a signed histogram has no sum; we keep no min, max).
             points.append(HistogramDataPoint(attrs(k), self.start_ns, now, int(counts.sum()),
                                              None if is_signed else float(value_sum),  # pyright: ignore[reportArgumentType]
                                              [int(c) for c in counts], [float(b) for b in bounds],
                                              None, None))  # pyright: ignore[reportArgumentType]
-        return [Metric(fam.name, fam.help, "", Histogram(points, CUMULATIVE))]
+        return [Metric(fam.name, fam.help, u, Histogram(points, CUMULATIVE))]
 
     def export_once(self) -> bool:
         data = self.collect()
@@ -136,15 +156,15 @@ class OtelView:
             log.warning("OTLP export failed (%d so far); the next interval retries", self.export_failures)
         return ok
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.export_once()
+    def _round(self) -> None:
+        self.export_once()
 
-    def shutdown(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.interval_s + 5)
-            self.export_once()  # what changed since the last interval
+    def shutdown(self, deadline_s: float = 10.0) -> None:
+        """Once: the last export, then every exporter's shutdown; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        self._periodic.shutdown(deadline_s)
         for exporter in self.exporters:
             try:
                 exporter.shutdown()

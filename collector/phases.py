@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from grokwatch.collector.config import PHASE_DISTANCE_AUTO, PHASE_DISTANCES
+from grokwatch.collector.config import PHASE_DISTANCE_AUTO, PHASE_DISTANCES, CollectorConfig
 
 PHASES = ("unknown", "memorizing", "memorized", "generalizing", "stable")
 # Phase -> the tracker attribute (and journal key) holding the step that transition is dated to.
@@ -72,6 +72,15 @@ class PhaseConfig:
     alpha: float = 0.001  # one-sided false-alarm rate of one evaluation's trend test (bench/phase_null.py)
     distance_rel_tol: float = 0.03  # effect-size floor: relative fall of the watched distance over the window
     consistency_abs_tol: float = math.inf  # rise of 1 - C over the window (inf: consistency ignored)
+
+    @classmethod
+    def of(cls, config: CollectorConfig) -> "PhaseConfig":
+        """The detector's settings from the collector's ``phase_*`` keys."""
+        return cls(window=config.phase_window, patience=config.phase_patience, loss_abs_tol=config.phase_loss_abs_tol,
+                   loss_rel_tol=config.phase_loss_rel_tol, loss_low_ratio=config.phase_loss_low_ratio,
+                   loss_max_wrong=config.phase_loss_max_wrong, alpha=config.phase_alpha,
+                   distance_rel_tol=config.phase_distance_rel_tol,
+                   consistency_abs_tol=config.phase_consistency_abs_tol)
 
 
 def distance_signal(point: Mapping[str, Any], kind: str) -> Optional[float]:

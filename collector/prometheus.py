@@ -91,9 +91,9 @@ class PrometheusCollector:
                     bounds, total = hist.bounds, hist.sum
                     cum = np.cumsum(hist.counts)
                     buckets = [(_le(b), float(c)) for b, c in zip(bounds, cum[:-1])] + [("+Inf", float(cum[-1]))]
-                    # A histogram with negative buckets has no _sum or _count (OpenMetrics: its sum is no
-                    # counter); view.py exports its sum as the gauge <name>_sum_signed.
-                    out.add_metric(list(values), buckets, None if bounds[0] < 0 else float(total))
+                    # A signed histogram has no _sum or _count (OpenMetrics: its sum is no counter); view.py
+                    # exports its sum as the gauge <name>_sum_signed.
+                    out.add_metric(list(values), buckets, None if fam.signed else float(total))
             else:  # summary: count and sum, no quantiles (aggregatable)
                 out = SummaryMetricFamily(name, fam.help, labels=labels)
                 for values, summary in fam.samples:

@@ -7,7 +7,6 @@ markers; and the paper's Table 1 with confounder columns.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -27,6 +26,7 @@ from grokwatch.collector.analysis import (
     load,
     memorized_step,
 )
+from grokwatch.collector.labels import BUCKET_PREFIX, CROSS_GROUP
 from grokwatch.collector.persist import read_journal
 
 # phase_distance -> how the report names it
@@ -35,7 +35,7 @@ SIGNAL_TITLES = {"normalized": METRIC_TITLES["distance_normalized"], "raw": METR
                  "normalized_vs_cross": METRIC_TITLES["normalized_vs_cross"]}
 
 
-def _fmt(v) -> str:
+def format_cell(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f}"
 
 
@@ -138,7 +138,7 @@ def build_report(state_dir: str, out_dir: str, run: Optional[str] = None) -> str
     # One section per (run, group): the probe source when it exists (it has per-sample loss).
     by_group: dict = {}
     for (r, source, group), gs in series.items():
-        if group == "_cross" or group.startswith("mem@"):
+        if group == CROSS_GROUP or group.startswith(BUCKET_PREFIX):
             continue
         if (r, group) not in by_group or source == "probe":
             by_group[(r, group)] = gs
@@ -168,11 +168,11 @@ def build_report(state_dir: str, out_dir: str, run: Optional[str] = None) -> str
                 row = table[key]
                 table_rows.append(
                     f"<tr><td>{html.escape(r)}</td><td>{html.escape(group)}</td><td>{METRIC_TITLES[key]}</td>"
-                    f"<td>{row['n']}</td><td>{_fmt(row['pearson'])}</td><td>{_fmt(row['spearman'])}</td>"
-                    f"<td>{_fmt(row['vs_entropy'])}</td><td>{_fmt(row['vs_mean_entropy'])}</td>"
-                    f"<td>{_fmt(row['vs_length'])}</td><td>{_fmt(row['vs_step'])}</td>"
-                    f"<td>{_fmt(row['partial_entropy'])}</td><td>{_fmt(row['partial_mean_entropy'])}</td>"
-                    f"<td>{_fmt(row['partial_step'])}</td></tr>")
+                    f"<td>{row['n']}</td><td>{format_cell(row['pearson'])}</td><td>{format_cell(row['spearman'])}</td>"
+                    f"<td>{format_cell(row['vs_entropy'])}</td><td>{format_cell(row['vs_mean_entropy'])}</td>"
+                    f"<td>{format_cell(row['vs_length'])}</td><td>{format_cell(row['vs_step'])}</td>"
+                    f"<td>{format_cell(row['partial_entropy'])}</td><td>{format_cell(row['partial_mean_entropy'])}</td>"
+                    f"<td>{format_cell(row['partial_step'])}</td></tr>")
     table_html = (
         "<table><tr><th>run</th><th>group</th><th>metric</th><th>n</th><th>Pearson r (acc)</th>"
         "<th>Spearman ρ (acc)</th><th>r with entropy</th><th>r with H(ḡ)</th><th>r with length</th>"
@@ -195,15 +195,6 @@ accuracy controlling for entropy.</p>
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(page)
     return path
-
-
-def run_report(args: argparse.Namespace) -> int:
-    if not os.path.isdir(args.state_dir):
-        print(f"grokwatch report: {args.state_dir} is not a directory")
-        return 2
-    path = build_report(args.state_dir, args.out, args.run)
-    print(f"report: {path}")
-    return 0
 
 
 def read_scores_csv(path: str) -> dict[str, EvalSeries]:
@@ -237,23 +228,3 @@ def correlate(state_dir: str, scores_csv: str, source: str = "replay", run: Opti
         for key in METRICS:
             rows.append(dict(run=r, group=group, metric=key, **table[key]))
     return rows
-
-
-def run_correlate(args: argparse.Namespace) -> int:
-    try:
-        rows = correlate(args.state_dir, args.scores, args.source, args.run)
-    except (OSError, ValueError) as exc:
-        print(f"grokwatch correlate: {exc}")
-        return 2
-    if not rows:
-        print(f"grokwatch correlate: no {args.source} points of the CSV's groups in {args.state_dir}")
-        return 1
-    head = f"{'run':<14} {'group':<10} {'metric':<22} {'n':>3} {'pearson':>8} {'spearman':>8} {'r(entropy)':>10} " \
-           f"{'r(H(g))':>8} {'r(len)':>8} {'r(step)':>8} {'partial':>8} {'p|H(g)':>8} {'p|step':>8}"
-    print(head)
-    for row in rows:
-        print(f"{row['run'][:14]:<14} {row['group'][:10]:<10} {METRIC_TITLES[row['metric']][:22]:<22} {row['n']:>3} "
-              f"{_fmt(row['pearson']):>8} {_fmt(row['spearman']):>8} {_fmt(row['vs_entropy']):>10} "
-              f"{_fmt(row['vs_mean_entropy']):>8} {_fmt(row['vs_length']):>8} {_fmt(row['vs_step']):>8} "
-              f"{_fmt(row['partial_entropy']):>8} {_fmt(row['partial_mean_entropy']):>8} {_fmt(row['partial_step']):>8}")
-    return 0

@@ -10,17 +10,16 @@ and exits cleanly.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import signal
 import threading
-from typing import Mapping, Optional
+from typing import Optional
 
-from grokwatch.collector import kernels, wal
-from grokwatch.collector.config import CollectorConfig, ConfigError, load_config, otlp_requested
+from grokwatch.collector import kernels, wal, warmup
+from grokwatch.collector.config import CollectorConfig, ConfigError, otlp_requested
 from grokwatch.collector.ingest import Ingest
+from grokwatch.collector.periodic import Periodic
 from grokwatch.collector.persist import Journal, SnapshotError, check_writable, read_snapshot, set_aside, write_snapshot
 from grokwatch.collector.prometheus import make_registry, serve
 from grokwatch.collector.state import State
@@ -92,7 +91,7 @@ class Collector:
         self.config = config
         self.environ = os.environ if environ is None else environ
         if config.state_dir:
-            check_writable(config.state_dir)  # OSError in one line: run_from_args exits 2 with it
+            check_writable(config.state_dir)  # OSError in one line: the CLI exits 2 with it
         self.state = State(config)
         self.journal = (Journal(config.state_dir, config.journal_max_bytes, on_error=self.state.count_persist_error)
                         if config.state_dir else None)
@@ -109,8 +108,10 @@ class Collector:
         self.metrics_port: Optional[int] = None
         self._server = None
         self._stop = threading.Event()
-        self._snapshot_now = threading.Event()  # the write-ahead log is past wal_max_bytes
-        self._snapshot_thread: Optional[threading.Thread] = None
+        # Snapshots every snapshot_interval_s, sooner when woken (the write-ahead log past wal_max_bytes, or
+        # writing again after failures), a failed one retried within SNAPSHOT_RETRY_S.
+        self._snapshots = Periodic("grokwatch-snapshot", self.config.snapshot_interval_s, self._snapshot_round,
+                                   on_error=self._snapshot_failed)
         self.wal: Optional[WriteAheadLog] = None
 
     def _resume(self, state_dir: str) -> None:
@@ -193,12 +194,12 @@ class Collector:
             kernels.seed_cache()  # the image's prebuilt kernels (docs/deploy.md, "Fast start")
         except OSError as exc:
             log.warning("prebuilt kernel cache not copied (%s): the kernels compile", exc)
-        kernels.warm_up()  # compile or load from the cache before the first message
+        warmup.warm_up()  # compile or load from the cache before the first message
         if self.config.state_dir:
             next_index = self._replay(self.config.state_dir)
             self.wal = WriteAheadLog(self.config.state_dir, next_index, self.config.wal_max_bytes,
-                                     on_error=self.state.count_persist_error, on_full=self._snapshot_now.set,
-                                     on_recovered=self._snapshot_now.set)
+                                     on_error=self.state.count_persist_error, on_full=self._snapshots.wake,
+                                     on_recovered=self._snapshots.wake)
             try:
                 self.snapshot()  # holds the replay: the old generations can go
                 self.wal.discard_replayed()
@@ -226,9 +227,7 @@ class Collector:
             self.tensorboard.start()
         self.ingest.start()
         if self.config.state_dir:
-            self._snapshot_thread = threading.Thread(target=self._snapshot_loop, name="grokwatch-snapshot",
-                                                     daemon=True)
-            self._snapshot_thread.start()
+            self._snapshots.start()
         log.info("listening on %s", ", ".join(self.endpoints))
         self.ready = True
         return self
@@ -271,31 +270,24 @@ class Collector:
         if self.wal:
             self.wal.trim(*applied)
 
-    def _snapshot_loop(self) -> None:
-        wait_s = self.config.snapshot_interval_s
-        while not self._stop.is_set():
-            self._snapshot_now.wait(wait_s)
-            self._snapshot_now.clear()
-            if self._stop.is_set():
-                break
-            try:
-                self.snapshot()
-                wait_s = self.config.snapshot_interval_s
-            except Exception as exc:  # OSError: a full disk, no inodes; counted in snapshot()
-                wait_s = min(self.config.snapshot_interval_s, SNAPSHOT_RETRY_S)
-                self.snapshot_failing = True
-                if not isinstance(exc, OSError):
-                    self.state.count_loop_error("snapshot")
-                log.warning("snapshot failed (%s: %s); counted, retried in %.0f s", type(exc).__name__, exc, wait_s)
-            else:
-                self.snapshot_failing = False
+    def _snapshot_round(self) -> None:
+        self.snapshot()
+        self.snapshot_failing = False
+
+    def _snapshot_failed(self, exc: BaseException) -> float:
+        """OSError: a full disk, no inodes (counted in snapshot()); anything else a loop error. Retried soon."""
+        wait_s = min(self.config.snapshot_interval_s, SNAPSHOT_RETRY_S)
+        self.snapshot_failing = True
+        if not isinstance(exc, OSError):
+            self.state.count_loop_error("snapshot")
+        log.warning("snapshot failed (%s: %s); counted, retried in %.0f s", type(exc).__name__, exc, wait_s)
+        return wait_s
 
     def stop(self) -> None:
         self.ready = False
         self._stop.set()
-        self._snapshot_now.set()
-        if self._snapshot_thread is not None:  # one snapshot at a time: both would write the same temp file
-            self._snapshot_thread.join()
+        # one snapshot at a time (both would write the same temp file): wait for the round in progress
+        self._snapshots.shutdown(deadline_s=None)
         if self.ingest:
             self.ingest.stop()
         try:
@@ -318,46 +310,3 @@ class Collector:
 
     def wait(self) -> None:
         self._stop.wait()
-
-
-def config_from_args(args: argparse.Namespace, environ: Optional[Mapping[str, str]] = None) -> CollectorConfig:
-    """The settings ``grokwatch collector`` runs with: flags over GROKWATCH_* variables over --config."""
-    return load_config(args.config, environ=environ, overrides=dict(
-        listen=tuple(args.listen) if args.listen else None, metrics_port=args.metrics_port,
-        metrics_addr=args.metrics_addr, state_dir=args.state_dir,
-        tensorboard_dir=getattr(args, "tensorboard", None)))
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """``grokwatch collector``: runs until SIGTERM/SIGINT; bad config is one line and exit 2."""
-    try:
-        if args.check_config:
-            config = load_config(args.check_config)
-            check_memory(config, memory_limit_mb())  # as at start: the same refusals, the same line
-            print(f"{args.check_config}: ok")
-            return 0
-        config = config_from_args(args)
-    except ConfigError as exc:
-        print(f"grokwatch collector: {exc}", flush=True)
-        return 2
-    try:
-        collector = Collector(config)
-    except (OSError, ConfigError) as exc:  # an unwritable state directory; more memory than the limit
-        print(f"grokwatch collector: cannot start: {exc}", flush=True)
-        return 2
-    try:
-        collector.start()
-    except Exception as exc:  # e.g. an endpoint or port already in use
-        print(f"grokwatch collector: cannot start: {exc}", flush=True)
-        return 2
-    print(f"grokwatch collector: listening on {', '.join(collector.endpoints)}; "
-          f"/metrics on port {collector.metrics_port}", flush=True)
-
-    def on_signal(signum, frame):
-        collector._stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    collector.wait()
-    collector.stop()
-    return 0

@@ -21,7 +21,7 @@ import numpy as np
 from grokwatch.collector import evidence, wal
 from grokwatch.collector.budget import MemoryBudget
 from grokwatch.collector.config import CollectorConfig
-from grokwatch.collector.evidence import CROSS_GROUP
+from grokwatch.collector.labels import CROSS_GROUP
 from grokwatch.collector.persist import snapshot_bytes
 from grokwatch.collector.reasons import Rejected
 from grokwatch.collector.runs import Runs

@@ -20,13 +20,13 @@ import logging
 import math
 import os
 import re
-import threading
 from typing import Callable, Optional
 
 import numpy as np
 
 from grokwatch.collector.config import ConfigError
-from grokwatch.collector.evidence import CROSS_GROUP
+from grokwatch.collector.labels import CROSS_GROUP
+from grokwatch.collector.periodic import Periodic
 from grokwatch.collector.phases import PHASES
 from grokwatch.collector.state import State
 from grokwatch.collector.view import GROUP_LABELS, LAYER_LABELS, HistogramValue, build_view, scalar
@@ -75,13 +75,12 @@ class TensorBoardView:
         self._last_step: dict = {}  # (run, tag) -> step written
         self._last_hist: dict = {}  # (run, tag) -> (cumulative counts, sum)
         self.points = 0  # scalars and histograms written
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._periodic = Periodic("grokwatch-tensorboard", interval_s, self._round, final=self._last_round)
+        self._closed = False
         os.makedirs(logdir, exist_ok=True)
 
     def start(self) -> "TensorBoardView":
-        self._thread = threading.Thread(target=self._loop, name="grokwatch-tensorboard", daemon=True)
-        self._thread.start()
+        self._periodic.start()
         return self
 
     def _writer(self, run: str):
@@ -149,20 +148,23 @@ class TensorBoardView:
             self.points += 1
             self._scalar(run, f"{tag}_mean", (float(total) - prev_sum) / float(delta.sum()), step)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.write_once()
-            except Exception:  # a full disk or a bad series must not stop the collector
-                log.exception("TensorBoard write failed; the next interval retries")
+    def _round(self) -> None:
+        try:
+            self.write_once()
+        except Exception:  # a full disk or a bad series must not stop the collector
+            log.exception("TensorBoard write failed; the next interval retries")
 
-    def shutdown(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.interval_s + 5)
+    def _last_round(self) -> None:
         try:
             self.write_once()
         except Exception:
             log.exception("final TensorBoard write failed")
+
+    def shutdown(self, deadline_s: float = 10.0) -> None:
+        """Once: the last write, then every writer closed; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        self._periodic.shutdown(deadline_s)
         for writer in self.writers.values():
             writer.close()

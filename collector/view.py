@@ -13,7 +13,7 @@ from typing import Callable, Literal, NamedTuple, Optional, Union
 
 import numpy as np
 
-from grokwatch.collector.evidence import CROSS_GROUP
+from grokwatch.collector.labels import CROSS_GROUP
 from grokwatch.collector.persist import PERSIST_ERRORS
 from grokwatch.collector.phases import PHASES
 from grokwatch.collector.reasons import COLLECTOR_REASONS
@@ -105,6 +105,7 @@ class Spec:
     kind: Kind
     help: str
     labels: tuple[str, ...]
+    signed: bool = False  # a histogram whose values can be negative: no _sum, its sum the gauge <name>_sum_signed
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Family:
     help: str
     labels: tuple[str, ...]
     samples: list[Sample] = field(default_factory=list)
+    signed: bool = False  # Spec.signed: every exporter reads it here
 
     def add(self, values: tuple, value: Value) -> None:
         self.samples.append(Sample(tuple(str(v) for v in values), value))
@@ -122,11 +124,11 @@ class Family:
 def _specs() -> tuple[Spec, ...]:
     specs: list[Spec] = []
 
-    def fam(name: str, kind: Kind, help_: str, labels: tuple[str, ...]) -> None:
-        specs.append(Spec(name, kind, help_, labels))
+    def fam(name: str, kind: Kind, help_: str, labels: tuple[str, ...], signed: bool = False) -> None:
+        specs.append(Spec(name, kind, help_, labels, signed))
 
     for suffix, (_, help_) in HISTOGRAMS.items():
-        fam(suffix, "histogram", help_, GROUP_LABELS)
+        fam(suffix, "histogram", help_, GROUP_LABELS, signed=suffix in SIGNED_HISTOGRAMS)
     for suffix in SIGNED_HISTOGRAMS:
         fam(suffix + SIGNED_SUM, "gauge", f"Sum of the values observed by grokwatch_{suffix} (it can fall: their mean "
             "over a range is delta() of this over delta() of its +Inf bucket)", GROUP_LABELS)
@@ -221,7 +223,8 @@ SPECS = _specs()  # every family the collector exports, in exposition order
 
 def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, stale_scrapes: int = 0) -> list[Family]:
     """All families, read under the state's lock (a consistent snapshot)."""
-    F = {spec.name: Family("grokwatch_" + spec.name, spec.kind, spec.help, spec.labels) for spec in SPECS}
+    F = {spec.name: Family("grokwatch_" + spec.name, spec.kind, spec.help, spec.labels, signed=spec.signed)
+         for spec in SPECS}
 
     with state.lock:
         carriers = state.phase_carriers()

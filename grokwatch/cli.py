@@ -18,9 +18,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from grokwatch._version import __version__
 
@@ -64,10 +65,101 @@ def _cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_collector(args: argparse.Namespace) -> int:
-    from grokwatch.collector.service import run_from_args
+def config_from_args(args: argparse.Namespace, environ: Optional[Mapping[str, str]] = None):
+    """The settings ``grokwatch collector`` runs with: flags over GROKWATCH_* variables over --config."""
+    from grokwatch.collector.config import load_config
 
-    return run_from_args(args)
+    return load_config(args.config, environ=environ, overrides=dict(
+        listen=tuple(args.listen) if args.listen else None, metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr, state_dir=args.state_dir,
+        tensorboard_dir=getattr(args, "tensorboard", None)))
+
+
+def _cmd_collector(args: argparse.Namespace) -> int:
+    """``grokwatch collector``: runs until SIGTERM/SIGINT; bad config is one line and exit 2."""
+    from grokwatch.collector.config import ConfigError
+    from grokwatch.collector.service import Collector
+
+    if args.check_config:
+        return _check_config(args.check_config, "grokwatch collector")
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"grokwatch collector: {exc}", flush=True)
+        return 2
+    try:
+        collector = Collector(config)
+    except (OSError, ConfigError) as exc:  # an unwritable state directory; more memory than the limit
+        print(f"grokwatch collector: cannot start: {exc}", flush=True)
+        return 2
+    try:
+        collector.start()
+    except Exception as exc:  # e.g. an endpoint or port already in use
+        print(f"grokwatch collector: cannot start: {exc}", flush=True)
+        return 2
+    print(f"grokwatch collector: listening on {', '.join(collector.endpoints)}; "
+          f"/metrics on port {collector.metrics_port}", flush=True)
+
+    def on_signal(signum, frame):
+        collector._stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    collector.wait()
+    collector.stop()
+    return 0
+
+
+def _check_config(path: str, command: str) -> int:
+    from grokwatch.collector.config import ConfigError, load_config
+    from grokwatch.collector.service import check_memory, memory_limit_mb
+
+    try:
+        config = load_config(path)
+        check_memory(config, memory_limit_mb())  # as at start: the same refusals, the same line
+    except ConfigError as exc:
+        print(f"{command}: {exc}", flush=True)
+        return 2
+    print(f"{path}: ok")
+    return 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    return _check_config(args.file, "grokwatch config check")
+
+
+def _toml_value(value) -> str:
+    import math
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    """Every key with the value the collector would use, as a TOML file it reads back (keys left unset
+    by default, None, are comments)."""
+    import dataclasses
+
+    from grokwatch.collector.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"grokwatch config show: {exc}", flush=True)
+        return 2
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        print(f"# {field.name} = (unset)" if value is None else f"{field.name} = {_toml_value(value)}")
+    return 0
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -85,21 +177,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from grokwatch.collector.report import run_report
+    from grokwatch.collector.report import build_report
 
-    return run_report(args)
+    if not os.path.isdir(args.state_dir):
+        print(f"grokwatch report: {args.state_dir} is not a directory")
+        return 2
+    path = build_report(args.state_dir, args.out, args.run)
+    print(f"report: {path}")
+    return 0
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from grokwatch.agent.replay import run_from_args
+    from grokwatch.agent.replay import load_samples, replay
 
-    return run_from_args(args)
+    try:
+        samples = load_samples(args.samples)
+        for c in args.checkpoints:
+            if not os.path.exists(c):
+                raise ValueError(f"{c}: no such checkpoint")
+    except ValueError as exc:
+        print(f"grokwatch replay: {exc}")
+        return 2
+    steps = replay(args.checkpoints, samples, args.endpoint, args.run, args.batch_size,
+                   on_checkpoint=lambda p, s: print(f"replayed {p} (step {s})", flush=True))
+    print(f"replayed {len(steps)} checkpoints over {len(samples)} samples")
+    return 0
 
 
 def _cmd_correlate(args: argparse.Namespace) -> int:
-    from grokwatch.collector.report import run_correlate
+    from grokwatch.collector.analysis import METRIC_TITLES
+    from grokwatch.collector.report import correlate, format_cell
 
-    return run_correlate(args)
+    try:
+        rows = correlate(args.state_dir, args.scores, args.source, args.run)
+    except (OSError, ValueError) as exc:
+        print(f"grokwatch correlate: {exc}")
+        return 2
+    if not rows:
+        print(f"grokwatch correlate: no {args.source} points of the CSV's groups in {args.state_dir}")
+        return 1
+    head = f"{'run':<14} {'group':<10} {'metric':<22} {'n':>3} {'pearson':>8} {'spearman':>8} {'r(entropy)':>10} " \
+           f"{'r(H(g))':>8} {'r(len)':>8} {'r(step)':>8} {'partial':>8} {'p|H(g)':>8} {'p|step':>8}"
+    print(head)
+    for row in rows:
+        print(f"{row['run'][:14]:<14} {row['group'][:10]:<10} {METRIC_TITLES[row['metric']][:22]:<22} {row['n']:>3} "
+              f"{format_cell(row['pearson']):>8} {format_cell(row['spearman']):>8} {format_cell(row['vs_entropy']):>10} "
+              f"{format_cell(row['vs_mean_entropy']):>8} {format_cell(row['vs_length']):>8} {format_cell(row['vs_step']):>8} "
+              f"{format_cell(row['partial_entropy']):>8} {format_cell(row['partial_mean_entropy']):>8} {format_cell(row['partial_step']):>8}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,8 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files, one directory a run "
                                                           "(the tensorboard extra; config key tensorboard_dir)")
     p.add_argument("--config", metavar="FILE", help="TOML file with every other setting")
-    p.add_argument("--check-config", metavar="FILE", help="validate FILE, print the result, and exit")
+    p.add_argument("--check-config", metavar="FILE", help="validate FILE, print the result, and exit (the same as "
+                                                          "grokwatch config check FILE)")
     p.set_defaults(func=_cmd_collector)
+
+    p = sub.add_parser("config", parents=[common], help="check a collector config file, or print the effective one")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+    v = verbs.add_parser("check", parents=[common], help="validate FILE as the collector would at start, and exit "
+                                                         "(as promtool check config)")
+    v.add_argument("file", metavar="FILE")
+    v.set_defaults(func=_cmd_config_check)
+    v = verbs.add_parser("show", parents=[common], help="print the settings the collector would run with (defaults, "
+                                                        "--config FILE, GROKWATCH_* variables) as TOML")
+    v.add_argument("--config", metavar="FILE", help="TOML file, as for grokwatch collector")
+    v.set_defaults(func=_cmd_config_show)
 
     p = sub.add_parser("keygen", parents=[common], help="make a ZeroMQ CURVE key pair (NAME.key, NAME.key_secret) for the collector "
                                       "or an agent")

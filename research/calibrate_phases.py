@@ -1,6 +1,6 @@
 """Calibrate the METRICS.md §5 phase detector on ground-truth runs (leave one run out).
 
-    python bench/calibrate_phases.py out/gt0/state out/gt1/state [--source probe]
+    python research/calibrate_phases.py out/gt0/state out/gt1/state [--source probe]
 
 Each state directory is a collector's journal from a run that logged held-out
 accuracy (`grokwatch demo`). The journal's points are replayed, in order,
@@ -14,7 +14,7 @@ run's smallest worst error) scored on it, then the shipped defaults on all
 runs, then out-of-sample totals. `--false-onset-cost C` makes an onset in a
 group that never crosses cost C instead of 1 when choosing.
 
-    python bench/calibrate_phases.py RUN... --score "normalized_vs_cross window=12 patience=4"
+    python research/calibrate_phases.py RUN... --score "normalized_vs_cross window=12 patience=4"
 
 scores given settings (a signal — one of `phase_distance`'s, "auto" included —
 then PhaseConfig fields; the rest default) and the defaults on every run,
@@ -88,7 +88,7 @@ def main() -> int:
                         help="score this setting on every run instead of searching the grid (repeatable)")
     args = parser.parse_args()
     runs = [read_run(d, args.source) for d in args.state_dirs]
-    base = CollectorConfig().phase_config()
+    base = PhaseConfig.of(CollectorConfig())
     if args.score:
         return score(runs, base, args.score)
     settings = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]

@@ -2,7 +2,7 @@
 # Round 3 on a leased GPU (issue 28; device tool): the three seeds and the all-rand null run of
 # grokwatch.demo.round3 side by side on one CUDA device, each stopped after RUN_S seconds (default 420:
 # the whole script fits 8 minutes of device time), their JSON-lines logs under $OUT, then the
-# pre-registered analysis over them (bench/groundtruth_round3.py). Run it with timeout_s 600 and
+# pre-registered analysis over them (research/groundtruth_round3.py). Run it with timeout_s 600 and
 # carry=[".whl"] (`make gpu-wheels`: pyzmq and rapidfuzz for the device image's Python); what a run wrote
 # before its stop comes back with it (a log is flushed at every probe step).
 # MINI=1 runs it in miniature on the CPU (a few steps, no wheels): the test suite does, so a task with a
@@ -34,5 +34,5 @@ run seed1 --seed 1 ${R3_FLAGS:-} &
 run seed2 --seed 2 ${R3_FLAGS:-} &
 run null --seed 3 --domains rand,rand2,rand3,rand4,rand5,rand6 ${R3_FLAGS:-} &
 wait
-"$PY" bench/groundtruth_round3.py --seeds "$OUT"/r3-gpu-seed{0,1,2}.jsonl --null "$OUT/r3-gpu-null.jsonl" \
+"$PY" research/groundtruth_round3.py --seeds "$OUT"/r3-gpu-seed{0,1,2}.jsonl --null "$OUT/r3-gpu-null.jsonl" \
   --json "$OUT/r3-gpu-analysis.json" 2>&1 | tee "$OUT/r3-gpu-analysis.txt"

@@ -1,6 +1,6 @@
 """Ground truth round 2 (issue 17): the analysis docs/groundtruth.md fixed before the runs.
 
-    python bench/groundtruth_round2.py docs/groundtruth/v3-*-journal.jsonl.gz [--source probe]
+    python research/groundtruth_round2.py docs/groundtruth/v3-*-journal.jsonl.gz [--source probe]
 
 Per journal (a collector state directory or a compressed journal) and group, on one source's points
 after the group's training accuracy first reaches 99 %:
@@ -10,7 +10,7 @@ after the group's training accuracy first reaches 99 %:
    accuracy controlling for entropy (collector/analysis.py, the report's numbers).
 2. Specificity: the metric's |Spearman| with its own group's held-out accuracy beside the largest
    |Spearman| with another arithmetic group's held-out accuracy over the same evaluation steps.
-3. The shipped phase detector replayed (bench/rescore_phases.py): found within 10 % of the run,
+3. The shipped phase detector replayed (research/rescore_phases.py): found within 10 % of the run,
    missed, or a false onset in a group that never crosses 50 % (``rand`` never can).
 4. The verdict rule per configuration (journals named ``<config>-seed<N>``): a metric shows the signal
    when in at least 2 of 3 seeds a generalizing group has |Spearman| >= 0.9, a partial correlation

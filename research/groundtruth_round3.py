@@ -1,8 +1,8 @@
 """Round 3's pre-registered analysis (issue 28), fixed before any round-3 seed or null journal exists.
 
-    python bench/groundtruth_round3.py --seeds r3-seed0.jsonl r3-seed1.jsonl r3-seed2.jsonl \
+    python research/groundtruth_round3.py --seeds r3-seed0.jsonl r3-seed1.jsonl r3-seed2.jsonl \
         --null r3-null.jsonl [--json out.json]
-    python bench/groundtruth_round3.py --gate r3-pilot-wd1.jsonl --budget-steps 12000
+    python research/groundtruth_round3.py --gate r3-pilot-wd1.jsonl --budget-steps 12000
 
 Input: the JSON-lines logs of ``python -m grokwatch.demo.round3`` (one line per probe step, every metric per
 domain, computed exactly on fixed probe sets). Domains: the rules add, sub, mul, sq; the controls rand (a

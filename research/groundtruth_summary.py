@@ -1,6 +1,6 @@
 """Print a ground-truth run's Table 1 (as markdown) from a collector's state directory.
 
-    python bench/groundtruth_summary.py out/demo/state [--source probe] [--metrics distance distance_vs_cross ...]
+    python research/groundtruth_summary.py out/demo/state [--source probe] [--metrics distance distance_vs_cross ...]
 
 Per group: the step training accuracy first reached 99 %, the step held-out
 accuracy first exceeded 50 %, the phase detector's memorized and onset steps,

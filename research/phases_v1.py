@@ -1,4 +1,4 @@
-"""FROZEN COPY of collector/phases.py before the evidence rules (kept only so bench/rescore_phases.py can
+"""FROZEN COPY of collector/phases.py before the evidence rules (kept only so research/rescore_phases.py can
 score old against new on the same journals; never imported by the collector).
 
 METRICS.md §5: per-group phase detector (ours; the paper gives metrics, not a detector).

@@ -3,7 +3,7 @@ print Table-1 rows for each: which collector setting (tau, unit) makes the
 pathway metrics track held-out accuracy beyond routing entropy?
 
     python -m grokwatch.demo.train --steps 4000 --save-every 250 --checkpoint-dir ck --log acc.jsonl
-    python bench/replay_sweep.py --checkpoints ck --accuracy acc.jsonl --tau 0.3 0.5 0.7 0.9
+    python research/replay_sweep.py --checkpoints ck --accuracy acc.jsonl --tau 0.3 0.5 0.7 0.9
 
 Uses the paper's offline protocol (grokwatch replay -> collector journal ->
 correlate) with a fixed set of training samples per group.

@@ -1,11 +1,11 @@
 """Positive and negative control of the METRICS.md §5 detector on ground-truth journals, old against new.
 
-    python bench/rescore_phases.py out/gtX1/state out/demo/state [--sources probe train]
-    python bench/rescore_phases.py docs/groundtruth/v2-*-journal.jsonl.gz     # the committed journals
+    python research/rescore_phases.py out/gtX1/state out/demo/state [--sources probe train]
+    python research/rescore_phases.py docs/groundtruth/v2-*-journal.jsonl.gz     # the committed journals
 
 Each state directory is a collector's journal from a run that logged held-out accuracy (`grokwatch
 demo`). Its points (and the train source's loss records) are replayed in journal order through the
-detector before the evidence rules (bench/phases_v1.py, its shipped defaults) and through today's
+detector before the evidence rules (research/phases_v1.py, its shipped defaults) and through today's
 (collector/phases.py, the shipped defaults). Per (run, source, group): the held-out 50 % crossing,
 each detector's memorized and onset steps; an onset is "within 10 %" when |onset − crossing| ≤ 10 % of
 the run, "false" in a group that never crosses (the random-label group `rand` never can). Prints a
@@ -26,7 +26,7 @@ import phases_v1  # noqa: E402
 from grokwatch.collector.analysis import first_crossing, load  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.persist import read_journal  # noqa: E402
-from grokwatch.collector.phases import PhaseTracker  # noqa: E402
+from grokwatch.collector.phases import PhaseConfig, PhaseTracker  # noqa: E402
 
 
 def replay(records, source: str):
@@ -43,7 +43,7 @@ def replay(records, source: str):
             continue
         if group not in trackers:
             trackers[group] = (phases_v1.PhaseTracker(old_cfg, cfg.phase_distance),
-                               PhaseTracker(cfg.phase_config(), cfg.phase_distance,
+                               PhaseTracker(PhaseConfig.of(cfg), cfg.phase_distance,
                                             epsilon=cfg.memorization_epsilon.get(group)))
         old, new = trackers[group]
         if r["kind"] == "loss":

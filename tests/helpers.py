@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -14,8 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 import zmq
+from _proc import free_port  # noqa: F401 (the tests' free_port, one with the benchmarks')
 from prometheus_client.parser import text_string_to_metric_families
 
 from grokwatch.collector.config import CollectorConfig
@@ -94,12 +93,6 @@ def send_all(collector, messages, raw=()):
         wait_until(lambda: done() >= before + len(messages) + len(raw))
     finally:
         pusher.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prometheus_tool(name: str) -> str:

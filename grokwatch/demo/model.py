@@ -192,10 +192,20 @@ class GrokMoE(nn.Module):
         return self.unembed(self.norms[-1](x_TH.view(B, S, H)[:, -1]))
 
 
+def answers(input_ids_BW: torch.Tensor) -> torch.Tensor:
+    """The answer token of every equation of [B, 5m] rows, [B·m] (the model's output rows)."""
+    return input_ids_BW.reshape(-1, 5)[:, 4]
+
+
+def answer_loss(model, input_ids_BW, attention_mask=None):
+    """Per-sample NLL of the answer tokens, the mean over a sample's equations (the probe's loss)."""
+    logits = model(input_ids_BW)
+    nll = nn.functional.cross_entropy(logits.float(), answers(input_ids_BW), reduction="none")
+    return nll.view(input_ids_BW.shape[0], -1).mean(1)
+
+
 def from_config(config: dict):
     """Checkpoint factory for ``grokwatch replay``: (model, probe loss, attach() keywords)."""
-    from grokwatch.demo.train import answer_loss
-
     cfg = ModelConfig(**config)
     return GrokMoE(cfg), answer_loss, dict(num_layers=cfg.num_moe_layers, num_experts=cfg.num_experts,
                                            top_k=cfg.top_k)

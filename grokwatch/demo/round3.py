@@ -9,7 +9,7 @@ fixed per-domain pools, loss on the answer tokens only (operands are irreducible
 own load-balancing loss. Every ``probe_every`` steps one forward over every training and held-out document
 gives per domain the training and held-out (swap-clean) accuracy, and on fixed probe sets (``probe_docs``
 training and as many fresh documents per domain) every metric of ``probe_metrics`` — one JSON line per
-probe step. The pre-registered analysis is ``bench/groundtruth_round3.py``.
+probe step. The pre-registered analysis is ``research/groundtruth_round3.py``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Round3Config:
     tau: float = 0.7
     permutations: int = 200
     threads: int = 1
-    device: str = "cpu"  # "cuda": bench/gpu_groundtruth.sh (the metrics are computed on the host either way)
+    device: str = "cpu"  # "cuda": research/gpu_groundtruth.sh (the metrics are computed on the host either way)
     checkpoint_every: int = 0  # >0: state dicts into checkpoint_dir (outside git)
     checkpoint_dir: str = ""
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from grokwatch.demo.data import Dataset, make_dataset
-from grokwatch.demo.model import GrokMoE, ModelConfig
+from grokwatch.demo.model import GrokMoE, ModelConfig, answer_loss, answers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,18 +61,6 @@ class BenchConfig:
     probe_size_per_group: int = 32
     save_every: int = 0  # >0: write checkpoints (for grokwatch replay) into checkpoint_dir
     checkpoint_dir: str = ""
-
-
-def answers(input_ids_BW: torch.Tensor) -> torch.Tensor:
-    """The answer token of every equation of [B, 5m] rows, [B·m] (the model's output rows)."""
-    return input_ids_BW.reshape(-1, 5)[:, 4]
-
-
-def answer_loss(model, input_ids_BW, attention_mask=None):
-    """Per-sample NLL of the answer tokens, the mean over a sample's equations (the probe's loss)."""
-    logits = model(input_ids_BW)
-    nll = F.cross_entropy(logits.float(), answers(input_ids_BW), reduction="none")
-    return nll.view(input_ids_BW.shape[0], -1).mean(1)
 
 
 @torch.no_grad()

@@ -4,24 +4,17 @@ safely."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import grokwatch.agent as gw
-from helpers import scrape, start_collector, value, wait_until
+from helpers import free_port, scrape, start_collector, value, wait_until
 from tiny_models import VOCAB, tiny_model
 
+import grokwatch.agent as gw
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn_two_ranks(rank_main, *args) -> list:
@@ -35,7 +28,7 @@ def _spawn_two_ranks(rank_main, *args) -> list:
     port = sink.bind_to_random_port("tcp://127.0.0.1")
     messages = []
     try:
-        mp.spawn(rank_main, args=(2, _free_port(), f"tcp://127.0.0.1:{port}", *args), nprocs=2, join=True)
+        mp.spawn(rank_main, args=(2, free_port(), f"tcp://127.0.0.1:{port}", *args), nprocs=2, join=True)
         while sink.poll(1000):
             messages.append(decode(sink.recv()))
     finally:
@@ -77,7 +70,7 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str) -> None:
 def test_every_rank_sends_under_its_own_rank(tmp_path):
     collector = start_collector(tmp_path)
     try:
-        mp.spawn(_rank_main, args=(2, _free_port(), collector.endpoints[0]), nprocs=2, join=True)
+        mp.spawn(_rank_main, args=(2, free_port(), collector.endpoints[0]), nprocs=2, join=True)
         wait_until(lambda: collector.state.samples_total == 2 * 3 * 2)
         senders = collector.state.senders.values()
         assert sorted(info.rank for info in senders) == [0, 1]

@@ -1,6 +1,6 @@
 """The committed ground-truth journals (docs/groundtruth/v2-*-journal.jsonl.gz) replayed through the
 shipped detector: the random-label group — memorized, never generalizable — is never dated an onset,
-nor is any group whose held-out accuracy never crosses 50 % (bench/rescore_phases.py prints the table)."""
+nor is any group whose held-out accuracy never crosses 50 % (research/rescore_phases.py prints the table)."""
 
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ import pytest
 import yaml
 from to_prometheusrule import RULES, render  # deploy/prometheus (pytest's pythonpath)
 
-from grokwatch.cli import build_parser
-from grokwatch.collector.service import config_from_args, worst_case_memory_mb
+from grokwatch.cli import build_parser, config_from_args
+from grokwatch.collector.service import worst_case_memory_mb
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy/k8s"
@@ -244,7 +244,7 @@ def test_the_image_runs_the_collector_as_the_manifests_expect():
     assert "torch" not in runs and not re.search(r"\[[^]]*(agent|hf)", runs), runs
     # The kernels are compiled when the image is built, into the cache the collector seeds Numba's from.
     env = dict(re.findall(r"(\w+)=(\S+)", last["ENV"]))
-    assert f"NUMBA_CACHE_DIR={env['GROKWATCH_KERNEL_CACHE']}" in runs and "kernels.warm_up()" in runs
+    assert f"NUMBA_CACHE_DIR={env['GROKWATCH_KERNEL_CACHE']}" in runs and "warmup.warm_up()" in runs
     # The user the image runs as is the one the DaemonSet asks for.
     daemonset = by_kind(kustomize("base"))["DaemonSet"]
     assert int(last["USER"]) == daemonset["spec"]["template"]["spec"]["securityContext"]["runAsUser"]

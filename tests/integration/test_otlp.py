@@ -7,6 +7,7 @@ metric a line (the OTLP JSON mapping): the collector's own exporter sends to it 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -57,6 +58,17 @@ def test_the_otlp_batch_is_the_prometheus_view_in_otlp_types(tmp_path):
         assert isinstance(received, Sum) and received.is_monotonic and received.data_points[0].value == 4
         assert isinstance(metrics["grokwatch_collector_queue_size"].data, Gauge)
         assert "grokwatch_pathway_distance_bucket" not in metrics  # no Prometheus-shaped counters any more
+        # who sent it (issue 32): several collectors' cumulative sums must not collide in a backend
+        resource = dict(data.resource_metrics[0].resource.attributes)
+        from grokwatch._version import __version__
+
+        assert resource["service.name"] == "grokwatch-collector" and resource["service.version"] == __version__
+        assert resource["service.instance.id"].endswith(f":{os.getpid()}")
+        other = OtelView(c.state, []).collect().resource_metrics[0].resource.attributes
+        assert other["service.instance.id"] == resource["service.instance.id"]  # one per process
+        assert metrics["grokwatch_collector_processing_seconds_sum"].unit == "s"
+        assert metrics["grokwatch_collector_processing_seconds_count"].unit == "1"
+        assert metrics["grokwatch_pathway_distance"].unit == "1"
     finally:
         c.stop()
 
@@ -122,6 +134,8 @@ def test_a_real_otlp_receiver_reads_histograms_monotonic_sums_and_gauges(tmp_pat
     assert received["dataPoints"][0]["asDouble"] == 4
     assert "gauge" in arrived["grokwatch_collector_queue_capacity"]
     assert "sum" in arrived["grokwatch_collector_processing_seconds_count"]
+    assert arrived["grokwatch_collector_processing_seconds_count"].get("unit") == "1"
+    assert arrived["grokwatch_pathway_distance"].get("unit") == "1"
 
 
 @pytest.mark.parametrize("env, says", [

@@ -128,7 +128,7 @@ def _fast_start(bin_dir: Path, tmp_path: Path) -> None:
     import urllib.request
 
     prebuilt, fresh = tmp_path / "prebuilt", tmp_path / "pod-cache"
-    run([bin_dir / "python", "-c", "from grokwatch.collector import kernels; kernels.warm_up()"],
+    run([bin_dir / "python", "-c", "from grokwatch.collector import warmup; warmup.warm_up()"],
         env_extra={"NUMBA_CACHE_DIR": str(prebuilt)})
     built = sorted(p.relative_to(prebuilt) for p in prebuilt.rglob("*") if p.is_file())
     assert built, "the build step wrote no kernel cache"

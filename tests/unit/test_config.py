@@ -80,3 +80,31 @@ def test_check_config_refuses_what_start_would_in_one_line(tmp_path, text):
         out = (r.stdout + r.stderr).strip().splitlines()
         assert r.returncode == 2 and len(out) == 1, out
         assert text.split()[0] in out[0]
+
+
+def test_config_check_is_the_verb_form_of_check_config_and_show_prints_a_file_that_reads_back(tmp_path):
+    """Issue 32: `grokwatch config check FILE` (as `promtool check config`) refuses what start would, in one
+    line; `grokwatch config show` prints the effective settings (file, then GROKWATCH_* variables) as TOML
+    that loads back to the same config."""
+    import os
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("queue_capacity = inf\n")
+    r = subprocess.run([sys.executable, "-m", "grokwatch.cli", "config", "check", str(bad)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and len((r.stdout + r.stderr).strip().splitlines()) == 1 and "queue_capacity" in r.stdout
+    good = tmp_path / "good.toml"
+    good.write_text('window_samples = 128\nphase_consistency_abs_tol = inf\nmemorization_epsilon = {math = 0.5}\n'
+                    'listen = ["tcp://127.0.0.1:5999"]\n')
+    r = subprocess.run([sys.executable, "-m", "grokwatch.cli", "config", "check", str(good)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"{good}: ok"
+    env = {**os.environ, "GROKWATCH_COMPARISONS_PER_SAMPLE": "7"}
+    r = subprocess.run([sys.executable, "-m", "grokwatch.cli", "config", "show", "--config", str(good)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    shown = tmp_path / "shown.toml"
+    shown.write_text(r.stdout)
+    again = load_config(str(shown), environ={})
+    assert again == load_config(str(good), environ={"GROKWATCH_COMPARISONS_PER_SAMPLE": "7"})
+    assert again.window_samples == 128 and again.comparisons_per_sample == 7

@@ -258,7 +258,7 @@ def test_the_distance_signal_is_chosen_by_config_and_a_bad_choice_is_a_config_er
 def test_the_shipped_defaults_are_the_trackers_defaults():
     from grokwatch.collector.config import CollectorConfig
 
-    assert CollectorConfig().phase_config() == PhaseConfig()
+    assert PhaseConfig.of(CollectorConfig()) == PhaseConfig()
     assert CollectorConfig().phase_distance == "auto"
 
 

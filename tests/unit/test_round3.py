@@ -274,7 +274,7 @@ def test_the_shipped_detector_runs_over_probe_points_and_the_gate_reads_a_pilot(
 
 @pytest.mark.slow
 def test_the_gpu_groundtruth_script_runs_in_miniature_on_the_cpu(tmp_path):
-    """bench/gpu_groundtruth.sh as a task with a device would run it, in miniature (MINI=1: the CPU, a few
+    """research/gpu_groundtruth.sh as a task with a device would run it, in miniature (MINI=1: the CPU, a few
     steps): three seeds and the null run side by side, their logs, then the analysis over them."""
     import os
     import subprocess
@@ -282,7 +282,7 @@ def test_the_gpu_groundtruth_script_runs_in_miniature_on_the_cpu(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, MINI="1", OUT=str(tmp_path), PY=sys.executable, STEPS="20", PROBE="10")
-    done = subprocess.run(["bash", "bench/gpu_groundtruth.sh"], cwd=root, env=env, capture_output=True, text=True,
+    done = subprocess.run(["bash", "research/gpu_groundtruth.sh"], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for name in ("seed0", "seed1", "seed2", "null"):

@@ -1,0 +1,45 @@
+"""Compiling (or loading from Numba's on-disk cache) the hot-path kernels before the first message, by
+running tiny messages of each source through a throwaway state in both distance units, on both paths of
+the kernel (alone, and with a message's pairs planned: collector/pairs.py). Its own module: it drives the
+whole state (collector/state.py), which the kernels must not import.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from grokwatch.collector import pairs
+from grokwatch.collector.config import CollectorConfig
+from grokwatch.collector.kernels import levenshtein
+from grokwatch.collector.state import State
+from grokwatch.wire import Routing
+
+
+def warm_up() -> None:
+    rng = np.random.default_rng(0)
+    threshold = pairs.MIN_PARALLEL_WORK
+    for unit in ("expert", "string"):
+        for plan_all in (False, True):
+            pairs.MIN_PARALLEL_WORK = 0 if plan_all else threshold
+            try:
+                _messages(State(CollectorConfig(distance_unit=unit, pair_threads=2)), rng)
+            finally:
+                pairs.MIN_PARALLEL_WORK = threshold
+    sym = np.zeros(4, np.int16)
+    levenshtein(sym, 4, sym, 4, 5)
+
+
+def _messages(state: State, rng: np.random.Generator) -> None:
+    for seq, source in ((1, "train"), (2, "probe"), (3, "train")):
+        probs = rng.dirichlet(np.ones(4), size=(3, 3)).astype(np.float32)
+        counts = np.zeros((3, 3, 4), np.uint32)
+        counts[..., 0] = 2
+        state.handle(Routing(run="warm-up", rank=0, sender="warm-up", seq=seq, wall_time=time.time(),
+                             source=source, step=seq, top_k=1, sample_ids=("a", "b", "c"),
+                             groups=("x", "y", "x"), token_counts_N=np.full(3, 2, np.uint32),
+                             mean_probs_NLE=probs, topk_counts_NLE=counts,
+                             entropy_NL=np.full((3, 3), 0.5, np.float32),
+                             adj_cosine_NJ=np.full((3, 2), 0.5, np.float32),
+                             loss_N=np.ones(3, np.float32) if source == "probe" else None))
