@@ -2,6 +2,9 @@
 
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       callbacks=[GrokwatchCallback(endpoint="tcp://127.0.0.1:5557", run="olmoe-a")])
+
+Each of the Trainer's logs then also carries the router health of the steps since the last one
+(``moe/<layer>/load_imbalance``, ... : agent/health.py), so every ``report_to`` backend shows it.
 """
 
 from __future__ import annotations
@@ -93,16 +96,37 @@ class TaggingCollator:
         return batch
 
 
+def _first_among_callbacks(callback) -> bool:
+    """Move ``callback`` ahead of the Trainer's reporting callbacks (W&B, TensorBoard, ...): they are
+    called in order with one ``logs`` dict, so only what a callback before them adds reaches them. The
+    Trainer puts the user's callbacks last and hands a callback no reference to itself: the handler is
+    the caller of this event (``CallbackHandler.call_event``). Returns whether it moved."""
+    import sys
+
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+
+    frame = sys._getframe(2)  # _first_among_callbacks <- on_train_begin <- call_event
+    handler = frame.f_locals.get("self") if frame is not None else None
+    if not isinstance(handler, CallbackHandler) or callback not in handler.callbacks:
+        return False
+    handler.callbacks.remove(callback)
+    at = next((i + 1 for i, c in enumerate(handler.callbacks) if isinstance(c, DefaultFlowCallback)), 0)
+    handler.callbacks.insert(at, callback)
+    return True
+
+
 class GrokwatchCallback(TrainerCallback):
     """Attaches at train begin, follows ``state.global_step``, closes at the end.
     ``eval_metric`` (e.g. ``"accuracy"``, a key your ``compute_metrics`` returns): the held-out
-    score forwarded per data group from each evaluation (``eval_scores``). Extra keyword
-    arguments go to ``attach``."""
+    score forwarded per data group from each evaluation (``eval_scores``). ``log_router_health``
+    (default on): each of the Trainer's logs carries the router health since the last one (agent/health.py),
+    for every ``report_to`` backend. Extra keyword arguments go to ``attach``."""
 
     def __init__(self, endpoint: Optional[str] = None, run: Optional[str] = None, *,
-                 eval_metric: Optional[str] = None, **attach_kwargs):
+                 eval_metric: Optional[str] = None, log_router_health: bool = True, **attach_kwargs):
         self.endpoint, self.run, self.attach_kwargs = endpoint, run, attach_kwargs
         self.eval_metric = eval_metric
+        self.log_router_health = log_router_health
         self.monitor: Optional[Monitor] = None
         self._collators = 0
 
@@ -120,6 +144,16 @@ class GrokwatchCallback(TrainerCallback):
         if self.monitor is None and model is not None:
             self.monitor = attach(model, self.endpoint, self.run or args.run_name or "trainer", **self.attach_kwargs)
             self.monitor.step(state.global_step)
+        if self.log_router_health:
+            if self.monitor is not None:
+                self.monitor.router_health()  # the first read turns the sums on (agent/health.py)
+            try:
+                if not _first_among_callbacks(self):
+                    log.warning("grokwatch: could not run before the Trainer's reporting callbacks; router health "
+                                "reaches only those after GrokwatchCallback")
+            except Exception as exc:  # never into the training loop
+                log.warning("grokwatch: router health in the Trainer's logs is off (%s)", exc)
+                self.log_router_health = False
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.monitor is not None:
@@ -130,6 +164,8 @@ class GrokwatchCallback(TrainerCallback):
         evidence of the train source's phases (one group per run unless rows are tagged with one group)."""
         if self.monitor is not None and logs and "loss" in logs and "eval_loss" not in logs:
             self.monitor.log_loss(state.global_step, logs["loss"])
+            if self.log_router_health:
+                logs.update(self.monitor.router_health())
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.monitor is not None and metrics:

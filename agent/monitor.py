@@ -336,6 +336,16 @@ class Monitor:
         if self.probe is not None and not self.disabled:
             self.probe.run(self._step if step is None else int(step))
 
+    def router_health(self) -> dict[str, float]:
+        """Router health of the training steps shipped since the last call, for the framework's own logs
+        (agent/health.py: ``moe/<layer>/load_imbalance``, ``moe/load_imbalance_max``, ...); {} when none was
+        shipped since, or on any error (never raises)."""
+        try:
+            return self.sender.health.read()
+        except Exception as exc:
+            self.faults.error(exc)
+            return {}
+
     def stats(self) -> dict:
         reduction = self.summaries.reduction
         return dict(step=self._step, sent=self.sender.sent, dropped=dict(self.sender.dropped),

@@ -28,6 +28,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from grokwatch._version import __version__
+from grokwatch.agent.health import RouterHealth
 from grokwatch.wire import AGENT_DROP_REASONS, Eval, Heartbeat, Hello, Loss, Routing, encode
 
 log = logging.getLogger("grokwatch.agent")
@@ -96,6 +97,7 @@ class Sender:
         self.layer_names = tuple(layer_names) if layer_names is not None else None
         self.run, self.rank, self.world_size = run, rank, world_size
         self.shape = (num_layers, num_experts, top_k)
+        self.health = RouterHealth(num_layers, num_experts, top_k)  # for the framework's logs (agent/health.py)
         self.distribution, self.has_cosines = distribution, has_cosines
         self.staging = staging
         self._host_views: list = []
@@ -263,6 +265,8 @@ class Sender:
             try:  # the message's arrays are views of the pinned buffer until encoded
                 message = self._routing(item)
                 data = None if message is None else self._encode(message)
+                if message is not None and message.source == "train":
+                    self.health.add(message.topk_counts_NLE, message.token_counts_N, message.entropy_NL)
             finally:
                 if self.staging is not None:
                     self.staging.give_back(item.host_index)

@@ -1,0 +1,134 @@
+"""Issue 32: router health in the training framework's own logs, no collector needed — a real HF Trainer's
+logs reach a reporting callback that runs before grokwatch's in the Trainer's list (as W&B's and
+TensorBoard's do), a real Lightning fit's logger gets them; the figures equal the plain reference
+(collector/reference.py ``router_health``) over the very messages the agent shipped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model
+
+import grokwatch.agent as gw
+from grokwatch.agent.health import MAX_LAYERS, RouterHealth, keys
+from grokwatch.collector import reference
+
+
+def _expected(messages, top_k: int) -> dict:
+    counts = np.concatenate([m.topk_counts_NLE for m in messages])
+    tokens = np.concatenate([m.token_counts_N for m in messages])
+    entropy = np.concatenate([m.entropy_NL for m in messages])
+    return reference.router_health(counts, tokens, entropy, top_k)
+
+
+def _check(logged: dict, messages, top_k: int) -> None:
+    want = _expected(messages, top_k)  # per layer
+    for layer, w in enumerate(want):
+        assert logged[f"moe/{layer}/load_imbalance"] == pytest.approx(w["imbalance"], rel=1e-9)
+        assert logged[f"moe/{layer}/load_cv"] == pytest.approx(w["cv"], rel=1e-9, abs=1e-12)
+        assert logged[f"moe/{layer}/dead_experts"] == w["dead"]
+        assert logged[f"moe/{layer}/routing_entropy"] == pytest.approx(w["entropy"], rel=1e-6)
+    assert logged["moe/load_imbalance_max"] == pytest.approx(max(w["imbalance"] for w in want), rel=1e-9)
+    assert logged["moe/sampled_tokens"] == sum(int(m.token_counts_N.sum()) for m in messages)
+
+
+def test_router_health_is_the_reference_over_the_messages_read_since_and_bounded_in_keys():
+    rng = np.random.default_rng(3)
+    L, E, K = 3, 8, 2
+    health = RouterHealth(L, E, K)
+    assert health.read() == {}  # nothing shipped
+    from wire_factories import make_routing
+
+    msgs = [make_routing(rng=rng, n=4, num_layers=L, num_experts=E, top_k=K, seq=s) for s in range(3)]
+    for m in msgs:
+        health.add(m.topk_counts_NLE, m.token_counts_N, m.entropy_NL)
+    got = health.read()
+    _check(got, msgs, K)
+    assert set(got) == set(keys(L))
+    assert health.read() == {}  # read resets
+    big = RouterHealth(MAX_LAYERS + 1, E, K)
+    big.read()
+    m = make_routing(rng=rng, n=2, num_layers=MAX_LAYERS + 1, num_experts=E, top_k=K)
+    big.add(m.topk_counts_NLE, m.token_counts_N, m.entropy_NL)
+    assert set(big.read()) == set(keys(MAX_LAYERS + 1)) and len(keys(MAX_LAYERS + 1)) == 7  # summary only
+
+
+def test_a_trainers_reporting_callbacks_get_router_health_in_every_training_log(sink, tmp_path):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Reporter(TrainerCallback):  # stands for WandbCallback & co.: before grokwatch's in the list
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs or {}))
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    reporter = Reporter()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, save_strategy="no",
+                             report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, logging_steps=4)
+    callback = gw.GrokwatchCallback(endpoint=sink.endpoint, run="hf-logs", every_n_steps=1, max_samples_per_step=2)
+    model = tiny_model("olmoe")
+    Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[reporter, callback]).train()
+    training_logs = [lg for lg in reporter.logs if "loss" in lg]
+    assert len(training_logs) == 2 and all("moe/load_imbalance_max" in lg for lg in training_logs)
+    sink.drain(until=lambda ms: len(sink.routing("train")) >= 8)
+    shipped = sink.routing("train")
+    K = shipped[0].top_k
+    # each log holds the steps shipped since the previous one: the sender may still hold the last step's
+    # message when the log is taken, so each log is compared with the messages it counted (by token sum)
+    counted = 0
+    for lg in training_logs:
+        tokens = lg["moe/sampled_tokens"]
+        msgs, total = [], 0
+        while total < tokens:
+            msgs.append(shipped[counted])
+            total += int(shipped[counted].token_counts_N.sum())
+            counted += 1
+        assert total == tokens
+        _check(lg, msgs, K)
+
+
+def test_a_lightning_fit_logs_router_health_to_its_logger(sink, tmp_path):
+    L = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_model("olmoe")
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    examples = [{"input_ids": torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i))}
+                for i in range(16)]
+    for example in examples:
+        example["labels"] = example["input_ids"]
+    loader = torch.utils.data.DataLoader(examples, batch_size=2)
+    callback = gw.GrokwatchLightningCallback(sink.endpoint, "lit-logs", every_n_steps=1, max_samples_per_step=2)
+    logger = CSVLogger(str(tmp_path), name="lit")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, log_every_n_steps=2, logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback])
+    module = Module()
+    trainer.fit(module, train_dataloaders=loader)
+    import csv
+
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("moe/load_imbalance_max")]
+    assert rows, "no router health in the logger's metrics"
+    num_layers = module.model.config.num_hidden_layers
+    assert all(float(r["moe/load_imbalance_max"]) >= 1.0 for r in rows)  # max / mean of shares
+    assert all(f"moe/{layer}/dead_experts" in rows[0] for layer in range(num_layers))
