@@ -211,9 +211,35 @@ def test_a_real_prometheus_with_the_shipped_config_and_rules_records_exact_means
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         with prometheus(tmp_path / "prometheus.yml", tmp_path / "tsdb") as port:
             check_live(collector, port)
+            check_drawn(port, tmp_path)
     finally:
         traffic.stop()
         collector.stop()
+
+
+def check_drawn(port: int, tmp_path) -> None:
+    """Issue 32: the dashboard as Grafana would draw it — variables substituted as Grafana formats them
+    (multi-value $group as a regex group), every panel's queries as range queries, each panel at its grid
+    position in one PNG. Every panel the test stream should fill has data over the range. The picture goes
+    to DASHBOARD_PNG when set (docs/img/dashboard.png was made so, and looked at)."""
+    import os
+
+    from dashboard_render import render
+
+    path = os.environ.get("DASHBOARD_PNG") or str(tmp_path / "dashboard.png")
+    dashboard = json.loads(DASHBOARD.read_text())
+    drawn = render(dashboard, port, {"datasource": ["prometheus"], "run": ["run-a"], "source": ["train"],
+                                     "group": ["code", "math"]}, path)
+    assert FILLED <= drawn, FILLED - drawn
+    assert os.path.getsize(path) > 10_000
+
+
+def test_grafana_interpolation_of_multi_value_and_single_value_variables():
+    from dashboard_render import substitute
+
+    expr = 'rate(x{run="$run", group=~"$group"}[$__rate_interval]) / y{g="${group}"}'
+    assert substitute(expr, {"run": ["a.b"], "group": ["code", "c++"]}, "1m") == \
+        'rate(x{run="a.b", group=~"(code|c\\+\\+)"}[1m]) / y{g="(code|c\\+\\+)"}'
 
 
 def check_live(collector, port: int) -> None:
