@@ -75,9 +75,10 @@ class CollectorConfig:
     # Threads that run the routing kernels (collector/pipeline.py): a stream's messages on one of them, in
     # order; streams of different runs and sources in parallel. 0: on the processing thread.
     kernel_workers: int = 2
-    # Threads computing the pairs of one routing message (collector/pairs.py: the same result, sooner); 1: the
-    # kernel alone; 0: the cores this process may use, at most 4.
-    pair_threads: int = 0
+    # Threads computing the pairs of one routing message (collector/pairs.py: the same result, sooner where a
+    # core is idle); 1: the kernel alone (the default: on two cores shared with the senders it did not pay,
+    # docs/benchmarks.md); 0: the cores this process may use, at most 4.
+    pair_threads: int = 1
     max_message_age_s: float = 3600.0  # older messages (queued before a restart) are rejected as stale
     pathway_tau: float = DEFAULT_TAU
     distance_unit: str = "expert"  # or "string": the paper's text form
