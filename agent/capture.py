@@ -205,7 +205,10 @@ class Capture:
         self.set_ctx(ctx)
         try:
             out = forward()
-            return out if self._ctx is ctx else None
+            if self._ctx is not ctx:
+                return None
+            self._finish(ctx)
+            return out
         finally:
             self.set_ctx(None)
 
@@ -231,7 +234,13 @@ class Capture:
             if not self.keep_armed or (self._armed_experts != self.needs_experts_hook and not self.compiled):
                 self.disarm()  # before a checkpointed backward recomputes the routers
             self.set_ctx(None)
+            self._finish(ctx)
             self._on_forward_done(ctx)
+
+    def _finish(self, ctx: BatchContext) -> None:
+        """What a complete forward teaches the capture itself, before the context is handed on."""
+        if ctx.layers_done == self.shape.num_layers:
+            self.learn_order(ctx)
 
     # ------------------------------------------------------------------ torch.compile
 

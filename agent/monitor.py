@@ -27,6 +27,7 @@ from grokwatch.agent.layout import BatchContext, token_mask
 from grokwatch.agent.sampling import Sampler
 from grokwatch.agent.sender import Sender
 from grokwatch.agent.staging import Staging
+from grokwatch.agent.status import Identity
 from grokwatch.agent.summaries import Summaries, staging_on
 
 log = logging.getLogger("grokwatch.agent")
@@ -73,24 +74,25 @@ class Monitor:
         self.config = config
         self.shape = shape
         self._ranks_known = _distributed()  # else learned once it is (_learn_ranks)
-        rank, world = 0, 1
+        self.identity = Identity()  # rank and world size: one owner, read by the sampler and the sender
         if self._ranks_known:
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            self.identity = Identity(torch.distributed.get_rank(), torch.distributed.get_world_size())
         self.sampler = Sampler(every_n_steps=config.every_n_steps, max_samples_per_step=config.max_samples_per_step,
-                               rank=rank, world_size=world)
+                               identity=self.identity)
         self.faults = Faults(config.max_hook_errors, on_error=self._on_fault, on_disable=self._disable)
         self.capture = Capture(model, shape, self.faults,
                                router_weights=(list(router_weights) if router_weights is not None
                                                else [layer.weight_EH for layer in shape.layers]),
                                keep_armed=config.every_n_steps == 1, on_forward_start=self._on_forward_start,
-                               on_forward_done=lambda ctx: self.summaries.finalize(ctx))
+                               on_forward_done=self._forward_done)
         device = _parameter_device(model)
         staging = staging_on(config, shape, device)
-        self.sender = Sender(endpoint=config.endpoint, run=config.run, rank=rank, world_size=world,
+        self.sender = Sender(endpoint=config.endpoint, run=config.run,
                              num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
                              distribution="sigmoid" if shape.distribution == "sigmoid" else
                              ("topk" if shape.distribution == "topk" else "softmax"),
-                             has_cosines=self.capture.has_cosines(), staging=staging, queue_size=config.queue_size,
+                             identity=self.identity, faults=self.faults, has_cosines=self.capture.has_cosines,
+                             staging=staging, queue_size=config.queue_size,
                              sndhwm=config.sndhwm, heartbeat_interval_s=config.heartbeat_interval_s,
                              layer_names=layer_names, curve=config.curve_keys())
         self.summaries = Summaries(config, shape, self.capture, self.sender, staging, device)
@@ -116,17 +118,19 @@ class Monitor:
     def disabled(self, value: bool) -> None:
         self.faults.disabled = value
 
+    def _forward_done(self, ctx: BatchContext) -> None:
+        self.summaries.finalize(ctx)
+
     def _on_fault(self, count: int) -> None:
-        self.sender.hook_errors = count
-        self.capture.set_ctx(None)
+        self.capture.set_ctx(None)  # the count is the faults' own (the sender's heartbeats read it there)
 
     @property
     def rank(self) -> int:
-        return self.sampler.rank  # the sampler numbers untagged ids with it; the sender's copy is its thread's
+        return self.identity.rank
 
     @property
     def world_size(self) -> int:
-        return self.sampler.world_size
+        return self.identity.world_size
 
     # ------------------------------------------------------------------ life
 
@@ -148,8 +152,8 @@ class Monitor:
         self._ranks_known = True
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if (rank, world) != (self.rank, self.world_size):
-            self.sampler.rank, self.sampler.world_size = rank, world
-            self.sender.introduce(rank, world)
+            self.identity.rank, self.identity.world_size = rank, world
+            self.sender.introduce()
             log.info("grokwatch: torch.distributed was initialized after attach(); this agent is rank %d of %d",
                      rank, world)
 
@@ -157,8 +161,7 @@ class Monitor:
         self.disabled = True  # a forked DataLoader worker never touches the parent's socket
 
     def _disable(self) -> None:
-        self.sender.disabled = True
-        self.capture.remove()
+        self.capture.remove()  # the faults say disabled (the sender's heartbeats read it there)
         self._step_handle.remove()
 
     # ------------------------------------------------------------------ which forwards are summarized

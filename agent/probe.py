@@ -118,8 +118,4 @@ class Probe:
         loss_B = mon.capture.run(ctx, lambda: self.loss_fn(mon.model, input_ids, mask_BS))
         if loss_B is None:  # a hook error dropped the context
             return
-        D = mon.config.max_docs_per_sample
-        loss_MD = torch.zeros(mon.config.max_samples_per_step, D, dtype=torch.float32, device=loss_B.device)
-        loss_MD[: len(items), 0] = loss_B
-        mon.summaries.staging.views["loss_N"].copy_(loss_MD.reshape(-1))
-        mon.summaries.finalize(ctx, with_loss=True)
+        mon.summaries.finalize(ctx, losses_B=loss_B)

@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from grokwatch.agent.status import Identity
+
 log = logging.getLogger("grokwatch.agent")
 
 
@@ -39,10 +41,10 @@ def stable_key(sample_id: str) -> int:
 
 
 class Sampler:
-    def __init__(self, *, every_n_steps: int, max_samples_per_step: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, *, every_n_steps: int, max_samples_per_step: int, identity: Optional[Identity] = None):
         self.every_n_steps = every_n_steps
         self.max_samples_per_step = max_samples_per_step
-        self.rank, self.world_size = rank, world_size
+        self.identity = identity if identity is not None else Identity()  # read, never written here
         # Names the rows of the next forward: (row ids or None, row groups, documents or None).
         self._tag: Optional[tuple] = None
         # The documents of the rows the last choose() named, when the tag named them (packed rows): per
@@ -125,7 +127,8 @@ class Sampler:
         else:
             # Unique within the run: rows of later forwards in the step (gradient accumulation) are numbered
             # on, and other ranks' rows carry their rank (the collector follows samples by id alone).
-            where = f"{step}:" if self.world_size == 1 else f"{step}:{self.rank}:"
+            who = self.identity
+            where = f"{step}:" if who.world_size == 1 else f"{step}:{who.rank}:"
             ids = [f"{where}{first_row + r}" for r in range(num_rows)]
             groups = tag[1] if tag is not None else ["all"] * num_rows
             rows = list(range(min(budget, num_rows)))

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import zmq
@@ -29,12 +29,13 @@ from zmq.utils.monitor import recv_monitor_message
 
 from grokwatch._version import __version__
 from grokwatch.agent.health import RouterHealth
-from grokwatch.wire import AGENT_DROP_REASONS, Eval, Heartbeat, Hello, Loss, Routing, encode
+from grokwatch.agent.status import Identity
+from grokwatch.wire import AGENT_DROP_REASONS, DEFAULT_MAX_MESSAGE_BYTES, Eval, Heartbeat, Hello, Loss, Routing, encode
 
 log = logging.getLogger("grokwatch.agent")
 
 DROP_REASONS = AGENT_DROP_REASONS  # the wire's list: the collector folds any other reason into "other"
-_CLOSE = ("close",)  # put by close(): the sender thread's wake-up to finish
+_CLOSE = object()  # put by close(): the sender thread's wake-up to finish
 
 
 def _number(value) -> float:
@@ -56,6 +57,36 @@ def group_losses(losses) -> dict[str, float]:
     else:
         out = {(str(g)[:200] or "all"): _number(v) for g, v in losses.items()}
     return {g: v for g, v in out.items() if v == v and 0.0 <= v < float("inf")}
+
+
+class AgentFaults(Protocol):
+    """What the sender reads of the agent's faults (capture.Faults owns them)."""
+
+    count: int
+    disabled: bool
+
+
+class _NoFaults:
+    count = 0
+    disabled = False
+
+
+# The queue's items: a routing message waiting on its device copy (Pending) or one of these.
+@dataclass(frozen=True)
+class HelloItem:
+    """Send a hello (at start, and when the identity changed)."""
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    step: int
+    scores: dict
+
+
+@dataclass(frozen=True)
+class LossItem:
+    step: int
+    losses: Any  # {group: number or detached tensor}, or ("rows", per-row tensor, row groups)
 
 
 @dataclass
@@ -88,17 +119,23 @@ def _as_slice(indices: list[int]):
 
 
 class Sender:
-    def __init__(self, *, endpoint: str, run: str, rank: int, world_size: int, num_layers: int, num_experts: int,
-                 top_k: int, distribution: str, has_cosines: bool, staging=None, queue_size: int = 64,
-                 sndhwm: int = 256, linger_ms: int = 500, max_message_bytes: int = 8 * 1024 * 1024,
+    def __init__(self, *, endpoint: str, run: str, num_layers: int, num_experts: int, top_k: int,
+                 distribution: str, identity: Optional[Identity] = None, faults: Optional[AgentFaults] = None,
+                 has_cosines: Callable[[], bool] = lambda: False, staging=None, queue_size: int = 64,
+                 sndhwm: int = 256, linger_ms: int = 500, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  heartbeat_interval_s: float = 5.0, layer_names: Optional[Sequence[str]] = None,
                  curve: Optional[tuple[bytes, bytes, bytes]] = None):
+        """``identity`` (rank, world size), ``faults`` (hook errors, disabled) and ``has_cosines`` belong to the
+        monitor's parts: the sender reads them, on its thread, when it builds a message (agent/status.py)."""
         self.endpoint = endpoint
         self.layer_names = tuple(layer_names) if layer_names is not None else None
-        self.run, self.rank, self.world_size = run, rank, world_size
+        self.run = run
+        self.identity = identity if identity is not None else Identity()
+        self.faults: AgentFaults = faults if faults is not None else _NoFaults()
+        self.has_cosines = has_cosines
         self.shape = (num_layers, num_experts, top_k)
         self.health = RouterHealth(num_layers, num_experts, top_k)  # for the framework's logs (agent/health.py)
-        self.distribution, self.has_cosines = distribution, has_cosines
+        self.distribution = distribution
         self.staging = staging
         self._host_views: list = []
         if staging is not None:
@@ -110,9 +147,7 @@ class Sender:
         self.queue_size = queue_size  # the bound _enqueue keeps (one producer: the training thread)
         self.sent = 0
         self.dropped: dict[str, int] = {}
-        self.hook_errors = 0  # maintained by the monitor, reported in heartbeats
         self.wakes = 0  # times the sender thread woke up (each takes the GIL)
-        self.disabled = False
         self._seq = 0
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PUSH)
@@ -137,7 +172,7 @@ class Sender:
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="grokwatch-sender", daemon=True)
         self._thread.start()
-        self._enqueue(("hello",))
+        self._enqueue(HelloItem())
 
     def use_staging(self, staging) -> None:
         """The host buffers messages are read from: NumPy views of each pinned buffer (shared memory),
@@ -165,18 +200,17 @@ class Sender:
             self.staging.give_back(pending.host_index)
 
     def submit_eval(self, step: int, scores: dict[str, float]) -> None:
-        self._enqueue(("eval", step, dict(scores)))
+        self._enqueue(EvalItem(step, dict(scores)))
 
     def submit_loss(self, step: int, losses) -> None:
         """``losses``: {group: number or detached tensor}, or ("rows", per-row tensor, row groups). Tensors
         are read here, on the sender thread (``.item()`` waits for the device there, not in training)."""
-        self._enqueue(("loss", step, losses))
+        self._enqueue(LossItem(step, losses))
 
-    def introduce(self, rank: int, world_size: int) -> None:
-        """A new rank and world size (torch.distributed initialized after attach()): the messages that
-        follow carry them, and a new hello tells the collector the world size."""
-        self.rank, self.world_size = rank, world_size
-        self._enqueue(("hello",))
+    def introduce(self) -> None:
+        """The identity changed (torch.distributed initialized after attach()): the messages that follow
+        carry it, and a new hello tells the collector the world size."""
+        self._enqueue(HelloItem())
 
     # ----------------------------------------------------------- sender thread
 
@@ -186,17 +220,18 @@ class Sender:
         return seq
 
     def _header(self) -> dict:
-        return dict(run=self.run, rank=self.rank, sender=self.sender_id, seq=self._next_seq(), wall_time=time.time())
+        return dict(run=self.run, rank=self.identity.rank, sender=self.sender_id, seq=self._next_seq(),
+                    wall_time=time.time())
 
     def _hello(self) -> Hello:
         L, E, K = self.shape
-        return Hello(**self._header(), world_size=self.world_size, host=pysocket.gethostname()[:200],
+        return Hello(**self._header(), world_size=self.identity.world_size, host=pysocket.gethostname()[:200],
                      agent_version=__version__, num_layers=L, num_experts=E, top_k=K,
-                     distribution=self.distribution, has_cosines=self.has_cosines, layer_names=self.layer_names)
+                     distribution=self.distribution, has_cosines=self.has_cosines(), layer_names=self.layer_names)
 
     def _heartbeat(self) -> Heartbeat:
         return Heartbeat(**self._header(), messages_sent=self.sent, messages_dropped=dict(self.dropped),
-                         hook_errors=self.hook_errors, disabled=self.disabled)
+                         hook_errors=self.faults.count, disabled=self.faults.disabled)
 
     def _routing(self, p: Pending) -> Optional[Routing]:
         """One row selection per array: the staging buffer is stored in the
@@ -272,14 +307,14 @@ class Sender:
                     self.staging.give_back(item.host_index)
             if data is not None:
                 self._send_bytes(data)
-        elif item[0] == "hello":
+        elif isinstance(item, HelloItem):
             self._send(self._hello())
-        elif item[0] == "eval":
-            self._send(Eval(**self._header(), step=item[1], scores=item[2]))
-        elif item[0] == "loss":
-            losses = group_losses(item[2])
+        elif isinstance(item, EvalItem):
+            self._send(Eval(**self._header(), step=item.step, scores=item.scores))
+        elif isinstance(item, LossItem):
+            losses = group_losses(item.losses)
             if losses:
-                self._send(Loss(**self._header(), step=item[1], losses=losses))
+                self._send(Loss(**self._header(), step=item.step, losses=losses))
             else:
                 self.count_drop("non_finite")
 

@@ -102,10 +102,15 @@ class Summaries:
                              docs_per_row=D, device=self.device, sample_ids=slot_ids, groups=slot_groups,
                              staging=self.staging, cache=self._layouts)
 
-    def finalize(self, ctx: BatchContext, with_loss: bool = False) -> None:
-        """One non-blocking copy into pinned host memory, one event; hand over."""
-        if ctx.layers_done == self.shape.num_layers:
-            self.capture.learn_order(ctx)
+    def finalize(self, ctx: BatchContext, losses_B: Optional[torch.Tensor] = None) -> None:
+        """One non-blocking copy into pinned host memory, one event; hand over. ``losses_B``: the probe's
+        per-sample losses of the context's rows (their first document slot each)."""
+        with_loss = losses_B is not None
+        if losses_B is not None:
+            D = self.config.max_docs_per_sample
+            loss_MD = torch.zeros(self.config.max_samples_per_step, D, dtype=torch.float32, device=losses_B.device)
+            loss_MD[: losses_B.shape[0], 0] = losses_B
+            self.staging.views["loss_N"].copy_(loss_MD.reshape(-1))
         if ctx.layers_done != self.shape.num_layers or len({g.layer for g in ctx.pending}) != ctx.layers_done:
             # A layer missing (or one recorded twice in place of another): its staged rows would be stale.
             self.sender.count_drop("incomplete")
@@ -144,9 +149,6 @@ class Summaries:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        # Per message: record() may supply router weights after attach(), and a weight may be unusable
-        # in one forward (sharded, freed): then this message has no cosines, never stale ones.
-        self.sender.has_cosines = self.capture.has_cosines()
         self.sender.submit(Pending(source=ctx.source, step=ctx.step, sample_ids=ctx.sample_ids, groups=ctx.groups,
                                    host_index=index, event=event, with_cosines=with_cosines,
                                    with_loss=with_loss))

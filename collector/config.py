@@ -25,6 +25,8 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, as a package (a dependency there)
     import tomli as tomllib  # pyright: ignore[reportMissingImports]  (installed on 3.10 only)
 
+from grokwatch.wire import DEFAULT_MAX_MESSAGE_BYTES
+
 DEFAULT_LISTEN = ("tcp://127.0.0.1:5557",)
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_TAU = 0.7  # METRICS.md §1; the paper's threshold
@@ -43,6 +45,7 @@ PHASE_DISTANCE_AUTO = ("normalized_vs_cross", "normalized")
 PHASE_DISTANCE_CHOICES = (*PHASE_DISTANCES, "auto")
 DEFAULT_MAX_GROUPS = 32  # METRICS.md §4: label values beyond this go to "other"
 DEFAULT_QUEUE = 10_000  # messages between the receive and the processing thread
+DEFAULT_QUEUE_MAX_BYTES = 256 * 1024 * 1024  # ... and their bytes at most
 
 
 class ConfigError(ValueError):
@@ -70,8 +73,8 @@ class CollectorConfig:
     wal_max_bytes: int = 256 * 1024 * 1024
     queue_capacity: int = DEFAULT_QUEUE
     # ... and in bytes, whichever is reached first (a flood of 8 MiB messages must not take gigabytes).
-    queue_max_bytes: int = 256 * 1024 * 1024
-    max_message_bytes: int = 8 * 1024 * 1024
+    queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Threads that run the routing kernels (collector/pipeline.py): a stream's messages on one of them, in
     # order; streams of different runs and sources in parallel. 0: on the processing thread.
     kernel_workers: int = 2

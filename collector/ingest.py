@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from grokwatch.collector.config import DEFAULT_QUEUE_MAX_BYTES
 from grokwatch.collector.pipeline import KernelWorkers, stream_key
 from grokwatch.collector.state import KernelJob, State
 from grokwatch.wire import Limits, peek_route, peek_sequence
@@ -85,7 +86,7 @@ def _shut(fd: int) -> None:
 
 class Ingest:
     def __init__(self, state: State, endpoints: Sequence[str], *, queue_capacity: int, max_message_bytes: int,
-                 queue_max_bytes: int = 256 * 1024 * 1024, context: zmq.Context | None = None,
+                 queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES, context: zmq.Context | None = None,
                  curve_secret_key: Optional[str] = None, curve_allowed_clients: Optional[str] = None,
                  wal=None, kernel_workers: int = 0, handshake_timeout_s: float = 10.0,
                  max_connections: int = 8192):

@@ -19,7 +19,7 @@ from grokwatch.wire import Routing
 def test_untagged_rows_of_several_ranks_carry_their_rank(sink):
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "ranks", every_n_steps=1, max_samples_per_step=2)
-    mon.sampler.rank, mon.sampler.world_size = 1, 2  # what attach() reads from torch.distributed
+    mon.identity.rank, mon.identity.world_size = 1, 2  # what attach() reads from torch.distributed
     run_one_step(model, mon, torch.randint(0, VOCAB, (2, 8)))
     mon.close()
     [msg] = sink.wait_routing()

@@ -13,8 +13,8 @@ from grokwatch.agent.sender import Sender, _as_slice  # noqa: E402
 def test_a_full_queue_drops_and_counts_and_never_blocks(monkeypatch):
     """The training thread's put never waits: past queue_size items it counts queue_full."""
     monkeypatch.setattr(Sender, "_loop", lambda self: None)  # nobody drains the queue
-    sender = Sender(endpoint="tcp://127.0.0.1:9", run="r", rank=0, world_size=1, num_layers=2, num_experts=4,
-                    top_k=1, distribution="softmax", has_cosines=False, queue_size=3)
+    sender = Sender(endpoint="tcp://127.0.0.1:9", run="r", num_layers=2, num_experts=4, top_k=1,
+                    distribution="softmax", queue_size=3)
     for step in range(5):  # the hello took one place
         sender.submit_eval(step, {"math": 0.5})
     assert sender.queue.qsize() == 3
@@ -57,9 +57,8 @@ def test_an_idle_sender_sleeps_until_its_heartbeat_and_close_wakes_it():
     pull.setsockopt(zmq.LINGER, 0)
     pull.bind("tcp://127.0.0.1:0")
     try:
-        sender = Sender(endpoint=pull.getsockopt_string(zmq.LAST_ENDPOINT), run="r", rank=0, world_size=1,
-                        num_layers=2, num_experts=4, top_k=1, distribution="softmax", has_cosines=False,
-                        heartbeat_interval_s=30.0)
+        sender = Sender(endpoint=pull.getsockopt_string(zmq.LAST_ENDPOINT), run="r", num_layers=2, num_experts=4,
+                        top_k=1, distribution="softmax", heartbeat_interval_s=30.0)
         time.sleep(1.0)
         assert sender.wakes <= 1  # the hello
         sender.submit_eval(3, {"math": 0.5})
@@ -82,8 +81,8 @@ def test_the_sender_waits_for_the_device_copy_only_while_it_is_not_done(monkeypa
     if the copy is still running. A stand-in for torch.cuda.Event (no CUDA here); the CUDA tests run the real one."""
     import torch
 
-    from grokwatch.agent.staging import Staging
     from grokwatch.agent.sender import Pending
+    from grokwatch.agent.staging import Staging
 
     class Event:
         def __init__(self):
@@ -97,8 +96,8 @@ def test_the_sender_waits_for_the_device_copy_only_while_it_is_not_done(monkeypa
 
     monkeypatch.setattr(Sender, "_loop", lambda self: None)
     staging = Staging(num_layers=2, slots=1, num_experts=4, device=torch.device("cpu"))
-    sender = Sender(endpoint="tcp://127.0.0.1:9", run="r", rank=0, world_size=1, num_layers=2, num_experts=4,
-                    top_k=1, distribution="softmax", has_cosines=False, staging=staging)
+    sender = Sender(endpoint="tcp://127.0.0.1:9", run="r", num_layers=2, num_experts=4, top_k=1,
+                    distribution="softmax", staging=staging)
     index = staging.take()
     staging.split(staging.pool[index])["tokens_N"][0] = 3
     event = Event()
