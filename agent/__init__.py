@@ -5,7 +5,8 @@
 
 Data path: attach -> discover -> capture (the hooks; which forwards and rows: monitor, sampling;
 the Monitor's life and public calls: monitor) -> layout, gather, reduce (on the device) -> staging (pinned host buffers) -> sender (thread, ZeroMQ PUSH). Plus
-the probe, the Hugging Face Trainer callback (integrations) and Lightning's (lightning_callback).
+the probe, the Hugging Face Trainer callback (integrations), Lightning's (lightning_callback) and an
+accelerate tracker (accelerate_tracker); router health for the framework's own logs (health).
 Which thread runs what: README.md.
 """
 
@@ -17,11 +18,12 @@ from grokwatch.agent.discover import NoMoELayersError, discover
 from grokwatch.agent.monitor import Monitor
 
 if TYPE_CHECKING:
+    from grokwatch.agent.accelerate_tracker import GrokwatchTracker
     from grokwatch.agent.integrations import GrokwatchCallback, TaggingCollator
     from grokwatch.agent.lightning_callback import GrokwatchLightningCallback
 
-__all__ = ["AgentConfig", "GrokwatchCallback", "GrokwatchLightningCallback", "Monitor", "NoMoELayersError",
-           "TaggingCollator", "attach", "discover"]
+__all__ = ["AgentConfig", "GrokwatchCallback", "GrokwatchLightningCallback", "GrokwatchTracker", "Monitor",
+           "NoMoELayersError", "TaggingCollator", "attach", "discover"]
 
 
 def __getattr__(name):
@@ -33,4 +35,8 @@ def __getattr__(name):
         from grokwatch.agent.lightning_callback import GrokwatchLightningCallback
 
         return GrokwatchLightningCallback
+    if name == "GrokwatchTracker":  # imports accelerate only when asked for
+        from grokwatch.agent.accelerate_tracker import GrokwatchTracker
+
+        return GrokwatchTracker
     raise AttributeError(name)

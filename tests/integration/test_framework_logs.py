@@ -132,3 +132,29 @@ def test_a_lightning_fit_logs_router_health_to_its_logger(sink, tmp_path):
     num_layers = module.model.config.num_hidden_layers
     assert all(float(r["moe/load_imbalance_max"]) >= 1.0 for r in rows)  # max / mean of shares
     assert all(f"moe/{layer}/dead_experts" in rows[0] for layer in range(num_layers))
+
+
+def test_an_accelerate_tracker_turns_logged_loss_and_eval_scores_into_evidence(sink):
+    """accelerator.log({"loss": ..., "eval/<group>": ...}, step) through a real Accelerator: the loss goes out as
+    the training loss at that step, each eval/<group> as that group's score; what is not a finite number, and
+    a log without a step, is left out; the other trackers are untouched."""
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+
+    from grokwatch.wire import Eval, Loss
+
+    mon = gw.attach(tiny_model("olmoe"), sink.endpoint, "acc", every_n_steps=1)
+    try:
+        accelerator = Accelerator(cpu=True, log_with=[gw.GrokwatchTracker(mon)])
+        accelerator.init_trackers("grokwatch-test")
+        accelerator.log({"loss": 2.5, "eval/math": 0.75, "eval/code": float("nan"), "lr": 1e-3}, step=7)
+        accelerator.log({"loss": torch.tensor(1.5)}, step=8)
+        accelerator.log({"loss": 9.0})  # no step: no evidence
+        accelerator.end_training()
+    finally:
+        mon.close()
+    sink.drain(until=lambda ms: len([m for m in ms if isinstance(m, (Loss, Eval))]) >= 3)
+    losses = [(m.step, m.losses) for m in sink.messages if isinstance(m, Loss)]
+    evals = [(m.step, m.scores) for m in sink.messages if isinstance(m, Eval)]
+    assert losses == [(7, {"all": 2.5}), (8, {"all": 1.5})]
+    assert evals == [(7, {"math": 0.75})]
