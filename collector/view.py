@@ -13,6 +13,7 @@ from typing import Callable, Literal, NamedTuple, Optional, Union
 
 import numpy as np
 
+from grokwatch._version import __version__
 from grokwatch.collector.labels import CROSS_GROUP
 from grokwatch.collector.persist import PERSIST_ERRORS
 from grokwatch.collector.phases import PHASES
@@ -176,6 +177,8 @@ def _specs() -> tuple[Spec, ...]:
     fam("group_fresh_loss_gap", "gauge", "Mean loss of the group's fresh documents minus its training samples', same "
         "round (the label-free baseline)", GROUP_LABELS)
     fam("train_step", "gauge", "Latest training step seen from the run's train source", ("run",))
+    fam("build_info", "gauge", "1, labelled with the collector's version (an alert or a dashboard can tell which "
+        "collector build answers)", ("version",))
     fam("eval_score", "gauge", "The user's own held-out score per group (ground truth, not a metric input)",
         ("run", "group"))
     fam("eval_step", "gauge", "Step of the latest eval score per group", ("run", "group"))
@@ -232,6 +235,7 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
             _read_stream(F, state, stream, run, source, carriers)
         for run, step in sorted(state.train_step.items()):
             F["train_step"].add((run,), step)
+        F["build_info"].add((__version__,), 1)
         for (run, group), (step, score) in sorted(state.evals.items()):
             F["eval_score"].add((run, group), score)
             F["eval_step"].add((run, group), step)

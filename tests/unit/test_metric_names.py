@@ -46,6 +46,7 @@ FROZEN = {
     "grokwatch_group_transfer_js_z": ("gauge", G),
     "grokwatch_group_fresh_loss_gap": ("gauge", G),
     "grokwatch_train_step": ("gauge", ("run",)),
+    "grokwatch_build_info": ("gauge", ("version",)),
     "grokwatch_eval_score": ("gauge", ("run", "group")),
     "grokwatch_eval_step": ("gauge", ("run", "group")),
     "grokwatch_collector_messages_received_total": ("counter", ()),
