@@ -43,7 +43,7 @@ class GrokwatchTracker(GeneralTracker):
         loss = values.get(self.loss_key)
         if hasattr(loss, "detach"):  # a tensor: read on the sender thread (no device sync here), non-finite dropped
             self.monitor.log_loss(int(step), loss)
-        elif _finite(loss):
+        elif isinstance(loss, (int, float)) and _finite(loss):
             self.monitor.log_loss(int(step), float(loss))
         scores = {k[len(self.eval_prefix):]: float(v) for k, v in values.items()
                   if isinstance(k, str) and k.startswith(self.eval_prefix) and len(k) > len(self.eval_prefix)
@@ -56,6 +56,10 @@ class GrokwatchTracker(GeneralTracker):
 
 
 def _finite(value) -> bool:
-    if hasattr(value, "item"):
-        value = value.item()
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number (a one-element tensor or NumPy scalar read); anything else, or a read that fails, is not."""
+    try:
+        if hasattr(value, "item"):
+            value = value.item()
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except Exception:
+        return False

@@ -15,7 +15,7 @@ log = logging.getLogger("grokwatch.collector")
 
 class Periodic:
     def __init__(self, name: str, interval_s: float, work: Callable[[], Optional[float]], *,
-                 final: Optional[Callable[[], None]] = None,
+                 final: Optional[Callable[[], object]] = None,
                  on_error: Optional[Callable[[BaseException], Optional[float]]] = None):
         """``work()`` returns the seconds until the next round, or None for ``interval_s``; ``on_error(exc)``
         likewise after an exception (None: log it and wait an interval)."""

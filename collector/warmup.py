@@ -12,7 +12,7 @@ import numpy as np
 
 from grokwatch.collector import pairs
 from grokwatch.collector.config import CollectorConfig
-from grokwatch.collector.kernels import levenshtein
+from grokwatch.collector.edit_distance import levenshtein
 from grokwatch.collector.state import State
 from grokwatch.wire import Routing
 

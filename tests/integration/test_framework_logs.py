@@ -148,7 +148,7 @@ def test_an_accelerate_tracker_turns_logged_loss_and_eval_scores_into_evidence(s
         accelerator = Accelerator(cpu=True, log_with=[gw.GrokwatchTracker(mon)])
         accelerator.init_trackers("grokwatch-test")
         accelerator.log({"loss": 2.5, "eval/math": 0.75, "eval/code": float("nan"), "lr": 1e-3}, step=7)
-        accelerator.log({"loss": torch.tensor(1.5)}, step=8)
+        accelerator.log({"loss": torch.tensor(1.5), "eval/code": torch.ones(3)}, step=8)  # a 3-vector: no score
         accelerator.log({"loss": 9.0})  # no step: no evidence
         accelerator.end_training()
     finally:

@@ -5,6 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from grokwatch.agent.sampling import Sampler, stable_key  # noqa: E402
+from grokwatch.agent.status import Identity  # noqa: E402
 
 
 def test_a_step_budget_spans_its_forwards_and_untagged_ids_number_on():
@@ -20,7 +21,7 @@ def test_a_step_budget_spans_its_forwards_and_untagged_ids_number_on():
 
 
 def test_tagged_rows_are_chosen_by_their_ids_and_a_tag_names_one_forward():
-    sampler = Sampler(every_n_steps=1, max_samples_per_step=2, rank=1, world_size=4)
+    sampler = Sampler(every_n_steps=1, max_samples_per_step=2, identity=Identity(rank=1, world_size=4))
     names = ["d", "a", "c", "b"]
     sampler.tag(names, ["g1", "g2", "g1", "g2"])
     assert sampler.has_budget(0)
