@@ -305,12 +305,7 @@ class Stream:
         samples = kernels.Samples(msg.mean_probs_NLE, msg.topk_counts_NLE, msg.token_counts_N, msg.entropy_NL, cos,
                                   has_cos, loss, has_loss, msg.step, targets_N2, u, ux,
                                   kernels.sample_keys(msg.sample_ids), self.source in SAME_ROUND_SOURCES)
-        windows = kernels.Windows(self.win_sym_GWY, self.win_len_GW, self.win_starts_GWLp, self.win_fp_GW,
-                                  self.win_chars_GWC, self.win_chars_len_GW, self.win_filled_G[:G], self.win_next_G,
-                                  self.topk_GWLE, self.tokens_GW, self.entropy_GWL, self.eligible_G[:G],
-                                  self.win_id_GW, self.win_step_GW)
-        scratch = kernels.Scratch(self.sym_Y, self.starts_Lp, self.chars_C, self.peq_AQ, self.pv_Q, self.mv_Q,
-                                  self.lpeq_LAQ, self.lpv_Q, self.lmv_Q, self.x_layer_sum_L, self.x_layer_n_L)
+        windows, scratch = self.windows(), self.scratch()
         short = self.mean_length <= kernels.SELECT_MAX_LAYER_SYMBOLS * L  # (0 at first: select)
         params = kernels.Params(tau, self.use_chars, min_max_cosine, BOUNDS_RU, NB_R,
                                 kernels.SELECT_FIRST if short else 0)
@@ -336,6 +331,18 @@ class Stream:
         if msg.zloss_NL is not None:
             self._add_zloss(msg.zloss_NL, targets_N2)
         return sums
+
+    def windows(self) -> "kernels.Windows":
+        """The kernels' view of every group's window ring (the groups that exist)."""
+        G = len(self.labels)
+        return kernels.Windows(self.win_sym_GWY, self.win_len_GW, self.win_starts_GWLp, self.win_fp_GW,
+                               self.win_chars_GWC, self.win_chars_len_GW, self.win_filled_G[:G], self.win_next_G,
+                               self.topk_GWLE, self.tokens_GW, self.entropy_GWL, self.eligible_G[:G], self.win_id_GW,
+                               self.win_step_GW)
+
+    def scratch(self) -> "kernels.Scratch":
+        return kernels.Scratch(self.sym_Y, self.starts_Lp, self.chars_C, self.peq_AQ, self.pv_Q, self.mv_Q,
+                               self.lpeq_LAQ, self.lpv_Q, self.lmv_Q, self.x_layer_sum_L, self.x_layer_n_L)
 
     def transfers(self, msg, targets_N2: np.ndarray) -> list[tuple[str, dict]]:
         """After ``process`` (under the lock): the transfer record of every group this probe or replay message

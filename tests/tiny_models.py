@@ -34,3 +34,30 @@ def tiny_model(family: str = "olmoe", seed: int = 0, **overrides):
     model = tf.AutoModelForCausalLM.from_config(config)
     model.train()
     return model
+
+
+def tiny_lightning_module(val_metric=None):
+    """A LightningModule around tiny_model("olmoe"): training_step returns the model's loss (Lightning calls it,
+    not the module's forward); with ``val_metric``, validation_step logs next-token accuracy under that name."""
+    import lightning.pytorch as L
+    import torch
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_model("olmoe")
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def validation_step(self, batch, batch_idx):
+            logits = self.model(**batch).logits
+            accuracy = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]).float().mean()
+            self.log(val_metric, accuracy)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    if val_metric is None:
+        del Module.validation_step  # no validation loop
+    return Module()

@@ -12,7 +12,7 @@ from capture import (
     run_one_step,
     train_batches,
 )
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, tiny_lightning_module, tiny_model
 
 import grokwatch.agent as gw
 from grokwatch.wire import Routing
@@ -173,22 +173,6 @@ def test_a_lightning_trainer_streams_with_one_callback(sink):
     L = pytest.importorskip("lightning.pytorch")
     from grokwatch.wire import Eval
 
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = tiny_model("olmoe")
-
-        def training_step(self, batch, batch_idx):
-            return self.model(**batch).loss
-
-        def validation_step(self, batch, batch_idx):
-            logits = self.model(**batch).logits
-            accuracy = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]).float().mean()
-            self.log("val/math_acc", accuracy)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=1e-3)
-
     examples = [{"input_ids": torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i)),
                  "sample_id": f"doc-{i}", "group": "math"} for i in range(8)]
     for example in examples:
@@ -196,7 +180,7 @@ def test_a_lightning_trainer_streams_with_one_callback(sink):
     loader = torch.utils.data.DataLoader(examples, batch_size=2, collate_fn=gw.TaggingCollator())
     callback = gw.GrokwatchLightningCallback(sink.endpoint, "lit", every_n_steps=1, max_samples_per_step=2,
                                              eval_scores={"math": "val/math_acc"})
-    module = Module()
+    module = tiny_lightning_module("val/math_acc")
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, val_check_interval=2, num_sanity_val_steps=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[callback])

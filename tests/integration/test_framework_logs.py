@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, tiny_lightning_module, tiny_model
 
 import grokwatch.agent as gw
 from grokwatch.agent.health import MAX_LAYERS, RouterHealth, keys
@@ -101,17 +101,6 @@ def test_a_lightning_fit_logs_router_health_to_its_logger(sink, tmp_path):
     L = pytest.importorskip("lightning.pytorch")
     from lightning.pytorch.loggers import CSVLogger
 
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = tiny_model("olmoe")
-
-        def training_step(self, batch, batch_idx):
-            return self.model(**batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=1e-3)
-
     examples = [{"input_ids": torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i))}
                 for i in range(16)]
     for example in examples:
@@ -122,7 +111,7 @@ def test_a_lightning_fit_logs_router_health_to_its_logger(sink, tmp_path):
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, log_every_n_steps=2, logger=logger,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[callback])
-    module = Module()
+    module = tiny_lightning_module()
     trainer.fit(module, train_dataloaders=loader)
     import csv
 

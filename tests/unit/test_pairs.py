@@ -83,12 +83,7 @@ def test_a_plan_leaves_the_windows_as_it_found_them():
     samples = kernels.Samples(msg.mean_probs_NLE, msg.topk_counts_NLE, msg.token_counts_N, msg.entropy_NL,
                               msg.adj_cosine_NJ, True, np.zeros(20, np.float32), False, 99, targets,
                               rng.random((20, 2, m)), rng.random((20, m)), kernels.sample_keys(msg.sample_ids), False)
-    windows = kernels.Windows(stream.win_sym_GWY, stream.win_len_GW, stream.win_starts_GWLp, stream.win_fp_GW,
-                              stream.win_chars_GWC, stream.win_chars_len_GW, stream.win_filled_G[:G], stream.win_next_G,
-                              stream.topk_GWLE, stream.tokens_GW, stream.entropy_GWL, stream.eligible_G[:G],
-                              stream.win_id_GW, stream.win_step_GW)
-    scratch = kernels.Scratch(stream.sym_Y, stream.starts_Lp, stream.chars_C, stream.peq_AQ, stream.pv_Q, stream.mv_Q,
-                              stream.lpeq_LAQ, stream.lpv_Q, stream.lmv_Q, stream.x_layer_sum_L, stream.x_layer_n_L)
+    windows, scratch = stream.windows(), stream.scratch()
     plan = pairs.new_plan(3 * 20 * m, 4)
     paths = pairs.new_pathways(20, 4, 12, 1)
     n = pairs.plan_pairs(samples, windows, scratch, kernels.Params(0.7, False, 0.05, BOUNDS_RU, NB_R, 8), plan,
