@@ -14,7 +14,7 @@ from grokwatch.collector import pairs
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.edit_distance import levenshtein
 from grokwatch.collector.state import State
-from grokwatch.wire import Routing
+from grokwatch.wire import FRESH_PREFIX, Routing
 
 
 def warm_up() -> None:
@@ -32,14 +32,19 @@ def warm_up() -> None:
 
 
 def _messages(state: State, rng: np.random.Generator) -> None:
-    for seq, source in ((1, "train"), (2, "probe"), (3, "train")):
-        probs = rng.dirichlet(np.ones(4), size=(3, 3)).astype(np.float32)
-        counts = np.zeros((3, 3, 4), np.uint32)
+    """Train and probe messages, and a probe round with fresh documents (the transfer kernels, collector/
+    transfer.py: compiled here, not in the middle of a run's first round)."""
+    for seq, source, groups in ((1, "train", ("x", "y", "x", "y")), (2, "probe", ("x", "y", "x", "y")),
+                                (3, "train", ("x", "y", "x", "y")),
+                                (4, "probe", ("x", "x", FRESH_PREFIX + "x", FRESH_PREFIX + "x"))):
+        n = len(groups)
+        probs = rng.dirichlet(np.ones(4), size=(n, 3)).astype(np.float32)
+        counts = np.zeros((n, 3, 4), np.uint32)
         counts[..., 0] = 2
         state.handle(Routing(run="warm-up", rank=0, sender="warm-up", seq=seq, wall_time=time.time(),
-                             source=source, step=seq, top_k=1, sample_ids=("a", "b", "c"),
-                             groups=("x", "y", "x"), token_counts_N=np.full(3, 2, np.uint32),
+                             source=source, step=seq, top_k=1, sample_ids=tuple(f"{seq}-{i}" for i in range(n)),
+                             groups=groups, token_counts_N=np.full(n, 2, np.uint32),
                              mean_probs_NLE=probs, topk_counts_NLE=counts,
-                             entropy_NL=np.full((3, 3), 0.5, np.float32),
-                             adj_cosine_NJ=np.full((3, 2), 0.5, np.float32),
-                             loss_N=np.ones(3, np.float32) if source == "probe" else None))
+                             entropy_NL=np.full((n, 3), 0.5, np.float32),
+                             adj_cosine_NJ=np.full((n, 2), 0.5, np.float32),
+                             loss_N=np.ones(n, np.float32) if source == "probe" else None))
