@@ -14,7 +14,7 @@ from grokwatch.collector import pairs
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.edit_distance import levenshtein
 from grokwatch.collector.state import State
-from grokwatch.wire import FRESH_PREFIX, Routing
+from grokwatch.wire import FRESH_PREFIX, Routing, decode, encode
 
 
 def warm_up() -> None:
@@ -41,10 +41,16 @@ def _messages(state: State, rng: np.random.Generator) -> None:
         probs = rng.dirichlet(np.ones(4), size=(n, 3)).astype(np.float32)
         counts = np.zeros((n, 3, 4), np.uint32)
         counts[..., 0] = 2
-        state.handle(Routing(run="warm-up", rank=0, sender="warm-up", seq=seq, wall_time=time.time(),
+        # through the wire, as every real message comes: decoded arrays are read-only, which Numba compiles
+        # as types of their own (a message built here would warm up kernels no real message uses)
+        state.handle(wire_roundtrip(Routing(run="warm-up", rank=0, sender="warm-up", seq=seq, wall_time=time.time(),
                              source=source, step=seq, top_k=1, sample_ids=tuple(f"{seq}-{i}" for i in range(n)),
                              groups=groups, token_counts_N=np.full(n, 2, np.uint32),
                              mean_probs_NLE=probs, topk_counts_NLE=counts,
                              entropy_NL=np.full((n, 3), 0.5, np.float32),
                              adj_cosine_NJ=np.full((n, 2), 0.5, np.float32),
-                             loss_N=np.ones(n, np.float32) if source == "probe" else None))
+                             loss_N=np.ones(n, np.float32) if source == "probe" else None)))
+
+
+def wire_roundtrip(message):
+    return decode(encode(message))
