@@ -49,12 +49,13 @@ def test_stalled_greetings_are_capped_timed_out_and_counted(tmp_path):
     stalled = []
     try:
         stalled = _stall(_port(c.endpoints[0]), 150)
-        wait_until(lambda: c.state.handshake_failures.get("connection_cap", 0) >= 110, timeout_s=10)
+        # a bound, not a figure: in a fresh clone's CI run 110 caps took over 10 s once on this shared machine
+        wait_until(lambda: c.state.handshake_failures.get("connection_cap", 0) >= 110, timeout_s=30)
         assert c.state.ingest_connections <= 40
         assert scrape(c.metrics_port) and _readyz(c.metrics_port)[0] == 200
         # the stalled ones time out (handshake_timeout_s); then an agent gets in and every message arrives
         wait_until(lambda: c.state.handshake_failures.get("incomplete", 0) == 40 and c.state.ingest_connections == 0,
-                   timeout_s=10)
+                   timeout_s=30)
         p = Pusher(c.endpoints[0])
         p.send(encode(make_hello(seq=0)))
         for seq in range(1, 51):
