@@ -308,5 +308,9 @@ class Collector:
         if self.wal:
             self.wal.close()
 
+    def request_stop(self) -> None:
+        """Ask ``wait`` to return (safe from a signal handler); ``stop`` then shuts the collector down."""
+        self._stop.set()
+
     def wait(self) -> None:
         self._stop.wait()

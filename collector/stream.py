@@ -250,12 +250,14 @@ class Stream:
         self.lmv_Q = np.zeros(layer_words, np.uint64)
         self.x_layer_sum_L = np.zeros(L)  # the cross pairs' per-layer sums of one message (not journaled)
         self.x_layer_n_L = np.zeros(L)
+        self.no_plan = pairs.empty_plan(L)  # the unplanned messages' (read-only to the kernel but for missed)
+        self.sample_keys_N = np.zeros(0, np.uint64)  # the last processed message's keys, for transfers()
 
     def __getstate__(self):
         d = self.__dict__.copy()
         for k in _SCRATCH + ("lock", "last_reading", "round_losses", "round_routing", "transfer_open",
                              "transfer_closed", "pair_threads", "pairs_missed", "mean_length",
-                             "planned_messages"):
+                             "planned_messages", "no_plan", "sample_keys_N"):
             d.pop(k, None)
         return d
 
@@ -302,9 +304,10 @@ class Stream:
         has_loss = msg.loss_N is not None
         cos = msg.adj_cosine_NJ if has_cos else np.zeros((n, max(L - 1, 0)), np.float32)
         loss = msg.loss_N if has_loss else np.zeros(n, np.float32)
+        self.sample_keys_N = kernels.sample_keys(msg.sample_ids)
         samples = kernels.Samples(msg.mean_probs_NLE, msg.topk_counts_NLE, msg.token_counts_N, msg.entropy_NL, cos,
                                   has_cos, loss, has_loss, msg.step, targets_N2, u, ux,
-                                  kernels.sample_keys(msg.sample_ids), self.source in SAME_ROUND_SOURCES)
+                                  self.sample_keys_N, self.source in SAME_ROUND_SOURCES)
         windows, scratch = self.windows(), self.scratch()
         short = self.mean_length <= kernels.SELECT_MAX_LAYER_SYMBOLS * L  # (0 at first: select)
         params = kernels.Params(tau, self.use_chars, min_max_cosine, BOUNDS_RU, NB_R,
@@ -317,7 +320,8 @@ class Stream:
             pairs.compute(plan, paths, windows, self.use_chars, E, threads)
             self.planned_messages += 1
         else:
-            plan = pairs.empty_plan(L)
+            plan = self.no_plan
+            plan.missed[0] = plan.cursor[0] = 0
         kernels.process_samples(
             samples, windows,
             kernels.Series(self.hist_GRUp, self.hist_sum_GR, self.layer_sum_GL, self.layer_count_GL, self.samples_G,
@@ -357,7 +361,8 @@ class Stream:
                 self.round_losses.add(label, msg.step, loss)
         if not hasattr(self, "round_routing"):
             self.round_routing = RoundRouting(self.num_layers, self.num_experts)
-        for label, key, g_LE in zip(labels, kernels.sample_keys(msg.sample_ids).tolist(), msg.mean_probs_NLE):
+        keys = self.sample_keys_N if len(self.sample_keys_N) == msg.num_samples else kernels.sample_keys(msg.sample_ids)
+        for label, key, g_LE in zip(labels, keys.tolist(), msg.mean_probs_NLE):
             self.round_routing.add(label, msg.step, key, g_LE)
         out = []
         for label in sorted({lb[len(FRESH_PREFIX):] if lb.startswith(FRESH_PREFIX) else lb for lb in labels}):

@@ -101,7 +101,7 @@ def _cmd_collector(args: argparse.Namespace) -> int:
           f"/metrics on port {collector.metrics_port}", flush=True)
 
     def on_signal(signum, frame):
-        collector._stop.set()
+        collector.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
