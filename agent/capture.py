@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from grokwatch.agent.counts import ExpertCounts
 from grokwatch.agent.discover import MoELayer, MoEShape
 from grokwatch.agent.gather import attach_indices, freed_weight, gather_layer, is_compiling, usable_weight
 from grokwatch.agent.layout import BatchContext
@@ -85,7 +86,7 @@ class Capture:
     finished one."""
 
     def __init__(self, model: nn.Module, shape: MoEShape, faults: Faults, *,
-                 router_weights: Sequence[Optional[torch.Tensor]], keep_armed: bool,
+                 router_weights: Sequence[Optional[torch.Tensor]], keep_armed: bool, counts: ExpertCounts,
                  on_forward_start: Callable[[nn.Module, tuple, dict, Any], Optional[BatchContext]],
                  on_forward_done: Callable[[BatchContext], None]):
         self.model = model
@@ -95,7 +96,9 @@ class Capture:
         self.router_weights: list[Optional[torch.Tensor]] = list(router_weights)
         # When every training forward is summarized, arming and disarming each time costs more than the
         # hooks' slow call path on the odd unsampled forward (docs/benchmarks.md): they stay armed.
-        self.keep_armed = keep_armed
+        # All-token expert counts (counts.py) need the router hooks on every training forward: armed for good.
+        self.counts = counts
+        self.keep_armed = keep_armed or counts.enabled
         self.compiled = False  # seen under torch.compile: the armed hooks are part of the compiled code
         self.active = True  # False while paused or after close (compiled code keeps calling captured hooks)
         self._on_forward_start = on_forward_start
@@ -109,6 +112,10 @@ class Capture:
         # Layers whose router returns no index tensor take the decision from the experts module's
         # forward pre-hook; learned on the first sampled forward, so others carry one hook, not two.
         self.needs_experts_hook = [layer.experts is not None for layer in self.layers]
+        # The all-token counts of such a layer: the experts' pre-hook's ids, else (learned) the top-k of its
+        # scores, held until the forward's end in case the ids come (``_count_leftovers``).
+        self._ids_not_in_experts = [False] * len(self.layers)
+        self._count_later: list[Optional[torch.Tensor]] = [None] * len(self.layers)
         # A router weight whose memory is freed before the reduction at the end of the forward (FSDP's
         # unsharded copy given to record(); DeepSpeed ZeRO-3 empties the parameter itself after the layer):
         # found on a summarized forward, then the hook or record() keeps a copy of that layer's weight.
@@ -174,6 +181,8 @@ class Capture:
         if not self.compiled:
             self.compiled = self.keep_armed = True
             log.info("grokwatch: the model is compiled with torch.compile; the router hooks stay armed")
+            self.counts.turn_off("under torch.compile the unsampled forwards run compiled code without the "
+                                 "router hooks, so the counts would cover the summarized forwards only")
         self.arm()
 
     # ------------------------------------------------------------------ the summarized forward
@@ -217,18 +226,26 @@ class Capture:
         if self._probing:
             return  # the probe has built its own context
         self.set_ctx(None)
+        self.counts.end()  # a forward that raised before its end hook
+        self._count_later = [None] * len(self.layers)
         if not self.active:
             return  # paused or closed: compiled code may still call a hook it captured
         if self._layer_handles and not self.keep_armed:
             self.disarm()  # a forward that raised before its end hook
         if not (torch.is_grad_enabled() and module.training):
-            return  # the user's own eval forwards are not ours to summarize
+            return  # the user's own eval forwards are not ours to summarize (nor to count)
+        if self.counts.enabled:
+            self.counts.begin()
+            self.arm()
         ctx = self._on_forward_start(module, args, kwargs, tags)
         if ctx is not None:
             self.set_ctx(ctx)
             self.arm()
 
     def _forward_end(self, module, args, kwargs, output) -> None:
+        if self.counts.active:
+            self._count_leftovers()
+        self.counts.end()  # an activation-checkpoint recompute in backward is not counted again
         ctx = self._ctx
         if ctx is not None and not ctx.deferred:
             if not self.keep_armed or (self._armed_experts != self.needs_experts_hook and not self.compiled):
@@ -236,6 +253,18 @@ class Capture:
             self.set_ctx(None)
             self._finish(ctx)
             self._on_forward_done(ctx)
+        elif ctx is None and self._layer_handles and self._armed_experts != self.needs_experts_hook \
+                and not self.compiled:
+            self.disarm()  # a counted forward taught which experts hooks are needed: the next arms those only
+
+    def _count_leftovers(self) -> None:
+        """Routers without ids whose experts' pre-hook gave none either (Llama 4): counted by the top-k of
+        their scores, and from now on at once."""
+        for index, scores in enumerate(self._count_later):
+            if scores is not None:
+                self._count_later[index] = None
+                self._ids_not_in_experts[index] = True
+                self.counts.add(self._position[index], scores.topk(self.shape.top_k, dim=-1).indices)
 
     def _finish(self, ctx: BatchContext) -> None:
         """What a complete forward teaches the capture itself, before the context is handed on."""
@@ -282,6 +311,8 @@ class Capture:
         tracked = layer.weight_EH is not None  # discovery found its [E, H] weight (else no cosines)
         position = self._position  # changed in place, once, by learn_order
         faults = self.faults
+        counts = self.counts
+        top_k = self.shape.top_k
 
         def hook(module, args, output):
             if is_compiling():  # see _compile_aware (inlined: this runs once per layer in every forward)
@@ -289,8 +320,8 @@ class Capture:
                     return None  # traced: a guard on the flag; unsampled forwards compile to no call here
                 return twin(module, args, output)
             ctx = self._ctx
-            if ctx is None or faults.disabled:
-                return None  # not sampled, or an activation-checkpoint recompute in backward
+            if (ctx is None and not counts.active) or faults.disabled:
+                return None  # not sampled nor counted, or an activation-checkpoint recompute in backward
             try:
                 outputs = output if isinstance(output, (tuple, list)) else (output,)
                 at = where[0]
@@ -299,6 +330,17 @@ class Capture:
                                           and t.dtype == torch.int64 and t.dim() == 2), -1)
                     if at >= 0:
                         self.needs_experts_hook[index] = False
+                if counts.active:
+                    if at >= 0:
+                        counts.add(position[index], outputs[at])
+                    else:  # the experts' pre-hook may give the ids; else the top-k of the scores (at forward end)
+                        scores = outputs[layer.logits_index].detach()
+                        if self.needs_experts_hook[index] and not self._ids_not_in_experts[index]:
+                            self._count_later[index] = scores
+                        else:
+                            counts.add(position[index], scores.topk(top_k, dim=-1).indices)
+                if ctx is None:
+                    return None
                 # Without indices: the experts pre-hook, which runs next, supplies them (else top-k of p).
                 weight = self.router_weights[index]
                 current = layer.weight_now() if tracked else None
@@ -317,7 +359,13 @@ class Capture:
     def _experts_hook(self, index: int):
         """``experts(hidden[T,H], top_k_index[T,K], top_k_weights[T,K])``: the exact decision, for
         routers that do not return it (DeepSeek-V3 before transformers 5.13 selects with a bias)."""
+        counts = self.counts
+
         def hook(module, args):
+            if counts.active and self._count_later[index] is not None and len(args) >= 2 and \
+                    isinstance(args[1], torch.Tensor) and args[1].dtype == torch.int64:
+                self._count_later[index] = None
+                counts.add(self._position[index], args[1])
             ctx = self._ctx
             if ctx is None or len(args) < 2 or not isinstance(args[1], torch.Tensor) or not ctx.pending:
                 return
@@ -338,9 +386,13 @@ class Capture:
                 topk: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
                 router_weight: Optional[torch.Tensor] = None) -> None:
         ctx = self._ctx
-        if ctx is None or self.faults.disabled:
+        if (ctx is None and not self.counts.active) or self.faults.disabled:
             return
         try:
+            if self.counts.active:
+                self._count_recorded(layer, logits, probs, topk)
+            if ctx is None:
+                return
             E = self.shape.num_experts
             given = next((t for t in (logits, probs, topk[0] if topk is not None else None) if t is not None), None)
             if given is None:
@@ -368,6 +420,16 @@ class Capture:
         except Exception as exc:
             self.faults.error(exc)
 
+    def _count_recorded(self, layer: int, logits: Optional[torch.Tensor], probs: Optional[torch.Tensor],
+                        topk: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
+        """record()'s decision for the all-token counts: the ids given, else the top-k of the scores."""
+        if topk is not None:
+            self.counts.add(layer, topk[0])
+            return
+        scores = logits if logits is not None else probs
+        if scores is not None:
+            self.counts.add(layer, scores.detach().topk(self.shape.top_k, dim=-1).indices)
+
     # ------------------------------------------------------------------ what a complete forward teaches
 
     def has_cosines(self) -> bool:
@@ -388,6 +450,7 @@ class Capture:
         for place, gathered in enumerate(ctx.pending):
             self._position[index_at[gathered.layer]] = place
             gathered.layer = place
+        self.counts.reorder(called)  # the counts so far, under the places the routers had until now
         log.info("grokwatch: the model calls its routers in another order than it registers them; layers "
                  "ship in forward order: %s", [self.layers[index_at[layer]].name for layer in called])
 

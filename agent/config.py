@@ -39,6 +39,9 @@ class AgentConfig:
     # The router z-loss (mean logsumexp(logits)² per sample and layer) in the same reduction; False leaves it
     # out (docs/benchmarks.md has its cost).
     router_zloss: bool = True
+    # All-token expert counts (agent/counts.py): tokens per expert over every training forward, shipped with
+    # each training message; False leaves the router hooks armed on summarized forwards only.
+    expert_counts: bool = True
     # ZeroMQ CURVE (grokwatch keygen): the collector's public .key file and this agent's .key_secret file;
     # both or neither. Default from GROKWATCH_CURVE_SERVER_KEY / GROKWATCH_CURVE_SECRET_KEY.
     curve_server_key: Optional[str] = None

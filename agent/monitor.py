@@ -22,6 +22,7 @@ from torch import nn
 
 from grokwatch.agent.capture import Capture, Faults, is_compiled_module
 from grokwatch.agent.config import AgentConfig
+from grokwatch.agent.counts import ExpertCounts
 from grokwatch.agent.discover import MoEShape
 from grokwatch.agent.layout import BatchContext, token_mask
 from grokwatch.agent.sampling import Sampler
@@ -83,7 +84,9 @@ class Monitor:
         self.capture = Capture(model, shape, self.faults,
                                router_weights=(list(router_weights) if router_weights is not None
                                                else [layer.weight_EH for layer in shape.layers]),
-                               keep_armed=config.every_n_steps == 1, on_forward_start=self._on_forward_start,
+                               keep_armed=config.every_n_steps == 1,
+                               counts=ExpertCounts(shape.num_layers, shape.num_experts, config.expert_counts),
+                               on_forward_start=self._on_forward_start,
                                on_forward_done=self._forward_done)
         device = _parameter_device(model)
         staging = staging_on(config, shape, device)

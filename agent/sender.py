@@ -101,6 +101,7 @@ class Pending:
     event: Any  # torch.cuda.Event or None on CPU
     with_cosines: bool
     with_loss: bool
+    counted_forwards: int = 0  # > 0: the buffer holds the all-token counts of this many training forwards
 
 
 def _defined(zloss_NL: np.ndarray) -> Optional[np.ndarray]:
@@ -134,6 +135,8 @@ class Sender:
         self.faults: AgentFaults = faults if faults is not None else _NoFaults()
         self.has_cosines = has_cosines
         self.shape = (num_layers, num_experts, top_k)
+        self._carry: Optional[tuple[np.ndarray, int]] = None  # all-token counts no message could carry yet
+        self._logged_unrouted = False
         self.health = RouterHealth(num_layers, num_experts, top_k)  # for the framework's logs (agent/health.py)
         self.distribution = distribution
         self.staging = staging
@@ -242,8 +245,11 @@ class Sender:
         if p.event is not None and not p.event.query():  # done already: no wait, no GIL hand-over
             p.event.synchronize()  # waits here, on the sender thread, not in training
         v = self._host_views[p.host_index]
+        tokens_LE, forwards = self._expert_tokens(v, p.counted_forwards)
         keep = [i for i in np.flatnonzero(v["tokens_N"]).tolist() if p.sample_ids[i]]
         if not keep:
+            if tokens_LE is not None:  # no sampled row to ship them with: they go with the next message
+                self._carry = (tokens_LE.copy(), forwards)
             return None
         rows = _as_slice(keep)  # usually slots 0, D, 2D, ...: views, copied once by encode
         return Routing(
@@ -256,7 +262,24 @@ class Sender:
             adj_cosine_NJ=v["cosine_NL"][rows, 1:] if p.with_cosines and self.shape[0] > 1 else None,
             loss_N=v["loss_N"][rows] if p.with_loss else None,
             zloss_NL=_defined(v["zloss_NL"][rows]),
+            expert_tokens_LE=tokens_LE, counted_forwards=forwards,
         )
+
+    def _expert_tokens(self, v: dict, counted_forwards: int) -> tuple[Optional[np.ndarray], int]:
+        """The all-token counts the buffer holds ([L, E] int64, a view of it) and the forwards they cover,
+        with any a previous message could not carry; (None, 0) when it holds none."""
+        if not counted_forwards:
+            return None, 0
+        counts_LE1 = v["expert_tokens_LE"].view(np.int64)
+        if self._carry is not None:
+            carried, forwards = self._carry
+            self._carry = None
+            counts_LE1, counted_forwards = counts_LE1 + carried, counted_forwards + forwards
+        if not self._logged_unrouted and counts_LE1[:, -1].any():
+            self._logged_unrouted = True
+            log.warning("grokwatch: routers returned expert ids outside 0..%d (dropped tokens?); those picks "
+                        "are left out of the all-token expert counts (logged once)", self.shape[1] - 1)
+        return counts_LE1[:, :-1], counted_forwards
 
     def _encode(self, message) -> Optional[bytes]:
         try:
@@ -301,7 +324,8 @@ class Sender:
                 message = self._routing(item)
                 data = None if message is None else self._encode(message)
                 if message is not None and message.source == "train":
-                    self.health.add(message.topk_counts_NLE, message.token_counts_N, message.entropy_NL)
+                    self.health.add(message.topk_counts_NLE, message.token_counts_N, message.entropy_NL,
+                                    message.expert_tokens_LE)
             finally:
                 if self.staging is not None:
                     self.staging.give_back(item.host_index)

@@ -26,6 +26,8 @@ class Staging:
     bits (a float copy of small integers' bit patterns, denormals, could flush)."""
 
     FIELDS = {  # name: (storage shape from (L, N, E), dtype)
+        # int64 counts stored as int32 pairs (first: 8-byte aligned); column E counts picks of no expert
+        "expert_tokens_LE": (lambda L, N, E: (L, 2 * (E + 1)), torch.int32),
         "mean_probs_NLE": (lambda L, N, E: (N, L, E), torch.float32),
         "counts_NLE": (lambda L, N, E: (N, L, E), torch.int32),
         "entropy_NL": (lambda L, N, E: (N, L), torch.float32),
@@ -54,6 +56,7 @@ class Staging:
             "cosine_LN": stored["cosine_NL"].t(),  # row l: cos(layer l-1, layer l)
             "tokens_N": stored["tokens_N"],
             "loss_N": stored["loss_N"],
+            "expert_tokens_LE": stored["expert_tokens_LE"].view(torch.int64),  # [L, E + 1] (agent/counts.py)
         }
         pin = device.type == "cuda"
         self.pool = [torch.zeros(total, dtype=torch.int32, pin_memory=pin) for _ in range(pool_size)]

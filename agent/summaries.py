@@ -143,6 +143,9 @@ class Summaries:
         with_cosines = reduced.with_cosines
         if not with_cosines:
             self.capture.learn_freed_weights()
+        # a training message carries the all-token counts of every training forward since the last one
+        counted = self.capture.counts.drain_into(self.staging.views["expert_tokens_LE"]) \
+            if ctx.source == "train" and self.capture.counts.pending else 0
         host = self.staging.pool[index]
         host.copy_(self.staging.device_buf, non_blocking=True)
         event = None
@@ -151,4 +154,4 @@ class Summaries:
             event.record()
         self.sender.submit(Pending(source=ctx.source, step=ctx.step, sample_ids=ctx.sample_ids, groups=ctx.groups,
                                    host_index=index, event=event, with_cosines=with_cosines,
-                                   with_loss=with_loss))
+                                   with_loss=with_loss, counted_forwards=counted))

@@ -87,6 +87,23 @@ def consistency(cosines: Sequence[float], min_max_cosine: float = 0.05):
     return 1.0 - c_score, raw
 
 
+def all_token_load(expert_tokens_LE, top_k: int):
+    """The load figures of METRICS.md §3 over every routed token (the all-token counts): per layer, the
+    tokens per expert c_k of the interval; share c_k / Σc (= c_k ÷ (K × tokens)), imbalance max/mean (as
+    OLMo-core and Megatron-Core's logging compute it from tokens per expert), CV, dead = experts with c_k = 0."""
+    out = []
+    for row in expert_tokens_LE:
+        load = [int(c) for c in row]
+        total = sum(load)
+        share = [c / total if total else 0.0 for c in load]
+        mean = sum(share) / len(share)
+        var = sum((f - mean) ** 2 for f in share) / len(share)
+        out.append(dict(load_share=share, imbalance=max(share) / mean if mean > 0 else 0.0,
+                        cv=math.sqrt(var) / mean if mean > 0 else 0.0, dead=sum(1 for c in load if c == 0),
+                        tokens=total // top_k))
+    return out
+
+
 def router_health(topk_counts_NLE, token_counts_N, entropy_NL, top_k: int):
     """METRICS.md §3 per layer over the window's samples: load share f, max/mean
     imbalance, coefficient of variation, dead experts, token-weighted entropy."""

@@ -37,6 +37,7 @@ from grokwatch.wire.reader import Reader
 
 F32 = "<f4"
 U32 = "<u4"
+U64 = "<u8"
 
 
 # ----------------------------------------------------------------- encode
@@ -92,6 +93,9 @@ def encode(message: Message) -> bytes:
             out["loss"] = _array(message.loss_N, F32)
         if message.zloss_NL is not None:
             out["zloss"] = _array(message.zloss_NL, F32)
+        if message.expert_tokens_LE is not None:
+            out["expert_tokens"] = _array(message.expert_tokens_LE, U64)
+            out["counted_forwards"] = int(message.counted_forwards)
     elif isinstance(message, Eval):
         out.update(step=int(message.step), scores={str(k): float(v) for k, v in message.scores.items()})
     elif isinstance(message, Loss):
@@ -185,6 +189,12 @@ def _decode_routing(r: Reader) -> Routing:
     cosine = r.optional_array("adj_cosine", F32, (n, num_layers - 1))
     loss = r.optional_array("loss", F32, (n,))
     zloss = r.optional_array("zloss", F32, nl)
+    expert_tokens = r.optional_array("expert_tokens", U64, (num_layers, num_experts))
+    counted_forwards = 0
+    if expert_tokens is not None:
+        if source != "train":
+            raise WireError("value_range", "expert_tokens in a message of another source than train")
+        counted_forwards = r.int("counted_forwards", lo=1)
 
     for name, arr in (("mean_probs", probs), ("entropy", entropy), ("adj_cosine", cosine), ("loss", loss),
                       ("zloss", zloss)):
@@ -224,6 +234,8 @@ def _decode_routing(r: Reader) -> Routing:
         adj_cosine_NJ=cosine,
         loss_N=loss,
         zloss_NL=zloss,
+        expert_tokens_LE=expert_tokens,
+        counted_forwards=counted_forwards,
     )
 
 

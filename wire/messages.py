@@ -92,6 +92,11 @@ class Routing:
     adj_cosine_NJ: Optional[np.ndarray] = None  # float32
     loss_N: Optional[np.ndarray] = None  # float32
     zloss_NL: Optional[np.ndarray] = None  # float32, >= 0
+    # Train source only: tokens routed to each expert (top-k picks) over *every* token of every training
+    # forward since the sender's previous such message (``counted_forwards`` forwards, this one included),
+    # not only the sampled rows: the load figures the training framework itself would log.
+    expert_tokens_LE: Optional[np.ndarray] = None  # uint64
+    counted_forwards: int = 0
     kind: str = field(default=KIND_ROUTING, init=False)
 
     @property

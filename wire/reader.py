@@ -109,8 +109,9 @@ class Reader:
         if not isinstance(data, bytes):
             raise WireError("field_type", f"{key!r} data must be bytes")
         count = math.prod(shape)
-        if len(data) != count * 4:
-            raise WireError("shape", f"{key!r} holds {len(data)} bytes, expected {count * 4}")
+        itemsize = np.dtype(dtype).itemsize
+        if len(data) != count * itemsize:
+            raise WireError("shape", f"{key!r} holds {len(data)} bytes, expected {count * itemsize}")
         return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
 
 

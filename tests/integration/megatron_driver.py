@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from grokwatch.wire import Hello
@@ -102,6 +103,11 @@ def main() -> int:
     [hello] = [m for m in sink.messages if isinstance(m, Hello)]
     assert hello.layer_names == tuple(f"decoder.layers.{L + i}.mlp.router" for i in range(L)), hello.layer_names
     check_against(message, {"a": 0, "b": 1, "c": 2}, S, lambda row: reference(tap, weights, row))
+    # the all-token counts are Megatron-Core's own tokens per expert (router.py: routing_map.sum(dim=0), what
+    # it adds into local_tokens_per_expert), over all B x S tokens, not the two sampled rows
+    megatron_LE = np.stack([routing_map.sum(axis=0) for _, routing_map in tap])
+    assert message.counted_forwards == 1, message.counted_forwards
+    assert (message.expert_tokens_LE == megatron_LE).all(), (message.expert_tokens_LE, megatron_LE)
     print("ok", list(message.sample_ids))
     return 0
 

@@ -102,4 +102,8 @@ def test_a_family_is_found_and_ships_whole_summaries(family):
     expected = torch.stack([p.mean(dim=1) for p in scores], dim=1)  # [rows, layers, experts]
     np.testing.assert_allclose(msg.mean_probs_NLE, expected.numpy(), rtol=1e-5, atol=1e-6)
     assert (msg.topk_counts_NLE.sum(-1) == TOP_K * TOKENS).all()
+    # every row sampled: the all-token counts (router hooks, agent/counts.py) equal the sampled rows' top-k
+    # counts (the reduction's, another path) — also where the ids come from the experts' pre-hook
+    assert msg.counted_forwards == 1
+    np.testing.assert_array_equal(msg.expert_tokens_LE, msg.topk_counts_NLE.sum(0, dtype=np.uint64))
     assert (msg.adj_cosine_NJ is not None) == (shape.num_layers > 1)

@@ -23,14 +23,20 @@ def _expected(messages, top_k: int) -> dict:
 
 
 def _check(logged: dict, messages, top_k: int) -> None:
+    """The entropy over the sampled rows; the load figures over every routed token where the messages carry
+    the all-token counts (they do by default), else over the sampled rows."""
     want = _expected(messages, top_k)  # per layer
-    for layer, w in enumerate(want):
-        assert logged[f"moe/{layer}/load_imbalance"] == pytest.approx(w["imbalance"], rel=1e-9)
-        assert logged[f"moe/{layer}/load_cv"] == pytest.approx(w["cv"], rel=1e-9, abs=1e-12)
-        assert logged[f"moe/{layer}/dead_experts"] == w["dead"]
+    all_tokens = [m.expert_tokens_LE for m in messages if m.expert_tokens_LE is not None]
+    load = reference.all_token_load(sum(all_tokens), top_k) if all_tokens else want
+    for layer, (w, f) in enumerate(zip(want, load)):
+        assert logged[f"moe/{layer}/load_imbalance"] == pytest.approx(f["imbalance"], rel=1e-9)
+        assert logged[f"moe/{layer}/load_cv"] == pytest.approx(f["cv"], rel=1e-9, abs=1e-12)
+        assert logged[f"moe/{layer}/dead_experts"] == f["dead"]
         assert logged[f"moe/{layer}/routing_entropy"] == pytest.approx(w["entropy"], rel=1e-6)
-    assert logged["moe/load_imbalance_max"] == pytest.approx(max(w["imbalance"] for w in want), rel=1e-9)
+    assert logged["moe/load_imbalance_max"] == pytest.approx(max(f["imbalance"] for f in load), rel=1e-9)
     assert logged["moe/sampled_tokens"] == sum(int(m.token_counts_N.sum()) for m in messages)
+    if all_tokens:
+        assert logged["moe/routed_tokens"] == load[0]["tokens"]
 
 
 def test_router_health_is_the_reference_over_the_messages_read_since_and_bounded_in_keys():
@@ -51,7 +57,7 @@ def test_router_health_is_the_reference_over_the_messages_read_since_and_bounded
     big.read()
     m = make_routing(rng=rng, n=2, num_layers=MAX_LAYERS + 1, num_experts=E, top_k=K)
     big.add(m.topk_counts_NLE, m.token_counts_N, m.entropy_NL)
-    assert set(big.read()) == set(keys(MAX_LAYERS + 1)) and len(keys(MAX_LAYERS + 1)) == 7  # summary only
+    assert set(big.read()) == set(keys(MAX_LAYERS + 1)) and len(keys(MAX_LAYERS + 1)) == 8  # summary only
 
 
 def test_a_trainers_reporting_callbacks_get_router_health_in_every_training_log(sink, tmp_path):

@@ -350,3 +350,49 @@ def test_a_zloss_of_the_wrong_shape_is_rejected():
     with pytest.raises(WireError) as info:
         decode(encode(_with_zloss(np.ones((3, 2), np.float32))))
     assert info.value.reason == "shape"
+
+
+# ------------------------------------------------------------------ the all-token expert counts (issue 31)
+
+
+def _with_counts(counts, forwards=3, source="train"):
+    import dataclasses
+
+    return dataclasses.replace(make_routing(n=3, num_layers=4, num_experts=8, source=source),
+                               expert_tokens_LE=counts, counted_forwards=forwards)
+
+
+def test_expert_tokens_round_trip_exactly_beyond_float_precision_and_are_optional():
+    counts = np.arange(32, dtype=np.uint64).reshape(4, 8) + np.uint64(2**53 + 1)  # not a float64
+    msg = _with_counts(counts)
+    back = decode(encode(msg))
+    assert_same(back, msg)
+    assert back.expert_tokens_LE.dtype == np.uint64 and back.counted_forwards == 3
+    old = decode(encode(make_routing(n=3)))  # an agent that predates them
+    assert old.expert_tokens_LE is None and old.counted_forwards == 0
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(source="probe"), "value_range"),  # only training forwards are counted
+    (dict(forwards=0), "value_range"),  # counts of no forward
+    (dict(counts=np.zeros((4, 7), np.uint64)), "shape"),  # not the message's experts
+    (dict(counts=np.zeros((3, 8), np.uint64)), "shape"),  # not its layers
+])
+def test_expert_tokens_that_do_not_fit_the_message_are_rejected(change, reason):
+    args = dict(counts=np.ones((4, 8), np.uint64), forwards=2, source="train") | change
+    with pytest.raises(WireError) as info:
+        decode(encode(_with_counts(args["counts"], args["forwards"], args["source"])))
+    assert info.value.reason == reason
+
+
+def test_expert_tokens_of_the_wrong_dtype_or_size_are_rejected():
+    obj = msgpack.unpackb(encode(_with_counts(np.ones((4, 8), np.uint64))), raw=False)
+    for bad, reason in (({"dtype": "<u4", "shape": [4, 8], "data": b"\0" * 128}, "dtype"),
+                        ({"dtype": "<u8", "shape": [4, 8], "data": b"\0" * 128}, "shape")):  # 4 bytes an item
+        with pytest.raises(WireError) as info:
+            decode(msgpack.packb(obj | {"expert_tokens": bad}, use_bin_type=True))
+        assert info.value.reason == reason
+    without = dict(obj)
+    del without["counted_forwards"]
+    with pytest.raises(WireError):
+        decode(msgpack.packb(without, use_bin_type=True))

@@ -1,0 +1,119 @@
+"""Issue 31 part 1: the all-token expert counts (agent/counts.py) equal a plain count of every decision the
+routers made in the training forwards — micro-batches of gradient accumulation added up, the user's own eval
+forwards and activation-checkpoint recomputes left out, rows the sampler did not pick included — and arrive
+interval by interval: summed over the shipped messages they are the count up to the last summarized step,
+with no forward counted twice or lost. Negative controls: ``expert_counts=False`` ships none; a probe
+message carries none; under torch.compile they are off (partial counts are never shipped)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model
+
+import grokwatch.agent as gw
+from grokwatch.agent.discover import discover
+from grokwatch.collector import reference
+
+
+class DecisionTap:
+    """Each router's top-k ids while ``on`` (the test's own training forwards), counted per expert."""
+
+    def __init__(self, model, num_experts: int):
+        self.on = False
+        self.recomputed = 0  # router calls outside the test's forwards with grad on: checkpoint recomputes
+        self.layers = discover(model).layers
+        self.counts_LE = np.zeros((len(self.layers), num_experts), np.int64)
+        self.handles = [layer.router.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            if self.on:
+                ids = output[2].reshape(-1).numpy()  # OLMoE's router: (logits, weights, ids)
+                self.counts_LE[layer] += np.bincount(ids, minlength=self.counts_LE.shape[1])
+            elif torch.is_grad_enabled():
+                self.recomputed += 1
+        return hook
+
+
+def _train(sink, run, steps=8, every=3, micro=2, checkpointing=True, **options):
+    model = tiny_model("olmoe")
+    if checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    E = discover(model).num_experts
+    tap = DecisionTap(model, E)
+    mon = gw.attach(model, sink.endpoint, run, every_n_steps=every, max_samples_per_step=1, **options)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    at_summarized = []  # the tap's counts after each summarized forward (a summarized step's first)
+    for step in range(steps):
+        mon.step(step)
+        for m in range(micro):
+            ids = torch.randint(0, VOCAB, (4, 8), generator=gen)
+            tap.on = True
+            out = model(input_ids=ids, labels=ids)
+            tap.on = False  # the checkpointed backward recomputes the routers: not a forward
+            out.loss.backward()
+            if step % every == 0 and m == 0:
+                at_summarized.append(tap.counts_LE.copy())
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():  # the user's own eval forward: neither summarized nor counted
+            model.eval()
+            model(input_ids=ids)
+            model.train()
+    stats = mon.stats()
+    mon.close()
+    return stats, at_summarized, tap
+
+
+def test_counts_are_every_decision_of_every_training_forward_interval_by_interval(sink):
+    stats, at_summarized, tap = _train(sink, "all-tokens")
+    assert stats["hook_errors"] == 0, stats
+    assert tap.recomputed == 8 * 2 * len(tap.layers)  # the backward did recompute every router
+    shipped = sink.wait_routing(len(at_summarized), source="train")
+    assert [m.step for m in shipped] == [0, 3, 6]
+    # message i: the forwards since message i-1's summarized one (a step's first micro-batch), its own included
+    assert [m.counted_forwards for m in shipped] == [1, 6, 6]
+    previous = np.zeros_like(tap.counts_LE)
+    for msg, upto in zip(shipped, at_summarized):
+        assert msg.expert_tokens_LE.dtype == np.uint64
+        np.testing.assert_array_equal(msg.expert_tokens_LE.astype(np.int64), upto - previous)
+        previous = upto
+        # 4 rows x 8 tokens x K picks per forward; one sampled row's top-k counts are a quarter of them
+        assert (msg.expert_tokens_LE.sum(axis=1) == msg.counted_forwards * 32 * msg.top_k).all()
+        assert msg.topk_counts_NLE.sum() * 4 * msg.counted_forwards == msg.expert_tokens_LE.sum()
+    # the figures a framework would log from the same counts: the reference's over the interval
+    figures = reference.all_token_load(shipped[1].expert_tokens_LE, shipped[1].top_k)
+    assert all(f["tokens"] == 6 * 32 for f in figures)
+
+
+def test_off_by_option_and_never_on_probe_messages(sink):
+    _train(sink, "no-counts", steps=4, checkpointing=False, expert_counts=False)
+    shipped = sink.wait_routing(2, source="train")
+    assert all(m.expert_tokens_LE is None and m.counted_forwards == 0 for m in shipped)
+
+
+def test_the_probes_forwards_are_not_counted_and_its_messages_carry_none(sink):
+    stats, at_summarized, tap = _train(sink, "probe-counts", checkpointing=False, probe_every_n_steps=3,
+                                       probe_size=2)
+    assert stats["hook_errors"] == 0, stats
+    sink.drain(until=lambda ms: len(sink.routing("train")) >= 3 and len(sink.routing("probe")) >= 2)
+    assert sink.routing("probe") and all(m.expert_tokens_LE is None for m in sink.routing("probe"))
+    total = sum(m.expert_tokens_LE.astype(np.int64) for m in sink.routing("train"))
+    np.testing.assert_array_equal(total, at_summarized[-1])
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile")
+def test_under_torch_compile_no_partial_counts_are_shipped(sink):
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "compiled-counts", every_n_steps=2, max_samples_per_step=1)
+    compiled = torch.compile(model, backend="eager")
+    for step in range(4):
+        mon.step(step)
+        ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(step))
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    mon.close()
+    shipped = sink.wait_routing(2, source="train")
+    assert all(m.expert_tokens_LE is None for m in shipped)
