@@ -55,6 +55,7 @@ _DTYPES = frozenset(np.dtype(t).str for t in ("bool", "int8", "int16", "int32", 
 
 
 def _classes() -> dict:
+    from grokwatch.collector.all_tokens import AllTokens
     from grokwatch.collector.memorization import MemorizationTracker, SampleHistory
     from grokwatch.collector.phases import PhaseConfig, PhaseTracker
     from grokwatch.collector.runs import Runs
@@ -62,7 +63,7 @@ def _classes() -> dict:
     from grokwatch.collector.stream import Stream
 
     return {cls.__name__: cls for cls in (Stream, PhaseTracker, PhaseConfig, MemorizationTracker, SampleHistory,
-                                          Senders, Sender, Counters, Runs)}
+                                          Senders, Sender, Counters, Runs, AllTokens)}
 
 
 def _pack(obj) -> bytes:

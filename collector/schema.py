@@ -91,6 +91,8 @@ def validate_state(data: dict, config: CollectorConfig) -> None:
             _fail(f"evals[{key!r}]", "not (step, score)")
         _count(f"evals[{key!r}] step", value[0])
         _number(f"evals[{key!r}] score", value[1])
+    for run, counts in _dict("all_tokens", data.get("all_tokens", {})).items():
+        _all_tokens(f"all_tokens[{run!r}]", run, counts)
     runs = data.get("runs")
     if runs is not None and not isinstance(runs, Runs):
         _fail("runs", "not the run table")
@@ -110,6 +112,25 @@ def validate_state(data: dict, config: CollectorConfig) -> None:
         if runs is not None and key[0] in runs.shapes:
             if tuple(runs.shapes[key[0]]) != (stream.num_layers, stream.num_experts, stream.top_k):
                 _fail(where, "its shape is not its run's")
+
+
+def _all_tokens(where: str, run: Any, counts: Any) -> None:
+    from grokwatch.collector.all_tokens import AllTokens
+
+    _str(f"{where} key", run)
+    if not isinstance(counts, AllTokens):
+        _fail(where, "not the run's all-token counts")
+    shape = counts.shape
+    if not (isinstance(shape, tuple) and len(shape) == 2 and all(isinstance(d, int) and d >= 1 for d in shape)):
+        _fail(f"{where}.shape", "not (layers, experts)")
+    for name in ("total_LE", "open_LE", "closed_LE"):
+        _array(f"{where}.{name}", getattr(counts, name, None), shape, np.uint64)
+    for name in ("forwards_total", "late_total", "open_forwards", "closed_forwards", "closed_ranks"):
+        _count(f"{where}.{name}", getattr(counts, name, None))
+    for name in ("open_step", "closed_step"):
+        _count(f"{where}.{name}", getattr(counts, name, None), lo=-1)
+    if not isinstance(counts.open_ranks, set) or not all(isinstance(r, int) for r in counts.open_ranks):
+        _fail(f"{where}.open_ranks", "not a set of ranks")
 
 
 def _senders(senders: Any, cls: type) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from grokwatch.collector import evidence, wal
+from grokwatch.collector.all_tokens import AllTokens
 from grokwatch.collector.budget import MemoryBudget
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.labels import CROSS_GROUP
@@ -73,6 +74,7 @@ class State:
         self.last_message_lag_s = 0.0
         self.train_step: dict[str, int] = {}
         self.evals: dict[tuple[str, str], tuple[int, float]] = {}
+        self.all_tokens: dict[str, AllTokens] = {}  # run -> its all-token expert counts (all_tokens.py)
         self.persist_errors: dict[str, int] = {}  # persist.PERSIST_ERRORS -> count
         self.disconnects_total = 0  # ingest connections that ended (ingest.py's socket monitor)
         self.handshake_failures: dict[str, int] = {}  # ZeroMQ connections refused: ingest.HANDSHAKE_REASONS
@@ -269,6 +271,7 @@ class State:
         """Forget runs idle for ``run_idle_expiry_s``: their slot in ``max_runs`` and their series."""
         for run in self.runs.idle(now, self.config.run_idle_expiry_s):
             self.train_step.pop(run, None)
+            self.all_tokens.pop(run, None)
             for by_run in (self.streams, self.evals):
                 _drop_keys_of(by_run, run)
             self.senders.forget_run(run)
@@ -371,6 +374,8 @@ class State:
         stream = self._stream(msg)
         if msg.source == "train":
             self.train_step[msg.run] = max(self.train_step.get(msg.run, 0), msg.step)
+        if msg.expert_tokens_LE is not None:
+            self._all_tokens(msg)
         stream.latest_step = max(stream.latest_step, msg.step)
         labels = [self.group_label(stream, g) for g in msg.groups]
         memorized: list[Optional[int]] = [None] * msg.num_samples
@@ -395,6 +400,14 @@ class State:
             self.reduced_messages_total += 1
         stream.comparisons = m
         return KernelJob(msg, stream, targets, self._wal_index, started, comparisons=m)
+
+    def _all_tokens(self, msg: Routing) -> None:
+        counts = self.all_tokens.get(msg.run)
+        if counts is None or counts.shape != msg.expert_tokens_LE.shape:
+            counts = self.all_tokens[msg.run] = AllTokens(*msg.expert_tokens_LE.shape)
+        # a run whose hello was never heard closes an interval at its next step only
+        world = self.runs.world_sizes.get(msg.run, self.config.max_world_size)
+        counts.add(msg.step, msg.rank, msg.expert_tokens_LE, msg.counted_forwards, world)
 
     def finish(self, job: KernelJob) -> None:
         """After the kernels: the message's points into the phase trackers and the journal, under the lock."""
@@ -432,7 +445,8 @@ class State:
     SNAPSHOT_FIELDS = ("streams", "runs", "senders", "received_total",
                        "rejected_total", "lost_total", "samples_total", "processing_seconds_sum",
                        "processing_seconds_count", "train_step", "evals", "rng", "persist_errors", "handshake_failures", "wal_applied",
-                       "stale_stream_reads", "disconnects_total", "loop_errors", "wal_held", "reduced_messages_total")
+                       "stale_stream_reads", "disconnects_total", "loop_errors", "wal_held", "reduced_messages_total",
+                       "all_tokens")
 
     def snapshot(self) -> dict:
         """The fields, by reference: serialize them quiesced (``snapshot_blob``) or they may tear."""

@@ -176,6 +176,18 @@ def _specs() -> tuple[Spec, ...]:
     fam("group_transfer_js_z", "gauge", "E_js's z-score against its permutation null, same round", GROUP_LABELS)
     fam("group_fresh_loss_gap", "gauge", "Mean loss of the group's fresh documents minus its training samples', same "
         "round (the label-free baseline)", GROUP_LABELS)
+    fam("router_all_tokens_load_imbalance_ratio", "gauge", "Max over mean tokens per expert over every routed "
+        "token of the run's latest closed interval, all ranks summed (the framework's own figure)", ("run", "layer"))
+    fam("router_all_tokens_load_cv", "gauge", "Coefficient of variation of the tokens per expert, same interval",
+        ("run", "layer"))
+    fam("router_all_tokens_dead_experts", "gauge", "Experts no token picked in the same interval", ("run", "layer"))
+    fam("router_all_tokens_interval_step", "gauge", "The training step that ends the interval of the all-token "
+        "figures", ("run",))
+    fam("router_all_tokens_interval_ranks", "gauge", "Ranks whose counts the interval sums", ("run",))
+    fam("router_routed_tokens_total", "counter", "Tokens the run's routers routed in its training forwards, all "
+        "ranks (from the all-token counts)", ("run",))
+    fam("router_counted_forwards_total", "counter", "Training forwards the all-token counts cover, all ranks",
+        ("run",))
     fam("train_step", "gauge", "Latest training step seen from the run's train source", ("run",))
     fam("build_info", "gauge", "1, labelled with the collector's version (an alert or a dashboard can tell which "
         "collector build answers)", ("version",))
@@ -233,6 +245,8 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
         carriers = state.phase_carriers()
         for (run, source), stream in sorted(state.streams.items()):
             _read_stream(F, state, stream, run, source, carriers)
+        for run, counts in sorted(state.all_tokens.items()):
+            _all_token_families(F, run, counts, state.runs.shapes.get(run))
         for run, step in sorted(state.train_step.items()):
             F["train_step"].add((run,), step)
         F["build_info"].add((__version__,), 1)
@@ -269,6 +283,21 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
     F["collector_queue_bytes"].add((), size_bytes)
     F["collector_queue_capacity_bytes"].add((), capacity_bytes)
     return list(F.values())
+
+
+def _all_token_families(F: dict, run: str, counts, shape) -> None:
+    top_k = shape[2] if shape else 1
+    F["router_routed_tokens_total"].add((run,), counts.routed_tokens_total // max(top_k, 1))
+    F["router_counted_forwards_total"].add((run,), counts.forwards_total)
+    figures = counts.figures()
+    if figures is None:
+        return
+    F["router_all_tokens_interval_step"].add((run,), counts.closed_step)
+    F["router_all_tokens_interval_ranks"].add((run,), counts.closed_ranks)
+    for layer in range(counts.shape[0]):
+        F["router_all_tokens_load_imbalance_ratio"].add((run, layer), float(figures["imbalance_L"][layer]))
+        F["router_all_tokens_load_cv"].add((run, layer), float(figures["cv_L"][layer]))
+        F["router_all_tokens_dead_experts"].add((run, layer), int(figures["dead_L"][layer]))
 
 
 def _read_stream(F: dict, state: State, stream, run: str, source: str, carriers: dict) -> None:

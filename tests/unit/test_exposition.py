@@ -35,9 +35,14 @@ def fixed_state() -> State:
     rng = np.random.default_rng(11)
     messages = [make_hello(num_layers=3, num_experts=4, top_k=2, world_size=2)]
     for seq in range(1, 7):
-        messages.append(make_routing(rng=rng, seq=seq, step=10 * seq, n=3, num_layers=3, num_experts=4, top_k=2,
-                                     groups=("math", "code", "math"), concentration=0.5,
-                                     sample_ids=[f"m{seq}-{i}" for i in range(3)]))  # new samples each step
+        msg = make_routing(rng=rng, seq=seq, step=10 * seq, n=3, num_layers=3, num_experts=4, top_k=2,
+                           groups=("math", "code", "math"), concentration=0.5,
+                           sample_ids=[f"m{seq}-{i}" for i in range(3)])  # new samples each step
+        # all-token counts of 10 forwards of 64 tokens (x K = 2 picks); expert 3 of layer 2 dead; rank 0 of 2:
+        # an interval closes at the next step
+        counts = np.array([[400, 300, 200, 380], [320, 320, 320, 320], [900, 300, 80, 0]], np.uint64) + seq
+        counts[2, 3] = 0
+        messages.append(dataclasses.replace(msg, expert_tokens_LE=counts, counted_forwards=10))
     messages += [make_eval(seq=7, step=60, scores={"math": 0.25}),
                  make_heartbeat(seq=8, messages_sent=9, messages_dropped={"queue_full": 1})]
     for msg in messages:

@@ -1,0 +1,77 @@
+"""A run's all-token expert counts (the agents' ``Routing.expert_tokens_LE``, agent/counts.py), summed over its
+ranks: the load figures its training framework logs, over every routed token, per layer.
+
+Each training message carries the counts of the sender's forwards since its previous one, ending at the
+message's step. The ranks of a data-parallel run summarize the same steps, so the messages of one step make
+one **interval**: it closes when every rank of the run's world size has reported that step, or when a later
+step arrives (a rank that lost its message). The exported gauges are the latest closed interval's; the
+counters (tokens, forwards) add every message as it comes. A message of a step older than the open interval
+(a rank far behind) goes into the counters only, counted as late.
+
+Figures (METRICS.md §3 over all tokens; reference.all_token_load): per layer, with c_k the interval's
+tokens of expert k, imbalance = max c / mean c (OLMo-core's and Megatron-Core's tokens-per-expert ratio),
+CV = std c / mean c, dead = experts with c_k = 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class AllTokens:
+    """One run's counts. ``add`` under the state's lock at admission (an [L, E] add); read by the view."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.shape = (num_layers, num_experts)
+        self.total_LE = np.zeros((num_layers, num_experts), np.uint64)  # every message's, since the run began
+        self.forwards_total = 0
+        self.late_total = 0  # messages of a step before the open interval: in the totals only
+        self.open_step = -1
+        self.open_LE = np.zeros((num_layers, num_experts), np.uint64)
+        self.open_ranks: set[int] = set()
+        self.open_forwards = 0
+        self.closed_step = -1  # the exported interval: its last step, ranks and forwards (-1: none yet)
+        self.closed_LE = np.zeros((num_layers, num_experts), np.uint64)
+        self.closed_ranks = 0
+        self.closed_forwards = 0
+
+    def add(self, step: int, rank: int, counts_LE: np.ndarray, forwards: int, world_size: int) -> None:
+        self.total_LE += counts_LE
+        self.forwards_total += forwards
+        if step < self.open_step:
+            self.late_total += 1
+            return
+        if step > self.open_step:
+            if self.open_ranks:
+                self._close()
+            self.open_step = step
+        self.open_LE += counts_LE
+        self.open_ranks.add(rank)
+        self.open_forwards += forwards
+        if len(self.open_ranks) >= world_size:
+            self._close()
+
+    def _close(self) -> None:
+        self.closed_step, self.closed_LE = self.open_step, self.open_LE.copy()
+        self.closed_ranks, self.closed_forwards = len(self.open_ranks), self.open_forwards
+        self.open_LE[:] = 0
+        self.open_ranks = set()
+        self.open_forwards = 0
+
+    @property
+    def routed_tokens_total(self) -> int:
+        """Tokens routed since the run began (each layer routes every token: the layers' largest pick count ÷ K
+        is taken by the caller, who knows K; here the picks of the busiest layer)."""
+        return int(self.total_LE.sum(axis=1).max()) if self.total_LE.size else 0
+
+    def figures(self) -> dict[str, np.ndarray] | None:
+        """The closed interval's per-layer figures, or None before one closed."""
+        if self.closed_step < 0:
+            return None
+        c = self.closed_LE.astype(np.float64)
+        mean_L = c.mean(axis=1)
+        safe = np.where(mean_L > 0, mean_L, 1.0)
+        return dict(imbalance_L=np.where(mean_L > 0, c.max(axis=1) / safe, 0.0),
+                    cv_L=np.where(mean_L > 0, c.std(axis=1) / safe, 0.0),
+                    dead_L=(self.closed_LE == 0).sum(axis=1),
+                    share_LE=c / np.where(c.sum(axis=1, keepdims=True) > 0, c.sum(axis=1, keepdims=True), 1.0))

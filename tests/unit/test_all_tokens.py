@@ -1,0 +1,100 @@
+"""Issue 31 part 1, the collector's side: a run's all-token counts summed over its ranks per interval
+(collector/all_tokens.py), exported as the framework's figures (equal to reference.all_token_load over the
+same counts), kept exact in a snapshot, and validated when one is read back."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from grokwatch.collector import reference
+from grokwatch.collector.config import CollectorConfig
+from grokwatch.collector.persist import SnapshotError, load_snapshot_bytes
+from grokwatch.collector.schema import validate_state
+from grokwatch.collector.state import State
+from grokwatch.collector.view import build_view
+from wire_factories import make_hello, make_routing
+
+L, E, K = 3, 4, 2
+
+
+def _msg(rank: int, seq: int, step: int, counts, forwards: int = 5, sender: str | None = None):
+    m = make_routing(rank=rank, sender=sender or f"s{rank}", seq=seq, step=step, n=2, num_layers=L, num_experts=E,
+                     top_k=K)
+    return dataclasses.replace(m, expert_tokens_LE=np.asarray(counts, np.uint64), counted_forwards=forwards)
+
+
+def _state(world: int) -> State:
+    state = State(CollectorConfig(window_samples=8, comparisons_per_sample=2), journal=lambda r: None)
+    for rank in range(world):
+        state.handle(make_hello(rank=rank, sender=f"s{rank}", seq=0, world_size=world, num_layers=L, num_experts=E,
+                                top_k=K))
+    return state
+
+
+def _series(state: State) -> dict:
+    return {(f.name, s.labels): s.value for f in build_view(state) for s in f.samples
+            if f.name.startswith("grokwatch_router_")}
+
+
+def test_an_interval_sums_its_ranks_and_closes_when_all_have_reported():
+    rng = np.random.default_rng(0)
+    state = _state(world=2)
+    a, b = rng.integers(0, 50, (L, E)), rng.integers(0, 50, (L, E))
+    a[1, 2] = b[1, 2] = 0  # dead in both ranks: dead in the sum
+    b[0, 0] = 0  # dead in one rank only: alive in the sum
+    state.handle(_msg(0, 1, 10, a))
+    assert ("grokwatch_router_all_tokens_interval_step", ("run-a",)) not in _series(state)  # rank 1 still due
+    state.handle(_msg(1, 1, 10, b))
+    got = _series(state)
+    want = reference.all_token_load(a + b, K)
+    for layer, w in enumerate(want):
+        assert got[("grokwatch_router_all_tokens_load_imbalance_ratio", ("run-a", str(layer)))] == \
+            pytest.approx(w["imbalance"], rel=1e-12)
+        assert got[("grokwatch_router_all_tokens_load_cv", ("run-a", str(layer)))] == pytest.approx(w["cv"], rel=1e-12)
+        assert got[("grokwatch_router_all_tokens_dead_experts", ("run-a", str(layer)))] == w["dead"]
+    assert got[("grokwatch_router_all_tokens_dead_experts", ("run-a", "1"))] == 1
+    assert got[("grokwatch_router_all_tokens_interval_step", ("run-a",))] == 10
+    assert got[("grokwatch_router_all_tokens_interval_ranks", ("run-a",))] == 2
+    assert got[("grokwatch_router_counted_forwards_total", ("run-a",))] == 10
+    assert got[("grokwatch_router_routed_tokens_total", ("run-a",))] == int((a + b).sum(axis=1).max()) // K
+
+
+def test_a_rank_that_lost_its_message_closes_at_the_next_step_and_a_late_one_goes_to_the_counters_only():
+    state = _state(world=2)
+    one = np.full((L, E), 3)
+    state.handle(_msg(0, 1, 10, one))  # rank 1's step-10 message never comes
+    state.handle(_msg(0, 2, 20, 2 * one))  # a later step closes step 10 with one rank
+    got = _series(state)
+    assert got[("grokwatch_router_all_tokens_interval_step", ("run-a",))] == 10
+    assert got[("grokwatch_router_all_tokens_interval_ranks", ("run-a",))] == 1
+    state.handle(_msg(1, 1, 10, 5 * one))  # rank 1's step 10, after step 20 opened: late
+    counts = state.all_tokens["run-a"]
+    assert counts.late_total == 1 and counts.open_step == 20 and counts.open_ranks == {0}
+    assert (counts.total_LE == 8 * one).all()  # every message in the totals, once
+    state.handle(_msg(1, 2, 20, one))
+    assert counts.closed_step == 20 and (counts.closed_LE == 3 * one).all()
+
+
+def test_the_counts_survive_a_snapshot_exactly_and_a_damaged_one_is_refused():
+    state = _state(world=1)
+    big = np.full((L, E), 2**60, np.uint64)  # beyond float64's exact integers
+    state.handle(_msg(0, 1, 10, big))
+    state.handle(_msg(0, 2, 20, np.ones((L, E), np.uint64)))
+    data = load_snapshot_bytes(state.snapshot_blob())
+    validate_state(data, state.config)
+    restored = State(state.config, journal=lambda r: None)
+    restored.restore(data)
+    assert (restored.all_tokens["run-a"].total_LE == big + 1).all()
+    assert _series(restored) == _series(state)
+    data["all_tokens"]["run-a"].closed_LE = np.zeros((L, E + 1), np.uint64)
+    with pytest.raises(SnapshotError, match="closed_LE"):
+        validate_state(data, state.config)
+
+
+def test_messages_without_counts_make_no_all_token_series():
+    state = _state(world=1)
+    state.handle(make_routing(n=2, num_layers=L, num_experts=E, top_k=K, sender="s0", seq=1))
+    assert state.all_tokens == {} and not any("all_tokens" in name for name, _ in _series(state))
