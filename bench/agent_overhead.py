@@ -21,6 +21,7 @@ says for the others: both ways in one process). ``N:probe`` attaches with the pr
 ``--probe-every`` steps, ``--probe-size`` remembered training rows and ``--probe-fresh`` fresh documents
 through ``probe_fresh``): its rows split the pairs into probe steps and the others, so the probe's extra
 forward shows where it runs and nowhere else. B's timed region includes ``mon.step()``, where the probe runs.
+``N:nocounts`` attaches with ``expert_counts=False``: beside ``N`` it shows the all-token counts' cost.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def timed_step(model, opt, ids, device, peaks: Optional[list] = None, before=Non
 
 
 def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, batch: int, seq: int,
-        zloss: bool = True, probe: bool = False) -> dict:
+        zloss: bool = True, probe: bool = False, counts: bool = True) -> dict:
     """Pairs of steps, one with the agent paused (A: no hooks at all) and one
     attached (B), in the order AB, BA, AB, ... so that a bias of the first or
     second step of a pair cancels. ``every_n=0`` is the control: the agent is
@@ -154,7 +155,7 @@ def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, ba
     probe_kw = dict(probe_every_n_steps=args.probe_every, probe_size=args.probe_size or batch) if probe else {}
     mon = gw.attach(model, endpoint, f"bench-{every_n}{'-probe' if probe else ''}", every_n_steps=max(every_n, 1),
                     max_samples_per_step=batch, compile_reduction=COMPILE_REDUCTION[reduction], router_zloss=zloss,
-                    **probe_kw)
+                    expert_counts=counts, **probe_kw)
     gen = torch.Generator().manual_seed(1)
     if probe and args.probe_fresh:
         mon.probe_fresh([(f"fresh-{i}", "default", torch.randint(0, vocab, (seq,), generator=gen).tolist())
@@ -261,21 +262,22 @@ def main() -> int:
                         help="comma-separated every_n_steps to measure (0: the A/A control); N:on or N:off "
                              "overrides --compile-reduction for that one (e.g. 0,1,1:off,10); N:nozloss attaches "
                              "with router_zloss=False (the z-loss's cost: 1,1:nozloss,10,10:nozloss); N:probe turns "
-                             "the probe on (--probe-every, --probe-size, --probe-fresh)")
+                             "the probe on (--probe-every, --probe-size, --probe-fresh); N:nocounts attaches with "
+                             "expert_counts=False (the all-token counts' cost: 1,1:nocounts,10,10:nocounts)")
     args = parser.parse_args()
     if args.max_seconds is None:
         args.max_seconds = 75.0 if args.device == "cuda" else float("inf")
     cadences = []
     for spec in args.cadences.split(","):
         n, *flags = spec.split(":")
-        zloss, probe = "nozloss" not in flags, "probe" in flags
-        flags = [f for f in flags if f not in ("nozloss", "probe")]
+        zloss, probe, counts = "nozloss" not in flags, "probe" in flags, "nocounts" not in flags
+        flags = [f for f in flags if f not in ("nozloss", "probe", "nocounts")]
         reduction = flags[0] if flags else args.compile_reduction
         if reduction not in COMPILE_REDUCTION or len(flags) > 1:
             parser.error(f"--cadences: {spec!r}: the reduction is one of {sorted(COMPILE_REDUCTION)}")
         if probe and (args.compile or int(n) == 0):
             parser.error(f"--cadences: {spec!r}: the probe needs the agent on (N > 0) and no --compile")
-        cadences.append((int(n), reduction, zloss, probe))
+        cadences.append((int(n), reduction, zloss, probe, counts))
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -301,13 +303,13 @@ def main() -> int:
         print(f"{'cadence':<22} {'pairs':>5} {'base ms':>9} {'agent ms':>9} {'median ratio':>12} {'pair ratio':>11} "
               f"{'95% CI':>15} {'mean ratio':>11} {'sent':>6} {'dropped':>8}  reduction")
         results = []
-        for every_n, reduction, zloss, probe in cadences:
+        for every_n, reduction, zloss, probe, counts in cadences:
             r = (run_compiled(every_n, reduction, args, endpoint, vocab, batch, seq) if args.compile
-                 else run(every_n, reduction, args, endpoint, model, vocab, batch, seq, zloss, probe))
-            r["zloss"], r["probe"] = zloss, probe
+                 else run(every_n, reduction, args, endpoint, model, vocab, batch, seq, zloss, probe, counts))
+            r["zloss"], r["probe"], r["expert_counts"] = zloss, probe, counts
             results.append(r)
             label = {0: "control (A/A)", 1: "every step", DEFAULT_EVERY_N_STEPS: f"every {every_n} (default)"}.get(
-                every_n, f"every {every_n}") + ("" if zloss else ", no z-loss") + (
+                every_n, f"every {every_n}") + ("" if zloss else ", no z-loss") + ("" if counts else ", no counts") + (
                 f", probe/{args.probe_every}" if probe else "")
             print(f"{label:<22} {r['pairs']:>5} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} "
                   f"{r['pair_ratio']:>11.4f} {r['pair_ratio_ci'][0]:>7.4f}-{r['pair_ratio_ci'][1]:<7.4f} "
