@@ -8,9 +8,9 @@ included where the router routes it, micro-batches of one step added up. An acti
 recompute in backward is not a forward of the model (the model's forward hook has run): not counted twice.
 
 Cost on the training thread: the router hooks stay armed on every training forward (with counting off they
-are armed only on summarized ones), and each router's indices go into one ``index_add_`` (two small ops
-before it map a pick outside 0..E-1 — a dropped token's -1 or E — to a column of its own, never an
-out-of-range write on the device). docs/benchmarks.md "All-token counts" has the paired figures.
+are armed only on summarized ones); a hook keeps a reference to its router's ids, and at the forward's end
+every layer's go into the counts by one ``index_add_`` (with a stack and two small ops that map a pick outside
+0..E-1 — a dropped token's -1 or E — to a column of its own, never an out-of-range write on the device). docs/benchmarks.md "All-token counts" has the paired figures.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class ExpertCounts:
         self.forwards = 0  # training forwards begun since the last drain
         self._tokens_LE: Optional[torch.Tensor] = None  # int64 [L, E + 1]; column E: picks of no expert
         self._ones: Optional[torch.Tensor] = None
+        self._pending: list[tuple[int, torch.Tensor]] = []  # this forward's (layer, ids), until its end
+        self._offsets: dict[tuple, torch.Tensor] = {}  # per layer order: each layer's row offset in the flat counts
         self._logged_off = False
 
     def turn_off(self, why: str) -> None:
@@ -44,34 +46,64 @@ class ExpertCounts:
             self.enabled = False
             self.active = False
             self._tokens_LE = None
+            self._pending = []
             log.info("grokwatch: all-token expert counts are off: %s", why)
 
     def begin(self) -> None:
         if self.enabled:
+            self._flush()  # a forward that raised before its end
             self.active = True
             self.forwards += 1
 
     def end(self) -> None:
         self.active = False
+        self._flush()
 
     def add(self, layer: int, ids: torch.Tensor) -> None:
-        """The top-k expert ids of every token the router ``layer`` routed in this forward (any shape)."""
-        flat = ids.reshape(-1)
+        """The top-k expert ids of every token the router ``layer`` routed in this forward (any shape): kept
+        until the forward's end, when every layer's go into the counts at once (``_flush``)."""
+        self._pending.append((layer, ids))
+
+    def _flush(self) -> None:
+        """One forward's ids into the counts: the layers stacked, each offset into its own row of the flat
+        counts, by one ``index_add_`` (five ops a forward, not three a router call). Picks outside 0..E-1 (-1,
+        or E and up: dropped tokens) go to column E (clamp, then -1 -> E): never an out-of-range write."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        L, E = self.shape
+        device = pending[0][1].device
         acc = self._tokens_LE
-        if acc is None or acc.device != flat.device:
-            L, E = self.shape
-            acc = self._tokens_LE = torch.zeros(L, E + 1, dtype=torch.int64, device=flat.device)
-        ones = self._ones
+        if acc is None or acc.device != device:
+            acc = self._tokens_LE = torch.zeros(L, E + 1, dtype=torch.int64, device=device)
+        flat_acc = acc.view(-1)
+        sizes = {ids.numel() for _, ids in pending}
+        if len(sizes) == 1 and all(ids.device == device for _, ids in pending):
+            layers = tuple(layer for layer, _ in pending)
+            offsets = self._offsets.get(layers)
+            if offsets is None or offsets.device != device:
+                offsets = self._offsets[layers] = torch.tensor(layers, dtype=torch.int64, device=device)[:, None] * (E + 1)
+            ids = torch.stack([ids.reshape(-1) for _, ids in pending]) if len(pending) > 1 \
+                else pending[0][1].reshape(1, -1)
+            flat = ids.clamp(-1, E).remainder_(E + 1).add_(offsets).reshape(-1)
+            flat_acc.index_add_(0, flat, self._ones_for(flat))
+            return
+        for layer, ids in pending:  # layers that routed different token counts (or devices): one at a time
+            flat = ids.reshape(-1).to(device).clamp(-1, E).remainder_(E + 1).add_(layer * (E + 1))
+            flat_acc.index_add_(0, flat, self._ones_for(flat))
+
+    def _ones_for(self, flat: torch.Tensor) -> torch.Tensor:
         n = flat.shape[0]
+        ones = self._ones
         if ones is None or ones.shape[0] < n or ones.device != flat.device:
             ones = self._ones = torch.ones(max(n, 1024), dtype=torch.int64, device=flat.device)
-        E = self.shape[1]
-        # -1 and anything from E up go to column E (clamp, then -1 -> E): no device-side index error
-        acc[layer].index_add_(0, flat.clamp(-1, E).remainder_(E + 1), ones[:n])
+        return ones[:n]
 
     def reorder(self, called: list[int]) -> None:
         """The routers' places changed (Capture.learn_order): the row a router counted into at place
         ``called[p]`` is now place ``p``'s."""
+        self._flush()
         if self._tokens_LE is not None:
             self._tokens_LE = self._tokens_LE[torch.tensor(called, device=self._tokens_LE.device)]
 
@@ -83,6 +115,7 @@ class ExpertCounts:
         """Copy the interval's counts into ``view_LE1`` (int64 [L, E + 1], on the staging device; zeros when
         no router was called) and start the next interval; returns the forwards counted (0: nothing to
         ship). On the training thread, no host sync (a device copy and a fill)."""
+        self._flush()
         forwards, self.forwards = self.forwards, 0
         acc = self._tokens_LE
         if acc is None:

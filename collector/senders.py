@@ -180,6 +180,14 @@ class Senders:
                 out.setdefault((info.run, info.rank), Counters()).add(info.counters)
         return out
 
+    def hellos(self) -> dict[str, dict]:
+        """Per run, the latest hello of its live senders (agent_version, distribution, ...)."""
+        out: dict[str, tuple[float, dict]] = {}
+        for info in self.records.values():
+            if info.hello is not None and (info.run not in out or info.seen >= out[info.run][0]):
+                out[info.run] = (info.seen, info.hello)
+        return {run: hello for run, (_, hello) in out.items()}
+
     def forget_run(self, run: str) -> None:
         """An expired run: its senders and their counters go (its series end)."""
         for sender in [s for s, info in self.records.items() if info.run == run]:

@@ -8,6 +8,8 @@ are frozen by tests/unit/test_metric_names.py: dashboards and alerts depend on t
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable, Literal, NamedTuple, Optional, Union
 
@@ -188,6 +190,12 @@ def _specs() -> tuple[Spec, ...]:
         "ranks (from the all-token counts)", ("run",))
     fam("router_counted_forwards_total", "counter", "Training forwards the all-token counts cover, all ranks",
         ("run",))
+    fam("run_info", "gauge", "1, labelled with the run's shape and its agents' router type and version (the latest "
+        "hello): what an alert or a dashboard needs to judge the figures", ("run", "distribution", "layers",
+                                                                            "experts", "top_k", "agent_version"))
+    fam("routing_entropy_ceiling", "gauge", "The highest routing entropy ratio the run's distribution allows: "
+        "log K / log E where the agents ship top-k weights (distribution topk), else 1; alerts judge "
+        "grokwatch_routing_entropy_ratio against it", ("run",))
     fam("train_step", "gauge", "Latest training step seen from the run's train source", ("run",))
     fam("build_info", "gauge", "1, labelled with the collector's version (an alert or a dashboard can tell which "
         "collector build answers)", ("version",))
@@ -245,6 +253,14 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
         carriers = state.phase_carriers()
         for (run, source), stream in sorted(state.streams.items()):
             _read_stream(F, state, stream, run, source, carriers)
+        for run, hello in sorted(state.senders.hellos().items()):
+            shape = state.runs.shapes.get(run)
+            if shape is None:
+                continue
+            L, E, K = shape
+            dist = str(hello.get("distribution", "softmax"))
+            F["run_info"].add((run, dist, L, E, K, hello.get("agent_version", "")), 1)
+            F["routing_entropy_ceiling"].add((run,), entropy_ceiling(dist, E, K))
         for run, counts in sorted(state.all_tokens.items()):
             _all_token_families(F, run, counts, state.runs.shapes.get(run))
         for run, step in sorted(state.train_step.items()):
@@ -283,6 +299,14 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
     F["collector_queue_bytes"].add((), size_bytes)
     F["collector_queue_capacity_bytes"].add((), capacity_bytes)
     return list(F.values())
+
+
+def entropy_ceiling(distribution: str, num_experts: int, top_k: int) -> float:
+    """The largest mean per-token entropy ÷ log E a distribution can have: top-k weights spread over K experts
+    at most (log K / log E: 0.375 for 8 of 256); a softmax or sigmoid over all E, 1."""
+    if distribution == "topk" and num_experts > 1:
+        return math.log(max(top_k, 1)) / math.log(num_experts)
+    return 1.0
 
 
 def _all_token_families(F: dict, run: str, counts, shape) -> None:

@@ -52,6 +52,8 @@ FROZEN = {
     "grokwatch_router_all_tokens_interval_ranks": ("gauge", ("run",)),
     "grokwatch_router_routed_tokens_total": ("counter", ("run",)),
     "grokwatch_router_counted_forwards_total": ("counter", ("run",)),
+    "grokwatch_run_info": ("gauge", ("run", "distribution", "layers", "experts", "top_k", "agent_version")),
+    "grokwatch_routing_entropy_ceiling": ("gauge", ("run",)),
     "grokwatch_train_step": ("gauge", ("run",)),
     "grokwatch_build_info": ("gauge", ("version",)),
     "grokwatch_eval_score": ("gauge", ("run", "group")),
