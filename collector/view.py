@@ -9,7 +9,6 @@ are frozen by tests/unit/test_metric_names.py: dashboards and alerts depend on t
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Callable, Literal, NamedTuple, Optional, Union
 
