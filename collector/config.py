@@ -88,7 +88,15 @@ class CollectorConfig:
     comparisons_per_sample: int = DEFAULT_COMPARISONS
     window_samples: int = DEFAULT_WINDOW
     max_groups: int = DEFAULT_MAX_GROUPS
-    load_rank_k: int = 3  # the top and bottom K experts by load share exported per layer (labels rank 1..K)
+    load_rank_k: int = 3  # the top and bottom K experts by load share exported per layer (labels rank 1..K; 0: none)
+    # Cardinality (docs/collector.md, "Series per collector"): the per-group router-health families (window
+    # figures per layer) only for the groups matching these fnmatch patterns ("*": all; none: the run's
+    # all-token figures remain, per layer).
+    router_health_groups: tuple[str, ...] = ("*",)
+    load_percentiles: bool = True  # grokwatch_expert_load_share_percentile: 5 series a layer and group
+    # grokwatch_expert_load_share{run,layer,expert} from the all-token counts (a layer x expert heatmap): at most
+    # this many series a run (0: off); a model with more layers x experts exports its first layers that fit.
+    expert_load_share_max_series: int = 0
     max_runs: int = 16
     # The pathway state's arrays (every stream's window rings and histograms) may take at most this much;
     # a message that needs more (a new run, source or group) is rejected as memory_budget. The process
@@ -147,6 +155,9 @@ class CollectorConfig:
     def __post_init__(self) -> None:
         if not self.listen:
             raise ConfigError("listen: at least one endpoint is needed")
+        if not isinstance(self.router_health_groups, tuple) or not all(
+                isinstance(p, str) and p for p in self.router_health_groups):
+            raise ConfigError("router_health_groups: a list of group-name patterns (fnmatch), e.g. [\"*\"] or []")
         for ep in self.listen:
             if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://")):
                 raise ConfigError(f"listen: {ep!r} is not a tcp://, ipc:// or inproc:// endpoint")
@@ -196,7 +207,8 @@ BOUNDS: dict[str, tuple] = {
     "comparisons_per_sample": (1, 1024, "[]"),
     "window_samples": (2, 1 << 20, "[]"),
     "max_groups": (1, 4096, "[]"),
-    "load_rank_k": (1, 1024, "[]"),
+    "load_rank_k": (0, 1024, "[]"),
+    "expert_load_share_max_series": (0, 1 << 20, "[]"),
     "max_runs": (1, 4096, "[]"),
     "max_memory_mb": (1, 1 << 20, "[]"),
     "max_layer_experts": (1, 1 << 20, "[]"),
@@ -235,7 +247,7 @@ def check_bound(key: str, value: Any, bounds: tuple) -> None:
 
 
 _ENV_PREFIX = "GROKWATCH_"
-_TUPLE_KEYS = {"listen"}
+_TUPLE_KEYS = {"listen", "router_health_groups"}
 
 
 def _field_default(f: dataclasses.Field) -> Any:

@@ -16,7 +16,7 @@ import os
 import threading
 from typing import Optional
 
-from grokwatch.collector import kernels, wal, warmup
+from grokwatch.collector import cardinality, kernels, wal, warmup
 from grokwatch.collector.config import CollectorConfig, ConfigError, otlp_requested
 from grokwatch.collector.ingest import Ingest
 from grokwatch.collector.periodic import Periodic
@@ -229,6 +229,7 @@ class Collector:
         if self.config.state_dir:
             self._snapshots.start()
         log.info("listening on %s", ", ".join(self.endpoints))
+        log.info("%s", cardinality.startup_line(self.config))
         self.ready = True
         return self
 

@@ -8,6 +8,7 @@ are frozen by tests/unit/test_metric_names.py: dashboards and alerts depend on t
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal, NamedTuple, Optional, Union
@@ -182,6 +183,9 @@ def _specs() -> tuple[Spec, ...]:
     fam("router_all_tokens_load_cv", "gauge", "Coefficient of variation of the tokens per expert, same interval",
         ("run", "layer"))
     fam("router_all_tokens_dead_experts", "gauge", "Experts no token picked in the same interval", ("run", "layer"))
+    fam("expert_load_share", "gauge", "Share of the layer's routed tokens each expert took in the run's latest "
+        "closed interval, all ranks (all-token counts; opt-in: expert_load_share_max_series)",
+        ("run", "layer", "expert"))
     fam("router_all_tokens_interval_step", "gauge", "The training step that ends the interval of the all-token "
         "figures", ("run",))
     fam("router_all_tokens_interval_ranks", "gauge", "Ranks whose counts the interval sums", ("run",))
@@ -261,7 +265,7 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
             F["run_info"].add((run, dist, L, E, K, hello.get("agent_version", "")), 1)
             F["routing_entropy_ceiling"].add((run,), entropy_ceiling(dist, E, K))
         for run, counts in sorted(state.all_tokens.items()):
-            _all_token_families(F, run, counts, state.runs.shapes.get(run))
+            _all_token_families(F, run, counts, state.runs.shapes.get(run), state.config.expert_load_share_max_series)
         for run, step in sorted(state.train_step.items()):
             F["train_step"].add((run,), step)
         F["build_info"].add((__version__,), 1)
@@ -300,6 +304,12 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
     return list(F.values())
 
 
+def router_health_for(config, group: str) -> bool:
+    """Whether the group's window router health is exported (``router_health_groups``)."""
+    patterns = config.router_health_groups
+    return patterns == ("*",) or any(fnmatch.fnmatchcase(group, p) for p in patterns)
+
+
 def entropy_ceiling(distribution: str, num_experts: int, top_k: int) -> float:
     """The largest mean per-token entropy ÷ log E a distribution can have: top-k weights spread over K experts
     at most (log K / log E: 0.375 for 8 of 256); a softmax or sigmoid over all E, 1."""
@@ -308,7 +318,7 @@ def entropy_ceiling(distribution: str, num_experts: int, top_k: int) -> float:
     return 1.0
 
 
-def _all_token_families(F: dict, run: str, counts, shape) -> None:
+def _all_token_families(F: dict, run: str, counts, shape, max_share_series: int) -> None:
     top_k = shape[2] if shape else 1
     F["router_routed_tokens_total"].add((run,), counts.routed_tokens_total // max(top_k, 1))
     F["router_counted_forwards_total"].add((run,), counts.forwards_total)
@@ -321,6 +331,10 @@ def _all_token_families(F: dict, run: str, counts, shape) -> None:
         F["router_all_tokens_load_imbalance_ratio"].add((run, layer), float(figures["imbalance_L"][layer]))
         F["router_all_tokens_load_cv"].add((run, layer), float(figures["cv_L"][layer]))
         F["router_all_tokens_dead_experts"].add((run, layer), int(figures["dead_L"][layer]))
+    L, E = counts.shape
+    for layer in range(min(L, max_share_series // E)):  # whole layers within the cap
+        for expert, share in enumerate(figures["share_LE"][layer].tolist()):
+            F["expert_load_share"].add((run, layer, expert), share)
 
 
 def _read_stream(F: dict, state: State, stream, run: str, source: str, carriers: dict) -> None:
@@ -386,6 +400,8 @@ def _stream_families(F: dict, state: State, stream, run: str, source: str, carri
         if health is None:
             continue
         F["distinct_pathways"].add(key, health["distinct"])
+        if not router_health_for(state.config, name):
+            continue
         for layer in range(stream.num_layers):
             lk = key + (layer,)
             F["expert_load_imbalance_ratio"].add(lk, float(health["imbalance_L"][layer]))
@@ -395,8 +411,9 @@ def _stream_families(F: dict, state: State, stream, run: str, source: str, carri
             if health["zloss_L"] is not None:
                 F["router_zloss"].add(lk, float(health["zloss_L"][layer]))
             stats = load_share_stats(health["share_LE"][layer], state.config.load_rank_k)
-            for q, v in zip(LOAD_PERCENTILES, stats["percentiles"]):
-                F["expert_load_share_percentile"].add(lk + (q,), float(v))
+            if state.config.load_percentiles:
+                for q, v in zip(LOAD_PERCENTILES, stats["percentiles"]):
+                    F["expert_load_share_percentile"].add(lk + (q,), float(v))
             F["expert_load_share_std"].add(lk, stats["std"])
             F["expert_load_diversity"].add(lk, stats["diversity"])
             for end in ("top", "bottom"):

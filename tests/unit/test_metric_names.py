@@ -48,6 +48,7 @@ FROZEN = {
     "grokwatch_router_all_tokens_load_imbalance_ratio": ("gauge", ("run", "layer")),
     "grokwatch_router_all_tokens_load_cv": ("gauge", ("run", "layer")),
     "grokwatch_router_all_tokens_dead_experts": ("gauge", ("run", "layer")),
+    "grokwatch_expert_load_share": ("gauge", ("run", "layer", "expert")),
     "grokwatch_router_all_tokens_interval_step": ("gauge", ("run",)),
     "grokwatch_router_all_tokens_interval_ranks": ("gauge", ("run",)),
     "grokwatch_router_routed_tokens_total": ("counter", ("run",)),
