@@ -72,6 +72,17 @@ def draw(panels: list[dict], path: str, title: str) -> None:
             ax.text(0.5, 0.5, "No data", ha="center", va="center", transform=ax.transAxes, color="grey")
             continue
         t0 = min(ts[0] for _, ts, _ in p["series"] if ts)
+        if p["type"] == "heatmap":  # one row per series (Grafana's heatmap without calculation), colour by value
+            rows = sorted(p["series"], key=lambda s: [int(x) if x.isdigit() else x for x in s[0].split("/")])
+            width_t = max(len(ts) for _, ts, _ in rows)
+            grid = [list(vs) + [float("nan")] * (width_t - len(vs)) for _, _, vs in rows]
+            image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+            ax.set_ylabel("layer/expert", fontsize=6)
+            ax.set_yticks(range(0, len(rows), max(1, len(rows) // 8)),
+                          [rows[i][0] for i in range(0, len(rows), max(1, len(rows) // 8))])
+            fig.colorbar(image, ax=ax, fraction=0.03)
+            ax.set_xlabel("samples", fontsize=6)
+            continue
         for legend, ts, vs in p["series"][:12]:
             ax.plot([t - t0 for t in ts], vs, "o-", label=legend[:40], linewidth=1, markersize=2)
         if len(p["series"]) <= 12:

@@ -162,7 +162,9 @@ class Traffic(threading.Thread):
         return Routing(run="run-a", rank=0, sender="s0", seq=self.seq, wall_time=time.time(), source="train",
                        step=step, top_k=self.K, sample_ids=tuple(f"{step}:{i}" for i in range(4)), groups=groups,
                        token_counts_N=arrays[0], mean_probs_NLE=arrays[1], topk_counts_NLE=arrays[2],
-                       entropy_NL=arrays[3], adj_cosine_NJ=np.full((4, self.L - 1), -0.5, np.float32))
+                       entropy_NL=arrays[3], adj_cosine_NJ=np.full((4, self.L - 1), -0.5, np.float32),
+                       expert_tokens_LE=(np.arange(self.L * self.E, dtype=np.uint64).reshape(self.L, self.E) + step)
+                       * 16, counted_forwards=4)
 
     def run(self) -> None:
         self.send(make_hello(num_layers=self.L, num_experts=self.E, top_k=self.K))
@@ -191,7 +193,8 @@ FILLED = {"Phase per group (experimental)", "Pathway distance within groups vs t
           "Distance over the baseline (experimental)", "Held-out score (your eval)", "Distance per layer (experimental)", "Adjacent-layer cosine (experimental)",
           "Expert load imbalance (max over groups)", "Dead experts (max over groups)",
           "Routing entropy ratio (mean over groups)", "Expert load CV (mean over groups)",
-          "Distinct pathways per group",
+          "Distinct pathways per group", "Load imbalance over all tokens (max/mean tokens per expert)",
+          "Dead experts over all tokens", "Tokens per expert, share of the layer (opt-in: expert_load_share_max_series)",
           "Training step", "Messages received and rejected", "Agent messages dropped", "Collector queue",
           "Processing time and ingest lag", "Hook errors (last hour)", "Messages lost in transit"}
 
@@ -199,7 +202,7 @@ FILLED = {"Phase per group (experimental)", "Pathway distance within groups vs t
 @pytest.mark.prometheus
 @pytest.mark.slow
 def test_a_real_prometheus_with_the_shipped_config_and_rules_records_exact_means_and_answers_the_dashboard(tmp_path):
-    collector = start_collector(tmp_path)
+    collector = start_collector(tmp_path, expert_load_share_max_series=4096)
     traffic = Traffic(collector.endpoints[0])
     try:
         traffic.start()
