@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml agent wire collector grokwatch grokwatch/demo
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	# strict: a link tree in build/ that every tool resolves (type checkers, editors), not an import hook.
-	$(PY) -m pip install -q -e ".[agent,hf,collector,report,tensorboard,dev]" --config-settings editable_mode=strict
+	$(PY) -m pip install -q -e ".[agent,hf,collector,report,tensorboard,wandb,dev]" --config-settings editable_mode=strict
 	touch $@
 
 frameworks: $(FRAMEWORKS)/.installed

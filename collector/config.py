@@ -68,6 +68,15 @@ class CollectorConfig:
     # TensorBoard event files per run under this directory (collector/tensorboard.py; the tensorboard extra)
     tensorboard_dir: Optional[str] = None
     tensorboard_interval_s: float = 30.0
+    # Weights & Biases runs, one a grokwatch run, written under this directory (collector/wandb_view.py; the
+    # wandb extra). Mode auto: online when WANDB_API_KEY is set, else offline (wandb sync later).
+    wandb_dir: Optional[str] = None
+    wandb_project: str = "grokwatch"
+    wandb_entity: str = ""
+    wandb_mode: str = "auto"
+    wandb_run_id: str = "grokwatch-{run}"  # {run}, {host}; "{run}" joins a training run whose W&B id is its run name
+    wandb_interval_s: float = 30.0
+    wandb_collapse_ratio: float = 0.3  # a W&B alert when a layer's entropy falls under this share of its ceiling
     journal_max_bytes: int = 64 * 1024 * 1024  # one rotation kept: at most twice this on disk
     # The write-ahead log (collector/wal.py) between snapshots; past this size a snapshot is taken early.
     wal_max_bytes: int = 256 * 1024 * 1024
@@ -155,6 +164,12 @@ class CollectorConfig:
     def __post_init__(self) -> None:
         if not self.listen:
             raise ConfigError("listen: at least one endpoint is needed")
+        if self.wandb_mode not in ("auto", "online", "offline"):
+            raise ConfigError(f"wandb_mode: auto, online or offline, got {self.wandb_mode!r}")
+        try:
+            self.wandb_run_id.format(run="r", host="h")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"wandb_run_id: a template with {{run}} and {{host}} only ({exc!r})") from None
         if not isinstance(self.router_health_groups, tuple) or not all(
                 isinstance(p, str) and p for p in self.router_health_groups):
             raise ConfigError("router_health_groups: a list of group-name patterns (fnmatch), e.g. [\"*\"] or []")
@@ -195,6 +210,8 @@ BOUNDS: dict[str, tuple] = {
     "metrics_port": (0, 65535, "[]"),
     "snapshot_interval_s": (0.1, 86_400.0, "[]"),
     "tensorboard_interval_s": (0.1, 86_400.0, "[]"),
+    "wandb_interval_s": (0.1, 86_400.0, "[]"),
+    "wandb_collapse_ratio": (0.0, 1.0, "[]"),
     "journal_max_bytes": (256, 1 << 40, "[]"),
     "wal_max_bytes": (4096, 1 << 40, "[]"),
     "queue_capacity": (1, 10_000_000, "[]"),

@@ -103,6 +103,7 @@ class Collector:
         self.ingest: Optional[Ingest] = None
         self.otel = None
         self.tensorboard = None
+        self.wandb = None
         self.ready = False  # the end of start(): ingest bound, the state restored (and not_ready() for /readyz)
         self.snapshot_failing = False
         self.metrics_port: Optional[int] = None
@@ -190,6 +191,10 @@ class Collector:
 
             self.tensorboard = TensorBoardView(self.state, self.config.tensorboard_dir,
                                                self.config.tensorboard_interval_s)
+        if self.config.wandb_dir:
+            from grokwatch.collector.wandb_view import WandbView
+
+            self.wandb = WandbView(self.state, self.config)
         try:
             kernels.seed_cache()  # the image's prebuilt kernels (docs/deploy.md, "Fast start")
         except OSError as exc:
@@ -225,6 +230,9 @@ class Collector:
         if self.tensorboard:
             self.tensorboard.queue_stats = self.ingest.queue_stats
             self.tensorboard.start()
+        if self.wandb:
+            self.wandb.queue_stats = self.ingest.queue_stats
+            self.wandb.start()
         self.ingest.start()
         if self.config.state_dir:
             self._snapshots.start()
@@ -304,6 +312,8 @@ class Collector:
             self.otel.shutdown()
         if self.tensorboard:
             self.tensorboard.shutdown()
+        if self.wandb:
+            self.wandb.shutdown()
         if self.journal:
             self.journal.close()
         if self.wal:

@@ -1,0 +1,114 @@
+"""The step-aligned series that the TensorBoard and W&B views write, read from ``view.build_view``'s families
+under one tag scheme:
+
+- ``<source>/<group>/<metric>`` (``…/layer<l>`` for per-layer router health) for the group gauges (GAUGES), at
+  the training step the group last reported; ``<source>/<group>/phase`` as the phase's index in
+  ``phases.PHASES`` (0 unknown, 1 memorizing, 2 memorized, 3 generalizing, 4 stable);
+- ``eval/<group>``: the user's held-out scores at their own step;
+- ``router/layer<l>/<figure>``: the run's all-token figures (imbalance, CV, dead experts) at the step that ends
+  their interval;
+- ``<source>/<group>/<histogram>``: each pathway histogram's *new* samples since the previous read (the
+  cumulative counts' difference; ``HistogramDeltas``), with their mean as ``…/<histogram>_mean``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from grokwatch.collector.labels import CROSS_GROUP
+from grokwatch.collector.phases import PHASES
+from grokwatch.collector.view import GROUP_LABELS, LAYER_LABELS, Family, HistogramValue, scalar
+
+PREFIX = "grokwatch_"
+GAUGES = ("routing_entropy_ratio", "expert_load_imbalance_ratio", "expert_load_cv", "dead_experts",
+          "distinct_pathways", "memorized_samples", "pathway_samples_total", "router_zloss",
+          "expert_load_diversity", "expert_load_share_std")
+ALL_TOKENS = {"router_all_tokens_load_imbalance_ratio": "load_imbalance", "router_all_tokens_load_cv": "load_cv",
+              "router_all_tokens_dead_experts": "dead_experts"}
+
+
+class Point(NamedTuple):
+    run: str
+    tag: str
+    value: float
+    step: int
+
+
+def families(view: list[Family]) -> dict[str, Family]:
+    return {f.name.removeprefix(PREFIX): f for f in view}
+
+
+def group_steps(fams: dict[str, Family]) -> dict[tuple, int]:
+    """(run, source, group) -> the training step the group last reported (the cross-group baseline: its
+    stream's latest)."""
+    steps = {values: int(scalar(v)) for values, v in fams["group_latest_step"].samples}
+    for (run, source, _), step in list(steps.items()):
+        key = (run, source, CROSS_GROUP)
+        steps[key] = max(steps.get(key, step), step)
+    return steps
+
+
+def points(fams: dict[str, Family], steps: dict[tuple, int]) -> Iterator[Point]:
+    """Every scalar of the view with its step (the histograms are ``HistogramDeltas``'s)."""
+    for name in GAUGES:
+        fam = fams[name]
+        for values, v in fam.samples:
+            step = steps.get(values[:3])
+            if step is not None:
+                run, source, group = values[:3]
+                tag = f"{source}/{group}/{name}" + (f"/layer{values[3]}" if fam.labels == LAYER_LABELS else "")
+                yield Point(run, tag, scalar(v), step)
+    for values, v in fams["group_phase"].samples:
+        step = steps.get(values[:3])
+        if scalar(v) == 1 and step is not None:
+            run, source, group, phase = values
+            yield Point(run, f"{source}/{group}/phase", float(PHASES.index(phase)), step)
+    eval_steps = {values: int(scalar(v)) for values, v in fams["eval_step"].samples}
+    for (run, group), score in fams["eval_score"].samples:
+        if (run, group) in eval_steps:
+            yield Point(run, f"eval/{group}", scalar(score), eval_steps[(run, group)])
+    interval = {values[0]: int(scalar(v)) for values, v in fams["router_all_tokens_interval_step"].samples}
+    for name, figure in ALL_TOKENS.items():
+        for (run, layer), v in fams[name].samples:
+            if run in interval:
+                yield Point(run, f"router/layer{layer}/{figure}", scalar(v), interval[run])
+
+
+class HistogramDelta(NamedTuple):
+    run: str
+    tag: str
+    bounds: np.ndarray
+    counts: np.ndarray  # the new samples per bucket (the last: overflow)
+    mean: float
+    step: int
+
+
+class HistogramDeltas:
+    """The pathway histograms' new samples since the previous ``read`` of each (run, source, group)."""
+
+    def __init__(self):
+        self._last: dict[tuple, tuple[np.ndarray, float]] = {}  # (run, tag) -> (cumulative counts, sum)
+
+    def read(self, fams: dict[str, Family], steps: dict[tuple, int]) -> Iterator[HistogramDelta]:
+        for name, fam in fams.items():
+            if fam.kind != "histogram" or fam.labels != GROUP_LABELS:
+                continue
+            for values, hist in fam.samples:
+                assert isinstance(hist, HistogramValue)
+                step = steps.get(values)
+                if step is None:
+                    continue
+                run, source, group = values
+                tag = f"{source}/{group}/{name}"
+                counts = np.asarray(hist.counts, dtype=np.int64)
+                prev_counts, prev_sum = self._last.get((run, tag), (np.zeros_like(counts), 0.0))
+                self._last[(run, tag)] = (counts, float(hist.sum))
+                if len(counts) != len(prev_counts):
+                    continue
+                delta = counts - prev_counts
+                if delta.sum() <= 0 or (delta < 0).any():  # nothing new, or the state was reset
+                    continue
+                yield HistogramDelta(run, tag, np.asarray(hist.bounds), delta,
+                                     (float(hist.sum) - prev_sum) / float(delta.sum()), step)

@@ -1,0 +1,169 @@
+"""Weights & Biases view: each run's pathway metrics, phases, eval scores and router health as a W&B run,
+step-aligned, beside collector/tensorboard.py (the same series and tags: collector/scalars.py).
+
+- **Step-aligned**: every row carries ``grokwatch/step`` (the training step) and every key is defined on it
+  (``define_metric("*", step_metric="grokwatch/step")``), so W&B draws the series against the training step,
+  not the wall clock or its own row counter. Each interval logs one row per (run, step) with the points that
+  moved since the previous interval.
+- **Which W&B run**: ``wandb_run_id`` (default ``grokwatch-{run}``; ``{run}`` and ``{host}`` are substituted)
+  with ``resume="allow"``, so a restarted collector appends to the same W&B run, and a training job whose own
+  W&B run has that id is joined (``wandb_run_id = "{run}"`` when the job names its W&B run after its grokwatch
+  run). One collector a W&B run: on a multi-node DaemonSet give each node its own id (``{run}-{host}``) or set
+  ``wandb_dir`` on one collector only.
+- **Alerts** (``run.alert``, once each): a group's memorization and its onset of generalization as the phase
+  detector dates them (INFO), and a layer's router collapse — its lowest group's entropy ratio under
+  ``wandb_collapse_ratio`` of the ceiling its router type allows (WARN; again only after it recovered).
+- ``wandb_mode``: ``online`` streams (needs ``WANDB_API_KEY``), ``offline`` writes ``<wandb_dir>/wandb/`` for a
+  later ``wandb sync``; ``auto`` is online when ``WANDB_API_KEY`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any, Callable, Optional
+
+from grokwatch.collector import scalars
+from grokwatch.collector.config import CollectorConfig, ConfigError
+from grokwatch.collector.periodic import Periodic
+from grokwatch.collector.state import State
+from grokwatch.collector.view import build_view, scalar
+
+log = logging.getLogger("grokwatch.collector")
+
+STEP = "grokwatch/step"
+
+
+def run_id(template: str, run: str) -> str:
+    """The W&B run id for a grokwatch run: the template with {run} and {host}, in W&B's id alphabet."""
+    raw = template.format(run=run, host=socket.gethostname())
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)[:128] or "_"
+
+
+def mode(configured: str) -> str:
+    if configured == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return configured
+
+
+class WandbView:
+    def __init__(self, state: State, config: CollectorConfig, queue_stats: Optional[Callable[[], tuple]] = None):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("wandb_dir needs wandb: pip install 'grokwatch[wandb]'") from None
+        self._wandb = wandb
+        self.state = state
+        self.config = config
+        self.queue_stats = queue_stats
+        self.runs: dict[str, Any] = {}  # grokwatch run -> its wandb Run
+        self._last_step: dict[tuple[str, str], int] = {}  # (run, tag) -> step logged
+        self._deltas = scalars.HistogramDeltas()
+        self._alerted: set[tuple] = set()
+        self.points = 0
+        self.alerts = 0
+        self._closed = False
+        os.makedirs(str(config.wandb_dir), exist_ok=True)
+        self._periodic = Periodic("grokwatch-wandb", config.wandb_interval_s, self._round, final=self._last_round)
+
+    def start(self) -> "WandbView":
+        self._periodic.start()
+        return self
+
+    def _run(self, run: str):
+        if run not in self.runs:
+            wandb, c = self._wandb, self.config
+            shape = self.state.runs.shapes.get(run)
+            r = wandb.init(project=c.wandb_project, entity=c.wandb_entity or None, dir=c.wandb_dir,
+                           mode=mode(c.wandb_mode), id=run_id(c.wandb_run_id, run), name=run, resume="allow",
+                           reinit="create_new", job_type="grokwatch",
+                           config=dict(grokwatch_run=run, layers=shape[0] if shape else None,
+                                       experts=shape[1] if shape else None, top_k=shape[2] if shape else None),
+                           settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+            r.define_metric(STEP)
+            r.define_metric("*", step_metric=STEP)
+            self.runs[run] = r
+        return self.runs[run]
+
+    def write_once(self) -> int:
+        """Log what moved since the last call, raise the alerts due; returns the number of points logged."""
+        fams = scalars.families(build_view(self.state, self.queue_stats))
+        steps = scalars.group_steps(fams)
+        rows: dict[tuple[str, int], dict[str, float]] = {}
+        for point in scalars.points(fams, steps):
+            self._add(rows, point.run, point.tag, point.value, point.step)
+        for h in self._deltas.read(fams, steps):
+            self._add(rows, h.run, f"{h.tag}_mean", h.mean, h.step)
+        before = self.points
+        for (run, step), row in sorted(rows.items()):
+            self._run(run).log({STEP: step, **row})
+            self.points += len(row)
+        self._alerts(fams)
+        return self.points - before
+
+    def _add(self, rows: dict, run: str, tag: str, value: float, step: int) -> None:
+        if value != value or abs(value) == float("inf") or self._last_step.get((run, tag), -1) >= step:
+            return
+        self._last_step[(run, tag)] = step
+        rows.setdefault((run, step), {})[tag] = value
+
+    def _alerts(self, fams: dict) -> None:
+        AlertLevel = self._wandb.AlertLevel
+        for fam_name, event, title in (("group_memorized_step", "memorized", "memorized its data"),
+                                       ("group_onset_step", "onset", "began generalizing")):
+            for (run, source, group), v in fams[fam_name].samples:
+                step = int(scalar(v))
+                key = (run, group, event)
+                if key in self._alerted:
+                    continue
+                self._alerted.add(key)
+                self._alert(run, f"grokwatch: {group} {title}", f"Group {group} of run {run} {title} at step {step} "
+                            f"(the phase detector, {source} source; experimental: docs/groundtruth.md).",
+                            AlertLevel.INFO)
+        ceiling = {values[0]: scalar(v) for values, v in fams["routing_entropy_ceiling"].samples}
+        lowest: dict[tuple[str, str], float] = {}
+        for (run, source, group, layer), v in fams["routing_entropy_ratio"].samples:
+            if source == "train" and not group.startswith("mem@"):
+                lowest[(run, layer)] = min(lowest.get((run, layer), 1.0), scalar(v))
+        for (run, layer), entropy in sorted(lowest.items()):
+            top = ceiling.get(run)
+            if not top:
+                continue
+            key = (run, layer, "collapse")
+            if entropy / top < self.config.wandb_collapse_ratio:
+                if key not in self._alerted:
+                    self._alerted.add(key)
+                    self._alert(run, f"grokwatch: router collapse in layer {layer}",
+                                f"Layer {layer} of run {run} routes at {entropy / top:.0%} of the entropy its router "
+                                "type allows (docs/runbook.md#grokwatchroutingcollapse).", AlertLevel.WARN)
+            else:
+                self._alerted.discard(key)  # recovered: a new collapse alerts again
+
+    def _alert(self, run: str, title: str, text: str, level) -> None:
+        self._run(run).alert(title=title, text=text, level=level, wait_duration=0)
+        self.alerts += 1
+
+    def _round(self) -> None:
+        try:
+            self.write_once()
+        except Exception:  # W&B away, a full disk: never the collector's problem
+            log.exception("W&B write failed; the next interval retries")
+
+    def _last_round(self) -> None:
+        try:
+            self.write_once()
+        except Exception:
+            log.exception("final W&B write failed")
+
+    def shutdown(self, deadline_s: float = 10.0) -> None:
+        """Once: the last write, then every W&B run finished; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        self._periodic.shutdown(deadline_s)
+        for r in self.runs.values():
+            try:
+                r.finish()
+            except Exception:
+                log.exception("finishing a W&B run failed")
