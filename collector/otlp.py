@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+import urllib.parse
 from typing import Callable, Mapping, Optional
 
 import numpy as np
@@ -59,6 +60,22 @@ def instance_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def resource(environ=None) -> Resource:
+    """This collector's OTLP resource: service.name, service.version, service.instance.id, then whatever
+    OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME say, which wins."""
+    env = os.environ if environ is None else environ
+    ours = Resource.create({"service.name": "grokwatch-collector", "service.version": __version__,
+                            "service.instance.id": instance_id()})
+    theirs = {}
+    for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            theirs[urllib.parse.unquote(key.strip())] = urllib.parse.unquote(value.strip())
+    if env.get("OTEL_SERVICE_NAME"):
+        theirs["service.name"] = env["OTEL_SERVICE_NAME"]
+    return ours.merge(Resource(theirs))
+
+
 def unit(name: str) -> str:
     """A metric's UCUM unit, from the name's Prometheus suffix: seconds, bytes, else dimensionless."""
     if name.endswith("_count"):  # a summary's count
@@ -80,9 +97,9 @@ class OtelView:
         self.interval_s = interval_s
         self.start_ns = time.time_ns()  # the start of every cumulative series this process exports
         # Who sent it: several collectors pushing cumulative sums with the same attributes would otherwise
-        # collide in a backend (OTEL_RESOURCE_ATTRIBUTES, e.g. a pod's name, adds to these and wins).
-        self.resource = Resource.create({"service.name": "grokwatch-collector", "service.version": __version__,
-                                         "service.instance.id": instance_id()})
+        # collide in a backend. OTEL_RESOURCE_ATTRIBUTES (the shipped manifests: the pod's name from the
+        # downward API) and OTEL_SERVICE_NAME add to these and win (Resource.create alone lets ours win).
+        self.resource = resource()
         self.scope = InstrumentationScope("grokwatch.collector", __version__)
         self.export_failures = 0
         # the last export (what changed since the last interval) is the shutdown's, where there is an exporter
@@ -100,7 +117,8 @@ class OtelView:
         now = time.time_ns()
         metrics: list[Metric] = []
         for fam in build_view(self.state, self.queue_stats):
-            metrics.extend(self._metrics(fam, now))
+            if fam.samples:  # a family with no series yet: no metric (OTLP has no empty one)
+                metrics.extend(self._metrics(fam, now))
         return MetricsData([ResourceMetrics(self.resource, [ScopeMetrics(self.scope, metrics, "")], "")])
 
     def _metrics(self, fam: Family, now: int) -> list[Metric]:

@@ -183,8 +183,12 @@ def test_the_daemonset_runs_the_collector_as_its_config_says(tmp_path):
     # The worst case of its config fits the container's memory limit (else it refuses to start).
     assert worst_case_memory_mb(config_from_args(args, environ={})) <= mebibytes(
         container["resources"]["limits"]["memory"])
-    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}  # not the downward API's
     config = config_from_args(args, environ=env)
+    # the OTLP resource names the pod (downward API): a DaemonSet's collectors never merge in a backend
+    downward = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
+    assert downward["POD_NAME"] == "metadata.name"
+    assert "service.instance.id=$(POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]
     # Ports: the agents' Service reaches the port the collector binds; Prometheus finds /metrics.
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     [listen] = config.listen

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
 from grokwatch.collector.otlp import otlp_exporters_from_env
 from helpers import free_port, scrape, send_all, start_collector
 from wire_factories import make_hello, make_routing
+
+ROOT = Path(__file__).parents[2]
 
 GROUP = frozenset(dict(run="run-a", source="train", group="math").items())
 
@@ -58,6 +61,8 @@ def test_the_otlp_batch_is_the_prometheus_view_in_otlp_types(tmp_path):
         assert isinstance(received, Sum) and received.is_monotonic and received.data_points[0].value == 4
         assert isinstance(metrics["grokwatch_collector_queue_size"].data, Gauge)
         assert "grokwatch_pathway_distance_bucket" not in metrics  # no Prometheus-shaped counters any more
+        # a family with no series yet is not sent as a metric without data points (a strict receiver refuses it)
+        assert all(m.data.data_points for m in metrics.values()) and "grokwatch_eval_score" not in metrics
         # who sent it (issue 32): several collectors' cumulative sums must not collide in a backend
         resource = dict(data.resource_metrics[0].resource.attributes)
         from grokwatch._version import __version__
@@ -168,3 +173,70 @@ def test_grpc_is_used_when_its_extra_is_installed_and_refused_in_one_line_otherw
         (exporter,) = otlp_exporters_from_env(env)
         assert "grpc" in type(exporter).__module__
         exporter.shutdown()
+
+
+@pytest.mark.slow
+def test_two_collectors_pushing_at_once_stay_apart_at_a_real_receiver(tmp_path):
+    """Issue 32: each collector's resource names it (service.instance.id: host and pid by default, the pod's
+    name where OTEL_RESOURCE_ATTRIBUTES says so, as the shipped manifests do), so the receiver keeps their
+    cumulative sums apart: each instance's messages_received_total is its own collector's count."""
+    import signal
+    import socket
+    import threading
+
+    from grokwatch.wire import encode
+    from helpers import Pusher
+
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, str(ROOT / "tests" / "otlp_receiver.py"), str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert receiver.stdout.readline().strip() == "listening"
+    lines: list = []
+    threading.Thread(target=lambda: lines.extend(iter(receiver.stdout.readline, "")), daemon=True).start()
+    collectors, endpoints, pushers = [], [], []
+    try:
+        for extra in ({}, {"OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=pod-b,k8s.pod.name=pod-b"}):
+            endpoint = f"tcp://127.0.0.1:{free_port()}"
+            env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                   "OTEL_METRIC_EXPORT_INTERVAL": "300", **extra}
+            if not extra:
+                env.pop("OTEL_RESOURCE_ATTRIBUTES", None)
+            collectors.append(subprocess.Popen(
+                [sys.executable, "-m", "grokwatch.cli", "collector", "--listen", endpoint, "--metrics-port", "0",
+                 "--metrics-addr", "127.0.0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True))
+            endpoints.append(endpoint)
+        for proc in collectors:  # listening
+            while "listening on" not in (line := proc.stdout.readline()):
+                assert line, "a collector exited"
+        for endpoint, n in zip(endpoints, (2, 4)):
+            pusher = Pusher(endpoint)  # open until the end: closed with linger 0, it would drop what is queued
+            pushers.append(pusher)
+            pusher.send(encode(make_hello()))
+            for seq in range(1, n + 1):
+                pusher.send(encode(make_routing(seq=seq, step=seq, sender="s0")))
+        want = {f"{socket.gethostname()}:{collectors[0].pid}": 3, "pod-b": 5}
+        got: dict = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and got != want:
+            for line in list(lines):
+                if line.startswith("{"):
+                    m = json.loads(line)
+                    received = m["metrics"].get("grokwatch_collector_messages_received_total")
+                    if received is not None:
+                        got[m["resource"]["service.instance.id"]] = int(received)
+            time.sleep(0.2)
+        assert got == want
+        resources = {json.loads(line)["resource"]["service.instance.id"]: json.loads(line)["resource"]
+                     for line in list(lines) if line.startswith("{")}
+        assert resources["pod-b"]["k8s.pod.name"] == "pod-b"
+        assert all(r["service.name"] == "grokwatch-collector" and r["service.version"] for r in resources.values())
+    finally:
+        for pusher in pushers:
+            pusher.close()
+        for proc in collectors:
+            proc.send_signal(signal.SIGTERM)
+        for proc in collectors:
+            proc.wait(30)
+        receiver.terminate()
+        receiver.wait(10)
