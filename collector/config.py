@@ -72,7 +72,7 @@ class CollectorConfig:
     # wandb extra). Mode auto: online when WANDB_API_KEY is set, else offline (wandb sync later).
     wandb_dir: Optional[str] = None
     wandb_project: str = "grokwatch"
-    wandb_entity: str = ""
+    wandb_entity: Optional[str] = None  # None: the API key's default entity
     wandb_mode: str = "auto"
     wandb_run_id: str = "grokwatch-{run}"  # {run}, {host}; "{run}" joins a training run whose W&B id is its run name
     wandb_interval_s: float = 30.0
@@ -301,6 +301,23 @@ def _coerce(key: str, value: Any, target: Any) -> Any:
 def otlp_requested(environ: Mapping[str, str]) -> bool:
     """OpenTelemetry export is asked for (the exporter's own variables)."""
     return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+
+
+def config_sources(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
+                   environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """Where each key's effective value comes from, by load_config's precedence: "flag", "env <VARIABLE>",
+    "file <path>" or "default" (the file is read again: call after load_config has accepted it)."""
+    environ = os.environ if environ is None else environ
+    in_file: set = set()
+    if path:
+        with open(path, "rb") as fh:
+            in_file = set(tomllib.load(fh))
+    out = {}
+    for f in dataclasses.fields(CollectorConfig):
+        variable = _ENV_PREFIX + f.name.upper()
+        out[f.name] = ("flag" if (overrides or {}).get(f.name) is not None else f"env {variable}"
+                       if variable in environ else f"file {path}" if f.name in in_file else "default")
+    return out
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,

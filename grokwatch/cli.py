@@ -145,20 +145,22 @@ def _toml_value(value) -> str:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    """Every key with the value the collector would use, as a TOML file it reads back (keys left unset
-    by default, None, are comments)."""
+    """Every key with the value the collector would use and where it comes from (file, environment,
+    default), as a TOML file it reads back (keys left unset by default, None, are comments)."""
     import dataclasses
 
-    from grokwatch.collector.config import ConfigError, load_config
+    from grokwatch.collector.config import ConfigError, config_sources, load_config
 
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"grokwatch config show: {exc}", flush=True)
         return 2
+    sources = config_sources(args.config)
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        print(f"# {field.name} = (unset)" if value is None else f"{field.name} = {_toml_value(value)}")
+        print(f"# {field.name} = (unset)" if value is None
+              else f"{field.name} = {_toml_value(value)}  # {sources[field.name]}")
     return 0
 
 

@@ -108,3 +108,8 @@ def test_config_check_is_the_verb_form_of_check_config_and_show_prints_a_file_th
     again = load_config(str(shown), environ={})
     assert again == load_config(str(good), environ={"GROKWATCH_COMPARISONS_PER_SAMPLE": "7"})
     assert again.window_samples == 128 and again.comparisons_per_sample == 7
+    # and where each value came from
+    lines = dict(line.split(" = ", 1) for line in r.stdout.splitlines() if not line.startswith("#"))
+    assert lines["window_samples"] == f"128  # file {good}"
+    assert lines["comparisons_per_sample"] == "7  # env GROKWATCH_COMPARISONS_PER_SAMPLE"
+    assert lines["pathway_tau"].endswith("# default")
