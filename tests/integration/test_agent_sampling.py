@@ -4,6 +4,7 @@ and hooks armed only for the forwards it summarizes."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch._dynamo
 from capture import (
@@ -132,20 +133,24 @@ def test_pause_removes_every_hook_and_resume_restores_them(sink):
     assert [m.step for m in sink.routing()] == [1]  # the step count went on while paused
 
 
-def test_layer_hooks_are_armed_only_for_the_forwards_that_are_summarized(sink):
-    """A module with hooks takes torch's slow call path; unsampled steps must not pay for it."""
+@pytest.mark.parametrize("counts", [False, True], ids=["counts-off", "counts-on"])
+def test_layer_hooks_are_armed_only_for_the_forwards_that_need_them(sink, counts):
+    """A module with hooks takes torch's slow call path: with the all-token counts off, unsampled steps must
+    not pay for it (armed for summarized forwards only); with them on (the default) every training forward
+    needs the routers' decisions, so the hooks stay armed."""
     model = tiny_model("olmoe")
     routers = [layer.router for layer in discover(model).layers]
     seen = []
     taps = [r.register_forward_pre_hook(lambda m, a: seen.append(len(m._forward_hooks))) for r in routers]
-    mon = gw.attach(model, sink.endpoint, "armed", every_n_steps=2)
+    mon = gw.attach(model, sink.endpoint, f"armed-{counts}", every_n_steps=2, expert_counts=counts)
     ids = torch.randint(0, VOCAB, (2, 8))
     for _ in range(3):  # steps 0 (sampled), 1 (not), 2 (sampled)
         run_one_step(model, mon, ids)
-        assert not any(r._forward_hooks for r in routers)  # disarmed between forwards
+        if not counts:
+            assert not any(r._forward_hooks for r in routers)  # disarmed between forwards
     mon.close()
     n = len(routers)
-    assert seen == [1] * n + [0] * n + [1] * n
+    assert seen == ([1] * 3 * n if counts else [1] * n + [0] * n + [1] * n)
     for t in taps:
         t.remove()
     assert [m.step for m in sink.wait_routing(2)] == [0, 2]
