@@ -402,12 +402,14 @@ class State:
         return KernelJob(msg, stream, targets, self._wal_index, started, comparisons=m)
 
     def _all_tokens(self, msg: Routing) -> None:
+        tokens_LE = msg.expert_tokens_LE
+        assert tokens_LE is not None
         counts = self.all_tokens.get(msg.run)
-        if counts is None or counts.shape != msg.expert_tokens_LE.shape:
-            counts = self.all_tokens[msg.run] = AllTokens(*msg.expert_tokens_LE.shape)
+        if counts is None or counts.shape != tokens_LE.shape:
+            counts = self.all_tokens[msg.run] = AllTokens(*tokens_LE.shape)
         # a run whose hello was never heard closes an interval at its next step only
         world = self.runs.world_sizes.get(msg.run, self.config.max_world_size)
-        counts.add(msg.step, msg.rank, msg.expert_tokens_LE, msg.counted_forwards, world)
+        counts.add(msg.step, msg.rank, tokens_LE, msg.counted_forwards, world)
 
     def finish(self, job: KernelJob) -> None:
         """After the kernels: the message's points into the phase trackers and the journal, under the lock."""

@@ -109,7 +109,7 @@ class WandbView:
         rows.setdefault((run, step), {})[tag] = value
 
     def _alerts(self, fams: dict) -> None:
-        AlertLevel = self._wandb.AlertLevel
+        AlertLevel = getattr(self._wandb, "AlertLevel")  # noqa: B009 (the stubs do not list it)
         for fam_name, event, title in (("group_memorized_step", "memorized", "memorized its data"),
                                        ("group_onset_step", "onset", "began generalizing")):
             for (run, source, group), v in fams[fam_name].samples:
