@@ -25,6 +25,9 @@ from grokwatch.agent.layout import BatchContext
 
 log = logging.getLogger("grokwatch.agent")
 
+# A router's balancing bias (aux-loss-free load balancing): DeepSeek-V3 in transformers, Megatron-Core.
+BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+
 # A batch's (sample ids, groups) as plain lists under this key (integrations.TaggingCollator): the model's
 # pre-hook takes them out of the forward's kwargs and tags the forward with them.
 BATCH_TAGS = "grokwatch_tags"
@@ -245,6 +248,10 @@ class Capture:
     def _forward_end(self, module, args, kwargs, output) -> None:
         if self.counts.active:
             self._count_leftovers()
+            # the model's own load-balancing loss of this forward (transformers: output_router_logits=True)
+            aux = output.get("aux_loss") if isinstance(output, dict) else getattr(output, "aux_loss", None)
+            if isinstance(aux, torch.Tensor) and aux.numel() == 1:
+                self.counts.add_aux_loss(aux)
         self.counts.end()  # an activation-checkpoint recompute in backward is not counted again
         ctx = self._ctx
         if ctx is not None and not ctx.deferred:
@@ -473,6 +480,20 @@ class Capture:
             if isinstance(weight, torch.Tensor) and weight.is_meta and layer.router is not None:
                 current = layer.weight_now()
                 self.router_weights[i] = current if isinstance(current, torch.Tensor) and current.dim() == 2 else None
+
+    def balance_biases(self) -> list[Optional[torch.Tensor]]:
+        """Each layer's balancing bias [E] where its router keeps one (aux-loss-free routing: DeepSeek-V3's
+        ``e_score_correction_bias``, Megatron-Core's ``expert_bias``), in forward order; read each time (a
+        buffer is a new tensor after ``model.to``)."""
+        out: list[Optional[torch.Tensor]] = [None] * len(self.layers)
+        for index, layer in enumerate(self.layers):
+            router = layer.router
+            for name in BIAS_NAMES:
+                bias = getattr(router, name, None) if router is not None else None
+                if isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.numel() == self.shape.num_experts:
+                    out[self._position[index]] = bias
+                    break
+        return out
 
     def router_device(self) -> Optional[torch.device]:
         """Where the routers run now: their first weight's device, read from the router (``model.to`` moves

@@ -37,6 +37,8 @@ class ExpertCounts:
         self._ones: Optional[torch.Tensor] = None
         self._pending: list[tuple[int, torch.Tensor]] = []  # this forward's (layer, ids), until its end
         self._offsets: dict[tuple, torch.Tensor] = {}  # per layer order: each layer's row offset in the flat counts
+        self._aux_sum: Optional[torch.Tensor] = None  # the model's aux loss summed over the interval (device)
+        self.aux_forwards = 0  # forwards that gave one
         self._logged_off = False
 
     def turn_off(self, why: str) -> None:
@@ -58,6 +60,14 @@ class ExpertCounts:
     def end(self) -> None:
         self.active = False
         self._flush()
+
+    def add_aux_loss(self, aux: torch.Tensor) -> None:
+        """The load-balancing loss the model computed in this forward (one device add, no sync)."""
+        value = aux.detach().reshape(()).float()
+        if self._aux_sum is None or self._aux_sum.device != value.device:
+            self._aux_sum = torch.zeros((), dtype=torch.float32, device=value.device)
+        self._aux_sum.add_(value)
+        self.aux_forwards += 1
 
     def add(self, layer: int, ids: torch.Tensor) -> None:
         """The top-k expert ids of every token the router ``layer`` routed in this forward (any shape): kept
@@ -111,11 +121,16 @@ class ExpertCounts:
     def pending(self) -> bool:
         return self.enabled and self.forwards > 0
 
-    def drain_into(self, view_LE1: torch.Tensor) -> int:
+    def drain_into(self, view_LE1: torch.Tensor, aux_view: Optional[torch.Tensor] = None) -> tuple[int, int]:
         """Copy the interval's counts into ``view_LE1`` (int64 [L, E + 1], on the staging device; zeros when
-        no router was called) and start the next interval; returns the forwards counted (0: nothing to
-        ship). On the training thread, no host sync (a device copy and a fill)."""
+        no router was called) and the aux-loss sum into ``aux_view`` ([1] float32), and start the next
+        interval; returns the forwards counted (0: nothing to ship) and those that gave an aux loss. On the
+        training thread, no host sync (device copies and fills)."""
         self._flush()
+        aux_forwards, self.aux_forwards = self.aux_forwards, 0
+        if aux_view is not None and self._aux_sum is not None and aux_forwards:
+            aux_view.copy_(self._aux_sum.reshape(1), non_blocking=True)
+            self._aux_sum.zero_()
         forwards, self.forwards = self.forwards, 0
         acc = self._tokens_LE
         if acc is None:
@@ -123,4 +138,4 @@ class ExpertCounts:
         else:
             view_LE1.copy_(acc, non_blocking=True)
             acc.zero_()
-        return forwards if self.enabled else 0
+        return (forwards, aux_forwards) if self.enabled else (0, 0)

@@ -15,6 +15,7 @@ libzmq); a long one drops and counts.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import socket as pysocket
 import threading
@@ -102,11 +103,21 @@ class Pending:
     with_cosines: bool
     with_loss: bool
     counted_forwards: int = 0  # > 0: the buffer holds the all-token counts of this many training forwards
+    aux_forwards: int = 0  # > 0: ... and the model's aux loss summed over this many of them
+    with_bias: bool = False  # ... and the routers' balancing biases
 
 
 def _defined(zloss_NL: np.ndarray) -> Optional[np.ndarray]:
     """The z-loss rows, or None where the routers' scores are not softmax logits (the reduction's -1)."""
     return zloss_NL if zloss_NL.size and zloss_NL.min() >= 0 else None
+
+
+def _mean_aux(sum_1: np.ndarray, forwards: int) -> Optional[float]:
+    """The model's mean aux loss over the forwards that gave one; None without one, or not finite."""
+    if not forwards:
+        return None
+    mean = float(sum_1[0]) / forwards
+    return mean if math.isfinite(mean) else None
 
 
 def _as_slice(indices: list[int]):
@@ -263,6 +274,8 @@ class Sender:
             loss_N=v["loss_N"][rows] if p.with_loss else None,
             zloss_NL=_defined(v["zloss_NL"][rows]),
             expert_tokens_LE=tokens_LE, counted_forwards=forwards,
+            aux_loss=_mean_aux(v["aux_loss"], p.aux_forwards) if tokens_LE is not None else None,
+            balance_bias_LE=v["balance_bias_LE"] if p.with_bias and tokens_LE is not None else None,
         )
 
     def _expert_tokens(self, v: dict, counted_forwards: int) -> tuple[Optional[np.ndarray], int]:

@@ -35,6 +35,8 @@ class Staging:
         "cosine_NL": (lambda L, N, E: (N, L), torch.float32),  # column l: cos(layer l-1, layer l); column 0 unused
         "tokens_N": (lambda L, N, E: (N,), torch.int32),
         "loss_N": (lambda L, N, E: (N,), torch.float32),
+        "aux_loss": (lambda L, N, E: (1,), torch.float32),  # the model's aux loss summed over the interval
+        "balance_bias_LE": (lambda L, N, E: (L, E), torch.float32),  # the routers' balancing biases, if any
     }
 
     def __init__(self, *, num_layers: int, slots: int, num_experts: int, device: torch.device, pool_size: int = 4):
@@ -57,6 +59,8 @@ class Staging:
             "tokens_N": stored["tokens_N"],
             "loss_N": stored["loss_N"],
             "expert_tokens_LE": stored["expert_tokens_LE"].view(torch.int64),  # [L, E + 1] (agent/counts.py)
+            "aux_loss": stored["aux_loss"],
+            "balance_bias_LE": stored["balance_bias_LE"],
         }
         pin = device.type == "cuda"
         self.pool = [torch.zeros(total, dtype=torch.int32, pin_memory=pin) for _ in range(pool_size)]

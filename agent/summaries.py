@@ -143,9 +143,13 @@ class Summaries:
         with_cosines = reduced.with_cosines
         if not with_cosines:
             self.capture.learn_freed_weights()
-        # a training message carries the all-token counts of every training forward since the last one
-        counted = self.capture.counts.drain_into(self.staging.views["expert_tokens_LE"]) \
-            if ctx.source == "train" and self.capture.counts.pending else 0
+        # a training message carries the all-token counts of every training forward since the last one, the
+        # model's mean aux loss over them, and the routers' balancing biases as they are now
+        counted, aux_forwards, with_bias = 0, 0, False
+        if ctx.source == "train" and self.capture.counts.pending:
+            counted, aux_forwards = self.capture.counts.drain_into(self.staging.views["expert_tokens_LE"],
+                                                                   self.staging.views["aux_loss"])
+            with_bias = self._copy_biases()
         host = self.staging.pool[index]
         host.copy_(self.staging.device_buf, non_blocking=True)
         event = None
@@ -154,4 +158,17 @@ class Summaries:
             event.record()
         self.sender.submit(Pending(source=ctx.source, step=ctx.step, sample_ids=ctx.sample_ids, groups=ctx.groups,
                                    host_index=index, event=event, with_cosines=with_cosines,
-                                   with_loss=with_loss, counted_forwards=counted))
+                                   with_loss=with_loss, counted_forwards=counted, aux_forwards=aux_forwards,
+                                   with_bias=with_bias))
+
+    def _copy_biases(self) -> bool:
+        """The routers' balancing biases into the staging buffer (device copies); False where no router
+        keeps one (or only some do: a partial matrix would read as drift)."""
+        biases = self.capture.balance_biases()
+        if not biases or any(b is None for b in biases):
+            return False
+        view = self.staging.views["balance_bias_LE"]
+        for layer, bias in enumerate(biases):
+            assert bias is not None
+            view[layer].copy_(bias.detach(), non_blocking=True)
+        return True

@@ -11,6 +11,12 @@ counters (tokens, forwards) add every message as it comes. A message of a step o
 Figures (METRICS.md §3 over all tokens; reference.all_token_load): per layer, with c_k the interval's
 tokens of expert k, imbalance = max c / mean c (OLMo-core's and Megatron-Core's tokens-per-expert ratio),
 CV = std c / mean c, dead = experts with c_k = 0.
+
+With the counts come what the routers computed themselves: the model's **aux loss** (each rank's mean over
+its forwards; the interval's figure is the mean over its ranks), and for aux-loss-free routers the
+**balancing bias** b (per layer, [E]; replicated across data-parallel ranks: the lowest rank's of the
+interval): its spread std_k b and its **drift**, the RMS over experts of b's change since the previous
+closed interval.
 """
 
 from __future__ import annotations
@@ -34,8 +40,15 @@ class AllTokens:
         self.closed_LE = np.zeros((num_layers, num_experts), np.uint64)
         self.closed_ranks = 0
         self.closed_forwards = 0
+        self.open_aux_sum, self.open_aux_n = 0.0, 0  # the ranks' mean aux losses, summed
+        self.closed_aux: float | None = None
+        self.open_bias_LE: np.ndarray | None = None  # float32 [L, E], the lowest rank's of the open interval
+        self.open_bias_rank = -1
+        self.closed_bias_LE: np.ndarray | None = None
+        self.bias_drift_L: np.ndarray | None = None  # RMS change between the last two closed intervals' biases
 
-    def add(self, step: int, rank: int, counts_LE: np.ndarray, forwards: int, world_size: int) -> None:
+    def add(self, step: int, rank: int, counts_LE: np.ndarray, forwards: int, world_size: int,
+            aux_loss: float | None = None, bias_LE: np.ndarray | None = None) -> None:
         self.total_LE += counts_LE
         self.forwards_total += forwards
         if step < self.open_step:
@@ -48,6 +61,12 @@ class AllTokens:
         self.open_LE += counts_LE
         self.open_ranks.add(rank)
         self.open_forwards += forwards
+        if aux_loss is not None:
+            self.open_aux_sum += float(aux_loss)
+            self.open_aux_n += 1
+        if bias_LE is not None and bias_LE.shape == self.shape and (self.open_bias_LE is None
+                                                                   or rank < self.open_bias_rank):
+            self.open_bias_LE, self.open_bias_rank = np.array(bias_LE, np.float32), rank
         if len(self.open_ranks) >= world_size:
             self._close()
 
@@ -57,6 +76,14 @@ class AllTokens:
         self.open_LE[:] = 0
         self.open_ranks = set()
         self.open_forwards = 0
+        self.closed_aux = self.open_aux_sum / self.open_aux_n if self.open_aux_n else None
+        self.open_aux_sum, self.open_aux_n = 0.0, 0
+        if self.open_bias_LE is not None:
+            previous = self.closed_bias_LE
+            self.bias_drift_L = None if previous is None else np.sqrt(
+                ((self.open_bias_LE.astype(np.float64) - previous) ** 2).mean(axis=1))
+            self.closed_bias_LE = self.open_bias_LE
+        self.open_bias_LE, self.open_bias_rank = None, -1
 
     @property
     def routed_tokens_total(self) -> int:

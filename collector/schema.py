@@ -131,6 +131,16 @@ def _all_tokens(where: str, run: Any, counts: Any) -> None:
         _count(f"{where}.{name}", getattr(counts, name, None), lo=-1)
     if not isinstance(counts.open_ranks, set) or not all(isinstance(r, int) for r in counts.open_ranks):
         _fail(f"{where}.open_ranks", "not a set of ranks")
+    _number(f"{where}.open_aux_sum", counts.open_aux_sum)
+    _count(f"{where}.open_aux_n", counts.open_aux_n)
+    _count(f"{where}.open_bias_rank", counts.open_bias_rank, lo=-1)
+    if counts.closed_aux is not None:
+        _number(f"{where}.closed_aux", counts.closed_aux)
+    for name in ("open_bias_LE", "closed_bias_LE"):
+        if getattr(counts, name) is not None:
+            _array(f"{where}.{name}", getattr(counts, name), shape, np.float32)
+    if counts.bias_drift_L is not None:
+        _array(f"{where}.bias_drift_L", counts.bias_drift_L, (shape[0],), np.float64)
 
 
 def _senders(senders: Any, cls: type) -> None:

@@ -409,7 +409,7 @@ class State:
             counts = self.all_tokens[msg.run] = AllTokens(*tokens_LE.shape)
         # a run whose hello was never heard closes an interval at its next step only
         world = self.runs.world_sizes.get(msg.run, self.config.max_world_size)
-        counts.add(msg.step, msg.rank, tokens_LE, msg.counted_forwards, world)
+        counts.add(msg.step, msg.rank, tokens_LE, msg.counted_forwards, world, msg.aux_loss, msg.balance_bias_LE)
 
     def finish(self, job: KernelJob) -> None:
         """After the kernels: the message's points into the phase trackers and the journal, under the lock."""

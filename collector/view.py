@@ -186,6 +186,12 @@ def _specs() -> tuple[Spec, ...]:
     fam("expert_load_share", "gauge", "Share of the layer's routed tokens each expert took in the run's latest "
         "closed interval, all ranks (all-token counts; opt-in: expert_load_share_max_series)",
         ("run", "layer", "expert"))
+    fam("router_aux_loss", "gauge", "The model's own load-balancing (aux) loss, mean over the latest interval's "
+        "forwards and ranks (where the model computes one: transformers' output_router_logits)", ("run",))
+    fam("router_balance_bias_std", "gauge", "Spread over experts of an aux-loss-free router's balancing bias "
+        "(DeepSeek-V3's e_score_correction_bias, Megatron's expert_bias) at the latest interval", ("run", "layer"))
+    fam("router_balance_bias_drift", "gauge", "RMS over experts of the balancing bias's change over the latest "
+        "interval (how hard the bias is still correcting the load)", ("run", "layer"))
     fam("router_all_tokens_interval_step", "gauge", "The training step that ends the interval of the all-token "
         "figures", ("run",))
     fam("router_all_tokens_interval_ranks", "gauge", "Ranks whose counts the interval sums", ("run",))
@@ -331,6 +337,14 @@ def _all_token_families(F: dict, run: str, counts, shape, max_share_series: int)
         F["router_all_tokens_load_imbalance_ratio"].add((run, layer), float(figures["imbalance_L"][layer]))
         F["router_all_tokens_load_cv"].add((run, layer), float(figures["cv_L"][layer]))
         F["router_all_tokens_dead_experts"].add((run, layer), int(figures["dead_L"][layer]))
+    if counts.closed_aux is not None:
+        F["router_aux_loss"].add((run,), counts.closed_aux)
+    if counts.closed_bias_LE is not None:
+        for layer, std in enumerate(counts.closed_bias_LE.astype(np.float64).std(axis=1).tolist()):
+            F["router_balance_bias_std"].add((run, layer), std)
+    if counts.bias_drift_L is not None:
+        for layer, drift in enumerate(counts.bias_drift_L.tolist()):
+            F["router_balance_bias_drift"].add((run, layer), drift)
     L, E = counts.shape
     for layer in range(min(L, max_share_series // E)):  # whole layers within the cap
         for expert, share in enumerate(figures["share_LE"][layer].tolist()):

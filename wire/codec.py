@@ -96,6 +96,10 @@ def encode(message: Message) -> bytes:
         if message.expert_tokens_LE is not None:
             out["expert_tokens"] = _array(message.expert_tokens_LE, U64)
             out["counted_forwards"] = int(message.counted_forwards)
+        if message.aux_loss is not None:
+            out["aux_loss"] = float(message.aux_loss)
+        if message.balance_bias_LE is not None:
+            out["balance_bias"] = _array(message.balance_bias_LE, F32)
     elif isinstance(message, Eval):
         out.update(step=int(message.step), scores={str(k): float(v) for k, v in message.scores.items()})
     elif isinstance(message, Loss):
@@ -195,9 +199,13 @@ def _decode_routing(r: Reader) -> Routing:
         if source != "train":
             raise WireError("value_range", "expert_tokens in a message of another source than train")
         counted_forwards = r.int("counted_forwards", lo=1)
+    aux_loss = r.float("aux_loss") if "aux_loss" in r.obj else None
+    bias = r.optional_array("balance_bias", F32, (num_layers, num_experts))
+    if (aux_loss is not None or bias is not None) and expert_tokens is None:
+        raise WireError("value_range", "aux_loss and balance_bias come with expert_tokens only")
 
     for name, arr in (("mean_probs", probs), ("entropy", entropy), ("adj_cosine", cosine), ("loss", loss),
-                      ("zloss", zloss)):
+                      ("zloss", zloss), ("balance_bias", bias)):
         if arr is not None and not np.isfinite(arr).all():
             raise WireError("non_finite", f"{name!r} holds a NaN or infinity")
     if (token_counts == 0).any():
@@ -236,6 +244,8 @@ def _decode_routing(r: Reader) -> Routing:
         zloss_NL=zloss,
         expert_tokens_LE=expert_tokens,
         counted_forwards=counted_forwards,
+        aux_loss=aux_loss,
+        balance_bias_LE=bias,
     )
 
 

@@ -97,6 +97,10 @@ class Routing:
     # not only the sampled rows: the load figures the training framework itself would log.
     expert_tokens_LE: Optional[np.ndarray] = None  # uint64
     counted_forwards: int = 0
+    # With them (train source): the model's own load-balancing loss, mean over those forwards that computed one,
+    # and the routers' balancing biases (aux-loss-free routing) as they are at this step.
+    aux_loss: Optional[float] = None
+    balance_bias_LE: Optional[np.ndarray] = None  # float32
     kind: str = field(default=KIND_ROUTING, init=False)
 
     @property

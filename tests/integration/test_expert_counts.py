@@ -117,3 +117,62 @@ def test_under_torch_compile_no_partial_counts_are_shipped(sink):
     mon.close()
     shipped = sink.wait_routing(2, source="train")
     assert all(m.expert_tokens_LE is None for m in shipped)
+
+
+def test_the_models_own_aux_loss_is_shipped_as_its_mean_over_the_interval(sink):
+    """Issue 31 part 2: where the model computes its load-balancing loss (transformers' output_router_logits),
+    each training message carries its mean over the interval's forwards — the model's own values."""
+    model = tiny_model("olmoe", output_router_logits=True)
+    mon = gw.attach(model, sink.endpoint, "aux", every_n_steps=3, max_samples_per_step=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    own, per_message = [], []
+    for step in range(7):
+        mon.step(step)
+        ids = torch.randint(0, VOCAB, (4, 8), generator=gen)
+        out = model(input_ids=ids, labels=ids)
+        own.append(float(out.aux_loss))
+        if step % 3 == 0:
+            per_message.append(np.mean(own))
+            own = []
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    shipped = sink.wait_routing(3, source="train")
+    assert [m.aux_loss for m in shipped] == pytest.approx(per_message, rel=1e-6)
+    assert len(set(round(a, 6) for a in per_message)) == 3  # the values move: a constant could not pass
+
+
+def test_an_aux_loss_free_routers_balancing_bias_is_shipped_as_the_model_holds_it(sink):
+    """DeepSeek-V3's routers select with a bias the training updates (aux-loss-free balancing; transformers
+    does not update it, so this loop does, as DeepSeek's rule would: toward the under-loaded experts). Each
+    training message carries the bias as it is at that step; the collector's drift is the RMS of its change."""
+    from grokwatch.collector.all_tokens import AllTokens
+
+    model = tiny_model("deepseek_v3")
+    gates = [layer.router for layer in discover(model).layers]
+    mon = gw.attach(model, sink.endpoint, "bias", every_n_steps=2, max_samples_per_step=1)
+    gen = torch.Generator().manual_seed(0)
+    at_summarized = []
+    for step in range(6):
+        mon.step(step)
+        ids = torch.randint(0, VOCAB, (4, 8), generator=gen)
+        if step % 2 == 0:
+            at_summarized.append(np.stack([g.e_score_correction_bias.detach().numpy().copy() for g in gates]))
+        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            for i, g in enumerate(gates):  # a deterministic update, different per layer and step
+                g.e_score_correction_bias.add_(torch.linspace(-1, 1, g.e_score_correction_bias.numel()) * 1e-3
+                                               * (i + 1) * (step + 1))
+    mon.close()
+    shipped = sink.wait_routing(3, source="train")
+    for msg, bias in zip(shipped, at_summarized):
+        np.testing.assert_array_equal(msg.balance_bias_LE, bias)
+    assert all(m.aux_loss is None for m in shipped)  # DeepSeek-V3 in transformers computes none
+    counts = AllTokens(*shipped[0].expert_tokens_LE.shape)
+    for msg in shipped:
+        counts.add(msg.step, 0, msg.expert_tokens_LE, msg.counted_forwards, 1, msg.aux_loss, msg.balance_bias_LE)
+    want = np.sqrt(((at_summarized[2].astype(np.float64) - at_summarized[1]) ** 2).mean(axis=1))
+    np.testing.assert_allclose(counts.bias_drift_L, want, rtol=1e-6)
+    assert (want > 0).all()

@@ -98,3 +98,35 @@ def test_messages_without_counts_make_no_all_token_series():
     state = _state(world=1)
     state.handle(make_routing(n=2, num_layers=L, num_experts=E, top_k=K, sender="s0", seq=1))
     assert state.all_tokens == {} and not any("all_tokens" in name for name, _ in _series(state))
+
+
+def test_the_aux_loss_is_the_mean_of_the_ranks_and_the_bias_the_lowest_ranks():
+    state = _state(world=3)
+    one = np.ones((L, E))
+    bias = np.arange(L * E, dtype=np.float32).reshape(L, E) / 100
+    for rank, aux, b in ((2, 3.0, bias + 1), (0, 1.0, bias), (1, None, None)):  # rank 1's model computes none
+        state.handle(dataclasses.replace(_msg(rank, 1, 10, one), aux_loss=aux, balance_bias_LE=b))
+    got = _series(state)
+    assert got[("grokwatch_router_aux_loss", ("run-a",))] == 2.0
+    assert got[("grokwatch_router_balance_bias_std", ("run-a", "0"))] == pytest.approx(float(bias[0].std()), rel=1e-6)
+    assert not any(name == "grokwatch_router_balance_bias_drift" for name, _ in got)  # one interval: no change yet
+    for rank in range(3):
+        state.handle(dataclasses.replace(_msg(rank, 2, 20, one), aux_loss=0.5, balance_bias_LE=bias * 2))
+    got = _series(state)
+    assert got[("grokwatch_router_aux_loss", ("run-a",))] == 0.5
+    drift = np.sqrt(((bias * 2 - bias).astype(np.float64) ** 2).mean(axis=1))
+    for layer in range(L):
+        assert got[("grokwatch_router_balance_bias_drift", ("run-a", str(layer)))] == pytest.approx(drift[layer],
+                                                                                                  rel=1e-6)
+    data = load_snapshot_bytes(state.snapshot_blob())
+    validate_state(data, state.config)
+    data["all_tokens"]["run-a"].closed_bias_LE = np.zeros((L, E), np.float64)
+    with pytest.raises(SnapshotError, match="closed_bias_LE"):
+        validate_state(data, state.config)
+
+
+def test_aux_loss_without_counts_is_refused_on_the_wire():
+    from grokwatch.wire import WireError, decode, encode
+
+    with pytest.raises(WireError, match="expert_tokens only"):
+        decode(encode(dataclasses.replace(make_routing(n=2, num_layers=L, num_experts=E, top_k=K), aux_loss=1.0)))

@@ -42,7 +42,9 @@ def fixed_state() -> State:
         # an interval closes at the next step
         counts = np.array([[400, 300, 200, 380], [320, 320, 320, 320], [900, 300, 80, 0]], np.uint64) + seq
         counts[2, 3] = 0
-        messages.append(dataclasses.replace(msg, expert_tokens_LE=counts, counted_forwards=10))
+        bias = np.linspace(-0.01, 0.01, 12, dtype=np.float32).reshape(3, 4) * seq  # an aux-loss-free router's
+        messages.append(dataclasses.replace(msg, expert_tokens_LE=counts, counted_forwards=10, aux_loss=0.5 + seq,
+                                            balance_bias_LE=bias))
     messages += [make_eval(seq=7, step=60, scores={"math": 0.25}),
                  make_heartbeat(seq=8, messages_sent=9, messages_dropped={"queue_full": 1})]
     for msg in messages:
