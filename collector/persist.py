@@ -33,10 +33,13 @@ from grokwatch.collector.wal import _write_whole
 log = logging.getLogger(__name__)
 
 SNAPSHOT_NAME = "snapshot.msgpack"
-OLD_SNAPSHOT_NAME = "snapshot.pkl"  # before 0.2: a pickle, no longer read
+OLD_SNAPSHOT_NAME = "snapshot.pkl"  # an early development format (a pickle): refused, never read
 MAGIC = b"GROKWATCH-SNAPSHOT\n"
 JOURNAL_NAME = "journal.jsonl"
-SNAPSHOT_VERSION = 2
+# The snapshot's schema version. The collector's classes are stored by their attributes, so renaming or
+# removing a persisted attribute changes the format: bump this and add the step from the old version to
+# MIGRATIONS (a new attribute with an empty default needs neither: Stream.restore_scratch completes it).
+SNAPSHOT_VERSION = 3
 
 
 PERSIST_ERRORS = ("snapshot_write", "snapshot_read", "journal_write", "wal_write", "wal_read")  # grokwatch_collector_persist_errors_total{what}
@@ -179,9 +182,36 @@ def load_snapshot_bytes(blob: bytes) -> dict:
         raise
     except Exception as exc:  # torn, truncated, foreign
         raise SnapshotError(f"unreadable ({type(exc).__name__}: {exc})"[:300]) from None
-    if not isinstance(data, dict) or data.get("version") != SNAPSHOT_VERSION or not isinstance(data.get("state"), dict):
-        raise SnapshotError("not a snapshot of this collector's version")
-    return data["state"]
+    version = data.get("version") if isinstance(data, dict) else None
+    if version not in MIGRATIONS and version != SNAPSHOT_VERSION or not isinstance(data.get("state"), dict):
+        raise SnapshotError(f"not a snapshot of this collector's version ({version!r}; reads "
+                            f"{sorted(MIGRATIONS) + [SNAPSHOT_VERSION]})")
+    state = data["state"]
+    while version != SNAPSHOT_VERSION:
+        state, version = MIGRATIONS[version](state), version + 1
+    return state
+
+
+def _from_2(state: dict) -> dict:
+    """Version 2 -> 3: the run tables, kept by name beside the streams before runs.py, become its Runs; a
+    stream from before the sample keys and steps or the z-loss ring gets them, empty."""
+    for stream in (state.get("streams") or {}).values():
+        if hasattr(stream, "_group_shapes") and isinstance(getattr(stream, "win_filled_G", None), np.ndarray) \
+                and any(name not in stream.__dict__ for name in stream._group_shapes()):
+            stream._allocate(len(stream.win_filled_G))
+    if "runs" not in state:
+        from grokwatch.collector.runs import Runs
+
+        runs = Runs()
+        for table, key in ((runs.shapes, "shapes"), (runs.layer_ids, "layer_ids"),
+                           (runs.world_sizes, "world_sizes"), (runs.seen, "run_seen"),
+                           (runs.shape_seen, "shape_seen")):
+            table.update(state.pop(key, None) or {})
+        state["runs"] = runs
+    return state
+
+
+MIGRATIONS = {2: _from_2}  # version -> the step to the next
 
 
 def write_snapshot(state_dir: str, data) -> str:

@@ -465,12 +465,6 @@ class State:
             for name in self.SNAPSHOT_FIELDS:
                 if name in data:
                     setattr(self, name, data[name])
-            if "runs" not in data:  # a snapshot from before runs.py: its tables by name
-                runs = self.runs
-                for table, key in ((runs.shapes, "shapes"), (runs.layer_ids, "layer_ids"),
-                                   (runs.world_sizes, "world_sizes"), (runs.seen, "run_seen"),
-                                   (runs.shape_seen, "shape_seen")):
-                    table.update(data.get(key) or {})
             for stream in self.streams.values():
                 stream.restore_scratch(self.config)
 

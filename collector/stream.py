@@ -101,7 +101,7 @@ class WindowView:
     def _zloss_L(self) -> Optional[np.ndarray]:
         """Mean router z-loss per layer over the group's last W samples that carried one; None without."""
         s, g = self.stream, self.g
-        filled = int(s.zloss_filled_G[g]) if hasattr(s, "zloss_filled_G") and g < len(s.zloss_filled_G) else 0
+        filled = int(s.zloss_filled_G[g]) if g < len(s.zloss_filled_G) else 0
         return s.zloss_GWL[g, :filled].astype(np.float64).mean(axis=0) if filled else None
 
 
@@ -174,8 +174,7 @@ class Stream:
         self.xlayer_count_L = np.zeros(L)
         self._allocate(0)
         self._init_scratch(config)
-        self.round_losses = RoundLosses()
-        self.round_routing = RoundRouting(num_layers, num_experts)
+        self._init_transient()
 
     # ------------------------------------------------------------ storage
 
@@ -183,7 +182,7 @@ class Stream:
     def nbytes(self) -> int:
         """The bytes of this stream's group arrays now, with the round buffers they reserve (what
         ``max_memory_mb`` bounds)."""
-        arrays = sum(getattr(self, name).nbytes for name in self._group_shapes() if hasattr(self, name))
+        arrays = sum(getattr(self, name).nbytes for name in self._group_shapes())
         return arrays + len(self.win_filled_G) * self._round_bytes()
 
     def bytes_for(self, groups: int) -> int:
@@ -202,8 +201,7 @@ class Stream:
         have = len(self.win_filled_G)
         if g < have:
             return have
-        cap = getattr(self, "max_slots", 1 << 30)  # a stream from an older snapshot has no cap
-        return max(g + 1, min(max(4, 2 * have), cap))
+        return max(g + 1, min(max(4, 2 * have), self.max_slots))
 
     def _group_shapes(self) -> dict:
         W, L, E = self.window_slots, self.num_layers, self.num_experts
@@ -261,11 +259,25 @@ class Stream:
             d.pop(k, None)
         return d
 
-    def restore_scratch(self, config: CollectorConfig) -> None:
-        self._init_scratch(config)
+    def _init_transient(self) -> None:
+        """What a snapshot does not hold (``__getstate__`` leaves it out): the lock, the current probe
+        round's losses and routing, the transfer rounds, the view's last reading."""
         self.lock = threading.Lock()
-        self.round_losses = RoundLosses()  # the current round's only: not snapshotted
+        self.round_losses = RoundLosses()  # the current round's only
         self.round_routing = RoundRouting(self.num_layers, self.num_experts)
+        self.transfer_open: dict = {}  # label -> (step, record) of the round in progress
+        self.transfer_closed: dict = {}  # label -> the latest closed round's record (exported)
+        self.last_reading: dict = {}  # view.py: this stream's series at the last scrape (stale fallback)
+
+    def restore_scratch(self, config: CollectorConfig) -> None:
+        """After a snapshot is read and migrated to this schema (persist.MIGRATIONS) and validated
+        (schema.py), State.restore: the settings an older stream lacks (its label cap, its m) from the
+        configuration, then the scratch and transient state. The rest of the code reads every attribute as
+        it is."""
+        self.__dict__.setdefault("max_slots", config.max_groups + 1)
+        self.__dict__.setdefault("comparisons", config.comparisons_per_sample)
+        self._init_scratch(config)
+        self._init_transient()
 
     def add_group(self, label: str) -> int:
         g = len(self.labels)
@@ -294,8 +306,6 @@ class Stream:
         message: kernels.Sums (stats_GV, entropy_GL, load_GLE, layer-wise distance sums and counts)."""
         G, L, E = len(self.labels), self.num_layers, self.num_experts
         n = msg.num_samples
-        if not hasattr(self, "win_id_GW"):  # a stream from a snapshot before sample keys: empty keys and steps
-            self._allocate(len(self.win_filled_G))
         sums = kernels.Sums(np.zeros((G, len(kernels.STAT_KEYS))), np.zeros((G, L)), np.zeros((G, L, E)),
                             np.zeros((G, L)), np.zeros((G, L)))
         u = self.rng.random((n, 2, m))
@@ -353,14 +363,10 @@ class Stream:
         touched that has fresh documents (collector/transfer.py), as (group, record)."""
         if self.source not in SAME_ROUND_SOURCES:
             return []
-        if not hasattr(self, "round_losses"):
-            self.round_losses = RoundLosses()
         labels = [self.labels[g] for g in targets_N2[:, 0]]
         if msg.loss_N is not None:
             for label, loss in zip(labels, msg.loss_N.tolist()):
                 self.round_losses.add(label, msg.step, loss)
-        if not hasattr(self, "round_routing"):
-            self.round_routing = RoundRouting(self.num_layers, self.num_experts)
         keys = self.sample_keys_N if len(self.sample_keys_N) == msg.num_samples else kernels.sample_keys(msg.sample_ids)
         for label, key, g_LE in zip(labels, keys.tolist(), msg.mean_probs_NLE):
             self.round_routing.add(label, msg.step, key, g_LE)
@@ -377,8 +383,6 @@ class Stream:
     def _close_rounds(self, label: str, step: int, record: dict) -> None:
         """The exported transfer is the latest *closed* round's (a later step has begun): a round in progress
         holds only part of its samples."""
-        if not hasattr(self, "transfer_open"):
-            self.transfer_open, self.transfer_closed = {}, {}
         held = self.transfer_open.get(label)
         if held is not None and held[0] < step:
             self.transfer_closed[label] = held[1]
@@ -387,9 +391,7 @@ class Stream:
 
     def _add_zloss(self, zloss_NL: np.ndarray, targets_N2: np.ndarray) -> None:
         """The samples' router z-loss into each target group's own ring of the last W samples that had one
-        (outside the kernel: an optional field, and a stream restored from an older snapshot has no ring)."""
-        if not hasattr(self, "zloss_GWL"):
-            self._allocate(len(self.win_filled_G))
+        (outside the kernel: an optional field)."""
         W = self.window_slots
         for g in np.unique(targets_N2[targets_N2 >= 0]):
             rows = np.flatnonzero((targets_N2 == g).any(axis=1))[-W:]

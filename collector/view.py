@@ -365,14 +365,14 @@ def _read_stream(F: dict, state: State, stream, run: str, source: str, carriers:
             stream.lock.release()
         return
     state.stale_stream_reads += 1
-    for name, samples in getattr(stream, "last_reading", {}).items():
+    for name, samples in stream.last_reading.items():
         F[name].samples.extend(samples)
 
 
 def _stream_families(F: dict, state: State, stream, run: str, source: str, carriers: dict) -> None:
     """One stream's series into the families ``F`` (the caller holds the state's lock and the stream's)."""
     memorized = stream.memorization.memorized_counts() if stream.memorization else {}
-    F["pathway_comparisons_effective"].add((run, source), getattr(stream, "comparisons", state.config.comparisons_per_sample))
+    F["pathway_comparisons_effective"].add((run, source), stream.comparisons)
     series_items = [(name, g.series, g.window) for name, g in sorted(stream.groups.items())]
     series_items.append((CROSS_GROUP, stream.cross, None))
     for name, series, window in series_items:
@@ -400,7 +400,7 @@ def _stream_families(F: dict, state: State, stream, run: str, source: str, carri
                     F["group_memorized_step"].add(key, tracker.memorized_step)
                 if tracker.onset_step is not None:
                     F["group_onset_step"].add(key, tracker.onset_step)
-        closed = getattr(stream, "transfer_closed", {}).get(name)
+        closed = stream.transfer_closed.get(name)
         if closed is not None:
             for fam_name, field_name in (("group_transfer", "transfer"), ("group_transfer_z", "transfer_z"),
                                          ("group_transfer_js", "transfer_js"),

@@ -184,13 +184,16 @@ def test_pipeline_stages_under_one_run_are_told_apart_by_their_layers_and_the_se
     restored.restore(state.snapshot())
     with pytest.raises(Rejected):
         restored.handle(make_hello(sender="pp1-again", layer_names=stage1))
-    # A snapshot from before the run tables were one object (runs.py) names them one by one.
+    # A version-2 snapshot from before the run tables were one object (runs.py) names them one by one: the
+    # migration to version 3 (persist.MIGRATIONS) makes them the Runs.
+    from grokwatch.collector.persist import MAGIC, _pack, load_snapshot_bytes
+
     old = {k: v for k, v in state.snapshot().items() if k != "runs"}
     old.update(shapes=dict(state.runs.shapes), layer_ids=dict(state.runs.layer_ids),
                world_sizes=dict(state.runs.world_sizes), run_seen=dict(state.runs.seen),
                shape_seen=dict(state.runs.shape_seen))
     from_old, _ = new_state()
-    from_old.restore(old)
+    from_old.restore(load_snapshot_bytes(MAGIC + _pack({"version": 2, "state": old})))
     assert from_old.shapes == state.shapes and from_old.runs.layer_ids == state.runs.layer_ids
     with pytest.raises(Rejected):
         from_old.handle(make_hello(sender="pp1-again", layer_names=stage1))
@@ -842,3 +845,43 @@ def test_a_collector_behind_lowers_its_comparisons_and_applies_every_message(tmp
         c.stop()
     ms = [r["comparisons"] for r in read_journal(str(tmp_path / "state")) if r.get("kind") == "point"]
     assert min(ms) < 64 and max(ms) == 64
+
+
+def test_a_restored_stream_has_exactly_the_attributes_of_a_fresh_one():
+    """Issue 30: snapshots store the collector's classes by their attributes. A restored stream must hold the
+    same attributes as one built fresh — whatever is left out of the snapshot (lock, rounds, scratch) is
+    rebuilt in one place (Stream.restore_scratch) — so that no code needs to ask whether an attribute exists."""
+    from grokwatch.collector.persist import load_snapshot_bytes
+
+    state, _ = new_state()
+    _feed(state, "train", range(0, 30, 10))
+    _feed(state, "probe", range(0, 30, 10), loss_in_points=True, seq0=100)
+    restored, _ = new_state()
+    restored.restore(load_snapshot_bytes(state.snapshot_blob()))
+    for key, stream in state.streams.items():
+        assert set(restored.streams[key].__dict__) == set(stream.__dict__), key
+
+
+def test_a_version_2_stream_without_the_newer_arrays_is_migrated_and_runs():
+    """A version-2 snapshot's stream from before the sample keys and the z-loss ring: the migration gives it
+    them empty (persist.MIGRATIONS), the snapshot validates, and the next message is applied."""
+    from grokwatch.collector.persist import MAGIC, _pack, load_snapshot_bytes
+    from grokwatch.collector.schema import validate_state
+
+    state, _ = new_state()
+    seq = _feed(state, "train", range(0, 30, 10))
+    data = state.snapshot()
+    for stream in data["streams"].values():
+        for name in ("win_id_GW", "win_step_GW", "zloss_GWL", "zloss_filled_G", "zloss_next_G"):
+            delattr(stream, name)
+        del stream.max_slots
+    blob = MAGIC + _pack({"version": 2, "state": data})
+    old = load_snapshot_bytes(blob)
+    validate_state(old, state.config)
+    restored, _ = new_state()
+    restored.restore(old)
+    before = restored.samples_total
+    _feed(restored, "train", [40], seq0=seq)
+    assert restored.samples_total == before + 4
+    stream = restored.streams[("run-a", "train")]
+    assert stream.max_slots == restored.config.max_groups + 1 and stream.zloss_GWL.shape[0] == len(stream.win_filled_G)
