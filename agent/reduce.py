@@ -313,7 +313,7 @@ def _reduce_batch(ctx: BatchContext, group: list[Gathered], top_k: int, views: d
                   top_k=top_k, num_slots=N, zloss=zloss)
     if layers == list(range(lo, lo + L)):  # written by summarize (compiled: inside its kernels)
         cos_out = None if weights_LEH is None else ctx.staging.targets(slice(lo + 1, lo + L), D, packed,
-                                                                       ("cosine_LN",))[0]
+                                                                       ("adj_cosine_LN",))[0]
         out = ctx.staging.targets(slice(lo, lo + L), D, packed) + (cos_out,)
         summarize_fn(x, idx_LMSK, avg, weight_LMX, base, weights_LEH, out, **kwargs)
     else:
@@ -338,7 +338,7 @@ def cosine_rows(means_LXE: torch.Tensor, weights_LEH: torch.Tensor,
 
 def _cosines(ctx: BatchContext, views: dict) -> bool:
     """The cosines when the layers were reduced in several batches (else ``summarize`` computed them):
-    cos(emb(l-1), emb(l)) into row l of cosine_LN, from the means in staging, in one batched call.
+    cos(emb(l-1), emb(l)) into row l of adj_cosine_LN, from the means in staging, in one batched call.
     Needs every layer's router weight, all of one shape (else False: none; routing embeddings of
     different widths, from record() of unlike routers, have no cosine)."""
     gathered = sorted(ctx.pending, key=lambda g: g.layer)
@@ -346,5 +346,5 @@ def _cosines(ctx: BatchContext, views: dict) -> bool:
     if weights_LEH is None:
         return False
     lo, hi = gathered[0].layer, gathered[-1].layer + 1
-    cosine_rows(views["mean_probs_LNE"][lo:hi], weights_LEH, out=views["cosine_LN"][lo + 1:hi])
+    cosine_rows(views["mean_probs_LNE"][lo:hi], weights_LEH, out=views["adj_cosine_LN"][lo + 1:hi])
     return True

@@ -29,10 +29,10 @@ class Staging:
         # int64 counts stored as int32 pairs (first: 8-byte aligned); column E counts picks of no expert
         "expert_tokens_LE": (lambda L, N, E: (L, 2 * (E + 1)), torch.int32),
         "mean_probs_NLE": (lambda L, N, E: (N, L, E), torch.float32),
-        "counts_NLE": (lambda L, N, E: (N, L, E), torch.int32),
+        "topk_counts_NLE": (lambda L, N, E: (N, L, E), torch.int32),
         "entropy_NL": (lambda L, N, E: (N, L), torch.float32),
         "zloss_NL": (lambda L, N, E: (N, L), torch.float32),  # mean logsumexp(logits)² per slot; < 0: undefined
-        "cosine_NL": (lambda L, N, E: (N, L), torch.float32),  # column l: cos(layer l-1, layer l); column 0 unused
+        "adj_cosine_NL": (lambda L, N, E: (N, L), torch.float32),  # column l: cos(layer l-1, layer l); column 0 unused
         "tokens_N": (lambda L, N, E: (N,), torch.int32),
         "loss_N": (lambda L, N, E: (N,), torch.float32),
         "aux_loss": (lambda L, N, E: (1,), torch.float32),  # the model's aux loss summed over the interval
@@ -52,10 +52,10 @@ class Staging:
         stored = self.split(self.device_buf)
         self.views = {  # what the reduction writes: layer-major views of the same memory
             "mean_probs_LNE": stored["mean_probs_NLE"].transpose(0, 1),
-            "counts_LNE": stored["counts_NLE"].transpose(0, 1),
+            "topk_counts_LNE": stored["topk_counts_NLE"].transpose(0, 1),
             "entropy_LN": stored["entropy_NL"].t(),
             "zloss_LN": stored["zloss_NL"].t(),
-            "cosine_LN": stored["cosine_NL"].t(),  # row l: cos(layer l-1, layer l)
+            "adj_cosine_LN": stored["adj_cosine_NL"].t(),  # row l: cos(layer l-1, layer l)
             "tokens_N": stored["tokens_N"],
             "loss_N": stored["loss_N"],
             "expert_tokens_LE": stored["expert_tokens_LE"].view(torch.int64),  # [L, E + 1] (agent/counts.py)
@@ -68,7 +68,7 @@ class Staging:
         self.cached_views: dict[tuple, tuple] = {}  # slices of ``views`` the reduction writes, made once
 
     def targets(self, layers, docs_per_row: int, packed: bool,
-                names: tuple = ("mean_probs_LNE", "entropy_LN", "counts_LNE", "zloss_LN")) -> tuple:
+                names: tuple = ("mean_probs_LNE", "entropy_LN", "topk_counts_LNE", "zloss_LN")) -> tuple:
         """Views of ``names`` for ``layers`` (a slice or one index), made once: every slot when packed
         rows split into documents, else each row's slot m*D (the other D-1 keep zero tokens, never read)."""
         key = ((layers.start, layers.stop) if isinstance(layers, slice) else layers, docs_per_row, packed, names)

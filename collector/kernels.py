@@ -163,7 +163,7 @@ def _observe(bounds_U, nb, counts_Up, value):
 # One routing message's samples and the draws for them (read only).
 # id_N: each sample's id hashed (``sample_key``): a sample is never compared with a copy of itself; same_round:
 # the probe and replay sources compare only samples of the same step (one probe round, one checkpoint).
-Samples = namedtuple("Samples", ["mean_probs_NLE", "counts_NLE", "tokens_N", "entropy_NL", "cos_NJ", "has_cos",
+Samples = namedtuple("Samples", ["mean_probs_NLE", "topk_counts_NLE", "tokens_N", "entropy_NL", "adj_cosine_NJ", "has_cos",
                                  "loss_N", "has_loss", "step", "targets_N2", "u_N2P", "ux_NP", "id_N", "same_round"])
 # Every group's window ring: its last W pathways and their router-health inputs (the new ones go in).
 Windows = namedtuple("Windows", ["sym_GWY", "len_GW", "starts_GWLp", "fp_GW", "chars_GWC", "chars_len_GW", "filled_G",
@@ -406,10 +406,10 @@ def _cross_pairs(i, a_len, c_len, g, ux_P, win, scratch, params, baseline, st, p
 @njit(cache=True, nogil=True, inline="always")
 def _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars, sid, step):
     """Sample i's pathway and router-health inputs into group g's ring (its oldest slot once full)."""
-    counts_NLE, entropy_NL = samples.counts_NLE, samples.entropy_NL
+    topk_counts_NLE, entropy_NL = samples.topk_counts_NLE, samples.entropy_NL
     sym_Y, starts_Lp, chars_C = scratch.sym_Y, scratch.starts_Lp, scratch.chars_C
     sym_GWY, topk_GWLE, entropy_GWL = win.sym_GWY, win.topk_GWLE, win.entropy_GWL
-    L, E = counts_NLE.shape[1], counts_NLE.shape[2]
+    L, E = topk_counts_NLE.shape[1], topk_counts_NLE.shape[2]
     W = sym_GWY.shape[1]
     s = win.next_G[g]
     for j in range(a_len):
@@ -426,7 +426,7 @@ def _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars, sid, 
         win.chars_len_GW[g, s] = c_len
     for l in range(L):
         for k in range(E):
-            topk_GWLE[g, s, l, k] = counts_NLE[i, l, k]
+            topk_GWLE[g, s, l, k] = topk_counts_NLE[i, l, k]
         entropy_GWL[g, s, l] = entropy_NL[i, l]
     win.tokens_GW[g, s] = tok
     win.next_G[g] = (s + 1) % W
@@ -448,8 +448,8 @@ def process_samples(samples, win, series, baseline, sums, scratch, params, plan)
     generator, seeded), so the kernel itself is deterministic. ``plan``: the pairs' figures computed ahead,
     on several threads (collector/pairs.py; ``pairs.empty_plan``: none).
     """
-    mean_probs_NLE, counts_NLE, entropy_NL, cos_NJ = samples.mean_probs_NLE, samples.counts_NLE, samples.entropy_NL, \
-        samples.cos_NJ
+    mean_probs_NLE, topk_counts_NLE, entropy_NL, adj_cosine_NJ = samples.mean_probs_NLE, samples.topk_counts_NLE, samples.entropy_NL, \
+        samples.adj_cosine_NJ
     targets_N2, u_N2P, ux_NP = samples.targets_N2, samples.u_N2P, samples.ux_NP
     has_cos, has_loss, step = samples.has_cos, samples.has_loss, samples.step
     sym_Y, starts_Lp, chars_C = scratch.sym_Y, scratch.starts_Lp, scratch.chars_C
@@ -489,7 +489,7 @@ def process_samples(samples, win, series, baseline, sums, scratch, params, plan)
             for l in range(L):
                 a0 = starts_Lp[l]
                 build_peq(sym_Y[a0:starts_Lp[l + 1] - 1], starts_Lp[l + 1] - 1 - a0, alphabet_sym, lpeq_LAQ[l])
-        cos_raw, cons, cons_ok = _cosines(cos_NJ[i], has_cos and L > 1, min_max_cosine)
+        cos_raw, cons, cons_ok = _cosines(adj_cosine_NJ[i], has_cos and L > 1, min_max_cosine)
         fp = fingerprint(sym_Y, a_len)
         ent_mean = 0.0
         for l in range(L):
@@ -559,7 +559,7 @@ def process_samples(samples, win, series, baseline, sums, scratch, params, plan)
             for l in range(L):
                 ent_GL[g, l] += np.float64(entropy_NL[i, l]) * tok
                 for k in range(E):
-                    load_GLE[g, l, k] += counts_NLE[i, l, k]
+                    load_GLE[g, l, k] += topk_counts_NLE[i, l, k]
             _insert(win, g, i, samples, scratch, a_len, c_len, fp, tok, use_chars, sid, step)
     return 0
 

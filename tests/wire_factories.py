@@ -22,17 +22,17 @@ def routing_arrays(rng: np.random.Generator, n: int, num_layers: int, num_expert
     """Per-sample token-level routing reduced exactly as METRICS.md says."""
     tokens_N = rng.integers(1, max_tokens + 1, size=n)
     mean_probs_NLE = np.zeros((n, num_layers, num_experts), np.float64)
-    counts_NLE = np.zeros((n, num_layers, num_experts), np.uint32)
+    topk_counts_NLE = np.zeros((n, num_layers, num_experts), np.uint32)
     entropy_NL = np.zeros((n, num_layers), np.float64)
     for i, t in enumerate(tokens_N):
         p_TLE = rng.dirichlet(np.full(num_experts, concentration), size=(t, num_layers))
         mean_probs_NLE[i] = p_TLE.mean(axis=0)
         top_TLK = np.argsort(-p_TLE, axis=2, kind="stable")[..., :top_k]
         for layer in range(num_layers):
-            counts_NLE[i, layer] = np.bincount(top_TLK[:, layer].ravel(), minlength=num_experts)
+            topk_counts_NLE[i, layer] = np.bincount(top_TLK[:, layer].ravel(), minlength=num_experts)
         h_TL = -(p_TLE * np.log(np.clip(p_TLE, 1e-30, None))).sum(axis=2)
         entropy_NL[i] = h_TL.mean(axis=0) / np.log(num_experts)
-    return (tokens_N.astype(np.uint32), mean_probs_NLE.astype(np.float32), counts_NLE,
+    return (tokens_N.astype(np.uint32), mean_probs_NLE.astype(np.float32), topk_counts_NLE,
             np.clip(entropy_NL, 0, 1).astype(np.float32))
 
 

@@ -116,10 +116,10 @@ def consistency(g_NLE: np.ndarray, W_LEH: Optional[np.ndarray]) -> tuple[np.ndar
         return nan, nan
     e_NLH = np.einsum("nle,leh->nlh", g_NLE, W_LEH)
     a, b = e_NLH[:, :-1], e_NLH[:, 1:]
-    cos_NJ = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
-    raw = cos_NJ.mean(-1)
-    mx = cos_NJ.max(-1)
-    smooth = np.where((L >= 3) & (mx > 0.05), (cos_NJ / (mx[:, None] + 1e-8)).mean(-1), math.nan)
+    adj_cosine_NJ = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+    raw = adj_cosine_NJ.mean(-1)
+    mx = adj_cosine_NJ.max(-1)
+    smooth = np.where((L >= 3) & (mx > 0.05), (adj_cosine_NJ / (mx[:, None] + 1e-8)).mean(-1), math.nan)
     return raw, smooth
 
 
