@@ -5,7 +5,8 @@ tags are collector/scalars.py's (shared with the W&B view); the x axis is the tr
 writes every scalar whose step moved, and each pathway histogram's new samples as a TensorBoard histogram over
 its buckets (the overflow bucket drawn one bucket-width past the last bound) beside their mean
 ``…/<metric>_mean``. A histogram's sum of squares is not kept by the collector, so the one TensorBoard stores
-is the buckets' midpoints squared (TensorBoard draws the buckets, not it).
+is the buckets' midpoints squared (TensorBoard draws the buckets, not it). The run's layer x expert load
+matrix (all-token counts) is an image, ``router/expert_load``.
 """
 
 from __future__ import annotations
@@ -101,9 +102,26 @@ class TensorBoardView:
                 self._writer(h.run).add_histogram_raw(h.tag, global_step=h.step, **raw)
                 self.points += 1
                 self._scalar(h.run, f"{h.tag}_mean", h.mean, h.step)
+        self._load_matrices()
         for writer in self.writers.values():
             writer.flush()
         return self.points - before
+
+    def _load_matrices(self) -> None:
+        """Each run's layer x expert load (the all-token counts' shares of the latest closed interval) as an
+        image ``router/expert_load`` (rows: layers, columns: experts; each layer scaled to its busiest expert:
+        white), at the step that ends the interval."""
+        with self.state.lock:
+            mats = {run: (counts.closed_step, counts.figures()) for run, counts in self.state.all_tokens.items()}
+        for run, (step, figures) in sorted(mats.items()):
+            if figures is None or self._last_step.get((run, "router/expert_load"), -1) >= step:
+                continue
+            share = figures["share_LE"]
+            top = share.max(axis=1, keepdims=True)
+            image = np.where(top > 0, share / np.where(top > 0, top, 1.0), 0.0).astype(np.float32)
+            self._last_step[(run, "router/expert_load")] = step
+            self._writer(run).add_image("router/expert_load", image, global_step=step, dataformats="HW")
+            self.points += 1
 
     def _round(self) -> None:
         try:

@@ -86,3 +86,33 @@ def test_without_tensorboardx_the_start_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "grokwatch[tensorboard]" in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+def test_the_layer_by_expert_load_matrix_is_an_image_at_its_intervals_step(tmp_path):
+    """Issue 31: the all-token counts' share matrix as a TensorBoard image (rows layers, columns experts, each
+    layer scaled to its busiest expert)."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    tb = tmp_path / "tb"
+    c = start_collector(tmp_path, tensorboard_dir=str(tb), tensorboard_interval_s=3600)
+    counts = np.arange(4 * 8, dtype=np.uint64).reshape(4, 8) + 1
+    counts[2, 5] = 0  # a dead expert: black
+    try:
+        for seq, step in ((1, 10), (2, 20)):  # a world of one rank: each step's interval closes at once
+            send_all(c, ([make_hello()] if seq == 1 else []) + [dataclasses.replace(
+                make_routing(seq=seq, n=2, step=step), expert_tokens_LE=counts * seq, counted_forwards=1)])
+            c.tensorboard.write_once()
+            c.tensorboard.write_once()  # nothing new: no second image of the interval
+    finally:
+        c.stop()
+    events = _read(tb / "run-a").Images("router/expert_load")
+    assert [e.step for e in events] == [10, 20]
+    event = events[0]
+    assert (event.width, event.height) == (8, 4)
+    pixels = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("L"), dtype=np.float64)
+    want = counts / counts.max(axis=1, keepdims=True) * 255
+    np.testing.assert_allclose(pixels, want, atol=1.0)
+    assert pixels[2, 5] == 0
