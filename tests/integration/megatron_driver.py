@@ -108,6 +108,18 @@ def main() -> int:
     megatron_LE = np.stack([routing_map.sum(axis=0) for _, routing_map in tap])
     assert message.counted_forwards == 1, message.counted_forwards
     assert (message.expert_tokens_LE == megatron_LE).all(), (message.expert_tokens_LE, megatron_LE)
+    # ... and what /metrics then shows is the imbalance of Megatron's own counts (max / mean tokens per expert)
+    from grokwatch.collector.config import CollectorConfig
+    from grokwatch.collector.state import State
+    from grokwatch.collector.view import build_view
+
+    state = State(CollectorConfig(window_samples=8, comparisons_per_sample=2), journal=lambda record: None)
+    state.handle(hello)
+    state.handle(message)
+    [imbalance] = [f for f in build_view(state) if f.name == "grokwatch_router_all_tokens_load_imbalance_ratio"]
+    shown = {int(s.labels[1]): float(s.value) for s in imbalance.samples}
+    want = megatron_LE.max(axis=1) / megatron_LE.mean(axis=1)
+    assert shown == {layer: float(want[layer]) for layer in range(L)}, (shown, want)
     print("ok", list(message.sample_ids))
     return 0
 
