@@ -14,7 +14,7 @@ STAMP := $(VENV)/.grokwatch-installed
 # folder on its path: pinned and without their dependencies (torchtitan's own pull datasets, wandb,
 # tensorboard...; triton is its import-time need, even on CPU), kept out of the venv's site-packages.
 FRAMEWORKS := $(VENV)/frameworks
-FRAMEWORK_PINS := megatron-core==0.16.1 torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser==0.18.0 triton==3.9.0
+FRAMEWORK_PINS := megatron-core==0.16.1 torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser==0.18.0 triton==3.9.0 ai2-olmo-core==3.0.0 dataclass-extensions==0.5.0 bettermap==1.3.1 dill==0.4.1
 
 .PHONY: setup frameworks demo test quick lint typecheck prometheus bench gpu-wheels k8s-rules k8s-keys clean
 

@@ -47,3 +47,11 @@ def test_megatron_example_ships_what_its_routers_computed():
     done = run_with_frameworks(ROOT / "tests" / "integration" / "megatron_driver.py", "megatron")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("ok")
+
+
+def test_olmo_core_example_shows_the_load_imbalance_olmo_core_logs():
+    """Issue 31: examples/olmo_core_moe.py on OLMo-core 3.0's MoELinearRouter: the all-token counts are the
+    router's own batch_size_per_expert, and /metrics' imbalance is what its compute_metrics() logs, per step."""
+    done = run_with_frameworks(ROOT / "tests" / "integration" / "olmo_core_driver.py", "olmo_core")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("ok")
