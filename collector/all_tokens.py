@@ -17,6 +17,10 @@ its forwards; the interval's figure is the mean over its ranks), and for aux-los
 **balancing bias** b (per layer, [E]; replicated across data-parallel ranks: the lowest rank's of the
 interval): its spread std_k b and its **drift**, the RMS over experts of b's change since the previous
 closed interval.
+
+Where the ranks' loads differ, two imbalances answer two questions: the summed counts' (the global load: what
+Megatron-Core's all-reduced tokens per expert give) and the largest of the ranks' own (OLMo-core's "load
+imbalance", reduced across ranks by max: the worst local load, what makes a straggler). Both are exported.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class AllTokens:
         self.closed_LE = np.zeros((num_layers, num_experts), np.uint64)
         self.closed_ranks = 0
         self.closed_forwards = 0
+        self.open_rank_max_L = np.zeros(num_layers)  # the largest of the ranks' own imbalances (OLMo-core's)
+        self.closed_rank_max_L = np.zeros(num_layers)
         self.open_aux_sum, self.open_aux_n = 0.0, 0  # the ranks' mean aux losses, summed
         self.closed_aux: float | None = None
         self.open_bias_LE: np.ndarray | None = None  # float32 [L, E], the lowest rank's of the open interval
@@ -59,6 +65,10 @@ class AllTokens:
                 self._close()
             self.open_step = step
         self.open_LE += counts_LE
+        c = counts_LE.astype(np.float64)
+        mean_L = c.mean(axis=1)
+        own_L = np.where(mean_L > 0, c.max(axis=1) / np.where(mean_L > 0, mean_L, 1.0), 0.0)
+        np.maximum(self.open_rank_max_L, own_L, out=self.open_rank_max_L)
         self.open_ranks.add(rank)
         self.open_forwards += forwards
         if aux_loss is not None:
@@ -74,6 +84,8 @@ class AllTokens:
         self.closed_step, self.closed_LE = self.open_step, self.open_LE.copy()
         self.closed_ranks, self.closed_forwards = len(self.open_ranks), self.open_forwards
         self.open_LE[:] = 0
+        self.closed_rank_max_L = self.open_rank_max_L.copy()
+        self.open_rank_max_L[:] = 0
         self.open_ranks = set()
         self.open_forwards = 0
         self.closed_aux = self.open_aux_sum / self.open_aux_n if self.open_aux_n else None

@@ -131,6 +131,8 @@ def _all_tokens(where: str, run: Any, counts: Any) -> None:
         _count(f"{where}.{name}", getattr(counts, name, None), lo=-1)
     if not isinstance(counts.open_ranks, set) or not all(isinstance(r, int) for r in counts.open_ranks):
         _fail(f"{where}.open_ranks", "not a set of ranks")
+    for name in ("open_rank_max_L", "closed_rank_max_L"):
+        _array(f"{where}.{name}", getattr(counts, name, None), (shape[0],), np.float64)
     _number(f"{where}.open_aux_sum", counts.open_aux_sum)
     _count(f"{where}.open_aux_n", counts.open_aux_n)
     _count(f"{where}.open_bias_rank", counts.open_bias_rank, lo=-1)

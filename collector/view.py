@@ -180,6 +180,9 @@ def _specs() -> tuple[Spec, ...]:
         "round (the label-free baseline)", GROUP_LABELS)
     fam("router_all_tokens_load_imbalance_ratio", "gauge", "Max over mean tokens per expert over every routed "
         "token of the run's latest closed interval, all ranks summed (the framework's own figure)", ("run", "layer"))
+    fam("router_all_tokens_rank_load_imbalance_max", "gauge", "The largest of the ranks' own max over mean tokens "
+        "per expert in the same interval (OLMo-core's load imbalance, reduced across ranks by max)",
+        ("run", "layer"))
     fam("router_all_tokens_load_cv", "gauge", "Coefficient of variation of the tokens per expert, same interval",
         ("run", "layer"))
     fam("router_all_tokens_dead_experts", "gauge", "Experts no token picked in the same interval", ("run", "layer"))
@@ -335,6 +338,7 @@ def _all_token_families(F: dict, run: str, counts, shape, max_share_series: int)
     F["router_all_tokens_interval_ranks"].add((run,), counts.closed_ranks)
     for layer in range(counts.shape[0]):
         F["router_all_tokens_load_imbalance_ratio"].add((run, layer), float(figures["imbalance_L"][layer]))
+        F["router_all_tokens_rank_load_imbalance_max"].add((run, layer), float(counts.closed_rank_max_L[layer]))
         F["router_all_tokens_load_cv"].add((run, layer), float(figures["cv_L"][layer]))
         F["router_all_tokens_dead_experts"].add((run, layer), int(figures["dead_L"][layer]))
     if counts.closed_aux is not None:

@@ -56,13 +56,13 @@ class Model(nn.Module):
 def main() -> int:
     stub_cached_path()
     from olmo_core.nn.moe.router import MoELinearRouter
+    from olmo_core_moe import attach_olmo_core
+    from sink import Sink
 
     from grokwatch.collector.config import CollectorConfig
     from grokwatch.collector.state import State
     from grokwatch.collector.view import build_view
     from grokwatch.wire import Hello
-    from olmo_core_moe import attach_olmo_core
-    from sink import Sink
 
     torch.manual_seed(0)
     routers = [MoELinearRouter(d_model=D, num_experts=E, top_k=K, lb_loss_weight=0.01) for _ in range(L)]
@@ -97,9 +97,11 @@ def main() -> int:
         assert msg.counted_forwards == 1 and msg.num_samples == 2
         assert (msg.expert_tokens_LE == counts).all(), (msg.expert_tokens_LE, counts)
         state.handle(msg)
-        [fam] = [f for f in build_view(state) if f.name == "grokwatch_router_all_tokens_load_imbalance_ratio"]
-        shown = [float(s.value) for s in sorted(fam.samples, key=lambda s: int(s.labels[1]))]
-        assert np.allclose(shown, imbalance, rtol=1e-6), (shown, imbalance)
+        view = {f.name: f for f in build_view(state)}
+        for name in ("grokwatch_router_all_tokens_load_imbalance_ratio",  # the summed counts' (one rank: the same)
+                     "grokwatch_router_all_tokens_rank_load_imbalance_max"):  # the worst rank's: OLMo-core's own
+            shown = [float(s.value) for s in sorted(view[name].samples, key=lambda s: int(s.labels[1]))]
+            assert np.allclose(shown, imbalance, rtol=1e-6), (name, shown, imbalance)
     print("ok", [round(x, 4) for x in own_imbalance[-1]])
     return 0
 

@@ -56,6 +56,10 @@ def test_an_interval_sums_its_ranks_and_closes_when_all_have_reported():
         assert got[("grokwatch_router_all_tokens_load_cv", ("run-a", str(layer)))] == pytest.approx(w["cv"], rel=1e-12)
         assert got[("grokwatch_router_all_tokens_dead_experts", ("run-a", str(layer)))] == w["dead"]
     assert got[("grokwatch_router_all_tokens_dead_experts", ("run-a", "1"))] == 1
+    for layer in range(L):  # OLMo-core's figure: the worst rank's own imbalance
+        worst = max(reference.all_token_load(x, K)[layer]["imbalance"] for x in (a, b))
+        assert got[("grokwatch_router_all_tokens_rank_load_imbalance_max", ("run-a", str(layer)))] == \
+            pytest.approx(worst, rel=1e-12)
     assert got[("grokwatch_router_all_tokens_interval_step", ("run-a",))] == 10
     assert got[("grokwatch_router_all_tokens_interval_ranks", ("run-a",))] == 2
     assert got[("grokwatch_router_counted_forwards_total", ("run-a",))] == 10

@@ -47,6 +47,7 @@ FROZEN = {
     "grokwatch_group_fresh_loss_gap": ("gauge", G),
     "grokwatch_router_all_tokens_load_imbalance_ratio": ("gauge", ("run", "layer")),
     "grokwatch_router_all_tokens_load_cv": ("gauge", ("run", "layer")),
+    "grokwatch_router_all_tokens_rank_load_imbalance_max": ("gauge", ("run", "layer")),
     "grokwatch_router_all_tokens_dead_experts": ("gauge", ("run", "layer")),
     "grokwatch_expert_load_share": ("gauge", ("run", "layer", "expert")),
     "grokwatch_router_aux_loss": ("gauge", ("run",)),
