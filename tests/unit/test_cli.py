@@ -97,3 +97,24 @@ def test_the_prebuilt_kernel_cache_is_copied_only_into_an_empty_cache(tmp_path):
     assert seed_cache(env) == 0 and (target / "sub" / "k.nbi").read_text() == "newer"  # never over a cache in use
     assert seed_cache({"NUMBA_CACHE_DIR": str(target)}) == 0
     assert seed_cache({"GROKWATCH_KERNEL_CACHE": str(tmp_path / "none"), "NUMBA_CACHE_DIR": str(tmp_path / "x")}) == 0
+
+
+def test_the_variable_list_is_the_collectors_config_and_the_agent_never_imports_the_collector():
+    """Issue 30: the agent's attach() warns about unknown GROKWATCH_* variables from a static list (agent ->
+    collector would be an import edge against the data path); the list is the collector's config, key by key."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from grokwatch.collector.config import CollectorConfig
+    from grokwatch.envvars import COLLECTOR_KEYS
+
+    assert COLLECTOR_KEYS == tuple(f.name.upper() for f in dataclasses.fields(CollectorConfig))
+    code = ("import sys, torch, grokwatch.agent as gw\n"
+            "from grokwatch.envvars import warn_unknown\n"
+            "assert warn_unknown({'GROKWATCH_WINDOW_SAMPLE': '8'})\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('grokwatch.collector'))\n"
+            "print('collector modules:', bad)\n"
+            "sys.exit(1 if bad else 0)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
