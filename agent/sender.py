@@ -256,12 +256,13 @@ class Sender:
         if p.event is not None and not p.event.query():  # done already: no wait, no GIL hand-over
             p.event.synchronize()  # waits here, on the sender thread, not in training
         v = self._host_views[p.host_index]
-        tokens_LE, forwards = self._expert_tokens(v, p.counted_forwards)
+        counts_LE1, forwards = self._expert_tokens(v, p.counted_forwards)
         keep = [i for i in np.flatnonzero(v["tokens_N"]).tolist() if p.sample_ids[i]]
         if not keep:
-            if tokens_LE is not None:  # no sampled row to ship them with: they go with the next message
-                self._carry = (tokens_LE.copy(), forwards)
+            if counts_LE1 is not None:  # no sampled row to ship them with: they go with the next message
+                self._carry = (counts_LE1.copy(), forwards)
             return None
+        tokens_LE = counts_LE1[:, :-1] if counts_LE1 is not None else None  # column E: picks of no expert
         rows = _as_slice(keep)  # usually slots 0, D, 2D, ...: views, copied once by encode
         return Routing(
             **self._header(), source=p.source, step=p.step, top_k=self.shape[2],
@@ -279,8 +280,8 @@ class Sender:
         )
 
     def _expert_tokens(self, v: dict, counted_forwards: int) -> tuple[Optional[np.ndarray], int]:
-        """The all-token counts the buffer holds ([L, E] int64, a view of it) and the forwards they cover,
-        with any a previous message could not carry; (None, 0) when it holds none."""
+        """The all-token counts the buffer holds ([L, E + 1] int64: a view of it, or a sum with those a previous
+        message could not carry) and the forwards they cover; (None, 0) when it holds none."""
         if not counted_forwards:
             return None, 0
         counts_LE1 = v["expert_tokens_LE"].view(np.int64)
@@ -292,7 +293,7 @@ class Sender:
             self._logged_unrouted = True
             log.warning("grokwatch: routers returned expert ids outside 0..%d (dropped tokens?); those picks "
                         "are left out of the all-token expert counts (logged once)", self.shape[1] - 1)
-        return counts_LE1[:, :-1], counted_forwards
+        return counts_LE1, counted_forwards
 
     def _encode(self, message) -> Optional[bytes]:
         try:

@@ -106,3 +106,34 @@ def test_the_sender_waits_for_the_device_copy_only_while_it_is_not_done(monkeypa
     assert message.sample_ids == ("a",) and message.token_counts_N.tolist() == [3]
     assert event.waited is (not done)
     sender.close(0.1)
+
+
+def test_all_token_counts_of_a_message_without_sampled_rows_go_with_the_next(monkeypatch):
+    """A training message whose sampled rows are all empty is not sent: its all-token counts (and forwards) are
+    carried into the next message, added once, the spare column of ids outside 0..E-1 left out."""
+    import numpy as np
+    import torch
+
+    from grokwatch.agent.sender import Pending
+    from grokwatch.agent.staging import Staging
+
+    monkeypatch.setattr(Sender, "_loop", lambda self: None)
+    staging = Staging(num_layers=2, slots=1, num_experts=4, device=torch.device("cpu"))
+    sender = Sender(endpoint="tcp://127.0.0.1:9", run="r", num_layers=2, num_experts=4, top_k=1,
+                    distribution="softmax", staging=staging)
+    first = np.arange(10, dtype=np.int64).reshape(2, 5)  # [L, E + 1]
+    second = np.full((2, 5), 100, np.int64)
+    messages = []
+    for tokens, counts, forwards in ((0, first, 3), (7, second, 2)):
+        index = staging.take()
+        views = staging.split(staging.pool[index])
+        views["tokens_N"][0] = tokens  # 0: no sampled row to ship
+        views["expert_tokens_LE"].view(torch.int64)[:] = torch.from_numpy(counts)
+        messages.append(sender._routing(Pending(source="train", step=len(messages), sample_ids=["a"], groups=["g"],
+                                                host_index=index, event=None, with_cosines=False, with_loss=False,
+                                                counted_forwards=forwards)))
+        staging.give_back(index)
+    assert messages[0] is None
+    np.testing.assert_array_equal(messages[1].expert_tokens_LE, (first + second)[:, :4])
+    assert messages[1].counted_forwards == 5
+    sender.close(0.1)
