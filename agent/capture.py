@@ -271,7 +271,7 @@ class Capture:
             if scores is not None:
                 self._count_later[index] = None
                 self._ids_not_in_experts[index] = True
-                self.counts.add(self._position[index], scores.topk(self.shape.top_k, dim=-1).indices)
+                self.counts.add_top_k(self._position[index], scores)
 
     def _finish(self, ctx: BatchContext) -> None:
         """What a complete forward teaches the capture itself, before the context is handed on."""
@@ -319,7 +319,6 @@ class Capture:
         position = self._position  # changed in place, once, by learn_order
         faults = self.faults
         counts = self.counts
-        top_k = self.shape.top_k
 
         def hook(module, args, output):
             if is_compiling():  # see _compile_aware (inlined: this runs once per layer in every forward)
@@ -341,11 +340,11 @@ class Capture:
                     if at >= 0:
                         counts.add(position[index], outputs[at])
                     else:  # the experts' pre-hook may give the ids; else the top-k of the scores (at forward end)
-                        scores = outputs[layer.logits_index].detach()
+                        scores = outputs[layer.logits_index]
                         if self.needs_experts_hook[index] and not self._ids_not_in_experts[index]:
-                            self._count_later[index] = scores
+                            self._count_later[index] = scores.detach()
                         else:
-                            counts.add(position[index], scores.topk(top_k, dim=-1).indices)
+                            counts.add_top_k(position[index], scores)
                 if ctx is None:
                     return None
                 # Without indices: the experts pre-hook, which runs next, supplies them (else top-k of p).
@@ -369,16 +368,19 @@ class Capture:
         counts = self.counts
 
         def hook(module, args):
-            if counts.active and self._count_later[index] is not None and len(args) >= 2 and \
-                    isinstance(args[1], torch.Tensor) and args[1].dtype == torch.int64:
+            ids = args[1] if len(args) >= 2 and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.int64 \
+                else None
+            if ids is None:
+                return
+            if counts.active and self._count_later[index] is not None:
                 self._count_later[index] = None
-                counts.add(self._position[index], args[1])
+                counts.add(self._position[index], ids)
             ctx = self._ctx
-            if ctx is None or len(args) < 2 or not isinstance(args[1], torch.Tensor) or not ctx.pending:
+            if ctx is None or not ctx.pending:
                 return
             gathered = ctx.pending[-1]
-            if gathered.layer == self._position[index] and gathered.idx_MSK is None and args[1].dtype == torch.int64:
-                attach_indices(ctx, gathered, args[1])
+            if gathered.layer == self._position[index] and gathered.idx_MSK is None:
+                attach_indices(ctx, gathered, ids)
         return hook
 
     def record(self, layer: int, *, logits: Optional[torch.Tensor] = None, probs: Optional[torch.Tensor] = None,
@@ -435,7 +437,7 @@ class Capture:
             return
         scores = logits if logits is not None else probs
         if scores is not None:
-            self.counts.add(layer, scores.detach().topk(self.shape.top_k, dim=-1).indices)
+            self.counts.add_top_k(layer, scores)
 
     # ------------------------------------------------------------------ what a complete forward teaches
 

@@ -28,8 +28,9 @@ class ExpertCounts:
     from a router's hook inside one; ``drain_into(view)`` at a summarized training forward copies the
     counts into the staging buffer (device to device) and starts the next interval."""
 
-    def __init__(self, num_layers: int, num_experts: int, enabled: bool = True):
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, enabled: bool = True):
         self.shape = (num_layers, num_experts)
+        self.top_k = top_k
         self.enabled = enabled
         self.active = False  # inside a training forward
         self.forwards = 0  # training forwards begun since the last drain
@@ -73,6 +74,11 @@ class ExpertCounts:
         """The top-k expert ids of every token the router ``layer`` routed in this forward (any shape): kept
         until the forward's end, when every layer's go into the counts at once (``_flush``)."""
         self._pending.append((layer, ids))
+
+    def add_top_k(self, layer: int, scores: torch.Tensor) -> None:
+        """A router that gives no ids (or record() given only scores): the top-k of its scores over the experts'
+        (last) dimension, as it selects them."""
+        self.add(layer, scores.detach().topk(self.top_k, dim=-1).indices)
 
     def _flush(self) -> None:
         """One forward's ids into the counts: the layers stacked, each offset into its own row of the flat

@@ -85,7 +85,8 @@ class Monitor:
                                router_weights=(list(router_weights) if router_weights is not None
                                                else [layer.weight_EH for layer in shape.layers]),
                                keep_armed=config.every_n_steps == 1,
-                               counts=ExpertCounts(shape.num_layers, shape.num_experts, config.expert_counts),
+                               counts=ExpertCounts(shape.num_layers, shape.num_experts, shape.top_k,
+                                                   config.expert_counts),
                                on_forward_start=self._on_forward_start,
                                on_forward_done=self._forward_done)
         device = _parameter_device(model)
