@@ -28,6 +28,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def _imbalance_cv_L(counts_LE: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, max / mean and std / mean of the tokens per expert (0 for a layer with none)."""
+    c = counts_LE.astype(np.float64)
+    mean_L = c.mean(axis=1)
+    safe = np.where(mean_L > 0, mean_L, 1.0)
+    return np.where(mean_L > 0, c.max(axis=1) / safe, 0.0), np.where(mean_L > 0, c.std(axis=1) / safe, 0.0)
+
+
 class AllTokens:
     """One run's counts. ``add`` under the state's lock at admission (an [L, E] add); read by the view."""
 
@@ -39,11 +47,9 @@ class AllTokens:
         self.open_step = -1
         self.open_LE = np.zeros((num_layers, num_experts), np.uint64)
         self.open_ranks: set[int] = set()
-        self.open_forwards = 0
-        self.closed_step = -1  # the exported interval: its last step, ranks and forwards (-1: none yet)
+        self.closed_step = -1  # the exported interval: its last step and ranks (-1: none yet)
         self.closed_LE = np.zeros((num_layers, num_experts), np.uint64)
         self.closed_ranks = 0
-        self.closed_forwards = 0
         self.open_rank_max_L = np.zeros(num_layers)  # the largest of the ranks' own imbalances (OLMo-core's)
         self.closed_rank_max_L = np.zeros(num_layers)
         self.open_aux_sum, self.open_aux_n = 0.0, 0  # the ranks' mean aux losses, summed
@@ -65,12 +71,8 @@ class AllTokens:
                 self._close()
             self.open_step = step
         self.open_LE += counts_LE
-        c = counts_LE.astype(np.float64)
-        mean_L = c.mean(axis=1)
-        own_L = np.where(mean_L > 0, c.max(axis=1) / np.where(mean_L > 0, mean_L, 1.0), 0.0)
-        np.maximum(self.open_rank_max_L, own_L, out=self.open_rank_max_L)
+        np.maximum(self.open_rank_max_L, _imbalance_cv_L(counts_LE)[0], out=self.open_rank_max_L)
         self.open_ranks.add(rank)
-        self.open_forwards += forwards
         if aux_loss is not None:
             self.open_aux_sum += float(aux_loss)
             self.open_aux_n += 1
@@ -82,12 +84,11 @@ class AllTokens:
 
     def _close(self) -> None:
         self.closed_step, self.closed_LE = self.open_step, self.open_LE.copy()
-        self.closed_ranks, self.closed_forwards = len(self.open_ranks), self.open_forwards
+        self.closed_ranks = len(self.open_ranks)
         self.open_LE[:] = 0
         self.closed_rank_max_L = self.open_rank_max_L.copy()
         self.open_rank_max_L[:] = 0
         self.open_ranks = set()
-        self.open_forwards = 0
         self.closed_aux = self.open_aux_sum / self.open_aux_n if self.open_aux_n else None
         self.open_aux_sum, self.open_aux_n = 0.0, 0
         if self.open_bias_LE is not None:
@@ -97,20 +98,17 @@ class AllTokens:
             self.closed_bias_LE = self.open_bias_LE
         self.open_bias_LE, self.open_bias_rank = None, -1
 
-    @property
-    def routed_tokens_total(self) -> int:
-        """Tokens routed since the run began (each layer routes every token: the layers' largest pick count ÷ K
-        is taken by the caller, who knows K; here the picks of the busiest layer)."""
-        return int(self.total_LE.sum(axis=1).max()) if self.total_LE.size else 0
+    def routed_tokens(self, top_k: int) -> int:
+        """Tokens routed since the run began: each layer routes every token, K picks each (the busiest layer's
+        picks ÷ K: a layer's picks outside 0..E-1 are not in its counts)."""
+        return int(self.total_LE.sum(axis=1).max()) // max(top_k, 1) if self.total_LE.size else 0
 
     def figures(self) -> dict[str, np.ndarray] | None:
         """The closed interval's per-layer figures, or None before one closed."""
         if self.closed_step < 0:
             return None
         c = self.closed_LE.astype(np.float64)
-        mean_L = c.mean(axis=1)
-        safe = np.where(mean_L > 0, mean_L, 1.0)
-        return dict(imbalance_L=np.where(mean_L > 0, c.max(axis=1) / safe, 0.0),
-                    cv_L=np.where(mean_L > 0, c.std(axis=1) / safe, 0.0),
-                    dead_L=(self.closed_LE == 0).sum(axis=1),
-                    share_LE=c / np.where(c.sum(axis=1, keepdims=True) > 0, c.sum(axis=1, keepdims=True), 1.0))
+        imbalance_L, cv_L = _imbalance_cv_L(self.closed_LE)
+        total_L1 = c.sum(axis=1, keepdims=True)
+        return dict(imbalance_L=imbalance_L, cv_L=cv_L, dead_L=(self.closed_LE == 0).sum(axis=1),
+                    share_LE=c / np.where(total_L1 > 0, total_L1, 1.0))

@@ -36,9 +36,10 @@ SNAPSHOT_NAME = "snapshot.msgpack"
 OLD_SNAPSHOT_NAME = "snapshot.pkl"  # an early development format (a pickle): refused, never read
 MAGIC = b"GROKWATCH-SNAPSHOT\n"
 JOURNAL_NAME = "journal.jsonl"
-# The snapshot's schema version. The collector's classes are stored by their attributes, so renaming or
-# removing a persisted attribute changes the format: bump this and add the step from the old version to
-# MIGRATIONS (a new attribute with an empty default needs neither: Stream.restore_scratch completes it).
+# The snapshot's schema version. The collector's classes are stored by their attributes, so adding, renaming
+# or removing a persisted attribute changes the format: bump this and add the step from the old version to
+# MIGRATIONS (as _from_2 gives older streams their newer arrays, empty), before schema.py validates. Only the
+# settings a stream takes from the configuration are completed later (Stream.restore_scratch).
 SNAPSHOT_VERSION = 3
 
 

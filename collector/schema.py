@@ -125,7 +125,7 @@ def _all_tokens(where: str, run: Any, counts: Any) -> None:
         _fail(f"{where}.shape", "not (layers, experts)")
     for name in ("total_LE", "open_LE", "closed_LE"):
         _array(f"{where}.{name}", getattr(counts, name, None), shape, np.uint64)
-    for name in ("forwards_total", "late_total", "open_forwards", "closed_forwards", "closed_ranks"):
+    for name in ("forwards_total", "late_total", "closed_ranks"):
         _count(f"{where}.{name}", getattr(counts, name, None))
     for name in ("open_step", "closed_step"):
         _count(f"{where}.{name}", getattr(counts, name, None), lo=-1)

@@ -359,16 +359,15 @@ class Stream:
                                self.lpeq_LAQ, self.lpv_Q, self.lmv_Q, self.x_layer_sum_L, self.x_layer_n_L)
 
     def transfers(self, msg, targets_N2: np.ndarray) -> list[tuple[str, dict]]:
-        """After ``process`` (under the lock): the transfer record of every group this probe or replay message
-        touched that has fresh documents (collector/transfer.py), as (group, record)."""
+        """After ``process`` of the same message (under the same lock: State.run; it hashed the sample ids): the
+        transfer record of every group this probe or replay message touched that has fresh documents (collector/transfer.py), as (group, record)."""
         if self.source not in SAME_ROUND_SOURCES:
             return []
         labels = [self.labels[g] for g in targets_N2[:, 0]]
         if msg.loss_N is not None:
             for label, loss in zip(labels, msg.loss_N.tolist()):
                 self.round_losses.add(label, msg.step, loss)
-        keys = self.sample_keys_N if len(self.sample_keys_N) == msg.num_samples else kernels.sample_keys(msg.sample_ids)
-        for label, key, g_LE in zip(labels, keys.tolist(), msg.mean_probs_NLE):
+        for label, key, g_LE in zip(labels, self.sample_keys_N.tolist(), msg.mean_probs_NLE):  # process()'s keys
             self.round_routing.add(label, msg.step, key, g_LE)
         out = []
         for label in sorted({lb[len(FRESH_PREFIX):] if lb.startswith(FRESH_PREFIX) else lb for lb in labels}):

@@ -328,8 +328,7 @@ def entropy_ceiling(distribution: str, num_experts: int, top_k: int) -> float:
 
 
 def _all_token_families(F: dict, run: str, counts, shape, max_share_series: int) -> None:
-    top_k = shape[2] if shape else 1
-    F["router_routed_tokens_total"].add((run,), counts.routed_tokens_total // max(top_k, 1))
+    F["router_routed_tokens_total"].add((run,), counts.routed_tokens(shape[2] if shape else 1))
     F["router_counted_forwards_total"].add((run,), counts.forwards_total)
     figures = counts.figures()
     if figures is None:
