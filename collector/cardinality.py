@@ -20,21 +20,18 @@ from dataclasses import dataclass
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.persist import PERSIST_ERRORS
 from grokwatch.collector.phases import PHASES
-from grokwatch.collector.stream import NB_R
+from grokwatch.collector.stream import HIST_NAMES, NB_R
 from grokwatch.collector.view import (
     ALL_REASONS,
     HANDSHAKE_REASONS,
     HISTOGRAMS,
     LOAD_PERCENTILES,
     LOOP_THREADS,
+    ROUTER_HEALTH,
     SPECS,
 )
 from grokwatch.wire import AGENT_DROP_REASONS
 
-# The families exported per group only for the groups router_health_groups admits.
-ROUTER_HEALTH = frozenset({"expert_load_imbalance_ratio", "expert_load_cv", "dead_experts", "routing_entropy_ratio",
-                           "router_zloss", "expert_load_share_percentile", "expert_load_share_std",
-                           "expert_load_diversity", "expert_load_rank_expert", "expert_load_rank_share"})
 # Families with a _cross series beside the groups' (the cross-group baseline).
 WITH_CROSS = frozenset(HISTOGRAMS) | {"pathway_layer_distance"} | {s + "_sum_signed" for s in HISTOGRAMS}
 
@@ -66,8 +63,7 @@ def series_bound(config: CollectorConfig, load: Load) -> dict[str, int]:
             "end": 2, "rank": config.load_rank_k, "phase": len(PHASES), "version": 1,
             "reason": len(ALL_REASONS), "thread": len(LOOP_THREADS), "what": len(PERSIST_ERRORS)}
     out: dict[str, int] = {}
-    buckets = {name: int(NB_R[i]) for i, name in enumerate(("distance", "distance_normalized", "consistency",
-                                                             "adjacent_cosine", "probe_loss"))}
+    buckets = dict(zip(HIST_NAMES, NB_R.tolist()))
     for spec in SPECS:
         n = 1
         for label in spec.labels:
@@ -94,16 +90,6 @@ def series_bound(config: CollectorConfig, load: Load) -> dict[str, int]:
         out[spec.name] = n
     out["total"] = sum(out.values())
     return out
-
-
-def describe(config: CollectorConfig, load: Load) -> str:
-    """The start-up line for a run's shape."""
-    bound = series_bound(config, load)
-    top = sorted(((n, name) for name, n in bound.items() if name != "total"), reverse=True)[:3]
-    return (f"at most {bound['total']:,} series for {load.runs} run(s) of {load.layers} layers x {load.experts} "
-            f"experts, {load.sources} sources, {config.max_groups} groups (router health for "
-            f"{'all' if config.router_health_groups == ('*',) else list(config.router_health_groups) or 'none'}); "
-            "largest: " + ", ".join(f"grokwatch_{name} {n:,}" for n, name in top))
 
 
 def startup_line(config: CollectorConfig) -> str:

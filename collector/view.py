@@ -313,6 +313,12 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
     return list(F.values())
 
 
+# The per-layer window figures exported per group only for the groups router_health_groups admits.
+ROUTER_HEALTH = frozenset({"expert_load_imbalance_ratio", "expert_load_cv", "dead_experts", "routing_entropy_ratio",
+                           "router_zloss", "expert_load_share_percentile", "expert_load_share_std",
+                           "expert_load_diversity", "expert_load_rank_expert", "expert_load_rank_share"})
+
+
 def router_health_for(config, group: str) -> bool:
     """Whether the group's window router health is exported (``router_health_groups``)."""
     patterns = config.router_health_groups

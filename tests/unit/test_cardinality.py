@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from prometheus_client.exposition import generate_latest
 
-from grokwatch.collector.cardinality import ROUTER_HEALTH, Load, series_bound, startup_line
+from grokwatch.collector.cardinality import Load, series_bound, startup_line
 from grokwatch.collector.config import CollectorConfig, ConfigError
 from grokwatch.collector.prometheus import make_registry
 from grokwatch.collector.state import State
+from grokwatch.collector.view import ROUTER_HEALTH
 from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
 
