@@ -13,6 +13,7 @@ under one tag scheme:
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -78,6 +79,21 @@ def points(fams: dict[str, Family], steps: dict[tuple, int]) -> Iterator[Point]:
     for (run,), v in fams["router_aux_loss"].samples:
         if run in interval:
             yield Point(run, "router/aux_loss", scalar(v), interval[run])
+
+
+class Written:
+    """The step each (run, tag) of a view was last written at: a point goes out once, when its step moved, and
+    only a finite value (both views, TensorBoard and W&B, keep one)."""
+
+    def __init__(self):
+        self._step: dict[tuple[str, str], int] = {}
+
+    def due(self, run: str, tag: str, step: int, value: float = 0.0) -> bool:
+        """Whether to write this point now (and, if so, it counts as written)."""
+        if not math.isfinite(value) or self._step.get((run, tag), -1) >= step:
+            return False
+        self._step[(run, tag)] = step
+        return True
 
 
 class HistogramDelta(NamedTuple):

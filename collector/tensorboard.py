@@ -11,8 +11,6 @@ matrix (all-token counts) is an image, ``router/expert_load``.
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import re
 from typing import Callable, Optional
@@ -24,9 +22,6 @@ from grokwatch.collector.config import ConfigError
 from grokwatch.collector.periodic import Periodic
 from grokwatch.collector.state import State
 from grokwatch.collector.view import build_view
-
-log = logging.getLogger("grokwatch.collector")
-
 
 
 def _path_safe(run: str) -> str:
@@ -62,10 +57,11 @@ class TensorBoardView:
         self.interval_s = interval_s
         self.queue_stats = queue_stats
         self.writers: dict = {}
-        self._last_step: dict = {}  # (run, tag) -> step written
+        self._written = scalars.Written()
         self._deltas = scalars.HistogramDeltas()
         self.points = 0  # scalars and histograms written
-        self._periodic = Periodic("grokwatch-tensorboard", interval_s, self._round, final=self._last_round)
+        # a write that fails (a full disk, a bad series) is logged by Periodic and retried the next interval
+        self._periodic = Periodic("grokwatch-tensorboard", interval_s, self._write, final=self._write)
         self._closed = False
         os.makedirs(logdir, exist_ok=True)
 
@@ -79,13 +75,9 @@ class TensorBoardView:
         return self.writers[run]
 
     def _scalar(self, run: str, tag: str, value, step) -> None:
-        if step is None or value is None or not math.isfinite(float(value)):
+        if step is None or value is None or not self._written.due(run, tag, int(step), float(value)):
             return
-        step = int(step)
-        if self._last_step.get((run, tag), -1) >= step:
-            return
-        self._last_step[(run, tag)] = step
-        self._writer(run).add_scalar(tag, float(value), step)
+        self._writer(run).add_scalar(tag, float(value), int(step))
         self.points += 1
 
     def write_once(self) -> int:
@@ -97,8 +89,7 @@ class TensorBoardView:
             self._scalar(point.run, point.tag, point.value, point.step)
         for h in self._deltas.read(fams, steps):
             raw = raw_histogram(h.bounds, h.counts)
-            if raw is not None and self._last_step.get((h.run, h.tag), -1) < h.step:
-                self._last_step[(h.run, h.tag)] = h.step
+            if raw is not None and self._written.due(h.run, h.tag, h.step):
                 self._writer(h.run).add_histogram_raw(h.tag, global_step=h.step, **raw)
                 self.points += 1
                 self._scalar(h.run, f"{h.tag}_mean", h.mean, h.step)
@@ -114,26 +105,16 @@ class TensorBoardView:
         with self.state.lock:
             mats = {run: (counts.closed_step, counts.figures()) for run, counts in self.state.all_tokens.items()}
         for run, (step, figures) in sorted(mats.items()):
-            if figures is None or self._last_step.get((run, "router/expert_load"), -1) >= step:
+            if figures is None or not self._written.due(run, "router/expert_load", step):
                 continue
             share = figures["share_LE"]
             top = share.max(axis=1, keepdims=True)
             image = np.where(top > 0, share / np.where(top > 0, top, 1.0), 0.0).astype(np.float32)
-            self._last_step[(run, "router/expert_load")] = step
             self._writer(run).add_image("router/expert_load", image, global_step=step, dataformats="HW")
             self.points += 1
 
-    def _round(self) -> None:
-        try:
-            self.write_once()
-        except Exception:  # a full disk or a bad series must not stop the collector
-            log.exception("TensorBoard write failed; the next interval retries")
-
-    def _last_round(self) -> None:
-        try:
-            self.write_once()
-        except Exception:
-            log.exception("final TensorBoard write failed")
+    def _write(self) -> None:
+        self.write_once()
 
     def shutdown(self, deadline_s: float = 10.0) -> None:
         """Once: the last write, then every writer closed; a second call does nothing."""

@@ -58,14 +58,15 @@ class WandbView:
         self.config = config
         self.queue_stats = queue_stats
         self.runs: dict[str, Any] = {}  # grokwatch run -> its wandb Run
-        self._last_step: dict[tuple[str, str], int] = {}  # (run, tag) -> step logged
+        self._written = scalars.Written()
         self._deltas = scalars.HistogramDeltas()
         self._alerted: set[tuple] = set()
         self.points = 0
         self.alerts = 0
         self._closed = False
         os.makedirs(str(config.wandb_dir), exist_ok=True)
-        self._periodic = Periodic("grokwatch-wandb", config.wandb_interval_s, self._round, final=self._last_round)
+        # a write that fails (W&B away, a full disk) is logged by Periodic and retried the next interval
+        self._periodic = Periodic("grokwatch-wandb", config.wandb_interval_s, self._write, final=self._write)
 
     def start(self) -> "WandbView":
         self._periodic.start()
@@ -103,10 +104,8 @@ class WandbView:
         return self.points - before
 
     def _add(self, rows: dict, run: str, tag: str, value: float, step: int) -> None:
-        if value != value or abs(value) == float("inf") or self._last_step.get((run, tag), -1) >= step:
-            return
-        self._last_step[(run, tag)] = step
-        rows.setdefault((run, step), {})[tag] = value
+        if self._written.due(run, tag, step, value):
+            rows.setdefault((run, step), {})[tag] = value
 
     def _alerts(self, fams: dict) -> None:
         AlertLevel = getattr(self._wandb, "AlertLevel")  # noqa: B009 (the stubs do not list it)
@@ -144,17 +143,8 @@ class WandbView:
         self._run(run).alert(title=title, text=text, level=level, wait_duration=0)
         self.alerts += 1
 
-    def _round(self) -> None:
-        try:
-            self.write_once()
-        except Exception:  # W&B away, a full disk: never the collector's problem
-            log.exception("W&B write failed; the next interval retries")
-
-    def _last_round(self) -> None:
-        try:
-            self.write_once()
-        except Exception:
-            log.exception("final W&B write failed")
+    def _write(self) -> None:
+        self.write_once()
 
     def shutdown(self, deadline_s: float = 10.0) -> None:
         """Once: the last write, then every W&B run finished; a second call does nothing."""
