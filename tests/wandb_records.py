@@ -2,7 +2,8 @@
 
 The file is a LevelDB log (the format W&B documents for its transaction log): a 7-byte header (":W&B", magic
 0xBEE1, version 0), then 32 KiB blocks of chunks, each with a 7-byte header (CRC-32, length, type: 1 full,
-2 first, 3 middle, 4 last; a block's last < 7 bytes are padding), each record a ``wandb_internal_pb2.Record``.
+2 first, 3 middle, 4 last; a block's last < 7 bytes are padding), each record a ``wandb_internal_pb2.Record``;
+``records`` returns the complete ones (the file may still be being written).
 wandb 0.2x writes it from its Go core and no longer ships a Python reader."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 import zlib
 
 BLOCK = 32 * 1024
@@ -19,6 +21,8 @@ def records(path: str) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = open(path, "rb").read()
+    if len(data) < 7:
+        return []  # not yet written
     assert data[:4] == b":W&B", data[:7]
     pos, out, buf = 7, [], b""
     while pos + 7 <= len(data):
@@ -27,6 +31,8 @@ def records(path: str) -> list:
             pos += left
             continue
         crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):
+            break  # a chunk still being written: the records before it
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
@@ -41,11 +47,20 @@ def records(path: str) -> list:
     return out
 
 
-def read_run(wandb_dir: str, run_id: str) -> dict:
-    """The offline run ``run_id`` under ``wandb_dir``: its history rows, metric definitions and alerts."""
-    [path] = glob.glob(f"{wandb_dir}/wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+def read_run(wandb_dir: str, run_id: str, timeout_s: float = 30.0) -> dict:
+    """The offline run ``run_id`` under ``wandb_dir``: its history rows, metric definitions and alerts. The file
+    is written by wandb's own service process, which may still be writing when ``run.finish()`` has returned:
+    read once it holds the run's ``exit`` record (the last wandb writes), within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        paths = glob.glob(f"{wandb_dir}/wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+        recs = records(paths[0]) if len(paths) == 1 else []
+        if any(rec.WhichOneof("record_type") == "exit" for rec in recs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(paths) == 1, paths
     history, metrics, alerts, run = [], [], [], None
-    for rec in records(path):
+    for rec in recs:
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
