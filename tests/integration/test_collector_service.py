@@ -10,7 +10,7 @@ import pytest
 
 from grokwatch.collector import reference
 from grokwatch.wire import encode
-from helpers import Pusher, prometheus_tool, scrape, scrape_text, send_all, start_collector, value, wait_until
+from helpers import Pusher, prometheus_tool, scrape, scrape_after, scrape_text, send_all, start_collector, value, wait_until
 from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
 
@@ -79,7 +79,8 @@ def test_snapshot_and_restart_resume_counters(tmp_path):
                      "grokwatch_pathway_samples_total"):
             assert after[name] == before[name], name
         send_all(c2, [make_routing(seq=2), make_routing(seq=3)])  # seq 2 was processed before the restart
-        s = scrape(c2.metrics_port)
+        s = scrape_after(c2.metrics_port, lambda s: value(s, "grokwatch_collector_messages_received_total")
+                         == value(after, "grokwatch_collector_messages_received_total") + 2)
         assert value(s, "grokwatch_collector_messages_rejected_total", reason="duplicate") == 1
         assert value(s, "grokwatch_pathway_samples_total", run="run-a", source="train", group="math") == 9
     finally:

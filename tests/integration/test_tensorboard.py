@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from blocks import BLOCK_TORCH, block
 from grokwatch.collector.tensorboard import raw_histogram
-from helpers import scrape, send_all, start_collector, value
+from helpers import scrape, scrape_after, send_all, start_collector, value
 from wire_factories import make_eval, make_hello, make_routing
 
 
@@ -34,7 +34,7 @@ def test_scalars_and_histograms_per_run_source_and_group_equal_what_is_exported(
         c.tensorboard.write_once()
         send_all(c, [make_routing(rng=rng, seq=2, n=6, step=20, concentration=0.3, groups=MIXED),
                      make_eval(seq=3, step=20, scores={"math": 0.25})])
-        second = scrape(c.metrics_port)
+        second = scrape_after(c.metrics_port, lambda s: value(s, "grokwatch_collector_messages_received_total") == 4)
     finally:
         c.stop()  # the final write
     acc = _read(tb / "run-a")
