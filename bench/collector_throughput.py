@@ -20,7 +20,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import fresh, routing_message  # noqa: E402
 
-from grokwatch.collector import warmup  # noqa: E402
+from grokwatch.collector import (
+    pipeline,
+    warmup,  # noqa: E402
+)
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.persist import Journal  # noqa: E402
 from grokwatch.collector.state import State  # noqa: E402
@@ -36,14 +39,14 @@ def measure(concentration: float, unit: str, seconds: float) -> tuple[float, flo
         warmup.warm_up()
         # Fill the windows first: the steady state compares against full windows.
         for data in pool[:8]:
-            state.handle(decode(data))
+            pipeline.handle(state, decode(data))
         samples, started = 0, time.perf_counter()
         seq = 1000
         while time.perf_counter() - started < seconds:
             for data in pool:
                 msg = fresh(data, seq)
                 seq += 1
-                state.handle(msg)
+                pipeline.handle(state, msg)
                 samples += msg.num_samples
         elapsed = time.perf_counter() - started
         journal.close()

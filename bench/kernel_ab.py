@@ -27,9 +27,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import routing_message  # noqa: E402
 
-from grokwatch.collector import kernels, pairs  # noqa: E402
+from grokwatch.collector import kernels, pairs, pipeline  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
-from grokwatch.collector.state import MIN_MAX_COSINE, State  # noqa: E402
+from grokwatch.collector.pipeline import MIN_MAX_COSINE  # noqa: E402
+from grokwatch.collector.state import State  # noqa: E402
 from grokwatch.collector.stream import BOUNDS_RU, NB_R  # noqa: E402
 
 ARRAYS = ("win_sym_GWY", "win_len_GW", "win_starts_GWLp", "win_fp_GW", "win_chars_GWC", "win_chars_len_GW",
@@ -92,7 +93,7 @@ def main() -> int:
     config = CollectorConfig(distance_unit="expert", comparisons_per_sample=16)
     state = State(config)
     for msg in msgs[:8]:  # full windows first
-        state.handle(msg)
+        pipeline.handle(state, msg)
     stream = state.streams[("bench", "train")]
     G, L, E = len(stream.labels), stream.num_layers, stream.num_experts
     copies = {side: {k: copy.deepcopy(getattr(stream, k)) for k in ARRAYS + NEW_SCRATCH} for side in ("old", "new")}

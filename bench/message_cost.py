@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import fresh, routing_message  # noqa: E402
 
-from grokwatch.collector import kernels, warmup  # noqa: E402
+from grokwatch.collector import kernels, pipeline, warmup  # noqa: E402
 from grokwatch.collector import stream as stream_module  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.persist import Journal  # noqa: E402
@@ -43,7 +43,7 @@ def main() -> int:
         state = State(CollectorConfig(distance_unit="expert", comparisons_per_sample=16), journal=journal)
         warmup.warm_up()
         for data in pool[:8]:  # full windows first
-            state.handle(decode(data))
+            pipeline.handle(state, decode(data))
         in_kernel = [0.0]
         kernel = kernels.process_samples
 
@@ -59,7 +59,7 @@ def main() -> int:
         for n in range(args.messages):
             msg = fresh(pool[n % len(pool)], seq)
             seq += 1
-            state.handle(msg)
+            pipeline.handle(state, msg)
             samples += msg.num_samples
         elapsed = time.perf_counter() - started
         journal.close()

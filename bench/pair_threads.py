@@ -23,7 +23,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import fresh, routing_message  # noqa: E402
 
-from grokwatch.collector import warmup  # noqa: E402
+from grokwatch.collector import (
+    pipeline,
+    warmup,  # noqa: E402
+)
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.state import State  # noqa: E402
 from grokwatch.wire import encode  # noqa: E402
@@ -52,7 +55,7 @@ def main() -> int:
         seq = 1
         for _ in range(4 * 256 // args.samples + 8):  # every group's window full
             for state in arms.values():
-                state.handle(fresh(pool[seq % len(pool)], seq))
+                pipeline.handle(state, fresh(pool[seq % len(pool)], seq))
             seq += 1
         per = {t: [] for t in arms}
         for b in range(args.messages // BLOCK):
@@ -64,7 +67,7 @@ def main() -> int:
                 clones = [fresh(encode(m), m.seq) for m in msgs]
                 started = time.perf_counter()
                 for m in clones:
-                    state.handle(m)
+                    pipeline.handle(state, m)
                 per[t].append((time.perf_counter() - started) / BLOCK)
         a, b_ = statistics.median(per[1]), statistics.median(per[args.threads])
         ratios = [y / x for x, y in zip(per[1], per[args.threads])]

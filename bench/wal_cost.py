@@ -22,7 +22,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import routing_message  # noqa: E402
 
-from grokwatch.collector import warmup  # noqa: E402
+from grokwatch.collector import (
+    pipeline,
+    warmup,  # noqa: E402
+)
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.persist import Journal  # noqa: E402
 from grokwatch.collector.state import State  # noqa: E402
@@ -53,7 +56,7 @@ def main() -> int:
             for data in msgs:
                 if arm == "B":
                     wal.message(time.time(), data)
-                state.apply(data, limits)
+                pipeline.apply(state, data, limits)
             times[arm].append((time.perf_counter() - started) / args.messages)
         wal.close()
     a, b = statistics.median(times["A"]), statistics.median(times["B"])

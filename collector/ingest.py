@@ -18,9 +18,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from grokwatch.collector import pipeline
+from grokwatch.collector.admission import KernelJob
 from grokwatch.collector.config import DEFAULT_QUEUE_MAX_BYTES
 from grokwatch.collector.pipeline import KernelWorkers, stream_key
-from grokwatch.collector.state import KernelJob, State
+from grokwatch.collector.state import State
 from grokwatch.wire import Limits, peek_route, peek_sequence
 
 log = logging.getLogger(__name__)
@@ -346,7 +348,7 @@ class Ingest:
             self.state.comparisons_now = self._comparisons()
             try:
                 self.process(data, index, route)
-            except Exception as exc:  # State.apply counts its own failures; this is a bug, survived
+            except Exception as exc:  # pipeline.apply counts its own failures; this is a bug, survived
                 self._release(len(data), route)
                 self._loop_error("process", exc)
 
@@ -408,7 +410,7 @@ class Ingest:
                 self._sender_bytes.pop(sender, None)
 
     def process(self, data: bytes, wal_index: int = -1, route=None) -> None:
-        """Decode and apply one message (State.apply: every failure counted, none escapes). Its bytes stay
+        """Decode and apply one message (pipeline.apply: every failure counted, none escapes). Its bytes stay
         counted in ``queued_bytes`` until it is done, kernels included."""
         size = len(data)
         dispatch: Optional[Callable[[KernelJob], None]] = None
@@ -419,5 +421,5 @@ class Ingest:
                 workers.dispatch(job, lambda: self._release(size, route))
 
             dispatch = to_workers
-        if not self.state.apply(data, self.limits, wal_index, dispatch):
+        if not pipeline.apply(self.state, data, self.limits, wal_index, dispatch):
             self._release(size, route)

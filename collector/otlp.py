@@ -46,7 +46,7 @@ from grokwatch._version import __version__
 from grokwatch.collector.config import ConfigError, otlp_requested
 from grokwatch.collector.periodic import Periodic
 from grokwatch.collector.state import State
-from grokwatch.collector.view import Family, HistogramValue, SummaryValue, build_view, scalar
+from grokwatch.collector.view import Family, HistogramValue, SummaryValue, ViewMemo, build_view, scalar
 
 log = logging.getLogger("grokwatch.collector")
 
@@ -94,6 +94,7 @@ class OtelView:
         self.state = state
         self.exporters = exporters
         self.queue_stats = queue_stats
+        self.memo = ViewMemo()  # this view's stale-read fallbacks (view.py)
         self.interval_s = interval_s
         self.start_ns = time.time_ns()  # the start of every cumulative series this process exports
         # Who sent it: several collectors pushing cumulative sums with the same attributes would otherwise
@@ -116,7 +117,7 @@ class OtelView:
         """One export batch from one snapshot of the state."""
         now = time.time_ns()
         metrics: list[Metric] = []
-        for fam in build_view(self.state, self.queue_stats):
+        for fam in build_view(self.state, self.queue_stats, self.memo):
             if fam.samples:  # a family with no series yet: no metric (OTLP has no empty one)
                 metrics.extend(self._metrics(fam, now))
         return MetricsData([ResourceMetrics(self.resource, [ScopeMetrics(self.scope, metrics, "")], "")])

@@ -1,10 +1,22 @@
-"""Kernel workers: the Numba kernels of routing messages off the processing thread, fair between streams.
+"""The collector's pipeline, one way: bytes -> decode -> admission -> kernels -> finish, and nothing
+else changes the state (collector/state.py).
 
-The processing thread decodes and admits each message under ``State.lock`` (sequence numbers, checks,
-group labels: collector/state.py); a routing message then goes to the kernel worker of its stream,
-which runs the kernels holding only that stream's lock (they release the GIL) and finishes the message
-under ``State.lock`` again. So scrapes and snapshots never wait behind the kernels, the next message is
-decoded while the kernels of this one run, and streams of different runs use more than one core.
+- **Admission** (collector/admission.py, under ``State.lock``): sequence numbers, checks, group labels; a
+  routing message becomes a ``KernelJob``, any other message is applied whole.
+- **Kernels** (``Stream.process``, the Numba kernels, holding only the stream's own lock): here on the
+  calling thread (``handle``, the replay, a collector without workers), or on the kernel worker of the
+  message's stream (``KernelWorkers``).
+- **Finish** (under ``State.lock``): the message's points into the phase trackers and the journal, the
+  counters.
+
+A write-ahead replay (``replay``) is a mode of the same path: each record is judged at its arrival time,
+and journal lines the journal already holds are not written again — both passed in, nothing swapped.
+
+Kernel workers: the processing thread decodes and admits each message; a routing message then goes to the
+kernel worker of its stream, which runs the kernels holding only that stream's lock (they release the GIL)
+and finishes the message under ``State.lock`` again. So scrapes and snapshots never wait behind the
+kernels, the next message is decoded while the kernels of this one run, and streams of different runs use
+more than one core.
 
 One worker per stream, chosen by the stream's key: a stream's messages run in arrival order. Fairness
 (issue 34: one run's messages at the largest allowed shape left another run on the same worker with 248 of
@@ -21,12 +33,128 @@ queued kernel time per stream (and one job of a stream whose cost is not yet kno
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 import zlib
-from typing import Callable
+from typing import Callable, Container, Iterable, Optional
 
-from grokwatch.collector.state import KernelJob, State
+from grokwatch.collector import evidence, wal
+from grokwatch.collector.admission import Journaling, KernelJob, admit
+from grokwatch.collector.reasons import Rejected
+from grokwatch.collector.state import State
+from grokwatch.wire import Limits, WireError, decode, peek_sequence
+
+MIN_MAX_COSINE = 0.05  # METRICS.md §2: below this, consistency is undefined
+
+log = logging.getLogger(__name__)
+
+
+def apply(state: State, data: bytes, limits: Limits, wal_index: int = -1,
+          dispatch: Optional[Callable[[KernelJob], None]] = None, *, now: Optional[float] = None,
+          journaled: Container[int] = ()) -> bool:
+    """Decode and apply one received message; every failure is counted, none escapes. Received and
+    admitted in one step under the lock (a snapshot never holds one without the other). A routing
+    message's kernels then run through ``dispatch`` (a kernel worker), or here. ``now``: when the message
+    is judged to have arrived (the state's clock unless given); ``journaled``: write-ahead records whose
+    journal lines exist already. Returns whether the message went to ``dispatch``."""
+    job = None
+    with state.admitting():
+        state.received_total += 1
+        if wal_index >= 0:
+            state.wal_applied[0] = max(state.wal_applied[0], wal_index)
+            state.wal_held.discard(wal_index)
+        try:
+            job = admit(state, decode(data, limits), state.clock() if now is None else now,
+                        Journaling(state.journal, wal_index, journaled))
+        except WireError as exc:
+            state.count_rejected(exc.reason, peek_sequence(data, limits))
+        except Rejected as exc:
+            state.count_rejected(exc.reason)
+        except Exception:  # a bug of ours must not stop the collector
+            log.exception("internal error while processing a message")
+            state.count_rejected("internal")
+    if job is None:
+        return False
+    if dispatch is None:
+        run(state, job)
+        return False
+    dispatch(job)
+    return True
+
+
+def handle(state: State, msg) -> None:
+    """Apply one decoded message, kernels included, on this thread (tests, benchmarks, the warm-up).
+    Raises ``Rejected`` for a message that is valid on its own but not here (shape mismatch, stale,
+    duplicate); nothing is counted as received."""
+    with state.admitting():
+        job = admit(state, msg, state.clock(), Journaling(state.journal))
+    if job is not None:
+        run(state, job)
+
+
+def run(state: State, job: KernelJob) -> None:
+    """The kernels of an admitted routing message, then ``finish``; on any thread. Never raises: a
+    failure is counted as ``internal`` and the job is settled all the same."""
+    try:
+        with job.stream.lock:  # the kernels hold only their stream (lock order: State.lock, then a stream's)
+            job.stats = job.stream.process(job.msg, job.targets_N2, state.config.pathway_tau,
+                                           job.comparisons or state.config.comparisons_per_sample, MIN_MAX_COSINE)
+            job.transfers = job.stream.transfers(job.msg, job.targets_N2)
+    except Exception:
+        log.exception("internal error in the kernels of a routing message")
+    finish(state, job)
+
+
+def finish(state: State, job: KernelJob) -> None:
+    """After the kernels: the message's points into the phase trackers and the journal, under the lock."""
+    with state.lock:
+        try:
+            if job.stats is None:
+                state.count_rejected("internal")
+            else:
+                state.samples_total += job.msg.num_samples
+                for record in evidence.routing_points(state.config, job.msg, job.stream, job.targets_N2,
+                                                      job.stats):
+                    record["comparisons"] = job.comparisons  # m of this point's pairs (fewer: noisier)
+                    job.journaling.write(record)
+                for group, transfer in job.transfers:  # METRICS.md §6 (collector/transfer.py)
+                    job.journaling.write(dict(kind="transfer", run=job.msg.run, source=job.msg.source,
+                                              group=group, step=job.msg.step, t=job.msg.wall_time, **transfer))
+        except Exception:
+            log.exception("internal error while finishing a routing message")
+            state.count_rejected("internal")
+        finally:
+            state.processing_seconds_sum += time.perf_counter() - job.started
+            state.processing_seconds_count += 1
+            state.settle()
+
+
+def replay(state: State, records: Iterable[tuple[int, int, float, bytes]], limits: Limits,
+           journaled: Container[int] = ()) -> tuple[int, int]:
+    """The write-ahead records (wal.read) the state does not hold yet — messages applied after its
+    snapshot, and those still queued at a kill — through the same path, each judged (stale, idle runs)
+    at its arrival time; journal lines of the records in ``journaled`` are not written again. Returns
+    (records replayed, the last record index seen; -1: none)."""
+    applied_m, applied_d = state.wal_applied
+    held = set(state.wal_held)
+    replayed, last = 0, max(applied_m, applied_d)
+    for kind, index, t, payload in records:
+        last = max(last, index)
+        if kind == wal.MESSAGE and (index > applied_m or index in held):
+            apply(state, payload, limits, index, now=t, journaled=journaled)
+            replayed += 1
+        elif kind == wal.DROP and index > applied_d:
+            drop = wal.parse_drop(payload)
+            if drop is None:  # intact but not a drop this collector writes (a crafted file)
+                log.error("write-ahead log: drop record %d is malformed; not replayed", index)
+                state.count_persist_error("wal_read")
+                continue
+            reason, sequence = drop
+            state.count_drop(reason, sequence, index)
+            replayed += 1
+    return replayed, last
+
 
 # A stream may hold admitted, unfinished jobs (queued or running) worth at most BACKLOG_S of kernel time, by
 # the recent cost of its jobs (one job while none has finished yet), and never more than MAX_JOBS_PER_STREAM:
@@ -86,7 +214,7 @@ class _Worker:
                 return
             key, (job, done) = picked
             started = time.perf_counter()
-            self.state.run(job)  # never raises: failures are counted as internal
+            run(self.state, job)  # never raises: failures are counted as internal
             took = time.perf_counter() - started
             with self.cond:
                 # Kept while idle: a stream whose backlog is one job goes idle after each, and must come

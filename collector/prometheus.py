@@ -6,7 +6,6 @@ from ``view.build_view`` — the same snapshot the OpenTelemetry view reads.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import selectors
 import socket
@@ -27,7 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import ThreadingWSGIServer, _bake_output, _SilentHandler
 
 from grokwatch.collector.state import State
-from grokwatch.collector.view import HistogramValue, Sample, SummaryValue, build_view, scalar
+from grokwatch.collector.view import HistogramValue, SummaryValue, ViewMemo, build_view, scalar
 
 log = logging.getLogger(__name__)
 
@@ -40,37 +39,26 @@ SCRAPE_LOCK_WAIT_S = 2.0  # a scrape waits this long for the state; then it answ
 
 
 class PrometheusCollector:
-    """``collect()`` renders one snapshot of the state. The kernels hold only their stream's lock (a busy
-    stream is read from its previous reading: view.py); should the state lock itself stay held past
-    ``SCRAPE_LOCK_WAIT_S`` (a snapshot waiting for the kernels in flight, a new group's allocation), the
-    scrape answers with the last view it rendered, counted in ``grokwatch_collector_scrapes_stale_total``,
-    well inside Prometheus' 10 s."""
+    """``collect()`` renders one view of the state (view.build_view: the state's lock held for a copy, each
+    stream read under its own). Should the state's lock stay held past ``SCRAPE_LOCK_WAIT_S`` (a snapshot
+    serializing a large state), the scrape answers with the state's families of the last view, counted in
+    ``grokwatch_collector_scrapes_stale_total``, well inside Prometheus' 10 s."""
 
     def __init__(self, state: State, queue_stats: Optional[Callable[[], tuple]] = None):
         self.state = state
         self.queue_stats = queue_stats
-        self.stale_scrapes = 0
-        self._last: list = []
+        self.memo = ViewMemo()
 
     def describe(self):
         return []  # families vary with the data; nothing to pre-register
 
     def families(self) -> list:
-        if self.state.lock.acquire(timeout=SCRAPE_LOCK_WAIT_S):
-            try:
-                self._last = build_view(self.state, self.queue_stats, self.stale_scrapes)
-            finally:
-                self.state.lock.release()
-            return self._last
-        self.stale_scrapes += 1
-        log.warning("/metrics: the state stayed locked for %.1f s (a long message?): answered with the previous "
-                    "view (%d so far)", SCRAPE_LOCK_WAIT_S, self.stale_scrapes)
-        out = []
-        for fam in self._last:
-            if fam.name == "grokwatch_collector_scrapes_stale_total":
-                fam = dataclasses.replace(fam, samples=[Sample((), self.stale_scrapes)])
-            out.append(fam)
-        return out
+        stale = self.memo.stale_views
+        fams = build_view(self.state, self.queue_stats, self.memo, lock_wait_s=SCRAPE_LOCK_WAIT_S)
+        if self.memo.stale_views > stale:
+            log.warning("/metrics: the state stayed locked for %.1f s (a long message, a snapshot?): answered "
+                        "with the previous view (%d so far)", SCRAPE_LOCK_WAIT_S, self.memo.stale_views)
+        return fams
 
     def collect(self):
         for fam in self.families():

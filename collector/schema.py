@@ -59,8 +59,7 @@ def validate_state(data: dict, config: CollectorConfig) -> None:
     from grokwatch.collector.senders import Senders
     from grokwatch.collector.stream import Stream
 
-    for name in ("received_total", "lost_total", "samples_total", "processing_seconds_count", "stale_stream_reads",
-                 "disconnects_total"):
+    for name in ("received_total", "lost_total", "samples_total", "processing_seconds_count", "disconnects_total"):
         if name in data:
             _count(name, data[name])
     if "processing_seconds_sum" in data:

@@ -10,17 +10,24 @@ and exits cleanly.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from typing import Optional
 
-from grokwatch.collector import cardinality, kernels, wal, warmup
+from grokwatch.collector import cardinality, kernels, pipeline, wal, warmup
 from grokwatch.collector.config import CollectorConfig, ConfigError, otlp_requested
 from grokwatch.collector.ingest import Ingest
 from grokwatch.collector.periodic import Periodic
-from grokwatch.collector.persist import Journal, SnapshotError, check_writable, read_snapshot, set_aside, write_snapshot
+from grokwatch.collector.persist import (
+    Journal,
+    SnapshotError,
+    check_writable,
+    read_snapshot,
+    set_aside,
+    snapshot_bytes,
+    write_snapshot,
+)
 from grokwatch.collector.prometheus import make_registry, serve
 from grokwatch.collector.state import State
 from grokwatch.collector.wal import WriteAheadLog
@@ -67,22 +74,10 @@ def check_memory(config: CollectorConfig, limit_mb: Optional[int]) -> None:
                           "lower max_memory_mb or queue_max_bytes, or raise the limit")
 
 
-RECEIVE_DROP_REASONS = ("too_large", "queue_full")  # the reasons Ingest._accept drops a message for
-
-
-def _drop_record(payload: bytes) -> Optional[tuple[str, Optional[tuple[str, int]]]]:
-    """(reason, (sender, seq) or None) of a write-ahead drop record, or None where it is not one."""
-    try:
-        reason, sender, seq = json.loads(payload)
-    except (ValueError, TypeError):
-        return None
-    if reason not in RECEIVE_DROP_REASONS:
-        return None
-    if sender is None and seq is None:
-        return reason, None
-    if isinstance(sender, str) and isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63:
-        return reason, (sender, seq)
-    return None
+def snapshot_blob(state: State) -> bytes:
+    """A consistent, serialized copy of the state: taken quiesced (no message half applied)."""
+    with state.quiesce():
+        return snapshot_bytes(state.snapshot())
 
 
 class Collector:
@@ -92,11 +87,11 @@ class Collector:
         self.environ = os.environ if environ is None else environ
         if config.state_dir:
             check_writable(config.state_dir)  # OSError in one line: the CLI exits 2 with it
-        self.state = State(config)
-        self.journal = (Journal(config.state_dir, config.journal_max_bytes, on_error=self.state.count_persist_error)
+        # the journal counts its write errors in the state it is the sink of
+        self.journal = (Journal(config.state_dir, config.journal_max_bytes,
+                                on_error=lambda what: self.state.count_persist_error(what))
                         if config.state_dir else None)
-        if self.journal:
-            self.state.journal = self.journal
+        self.state = State(config, journal=self.journal)
         if config.state_dir:
             self._resume(config.state_dir)
         self.otel_exporters = otel_exporters  # None: from the OTEL_* variables
@@ -151,30 +146,9 @@ class Collector:
         """Apply the write-ahead records the snapshot does not hold (a SIGKILL, a crash): messages applied
         after the last snapshot, and those still queued at the kill. Their journal lines written before
         the kill are not written again. Returns the next record index."""
-        applied_m, applied_d = self.state.wal_applied
-        held = set(self.state.wal_held)
-        self.state.journal_replayed = wal.journaled_records(self.journal.path) if self.journal else wal.JournaledRecords()
-        clock, replayed, last = self.state.clock, 0, max(applied_m, applied_d)
-        limits = Limits(max_message_bytes=self.config.max_message_bytes)
-        try:
-            for kind, index, t, payload in wal.read(state_dir, on_bad=self.state.count_persist_error):
-                last = max(last, index)
-                if kind == wal.MESSAGE and (index > applied_m or index in held):
-                    self.state.clock = lambda t=t: t  # judged (stale, idle runs) as when it arrived
-                    self.state.apply(payload, limits, index)
-                    replayed += 1
-                elif kind == wal.DROP and index > applied_d:
-                    drop = _drop_record(payload)
-                    if drop is None:  # intact but not a drop this collector writes (a crafted file)
-                        log.error("write-ahead log: drop record %d is malformed; not replayed", index)
-                        self.state.count_persist_error("wal_read")
-                        continue
-                    reason, sequence = drop
-                    self.state.count_drop(reason, sequence, index)
-                    replayed += 1
-        finally:
-            self.state.clock = clock
-            self.state.journal_replayed = wal.JournaledRecords()
+        journaled = wal.journaled_records(self.journal.path) if self.journal else wal.JournaledRecords()
+        replayed, last = pipeline.replay(self.state, wal.read(state_dir, on_bad=self.state.count_persist_error),
+                                         Limits(max_message_bytes=self.config.max_message_bytes), journaled)
         if replayed:
             log.warning("resumed after an unclean stop: %d write-ahead records replayed on the snapshot", replayed)
         return last + 1
@@ -270,7 +244,7 @@ class Collector:
             applied = list(self.state.wal_applied)
             if self.state.wal_held:  # a held-back message's record stays until it is applied
                 applied[0] = min(applied[0], min(self.state.wal_held) - 1)
-            blob = self.state.snapshot_blob()
+            blob = snapshot_blob(self.state)
         try:
             write_snapshot(self.config.state_dir, blob)
         except OSError:

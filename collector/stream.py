@@ -253,7 +253,7 @@ class Stream:
 
     def __getstate__(self):
         d = self.__dict__.copy()
-        for k in _SCRATCH + ("lock", "last_reading", "round_losses", "round_routing", "transfer_open",
+        for k in _SCRATCH + ("lock", "round_losses", "round_routing", "transfer_open",
                              "transfer_closed", "pair_threads", "pairs_missed", "mean_length",
                              "planned_messages", "no_plan", "sample_keys_N"):
             d.pop(k, None)
@@ -261,13 +261,12 @@ class Stream:
 
     def _init_transient(self) -> None:
         """What a snapshot does not hold (``__getstate__`` leaves it out): the lock, the current probe
-        round's losses and routing, the transfer rounds, the view's last reading."""
+        round's losses and routing, the transfer rounds."""
         self.lock = threading.Lock()
         self.round_losses = RoundLosses()  # the current round's only
         self.round_routing = RoundRouting(self.num_layers, self.num_experts)
         self.transfer_open: dict = {}  # label -> (step, record) of the round in progress
         self.transfer_closed: dict = {}  # label -> the latest closed round's record (exported)
-        self.last_reading: dict = {}  # view.py: this stream's series at the last scrape (stale fallback)
 
     def restore_scratch(self, config: CollectorConfig) -> None:
         """After a snapshot is read and migrated to this schema (persist.MIGRATIONS) and validated

@@ -21,7 +21,7 @@ from grokwatch.collector import scalars
 from grokwatch.collector.config import ConfigError
 from grokwatch.collector.periodic import Periodic
 from grokwatch.collector.state import State
-from grokwatch.collector.view import build_view
+from grokwatch.collector.view import ViewMemo, build_view
 
 
 def _path_safe(run: str) -> str:
@@ -56,6 +56,7 @@ class TensorBoardView:
         self.logdir = logdir
         self.interval_s = interval_s
         self.queue_stats = queue_stats
+        self.memo = ViewMemo()  # this view's stale-read fallbacks (view.py)
         self.writers: dict = {}
         self._written = scalars.Written()
         self._deltas = scalars.HistogramDeltas()
@@ -82,7 +83,7 @@ class TensorBoardView:
 
     def write_once(self) -> int:
         """Write what moved since the last call; returns the number of points written."""
-        fams = scalars.families(build_view(self.state, self.queue_stats))
+        fams = scalars.families(build_view(self.state, self.queue_stats, self.memo))
         steps = scalars.group_steps(fams)
         before = self.points
         for point in scalars.points(fams, steps):

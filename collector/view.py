@@ -256,15 +256,80 @@ def _specs() -> tuple[Spec, ...]:
 SPECS = _specs()  # every family the collector exports, in exposition order
 
 
-def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, stale_scrapes: int = 0) -> list[Family]:
-    """All families, read under the state's lock (a consistent snapshot)."""
+# Families an exporter owns (its own accounting, the ingest queue it is given): rendered fresh on every
+# call, never from the state, so that a view answered from the previous reading still counts right.
+EXPORTER_FAMILIES = frozenset({"collector_scrapes_stale_total", "collector_stream_reads_stale_total",
+                               "collector_queue_size", "collector_queue_capacity", "collector_queue_bytes",
+                               "collector_queue_capacity_bytes"})
+
+
+class ViewMemo:
+    """What one exporter keeps between its views (the view only reads the state): each stream's series
+    from its last reading — the answer while its kernels hold it past ``STREAM_WAIT_S`` — and the whole
+    state's, while the state's lock stays held past the exporter's wait; how often each was used."""
+
+    def __init__(self) -> None:
+        self.streams: dict[tuple[str, str], dict[str, list]] = {}
+        self.state_families: Optional[dict[str, Family]] = None
+        self.stale_stream_reads = 0
+        self.stale_views = 0
+
+
+class _StreamCopy(NamedTuple):
+    """A stream's figures that change under the state's lock (admission, finish), copied under it."""
+
+    phases: dict  # group -> (phase, memorized step, onset step)
+    memorized: Optional[dict]  # group -> memorized samples (None: the stream tracks no memorization)
+    comparisons: int
+
+
+def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, memo: Optional[ViewMemo] = None,
+               lock_wait_s: Optional[float] = None) -> list[Family]:
+    """All families. The state's lock is held only to copy what admission and finish change (counters,
+    runs, phase trackers); each stream's series are then read under the stream's own lock (its kernels
+    write them without the state's). ``memo``: the exporter's (``ViewMemo``); ``lock_wait_s``: how long to
+    wait for the state's lock (None: as long as it takes) before answering with the memo's last reading."""
+    memo = memo if memo is not None else ViewMemo()
     F = {spec.name: Family("grokwatch_" + spec.name, spec.kind, spec.help, spec.labels, signed=spec.signed)
          for spec in SPECS}
+    streams = _copy_state(F, state, lock_wait_s)
+    if streams is None:
+        memo.stale_views += 1
+        if memo.state_families is not None:
+            F.update(memo.state_families)
+    else:
+        for (run, source), stream, copy in streams:
+            _read_stream(F, state.config, stream, run, source, copy, memo)
+        if len(memo.streams) > len(streams):  # streams gone (an expired run): their readings too
+            kept = {key for key, _, _ in streams}
+            memo.streams = {key: reading for key, reading in memo.streams.items() if key in kept}
+        memo.state_families = {name: fam for name, fam in F.items() if name not in EXPORTER_FAMILIES}
+    size, capacity, size_bytes, capacity_bytes = (tuple(queue_stats()) + (0, 0))[:4] if queue_stats else (0, 0, 0, 0)
+    F["collector_scrapes_stale_total"].add((), memo.stale_views)
+    F["collector_stream_reads_stale_total"].add((), memo.stale_stream_reads)
+    F["collector_queue_size"].add((), size)
+    F["collector_queue_capacity"].add((), capacity)
+    F["collector_queue_bytes"].add((), size_bytes)
+    F["collector_queue_capacity_bytes"].add((), capacity_bytes)
+    return list(F.values())
 
-    with state.lock:
+
+def _copy_state(F: dict, state: State, lock_wait_s: Optional[float]) -> Optional[list]:
+    """Under the state's lock: every family that does not come from a stream's kernels, and each stream's
+    ``_StreamCopy``. Returns [((run, source), stream, copy)], or None where the lock stayed held."""
+    if not state.lock.acquire(timeout=-1 if lock_wait_s is None else lock_wait_s):
+        return None
+    try:
         carriers = state.phase_carriers()
-        for (run, source), stream in sorted(state.streams.items()):
-            _read_stream(F, state, stream, run, source, carriers)
+        streams = []
+        for key, stream in sorted(state.streams.items()):
+            phases = {}
+            for name, tracker in stream.phases.items():
+                carried = carriers.get((key[0], name)) == key[1]  # one event, one report: the carrier's dates
+                phases[name] = (tracker.phase, tracker.memorized_step if carried else None,
+                                tracker.onset_step if carried else None)
+            memorized = stream.memorization.memorized_counts() if stream.memorization is not None else None
+            streams.append((key, stream, _StreamCopy(phases, memorized, stream.comparisons)))
         for run, hello in sorted(state.senders.hellos().items()):
             shape = state.runs.shapes.get(run)
             if shape is None:
@@ -289,7 +354,6 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
         F["collector_processing_seconds"].add((), SummaryValue(float(state.processing_seconds_count),
                                                                state.processing_seconds_sum))
         F["collector_ingest_lag_seconds"].add((), state.last_message_lag_s)
-        F["collector_stream_reads_stale_total"].add((), state.stale_stream_reads)
         F["collector_disconnects_total"].add((), state.disconnects_total)
         for why in HANDSHAKE_REASONS:
             F["collector_handshake_failures_total"].add((why,), state.handshake_failures.get(why, 0))
@@ -304,13 +368,9 @@ def build_view(state: State, queue_stats: Optional[Callable[[], tuple]] = None, 
             F["agent_hook_errors_total"].add((run, rank), totals.hook_errors)
             for reason, n in sorted(totals.dropped.items()):
                 F["agent_messages_dropped_total"].add((run, rank, reason), n)
-    size, capacity, size_bytes, capacity_bytes = (tuple(queue_stats()) + (0, 0))[:4] if queue_stats else (0, 0, 0, 0)
-    F["collector_scrapes_stale_total"].add((), stale_scrapes)
-    F["collector_queue_size"].add((), size)
-    F["collector_queue_capacity"].add((), capacity)
-    F["collector_queue_bytes"].add((), size_bytes)
-    F["collector_queue_capacity_bytes"].add((), capacity_bytes)
-    return list(F.values())
+        return streams
+    finally:
+        state.lock.release()
 
 
 # The per-layer window figures exported per group only for the groups router_health_groups admits.
@@ -360,28 +420,29 @@ def _all_token_families(F: dict, run: str, counts, shape, max_share_series: int)
             F["expert_load_share"].add((run, layer, expert), share)
 
 
-def _read_stream(F: dict, state: State, stream, run: str, source: str, carriers: dict) -> None:
-    """One stream's series, read under its own lock: its kernels write it without the state's lock. A stream
-    whose kernels keep it past ``STREAM_WAIT_S`` (a huge message) is rendered from its previous reading,
-    counted, so that a scrape never waits on the kernels."""
+def _read_stream(F: dict, config, stream, run: str, source: str, copy: _StreamCopy, memo: ViewMemo) -> None:
+    """One stream's series, read under its own lock: its kernels write them without the state's lock. A
+    stream whose kernels keep it past ``STREAM_WAIT_S`` (a huge message) is rendered from the exporter's
+    previous reading of it, counted, so that a view never waits on the kernels."""
+    key = (run, source)
     if stream.lock.acquire(timeout=STREAM_WAIT_S):
         try:
             start = {name: len(f.samples) for name, f in F.items()}
-            _stream_families(F, state, stream, run, source, carriers)
-            stream.last_reading = {name: f.samples[start[name]:] for name, f in F.items()
-                                   if len(f.samples) > start[name]}
+            _stream_families(F, config, stream, run, source, copy)
+            memo.streams[key] = {name: f.samples[start[name]:] for name, f in F.items()
+                                 if len(f.samples) > start[name]}
         finally:
             stream.lock.release()
         return
-    state.stale_stream_reads += 1
-    for name, samples in stream.last_reading.items():
+    memo.stale_stream_reads += 1
+    for name, samples in memo.streams.get(key, {}).items():
         F[name].samples.extend(samples)
 
 
-def _stream_families(F: dict, state: State, stream, run: str, source: str, carriers: dict) -> None:
-    """One stream's series into the families ``F`` (the caller holds the state's lock and the stream's)."""
-    memorized = stream.memorization.memorized_counts() if stream.memorization else {}
-    F["pathway_comparisons_effective"].add((run, source), stream.comparisons)
+def _stream_families(F: dict, config, stream, run: str, source: str, copy: _StreamCopy) -> None:
+    """One stream's series into the families ``F`` (the caller holds the stream's lock; ``copy`` is what
+    was read of it under the state's)."""
+    F["pathway_comparisons_effective"].add((run, source), copy.comparisons)
     series_items = [(name, g.series, g.window) for name, g in sorted(stream.groups.items())]
     series_items.append((CROSS_GROUP, stream.cross, None))
     for name, series, window in series_items:
@@ -399,16 +460,15 @@ def _stream_families(F: dict, state: State, stream, run: str, source: str, carri
         F["pathway_samples_total"].add(key, series.samples_total)
         F["pathway_consistency_undefined_total"].add(key, series.consistency_undefined_total)
         F["group_latest_step"].add(key, series.latest_step)
-        tracker = stream.phases.get(name)
-        if tracker is not None:
+        phase_now = copy.phases.get(name)
+        if phase_now is not None:
+            current, memorized_step, onset_step = phase_now
             for phase in PHASES:
-                F["group_phase"].add(key + (phase,), int(tracker.phase == phase))
-            # One event, one report: the dated steps come from the carrying source alone.
-            if carriers.get((run, name)) == source:
-                if tracker.memorized_step is not None:
-                    F["group_memorized_step"].add(key, tracker.memorized_step)
-                if tracker.onset_step is not None:
-                    F["group_onset_step"].add(key, tracker.onset_step)
+                F["group_phase"].add(key + (phase,), int(current == phase))
+            if memorized_step is not None:
+                F["group_memorized_step"].add(key, memorized_step)
+            if onset_step is not None:
+                F["group_onset_step"].add(key, onset_step)
         closed = stream.transfer_closed.get(name)
         if closed is not None:
             for fam_name, field_name in (("group_transfer", "transfer"), ("group_transfer_z", "transfer_z"),
@@ -417,13 +477,13 @@ def _stream_families(F: dict, state: State, stream, run: str, source: str, carri
                                          ("group_fresh_loss_gap", "fresh_loss_gap")):
                 if closed.get(field_name) is not None:
                     F[fam_name].add(key, float(closed[field_name]))
-        if stream.memorization is not None:
-            F["memorized_samples"].add(key, memorized.get(name, 0))
+        if copy.memorized is not None:
+            F["memorized_samples"].add(key, copy.memorized.get(name, 0))
         health = window.health(stream.top_k)
         if health is None:
             continue
         F["distinct_pathways"].add(key, health["distinct"])
-        if not router_health_for(state.config, name):
+        if not router_health_for(config, name):
             continue
         for layer in range(stream.num_layers):
             lk = key + (layer,)
@@ -433,8 +493,8 @@ def _stream_families(F: dict, state: State, stream, run: str, source: str, carri
             F["routing_entropy_ratio"].add(lk, float(health["entropy_L"][layer]))
             if health["zloss_L"] is not None:
                 F["router_zloss"].add(lk, float(health["zloss_L"][layer]))
-            stats = load_share_stats(health["share_LE"][layer], state.config.load_rank_k)
-            if state.config.load_percentiles:
+            stats = load_share_stats(health["share_LE"][layer], config.load_rank_k)
+            if config.load_percentiles:
                 for q, v in zip(LOAD_PERCENTILES, stats["percentiles"]):
                     F["expert_load_share_percentile"].add(lk + (q,), float(v))
             F["expert_load_share_std"].add(lk, stats["std"])

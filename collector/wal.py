@@ -314,6 +314,24 @@ def _write_whole(fd: int, data: bytes, size: int) -> int:
     return size + done
 
 
+DROP_REASONS = ("too_large", "queue_full")  # the reasons ingest drops a message for at receive (ingest.py)
+
+
+def parse_drop(payload: bytes) -> Optional[tuple[str, Optional[tuple[str, int]]]]:
+    """(reason, (sender, seq) or None) of a write-ahead drop record, or None where it is not one."""
+    try:
+        reason, sender, seq = json.loads(payload)
+    except (ValueError, TypeError):
+        return None
+    if reason not in DROP_REASONS:
+        return None
+    if sender is None and seq is None:
+        return reason, None
+    if isinstance(sender, str) and isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63:
+        return reason, (sender, seq)
+    return None
+
+
 class JournaledRecords:
     """Which write-ahead records have their journal lines written already (``w in journaled``): those
     whose index is in the journal's tail, and every one before the tail's first (kernel workers finish

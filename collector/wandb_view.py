@@ -28,7 +28,7 @@ from grokwatch.collector import scalars
 from grokwatch.collector.config import CollectorConfig, ConfigError
 from grokwatch.collector.periodic import Periodic
 from grokwatch.collector.state import State
-from grokwatch.collector.view import build_view, scalar
+from grokwatch.collector.view import ViewMemo, build_view, scalar
 
 log = logging.getLogger("grokwatch.collector")
 
@@ -57,6 +57,7 @@ class WandbView:
         self.state = state
         self.config = config
         self.queue_stats = queue_stats
+        self.memo = ViewMemo()  # this view's stale-read fallbacks (view.py)
         self.runs: dict[str, Any] = {}  # grokwatch run -> its wandb Run
         self._written = scalars.Written()
         self._deltas = scalars.HistogramDeltas()
@@ -89,7 +90,7 @@ class WandbView:
 
     def write_once(self) -> int:
         """Log what moved since the last call, raise the alerts due; returns the number of points logged."""
-        fams = scalars.families(build_view(self.state, self.queue_stats))
+        fams = scalars.families(build_view(self.state, self.queue_stats, self.memo))
         steps = scalars.group_steps(fams)
         rows: dict[tuple[str, int], dict[str, float]] = {}
         for point in scalars.points(fams, steps):

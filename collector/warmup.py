@@ -1,7 +1,7 @@
 """Compiling (or loading from Numba's on-disk cache) the hot-path kernels before the first message, by
 running tiny messages of each source through a throwaway state in both distance units, on both paths of
 the kernel (alone, and with a message's pairs planned: collector/pairs.py). Its own module: it drives the
-whole state (collector/state.py), which the kernels must not import.
+whole pipeline (collector/pipeline.py), which the kernels must not import.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from grokwatch.collector import pairs
+from grokwatch.collector import pairs, pipeline
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.edit_distance import levenshtein
 from grokwatch.collector.state import State
@@ -43,7 +43,7 @@ def _messages(state: State, rng: np.random.Generator) -> None:
         counts[..., 0] = 2
         # through the wire, as every real message comes: decoded arrays are read-only, which Numba compiles
         # as types of their own (a message built here would warm up kernels no real message uses)
-        state.handle(wire_roundtrip(Routing(run="warm-up", rank=0, sender="warm-up", seq=seq, wall_time=time.time(),
+        pipeline.handle(state, wire_roundtrip(Routing(run="warm-up", rank=0, sender="warm-up", seq=seq, wall_time=time.time(),
                              source=source, step=seq, top_k=1, sample_ids=tuple(f"{seq}-{i}" for i in range(n)),
                              groups=groups, token_counts_N=np.full(n, 2, np.uint32),
                              mean_probs_NLE=probs, topk_counts_NLE=counts,

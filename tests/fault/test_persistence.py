@@ -18,6 +18,7 @@ from wire_factories import make_hello, make_routing
 
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.persist import MAGIC, SNAPSHOT_NAME, SNAPSHOT_VERSION, Journal, load_snapshot_bytes
+from grokwatch.collector.service import snapshot_blob
 from grokwatch.collector.state import State
 from grokwatch.collector.wal import FILE_MAGIC, WriteAheadLog
 from grokwatch.wire import encode
@@ -220,7 +221,7 @@ def test_a_snapshot_is_consistent_even_while_messages_are_processed(tmp_path):
         p.send(encode(make_hello(seq=0)))
         for i in range(1, 400):
             p.send(encode(make_routing(seq=i, n=4, step=i)))
-        blobs = [c.state.snapshot_blob() for _ in range(30)]
+        blobs = [snapshot_blob(c.state) for _ in range(30)]
         wait_until(lambda: c.state.received_total >= 400)
         p.close()
     finally:

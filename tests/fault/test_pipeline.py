@@ -11,6 +11,7 @@ import pytest
 from helpers import Pusher, scrape, start_collector, value, wait_until
 from wire_factories import make_hello, make_routing
 
+from grokwatch.collector import pipeline
 from grokwatch.collector.pipeline import KernelWorkers
 from grokwatch.collector.state import State
 from grokwatch.wire import encode
@@ -86,9 +87,9 @@ def test_a_snapshot_waits_for_the_messages_in_the_kernels_and_admits_none_meanwh
     workers = KernelWorkers(state, 1).start()
     taken = []
     try:
-        state.apply(encode(make_hello(seq=0)), Limits())
+        pipeline.apply(state, encode(make_hello(seq=0)), Limits())
         for seq in range(1, 41):
-            state.apply(encode(make_routing(seq=seq, n=3, step=seq)), Limits(), dispatch=workers.dispatch)
+            pipeline.apply(state, encode(make_routing(seq=seq, n=3, step=seq)), Limits(), dispatch=workers.dispatch)
             if seq % 5 == 0:
                 with state.quiesce():
                     stream = state.streams[("run-a", "train")]

@@ -15,12 +15,13 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
-from grokwatch.wire import Hello
 from driver_common import check_against, init_one_gloo_rank, received_routing
-from reference import summaries
 from megatron_moe import attach_megatron
+from reference import summaries
 from sink import Sink
 from torch import nn
+
+from grokwatch.wire import Hello
 
 B, S, H, E, K, L, V = 3, 5, 16, 8, 2, 3, 32
 
@@ -109,13 +110,14 @@ def main() -> int:
     assert message.counted_forwards == 1, message.counted_forwards
     assert (message.expert_tokens_LE == megatron_LE).all(), (message.expert_tokens_LE, megatron_LE)
     # ... and what /metrics then shows is the imbalance of Megatron's own counts (max / mean tokens per expert)
+    from grokwatch.collector import pipeline
     from grokwatch.collector.config import CollectorConfig
     from grokwatch.collector.state import State
     from grokwatch.collector.view import build_view
 
     state = State(CollectorConfig(window_samples=8, comparisons_per_sample=2), journal=lambda record: None)
-    state.handle(hello)
-    state.handle(message)
+    pipeline.handle(state, hello)
+    pipeline.handle(state, message)
     [imbalance] = [f for f in build_view(state) if f.name == "grokwatch_router_all_tokens_load_imbalance_ratio"]
     shown = {int(s.labels[1]): float(s.value) for s in imbalance.samples}
     want = megatron_LE.max(axis=1) / megatron_LE.mean(axis=1)

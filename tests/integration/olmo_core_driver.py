@@ -59,6 +59,7 @@ def main() -> int:
     from olmo_core_moe import attach_olmo_core
     from sink import Sink
 
+    from grokwatch.collector import pipeline
     from grokwatch.collector.config import CollectorConfig
     from grokwatch.collector.state import State
     from grokwatch.collector.view import build_view
@@ -92,11 +93,11 @@ def main() -> int:
     assert stats["hook_errors"] == 0 and not stats["disabled"], stats
     assert [m.step for m in messages] == [0, 1, 2], [m.step for m in messages]
     state = State(CollectorConfig(window_samples=8, comparisons_per_sample=2), journal=lambda record: None)
-    state.handle(hello)
+    pipeline.handle(state, hello)
     for msg, counts, imbalance in zip(messages, own_counts, own_imbalance):
         assert msg.counted_forwards == 1 and msg.num_samples == 2
         assert (msg.expert_tokens_LE == counts).all(), (msg.expert_tokens_LE, counts)
-        state.handle(msg)
+        pipeline.handle(state, msg)
         view = {f.name: f for f in build_view(state)}
         for name in ("grokwatch_router_all_tokens_load_imbalance_ratio",  # the summed counts' (one rank: the same)
                      "grokwatch_router_all_tokens_rank_load_imbalance_max"):  # the worst rank's: OLMo-core's own

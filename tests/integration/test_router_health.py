@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-
 from helpers import scrape, send_all, start_collector, value
 from wire_factories import make_hello, make_routing
 
@@ -107,12 +106,13 @@ def test_router_zloss_is_the_mean_over_the_groups_window_of_what_was_sent(tmp_pa
 
 
 def test_no_zloss_gauge_without_a_zloss():
+    from grokwatch.collector import pipeline
     from grokwatch.collector.config import CollectorConfig
     from grokwatch.collector.state import State
     from grokwatch.collector.view import build_view
 
     state = State(CollectorConfig())
-    state.handle(make_hello())
-    state.handle(make_routing(seq=1))
+    pipeline.handle(state, make_hello())
+    pipeline.handle(state, make_routing(seq=1))
     (fam,) = [f for f in build_view(state) if f.name == "grokwatch_router_zloss"]
     assert fam.samples == []

@@ -8,14 +8,15 @@ import dataclasses
 
 import numpy as np
 import pytest
+from wire_factories import make_hello, make_routing
 
-from grokwatch.collector import reference
+from grokwatch.collector import pipeline, reference
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.persist import SnapshotError, load_snapshot_bytes
 from grokwatch.collector.schema import validate_state
+from grokwatch.collector.service import snapshot_blob
 from grokwatch.collector.state import State
 from grokwatch.collector.view import build_view
-from wire_factories import make_hello, make_routing
 
 L, E, K = 3, 4, 2
 
@@ -29,7 +30,7 @@ def _msg(rank: int, seq: int, step: int, counts, forwards: int = 5, sender: str 
 def _state(world: int) -> State:
     state = State(CollectorConfig(window_samples=8, comparisons_per_sample=2), journal=lambda r: None)
     for rank in range(world):
-        state.handle(make_hello(rank=rank, sender=f"s{rank}", seq=0, world_size=world, num_layers=L, num_experts=E,
+        pipeline.handle(state, make_hello(rank=rank, sender=f"s{rank}", seq=0, world_size=world, num_layers=L, num_experts=E,
                                 top_k=K))
     return state
 
@@ -45,9 +46,9 @@ def test_an_interval_sums_its_ranks_and_closes_when_all_have_reported():
     a, b = rng.integers(0, 50, (L, E)), rng.integers(0, 50, (L, E))
     a[1, 2] = b[1, 2] = 0  # dead in both ranks: dead in the sum
     b[0, 0] = 0  # dead in one rank only: alive in the sum
-    state.handle(_msg(0, 1, 10, a))
+    pipeline.handle(state, _msg(0, 1, 10, a))
     assert ("grokwatch_router_all_tokens_interval_step", ("run-a",)) not in _series(state)  # rank 1 still due
-    state.handle(_msg(1, 1, 10, b))
+    pipeline.handle(state, _msg(1, 1, 10, b))
     got = _series(state)
     want = reference.all_token_load(a + b, K)
     for layer, w in enumerate(want):
@@ -69,25 +70,25 @@ def test_an_interval_sums_its_ranks_and_closes_when_all_have_reported():
 def test_a_rank_that_lost_its_message_closes_at_the_next_step_and_a_late_one_goes_to_the_counters_only():
     state = _state(world=2)
     one = np.full((L, E), 3)
-    state.handle(_msg(0, 1, 10, one))  # rank 1's step-10 message never comes
-    state.handle(_msg(0, 2, 20, 2 * one))  # a later step closes step 10 with one rank
+    pipeline.handle(state, _msg(0, 1, 10, one))  # rank 1's step-10 message never comes
+    pipeline.handle(state, _msg(0, 2, 20, 2 * one))  # a later step closes step 10 with one rank
     got = _series(state)
     assert got[("grokwatch_router_all_tokens_interval_step", ("run-a",))] == 10
     assert got[("grokwatch_router_all_tokens_interval_ranks", ("run-a",))] == 1
-    state.handle(_msg(1, 1, 10, 5 * one))  # rank 1's step 10, after step 20 opened: late
+    pipeline.handle(state, _msg(1, 1, 10, 5 * one))  # rank 1's step 10, after step 20 opened: late
     counts = state.all_tokens["run-a"]
     assert counts.late_total == 1 and counts.open_step == 20 and counts.open_ranks == {0}
     assert (counts.total_LE == 8 * one).all()  # every message in the totals, once
-    state.handle(_msg(1, 2, 20, one))
+    pipeline.handle(state, _msg(1, 2, 20, one))
     assert counts.closed_step == 20 and (counts.closed_LE == 3 * one).all()
 
 
 def test_the_counts_survive_a_snapshot_exactly_and_a_damaged_one_is_refused():
     state = _state(world=1)
     big = np.full((L, E), 2**60, np.uint64)  # beyond float64's exact integers
-    state.handle(_msg(0, 1, 10, big))
-    state.handle(_msg(0, 2, 20, np.ones((L, E), np.uint64)))
-    data = load_snapshot_bytes(state.snapshot_blob())
+    pipeline.handle(state, _msg(0, 1, 10, big))
+    pipeline.handle(state, _msg(0, 2, 20, np.ones((L, E), np.uint64)))
+    data = load_snapshot_bytes(snapshot_blob(state))
     validate_state(data, state.config)
     restored = State(state.config, journal=lambda r: None)
     restored.restore(data)
@@ -100,7 +101,7 @@ def test_the_counts_survive_a_snapshot_exactly_and_a_damaged_one_is_refused():
 
 def test_messages_without_counts_make_no_all_token_series():
     state = _state(world=1)
-    state.handle(make_routing(n=2, num_layers=L, num_experts=E, top_k=K, sender="s0", seq=1))
+    pipeline.handle(state, make_routing(n=2, num_layers=L, num_experts=E, top_k=K, sender="s0", seq=1))
     assert state.all_tokens == {} and not any("all_tokens" in name for name, _ in _series(state))
 
 
@@ -109,20 +110,20 @@ def test_the_aux_loss_is_the_mean_of_the_ranks_and_the_bias_the_lowest_ranks():
     one = np.ones((L, E))
     bias = np.arange(L * E, dtype=np.float32).reshape(L, E) / 100
     for rank, aux, b in ((2, 3.0, bias + 1), (0, 1.0, bias), (1, None, None)):  # rank 1's model computes none
-        state.handle(dataclasses.replace(_msg(rank, 1, 10, one), aux_loss=aux, balance_bias_LE=b))
+        pipeline.handle(state, dataclasses.replace(_msg(rank, 1, 10, one), aux_loss=aux, balance_bias_LE=b))
     got = _series(state)
     assert got[("grokwatch_router_aux_loss", ("run-a",))] == 2.0
     assert got[("grokwatch_router_balance_bias_std", ("run-a", "0"))] == pytest.approx(float(bias[0].std()), rel=1e-6)
     assert not any(name == "grokwatch_router_balance_bias_drift" for name, _ in got)  # one interval: no change yet
     for rank in range(3):
-        state.handle(dataclasses.replace(_msg(rank, 2, 20, one), aux_loss=0.5, balance_bias_LE=bias * 2))
+        pipeline.handle(state, dataclasses.replace(_msg(rank, 2, 20, one), aux_loss=0.5, balance_bias_LE=bias * 2))
     got = _series(state)
     assert got[("grokwatch_router_aux_loss", ("run-a",))] == 0.5
     drift = np.sqrt(((bias * 2 - bias).astype(np.float64) ** 2).mean(axis=1))
     for layer in range(L):
         assert got[("grokwatch_router_balance_bias_drift", ("run-a", str(layer)))] == pytest.approx(drift[layer],
                                                                                                   rel=1e-6)
-    data = load_snapshot_bytes(state.snapshot_blob())
+    data = load_snapshot_bytes(snapshot_blob(state))
     validate_state(data, state.config)
     data["all_tokens"]["run-a"].closed_bias_LE = np.zeros((L, E), np.float64)
     with pytest.raises(SnapshotError, match="closed_bias_LE"):

@@ -11,20 +11,21 @@ import dataclasses
 import numpy as np
 import pytest
 from prometheus_client.exposition import generate_latest
+from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
+from grokwatch.collector import pipeline
 from grokwatch.collector.cardinality import Load, series_bound, startup_line
 from grokwatch.collector.config import CollectorConfig, ConfigError
 from grokwatch.collector.prometheus import make_registry
 from grokwatch.collector.state import State
 from grokwatch.collector.view import ROUTER_HEALTH
-from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
 
 def populated(config: CollectorConfig, L: int, E: int, reps: int = 2) -> State:
     """Every family a stream can fill: more groups than max_groups (so "other" too), train (with all-token
     counts) and probe (with losses), eval scores, a heartbeat with a drop."""
     state = State(config, journal=lambda r: None)
-    state.handle(make_hello(num_layers=L, num_experts=E, top_k=2, world_size=1))
+    pipeline.handle(state, make_hello(num_layers=L, num_experts=E, top_k=2, world_size=1))
     rng = np.random.default_rng(0)
     groups = tuple(f"g{i}" for i in range(config.max_groups + 3))
     seq = 1
@@ -36,10 +37,10 @@ def populated(config: CollectorConfig, L: int, E: int, reps: int = 2) -> State:
             if source == "train":
                 m = dataclasses.replace(m, expert_tokens_LE=np.arange(L * E, dtype=np.uint64).reshape(L, E),
                                         counted_forwards=1)
-            state.handle(m)
+            pipeline.handle(state, m)
             seq += 1
-    state.handle(make_heartbeat(seq=seq, messages_dropped={"queue_full": 1}))
-    state.handle(make_eval(seq=seq + 1, step=20, scores={g: 0.5 for g in groups[: config.max_groups]}))
+    pipeline.handle(state, make_heartbeat(seq=seq, messages_dropped={"queue_full": 1}))
+    pipeline.handle(state, make_eval(seq=seq + 1, step=20, scores={g: 0.5 for g in groups[: config.max_groups]}))
     return state
 
 

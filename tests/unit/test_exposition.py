@@ -17,11 +17,12 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
+from grokwatch.collector import pipeline
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.prometheus import make_registry
 from grokwatch.collector.state import State
-from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
 GOLDEN = Path(__file__).parents[1] / "golden"
 CLOCK = 1_000_000.0
@@ -48,7 +49,7 @@ def fixed_state() -> State:
     messages += [make_eval(seq=7, step=60, scores={"math": 0.25}),
                  make_heartbeat(seq=8, messages_sent=9, messages_dropped={"queue_full": 1})]
     for msg in messages:
-        state.handle(dataclasses.replace(msg, wall_time=CLOCK))
+        pipeline.handle(state, dataclasses.replace(msg, wall_time=CLOCK))
     return state
 
 

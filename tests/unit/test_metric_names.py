@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from wire_factories import make_heartbeat, make_hello, make_routing
 
+from grokwatch.collector import pipeline
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.prometheus import PrometheusCollector
 from grokwatch.collector.state import State
 from grokwatch.collector.view import SPECS, HistogramValue, SummaryValue, build_view
-from wire_factories import make_heartbeat, make_hello, make_routing
 
 G = ("run", "source", "group")
 GL = ("run", "source", "group", "layer")
@@ -90,10 +91,10 @@ FROZEN = {
 
 def populated_state():
     state = State(CollectorConfig())
-    state.handle(make_hello())
-    state.handle(make_routing(seq=1, source="train"))
-    state.handle(make_routing(seq=2, source="probe", loss=True, rng=np.random.default_rng(1)))
-    state.handle(make_heartbeat(seq=3))
+    pipeline.handle(state, make_hello())
+    pipeline.handle(state, make_routing(seq=1, source="train"))
+    pipeline.handle(state, make_routing(seq=2, source="probe", loss=True, rng=np.random.default_rng(1)))
+    pipeline.handle(state, make_heartbeat(seq=3))
     return state
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from wire_factories import make_routing
 
+from grokwatch.collector import pipeline
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.state import State
 from grokwatch.wire import FRESH_PREFIX
@@ -31,7 +32,7 @@ def _feed(threads: int, unit: str, source: str, window: int, m: int, concentrati
                                groups=tuple(groups[int(rng.integers(0, 4 if source == "probe" else 3))]
                                             for _ in range(n - 1)) + (("late" if step >= 6 else "math"),), sample_ids=ids, loss=source == "probe",
                                concentration=concentration)
-            state.handle(msg)
+            pipeline.handle(state, msg)
     return state, records
 
 
@@ -113,7 +114,7 @@ def test_short_pathways_are_not_planned_and_long_ones_are():
             else:
                 probs = np.full((8, L, E), 0.1 / (E - 1))
                 probs[:, :, 0] = 0.9  # one expert reaches tau: 16 symbols and 15 separators
-            state.handle(dataclasses.replace(msg, mean_probs_NLE=probs.astype(np.float32)))
+            pipeline.handle(state, dataclasses.replace(msg, mean_probs_NLE=probs.astype(np.float32)))
         stream = state.streams[("run-a", "train")]
         results[case] = stream.planned_messages
         assert stream.pairs_missed == 0

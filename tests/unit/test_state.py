@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from wire_factories import make_eval, make_heartbeat, make_hello, make_routing
 
-from grokwatch.collector import reference
+from grokwatch.collector import pipeline, reference
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.evidence import CROSS_GROUP
 from grokwatch.collector.reasons import Rejected
@@ -44,7 +44,7 @@ def test_group_distance_sums_equal_all_pairs_reference_when_window_holds_everyth
     msgs = [make_routing(rng=rng, seq=s + 1, n=4, num_layers=3, num_experts=12, top_k=2, step=s * 10,
                          concentration=0.3) for s in range(5)]
     for m in msgs:
-        state.handle(m)
+        pipeline.handle(state, m)
     series = state.streams[("run-a", "train")].groups["math"].series
     paths = pathways(msgs, unit=unit)
     # Each message re-sends sample-0..3 (the same samples, seen again): a sample is never compared with a
@@ -74,7 +74,7 @@ def test_consistency_and_cosine_follow_the_definition_and_undefined_cases_are_co
     state, records = new_state()
     msg = make_routing(n=6, num_layers=4, num_experts=8)
     cos = np.array(msg.adj_cosine_NJ, np.float64)
-    state.handle(msg)
+    pipeline.handle(state, msg)
     series = state.streams[("run-a", "train")].groups["math"].series
     expected = [reference.consistency(list(c)) for c in cos]
     defined = [e[0] for e in expected if e[0] is not None]
@@ -86,7 +86,7 @@ def test_consistency_and_cosine_follow_the_definition_and_undefined_cases_are_co
 
 def test_two_moe_layers_export_only_the_raw_cosine():
     state, _ = new_state()
-    state.handle(make_routing(n=5, num_layers=2))
+    pipeline.handle(state, make_routing(n=5, num_layers=2))
     series = state.streams[("run-a", "train")].groups["math"].series
     assert series.hist["consistency"].count == 0
     assert series.consistency_undefined_total == 5
@@ -98,7 +98,7 @@ def test_router_health_equals_reference_over_the_window():
     rng = np.random.default_rng(5)
     msgs = [make_routing(rng=rng, seq=s + 1, n=3, num_layers=3, num_experts=6, top_k=2) for s in range(4)]
     for m in msgs:
-        state.handle(m)
+        pipeline.handle(state, m)
     window = state.streams[("run-a", "train")].groups["math"].window
     health = window.health(2)
     # The window keeps the last 8 of 12 samples.
@@ -120,8 +120,8 @@ def test_cross_group_baseline_compares_with_other_groups_only():
     rng = np.random.default_rng(9)
     a = make_routing(rng=rng, seq=1, n=4, groups=("math",) * 4, sample_ids=[f"m{i}" for i in range(4)])
     b = make_routing(rng=rng, seq=2, n=3, groups=("code",) * 3, sample_ids=[f"c{i}" for i in range(3)])
-    state.handle(a)
-    state.handle(b)
+    pipeline.handle(state, a)
+    pipeline.handle(state, b)
     stream = state.streams[("run-a", "train")]
     cross = stream.cross.hist["distance"]
     assert cross.count == 3 * 16  # every code sample drew 16 pairs from math's window
@@ -133,26 +133,26 @@ def test_cross_group_baseline_compares_with_other_groups_only():
 
 def test_group_labels_are_capped_into_other():
     state, _ = new_state(max_groups=2)
-    state.handle(make_routing(n=4, groups=("a", "b", "c", "d")))
+    pipeline.handle(state, make_routing(n=4, groups=("a", "b", "c", "d")))
     assert set(state.streams[("run-a", "train")].groups) == {"a", "b", "other"}
 
 
 def test_sequence_gaps_count_as_lost_and_replays_as_duplicates():
     state, _ = new_state()
-    state.handle(make_hello(seq=0))
-    state.handle(make_routing(seq=1))
-    state.handle(make_routing(seq=4))
+    pipeline.handle(state, make_hello(seq=0))
+    pipeline.handle(state, make_routing(seq=1))
+    pipeline.handle(state, make_routing(seq=4))
     assert state.lost_total == 2
     with pytest.raises(Rejected) as info:
-        state.handle(make_routing(seq=4))
+        pipeline.handle(state, make_routing(seq=4))
     assert info.value.reason == "duplicate"
 
 
 def test_shape_mismatch_against_the_runs_hello_is_rejected():
     state, _ = new_state()
-    state.handle(make_hello(num_layers=4, num_experts=8, top_k=2))
+    pipeline.handle(state, make_hello(num_layers=4, num_experts=8, top_k=2))
     with pytest.raises(Rejected) as info:
-        state.handle(make_routing(num_layers=3, seq=1))
+        pipeline.handle(state, make_routing(num_layers=3, seq=1))
     assert info.value.reason == "shape_mismatch"
 
 
@@ -165,25 +165,25 @@ def test_pipeline_stages_under_one_run_are_told_apart_by_their_layers_and_the_se
     stage0 = [f"model.layers.{i}.mlp.gate" for i in range(4)]
     stage1 = [f"model.layers.{i}.mlp.gate" for i in range(4, 8)]
     state, _ = new_state()
-    state.handle(make_hello(sender="pp0", layer_names=stage0))
-    state.handle(make_routing(sender="pp0", seq=1, n=2))
+    pipeline.handle(state, make_hello(sender="pp0", layer_names=stage0))
+    pipeline.handle(state, make_routing(sender="pp0", seq=1, n=2))
     with pytest.raises(Rejected) as info:
-        state.handle(make_hello(sender="pp1", layer_names=stage1))
+        pipeline.handle(state, make_hello(sender="pp1", layer_names=stage1))
     assert info.value.reason == "shape_mismatch"
     with pytest.raises(Rejected) as info:
-        state.handle(make_routing(sender="pp1", seq=1, n=2))
+        pipeline.handle(state, make_routing(sender="pp1", seq=1, n=2))
     assert info.value.reason == "shape_mismatch"
-    state.handle(make_hello(sender="ddp", layer_names=[f"module.{name}" for name in stage0]))
-    state.handle(make_routing(sender="ddp", seq=1, n=2))
-    state.handle(make_hello(sender="old"))
-    state.handle(make_routing(sender="old", seq=1, n=2))
-    state.handle(make_hello(run="run-b", sender="pp1b", layer_names=stage1))
-    state.handle(make_routing(run="run-b", sender="pp1b", seq=1, n=2))
+    pipeline.handle(state, make_hello(sender="ddp", layer_names=[f"module.{name}" for name in stage0]))
+    pipeline.handle(state, make_routing(sender="ddp", seq=1, n=2))
+    pipeline.handle(state, make_hello(sender="old"))
+    pipeline.handle(state, make_routing(sender="old", seq=1, n=2))
+    pipeline.handle(state, make_hello(run="run-b", sender="pp1b", layer_names=stage1))
+    pipeline.handle(state, make_routing(run="run-b", sender="pp1b", seq=1, n=2))
     assert state.samples_total == 8
     restored, _ = new_state()
     restored.restore(state.snapshot())
     with pytest.raises(Rejected):
-        restored.handle(make_hello(sender="pp1-again", layer_names=stage1))
+        pipeline.handle(restored, make_hello(sender="pp1-again", layer_names=stage1))
     # A version-2 snapshot from before the run tables were one object (runs.py) names them one by one: the
     # migration to version 3 (persist.MIGRATIONS) makes them the Runs.
     from grokwatch.collector.persist import MAGIC, _pack, load_snapshot_bytes
@@ -196,22 +196,22 @@ def test_pipeline_stages_under_one_run_are_told_apart_by_their_layers_and_the_se
     from_old.restore(load_snapshot_bytes(MAGIC + _pack({"version": 2, "state": old})))
     assert from_old.shapes == state.shapes and from_old.runs.layer_ids == state.runs.layer_ids
     with pytest.raises(Rejected):
-        from_old.handle(make_hello(sender="pp1-again", layer_names=stage1))
+        pipeline.handle(from_old, make_hello(sender="pp1-again", layer_names=stage1))
 
 
 def test_stale_messages_are_rejected():
     state = State(CollectorConfig(max_message_age_s=10), clock=lambda: time.time() + 11)
     with pytest.raises(Rejected) as info:
-        state.handle(make_routing())
+        pipeline.handle(state, make_routing())
     assert info.value.reason == "stale"
 
 
 def test_heartbeats_of_a_restarted_agent_never_make_totals_go_backwards():
     state, _ = new_state()
-    state.handle(make_hello(sender="old", seq=0))
-    state.handle(make_heartbeat(sender="old", seq=1, messages_sent=10, messages_dropped={"queue_full": 3}))
-    state.handle(make_hello(sender="new", seq=0))
-    state.handle(make_heartbeat(sender="new", seq=1, messages_sent=2, messages_dropped={"queue_full": 1}))
+    pipeline.handle(state, make_hello(sender="old", seq=0))
+    pipeline.handle(state, make_heartbeat(sender="old", seq=1, messages_sent=10, messages_dropped={"queue_full": 3}))
+    pipeline.handle(state, make_hello(sender="new", seq=0))
+    pipeline.handle(state, make_heartbeat(sender="new", seq=1, messages_sent=2, messages_dropped={"queue_full": 1}))
     totals = state.agent_totals()[("run-a", 0)]
     assert totals.sent == 12 and totals.dropped == {"queue_full": 4}
 
@@ -220,18 +220,18 @@ def test_eval_groups_are_capped_per_run_and_the_excess_counted():
     """Each eval group is a Prometheus series: a run naming more than max_groups (a metric name per
     step, say) keeps the first ones, still updated, and every message that named more is rejected."""
     state, records = new_state(max_groups=2, max_runs=1)
-    state.handle(make_hello(seq=0))
-    state.handle(make_eval(seq=1, step=10, scores={"math": 0.5, "code": 0.25}))
+    pipeline.handle(state, make_hello(seq=0))
+    pipeline.handle(state, make_eval(seq=1, step=10, scores={"math": 0.5, "code": 0.25}))
     with pytest.raises(Rejected) as info:
-        state.handle(make_eval(seq=2, step=20, scores={"math": 0.75, "bio": 0.1}))
+        pipeline.handle(state, make_eval(seq=2, step=20, scores={"math": 0.75, "bio": 0.1}))
     assert info.value.reason == "too_many_groups"
     assert state.evals == {("run-a", "math"): (20, 0.75), ("run-a", "code"): (10, 0.25)}
     assert records[-1]["scores"] == {"math": 0.75}
     with pytest.raises(Rejected) as info:
-        state.handle(make_eval(run="run-b", sender="s1", seq=1, step=1, scores={"all": 1.0}))  # no hello: no series
+        pipeline.handle(state, make_eval(run="run-b", sender="s1", seq=1, step=1, scores={"all": 1.0}))  # no hello: no series
     assert info.value.reason == "unknown_run"
     with pytest.raises(Rejected) as info:
-        state.handle(make_hello(run="run-b", sender="s1", seq=2))  # runs are capped
+        pipeline.handle(state, make_hello(run="run-b", sender="s1", seq=2))  # runs are capped
     assert info.value.reason == "too_many_runs"
 
 
@@ -239,17 +239,17 @@ def test_a_second_hello_moves_the_senders_counters_to_its_rank():
     """An agent attached before torch.distributed was initialized says hello as rank 0 of 1, then again
     as its real rank: its counters must not stay under rank 0, beside the real rank 0's."""
     state, _ = new_state()
-    state.handle(make_hello(sender="late", seq=0, rank=0, world_size=1))
-    state.handle(make_hello(sender="late", seq=1, rank=1, world_size=2))
-    state.handle(make_heartbeat(sender="late", rank=1, seq=2, messages_sent=7, messages_dropped={}))
+    pipeline.handle(state, make_hello(sender="late", seq=0, rank=0, world_size=1))
+    pipeline.handle(state, make_hello(sender="late", seq=1, rank=1, world_size=2))
+    pipeline.handle(state, make_heartbeat(sender="late", rank=1, seq=2, messages_sent=7, messages_dropped={}))
     assert set(state.agent_totals()) == {("run-a", 1)}
     assert state.senders["late"].hello["world_size"] == 2
 
 
 def test_eval_scores_are_kept_and_journaled():
     state, records = new_state()
-    state.handle(make_hello(seq=0))
-    state.handle(make_eval(step=30, scores={"math": 0.5, "code": 0.25}))
+    pipeline.handle(state, make_hello(seq=0))
+    pipeline.handle(state, make_eval(step=30, scores={"math": 0.5, "code": 0.25}))
     assert state.evals[("run-a", "math")] == (30, 0.5)
     record = dict(records[-1])
     record.pop("t")
@@ -276,10 +276,10 @@ def _feed(state, source, steps, loss_in_points=False, losses=None, groups=("math
                            sample_ids=[f"{source}{i}" for i in range(n)], concentration=0.3)
         if loss_in_points:
             msg = dataclasses.replace(msg, loss_N=np.full(n, _memorizing(step), np.float32))
-        state.handle(msg)
+        pipeline.handle(state, msg)
         seq += 1
         if losses:
-            state.handle(make_loss(seq=seq, step=step, losses={g: losses(step) for g in groups}))
+            pipeline.handle(state, make_loss(seq=seq, step=step, losses={g: losses(step) for g in groups}))
             seq += 1
     return seq
 
@@ -316,11 +316,11 @@ def test_a_loss_before_any_routing_of_its_run_is_rejected_with_its_reason():
 
     state, _ = new_state()
     with pytest.raises(Rejected) as err:
-        state.handle(make_loss(seq=1))
+        pipeline.handle(state, make_loss(seq=1))
     assert err.value.reason == "unknown_run"  # no hello yet
-    state.handle(make_hello(seq=2))
+    pipeline.handle(state, make_hello(seq=2))
     with pytest.raises(Rejected) as err:
-        state.handle(make_loss(seq=3))
+        pipeline.handle(state, make_loss(seq=3))
     assert err.value.reason == "no_routing"  # a hello, no train summaries yet
 
 
@@ -346,9 +346,9 @@ def test_one_source_carries_each_groups_phase_and_buckets_have_none():
 
 def test_a_forged_heartbeat_cannot_make_an_agents_counters_go_backwards_or_add_reasons():
     state, _ = new_state()
-    state.handle(make_hello(seq=0))
-    state.handle(make_heartbeat(seq=1, messages_sent=5000, messages_dropped={"queue_full": 7}))
-    state.handle(make_heartbeat(seq=2, messages_sent=0, messages_dropped={"queue_full": 0, "x" * 50: 9, "y": 1}))
+    pipeline.handle(state, make_hello(seq=0))
+    pipeline.handle(state, make_heartbeat(seq=1, messages_sent=5000, messages_dropped={"queue_full": 7}))
+    pipeline.handle(state, make_heartbeat(seq=2, messages_sent=0, messages_dropped={"queue_full": 0, "x" * 50: 9, "y": 1}))
     totals = state.agent_totals()[("run-a", 0)]
     assert totals.sent == 5000
     assert totals.dropped == {"queue_full": 7, "other": 10}
@@ -356,20 +356,20 @@ def test_a_forged_heartbeat_cannot_make_an_agents_counters_go_backwards_or_add_r
 
 def test_a_forged_sequence_jump_is_rejected_and_the_senders_next_message_still_counts():
     state, _ = new_state()
-    state.handle(make_hello(seq=0))
+    pipeline.handle(state, make_hello(seq=0))
     with pytest.raises(Rejected) as err:
-        state.handle(make_routing(seq=2**63 - 1))
+        pipeline.handle(state, make_routing(seq=2**63 - 1))
     assert err.value.reason == "sequence_jump"
-    state.handle(make_routing(seq=1))  # not a duplicate
+    pipeline.handle(state, make_routing(seq=1))  # not a duplicate
     assert state.lost_total == 0 and state.samples_total == 3
 
 
 def test_ranks_beyond_the_world_size_add_no_series():
     state, _ = new_state()
-    state.handle(make_hello(seq=0, world_size=2))
+    pipeline.handle(state, make_hello(seq=0, world_size=2))
     for kind in (make_heartbeat, make_routing, make_eval):
         with pytest.raises(Rejected) as err:
-            state.handle(kind(rank=5, sender=f"r5-{kind.__name__}", seq=1))
+            pipeline.handle(state, kind(rank=5, sender=f"r5-{kind.__name__}", seq=1))
         assert err.value.reason == "bad_rank"
     assert set(state.agent_totals()) <= {("run-a", 0)}
 
@@ -378,20 +378,20 @@ def test_idle_runs_expire_and_free_their_slot():
     now = [1000.0]
     state = State(CollectorConfig(max_runs=1, run_idle_expiry_s=600), clock=lambda: now[0])
     hello = lambda **kw: dataclasses.replace(make_hello(**kw), wall_time=now[0])  # noqa: E731
-    state.handle(hello(run="old", sender="a", seq=0))
+    pipeline.handle(state, hello(run="old", sender="a", seq=0))
     now[0] += 300
     with pytest.raises(Rejected) as err:
-        state.handle(hello(run="new", sender="b", seq=0))
+        pipeline.handle(state, hello(run="new", sender="b", seq=0))
     assert err.value.reason == "too_many_runs"
     now[0] += 700  # "old" idle for 1,000 s > 600: the next message's sweep forgets it first
-    state.handle(hello(run="other", sender="c", seq=0))
+    pipeline.handle(state, hello(run="other", sender="c", seq=0))
     assert set(state.shapes) == {"other"} and not any(i.run == "old" for i in state.senders.values())
 
 
 def test_group_slots_stop_at_max_groups_plus_other():
     state, _ = new_state(max_groups=32)
     for i in range(40):
-        state.handle(make_routing(seq=i + 1, n=1, groups=(f"g{i}",), sample_ids=(f"s{i}",)))
+        pipeline.handle(state, make_routing(seq=i + 1, n=1, groups=(f"g{i}",), sample_ids=(f"s{i}",)))
     stream = state.streams[("run-a", "train")]
     assert len(stream.labels) == 33 and stream.labels[-1] == "other"
     assert len(stream.win_filled_G) == 33  # not 64
@@ -402,11 +402,11 @@ def test_a_model_over_max_layer_experts_is_rejected_before_it_costs_anything():
     hello and its routing, with its own reason, and takes no run slot."""
     state, _ = new_state(max_layer_experts=31, max_runs=1)
     with pytest.raises(Rejected, match="shape_too_large"):
-        state.handle(make_hello(num_layers=4, num_experts=8))
+        pipeline.handle(state, make_hello(num_layers=4, num_experts=8))
     with pytest.raises(Rejected, match="shape_too_large"):
-        state.handle(make_routing(seq=1, num_layers=4, num_experts=8))
+        pipeline.handle(state, make_routing(seq=1, num_layers=4, num_experts=8))
     assert not state.streams and not state.shapes
-    state.handle(make_hello(run="small", sender="s1", num_layers=2, num_experts=8))  # 16 <= 31: the slot is free
+    pipeline.handle(state, make_hello(run="small", sender="s1", num_layers=2, num_experts=8))  # 16 <= 31: the slot is free
 
 
 def test_the_pathway_state_stays_within_max_memory_mb_and_the_excess_is_counted():
@@ -414,7 +414,7 @@ def test_the_pathway_state_stays_within_max_memory_mb_and_the_excess_is_counted(
     stream_bytes = []
     for i in range(12):
         try:
-            state.apply(encode(make_routing(seq=i + 1, n=1, num_layers=16, num_experts=64, top_k=8,
+            pipeline.apply(state, encode(make_routing(seq=i + 1, n=1, num_layers=16, num_experts=64, top_k=8,
                                             groups=(f"g{i}",), sample_ids=(f"s{i}",))), Limits())
         finally:
             stream_bytes.append(state.memory_bytes())
@@ -456,7 +456,7 @@ def test_a_first_hello_of_another_shape_locks_out_the_real_run_only_while_it_kee
     def at(t, msg):
         now[0] = t
         msg = dataclasses.replace(msg, wall_time=t)
-        state.handle(msg)
+        pipeline.handle(state, msg)
 
     at(1000, make_hello(sender="stranger", num_layers=3))  # the stranger says hello first
     with pytest.raises(Rejected, match="shape_mismatch"):
@@ -519,7 +519,7 @@ def test_probe_pairs_exclude_self_pairs_and_other_rounds_so_pathways_4_apart_ave
                                source="probe", sample_ids=[f"doc-{i}" for i in ids], groups=("math",) * 8,
                                loss=True)
             msg = dataclasses.replace(msg, mean_probs_NLE=_peaked(ids, L, E))
-            state.handle(msg)
+            pipeline.handle(state, msg)
     series = state.streams[("run-a", "probe")].groups["math"].series
     h = series.hist["distance"]
     assert h.count == 12 * (16 * 15 // 2)  # every pair of a round once (≤ m eligible: all of them)
@@ -536,7 +536,7 @@ def test_train_pairs_exclude_the_same_sample_seen_again_but_compare_across_steps
     for step in range(3):  # samples a, b each step, identical pathways for the same id
         msg = make_routing(seq=step + 1, n=2, num_layers=L, num_experts=E, step=step, sample_ids=["a", "b"],
                            groups=("math",) * 2)
-        state.handle(dataclasses.replace(msg, mean_probs_NLE=_peaked([0, 1], L, E)))
+        pipeline.handle(state, dataclasses.replace(msg, mean_probs_NLE=_peaked([0, 1], L, E)))
     h = state.streams[("run-a", "train")].groups["math"].series.hist["distance"]
     # a-b pairs only (within and across steps): 1 + 2·2 + 2·2... every (a, b) pair once = 3·3 = 9, each 3 edits
     assert h.count == 9 and h.sum == 9 * 3
@@ -550,7 +550,7 @@ def test_cross_group_probe_pairs_stay_within_the_round_or_the_last_one():
             msg = make_routing(seq=2 * rnd + seq_off, n=2, num_layers=L, num_experts=E, step=rnd, source="probe",
                                sample_ids=ids, groups=(group,) * 2, loss=True)
             # round 1: every sample on expert 0; round 2: math on expert 1, code on expert 1
-            state.handle(dataclasses.replace(msg, mean_probs_NLE=_peaked([k, k], L, E)))
+            pipeline.handle(state, dataclasses.replace(msg, mean_probs_NLE=_peaked([k, k], L, E)))
     cross = state.streams[("run-a", "probe")].cross.hist["distance"]
     # code's samples draw from math's same-round slots only: identical pathways, distance 0. Math, first in
     # round 2, finds no code sample of its round: its baseline takes code's latest round (1), 3 edits away.
@@ -563,7 +563,7 @@ def test_points_journal_pathway_length_mean_routing_entropy_and_layer_distances(
     msgs = [make_routing(rng=rng, seq=s + 1, n=5, num_layers=3, num_experts=6, step=s, concentration=0.5,
                          sample_ids=[f"s{s}-{i}" for i in range(5)]) for s in range(2)]
     for m in msgs:
-        state.handle(m)
+        pipeline.handle(state, m)
     last = [r for r in records if r["kind"] == "point"][-1]
     paths = pathways(msgs)
     new, old = range(5, 10), range(5)
@@ -581,7 +581,7 @@ def _round(state, seq, step, groups_ids, probs, losses):
     msg = make_routing(seq=seq, n=len(groups_ids), num_layers=probs.shape[1], num_experts=probs.shape[2], step=step,
                        source="probe", sample_ids=[sid for _, sid in groups_ids],
                        groups=tuple(g for g, _ in groups_ids), loss=True)
-    state.handle(dataclasses.replace(msg, mean_probs_NLE=probs.astype(np.float32),
+    pipeline.handle(state, dataclasses.replace(msg, mean_probs_NLE=probs.astype(np.float32),
                                      loss_N=np.asarray(losses, np.float32)))
 
 
@@ -671,16 +671,16 @@ def test_an_unknown_senders_first_number_is_its_baseline_so_a_long_running_agent
     rejected as sequence_jump for ever. Its first number is now the baseline: nothing lost, then gaps count."""
     state, _ = new_state(max_sequence_jump=1000)
     for seq in (2_000_000, 2_000_001, 2_000_003):
-        state.handle(make_routing(seq=seq, n=2, sample_ids=[f"s{seq}-0", f"s{seq}-1"]))
+        pipeline.handle(state, make_routing(seq=seq, n=2, sample_ids=[f"s{seq}-0", f"s{seq}-1"]))
     assert state.rejected_total.get("sequence_jump", 0) == 0
     assert state.lost_total == 1 and state.samples_total == 6
     with pytest.raises(Rejected, match="sequence_jump"):  # a forged jump from a known sender is still refused
-        state.handle(make_routing(seq=2_000_003 + 10_000, n=1))
+        pipeline.handle(state, make_routing(seq=2_000_003 + 10_000, n=1))
 
 
 def _hello_and_beat(state, sender, rank, run="run-a", world=8, sent=10, seq0=0):
-    state.handle(make_hello(run=run, rank=rank, sender=sender, seq=seq0, world_size=world))
-    state.handle(make_heartbeat(run=run, rank=rank, sender=sender, seq=seq0 + 1, messages_sent=sent,
+    pipeline.handle(state, make_hello(run=run, rank=rank, sender=sender, seq=seq0, world_size=world))
+    pipeline.handle(state, make_heartbeat(run=run, rank=rank, sender=sender, seq=seq0 + 1, messages_sent=sent,
                                 messages_dropped={}))
 
 
@@ -692,7 +692,7 @@ def test_more_than_4096_live_senders_lose_nothing_and_count_each_once():
     for rank in range(world):
         _hello_and_beat(state, f"s{rank}", rank, world=world, sent=2)
     for rank in range(world):  # every sender speaks again, its counter up by one
-        state.handle(make_heartbeat(rank=rank, sender=f"s{rank}", seq=2, messages_sent=3, messages_dropped={}))
+        pipeline.handle(state, make_heartbeat(rank=rank, sender=f"s{rank}", seq=2, messages_sent=3, messages_dropped={}))
     assert state.lost_total == 0 and not state.rejected_total
     assert sum(c.sent for c in state.agent_totals().values()) == 3 * world
 
@@ -703,12 +703,12 @@ def test_a_run_has_at_most_its_world_size_of_live_senders_and_a_retired_one_come
         _hello_and_beat(state, f"s{i}", i % 2, world=2, sent=10 * (i + 1))
     assert len(state.senders) == 2 and len(state.senders.dormant) == 2
     # s0, retired, speaks again with its next number: revived, nothing lost, its counter not doubled
-    state.handle(make_heartbeat(rank=0, sender="s0", seq=2, messages_sent=11, messages_dropped={}))
+    pipeline.handle(state, make_heartbeat(rank=0, sender="s0", seq=2, messages_sent=11, messages_dropped={}))
     assert state.lost_total == 0 and len(state.senders) == 2
     totals = state.agent_totals()
     assert totals[("run-a", 0)].sent == 11 + 30 and totals[("run-a", 1)].sent == 20 + 40
     with pytest.raises(Rejected, match="duplicate"):  # its history held: a replay is still a duplicate
-        state.handle(make_heartbeat(rank=1, sender="s1", seq=1, messages_sent=20, messages_dropped={}))
+        pipeline.handle(state, make_heartbeat(rank=1, sender="s1", seq=1, messages_sent=20, messages_dropped={}))
 
 
 def test_the_dormant_table_is_bounded_and_folds_its_oldest_into_the_rank_totals(monkeypatch):
@@ -725,10 +725,10 @@ def test_the_dormant_table_is_bounded_and_folds_its_oldest_into_the_rank_totals(
 def test_a_hellos_world_size_is_believed_up_to_max_world_size():
     """Issue 29: one hello with world_size 2^20 and 10,000 forged heartbeats made 50,000 agent series."""
     state, _ = new_state(max_world_size=64)
-    state.handle(make_hello(world_size=1 << 20))
+    pipeline.handle(state, make_hello(world_size=1 << 20))
     for rank in (63, 64, 5000):
         try:
-            state.handle(make_heartbeat(rank=rank, sender=f"f{rank}", seq=1, messages_dropped={}))
+            pipeline.handle(state, make_heartbeat(rank=rank, sender=f"f{rank}", seq=1, messages_dropped={}))
         except Rejected as exc:
             assert exc.reason == "bad_rank" and rank >= 64
         else:
@@ -779,7 +779,7 @@ def test_probe_histories_stay_within_max_memory_mb_by_forgetting_the_oldest_samp
     state, _ = new_state(max_memory_mb=2, comparisons_per_sample=4, window_samples=8)
     rng = np.random.default_rng(3)
     for seq in range(1, 301):
-        state.handle(make_routing(rng=rng, seq=seq, n=32, step=seq, source="probe", loss=True, num_layers=2,
+        pipeline.handle(state, make_routing(rng=rng, seq=seq, n=32, step=seq, source="probe", loss=True, num_layers=2,
                                   num_experts=4, groups=("math",) * 32,
                                   sample_ids=[f"p{seq}-{i}" for i in range(32)]))
         assert state.memory_bytes() <= 2 * 2**20
@@ -802,9 +802,9 @@ def test_fewer_comparisons_per_sample_keep_the_point_estimate_unbiased():
     got = []
     for seed in range(300):
         state, records = new_state(seed=seed, comparisons_per_sample=16, window_samples=64)
-        state.handle(warm)
+        pipeline.handle(state, warm)
         state.comparisons_now = 2  # what ingest sets while it is behind
-        state.handle(test)
+        pipeline.handle(state, test)
         point = [r for r in records if r["kind"] == "point"][-1]
         assert point["comparisons"] == 2 and point["samples"] == 4
         got.append(point["distance"])
@@ -819,9 +819,10 @@ def test_a_collector_behind_lowers_its_comparisons_and_applies_every_message(tmp
     """Issue 33: at moderate routing the rated load dropped 10 % of messages as queue_full. Now a backlog
     lowers the pairs per sample (down to 1) before anything is dropped: every message applied, counted as
     reduced, journaled with its m, and exported."""
+    from helpers import Pusher, scrape, start_collector, value, wait_until
+
     from grokwatch.collector.persist import read_journal
     from grokwatch.wire import encode
-    from helpers import Pusher, scrape, start_collector, value, wait_until
 
     c = start_collector(tmp_path, kernel_workers=0, comparisons_per_sample=64, window_samples=256)
     rng = np.random.default_rng(0)
@@ -852,12 +853,13 @@ def test_a_restored_stream_has_exactly_the_attributes_of_a_fresh_one():
     same attributes as one built fresh — whatever is left out of the snapshot (lock, rounds, scratch) is
     rebuilt in one place (Stream.restore_scratch) — so that no code needs to ask whether an attribute exists."""
     from grokwatch.collector.persist import load_snapshot_bytes
+    from grokwatch.collector.service import snapshot_blob
 
     state, _ = new_state()
     _feed(state, "train", range(0, 30, 10))
     _feed(state, "probe", range(0, 30, 10), loss_in_points=True, seq0=100)
     restored, _ = new_state()
-    restored.restore(load_snapshot_bytes(state.snapshot_blob()))
+    restored.restore(load_snapshot_bytes(snapshot_blob(state)))
     for key, stream in state.streams.items():
         assert set(restored.streams[key].__dict__) == set(stream.__dict__), key
 
