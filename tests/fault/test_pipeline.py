@@ -12,6 +12,7 @@ from helpers import Pusher, scrape, start_collector, value, wait_until
 from wire_factories import make_hello, make_routing
 
 from grokwatch.collector import pipeline
+from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.pipeline import KernelWorkers
 from grokwatch.collector.state import State
 from grokwatch.wire import encode
@@ -156,3 +157,38 @@ def test_one_runs_huge_messages_cannot_starve_another_on_the_same_worker(tmp_pat
         assert c.state.lost_total == 0 and not c.state.rejected_total
     finally:
         c.stop()
+
+
+def test_a_view_holds_the_state_lock_only_for_its_copy_never_while_it_waits_for_a_busy_stream():
+    """Issue 30: the view rendered under the state's lock, so a scrape waiting (up to 0.5 s) for a stream its
+    kernels held kept every admission and snapshot waiting too. Now the lock is held for the copy only: with
+    one stream's lock taken (its kernels running), a view waits for that stream alone and the state's lock
+    is free meanwhile; the view answers with this exporter's previous reading of that stream, counted in the
+    exporter's memo, and the state is not written by it."""
+    import threading
+
+    from grokwatch.collector.view import STREAM_WAIT_S, ViewMemo, build_view
+
+    state = State(CollectorConfig(window_samples=8, comparisons_per_sample=2))
+    pipeline.handle(state, make_hello())
+    pipeline.handle(state, make_routing(seq=1, n=2, step=1))
+    memo = ViewMemo()
+    first = {f.name: list(f.samples) for f in build_view(state, memo=memo)}
+    stream = state.streams[("run-a", "train")]
+    before = dict(vars(state))
+    views = []
+    with stream.lock:  # the kernels hold the stream
+        viewer = threading.Thread(target=lambda: views.append(build_view(state, memo=memo)))
+        started = time.monotonic()
+        viewer.start()
+        time.sleep(STREAM_WAIT_S / 5)  # the view is waiting for the stream now
+        assert state.lock.acquire(timeout=STREAM_WAIT_S / 5), "the view held the state's lock while it waited"
+        acquired = time.monotonic() - started
+        state.lock.release()
+        viewer.join()
+    assert acquired < STREAM_WAIT_S
+    second = {f.name: list(f.samples) for f in views[0]}
+    assert memo.stale_stream_reads == 1
+    assert second["grokwatch_collector_stream_reads_stale_total"][0].value == 1
+    assert second["grokwatch_pathway_samples_total"] == first["grokwatch_pathway_samples_total"]  # the last reading
+    assert vars(state).keys() == before.keys() and all(vars(state)[k] is v for k, v in before.items())
