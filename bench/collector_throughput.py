@@ -4,7 +4,7 @@
 
 OLMoE shape (L=16, E=64, K=8), tau=0.7, m=16 comparisons per sample (plus the
 cross-group baseline's m), 4 groups, 64 samples per message, journal on disk.
-Each message goes through decode -> State.handle exactly as in the service.
+Each message goes through decode -> pipeline.handle exactly as in the service.
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import fresh, routing_message  # noqa: E402
 
-from grokwatch.collector import (
-    pipeline,
-    warmup,  # noqa: E402
-)
+from grokwatch.collector import pipeline, warmup  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.persist import Journal  # noqa: E402
 from grokwatch.collector.state import State  # noqa: E402

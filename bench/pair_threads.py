@@ -23,10 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import fresh, routing_message  # noqa: E402
 
-from grokwatch.collector import (
-    pipeline,
-    warmup,  # noqa: E402
-)
+from grokwatch.collector import pipeline, warmup  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.state import State  # noqa: E402
 from grokwatch.wire import encode  # noqa: E402

@@ -22,10 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _synthetic import routing_message  # noqa: E402
 
-from grokwatch.collector import (
-    pipeline,
-    warmup,  # noqa: E402
-)
+from grokwatch.collector import pipeline, warmup  # noqa: E402
 from grokwatch.collector.config import CollectorConfig  # noqa: E402
 from grokwatch.collector.persist import Journal  # noqa: E402
 from grokwatch.collector.state import State  # noqa: E402
