@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from grokwatch.wire import DEFAULT_LIMITS
+
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 DEFAULT_EVERY_N_STEPS = 10  # summarizing costs a handful of small ops per router call; every step for tiny runs
 DEFAULT_SAMPLES_PER_STEP = 8
@@ -13,6 +15,7 @@ DEFAULT_DOCS_PER_SAMPLE = 4  # packed rows: documents kept per row (only when po
 
 # attach(reduction_layout=...): where the experts go in the batched reduction (reduce.Strategy); None: the
 # device's best (experts last on CUDA, in the middle on CPU). Compiled, they are always last.
+MAX_COUNT_GROUPS = DEFAULT_LIMITS.max_count_groups  # what a collector accepts (wire/limits.py)
 REDUCTION_LAYOUTS = {None: None, "experts_last": -1, "experts_middle": -2}
 
 
@@ -42,6 +45,9 @@ class AgentConfig:
     # All-token expert counts (agent/counts.py): tokens per expert over every training forward, shipped with
     # each training message; False leaves the router hooks armed on summarized forwards only.
     expert_counts: bool = True
+    # ... split by row group too, for the first this many groups that tag() names (0: totals only). Each costs
+    # [L, E] int64 in the staging buffer and, where its rows routed tokens, on the wire.
+    expert_count_groups: int = 8
     # ZeroMQ CURVE (grokwatch keygen): the collector's public .key file and this agent's .key_secret file;
     # both or neither. Default from GROKWATCH_CURVE_SERVER_KEY / GROKWATCH_CURVE_SECRET_KEY.
     curve_server_key: Optional[str] = None
@@ -60,6 +66,9 @@ class AgentConfig:
                     "sndhwm"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        groups = self.expert_count_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or not 0 <= groups <= MAX_COUNT_GROUPS:
+            raise ValueError(f"expert_count_groups: an integer 0..{MAX_COUNT_GROUPS}, got {groups!r}")
         if self.probe_every_n_steps < 0 or self.probe_size < 0:
             raise ValueError("probe_every_n_steps and probe_size: must not be negative")
         if bool(self.probe_every_n_steps) != bool(self.probe_size):

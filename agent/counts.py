@@ -16,11 +16,24 @@ every layer's go into the counts by one ``index_add_`` (with a stack and two sma
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 log = logging.getLogger("grokwatch.agent")
+
+MAX_ROW_PATTERNS = 32  # rows -> group slots tensors kept per device (a run has a few batch patterns)
+
+
+class Drained(NamedTuple):
+    """What ``drain_into`` put into the staging buffer: the forwards its counts cover (0: none), those that
+    gave an aux loss, those whose rows were tagged (their counts also split by group), and the groups'
+    names in slot order."""
+
+    forwards: int
+    aux_forwards: int
+    group_forwards: int
+    group_names: tuple[str, ...]
 
 
 class ExpertCounts:
@@ -28,10 +41,20 @@ class ExpertCounts:
     from a router's hook inside one; ``drain_into(view)`` at a summarized training forward copies the
     counts into the staging buffer (device to device) and starts the next interval."""
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, enabled: bool = True):
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, enabled: bool = True, max_groups: int = 0):
         self.shape = (num_layers, num_experts)
         self.top_k = top_k
         self.enabled = enabled
+        # Per row group (``tag_rows``): the first ``max_groups`` groups' names get a slot each, in order of
+        # appearance; rows of later groups are counted in the totals only (logged once).
+        self.max_groups = max_groups
+        self.group_names: list[str] = []
+        self._group_slot: dict[str, int] = {}
+        self._row_slots: Optional[torch.Tensor] = None  # this forward's slot per row [B] (max_groups: none)
+        self._row_cache: dict[tuple, torch.Tensor] = {}
+        self._groups_GLE: Optional[torch.Tensor] = None  # int64 [max_groups + 1, L, E + 1]; last: untallied
+        self.group_forwards = 0  # training forwards since the last drain whose rows were tagged
+        self._logged_groups = False
         self.active = False  # inside a training forward
         self.forwards = 0  # training forwards begun since the last drain
         self._tokens_LE: Optional[torch.Tensor] = None  # int64 [L, E + 1]; column E: picks of no expert
@@ -55,12 +78,50 @@ class ExpertCounts:
     def begin(self) -> None:
         if self.enabled:
             self._flush()  # a forward that raised before its end
+            self._row_slots = None
             self.active = True
             self.forwards += 1
 
     def end(self) -> None:
         self.active = False
         self._flush()
+        self._row_slots = None
+
+    def tag_rows(self, groups: Optional[Sequence[str]], num_rows: int, device: torch.device) -> None:
+        """This forward's row groups (one per batch row, as ``tag`` gave them), to split its counts by group:
+        each token counts for the group of its row. The routers see the batch's tokens row-major ([B, S] or
+        [B·S]), as the sampled rows' gathers read them (gather.py). Rows of a group past ``max_groups`` go to
+        the totals only."""
+        if not self.active or self.max_groups <= 0 or groups is None or len(groups) != num_rows or num_rows < 1:
+            return
+        slots = []
+        for group in groups:
+            slot = self._group_slot.get(group)
+            if slot is None:
+                if len(self.group_names) < self.max_groups:
+                    slot = self._group_slot[group] = len(self.group_names)
+                    self.group_names.append(group)
+                else:
+                    slot = self.max_groups
+                    if not self._logged_groups:
+                        self._logged_groups = True
+                        log.warning("grokwatch: more than %d row groups (expert_count_groups): the tokens of "
+                                    "later ones, e.g. %r, are in the all-token totals only (logged once)",
+                                    self.max_groups, group)
+            slots.append(slot)
+        key = (tuple(slots), device)
+        row_slots = self._row_cache.get(key)
+        if row_slots is None:
+            row_slots = torch.tensor(slots, dtype=torch.int64)
+            if device.type == "cuda":  # a copy from pageable memory would block the host
+                row_slots = row_slots.pin_memory().to(device, non_blocking=True)
+            else:
+                row_slots = row_slots.to(device)
+            if len(self._row_cache) >= MAX_ROW_PATTERNS:
+                self._row_cache.clear()
+            self._row_cache[key] = row_slots
+        self._row_slots = row_slots
+        self.group_forwards += 1
 
     def add_aux_loss(self, aux: torch.Tensor) -> None:
         """The load-balancing loss the model computed in this forward (one device add, no sync)."""
@@ -83,7 +144,8 @@ class ExpertCounts:
     def _flush(self) -> None:
         """One forward's ids into the counts: the layers stacked, each offset into its own row of the flat
         counts, by one ``index_add_`` (five ops a forward, not three a router call). Picks outside 0..E-1 (-1,
-        or E and up: dropped tokens) go to column E (clamp, then -1 -> E): never an out-of-range write."""
+        or E and up: dropped tokens) go to column E (clamp, then -1 -> E): never an out-of-range write. A
+        forward with tagged rows adds its picks once more, each offset by its row's group slot."""
         pending = self._pending
         if not pending:
             return
@@ -94,6 +156,7 @@ class ExpertCounts:
         if acc is None or acc.device != device:
             acc = self._tokens_LE = torch.zeros(L, E + 1, dtype=torch.int64, device=device)
         flat_acc = acc.view(-1)
+        row_slots = self._group_rows(pending, device)
         sizes = {ids.numel() for _, ids in pending}
         if len(sizes) == 1 and all(ids.device == device for _, ids in pending):
             layers = tuple(layer for layer, _ in pending)
@@ -102,12 +165,44 @@ class ExpertCounts:
                 offsets = self._offsets[layers] = torch.tensor(layers, dtype=torch.int64, device=device)[:, None] * (E + 1)
             ids = torch.stack([ids.reshape(-1) for _, ids in pending]) if len(pending) > 1 \
                 else pending[0][1].reshape(1, -1)
-            flat = ids.clamp(-1, E).remainder_(E + 1).add_(offsets).reshape(-1)
+            picks = ids.clamp(-1, E).remainder_(E + 1).add_(offsets)
+            flat = picks.reshape(-1)
             flat_acc.index_add_(0, flat, self._ones_for(flat))
+            if row_slots is not None:
+                self._add_by_group(picks.view(len(pending), row_slots.shape[0], -1), row_slots)
             return
         for layer, ids in pending:  # layers that routed different token counts (or devices): one at a time
             flat = ids.reshape(-1).to(device).clamp(-1, E).remainder_(E + 1).add_(layer * (E + 1))
             flat_acc.index_add_(0, flat, self._ones_for(flat))
+            if row_slots is not None:
+                self._add_by_group(flat.view(1, row_slots.shape[0], -1), row_slots)
+
+    def _group_rows(self, pending: list, device: torch.device) -> Optional[torch.Tensor]:
+        """This forward's row slots where every pending layer's ids split evenly into its rows; else None, the
+        forward then left out of the group counts (counted off ``group_forwards``, logged once)."""
+        row_slots = self._row_slots
+        if row_slots is None:
+            return None
+        rows = row_slots.shape[0]
+        if any(ids.numel() % rows for _, ids in pending):
+            self._row_slots = None
+            self.group_forwards -= 1
+            if not self._logged_groups:
+                self._logged_groups = True
+                log.warning("grokwatch: a router routed a token count that is not a multiple of the batch's %d rows "
+                            "(packed or dropped tokens?): that forward is in the all-token totals only, not in "
+                            "the per-group counts (logged once)", rows)
+            return None
+        return row_slots if row_slots.device == device else row_slots.to(device, non_blocking=True)
+
+    def _add_by_group(self, picks: torch.Tensor, row_slots: torch.Tensor) -> None:
+        """``picks`` [layers, B, picks per row]: flat [L, E + 1] indices; each row's go to its group's counts."""
+        L, E = self.shape
+        acc = self._groups_GLE
+        if acc is None or acc.device != picks.device:
+            acc = self._groups_GLE = torch.zeros(self.max_groups + 1, L, E + 1, dtype=torch.int64, device=picks.device)
+        flat = (picks + (row_slots * (L * (E + 1)))[None, :, None]).reshape(-1)
+        acc.view(-1).index_add_(0, flat, self._ones_for(flat))
 
     def _ones_for(self, flat: torch.Tensor) -> torch.Tensor:
         n = flat.shape[0]
@@ -122,26 +217,39 @@ class ExpertCounts:
         self._flush()
         if self._tokens_LE is not None:
             self._tokens_LE = self._tokens_LE[torch.tensor(called, device=self._tokens_LE.device)]
+        if self._groups_GLE is not None:
+            self._groups_GLE = self._groups_GLE[:, torch.tensor(called, device=self._groups_GLE.device)]
 
     @property
     def pending(self) -> bool:
         return self.enabled and self.forwards > 0
 
-    def drain_into(self, view_LE1: torch.Tensor, aux_view: Optional[torch.Tensor] = None) -> tuple[int, int]:
+    def drain_into(self, view_LE1: torch.Tensor, aux_view: Optional[torch.Tensor] = None,
+                   groups_view: Optional[torch.Tensor] = None) -> Drained:
         """Copy the interval's counts into ``view_LE1`` (int64 [L, E + 1], on the staging device; zeros when
-        no router was called) and the aux-loss sum into ``aux_view`` ([1] float32), and start the next
-        interval; returns the forwards counted (0: nothing to ship) and those that gave an aux loss. On the
-        training thread, no host sync (device copies and fills)."""
+        no router was called), the aux-loss sum into ``aux_view`` ([1] float32) and the per-group counts into
+        ``groups_view`` (int64 [max_groups, L, E + 1]), and start the next interval. On the training thread,
+        no host sync (device copies and fills)."""
         self._flush()
         aux_forwards, self.aux_forwards = self.aux_forwards, 0
         if aux_view is not None and self._aux_sum is not None and aux_forwards:
             aux_view.copy_(self._aux_sum.reshape(1), non_blocking=True)
             self._aux_sum.zero_()
         forwards, self.forwards = self.forwards, 0
+        group_forwards, self.group_forwards = self.group_forwards, 0
         acc = self._tokens_LE
         if acc is None:
             view_LE1.zero_()
         else:
             view_LE1.copy_(acc, non_blocking=True)
             acc.zero_()
-        return (forwards, aux_forwards) if self.enabled else (0, 0)
+        groups = self._groups_GLE
+        if groups_view is None or groups is None or not group_forwards:
+            group_forwards = 0
+        else:
+            groups_view.copy_(groups[: self.max_groups], non_blocking=True)
+        if groups is not None:
+            groups.zero_()
+        if not self.enabled:
+            return Drained(0, 0, 0, ())
+        return Drained(forwards, aux_forwards, group_forwards, tuple(self.group_names) if group_forwards else ())

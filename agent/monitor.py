@@ -86,7 +86,7 @@ class Monitor:
                                                else [layer.weight_EH for layer in shape.layers]),
                                keep_armed=config.every_n_steps == 1,
                                counts=ExpertCounts(shape.num_layers, shape.num_experts, shape.top_k,
-                                                   config.expert_counts),
+                                                   config.expert_counts, config.expert_count_groups),
                                on_forward_start=self._on_forward_start,
                                on_forward_done=self._forward_done)
         device = _parameter_device(model)
@@ -189,6 +189,11 @@ class Monitor:
         """A training forward begins (Capture's pre-hook): its context if it is summarized, else None."""
         if tags is not None:
             self.sampler.tag(*tags)
+        if self.capture.counts.active:  # the all-token counts split by this forward's row groups
+            ref = _first_tensor(args, kwargs, "input_ids", 0)
+            ref = ref if ref is not None else kwargs.get("inputs_embeds")
+            if isinstance(ref, torch.Tensor) and ref.dim() >= 2:
+                self.capture.counts.tag_rows(self.sampler.forward_groups(), int(ref.shape[0]), ref.device)
         self._forward_since_step = self._seen_forward = True
         step = self._step
         if not self.sampler.has_budget(step):

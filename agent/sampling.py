@@ -47,6 +47,7 @@ class Sampler:
         self.identity = identity if identity is not None else Identity()  # read, never written here
         # Names the rows of the next forward: (row ids or None, row groups, documents or None).
         self._tag: Optional[tuple] = None
+        self._groups_given = False  # the tag names groups (not only ids)
         # The documents of the rows the last choose() named, when the tag named them (packed rows): per
         # row, the ids (or None: run-unique) and the groups of its documents in order.
         self.chosen_docs: Optional[tuple[Optional[list[list[str]]], list[list[str]]]] = None
@@ -67,6 +68,7 @@ class Sampler:
         sample_ids = sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else sample_ids
         groups = groups.tolist() if isinstance(groups, torch.Tensor) else groups
         self._tag = None
+        self._groups_given = groups is not None
         if sample_ids is None and groups is None:
             return
         if _nested(sample_ids) or _nested(groups):
@@ -96,6 +98,16 @@ class Sampler:
         if self.mismatched_tags == 1:
             log.warning("grokwatch: tag(): %s; that forward's rows go out untagged (counted in stats()"
                         "['mismatched_tags'], logged once). Tag each forward with one id and group per row.", what)
+
+    def forward_groups(self) -> Optional[list[str]]:
+        """The group of each row of the forward about to run, where tag() named them — None where it did not,
+        and where a packed row holds documents of several groups (its tokens are of no one group)."""
+        tag = self._tag
+        if tag is None or not self._groups_given:
+            return None
+        if tag[2] is not None and any(len(set(row)) > 1 for row in tag[2][1]):
+            return None
+        return tag[1]
 
     def has_budget(self, step: int) -> bool:
         """Whether a forward at ``step`` may be summarized. False drops the tag: it named this forward."""

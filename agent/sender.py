@@ -105,6 +105,37 @@ class Pending:
     counted_forwards: int = 0  # > 0: the buffer holds the all-token counts of this many training forwards
     aux_forwards: int = 0  # > 0: ... and the model's aux loss summed over this many of them
     with_bias: bool = False  # ... and the routers' balancing biases
+    group_forwards: int = 0  # > 0: ... and the same counts split by row group, for this many tagged forwards
+    group_names: tuple[str, ...] = ()  # ... the groups' names, in the buffer's slot order
+
+
+@dataclass
+class _Counts:
+    """All-token counts on the host, from the staging buffer (views) or summed with those no message could
+    carry yet: int64 [L, E + 1] (column E: picks of no expert), and per row group the same."""
+
+    tokens_LE1: np.ndarray
+    forwards: int
+    groups: dict[str, np.ndarray]
+    group_forwards: int
+
+    def plus(self, later: "_Counts") -> "_Counts":
+        groups = {name: c.copy() for name, c in self.groups.items()}
+        for name, c in later.groups.items():
+            groups[name] = groups[name] + c if name in groups else c.copy()
+        return _Counts(self.tokens_LE1 + later.tokens_LE1, self.forwards + later.forwards, groups,
+                       self.group_forwards + later.group_forwards)
+
+    def copy(self) -> "_Counts":
+        return _Counts(self.tokens_LE1.copy(), self.forwards, {n: c.copy() for n, c in self.groups.items()},
+                       self.group_forwards)
+
+    def by_group(self) -> tuple[tuple[str, ...], Optional[np.ndarray], int]:
+        """The groups whose rows routed tokens: names, [G, L, E] counts, tagged forwards; ((), None, 0) if none."""
+        names = tuple(name for name, c in self.groups.items() if c[:, :-1].any())
+        if not names:
+            return (), None, 0
+        return names, np.stack([self.groups[name][:, :-1] for name in names]), self.group_forwards
 
 
 def _defined(zloss_NL: np.ndarray) -> Optional[np.ndarray]:
@@ -146,7 +177,7 @@ class Sender:
         self.faults: AgentFaults = faults if faults is not None else _NoFaults()
         self.has_cosines = has_cosines
         self.shape = (num_layers, num_experts, top_k)
-        self._carry: Optional[tuple[np.ndarray, int]] = None  # all-token counts no message could carry yet
+        self._carry: Optional[_Counts] = None  # all-token counts no message could carry yet
         self._logged_unrouted = False
         self.health = RouterHealth(num_layers, num_experts, top_k)  # for the framework's logs (agent/health.py)
         self.distribution = distribution
@@ -256,13 +287,14 @@ class Sender:
         if p.event is not None and not p.event.query():  # done already: no wait, no GIL hand-over
             p.event.synchronize()  # waits here, on the sender thread, not in training
         v = self._host_views[p.host_index]
-        counts_LE1, forwards = self._expert_tokens(v, p.counted_forwards)
+        counts = self._expert_tokens(v, p)
         keep = [i for i in np.flatnonzero(v["tokens_N"]).tolist() if p.sample_ids[i]]
         if not keep:
-            if counts_LE1 is not None:  # no sampled row to ship them with: they go with the next message
-                self._carry = (counts_LE1.copy(), forwards)
+            if counts is not None:  # no sampled row to ship them with: they go with the next message
+                self._carry = counts.copy()
             return None
-        tokens_LE = counts_LE1[:, :-1] if counts_LE1 is not None else None  # column E: picks of no expert
+        tokens_LE = counts.tokens_LE1[:, :-1] if counts is not None else None  # column E: picks of no expert
+        group_names, group_tokens, group_forwards = counts.by_group() if counts is not None else ((), None, 0)
         rows = _as_slice(keep)  # usually slots 0, D, 2D, ...: views, copied once by encode
         return Routing(
             **self._header(), source=p.source, step=p.step, top_k=self.shape[2],
@@ -274,26 +306,29 @@ class Sender:
             adj_cosine_NJ=v["adj_cosine_NL"][rows, 1:] if p.with_cosines and self.shape[0] > 1 else None,
             loss_N=v["loss_N"][rows] if p.with_loss else None,
             zloss_NL=_defined(v["zloss_NL"][rows]),
-            expert_tokens_LE=tokens_LE, counted_forwards=forwards,
+            expert_tokens_LE=tokens_LE, counted_forwards=counts.forwards if counts is not None else 0,
             aux_loss=_mean_aux(v["aux_loss"], p.aux_forwards) if tokens_LE is not None else None,
             balance_bias_LE=v["balance_bias_LE"] if p.with_bias and tokens_LE is not None else None,
+            group_token_names=group_names, group_tokens_GLE=group_tokens, group_forwards=group_forwards,
         )
 
-    def _expert_tokens(self, v: dict, counted_forwards: int) -> tuple[Optional[np.ndarray], int]:
-        """The all-token counts the buffer holds ([L, E + 1] int64: a view of it, or a sum with those a previous
-        message could not carry) and the forwards they cover; (None, 0) when it holds none."""
-        if not counted_forwards:
-            return None, 0
-        counts_LE1 = v["expert_tokens_LE"].view(np.int64)
+    def _expert_tokens(self, v: dict, p: Pending) -> Optional[_Counts]:
+        """The all-token counts the buffer holds (views of it, or a sum with those a previous message could not
+        carry), or None when it holds none."""
+        if not p.counted_forwards:
+            return None
+        groups = {}
+        if p.group_forwards:
+            by_slot = v["group_tokens_GLE"].view(np.int64)
+            groups = {name: by_slot[slot] for slot, name in enumerate(p.group_names)}
+        counts = _Counts(v["expert_tokens_LE"].view(np.int64), p.counted_forwards, groups, p.group_forwards)
         if self._carry is not None:
-            carried, forwards = self._carry
-            self._carry = None
-            counts_LE1, counted_forwards = counts_LE1 + carried, counted_forwards + forwards
-        if not self._logged_unrouted and counts_LE1[:, -1].any():
+            counts, self._carry = self._carry.plus(counts), None
+        if not self._logged_unrouted and counts.tokens_LE1[:, -1].any():
             self._logged_unrouted = True
             log.warning("grokwatch: routers returned expert ids outside 0..%d (dropped tokens?); those picks "
                         "are left out of the all-token expert counts (logged once)", self.shape[1] - 1)
-        return counts_LE1, counted_forwards
+        return counts
 
     def _encode(self, message) -> Optional[bytes]:
         try:

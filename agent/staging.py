@@ -27,20 +27,24 @@ class Staging:
 
     FIELDS = {  # name: (storage shape from (L, N, E), dtype)
         # int64 counts stored as int32 pairs (first: 8-byte aligned); column E counts picks of no expert
-        "expert_tokens_LE": (lambda L, N, E: (L, 2 * (E + 1)), torch.int32),
-        "mean_probs_NLE": (lambda L, N, E: (N, L, E), torch.float32),
-        "topk_counts_NLE": (lambda L, N, E: (N, L, E), torch.int32),
-        "entropy_NL": (lambda L, N, E: (N, L), torch.float32),
-        "zloss_NL": (lambda L, N, E: (N, L), torch.float32),  # mean logsumexp(logits)² per slot; < 0: undefined
-        "adj_cosine_NL": (lambda L, N, E: (N, L), torch.float32),  # column l: cos(layer l-1, layer l); column 0 unused
-        "tokens_N": (lambda L, N, E: (N,), torch.int32),
-        "loss_N": (lambda L, N, E: (N,), torch.float32),
-        "aux_loss": (lambda L, N, E: (1,), torch.float32),  # the model's aux loss summed over the interval
-        "balance_bias_LE": (lambda L, N, E: (L, E), torch.float32),  # the routers' balancing biases, if any
+        "expert_tokens_LE": (lambda L, N, E, G: (L, 2 * (E + 1)), torch.int32),
+        # the same split by row group (agent/counts.py), int64 as int32 pairs too (even-sized: still aligned)
+        "group_tokens_GLE": (lambda L, N, E, G: (G, L, 2 * (E + 1)), torch.int32),
+        "mean_probs_NLE": (lambda L, N, E, G: (N, L, E), torch.float32),
+        "topk_counts_NLE": (lambda L, N, E, G: (N, L, E), torch.int32),
+        "entropy_NL": (lambda L, N, E, G: (N, L), torch.float32),
+        "zloss_NL": (lambda L, N, E, G: (N, L), torch.float32),  # mean logsumexp(logits)² per slot; < 0: undefined
+        "adj_cosine_NL": (lambda L, N, E, G: (N, L), torch.float32),  # column l: cos(layer l-1, layer l); column 0 unused
+        "tokens_N": (lambda L, N, E, G: (N,), torch.int32),
+        "loss_N": (lambda L, N, E, G: (N,), torch.float32),
+        "aux_loss": (lambda L, N, E, G: (1,), torch.float32),  # the model's aux loss summed over the interval
+        "balance_bias_LE": (lambda L, N, E, G: (L, E), torch.float32),  # the routers' balancing biases, if any
     }
 
-    def __init__(self, *, num_layers: int, slots: int, num_experts: int, device: torch.device, pool_size: int = 4):
-        self.shapes = {name: shape(num_layers, slots, num_experts) for name, (shape, _) in self.FIELDS.items()}
+    def __init__(self, *, num_layers: int, slots: int, num_experts: int, device: torch.device, pool_size: int = 4,
+                 count_groups: int = 0):
+        self.shapes = {name: shape(num_layers, slots, num_experts, count_groups)
+                       for name, (shape, _) in self.FIELDS.items()}
         self.offsets = {}
         total = 0
         for name, shape in self.shapes.items():
@@ -61,6 +65,7 @@ class Staging:
             "expert_tokens_LE": stored["expert_tokens_LE"].view(torch.int64),  # [L, E + 1] (agent/counts.py)
             "aux_loss": stored["aux_loss"],
             "balance_bias_LE": stored["balance_bias_LE"],
+            "group_tokens_GLE": stored["group_tokens_GLE"].view(torch.int64),  # [G, L, E + 1]
         }
         pin = device.type == "cuda"
         self.pool = [torch.zeros(total, dtype=torch.int32, pin_memory=pin) for _ in range(pool_size)]

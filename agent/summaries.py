@@ -14,6 +14,7 @@ import torch
 import grokwatch.agent.compiled as compiled_module
 from grokwatch.agent.capture import Capture
 from grokwatch.agent.config import REDUCTION_LAYOUTS, AgentConfig
+from grokwatch.agent.counts import Drained
 from grokwatch.agent.discover import MoEShape
 from grokwatch.agent.layout import BatchContext, Layout, build_context
 from grokwatch.agent.reduce import Strategy, reduce_all
@@ -24,8 +25,8 @@ log = logging.getLogger("grokwatch.agent")
 
 
 def staging_on(config: AgentConfig, shape: MoEShape, device: torch.device) -> Staging:
-    return Staging(num_layers=shape.num_layers, slots=config.sample_slots,
-                   num_experts=shape.num_experts, device=device)
+    return Staging(num_layers=shape.num_layers, slots=config.sample_slots, num_experts=shape.num_experts,
+                   device=device, count_groups=config.expert_count_groups if config.expert_counts else 0)
 
 
 def reduction_for(config: AgentConfig, device: torch.device) -> Optional[compiled_module.CompiledReduction]:
@@ -145,10 +146,11 @@ class Summaries:
             self.capture.learn_freed_weights()
         # a training message carries the all-token counts of every training forward since the last one, the
         # model's mean aux loss over them, and the routers' balancing biases as they are now
-        counted, aux_forwards, with_bias = 0, 0, False
+        drained, with_bias = Drained(0, 0, 0, ()), False
         if ctx.source == "train" and self.capture.counts.pending:
-            counted, aux_forwards = self.capture.counts.drain_into(self.staging.views["expert_tokens_LE"],
-                                                                   self.staging.views["aux_loss"])
+            drained = self.capture.counts.drain_into(self.staging.views["expert_tokens_LE"],
+                                                     self.staging.views["aux_loss"],
+                                                     self.staging.views["group_tokens_GLE"])
             with_bias = self._copy_biases()
         host = self.staging.pool[index]
         host.copy_(self.staging.device_buf, non_blocking=True)
@@ -158,8 +160,9 @@ class Summaries:
             event.record()
         self.sender.submit(Pending(source=ctx.source, step=ctx.step, sample_ids=ctx.sample_ids, groups=ctx.groups,
                                    host_index=index, event=event, with_cosines=with_cosines,
-                                   with_loss=with_loss, counted_forwards=counted, aux_forwards=aux_forwards,
-                                   with_bias=with_bias))
+                                   with_loss=with_loss, counted_forwards=drained.forwards,
+                                   aux_forwards=drained.aux_forwards, with_bias=with_bias,
+                                   group_forwards=drained.group_forwards, group_names=drained.group_names))
 
     def _copy_biases(self) -> bool:
         """The routers' balancing biases into the staging buffer (device copies); False where no router

@@ -20,7 +20,7 @@ from grokwatch.collector import evidence
 from grokwatch.collector.all_tokens import AllTokens
 from grokwatch.collector.reasons import Rejected
 from grokwatch.collector.senders import SequenceError
-from grokwatch.collector.state import State, drop_keys_of
+from grokwatch.collector.state import OTHER_GROUP, State, drop_keys_of
 from grokwatch.collector.stream import Stream
 from grokwatch.wire import FRESH_PREFIX, Eval, Heartbeat, Hello, Loss, Routing
 
@@ -199,7 +199,16 @@ def _all_tokens(state: State, msg: Routing) -> None:
         counts = state.all_tokens[msg.run] = AllTokens(*tokens_LE.shape)
     # a run whose hello was never heard closes an interval at its next step only
     world = state.runs.world_sizes.get(msg.run, state.config.max_world_size)
-    counts.add(msg.step, msg.rank, tokens_LE, msg.counted_forwards, world, msg.aux_loss, msg.balance_bias_LE)
+    groups = None
+    if msg.group_tokens_GLE is not None:  # split by row group: at most max_groups names a run, the rest "other"
+        known = set(counts.open_groups) | set(counts.closed_groups)
+        groups = {}
+        for name, group_LE in zip(msg.group_token_names, msg.group_tokens_GLE):
+            if name not in known and (name == OTHER_GROUP or len(known) >= state.config.max_groups):
+                name = OTHER_GROUP
+            known.add(name)
+            groups[name] = groups[name] + group_LE if name in groups else group_LE
+    counts.add(msg.step, msg.rank, tokens_LE, msg.counted_forwards, world, msg.aux_loss, msg.balance_bias_LE, groups)
 
 
 def _routing(state: State, msg: Routing, now: float, journaling: Journaling, started: float) -> KernelJob:

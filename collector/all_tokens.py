@@ -18,6 +18,10 @@ its forwards; the interval's figure is the mean over its ranks), and for aux-los
 interval): its spread std_k b and its **drift**, the RMS over experts of b's change since the previous
 closed interval.
 
+Where the agents tag their rows with groups, the counts come split by the group of each token's row too
+(``Routing.group_tokens_GLE``): summed over the ranks in the same interval, closed with it, the same figures
+per (group, layer) — which experts each data group loads, over all its tokens.
+
 Where the ranks' loads differ, two imbalances answer two questions: the summed counts' (the global load: what
 Megatron-Core's all-reduced tokens per expert give) and the largest of the ranks' own (OLMo-core's "load
 imbalance", reduced across ranks by max: the worst local load, what makes a straggler). Both are exported.
@@ -58,9 +62,13 @@ class AllTokens:
         self.open_bias_rank = -1
         self.closed_bias_LE: np.ndarray | None = None
         self.bias_drift_L: np.ndarray | None = None  # RMS change between the last two closed intervals' biases
+        self.open_groups: dict[str, np.ndarray] = {}  # group -> uint64 [L, E], the open interval's
+        self.closed_groups: dict[str, np.ndarray] = {}
 
     def add(self, step: int, rank: int, counts_LE: np.ndarray, forwards: int, world_size: int,
-            aux_loss: float | None = None, bias_LE: np.ndarray | None = None) -> None:
+            aux_loss: float | None = None, bias_LE: np.ndarray | None = None,
+            groups: dict[str, np.ndarray] | None = None) -> None:
+        """One message's counts (``groups``: split by row group, the caller's labels, at most its cap)."""
         self.total_LE += counts_LE
         self.forwards_total += forwards
         if step < self.open_step:
@@ -71,6 +79,11 @@ class AllTokens:
                 self._close()
             self.open_step = step
         self.open_LE += counts_LE
+        for group, group_LE in (groups or {}).items():
+            if group in self.open_groups:
+                self.open_groups[group] += group_LE
+            else:
+                self.open_groups[group] = np.array(group_LE, np.uint64)
         np.maximum(self.open_rank_max_L, _imbalance_cv_L(counts_LE)[0], out=self.open_rank_max_L)
         self.open_ranks.add(rank)
         if aux_loss is not None:
@@ -97,11 +110,21 @@ class AllTokens:
                 ((self.open_bias_LE.astype(np.float64) - previous) ** 2).mean(axis=1))
             self.closed_bias_LE = self.open_bias_LE
         self.open_bias_LE, self.open_bias_rank = None, -1
+        self.closed_groups, self.open_groups = self.open_groups, {}
 
     def routed_tokens(self, top_k: int) -> int:
         """Tokens routed since the run began: each layer routes every token, K picks each (the busiest layer's
         picks ÷ K: a layer's picks outside 0..E-1 are not in its counts)."""
         return int(self.total_LE.sum(axis=1).max()) // max(top_k, 1) if self.total_LE.size else 0
+
+    def group_figures(self) -> dict[str, dict[str, np.ndarray]]:
+        """The closed interval's per-layer imbalance, CV and dead experts of each group whose rows routed
+        tokens in it."""
+        out = {}
+        for group, counts_LE in sorted(self.closed_groups.items()):
+            imbalance_L, cv_L = _imbalance_cv_L(counts_LE)
+            out[group] = dict(imbalance_L=imbalance_L, cv_L=cv_L, dead_L=(counts_LE == 0).sum(axis=1))
+        return out
 
     def figures(self) -> dict[str, np.ndarray] | None:
         """The closed interval's per-layer figures, or None before one closed."""

@@ -40,7 +40,7 @@ JOURNAL_NAME = "journal.jsonl"
 # or removing a persisted attribute changes the format: bump this and add the step from the old version to
 # MIGRATIONS (as _from_2 gives older streams their newer arrays, empty), before schema.py validates. Only the
 # settings a stream takes from the configuration are completed later (Stream.restore_scratch).
-SNAPSHOT_VERSION = 3
+SNAPSHOT_VERSION = 4
 
 
 PERSIST_ERRORS = ("snapshot_write", "snapshot_read", "journal_write", "wal_write", "wal_read")  # grokwatch_collector_persist_errors_total{what}
@@ -212,7 +212,18 @@ def _from_2(state: dict) -> dict:
     return state
 
 
-MIGRATIONS = {2: _from_2}  # version -> the step to the next
+def _from_3(state: dict) -> dict:
+    """Version 3 -> 4: a run's all-token counts get their (empty) per-group sums; the view's stale-read count
+    is its exporter's now, not the state's."""
+    for counts in (state.get("all_tokens") or {}).values():
+        for name in ("open_groups", "closed_groups"):
+            if isinstance(getattr(counts, "__dict__", None), dict) and name not in counts.__dict__:
+                setattr(counts, name, {})
+    state.pop("stale_stream_reads", None)
+    return state
+
+
+MIGRATIONS = {2: _from_2, 3: _from_3}  # version -> the step to the next
 
 
 def write_snapshot(state_dir: str, data) -> str:

@@ -91,7 +91,7 @@ def validate_state(data: dict, config: CollectorConfig) -> None:
         _count(f"evals[{key!r}] step", value[0])
         _number(f"evals[{key!r}] score", value[1])
     for run, counts in _dict("all_tokens", data.get("all_tokens", {})).items():
-        _all_tokens(f"all_tokens[{run!r}]", run, counts)
+        _all_tokens(f"all_tokens[{run!r}]", run, counts, config.max_groups)
     runs = data.get("runs")
     if runs is not None and not isinstance(runs, Runs):
         _fail("runs", "not the run table")
@@ -113,7 +113,7 @@ def validate_state(data: dict, config: CollectorConfig) -> None:
                 _fail(where, "its shape is not its run's")
 
 
-def _all_tokens(where: str, run: Any, counts: Any) -> None:
+def _all_tokens(where: str, run: Any, counts: Any, max_groups: int) -> None:
     from grokwatch.collector.all_tokens import AllTokens
 
     _str(f"{where} key", run)
@@ -142,6 +142,13 @@ def _all_tokens(where: str, run: Any, counts: Any) -> None:
             _array(f"{where}.{name}", getattr(counts, name), shape, np.float32)
     if counts.bias_drift_L is not None:
         _array(f"{where}.bias_drift_L", counts.bias_drift_L, (shape[0],), np.float64)
+    for name in ("open_groups", "closed_groups"):
+        groups = _dict(f"{where}.{name}", getattr(counts, name, None))
+        if len(groups) > max_groups + 1:
+            _fail(f"{where}.{name}", f"more than max_groups + 1 ({max_groups + 1}) groups")
+        for group, group_LE in groups.items():
+            _str(f"{where}.{name} key", group)
+            _array(f"{where}.{name}[{group!r}]", group_LE, shape, np.uint64)
 
 
 def _senders(senders: Any, cls: type) -> None:

@@ -186,6 +186,13 @@ def _specs() -> tuple[Spec, ...]:
     fam("router_all_tokens_load_cv", "gauge", "Coefficient of variation of the tokens per expert, same interval",
         ("run", "layer"))
     fam("router_all_tokens_dead_experts", "gauge", "Experts no token picked in the same interval", ("run", "layer"))
+    fam("router_all_tokens_group_load_imbalance_ratio", "gauge", "Max over mean tokens per expert of the tokens "
+        "of the group's rows, same interval, all ranks (where the agents tag rows; router_health_groups)",
+        ("run", "group", "layer"))
+    fam("router_all_tokens_group_load_cv", "gauge", "Coefficient of variation of the group's tokens per expert, "
+        "same interval", ("run", "group", "layer"))
+    fam("router_all_tokens_group_dead_experts", "gauge", "Experts none of the group's tokens picked in the same "
+        "interval", ("run", "group", "layer"))
     fam("expert_load_share", "gauge", "Share of the layer's routed tokens each expert took in the run's latest "
         "closed interval, all ranks (all-token counts; opt-in: expert_load_share_max_series)",
         ("run", "layer", "expert"))
@@ -339,7 +346,7 @@ def _copy_state(F: dict, state: State, lock_wait_s: Optional[float]) -> Optional
             F["run_info"].add((run, dist, L, E, K, hello.get("agent_version", "")), 1)
             F["routing_entropy_ceiling"].add((run,), entropy_ceiling(dist, E, K))
         for run, counts in sorted(state.all_tokens.items()):
-            _all_token_families(F, run, counts, state.runs.shapes.get(run), state.config.expert_load_share_max_series)
+            _all_token_families(F, run, counts, state.runs.shapes.get(run), state.config)
         for run, step in sorted(state.train_step.items()):
             F["train_step"].add((run,), step)
         F["build_info"].add((__version__,), 1)
@@ -373,9 +380,10 @@ def _copy_state(F: dict, state: State, lock_wait_s: Optional[float]) -> Optional
         state.lock.release()
 
 
-# The per-layer window figures exported per group only for the groups router_health_groups admits.
+# The per-layer figures exported per group only for the groups router_health_groups admits.
 ROUTER_HEALTH = frozenset({"expert_load_imbalance_ratio", "expert_load_cv", "dead_experts", "routing_entropy_ratio",
-                           "router_zloss", "expert_load_share_percentile", "expert_load_share_std",
+                           "router_all_tokens_group_load_imbalance_ratio", "router_all_tokens_group_load_cv",
+                           "router_all_tokens_group_dead_experts", "router_zloss", "expert_load_share_percentile", "expert_load_share_std",
                            "expert_load_diversity", "expert_load_rank_expert", "expert_load_rank_share"})
 
 
@@ -393,7 +401,7 @@ def entropy_ceiling(distribution: str, num_experts: int, top_k: int) -> float:
     return 1.0
 
 
-def _all_token_families(F: dict, run: str, counts, shape, max_share_series: int) -> None:
+def _all_token_families(F: dict, run: str, counts, shape, config) -> None:
     F["router_routed_tokens_total"].add((run,), counts.routed_tokens(shape[2] if shape else 1))
     F["router_counted_forwards_total"].add((run,), counts.forwards_total)
     figures = counts.figures()
@@ -406,6 +414,14 @@ def _all_token_families(F: dict, run: str, counts, shape, max_share_series: int)
         F["router_all_tokens_rank_load_imbalance_max"].add((run, layer), float(counts.closed_rank_max_L[layer]))
         F["router_all_tokens_load_cv"].add((run, layer), float(figures["cv_L"][layer]))
         F["router_all_tokens_dead_experts"].add((run, layer), int(figures["dead_L"][layer]))
+    for group, by_group in counts.group_figures().items():
+        if not router_health_for(config, group):
+            continue
+        for layer in range(counts.shape[0]):
+            key = (run, group, layer)
+            F["router_all_tokens_group_load_imbalance_ratio"].add(key, float(by_group["imbalance_L"][layer]))
+            F["router_all_tokens_group_load_cv"].add(key, float(by_group["cv_L"][layer]))
+            F["router_all_tokens_group_dead_experts"].add(key, int(by_group["dead_L"][layer]))
     if counts.closed_aux is not None:
         F["router_aux_loss"].add((run,), counts.closed_aux)
     if counts.closed_bias_LE is not None:
@@ -415,7 +431,7 @@ def _all_token_families(F: dict, run: str, counts, shape, max_share_series: int)
         for layer, drift in enumerate(counts.bias_drift_L.tolist()):
             F["router_balance_bias_drift"].add((run, layer), drift)
     L, E = counts.shape
-    for layer in range(min(L, max_share_series // E)):  # whole layers within the cap
+    for layer in range(min(L, config.expert_load_share_max_series // E)):  # whole layers within the cap
         for expert, share in enumerate(figures["share_LE"][layer].tolist()):
             F["expert_load_share"].add((run, layer, expert), share)
 

@@ -100,6 +100,10 @@ def encode(message: Message) -> bytes:
             out["aux_loss"] = float(message.aux_loss)
         if message.balance_bias_LE is not None:
             out["balance_bias"] = _array(message.balance_bias_LE, F32)
+        if message.group_tokens_GLE is not None:
+            out["group_tokens"] = _array(message.group_tokens_GLE, U64)
+            out["group_token_names"] = list(message.group_token_names)
+            out["group_forwards"] = int(message.group_forwards)
     elif isinstance(message, Eval):
         out.update(step=int(message.step), scores={str(k): float(v) for k, v in message.scores.items()})
     elif isinstance(message, Loss):
@@ -203,6 +207,8 @@ def _decode_routing(r: Reader) -> Routing:
     bias = r.optional_array("balance_bias", F32, (num_layers, num_experts))
     if (aux_loss is not None or bias is not None) and expert_tokens is None:
         raise WireError("value_range", "aux_loss and balance_bias come with expert_tokens only")
+    group_names, group_tokens, group_forwards = _group_tokens(r, expert_tokens, counted_forwards, num_layers,
+                                                              num_experts)
 
     for name, arr in (("mean_probs", probs), ("entropy", entropy), ("adj_cosine", cosine), ("loss", loss),
                       ("zloss", zloss), ("balance_bias", bias)):
@@ -246,7 +252,36 @@ def _decode_routing(r: Reader) -> Routing:
         counted_forwards=counted_forwards,
         aux_loss=aux_loss,
         balance_bias_LE=bias,
+        group_token_names=group_names,
+        group_tokens_GLE=group_tokens,
+        group_forwards=group_forwards,
     )
+
+
+def _group_tokens(r: Reader, expert_tokens, counted_forwards: int, num_layers: int,
+                  num_experts: int) -> tuple[tuple[str, ...], Optional[np.ndarray], int]:
+    """The all-token counts split by row group: names, [G, L, E] counts, tagged forwards — or ((), None, 0).
+    They come with ``expert_tokens`` only, one distinct name a group, and never more than the run's counts."""
+    if "group_tokens" not in r.obj:
+        if "group_token_names" in r.obj or "group_forwards" in r.obj:
+            raise WireError("value_range", "group_token_names and group_forwards come with group_tokens only")
+        return (), None, 0
+    if expert_tokens is None:
+        raise WireError("value_range", "group_tokens come with expert_tokens only")
+    names = r.str_list("group_token_names")
+    if not 1 <= len(names) <= r.limits.max_count_groups:
+        raise WireError("too_many", f"{len(names)} count groups, limit {r.limits.max_count_groups}")
+    _no_empty(names, "group_token_names")
+    if len(set(names)) != len(names):
+        raise WireError("value_range", "group_token_names repeat a name")
+    tokens = r.array("group_tokens", U64, (len(names), num_layers, num_experts))
+    forwards = r.int("group_forwards", lo=1, hi=counted_forwards)
+    left = expert_tokens.copy()  # what the groups may still take: exact, where a uint64 sum could wrap
+    for tokens_LE in tokens:
+        if (tokens_LE > left).any():
+            raise WireError("counts_exceed", "group_tokens exceed expert_tokens")
+        left -= tokens_LE
+    return tuple(names), tokens, forwards
 
 
 def _decode_eval(r: Reader) -> Eval:

@@ -19,6 +19,7 @@ class Limits:
     max_experts: int = 4096
     max_top_k: int = 256
     max_map_entries: int = 256
+    max_count_groups: int = 64  # groups of the all-token counts split by row group (Routing.group_tokens_GLE)
     # Mean routing weights are float32 means of float32 distributions.
     prob_sum_tol: float = 1e-3
     prob_range_tol: float = 1e-5

@@ -101,6 +101,12 @@ class Routing:
     # and the routers' balancing biases (aux-loss-free routing) as they are at this step.
     aux_loss: Optional[float] = None
     balance_bias_LE: Optional[np.ndarray] = None  # float32
+    # With them, where the training rows were tagged with groups: the same counts split by the group of the
+    # row each token came from, for the groups that had tokens (``group_forwards`` of the counted forwards
+    # were tagged; the rest are in ``expert_tokens_LE`` only).
+    group_token_names: tuple[str, ...] = ()
+    group_tokens_GLE: Optional[np.ndarray] = None  # uint64 [G, L, E]
+    group_forwards: int = 0
     kind: str = field(default=KIND_ROUTING, init=False)
 
     @property

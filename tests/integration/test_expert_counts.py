@@ -176,3 +176,80 @@ def test_an_aux_loss_free_routers_balancing_bias_is_shipped_as_the_model_holds_i
     want = np.sqrt(((at_summarized[2].astype(np.float64) - at_summarized[1]) ** 2).mean(axis=1))
     np.testing.assert_allclose(counts.bias_drift_L, want, rtol=1e-6)
     assert (want > 0).all()
+
+
+class RowGroupTap:
+    """Each router's top-k ids while ``on``, counted per expert for the group of the row each token is in
+    (the batch's rows, [B, S] row-major as the router flattens them), and in total."""
+
+    def __init__(self, model, num_experts: int):
+        self.on = False
+        self.row_groups: list[str] = []
+        self.layers = discover(model).layers
+        self.E = num_experts
+        self.by_group: dict[str, np.ndarray] = {}
+        self.total_LE = np.zeros((len(self.layers), num_experts), np.int64)
+        for i, layer in enumerate(self.layers):
+            layer.router.register_forward_hook(self._hook(i))
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            if not self.on:
+                return
+            rows = len(self.row_groups)
+            ids_BX = output[2].reshape(rows, -1).numpy()  # OLMoE's router: (logits, weights, ids)
+            for row, group in enumerate(self.row_groups):
+                counts = self.by_group.setdefault(group, np.zeros_like(self.total_LE))
+                counts[layer] += np.bincount(ids_BX[row], minlength=self.E)
+            self.total_LE[layer] += np.bincount(ids_BX.reshape(-1), minlength=self.E)
+        return hook
+
+
+def test_counts_split_by_row_group_are_each_rows_decisions_and_untagged_forwards_are_in_the_totals_only(sink):
+    """Issue 31 part 1, "per group where rows are tagged": each token's picks count for the group of its row —
+    equal to a plain per-row count of the routers' decisions; a forward without group tags goes into the
+    totals only (``group_forwards`` says how many were tagged); a group past ``expert_count_groups`` is in the
+    totals only. Negative control: summed over the groups, the split counts are the tagged forwards' totals,
+    not more."""
+    model = tiny_model("olmoe")
+    E = discover(model).num_experts
+    tap = RowGroupTap(model, E)
+    mon = gw.attach(model, sink.endpoint, "row-groups", every_n_steps=2, max_samples_per_step=1,
+                    expert_count_groups=2)
+    gen = torch.Generator().manual_seed(0)
+    patterns = [["math", "code", "math", "code"], ["code", "code", "math", "math"], None,
+                ["math", "chem", "code", "math"]]  # None: untagged; chem: past the cap of two groups
+    untagged_LE = np.zeros_like(tap.total_LE)
+    chem_LE = np.zeros_like(tap.total_LE)
+    for step in range(5):  # summarized at 0, 2, 4: the last message covers every forward
+        mon.step(step)
+        groups = patterns[step % len(patterns)]
+        ids = torch.randint(0, VOCAB, (4, 8), generator=gen)
+        if groups is not None:
+            mon.tag(sample_ids=[f"{step}-{r}" for r in range(4)], groups=groups)
+        before = tap.total_LE.copy(), tap.by_group.get("chem", np.zeros_like(tap.total_LE)).copy()
+        tap.row_groups, tap.on = (groups or ["?"] * 4), True
+        model(input_ids=ids, labels=ids).loss.backward()
+        tap.on = False
+        if groups is None:
+            untagged_LE += tap.total_LE - before[0]
+        chem_LE += tap.by_group.get("chem", np.zeros_like(tap.total_LE)) - before[1]
+    stats = mon.stats()
+    mon.close()
+    assert stats["hook_errors"] == 0, stats
+    shipped = sink.wait_routing(3, source="train")
+    total = sum(m.expert_tokens_LE.astype(np.int64) for m in shipped)
+    np.testing.assert_array_equal(total, tap.total_LE)
+    split: dict[str, np.ndarray] = {}
+    for m in shipped:
+        if m.group_tokens_GLE is None:
+            continue
+        assert m.group_tokens_GLE.dtype == np.uint64 and set(m.group_token_names) <= {"math", "code"}
+        assert 1 <= m.group_forwards <= m.counted_forwards
+        for name, counts in zip(m.group_token_names, m.group_tokens_GLE.astype(np.int64)):
+            split[name] = split.get(name, 0) + counts
+    for name in ("math", "code"):
+        np.testing.assert_array_equal(split[name], tap.by_group[name])
+    assert "chem" not in split and chem_LE.sum() > 0  # past the cap: the totals only
+    np.testing.assert_array_equal(split["math"] + split["code"] + chem_LE + untagged_LE, total)
+    assert sum(m.group_forwards for m in shipped) == sum(m.counted_forwards for m in shipped) - 1  # step 2's

@@ -135,3 +135,86 @@ def test_aux_loss_without_counts_is_refused_on_the_wire():
 
     with pytest.raises(WireError, match="expert_tokens only"):
         decode(encode(dataclasses.replace(make_routing(n=2, num_layers=L, num_experts=E, top_k=K), aux_loss=1.0)))
+
+
+def _grouped(rank: int, seq: int, step: int, groups: dict, forwards: int = 5, extra=None):
+    """A message whose counts are its groups' plus ``extra`` (untagged forwards' tokens)."""
+    total = sum(np.asarray(c, np.uint64) for c in groups.values()) + (0 if extra is None else extra)
+    m = _msg(rank, seq, step, total, forwards)
+    return dataclasses.replace(m, group_token_names=tuple(groups), group_forwards=forwards - (extra is not None),
+                               group_tokens_GLE=np.stack([np.asarray(c, np.uint64) for c in groups.values()]))
+
+
+def _group_series(state: State) -> dict:
+    return {(f.name.removeprefix("grokwatch_router_all_tokens_group_"), s.labels[1], s.labels[2]): s.value
+            for f in build_view(state) for s in f.samples if f.name.startswith("grokwatch_router_all_tokens_group_")}
+
+
+def test_counts_split_by_row_group_give_each_groups_figures_summed_over_the_ranks_of_the_interval():
+    """Issue 31 part 1, per group where rows are tagged: each group's imbalance, CV and dead experts over the
+    interval's summed ranks are the reference's (METRICS.md §3 over all tokens) of that group's counts — and
+    only the groups' own: an untagged forward's tokens move the run's figures, never a group's. They close
+    with the run's interval (not before every rank has reported)."""
+    rng = np.random.default_rng(3)
+    state = _state(world=2)
+    a = {g: rng.integers(0, 30, (L, E)) for g in ("math", "code")}
+    b = {"math": rng.integers(0, 30, (L, E)), "chem": rng.integers(0, 30, (L, E))}
+    a["code"][2, 1] = 0  # code never picks expert 1 of layer 2: dead for code alone
+    untagged = np.zeros((L, E), np.uint64)
+    untagged[0, 3] = 10_000  # a skewed untagged forward: the run's layer 0, no group's
+    pipeline.handle(state, _grouped(0, 1, 10, a, extra=untagged))
+    assert _group_series(state) == {}  # rank 1 of step 10 still due
+    pipeline.handle(state, _grouped(1, 1, 10, b))
+    got = _group_series(state)
+    want = {"math": a["math"] + b["math"], "code": a["code"], "chem": b["chem"]}
+    for group, counts in want.items():
+        for layer, ref in enumerate(reference.all_token_load(counts, K)):
+            assert got[("load_imbalance_ratio", group, str(layer))] == pytest.approx(ref["imbalance"], rel=1e-12)
+            assert got[("load_cv", group, str(layer))] == pytest.approx(ref["cv"], rel=1e-12, abs=1e-15)
+            assert got[("dead_experts", group, str(layer))] == ref["dead"]
+    assert got[("dead_experts", "code", "2")] >= 1
+    run = _series(state)
+    run_ref = reference.all_token_load(sum(want.values()) + untagged, K)
+    assert run[("grokwatch_router_all_tokens_load_imbalance_ratio", ("run-a", "0"))] == \
+        pytest.approx(run_ref[0]["imbalance"], rel=1e-12)
+    assert max(got[("load_imbalance_ratio", g, "0")] for g in want) < run_ref[0]["imbalance"] / 2
+
+
+def test_group_figures_follow_the_allow_list_and_the_group_cap():
+    """router_health_groups gates the per-group all-token families as it gates the window's; past max_groups a
+    run's new groups are summed as "other" (a bounded number of series whatever the agents send)."""
+    state = State(CollectorConfig(window_samples=8, comparisons_per_sample=2, max_groups=2,
+                                  router_health_groups=("math", "other")), journal=lambda r: None)
+    pipeline.handle(state, make_hello(world_size=1, num_layers=L, num_experts=E, top_k=K))
+    ones = np.ones((L, E), np.uint64)
+    pipeline.handle(state, _grouped(0, 1, 10, {"math": ones, "code": ones, "chem": ones, "bio": 2 * ones}))
+    groups = {g for _, g, _ in _group_series(state)}
+    assert groups == {"math", "other"}  # code: admitted but not allowed; chem and bio: past the cap
+    counts = state.all_tokens["run-a"].closed_groups
+    assert set(counts) == {"math", "code", "other"} and (counts["other"] == 3).all()
+
+
+def test_a_committed_version_3_snapshot_restores_and_goes_on():
+    """Issue 30 part 3: a snapshot written by the previous format (tests/golden/snapshot-v3.bin: written by
+    d9722d1 — two ranks, six steps of all-token counts, before the per-group counts and with the state's old
+    stale-read counter) loads through persist.MIGRATIONS, validates, restores, renders and takes new
+    messages."""
+    from pathlib import Path
+
+    from grokwatch.collector.persist import load_snapshot_bytes
+
+    blob = (Path(__file__).parent.parent / "golden" / "snapshot-v3.bin").read_bytes()
+    config = CollectorConfig(window_samples=8, comparisons_per_sample=2, seed=3)
+    data = load_snapshot_bytes(blob)
+    validate_state(data, config)
+    assert "stale_stream_reads" not in data and data["all_tokens"]["run-a"].closed_groups == {}
+    state = State(config, journal=lambda r: None)
+    state.restore(data)
+    before = _series(state)
+    assert before[("grokwatch_router_all_tokens_interval_step", ("run-a",))] == 60
+    assert state.samples_total == 24
+    ones = np.ones((L, E), np.uint64)
+    for rank in range(2):
+        pipeline.handle(state, _grouped(rank, 7, 70, {"math": ones}, forwards=5))
+    assert state.samples_total == 28
+    assert _group_series(state)[("dead_experts", "math", "0")] == 0

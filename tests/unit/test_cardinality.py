@@ -35,8 +35,10 @@ def populated(config: CollectorConfig, L: int, E: int, reps: int = 2) -> State:
                              top_k=2, groups=groups, source=source, loss=source == "probe",
                              sample_ids=[f"{source}{rep}-{i}" for i in range(len(groups))])
             if source == "train":
-                m = dataclasses.replace(m, expert_tokens_LE=np.arange(L * E, dtype=np.uint64).reshape(L, E),
-                                        counted_forwards=1)
+                tokens_LE = np.arange(L * E, dtype=np.uint64).reshape(L, E)
+                m = dataclasses.replace(m, expert_tokens_LE=tokens_LE, counted_forwards=1,
+                                        group_token_names=groups, group_forwards=1,  # split by row group too
+                                        group_tokens_GLE=np.stack([tokens_LE // len(groups)] * len(groups)))
             pipeline.handle(state, m)
             seq += 1
     pipeline.handle(state, make_heartbeat(seq=seq, messages_dropped={"queue_full": 1}))
@@ -90,7 +92,7 @@ def test_production_shapes_stay_under_their_bound_and_the_allow_list_bounds_them
     assert not set(got) & ROUTER_HEALTH  # no per-group router health at all
     assert got["router_all_tokens_load_imbalance_ratio"] == L  # the run's all-token figures remain
     # the documented figures (docs/collector.md, "Series per collector")
-    assert series_bound(full, load)["total"] == {16: 35_342, 58: 107_834}[L]
+    assert series_bound(full, load)["total"] == {16: 36_926, 58: 113_576}[L]
     assert bound["total"] == {16: 9_998, 58: 15_962}[L]
 
 

@@ -396,3 +396,49 @@ def test_expert_tokens_of_the_wrong_dtype_or_size_are_rejected():
     del without["counted_forwards"]
     with pytest.raises(WireError):
         decode(msgpack.packb(without, use_bin_type=True))
+
+
+def _with_groups(names=("math", "code"), tokens=None, group_forwards=2, counts=None):
+    import dataclasses
+
+    tokens = np.full((len(names), 4, 8), 2, np.uint64) if tokens is None else tokens
+    counts = np.full((4, 8), 5, np.uint64) if counts is None else counts
+    return dataclasses.replace(_with_counts(counts, forwards=3), group_token_names=tuple(names),
+                               group_tokens_GLE=tokens, group_forwards=group_forwards)
+
+
+def test_counts_split_by_row_group_round_trip_and_are_optional():
+    msg = _with_groups()
+    back = decode(encode(msg))
+    assert back.group_token_names == ("math", "code") and back.group_forwards == 2
+    np.testing.assert_array_equal(back.group_tokens_GLE, msg.group_tokens_GLE)
+    assert back.group_tokens_GLE.dtype == np.uint64
+    old = decode(encode(_with_counts(np.ones((4, 8), np.uint64))))  # an agent that predates them
+    assert old.group_tokens_GLE is None and old.group_token_names == () and old.group_forwards == 0
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(tokens=np.full((2, 4, 8), 3, np.uint64)), "counts_exceed"),  # the groups hold more than the run
+    (dict(tokens=np.stack([np.full((4, 8), 2**64 - 1, np.uint64), np.full((4, 8), 7, np.uint64)]),
+          counts=np.full((4, 8), 2**64 - 1, np.uint64)), "counts_exceed"),  # a uint64 sum would wrap to 6
+    (dict(group_forwards=4), "value_range"),  # more tagged forwards than counted
+    (dict(group_forwards=0), "value_range"),
+    (dict(names=("math", "math")), "value_range"),
+    (dict(names=("math",), tokens=np.ones((2, 4, 8), np.uint64)), "shape"),  # two groups' counts, one name
+    (dict(names=("math", "")), "value_range"),
+    (dict(names=tuple(f"g{i}" for i in range(65)), tokens=np.zeros((65, 4, 8), np.uint64)), "too_many"),
+])
+def test_counts_split_by_row_group_that_do_not_fit_are_rejected(change, reason):
+    args = dict(names=("math", "code"), tokens=None, group_forwards=2, counts=None) | change
+    with pytest.raises(WireError) as info:
+        decode(encode(_with_groups(**args)))
+    assert info.value.reason == reason
+
+
+def test_group_counts_come_with_the_runs_counts_only():
+    obj = msgpack.unpackb(encode(_with_groups()), raw=False)
+    for drop in (("expert_tokens", "counted_forwards"), ("group_tokens",)):
+        partial = {k: v for k, v in obj.items() if k not in drop}
+        with pytest.raises(WireError) as info:
+            decode(msgpack.packb(partial, use_bin_type=True))
+        assert info.value.reason == "value_range"
