@@ -22,6 +22,8 @@ says for the others: both ways in one process). ``N:probe`` attaches with the pr
 through ``probe_fresh``): its rows split the pairs into probe steps and the others, so the probe's extra
 forward shows where it runs and nowhere else. B's timed region includes ``mon.step()``, where the probe runs.
 ``N:nocounts`` attaches with ``expert_counts=False``: beside ``N`` it shows the all-token counts' cost.
+``N:groups`` tags every row of B's forwards with one of four groups (``tag(groups=...)`` before each): the
+counts split by row group as well.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ while True:
 COMPILE_REDUCTION = {"auto": None, "on": True, "off": False}
 
 # Per shape: vocabulary, rows per step, tokens per row.
+GROUPS = ("math", "code", "chem", "law")  # N:groups: the rows' groups
 DIMS = {"tiny": (256, 8, 128), "olmoe-1b-7b": (50304, 2, 4096)}
 
 
@@ -146,7 +149,7 @@ def timed_step(model, opt, ids, device, peaks: Optional[list] = None, before=Non
 
 
 def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, batch: int, seq: int,
-        zloss: bool = True, probe: bool = False, counts: bool = True) -> dict:
+        zloss: bool = True, probe: bool = False, counts: bool = True, groups: bool = False) -> dict:
     """Pairs of steps, one with the agent paused (A: no hooks at all) and one
     attached (B), in the order AB, BA, AB, ... so that a bias of the first or
     second step of a pair cancels. ``every_n=0`` is the control: the agent is
@@ -177,7 +180,11 @@ def run(every_n: int, reduction: str, args, endpoint: str, model, vocab: int, ba
             else:
                 mon.resume()
                 # B's steps are numbered 0, 1, 2, ...: the cadence (and the probe's) applies to them
-                before = lambda s=step: mon.step(s)  # noqa: E731
+                if groups:  # every row tagged with one of four groups: the counts split by group too
+                    before = lambda s=step: (mon.step(s), mon.tag(groups=[GROUPS[(s + r) % 4]  # noqa: E731
+                                                                          for r in range(batch)]))
+                else:
+                    before = lambda s=step: mon.step(s)  # noqa: E731
             times[arm] = timed_step(model, opt, ids, args.device, peaks[arm] if step >= args.warmup else None,
                                     before)
         if step >= args.warmup:
@@ -271,13 +278,14 @@ def main() -> int:
     for spec in args.cadences.split(","):
         n, *flags = spec.split(":")
         zloss, probe, counts = "nozloss" not in flags, "probe" in flags, "nocounts" not in flags
-        flags = [f for f in flags if f not in ("nozloss", "probe", "nocounts")]
+        groups = "groups" in flags
+        flags = [f for f in flags if f not in ("nozloss", "probe", "nocounts", "groups")]
         reduction = flags[0] if flags else args.compile_reduction
         if reduction not in COMPILE_REDUCTION or len(flags) > 1:
             parser.error(f"--cadences: {spec!r}: the reduction is one of {sorted(COMPILE_REDUCTION)}")
         if probe and (args.compile or int(n) == 0):
             parser.error(f"--cadences: {spec!r}: the probe needs the agent on (N > 0) and no --compile")
-        cadences.append((int(n), reduction, zloss, probe, counts))
+        cadences.append((int(n), reduction, zloss, probe, counts, groups))
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -303,13 +311,14 @@ def main() -> int:
         print(f"{'cadence':<22} {'pairs':>5} {'base ms':>9} {'agent ms':>9} {'median ratio':>12} {'pair ratio':>11} "
               f"{'95% CI':>15} {'mean ratio':>11} {'sent':>6} {'dropped':>8}  reduction")
         results = []
-        for every_n, reduction, zloss, probe, counts in cadences:
+        for every_n, reduction, zloss, probe, counts, groups in cadences:
             r = (run_compiled(every_n, reduction, args, endpoint, vocab, batch, seq) if args.compile
-                 else run(every_n, reduction, args, endpoint, model, vocab, batch, seq, zloss, probe, counts))
-            r["zloss"], r["probe"], r["expert_counts"] = zloss, probe, counts
+                 else run(every_n, reduction, args, endpoint, model, vocab, batch, seq, zloss, probe, counts, groups))
+            r["zloss"], r["probe"], r["expert_counts"], r["groups"] = zloss, probe, counts, groups
             results.append(r)
             label = {0: "control (A/A)", 1: "every step", DEFAULT_EVERY_N_STEPS: f"every {every_n} (default)"}.get(
                 every_n, f"every {every_n}") + ("" if zloss else ", no z-loss") + ("" if counts else ", no counts") + (
+                ", groups" if groups else "") + (
                 f", probe/{args.probe_every}" if probe else "")
             print(f"{label:<22} {r['pairs']:>5} {r['base_ms']:>9.2f} {r['agent_ms']:>9.2f} {r['ratio']:>12.4f} "
                   f"{r['pair_ratio']:>11.4f} {r['pair_ratio_ci'][0]:>7.4f}-{r['pair_ratio_ci'][1]:<7.4f} "

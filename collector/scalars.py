@@ -6,7 +6,8 @@ under one tag scheme:
   ``phases.PHASES`` (0 unknown, 1 memorizing, 2 memorized, 3 generalizing, 4 stable);
 - ``eval/<group>``: the user's held-out scores at their own step;
 - ``router/layer<l>/<figure>``: the run's all-token figures (imbalance, CV, dead experts; a balancing bias's
-  spread and drift) and ``router/aux_loss`` at the step that ends their interval;
+  spread and drift) and ``router/aux_loss`` at the step that ends their interval; ``router/<group>/layer<l>/
+  <figure>`` the same per row group (imbalance, CV, dead experts);
 - ``<source>/<group>/<histogram>``: each pathway histogram's *new* samples since the previous read (the
   cumulative counts' difference; ``HistogramDeltas``), with their mean as ``…/<histogram>_mean``.
 """
@@ -29,6 +30,8 @@ GAUGES = ("routing_entropy_ratio", "expert_load_imbalance_ratio", "expert_load_c
 ALL_TOKENS = {"router_all_tokens_load_imbalance_ratio": "load_imbalance", "router_all_tokens_load_cv": "load_cv",
               "router_all_tokens_dead_experts": "dead_experts", "router_balance_bias_std": "balance_bias_std",
               "router_balance_bias_drift": "balance_bias_drift"}
+GROUP_ALL_TOKENS = {"router_all_tokens_group_load_imbalance_ratio": "load_imbalance",
+                    "router_all_tokens_group_load_cv": "load_cv", "router_all_tokens_group_dead_experts": "dead_experts"}
 
 
 class Point(NamedTuple):
@@ -76,6 +79,10 @@ def points(fams: dict[str, Family], steps: dict[tuple, int]) -> Iterator[Point]:
         for (run, layer), v in fams[name].samples:
             if run in interval:
                 yield Point(run, f"router/layer{layer}/{figure}", scalar(v), interval[run])
+    for name, figure in GROUP_ALL_TOKENS.items():
+        for (run, group, layer), v in fams[name].samples:
+            if run in interval:
+                yield Point(run, f"router/{group}/layer{layer}/{figure}", scalar(v), interval[run])
     for (run,), v in fams["router_aux_loss"].samples:
         if run in interval:
             yield Point(run, "router/aux_loss", scalar(v), interval[run])

@@ -218,3 +218,19 @@ def test_a_committed_version_3_snapshot_restores_and_goes_on():
         pipeline.handle(state, _grouped(rank, 7, 70, {"math": ones}, forwards=5))
     assert state.samples_total == 28
     assert _group_series(state)[("dead_experts", "math", "0")] == 0
+
+
+def test_the_tensorboard_and_wandb_series_carry_each_groups_figures_at_the_intervals_step():
+    from grokwatch.collector import scalars
+
+    state = _state(world=1)
+    rng = np.random.default_rng(9)
+    pipeline.handle(state, _grouped(0, 1, 30, {"math": rng.integers(1, 9, (L, E)), "code": rng.integers(1, 9, (L, E))}))
+    fams = scalars.families(build_view(state))
+    got = {p.tag: (p.value, p.step) for p in scalars.points(fams, scalars.group_steps(fams)) if p.run == "run-a"}
+    view = _group_series(state)
+    for group in ("math", "code"):
+        for layer in range(L):
+            assert got[f"router/{group}/layer{layer}/load_imbalance"] == \
+                (view[("load_imbalance_ratio", group, str(layer))], 30)
+            assert got[f"router/{group}/layer{layer}/dead_experts"][0] == view[("dead_experts", group, str(layer))]
