@@ -159,12 +159,13 @@ class Traffic(threading.Thread):
     def routing(self, step: int) -> Routing:
         groups = ("math", "math", "code", "code")
         arrays = [np.concatenate([self.group_arrays[g][i] for g in groups]) for i in range(4)]
+        tokens_LE = (np.arange(self.L * self.E, dtype=np.uint64).reshape(self.L, self.E) + step) * 16
         return Routing(run="run-a", rank=0, sender="s0", seq=self.seq, wall_time=time.time(), source="train",
                        step=step, top_k=self.K, sample_ids=tuple(f"{step}:{i}" for i in range(4)), groups=groups,
                        token_counts_N=arrays[0], mean_probs_NLE=arrays[1], topk_counts_NLE=arrays[2],
                        entropy_NL=arrays[3], adj_cosine_NJ=np.full((4, self.L - 1), -0.5, np.float32),
-                       expert_tokens_LE=(np.arange(self.L * self.E, dtype=np.uint64).reshape(self.L, self.E) + step)
-                       * 16, counted_forwards=4)
+                       expert_tokens_LE=tokens_LE, counted_forwards=4, group_token_names=("math", "code"),
+                       group_tokens_GLE=np.stack([tokens_LE // 2, tokens_LE // 4]), group_forwards=4)
 
     def run(self) -> None:
         self.send(make_hello(num_layers=self.L, num_experts=self.E, top_k=self.K))
@@ -194,7 +195,8 @@ FILLED = {"Phase per group (experimental)", "Pathway distance within groups vs t
           "Expert load imbalance (max over groups)", "Dead experts (max over groups)",
           "Routing entropy ratio (mean over groups)", "Expert load CV (mean over groups)",
           "Distinct pathways per group", "Load imbalance over all tokens (max/mean tokens per expert)",
-          "Dead experts over all tokens", "Tokens per expert, share of the layer (opt-in: expert_load_share_max_series)",
+          "Dead experts over all tokens", "Load imbalance over all tokens, per group (max over layers)",
+          "Dead experts over all tokens, per group (max over layers)", "Tokens per expert, share of the layer (opt-in: expert_load_share_max_series)",
           "Training step", "Messages received and rejected", "Agent messages dropped", "Collector queue",
           "Processing time and ingest lag", "Hook errors (last hour)", "Messages lost in transit"}
 
