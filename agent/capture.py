@@ -274,9 +274,16 @@ class Capture:
                 self.counts.add_top_k(self._position[index], scores)
 
     def _finish(self, ctx: BatchContext) -> None:
-        """What a complete forward teaches the capture itself, before the context is handed on."""
+        """What a forward teaches the capture itself, and what the summaries need of the capture, put into the
+        context before it is handed on (the summaries never call back): the layers' order, router weights
+        freed by the forward's end, the counts due and the balancing biases of a training forward."""
         if ctx.layers_done == self.shape.num_layers:
             self.learn_order(ctx)
+        ctx.bypassed = ctx.layers_done == 0 and self.armed
+        self.learn_freed_weights()
+        if ctx.source == "train" and self.counts.pending:
+            ctx.counts = self.counts
+            ctx.biases = self.balance_biases()
 
     # ------------------------------------------------------------------ torch.compile
 
@@ -467,6 +474,8 @@ class Capture:
         """A router weight whose memory was freed by the end of the forward (FSDP resharded the copy given
         to record(); ZeRO-3 emptied the parameter): this message has no cosines; from the next on, the
         router hook or record() keeps a copy of it (E x H) on summarized forwards."""
+        if all(self._copy_weight):
+            return
         freed = [layer for layer, weight in enumerate(self.router_weights)
                  if not self._copy_weight[layer] and freed_weight(weight)]
         for layer in freed:

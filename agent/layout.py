@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 import torch
 
 if TYPE_CHECKING:
+    from grokwatch.agent.counts import ExpertCounts
     from grokwatch.agent.staging import Staging
 
 
@@ -91,6 +92,12 @@ class BatchContext:
     pending: list[Gathered] = field(default_factory=list)  # per layer, reduced together by reduce_all
     deferred: bool = False  # the probe finalizes itself after adding losses
     rows_prefix: bool = False  # the sampled rows are 0..M-1: a slice (a view) replaces the gathers
+    # Handed on by the capture with a finished training forward (Capture._finish), for the summaries: the
+    # all-token counts to drain into this message (None: none due), the routers' balancing biases, and
+    # whether armed hooks were bypassed (compiled code traced without them).
+    counts: Optional["ExpertCounts"] = None
+    biases: Optional[list] = None
+    bypassed: bool = False
 
 
 def token_mask(attention_mask, seq_len: int) -> Optional[torch.Tensor]:

@@ -99,7 +99,7 @@ class Monitor:
                              staging=staging, queue_size=config.queue_size,
                              sndhwm=config.sndhwm, heartbeat_interval_s=config.heartbeat_interval_s,
                              layer_names=layer_names, curve=config.curve_keys())
-        self.summaries = Summaries(config, shape, self.capture, self.sender, staging, device)
+        self.summaries = Summaries(config, shape, self.sender, staging, device)
         self._step = 0
         self._manual_step = False
         self._forward_since_step = False  # a training forward ran since the last counted optimizer step
@@ -202,7 +202,7 @@ class Monitor:
         embeds = kwargs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
         if ref is None or ref.dim() < 2 or (ref.device != self.device and ref.device == self._model_device()
-                                            and not self.summaries.follow(ref.device)):
+                                            and not self._follow(ref.device)):
             self.sampler.drop_tag()
             return None
         num_rows, seq_len = int(ref.shape[0]), int(ref.shape[1])
@@ -214,6 +214,14 @@ class Monitor:
             self.probe.remember(input_ids, mask_BS, rows, ids, groups)
         return self.summaries.context("train", step, rows, ids, groups, num_rows, seq_len, mask_BS,
                                       kwargs.get("position_ids"), self.sampler.chosen_docs)
+
+    def _follow(self, device: torch.device) -> bool:
+        """The inputs moved to another device than at attach(): the summaries' buffers follow (Summaries.follow),
+        then the routers' weights are read anew (a model attached on the meta device has new ones)."""
+        if not self.summaries.follow(device):
+            return False
+        self.capture.renew_meta_weights()
+        return True
 
     def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
         """Counts training steps: the first optimizer step after a training forward of the model (several

@@ -12,7 +12,6 @@ from typing import Optional, Sequence
 import torch
 
 import grokwatch.agent.compiled as compiled_module
-from grokwatch.agent.capture import Capture
 from grokwatch.agent.config import REDUCTION_LAYOUTS, AgentConfig
 from grokwatch.agent.counts import Drained
 from grokwatch.agent.discover import MoEShape
@@ -41,11 +40,10 @@ class Summaries:
     """The summaries of the forwards Capture hands over: built into ``staging`` on ``device`` by the
     reduction (compiled or op by op, laid out by the ``Strategy``), then submitted to the sender."""
 
-    def __init__(self, config: AgentConfig, shape: MoEShape, capture: Capture, sender: Sender, staging: Staging,
+    def __init__(self, config: AgentConfig, shape: MoEShape, sender: Sender, staging: Staging,
                  device: torch.device):
         self.config = config
         self.shape = shape
-        self.capture = capture
         self.sender = sender
         self.staging = staging
         self.device = device
@@ -72,7 +70,6 @@ class Summaries:
         self.sender.use_staging(new)
         self.staging, previous, self.device = new, self.device, device
         self._layouts = {}
-        self.capture.renew_meta_weights()
         if self.config.compile_reduction is None:  # else the user's choice stands, with its state
             self.reduction = reduction_for(self.config, device)
         log.info("grokwatch: the model's inputs are on %s, not on %s as at attach(): the agent follows",
@@ -115,7 +112,7 @@ class Summaries:
         if ctx.layers_done != self.shape.num_layers or len({g.layer for g in ctx.pending}) != ctx.layers_done:
             # A layer missing (or one recorded twice in place of another): its staged rows would be stale.
             self.sender.count_drop("incomplete")
-            bypassed = ctx.layers_done == 0 and self.capture.armed
+            bypassed = ctx.bypassed
             if bypassed and not self._logged_bypass:
                 self._logged_bypass = True
                 log.warning("grokwatch: armed router hooks did not run in a summarized forward (counted as "
@@ -142,16 +139,13 @@ class Summaries:
             raise
         self.last_batches = reduced.batches
         with_cosines = reduced.with_cosines
-        if not with_cosines:
-            self.capture.learn_freed_weights()
         # a training message carries the all-token counts of every training forward since the last one, the
         # model's mean aux loss over them, and the routers' balancing biases as they are now
         drained, with_bias = Drained(0, 0, 0, ()), False
-        if ctx.source == "train" and self.capture.counts.pending:
-            drained = self.capture.counts.drain_into(self.staging.views["expert_tokens_LE"],
-                                                     self.staging.views["aux_loss"],
-                                                     self.staging.views["group_tokens_GLE"])
-            with_bias = self._copy_biases()
+        if ctx.counts is not None:  # handed on by the capture (Capture._finish)
+            drained = ctx.counts.drain_into(self.staging.views["expert_tokens_LE"], self.staging.views["aux_loss"],
+                                            self.staging.views["group_tokens_GLE"])
+            with_bias = self._copy_biases(ctx.biases)
         host = self.staging.pool[index]
         host.copy_(self.staging.device_buf, non_blocking=True)
         event = None
@@ -164,10 +158,9 @@ class Summaries:
                                    aux_forwards=drained.aux_forwards, with_bias=with_bias,
                                    group_forwards=drained.group_forwards, group_names=drained.group_names))
 
-    def _copy_biases(self) -> bool:
+    def _copy_biases(self, biases: Optional[list]) -> bool:
         """The routers' balancing biases into the staging buffer (device copies); False where no router
         keeps one (or only some do: a partial matrix would read as drift)."""
-        biases = self.capture.balance_biases()
         if not biases or any(b is None for b in biases):
             return False
         view = self.staging.views["balance_bias_LE"]
