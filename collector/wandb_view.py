@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 from grokwatch.collector import scalars
 from grokwatch.collector.config import CollectorConfig, ConfigError
+from grokwatch.collector.labels import BUCKET_PREFIX
 from grokwatch.collector.periodic import Periodic
 from grokwatch.collector.state import State
 from grokwatch.collector.view import ViewMemo, build_view, scalar
@@ -124,7 +125,7 @@ class WandbView:
         ceiling = {values[0]: scalar(v) for values, v in fams["routing_entropy_ceiling"].samples}
         lowest: dict[tuple[str, str], float] = {}
         for (run, source, group, layer), v in fams["routing_entropy_ratio"].samples:
-            if source == "train" and not group.startswith("mem@"):
+            if source == "train" and not group.startswith(BUCKET_PREFIX):
                 lowest[(run, layer)] = min(lowest.get((run, layer), 1.0), scalar(v))
         for (run, layer), entropy in sorted(lowest.items()):
             top = ceiling.get(run)
