@@ -440,7 +440,7 @@ class Capture:
                         topk: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
         """record()'s decision for the all-token counts: the ids given, else the top-k of the scores."""
         if topk is not None:
-            self.counts.add(layer, topk[0])
+            self.counts.add(layer, topk[0], topk[1])
             return
         scores = logits if logits is not None else probs
         if scores is not None:

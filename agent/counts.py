@@ -131,9 +131,13 @@ class ExpertCounts:
         self._aux_sum.add_(value)
         self.aux_forwards += 1
 
-    def add(self, layer: int, ids: torch.Tensor) -> None:
+    def add(self, layer: int, ids: torch.Tensor, weights: Optional[torch.Tensor] = None) -> None:
         """The top-k expert ids of every token the router ``layer`` routed in this forward (any shape): kept
-        until the forward's end, when every layer's go into the counts at once (``_flush``)."""
+        until the forward's end, when every layer's go into the counts at once (``_flush``). ``weights`` (the
+        picks' routing weights, ids' shape; record()'s topk): a pick of weight 0 was dropped after the choice
+        (a capacity factor: Megatron-Core zeroes the dropped picks' probs) and counts for no expert."""
+        if weights is not None:
+            ids = torch.where(weights.reshape(ids.shape) != 0, ids, -1)
         self._pending.append((layer, ids))
 
     def add_top_k(self, layer: int, scores: torch.Tensor) -> None:

@@ -250,6 +250,8 @@ def summarize(x: torch.Tensor, idx_LMSK: Optional[torch.Tensor], avg: torch.Tens
         mean_LXF = (feats * avg[:, None, :]).sum(dim=-1)
     else:
         mean_LXF = (feats * avg[:, :, None]).sum(dim=-2)
+    if distribution == "probs":
+        mean_LXF = _over_routed_tokens(mean_LXF, E)
     # Top-k counts: each token's weight (0 or 1) added at its slot and experts in one scatter (no host sync).
     if idx_LMSK is None:  # no decision exposed: the top-k of the distribution itself
         idx_LMSK = p.topk(top_k, dim=dim).indices
@@ -267,6 +269,19 @@ def summarize(x: torch.Tensor, idx_LMSK: Optional[torch.Tensor], avg: torch.Tens
         return mean_LXF, counts, cos
     write_summaries(out, mean_LXF, counts, cos)
     return None
+
+
+def _over_routed_tokens(mean_LXF: torch.Tensor, E: int) -> torch.Tensor:
+    """A given distribution (record(probs=) or record(topk=(ids, weights))) may be all zero for a token the
+    framework dropped after the choice (Megatron-Core's capacity factor zeroes a dropped token's probs): such
+    a token has no distribution. The means are then over the slot's routed tokens — the token average
+    divided by the share of its tokens that had one (the mean of p's sums: 1 for a routed token, 0 for a
+    dropped one); a slot none of whose tokens was routed in a layer gets the uniform distribution (entropy
+    ratio 1) — never a row off the simplex, which the collector would refuse with the whole message."""
+    routed = mean_LXF[..., :E].sum(dim=-1, keepdim=True)
+    uniform = torch.cat([torch.full_like(mean_LXF[..., :E], 1.0 / E), torch.full_like(routed, -math.log(E)),
+                         torch.full_like(routed, -1.0)], dim=-1)
+    return torch.where(routed > 1e-6, mean_LXF / routed.clamp_min(1e-6), uniform)
 
 
 def write_summaries(out: tuple, mean_LXF: torch.Tensor, counts: torch.Tensor, cos: Optional[torch.Tensor]) -> None:

@@ -309,6 +309,7 @@ class Sender:
             expert_tokens_LE=tokens_LE, counted_forwards=counts.forwards if counts is not None else 0,
             aux_loss=_mean_aux(v["aux_loss"], p.aux_forwards) if tokens_LE is not None else None,
             balance_bias_LE=v["balance_bias_LE"] if p.with_bias and tokens_LE is not None else None,
+            dropped_picks_L=counts.tokens_LE1[:, -1] if counts is not None else None,
             group_token_names=group_names, group_tokens_GLE=group_tokens, group_forwards=group_forwards,
         )
 
@@ -326,8 +327,9 @@ class Sender:
             counts, self._carry = self._carry.plus(counts), None
         if not self._logged_unrouted and counts.tokens_LE1[:, -1].any():
             self._logged_unrouted = True
-            log.warning("grokwatch: routers returned expert ids outside 0..%d (dropped tokens?); those picks "
-                        "are left out of the all-token expert counts (logged once)", self.shape[1] - 1)
+            log.warning("grokwatch: routers returned expert ids outside 0..%d, or record() picks of weight 0 "
+                        "(dropped tokens?): those picks count for no expert, shipped as dropped picks (logged "
+                        "once)", self.shape[1] - 1)
         return counts
 
     def _encode(self, message) -> Optional[bytes]:

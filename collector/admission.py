@@ -208,7 +208,8 @@ def _all_tokens(state: State, msg: Routing) -> None:
                 name = OTHER_GROUP
             known.add(name)
             groups[name] = groups[name] + group_LE if name in groups else group_LE
-    counts.add(msg.step, msg.rank, tokens_LE, msg.counted_forwards, world, msg.aux_loss, msg.balance_bias_LE, groups)
+    counts.add(msg.step, msg.rank, tokens_LE, msg.counted_forwards, world, msg.aux_loss, msg.balance_bias_LE, groups,
+               msg.dropped_picks_L)
 
 
 def _routing(state: State, msg: Routing, now: float, journaling: Journaling, started: float) -> KernelJob:

@@ -18,6 +18,10 @@ its forwards; the interval's figure is the mean over its ranks), and for aux-los
 interval): its spread std_k b and its **drift**, the RMS over experts of b's change since the previous
 closed interval.
 
+With the counts come the picks of no expert (``Routing.dropped_picks_L``: tokens a capacity factor dropped after
+the choice, ids outside 0..E-1): the **dropped fraction** per layer is dropped ÷ (counted + dropped) — Megatron-
+Core's 1 − routing_map.sum() ÷ (tokens × K) where its router drops (moe_expert_capacity_factor).
+
 Where the agents tag their rows with groups, the counts come split by the group of each token's row too
 (``Routing.group_tokens_GLE``): summed over the ranks in the same interval, closed with it, the same figures
 per (group, layer) — which experts each data group loads, over all its tokens.
@@ -64,11 +68,15 @@ class AllTokens:
         self.bias_drift_L: np.ndarray | None = None  # RMS change between the last two closed intervals' biases
         self.open_groups: dict[str, np.ndarray] = {}  # group -> uint64 [L, E], the open interval's
         self.closed_groups: dict[str, np.ndarray] = {}
+        # uint64 [L]: the picks of no expert (dropped) where the messages carry them; None: none did
+        self.open_dropped_L: np.ndarray | None = None
+        self.closed_dropped_L: np.ndarray | None = None
 
     def add(self, step: int, rank: int, counts_LE: np.ndarray, forwards: int, world_size: int,
             aux_loss: float | None = None, bias_LE: np.ndarray | None = None,
-            groups: dict[str, np.ndarray] | None = None) -> None:
-        """One message's counts (``groups``: split by row group, the caller's labels, at most its cap)."""
+            groups: dict[str, np.ndarray] | None = None, dropped_L: np.ndarray | None = None) -> None:
+        """One message's counts (``groups``: split by row group, the caller's labels, at most its cap;
+        ``dropped_L``: its picks of no expert per layer)."""
         self.total_LE += counts_LE
         self.forwards_total += forwards
         if step < self.open_step:
@@ -79,6 +87,10 @@ class AllTokens:
                 self._close()
             self.open_step = step
         self.open_LE += counts_LE
+        if dropped_L is not None:
+            if self.open_dropped_L is None:
+                self.open_dropped_L = np.zeros(self.shape[0], np.uint64)
+            self.open_dropped_L += dropped_L
         for group, group_LE in (groups or {}).items():
             if group in self.open_groups:
                 self.open_groups[group] += group_LE
@@ -111,11 +123,21 @@ class AllTokens:
             self.closed_bias_LE = self.open_bias_LE
         self.open_bias_LE, self.open_bias_rank = None, -1
         self.closed_groups, self.open_groups = self.open_groups, {}
+        self.closed_dropped_L, self.open_dropped_L = self.open_dropped_L, None
 
     def routed_tokens(self, top_k: int) -> int:
         """Tokens routed since the run began: each layer routes every token, K picks each (the busiest layer's
         picks ÷ K: a layer's picks outside 0..E-1 are not in its counts)."""
         return int(self.total_LE.sum(axis=1).max()) // max(top_k, 1) if self.total_LE.size else 0
+
+    def dropped_fraction_L(self) -> np.ndarray | None:
+        """Per layer, the closed interval's dropped picks over all its picks (counted + dropped); None where
+        its messages carried no dropped picks (an agent before them)."""
+        if self.closed_dropped_L is None:
+            return None
+        dropped = self.closed_dropped_L.astype(np.float64)
+        picks = dropped + self.closed_LE.astype(np.float64).sum(axis=1)
+        return np.where(picks > 0, dropped / np.where(picks > 0, picks, 1.0), 0.0)
 
     def group_figures(self) -> dict[str, dict[str, np.ndarray]]:
         """The closed interval's per-layer imbalance, CV and dead experts of each group whose rows routed

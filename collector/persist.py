@@ -213,12 +213,15 @@ def _from_2(state: dict) -> dict:
 
 
 def _from_3(state: dict) -> dict:
-    """Version 3 -> 4: a run's all-token counts get their (empty) per-group sums; the view's stale-read count
-    is its exporter's now, not the state's."""
+    """Version 3 -> 4: a run's all-token counts get their (empty) per-group sums and no dropped picks; the
+    view's stale-read count is its exporter's now, not the state's."""
     for counts in (state.get("all_tokens") or {}).values():
-        for name in ("open_groups", "closed_groups"):
-            if isinstance(getattr(counts, "__dict__", None), dict) and name not in counts.__dict__:
-                setattr(counts, name, {})
+        if not isinstance(getattr(counts, "__dict__", None), dict):
+            continue  # not the class: schema.py refuses it
+        for name, empty in (("open_groups", dict), ("closed_groups", dict), ("open_dropped_L", lambda: None),
+                            ("closed_dropped_L", lambda: None)):
+            if name not in counts.__dict__:
+                setattr(counts, name, empty())
     state.pop("stale_stream_reads", None)
     return state
 

@@ -29,7 +29,8 @@ GAUGES = ("routing_entropy_ratio", "expert_load_imbalance_ratio", "expert_load_c
           "expert_load_diversity", "expert_load_share_std")
 ALL_TOKENS = {"router_all_tokens_load_imbalance_ratio": "load_imbalance", "router_all_tokens_load_cv": "load_cv",
               "router_all_tokens_dead_experts": "dead_experts", "router_balance_bias_std": "balance_bias_std",
-              "router_balance_bias_drift": "balance_bias_drift"}
+              "router_balance_bias_drift": "balance_bias_drift",
+              "router_all_tokens_dropped_pick_fraction": "dropped_pick_fraction"}
 GROUP_ALL_TOKENS = {"router_all_tokens_group_load_imbalance_ratio": "load_imbalance",
                     "router_all_tokens_group_load_cv": "load_cv", "router_all_tokens_group_dead_experts": "dead_experts"}
 

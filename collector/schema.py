@@ -142,6 +142,9 @@ def _all_tokens(where: str, run: Any, counts: Any, max_groups: int) -> None:
             _array(f"{where}.{name}", getattr(counts, name), shape, np.float32)
     if counts.bias_drift_L is not None:
         _array(f"{where}.bias_drift_L", counts.bias_drift_L, (shape[0],), np.float64)
+    for name in ("open_dropped_L", "closed_dropped_L"):
+        if getattr(counts, name, None) is not None:
+            _array(f"{where}.{name}", getattr(counts, name), (shape[0],), np.uint64)
     for name in ("open_groups", "closed_groups"):
         groups = _dict(f"{where}.{name}", getattr(counts, name, None))
         if len(groups) > max_groups + 1:

@@ -186,6 +186,8 @@ def _specs() -> tuple[Spec, ...]:
     fam("router_all_tokens_load_cv", "gauge", "Coefficient of variation of the tokens per expert, same interval",
         ("run", "layer"))
     fam("router_all_tokens_dead_experts", "gauge", "Experts no token picked in the same interval", ("run", "layer"))
+    fam("router_all_tokens_dropped_pick_fraction", "gauge", "Top-k picks that went to no expert (tokens a capacity "
+        "factor dropped after the choice) over all picks, same interval, all ranks", ("run", "layer"))
     fam("router_all_tokens_group_load_imbalance_ratio", "gauge", "Max over mean tokens per expert of the tokens "
         "of the group's rows, same interval, all ranks (where the agents tag rows; router_health_groups)",
         ("run", "group", "layer"))
@@ -414,6 +416,10 @@ def _all_token_families(F: dict, run: str, counts, shape, config) -> None:
         F["router_all_tokens_rank_load_imbalance_max"].add((run, layer), float(counts.closed_rank_max_L[layer]))
         F["router_all_tokens_load_cv"].add((run, layer), float(figures["cv_L"][layer]))
         F["router_all_tokens_dead_experts"].add((run, layer), int(figures["dead_L"][layer]))
+    dropped_L = counts.dropped_fraction_L()
+    if dropped_L is not None:
+        for layer, fraction in enumerate(dropped_L.tolist()):
+            F["router_all_tokens_dropped_pick_fraction"].add((run, layer), fraction)
     for group, by_group in counts.group_figures().items():
         if not router_health_for(config, group):
             continue

@@ -100,6 +100,8 @@ def encode(message: Message) -> bytes:
             out["aux_loss"] = float(message.aux_loss)
         if message.balance_bias_LE is not None:
             out["balance_bias"] = _array(message.balance_bias_LE, F32)
+        if message.dropped_picks_L is not None:
+            out["dropped_picks"] = _array(message.dropped_picks_L, U64)
         if message.group_tokens_GLE is not None:
             out["group_tokens"] = _array(message.group_tokens_GLE, U64)
             out["group_token_names"] = list(message.group_token_names)
@@ -205,8 +207,9 @@ def _decode_routing(r: Reader) -> Routing:
         counted_forwards = r.int("counted_forwards", lo=1)
     aux_loss = r.float("aux_loss") if "aux_loss" in r.obj else None
     bias = r.optional_array("balance_bias", F32, (num_layers, num_experts))
-    if (aux_loss is not None or bias is not None) and expert_tokens is None:
-        raise WireError("value_range", "aux_loss and balance_bias come with expert_tokens only")
+    dropped = r.optional_array("dropped_picks", U64, (num_layers,))
+    if (aux_loss is not None or bias is not None or dropped is not None) and expert_tokens is None:
+        raise WireError("value_range", "aux_loss, balance_bias and dropped_picks come with expert_tokens only")
     group_names, group_tokens, group_forwards = _group_tokens(r, expert_tokens, counted_forwards, num_layers,
                                                               num_experts)
 
@@ -252,6 +255,7 @@ def _decode_routing(r: Reader) -> Routing:
         counted_forwards=counted_forwards,
         aux_loss=aux_loss,
         balance_bias_LE=bias,
+        dropped_picks_L=dropped,
         group_token_names=group_names,
         group_tokens_GLE=group_tokens,
         group_forwards=group_forwards,

@@ -101,6 +101,10 @@ class Routing:
     # and the routers' balancing biases (aux-loss-free routing) as they are at this step.
     aux_loss: Optional[float] = None
     balance_bias_LE: Optional[np.ndarray] = None  # float32
+    # With them: per layer, the picks of no expert over the same forwards (ids outside 0..E-1, and record()'s
+    # picks of weight 0: tokens a capacity factor dropped after the choice), so that counted + dropped is
+    # every pick the routers made.
+    dropped_picks_L: Optional[np.ndarray] = None  # uint64
     # With them, where the training rows were tagged with groups: the same counts split by the group of the
     # row each token came from, for the groups that had tokens (``group_forwards`` of the counted forwards
     # were tagged; the rest are in ``expert_tokens_LE`` only).

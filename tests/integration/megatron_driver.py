@@ -63,7 +63,10 @@ def reference(tap, weights, row):
     return summaries(p_LTE, counts_LE, weights, E)
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """``capacity``: routers with Megatron-Core's token dropping (moe_expert_capacity_factor 0.5: about half the
+    picks are dropped after the choice); the dropped picks must be shipped as such, not counted for an expert."""
+    capacity = "capacity" in argv
     init_one_gloo_rank()
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -72,7 +75,8 @@ def main() -> int:
     world = dist.group.WORLD
     groups = ProcessGroupCollection(tp=world, cp=world, tp_cp=world, tp_dp_cp=world)
     config = TransformerConfig(num_layers=L, hidden_size=H, num_attention_heads=2, num_moe_experts=E,
-                               moe_router_topk=K, use_cpu_initialization=True)
+                               moe_router_topk=K, use_cpu_initialization=True,
+                               moe_expert_capacity_factor=0.5 if capacity else None)
     model = SequenceFirst([make_router(config, groups) for _ in range(L)])
     tap = []
     for router in model.routers:
@@ -103,12 +107,25 @@ def main() -> int:
     assert message.num_samples == 2 and message.top_k == K
     [hello] = [m for m in sink.messages if isinstance(m, Hello)]
     assert hello.layer_names == tuple(f"decoder.layers.{L + i}.mlp.router" for i in range(L)), hello.layer_names
-    check_against(message, {"a": 0, "b": 1, "c": 2}, S, lambda row: reference(tap, weights, row))
+    if not capacity:
+        check_against(message, {"a": 0, "b": 1, "c": 2}, S, lambda row: reference(tap, weights, row))
+    else:  # a dropped token has no weights: a sample's mean is over its routed tokens (and on the simplex)
+        for i, sample in enumerate(message.sample_ids):
+            row = {"a": 0, "b": 1, "c": 2}[sample]
+            for layer, (probs_TE, _) in enumerate(tap):
+                p_SE = probs_TE[[s * B + row for s in range(S)]]
+                routed = p_SE[p_SE.sum(axis=1) > 0]
+                want = (routed / routed.sum(axis=1, keepdims=True)).mean(axis=0) if len(routed) else np.full(E, 1 / E)
+                np.testing.assert_allclose(message.mean_probs_NLE[i, layer], want, atol=1e-5)
     # the all-token counts are Megatron-Core's own tokens per expert (router.py: routing_map.sum(dim=0), what
     # it adds into local_tokens_per_expert), over all B x S tokens, not the two sampled rows
     megatron_LE = np.stack([routing_map.sum(axis=0) for _, routing_map in tap])
     assert message.counted_forwards == 1, message.counted_forwards
     assert (message.expert_tokens_LE == megatron_LE).all(), (message.expert_tokens_LE, megatron_LE)
+    # the picks Megatron's router dropped (apply_router_token_dropping): every token's K picks minus those kept
+    dropped_L = S * B * K - megatron_LE.sum(axis=1)
+    assert (message.dropped_picks_L == dropped_L).all(), (message.dropped_picks_L, dropped_L)
+    assert (dropped_L > 0).all() if capacity else (dropped_L == 0).all(), dropped_L
     # ... and what /metrics then shows is the imbalance of Megatron's own counts (max / mean tokens per expert)
     from grokwatch.collector import pipeline
     from grokwatch.collector.config import CollectorConfig
@@ -122,9 +139,12 @@ def main() -> int:
     shown = {int(s.labels[1]): float(s.value) for s in imbalance.samples}
     want = megatron_LE.max(axis=1) / megatron_LE.mean(axis=1)
     assert shown == {layer: float(want[layer]) for layer in range(L)}, (shown, want)
+    [fraction] = [f for f in build_view(state) if f.name == "grokwatch_router_all_tokens_dropped_pick_fraction"]
+    shown = {int(s.labels[1]): float(s.value) for s in fraction.samples}
+    assert shown == {layer: float(dropped_L[layer] / (S * B * K)) for layer in range(L)}, (shown, dropped_L)
     print("ok", list(message.sample_ids))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -350,3 +350,54 @@ def test_a_router_without_indices_takes_the_decision_from_the_experts_module(sin
 def test_router_zloss_false_leaves_it_out(sink):
     msg = _one_routing_message(sink, lambda x: torch.softmax(x, -1), "no-zloss", router_zloss=False)
     assert msg.zloss_NL is None and msg.mean_probs_NLE.shape == (2, 1, 4)
+
+
+def test_record_of_dropped_picks_means_over_routed_tokens_and_ships_them_as_dropped(sink):
+    """A framework that drops picks after the choice (Megatron-Core's capacity factor zeroes their weights)
+    records picks of weight 0. Before, a dropped token's all-zero row entered the sample's mean: rows summed to
+    0.8 and the collector refused every message (probability_sum). Now a sample's means are over its routed
+    tokens (a sample none of whose tokens was routed in a layer: uniform), the zero-weight picks count for no
+    expert and are shipped as dropped picks."""
+    torch.manual_seed(0)
+    B, S, E, K = 3, 4, 4, 2
+
+    class Dropping(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 8)
+            self.router = torch.nn.Linear(8, E, bias=False)
+            self.mon = None
+            self.seen = []
+
+        def forward(self, input_ids):
+            h = self.emb(input_ids)
+            p = torch.softmax(self.router(h), -1)
+            w, ids = p.topk(K, dim=-1)
+            keep = torch.ones(B, S, K)
+            keep[0, :2] = 0  # row 0: its first two tokens dropped entirely
+            keep[1, :, 1] = 0  # row 1: every token's second pick dropped
+            keep[2] = 0  # row 2: every token dropped
+            w = w * keep
+            self.seen.append((w.detach().double(), ids))
+            self.mon.record(0, topk=(ids, w), router_weight=self.router.weight)
+            return (h * w.sum(-1, keepdim=True)).sum()
+
+    model = Dropping()
+    mon = gw.attach(model, sink.endpoint, "dropping", num_layers=1, num_experts=E, top_k=K, every_n_steps=1,
+                    max_samples_per_step=B)
+    model.mon = mon
+    mon.step(0)
+    model(torch.randint(0, 16, (B, S))).backward()
+    mon.close()
+    [msg] = sink.wait_routing(1)
+    w, ids = model.seen[0]
+    dense = torch.zeros(B, S, E, dtype=torch.float64).scatter_(-1, ids, w)
+    for row in range(B):
+        routed = dense[row][dense[row].sum(-1) > 0]
+        want = (routed / routed.sum(-1, keepdim=True)).mean(0) if len(routed) else torch.full((E,), 1 / E)
+        np.testing.assert_allclose(msg.mean_probs_NLE[row, 0], want.numpy(), atol=1e-6)
+    assert msg.entropy_NL[2, 0] == pytest.approx(1.0)  # no routed token: the uniform distribution's
+    assert msg.dropped_picks_L.tolist() == [2 * K + S + S * K]  # row 0's two tokens, row 1's second picks, row 2
+    kept = torch.zeros(E, dtype=torch.int64).index_add_(0, ids[w > 0].reshape(-1), torch.ones(int((w > 0).sum()),
+                                                                                            dtype=torch.int64))
+    assert msg.expert_tokens_LE[0].tolist() == kept.tolist()

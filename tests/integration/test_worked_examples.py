@@ -49,6 +49,17 @@ def test_megatron_example_ships_what_its_routers_computed():
     assert done.stdout.startswith("ok")
 
 
+def test_megatron_token_dropping_is_shipped_as_dropped_picks_and_the_fraction_is_megatrons():
+    """Issue 31 part 2, the dropped-token fraction where a capacity factor applies: Megatron-Core 0.16.1's router
+    drops picks after the choice (moe_expert_capacity_factor: apply_router_token_dropping zeroes their probs and
+    routing map). The all-token counts stay its routing_map.sum(0); the dropped picks are shipped as such and
+    /metrics' fraction is 1 - routing_map.sum() / (tokens x K) per layer. Negative control: without a capacity
+    factor nothing is dropped (the test above asserts zero)."""
+    done = run_with_frameworks(ROOT / "tests" / "integration" / "megatron_driver.py", "megatron", "capacity")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("ok")
+
+
 def test_olmo_core_example_shows_the_load_imbalance_olmo_core_logs():
     """Issue 31: examples/olmo_core_moe.py on OLMo-core 3.0's MoELinearRouter: the all-token counts are the
     router's own batch_size_per_expert, and /metrics' imbalance is what its compute_metrics() logs, per step."""

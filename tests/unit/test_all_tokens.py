@@ -234,3 +234,25 @@ def test_the_tensorboard_and_wandb_series_carry_each_groups_figures_at_the_inter
             assert got[f"router/{group}/layer{layer}/load_imbalance"] == \
                 (view[("load_imbalance_ratio", group, str(layer))], 30)
             assert got[f"router/{group}/layer{layer}/dead_experts"][0] == view[("dead_experts", group, str(layer))]
+
+
+def test_the_dropped_fraction_is_the_intervals_dropped_picks_over_all_its_picks():
+    """Issue 31 part 2: per layer, dropped ÷ (counted + dropped) over the interval's ranks; no series for an agent
+    that ships no dropped picks; a snapshot keeps them."""
+    state = _state(world=2)
+    a, b = np.full((L, E), 10, np.uint64), np.full((L, E), 5, np.uint64)
+    pipeline.handle(state, dataclasses.replace(_msg(0, 1, 10, a), dropped_picks_L=np.array([0, 20, 40], np.uint64)))
+    pipeline.handle(state, dataclasses.replace(_msg(1, 1, 10, b), dropped_picks_L=np.array([0, 10, 20], np.uint64)))
+    got = {s.labels[1]: s.value for f in build_view(state) if f.name == "grokwatch_router_all_tokens_dropped_pick_fraction"
+           for s in f.samples}
+    picks = (10 + 5) * E
+    assert got == {"0": 0.0, "1": 30 / (picks + 30), "2": 60 / (picks + 60)}
+    restored = State(state.config, journal=lambda r: None)
+    data = load_snapshot_bytes(snapshot_blob(state))
+    validate_state(data, state.config)
+    restored.restore(data)
+    assert _series(restored) == _series(state)
+    old = _state(world=1)
+    pipeline.handle(old, _msg(0, 1, 10, a))  # an agent before dropped picks
+    assert not [s for f in build_view(old) if f.name == "grokwatch_router_all_tokens_dropped_pick_fraction"
+                for s in f.samples]

@@ -50,6 +50,7 @@ FROZEN = {
     "grokwatch_router_all_tokens_load_cv": ("gauge", ("run", "layer")),
     "grokwatch_router_all_tokens_rank_load_imbalance_max": ("gauge", ("run", "layer")),
     "grokwatch_router_all_tokens_dead_experts": ("gauge", ("run", "layer")),
+    "grokwatch_router_all_tokens_dropped_pick_fraction": ("gauge", ("run", "layer")),
     "grokwatch_router_all_tokens_group_load_imbalance_ratio": ("gauge", ("run", "group", "layer")),
     "grokwatch_router_all_tokens_group_load_cv": ("gauge", ("run", "group", "layer")),
     "grokwatch_router_all_tokens_group_dead_experts": ("gauge", ("run", "group", "layer")),

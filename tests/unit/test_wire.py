@@ -442,3 +442,19 @@ def test_group_counts_come_with_the_runs_counts_only():
         with pytest.raises(WireError) as info:
             decode(msgpack.packb(partial, use_bin_type=True))
         assert info.value.reason == "value_range"
+
+
+def test_dropped_picks_round_trip_and_come_with_the_counts_only():
+    import dataclasses
+
+    msg = dataclasses.replace(_with_counts(np.ones((4, 8), np.uint64)), dropped_picks_L=np.arange(4, dtype=np.uint64))
+    assert decode(encode(msg)).dropped_picks_L.tolist() == [0, 1, 2, 3]
+    obj = msgpack.unpackb(encode(msg), raw=False)
+    partial = {k: v for k, v in obj.items() if k not in ("expert_tokens", "counted_forwards")}
+    with pytest.raises(WireError) as info:
+        decode(msgpack.packb(partial, use_bin_type=True))
+    assert info.value.reason == "value_range"
+    with pytest.raises(WireError) as info:  # one value a layer
+        decode(msgpack.packb(obj | {"dropped_picks": {"dtype": "<u8", "shape": [3], "data": b"\0" * 24}},
+                             use_bin_type=True))
+    assert info.value.reason == "shape"
