@@ -5,7 +5,7 @@ paired A/B in one process, the same messages to both, alternating in blocks (ABB
 
 Two ``State``s, one with ``pair_threads=1`` (the kernel alone) and one with ``--threads``; OLMoE shape (L 16,
 E 64), 4 groups, windows full before timing, 16 pairs per sample, no journal. Each block is 20 messages
-through ``State.handle`` (decode excluded); per regime: the median per-message time of each arm, the ratio of
+through ``pipeline.handle`` (decode excluded); per regime: the median per-message time of each arm, the ratio of
 medians, the median of the per-block ratios, and samples/s — one stream's ceiling, the figure that sets the
 pairs per sample the collector can keep under load (docs/benchmarks.md, "The collector at its rated load").
 """

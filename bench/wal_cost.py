@@ -4,7 +4,7 @@
 
 OLMoE-shape routing messages (L=16, E=64, K=8, 64 samples, as bench/collector_throughput.py), peaked
 routing. In alternating rounds (A B A B …): A applies each message as the processing thread does
-(State.apply: decode + handle, journal on disk); B appends it to a WriteAheadLog on the same disk first
+(pipeline.apply: decode + handle, journal on disk); B appends it to a WriteAheadLog on the same disk first
 (what the receive thread adds per message). Prints the median per-message times and the ratio B / A.
 """
 

@@ -165,7 +165,7 @@ class Stream:
         self.latest_step = 0
         self.comparisons = config.comparisons_per_sample  # m of its latest routing message (state.py, view.py)
         self.rng = rng
-        self.lock = threading.Lock()  # held while the kernels write the arrays (State.run)
+        self.lock = threading.Lock()  # held while the kernels write the arrays (pipeline.run)
         L = num_layers
         nh, nb1 = BOUNDS_RU.shape[0], BOUNDS_RU.shape[1] + 1
         self.xhist_RUp = np.zeros((nh, nb1))
@@ -358,7 +358,7 @@ class Stream:
                                self.lpeq_LAQ, self.lpv_Q, self.lmv_Q, self.x_layer_sum_L, self.x_layer_n_L)
 
     def transfers(self, msg, targets_N2: np.ndarray) -> list[tuple[str, dict]]:
-        """After ``process`` of the same message (under the same lock: State.run; it hashed the sample ids): the
+        """After ``process`` of the same message (under the same lock: pipeline.run; it hashed the sample ids): the
         transfer record of every group this probe or replay message touched that has fresh documents (collector/transfer.py), as (group, record)."""
         if self.source not in SAME_ROUND_SOURCES:
             return []
