@@ -826,7 +826,7 @@ def test_a_collector_behind_lowers_its_comparisons_and_applies_every_message(tmp
 
     c = start_collector(tmp_path, kernel_workers=0, comparisons_per_sample=64, window_samples=256)
     rng = np.random.default_rng(0)
-    n = 1500
+    n = 600
     msgs = [encode(make_routing(rng=rng, seq=s, n=8, step=s, num_layers=16, num_experts=64, top_k=8,
                                 concentration=0.3, sample_ids=[f"s{s}-{i}" for i in range(8)]))
             for s in range(1, n + 1)]
