@@ -52,12 +52,14 @@ class ExpertCounts:
         self._group_slot: dict[str, int] = {}
         self._row_slots: Optional[torch.Tensor] = None  # this forward's slot per row [B] (max_groups: none)
         self._row_cache: dict[tuple, torch.Tensor] = {}
-        self._groups_GLE: Optional[torch.Tensor] = None  # int64 [max_groups + 1, L, E + 1]; last: untallied
+        self._groups_GLE: Optional[torch.Tensor] = None  # int64 [max_groups + 1, L, E + 2]; last: untallied
         self.group_forwards = 0  # training forwards since the last drain whose rows were tagged
         self._logged_groups = False
         self.active = False  # inside a training forward
         self.forwards = 0  # training forwards begun since the last drain
-        self._tokens_LE: Optional[torch.Tensor] = None  # int64 [L, E + 1]; column E: picks of no expert
+        # int64 [L, E + 2]: column 1 + e expert e's picks; columns 0 and E + 1 picks of no expert (ids below 0,
+        # and E or above: clamped to -1..E, shifted by one — no remainder, which costs int64 divisions)
+        self._tokens_LE: Optional[torch.Tensor] = None
         self._ones: Optional[torch.Tensor] = None
         self._pending: list[tuple[int, torch.Tensor]] = []  # this forward's (layer, ids), until its end
         self._offsets: dict[tuple, torch.Tensor] = {}  # per layer order: each layer's row offset in the flat counts
@@ -147,9 +149,9 @@ class ExpertCounts:
 
     def _flush(self) -> None:
         """One forward's ids into the counts: the layers stacked, each offset into its own row of the flat
-        counts, by one ``index_add_`` (five ops a forward, not three a router call). Picks outside 0..E-1 (-1,
-        or E and up: dropped tokens) go to column E (clamp, then -1 -> E): never an out-of-range write. A
-        forward with tagged rows adds its picks once more, each offset by its row's group slot."""
+        counts, by one ``index_add_`` (four ops a forward, not three a router call). Picks outside 0..E-1 (-1,
+        or E and up: dropped tokens) go to a column of no expert (clamped to -1..E, shifted by one): never an
+        out-of-range write. A forward with tagged rows adds its picks once more, offset by its row's group slot."""
         pending = self._pending
         if not pending:
             return
@@ -158,7 +160,7 @@ class ExpertCounts:
         device = pending[0][1].device
         acc = self._tokens_LE
         if acc is None or acc.device != device:
-            acc = self._tokens_LE = torch.zeros(L, E + 1, dtype=torch.int64, device=device)
+            acc = self._tokens_LE = torch.zeros(L, E + 2, dtype=torch.int64, device=device)
         flat_acc = acc.view(-1)
         row_slots = self._group_rows(pending, device)
         sizes = {ids.numel() for _, ids in pending}
@@ -166,17 +168,17 @@ class ExpertCounts:
             layers = tuple(layer for layer, _ in pending)
             offsets = self._offsets.get(layers)
             if offsets is None or offsets.device != device:
-                offsets = self._offsets[layers] = torch.tensor(layers, dtype=torch.int64, device=device)[:, None] * (E + 1)
+                offsets = self._offsets[layers] = torch.tensor(layers, dtype=torch.int64, device=device)[:, None] * (E + 2) + 1
             ids = torch.stack([ids.reshape(-1) for _, ids in pending]) if len(pending) > 1 \
                 else pending[0][1].reshape(1, -1)
-            picks = ids.clamp(-1, E).remainder_(E + 1).add_(offsets)
+            picks = ids.clamp(-1, E).add_(offsets)
             flat = picks.reshape(-1)
             flat_acc.index_add_(0, flat, self._ones_for(flat))
             if row_slots is not None:
                 self._add_by_group(picks.view(len(pending), row_slots.shape[0], -1), row_slots)
             return
         for layer, ids in pending:  # layers that routed different token counts (or devices): one at a time
-            flat = ids.reshape(-1).to(device).clamp(-1, E).remainder_(E + 1).add_(layer * (E + 1))
+            flat = ids.reshape(-1).to(device).clamp(-1, E).add_(layer * (E + 2) + 1)
             flat_acc.index_add_(0, flat, self._ones_for(flat))
             if row_slots is not None:
                 self._add_by_group(flat.view(1, row_slots.shape[0], -1), row_slots)
@@ -200,12 +202,12 @@ class ExpertCounts:
         return row_slots if row_slots.device == device else row_slots.to(device, non_blocking=True)
 
     def _add_by_group(self, picks: torch.Tensor, row_slots: torch.Tensor) -> None:
-        """``picks`` [layers, B, picks per row]: flat [L, E + 1] indices; each row's go to its group's counts."""
+        """``picks`` [layers, B, picks per row]: flat [L, E + 2] indices; each row's go to its group's counts."""
         L, E = self.shape
         acc = self._groups_GLE
         if acc is None or acc.device != picks.device:
-            acc = self._groups_GLE = torch.zeros(self.max_groups + 1, L, E + 1, dtype=torch.int64, device=picks.device)
-        flat = (picks + (row_slots * (L * (E + 1)))[None, :, None]).reshape(-1)
+            acc = self._groups_GLE = torch.zeros(self.max_groups + 1, L, E + 2, dtype=torch.int64, device=picks.device)
+        flat = (picks + (row_slots * (L * (E + 2)))[None, :, None]).reshape(-1)
         acc.view(-1).index_add_(0, flat, self._ones_for(flat))
 
     def _ones_for(self, flat: torch.Tensor) -> torch.Tensor:
@@ -245,15 +247,23 @@ class ExpertCounts:
         if acc is None:
             view_LE1.zero_()
         else:
-            view_LE1.copy_(acc, non_blocking=True)
+            _into_staging(acc, view_LE1)
             acc.zero_()
         groups = self._groups_GLE
         if groups_view is None or groups is None or not group_forwards:
             group_forwards = 0
         else:
-            groups_view.copy_(groups[: self.max_groups], non_blocking=True)
+            _into_staging(groups[: self.max_groups], groups_view)
         if groups is not None:
             groups.zero_()
         if not self.enabled:
             return Drained(0, 0, 0, ())
         return Drained(forwards, aux_forwards, group_forwards, tuple(self.group_names) if group_forwards else ())
+
+
+def _into_staging(acc: torch.Tensor, view: torch.Tensor) -> None:
+    """[..., E + 2] counts (column 1 + e: expert e; columns 0 and E + 1: no expert) into the staging layout
+    [..., E + 1] (column e: expert e; column E: no expert), by device ops."""
+    E = acc.shape[-1] - 2
+    view[..., :E].copy_(acc[..., 1:E + 1], non_blocking=True)
+    torch.add(acc[..., 0], acc[..., E + 1], out=view[..., E])
