@@ -60,10 +60,6 @@ class KernelJob:
     stats: Optional[tuple] = None  # Stream.process's result
     transfers: list = field(default_factory=list)  # Stream.transfers's (group, record) pairs
 
-    @property
-    def wal_index(self) -> int:
-        return self.journaling.wal_index
-
 
 def admit(state: State, msg: Any, now: float, journaling: Journaling) -> Optional[KernelJob]:
     """Everything of one decoded message up to the kernels; the caller holds ``state.lock``. A routing
