@@ -36,6 +36,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def _load_figures(counts_LE: np.ndarray) -> dict[str, np.ndarray]:
+    """Per layer, imbalance, CV and dead experts of the tokens per expert (METRICS.md §3 over all tokens)."""
+    imbalance_L, cv_L = _imbalance_cv_L(counts_LE)
+    return dict(imbalance_L=imbalance_L, cv_L=cv_L, dead_L=(counts_LE == 0).sum(axis=1))
+
+
 def _imbalance_cv_L(counts_LE: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per layer, max / mean and std / mean of the tokens per expert (0 for a layer with none)."""
     c = counts_LE.astype(np.float64)
@@ -142,18 +148,12 @@ class AllTokens:
     def group_figures(self) -> dict[str, dict[str, np.ndarray]]:
         """The closed interval's per-layer imbalance, CV and dead experts of each group whose rows routed
         tokens in it."""
-        out = {}
-        for group, counts_LE in sorted(self.closed_groups.items()):
-            imbalance_L, cv_L = _imbalance_cv_L(counts_LE)
-            out[group] = dict(imbalance_L=imbalance_L, cv_L=cv_L, dead_L=(counts_LE == 0).sum(axis=1))
-        return out
+        return {group: _load_figures(counts_LE) for group, counts_LE in sorted(self.closed_groups.items())}
 
     def figures(self) -> dict[str, np.ndarray] | None:
         """The closed interval's per-layer figures, or None before one closed."""
         if self.closed_step < 0:
             return None
         c = self.closed_LE.astype(np.float64)
-        imbalance_L, cv_L = _imbalance_cv_L(self.closed_LE)
         total_L1 = c.sum(axis=1, keepdims=True)
-        return dict(imbalance_L=imbalance_L, cv_L=cv_L, dead_L=(self.closed_LE == 0).sum(axis=1),
-                    share_LE=c / np.where(total_L1 > 0, total_L1, 1.0))
+        return dict(_load_figures(self.closed_LE), share_LE=c / np.where(total_L1 > 0, total_L1, 1.0))
