@@ -20,6 +20,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from grokwatch.agent.staging import indices_on
+
 log = logging.getLogger("grokwatch.agent")
 
 MAX_ROW_PATTERNS = 32  # rows -> group slots tensors kept per device (a run has a few batch patterns)
@@ -114,11 +116,7 @@ class ExpertCounts:
         key = (tuple(slots), device)
         row_slots = self._row_cache.get(key)
         if row_slots is None:
-            row_slots = torch.tensor(slots, dtype=torch.int64)
-            if device.type == "cuda":  # a copy from pageable memory would block the host
-                row_slots = row_slots.pin_memory().to(device, non_blocking=True)
-            else:
-                row_slots = row_slots.to(device)
+            row_slots = indices_on(slots, device)
             if len(self._row_cache) >= MAX_ROW_PATTERNS:
                 self._row_cache.clear()
             self._row_cache[key] = row_slots

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
+from grokwatch.agent.staging import indices_on
+
 if TYPE_CHECKING:
     from grokwatch.agent.counts import ExpertCounts
     from grokwatch.agent.staging import Staging
@@ -153,12 +155,7 @@ def build_context(*, source: str, step: int, attention_mask_BS: Optional[torch.T
 
 def _layout(attention_mask_BS, position_ids_BS, rows, max_rows, seq_len, D, device) -> Layout:
     """Device tensors mapping the sampled rows' tokens to slots (no host sync)."""
-    padded = list(rows) + [0] * (max_rows - len(rows))
-    rows_M = torch.tensor(padded, dtype=torch.long)
-    if device.type == "cuda":  # a copy from pageable memory would block the host
-        rows_M = rows_M.pin_memory().to(device, non_blocking=True)
-    else:
-        rows_M = rows_M.to(device)
+    rows_M = indices_on(list(rows) + [0] * (max_rows - len(rows)), device)
     valid_M = torch.zeros(max_rows, dtype=torch.float32, device=device)
     valid_M[: len(rows)] = 1.0
     if attention_mask_BS is not None:

@@ -15,6 +15,15 @@ from typing import Optional
 import torch
 
 
+def indices_on(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host integers as an int64 tensor on ``device`` without a host sync: on CUDA through pinned memory,
+    copied non-blocking (a copy from pageable memory would block the host)."""
+    out = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return out.pin_memory().to(device, non_blocking=True)
+    return out.to(device)
+
+
 class Staging:
     """One flat device buffer with named views, and a small pool of pinned host
     buffers of the same size (one per in-flight message).
