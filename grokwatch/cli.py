@@ -2,6 +2,7 @@
 
     grokwatch collector --listen tcp://0.0.0.0:5557 --metrics-port 9464 --state-dir /var/lib/grokwatch
     grokwatch collector --check-config collector.toml
+    grokwatch collector --config collector.toml --state-dir /var/lib/grokwatch --print-config
     grokwatch demo
     grokwatch report --state-dir DIR --out DIR
     grokwatch replay --checkpoints ckpt/* --samples samples.jsonl --endpoint tcp://127.0.0.1:5557
@@ -65,14 +66,18 @@ def _cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_overrides(args: argparse.Namespace) -> dict:
+    """The config keys ``grokwatch collector``'s own flags set (None: the flag was not given)."""
+    return dict(listen=tuple(args.listen) if args.listen else None, metrics_port=args.metrics_port,
+                metrics_addr=args.metrics_addr, state_dir=args.state_dir,
+                tensorboard_dir=getattr(args, "tensorboard", None))
+
+
 def config_from_args(args: argparse.Namespace, environ: Optional[Mapping[str, str]] = None):
     """The settings ``grokwatch collector`` runs with: flags over GROKWATCH_* variables over --config."""
     from grokwatch.collector.config import load_config
 
-    return load_config(args.config, environ=environ, overrides=dict(
-        listen=tuple(args.listen) if args.listen else None, metrics_port=args.metrics_port,
-        metrics_addr=args.metrics_addr, state_dir=args.state_dir,
-        tensorboard_dir=getattr(args, "tensorboard", None)))
+    return load_config(args.config, environ=environ, overrides=_flag_overrides(args))
 
 
 def _cmd_collector(args: argparse.Namespace) -> int:
@@ -82,6 +87,8 @@ def _cmd_collector(args: argparse.Namespace) -> int:
 
     if args.check_config:
         return _check_config(args.check_config, "grokwatch collector")
+    if args.print_config:
+        return _print_config(args.config, _flag_overrides(args), "grokwatch collector")
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -144,24 +151,29 @@ def _toml_value(value) -> str:
     return json.dumps(str(value))
 
 
-def _cmd_config_show(args: argparse.Namespace) -> int:
-    """Every key with the value the collector would use and where it comes from (file, environment,
-    default), as a TOML file it reads back (keys left unset by default, None, are comments)."""
+def _print_config(path: Optional[str], overrides: Mapping[str, object], command: str) -> int:
+    """Every key with the value the collector would use and where it comes from (flag, environment, file,
+    default), as a TOML file it reads back (keys left unset by default, None, are comments). Settings that do
+    not load are refused in one line, as at start (the memory check is check-config's)."""
     import dataclasses
 
     from grokwatch.collector.config import ConfigError, config_sources, load_config
 
     try:
-        config = load_config(args.config)
+        config = load_config(path, overrides=overrides)
     except ConfigError as exc:
-        print(f"grokwatch config show: {exc}", flush=True)
+        print(f"{command}: {exc}", flush=True)
         return 2
-    sources = config_sources(args.config)
+    sources = config_sources(path, overrides)
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         print(f"# {field.name} = (unset)" if value is None
               else f"{field.name} = {_toml_value(value)}  # {sources[field.name]}")
     return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    return _print_config(args.config, {}, "grokwatch config show")
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -256,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML file with every other setting")
     p.add_argument("--check-config", metavar="FILE", help="validate FILE, print the result, and exit (the same as "
                                                           "grokwatch config check FILE)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the settings this command line would run with, each with where it came from "
+                        "(flag, GROKWATCH_* variable, --config file, default), as TOML, and exit")
     p.set_defaults(func=_cmd_collector)
 
     p = sub.add_parser("config", parents=[common], help="check a collector config file, or print the effective one")

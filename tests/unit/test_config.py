@@ -113,3 +113,35 @@ def test_config_check_is_the_verb_form_of_check_config_and_show_prints_a_file_th
     assert lines["window_samples"] == f"128  # file {good}"
     assert lines["comparisons_per_sample"] == "7  # env GROKWATCH_COMPARISONS_PER_SAMPLE"
     assert lines["pathway_tau"].endswith("# default")
+
+
+def test_collector_print_config_says_where_each_value_came_from_flags_included(tmp_path):
+    """Issue 32: `grokwatch collector ... --print-config` prints what that very command line would run with —
+    the flags over GROKWATCH_* variables over the --config file over the defaults — each value with its
+    source, as TOML that loads back to the same settings; a flag out of range is refused in one line."""
+    import os
+
+    path = tmp_path / "c.toml"
+    path.write_text('window_samples = 128\nstate_dir = "/from/file"\nmetrics_port = 9100\n')
+    env = {**os.environ, "GROKWATCH_COMPARISONS_PER_SAMPLE": "7", "GROKWATCH_METRICS_PORT": "9200"}
+    r = subprocess.run([sys.executable, "-m", "grokwatch.cli", "collector", "--config", str(path), "--state-dir",
+                        str(tmp_path / "state"), "--listen", "tcp://127.0.0.1:5998", "--print-config"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(" = ", 1) for line in r.stdout.splitlines() if not line.startswith("#"))
+    assert lines["state_dir"] == f'"{tmp_path / "state"}"  # flag'  # the flag beats the file
+    assert lines["listen"] == '["tcp://127.0.0.1:5998"]  # flag'
+    assert lines["metrics_port"] == "9200  # env GROKWATCH_METRICS_PORT"  # the variable beats the file
+    assert lines["window_samples"] == f"128  # file {path}"
+    assert lines["comparisons_per_sample"] == "7  # env GROKWATCH_COMPARISONS_PER_SAMPLE"
+    assert lines["pathway_tau"].endswith("# default")
+    assert not (tmp_path / "state").exists()  # printed, not started
+    shown = tmp_path / "shown.toml"
+    shown.write_text(r.stdout)
+    assert load_config(str(shown), environ={}) == load_config(
+        str(path), environ={"GROKWATCH_COMPARISONS_PER_SAMPLE": "7", "GROKWATCH_METRICS_PORT": "9200"},
+        overrides={"state_dir": str(tmp_path / "state"), "listen": ("tcp://127.0.0.1:5998",)})
+    r = subprocess.run([sys.executable, "-m", "grokwatch.cli", "collector", "--metrics-port", "99999",
+                        "--print-config"], capture_output=True, text=True, timeout=60)
+    out = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode == 2 and len(out) == 1 and "metrics_port" in out[0]
