@@ -55,17 +55,19 @@ PROTOCOLS = ("http/protobuf", "grpc")
 DEFAULT_INTERVAL_S = 60.0
 
 
-def instance_id() -> str:
-    """``service.instance.id``: this process, unique among the collectors of a fleet (host and pid)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def instance_id(metrics_port: Optional[int] = None) -> str:
+    """``service.instance.id`` by default: the host and the /metrics port (one collector a port on a host, and
+    the same after a restart, so a backend sees one series reset rather than a new one per restart); the host
+    and pid where there is no port. The shipped manifests name the pod instead (OTEL_RESOURCE_ATTRIBUTES)."""
+    return f"{socket.gethostname()}:{os.getpid() if metrics_port is None else metrics_port}"
 
 
-def resource(environ=None) -> Resource:
+def resource(environ=None, instance: Optional[str] = None) -> Resource:
     """This collector's OTLP resource: service.name, service.version, service.instance.id, then whatever
     OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME say, which wins."""
     env = os.environ if environ is None else environ
     ours = Resource.create({"service.name": "grokwatch-collector", "service.version": __version__,
-                            "service.instance.id": instance_id()})
+                            "service.instance.id": instance or instance_id()})
     theirs = {}
     for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
         key, sep, value = item.partition("=")
@@ -76,21 +78,36 @@ def resource(environ=None) -> Resource:
     return ours.merge(Resource(theirs))
 
 
+# UCUM units of what the counters and gauges count, by the word their name ends in (after _total); the rest
+# by the Prometheus suffix: seconds, bytes, else dimensionless ("1": ratios, distances, shares, losses).
+COUNTED = {"messages": "{message}", "messages_received": "{message}", "messages_rejected": "{message}",
+           "messages_lost": "{message}", "messages_sent": "{message}", "messages_dropped": "{message}",
+           "step": "{step}", "ranks": "{rank}", "queue_size": "{message}", "queue_capacity": "{message}",
+           "samples": "{sample}", "samples_processed": "{sample}", "tokens": "{token}", "forwards": "{forward}",
+           "experts": "{expert}", "connections": "{connection}", "failures": "{handshake}", "errors": "{error}",
+           "disconnects": "{disconnect}", "scrapes_stale": "{scrape}", "reads_stale": "{read}",
+           "pathways": "{pathway}", "undefined": "{sample}"}
+
+
 def unit(name: str) -> str:
-    """A metric's UCUM unit, from the name's Prometheus suffix: seconds, bytes, else dimensionless."""
-    if name.endswith("_count"):  # a summary's count
+    """A metric's UCUM unit: seconds, bytes, a count of something ({message}, {sample}, ...), else 1."""
+    if name.endswith("_count"):  # a summary's count: of observations
         return "1"
     base = name.removesuffix("_total").removesuffix("_sum")
     if base.endswith("_seconds"):
         return "s"
     if base.endswith("_bytes"):
         return "By"
+    for word, counted in COUNTED.items():
+        if base.endswith("_" + word):
+            return counted
     return "1"
 
 
 class OtelView:
     def __init__(self, state: State, exporters: list[MetricExporter],
-                 queue_stats: Optional[Callable[[], tuple]] = None, interval_s: float = DEFAULT_INTERVAL_S):
+                 queue_stats: Optional[Callable[[], tuple]] = None, interval_s: float = DEFAULT_INTERVAL_S,
+                 environ=None, instance: Optional[str] = None):
         self.state = state
         self.exporters = exporters
         self.queue_stats = queue_stats
@@ -100,7 +117,7 @@ class OtelView:
         # Who sent it: several collectors pushing cumulative sums with the same attributes would otherwise
         # collide in a backend. OTEL_RESOURCE_ATTRIBUTES (the shipped manifests: the pod's name from the
         # downward API) and OTEL_SERVICE_NAME add to these and win (Resource.create alone lets ours win).
-        self.resource = resource()
+        self.resource = resource(environ, instance)
         self.scope = InstrumentationScope("grokwatch.collector", __version__)
         self.export_failures = 0
         # the last export (what changed since the last interval) is the shutdown's, where there is an exporter

@@ -197,10 +197,10 @@ class Collector:
                                                    self.config.tls_certfile, self.config.tls_keyfile,
                                                    ready=self.not_ready)
         if exporters:
-            from grokwatch.collector.otlp import DEFAULT_INTERVAL_S, OtelView
+            from grokwatch.collector.otlp import DEFAULT_INTERVAL_S, OtelView, instance_id
 
-            self.otel = OtelView(self.state, exporters, self.ingest.queue_stats,
-                                 interval_s or DEFAULT_INTERVAL_S).start()
+            self.otel = OtelView(self.state, exporters, self.ingest.queue_stats, interval_s or DEFAULT_INTERVAL_S,
+                                 self.environ, instance_id(self.metrics_port)).start()
         if self.tensorboard:
             self.tensorboard.queue_stats = self.ingest.queue_stats
             self.tensorboard.start()

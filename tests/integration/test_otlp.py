@@ -37,7 +37,7 @@ def test_the_otlp_batch_is_the_prometheus_view_in_otlp_types(tmp_path):
     try:
         _load(c)
         prom = scrape(c.metrics_port)
-        from grokwatch.collector.otlp import OtelView
+        from grokwatch.collector.otlp import OtelView, instance_id
 
         data = OtelView(c.state, [], c.ingest.queue_stats).collect()
         metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
@@ -68,12 +68,20 @@ def test_the_otlp_batch_is_the_prometheus_view_in_otlp_types(tmp_path):
         from grokwatch._version import __version__
 
         assert resource["service.name"] == "grokwatch-collector" and resource["service.version"] == __version__
-        assert resource["service.instance.id"].endswith(f":{os.getpid()}")
+        assert resource["service.instance.id"].endswith(f":{os.getpid()}")  # a view with no /metrics port
         other = OtelView(c.state, []).collect().resource_metrics[0].resource.attributes
         assert other["service.instance.id"] == resource["service.instance.id"]  # one per process
+        import socket
+
+        named = OtelView(c.state, [], instance=instance_id(c.metrics_port)).collect()
+        assert named.resource_metrics[0].resource.attributes["service.instance.id"] == \
+            f"{socket.gethostname()}:{c.metrics_port}"
         assert metrics["grokwatch_collector_processing_seconds_sum"].unit == "s"
         assert metrics["grokwatch_collector_processing_seconds_count"].unit == "1"
         assert metrics["grokwatch_pathway_distance"].unit == "1"
+        assert metrics["grokwatch_collector_messages_received_total"].unit == "{message}"
+        assert metrics["grokwatch_collector_queue_bytes"].unit == "By"
+        assert metrics["grokwatch_pathway_samples_total"].unit == "{sample}"
     finally:
         c.stop()
 
@@ -177,8 +185,8 @@ def test_grpc_is_used_when_its_extra_is_installed_and_refused_in_one_line_otherw
 
 @pytest.mark.slow
 def test_two_collectors_pushing_at_once_stay_apart_at_a_real_receiver(tmp_path):
-    """Issue 32: each collector's resource names it (service.instance.id: host and pid by default, the pod's
-    name where OTEL_RESOURCE_ATTRIBUTES says so, as the shipped manifests do), so the receiver keeps their
+    """Issue 32: each collector's resource names it (service.instance.id: host and /metrics port by default, the
+    pod's name where OTEL_RESOURCE_ATTRIBUTES says so, as the shipped manifests do), so the receiver keeps their
     cumulative sums apart: each instance's messages_received_total is its own collector's count."""
     import signal
     import socket
@@ -206,16 +214,18 @@ def test_two_collectors_pushing_at_once_stay_apart_at_a_real_receiver(tmp_path):
                  "--metrics-addr", "127.0.0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True))
             endpoints.append(endpoint)
+        ports = []
         for proc in collectors:  # listening
-            while "listening on" not in (line := proc.stdout.readline()):
+            while "/metrics on port" not in (line := proc.stdout.readline()):
                 assert line, "a collector exited"
+            ports.append(int(line.rsplit("port", 1)[1]))
         for endpoint, n in zip(endpoints, (2, 4)):
             pusher = Pusher(endpoint)  # open until the end: closed with linger 0, it would drop what is queued
             pushers.append(pusher)
             pusher.send(encode(make_hello()))
             for seq in range(1, n + 1):
                 pusher.send(encode(make_routing(seq=seq, step=seq, sender="s0")))
-        want = {f"{socket.gethostname()}:{collectors[0].pid}": 3, "pod-b": 5}
+        want = {f"{socket.gethostname()}:{ports[0]}": 3, "pod-b": 5}
         got: dict = {}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and got != want:
@@ -240,3 +250,18 @@ def test_two_collectors_pushing_at_once_stay_apart_at_a_real_receiver(tmp_path):
             proc.wait(30)
         receiver.terminate()
         receiver.wait(10)
+
+
+def test_every_counter_says_what_it_counts():
+    """Issue 32: units on every instrument. A counter counts something (messages, samples, tokens, errors...):
+    its OTLP unit is a UCUM count annotation ({message}) or seconds/bytes, never the bare "1" a new counter
+    would fall back to if its name ended in a word the table does not know."""
+    from grokwatch.collector.otlp import unit
+    from grokwatch.collector.view import SPECS
+
+    for spec in SPECS:
+        name = "grokwatch_" + spec.name
+        if spec.kind == "counter":
+            assert unit(name) in ("s", "By") or unit(name).startswith("{"), name
+    assert unit("grokwatch_collector_ingest_lag_seconds") == "s"
+    assert unit("grokwatch_dead_experts") == "{expert}" and unit("grokwatch_expert_load_share") == "1"
