@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import re
 import socket as pysocket
+import sys
 import threading
 import time
 import uuid
@@ -161,6 +163,27 @@ def _as_slice(indices: list[int]):
     return indices
 
 
+_WANDB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def training_wandb_run() -> Optional[str]:
+    """This process's active W&B run as "entity/project/id" (the Trainer's WandbCallback, Lightning's
+    WandbLogger, accelerate's tracker and a bare ``wandb.init`` all set ``wandb.run``), else None. Never imports
+    wandb, never raises: the hellos, re-sent every heartbeat, pick the run up once training has started it."""
+    wandb = sys.modules.get("wandb")
+    try:
+        run = getattr(wandb, "run", None)
+        if run is None:
+            return None
+        entity, project, run_id = (str(getattr(run, k, "") or "") for k in ("entity", "project", "id"))
+        path = f"{entity}/{project}/{run_id}"
+        if not project or "/" in entity + project or not _WANDB_ID.fullmatch(run_id) or len(path) > 256:
+            return None
+        return path
+    except Exception:  # a finished or broken run object: no name rather than a fault
+        return None
+
+
 class Sender:
     def __init__(self, *, endpoint: str, run: str, num_layers: int, num_experts: int, top_k: int,
                  distribution: str, identity: Optional[Identity] = None, faults: Optional[AgentFaults] = None,
@@ -272,7 +295,8 @@ class Sender:
         L, E, K = self.shape
         return Hello(**self._header(), world_size=self.identity.world_size, host=pysocket.gethostname()[:200],
                      agent_version=__version__, num_layers=L, num_experts=E, top_k=K,
-                     distribution=self.distribution, has_cosines=self.has_cosines(), layer_names=self.layer_names)
+                     distribution=self.distribution, has_cosines=self.has_cosines(), layer_names=self.layer_names,
+                     wandb_run=training_wandb_run())
 
     def _heartbeat(self) -> Heartbeat:
         return Heartbeat(**self._header(), messages_sent=self.sent, messages_dropped=dict(self.dropped),

@@ -135,6 +135,8 @@ def _hello(state: State, msg: Hello, now: float) -> None:
     state.runs.declare_world(msg.run, min(msg.world_size, config.max_world_size))
     info.hello = dict(host=msg.host, world_size=msg.world_size, agent_version=msg.agent_version,
                       distribution=msg.distribution, has_cosines=msg.has_cosines)
+    if msg.wandb_run is not None:  # the training process's own W&B run (wandb_view.py may join it)
+        info.hello["wandb_run"] = msg.wandb_run
     info.other_layers = False
     if not state.runs.same_layers(msg.run, msg.layer_names):
         # Same shape, other layers: pipeline stages under one run name. Mixed, their pathways would

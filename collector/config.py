@@ -52,6 +52,9 @@ class ConfigError(ValueError):
     """A bad setting; the message names the key as the user writes it."""
 
 
+JOIN_TRAINING = "{training}"  # wandb_run_id: write into the training's own W&B run (collector/wandb_view.py)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CollectorConfig:
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -74,7 +77,9 @@ class CollectorConfig:
     wandb_project: str = "grokwatch"
     wandb_entity: Optional[str] = None  # None: the API key's default entity
     wandb_mode: str = "auto"
-    wandb_run_id: str = "grokwatch-{run}"  # {run}, {host}; "{run}" joins a training run whose W&B id is its run name
+    # {run}, {host}: the collector's own W&B run; "{run}" joins a training run whose W&B id is its run name;
+    # "{training}" joins the W&B run the training process itself logs to, as its agent's hello names it
+    wandb_run_id: str = "grokwatch-{run}"
     wandb_interval_s: float = 30.0
     wandb_collapse_ratio: float = 0.3  # a W&B alert when a layer's entropy falls under this share of its ceiling
     journal_max_bytes: int = 64 * 1024 * 1024  # one rotation kept: at most twice this on disk
@@ -166,10 +171,12 @@ class CollectorConfig:
             raise ConfigError("listen: at least one endpoint is needed")
         if self.wandb_mode not in ("auto", "online", "offline"):
             raise ConfigError(f"wandb_mode: auto, online or offline, got {self.wandb_mode!r}")
-        try:
-            self.wandb_run_id.format(run="r", host="h")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(f"wandb_run_id: a template with {{run}} and {{host}} only ({exc!r})") from None
+        if self.wandb_run_id != JOIN_TRAINING:
+            try:
+                self.wandb_run_id.format(run="r", host="h")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigError(f"wandb_run_id: a template with {{run}} and {{host}} only, or {JOIN_TRAINING} alone "
+                                  f"({exc!r})") from None
         if not isinstance(self.router_health_groups, tuple) or not all(
                 isinstance(p, str) and p for p in self.router_health_groups):
             raise ConfigError("router_health_groups: a list of group-name patterns (fnmatch), e.g. [\"*\"] or []")

@@ -188,6 +188,16 @@ class Senders:
                 out[info.run] = (info.seen, info.hello)
         return {run: hello for run, (_, hello) in out.items()}
 
+    def wandb_runs(self) -> dict[str, str]:
+        """Per run, the training's own W&B run ("entity/project/id") as the latest live sender that names one
+        says (usually rank 0 alone: the other ranks log to no W&B run)."""
+        out: dict[str, tuple[float, str]] = {}
+        for info in self.records.values():
+            path = (info.hello or {}).get("wandb_run")
+            if path and (info.run not in out or info.seen >= out[info.run][0]):
+                out[info.run] = (info.seen, path)
+        return {run: path for run, (_, path) in out.items()}
+
     def forget_run(self, run: str) -> None:
         """An expired run: its senders and their counters go (its series end)."""
         for sender in [s for s, info in self.records.items() if info.run == run]:

@@ -9,7 +9,14 @@ step-aligned, beside collector/tensorboard.py (the same series and tags: collect
   with ``resume="allow"``, so a restarted collector appends to the same W&B run, and a training job whose own
   W&B run has that id is joined (``wandb_run_id = "{run}"`` when the job names its W&B run after its grokwatch
   run). One collector a W&B run: on a multi-node DaemonSet give each node its own id (``{run}-{host}``) or set
-  ``wandb_dir`` on one collector only.
+  ``wandb_dir`` on one collector only. An own run records the training's W&B run, where the agent's hello
+  names one (agent/sender.py ``training_wandb_run``), as ``training_wandb_run`` in its config.
+- **Joining the training's own run**: ``wandb_run_id = "{training}"`` writes into the W&B run the training
+  process logs to, as its agent's hello names it (entity, project and id from the hello; nothing is written for
+  a run until a hello names one). Online it joins as a non-primary writer of W&B's shared mode (the training's
+  own ``wandb.init`` should be the primary: W&B's "track all processes to a single run"); offline it writes an
+  offline run with that id, which ``wandb sync`` appends to the training's. Its keys are under ``grokwatch/``
+  and only they are defined on ``grokwatch/step``: the training's own keys, name, config and step are untouched.
 - **Alerts** (``run.alert``, once each): a group's memorization and its onset of generalization as the phase
   detector dates them (INFO), and a layer's router collapse — its lowest group's entropy ratio under
   ``wandb_collapse_ratio`` of the ceiling its router type allows (WARN; again only after it recovered).
@@ -25,7 +32,7 @@ import socket
 from typing import Any, Callable, Optional
 
 from grokwatch.collector import scalars
-from grokwatch.collector.config import CollectorConfig, ConfigError
+from grokwatch.collector.config import JOIN_TRAINING, CollectorConfig, ConfigError
 from grokwatch.collector.labels import BUCKET_PREFIX
 from grokwatch.collector.periodic import Periodic
 from grokwatch.collector.state import State
@@ -34,6 +41,7 @@ from grokwatch.collector.view import ViewMemo, build_view, scalar
 log = logging.getLogger("grokwatch.collector")
 
 STEP = "grokwatch/step"
+JOINED_PREFIX = "grokwatch/"  # a joined training run's keys: apart from the training's own
 
 
 def run_id(template: str, run: str) -> str:
@@ -60,6 +68,9 @@ class WandbView:
         self.queue_stats = queue_stats
         self.memo = ViewMemo()  # this view's stale-read fallbacks (view.py)
         self.runs: dict[str, Any] = {}  # grokwatch run -> its wandb Run
+        self.joining = config.wandb_run_id == JOIN_TRAINING  # write into the training's own W&B run
+        self._linked: dict[str, Optional[str]] = {}  # run -> the training W&B run its own run's config names
+        self._waiting: set[str] = set()  # joining runs no hello has named a W&B run for yet (logged once)
         self._written = scalars.Written()
         self._deltas = scalars.HistogramDeltas()
         self._alerted: set[tuple] = set()
@@ -74,49 +85,91 @@ class WandbView:
         self._periodic.start()
         return self
 
-    def _run(self, run: str):
-        if run not in self.runs:
-            wandb, c = self._wandb, self.config
-            shape = self.state.runs.shapes.get(run)
+    def _run(self, run: str, training: Optional[str]):
+        """The W&B run grokwatch run ``run`` is written to; None while it waits for the training's (joining, and no
+        hello has named it yet). ``training``: the training's own W&B run as the hellos name it."""
+        if run in self.runs:
+            r = self.runs[run]
+            if training and not self.joining and self._linked.get(run) != training:
+                r.config.update({"training_wandb_run": training}, allow_val_change=True)
+                self._linked[run] = training
+            return r
+        wandb, c = self._wandb, self.config
+        shape = self.state.runs.shapes.get(run)
+        about = dict(grokwatch_run=run, layers=shape[0] if shape else None, experts=shape[1] if shape else None,
+                     top_k=shape[2] if shape else None)
+        settings = dict(silent=True, console="off", x_disable_stats=True)
+        if self.joining:
+            if not training:
+                if run not in self._waiting:
+                    self._waiting.add(run)
+                    log.info("run %r: no hello has named the training's W&B run yet (wandb_run_id = %s): its W&B "
+                             "writes wait", run, JOIN_TRAINING)
+                return None
+            entity, project, wid = training.split("/")
+            m = mode(c.wandb_mode)
+            if m == "online":  # a second writer of a live run: W&B's shared mode, not its primary
+                settings.update(mode="shared", x_primary=False, x_label="grokwatch")
+            r = wandb.init(project=project, entity=entity or c.wandb_entity or None, dir=c.wandb_dir, mode=m,
+                           id=wid, resume="allow", reinit="create_new", settings=wandb.Settings(**settings))
+            r.config.update({k if k.startswith("grokwatch_") else f"grokwatch_{k}": v for k, v in about.items()},
+                            allow_val_change=True)
+            r.define_metric(STEP)
+            r.define_metric(JOINED_PREFIX + "*", step_metric=STEP)
+        else:
             r = wandb.init(project=c.wandb_project, entity=c.wandb_entity or None, dir=c.wandb_dir,
                            mode=mode(c.wandb_mode), id=run_id(c.wandb_run_id, run), name=run, resume="allow",
                            reinit="create_new", job_type="grokwatch",
-                           config=dict(grokwatch_run=run, layers=shape[0] if shape else None,
-                                       experts=shape[1] if shape else None, top_k=shape[2] if shape else None),
-                           settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+                           config=dict(about, training_wandb_run=training), settings=wandb.Settings(**settings))
+            self._linked[run] = training
             r.define_metric(STEP)
             r.define_metric("*", step_metric=STEP)
-            self.runs[run] = r
-        return self.runs[run]
+        self.runs[run] = r
+        return r
 
     def write_once(self) -> int:
         """Log what moved since the last call, raise the alerts due; returns the number of points logged."""
         fams = scalars.families(build_view(self.state, self.queue_stats, self.memo))
+        with self.state.lock:
+            training = self.state.senders.wandb_runs()
+        targets = {run: self._run(run, training.get(run)) for run in self._runs_of(fams)}
         steps = scalars.group_steps(fams)
         rows: dict[tuple[str, int], dict[str, float]] = {}
         for point in scalars.points(fams, steps):
-            self._add(rows, point.run, point.tag, point.value, point.step)
+            if targets.get(point.run) is not None:  # a run waiting for its W&B run keeps its points due
+                self._add(rows, point.run, point.tag, point.value, point.step)
         for h in self._deltas.read(fams, steps):
-            self._add(rows, h.run, f"{h.tag}_mean", h.mean, h.step)
+            if targets.get(h.run) is not None:
+                self._add(rows, h.run, f"{h.tag}_mean", h.mean, h.step)
+        prefix = JOINED_PREFIX if self.joining else ""
         before = self.points
         for (run, step), row in sorted(rows.items()):
-            self._run(run).log({STEP: step, **row})
+            target = targets[run]
+            assert target is not None  # rows are only added for runs with a W&B run
+            target.log({STEP: step, **{prefix + tag: v for tag, v in row.items()}})
             self.points += len(row)
-        self._alerts(fams)
+        self._alerts(fams, targets)
         return self.points - before
+
+    @staticmethod
+    def _runs_of(fams: dict) -> list[str]:
+        """The grokwatch runs the view has series of (the first label of every run-labelled family)."""
+        return sorted({values[0] for fam in fams.values() if fam.labels and fam.labels[0] == "run"
+                       for values, _ in fam.samples})
 
     def _add(self, rows: dict, run: str, tag: str, value: float, step: int) -> None:
         if self._written.due(run, tag, step, value):
             rows.setdefault((run, step), {})[tag] = value
 
-    def _alerts(self, fams: dict) -> None:
+    def _alerts(self, fams: dict, targets: dict) -> None:
+        """The alerts due, each raised once in its run's W&B run (a run still waiting for one raises them later)."""
         AlertLevel = getattr(self._wandb, "AlertLevel")  # noqa: B009 (the stubs do not list it)
         for fam_name, event, title in (("group_memorized_step", "memorized", "memorized its data"),
                                        ("group_onset_step", "onset", "began generalizing")):
             for (run, source, group), v in fams[fam_name].samples:
                 step = int(scalar(v))
                 key = (run, group, event)
-                if key in self._alerted:
+                if key in self._alerted or targets.get(run) is None:
                     continue
                 self._alerted.add(key)
                 self._alert(run, f"grokwatch: {group} {title}", f"Group {group} of run {run} {title} at step {step} "
@@ -129,7 +182,7 @@ class WandbView:
                 lowest[(run, layer)] = min(lowest.get((run, layer), 1.0), scalar(v))
         for (run, layer), entropy in sorted(lowest.items()):
             top = ceiling.get(run)
-            if not top:
+            if not top or targets.get(run) is None:
                 continue
             key = (run, layer, "collapse")
             if entropy / top < self.config.wandb_collapse_ratio:
@@ -142,7 +195,7 @@ class WandbView:
                 self._alerted.discard(key)  # recovered: a new collapse alerts again
 
     def _alert(self, run: str, title: str, text: str, level) -> None:
-        self._run(run).alert(title=title, text=text, level=level, wait_duration=0)
+        self.runs[run].alert(title=title, text=text, level=level, wait_duration=0)
         self.alerts += 1
 
     def _write(self) -> None:

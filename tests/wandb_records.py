@@ -59,9 +59,11 @@ def read_run(wandb_dir: str, run_id: str, timeout_s: float = 30.0) -> dict:
             break
         time.sleep(0.1)
     assert len(paths) == 1, paths
-    history, metrics, alerts, run = [], [], [], None
+    history, metrics, alerts, run, config = [], [], [], None, {}
     for rec in recs:
         kind = rec.WhichOneof("record_type")
+        for item in (rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else ()):
+            config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         if kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
         elif kind == "metric":
@@ -70,4 +72,4 @@ def read_run(wandb_dir: str, run_id: str, timeout_s: float = 30.0) -> dict:
             alerts.append(rec.alert)
         elif kind == "run":
             run = rec.run
-    return dict(history=history, metrics=metrics, alerts=alerts, run=run)
+    return dict(history=history, metrics=metrics, alerts=alerts, run=run, config=config)

@@ -10,11 +10,11 @@ from grokwatch.wire import Eval, Heartbeat, Hello, Routing
 
 
 def make_hello(*, run="run-a", rank=0, sender="s0", seq=0, num_layers=4, num_experts=8, top_k=2,
-               distribution="softmax", has_cosines=True, world_size=1, layer_names=None) -> Hello:
+               distribution="softmax", has_cosines=True, world_size=1, layer_names=None, wandb_run=None) -> Hello:
     return Hello(run=run, rank=rank, sender=sender, seq=seq, wall_time=time.time(),
                  world_size=world_size, host="localhost", agent_version="0.1.0",
                  num_layers=num_layers, num_experts=num_experts, top_k=top_k,
-                 distribution=distribution, has_cosines=has_cosines, layer_names=layer_names)
+                 distribution=distribution, has_cosines=has_cosines, layer_names=layer_names, wandb_run=wandb_run)
 
 
 def routing_arrays(rng: np.random.Generator, n: int, num_layers: int, num_experts: int, top_k: int,

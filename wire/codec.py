@@ -10,6 +10,7 @@ anything else, whatever the bytes.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator, Optional, cast
 
 import msgpack
@@ -75,6 +76,8 @@ def encode(message: Message) -> bytes:
         )
         if message.layer_names is not None:
             out["layer_names"] = list(message.layer_names)
+        if message.wandb_run is not None:
+            out["wandb_run"] = message.wandb_run
     elif isinstance(message, Routing):
         out.update(
             source=message.source,
@@ -142,6 +145,17 @@ def _no_empty(names, key: str) -> None:
         raise WireError("value_range", f"{key!r} holds an empty name")
 
 
+_WANDB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def _wandb_run(path: str) -> str:
+    """A W&B run path, "entity/project/id": three parts, a project, and an id in W&B's alphabet."""
+    parts = path.split("/")
+    if len(parts) != 3 or not parts[1] or not _WANDB_ID.fullmatch(parts[2]):
+        raise WireError("value_range", f"'wandb_run' must be entity/project/id, got {path[:80]!r}")
+    return path
+
+
 def _decode_hello(r: Reader) -> Hello:
     lim = r.limits
     msg = Hello(
@@ -155,6 +169,7 @@ def _decode_hello(r: Reader) -> Hello:
         distribution=r.choice("distribution", DISTRIBUTIONS),
         has_cosines=r.bool("has_cosines"),
         layer_names=r.str_list("layer_names") if "layer_names" in r.obj else None,
+        wandb_run=_wandb_run(r.str("wandb_run")) if "wandb_run" in r.obj else None,
     )
     if msg.layer_names is not None and len(msg.layer_names) != msg.num_layers:
         raise WireError("shape", f"'layer_names' has {len(msg.layer_names)} names for {msg.num_layers} layers")

@@ -60,6 +60,9 @@ class Hello:
     # Optional: the module names of the MoE layers the sender summarizes (which layers, not their order).
     # Pipeline stages route different layers under one run name; the collector tells them apart by these.
     layer_names: Optional[tuple[str, ...]] = None
+    # Optional: the training process's own W&B run, "entity/project/id" (entity may be empty), so that a
+    # collector can write into that run (wandb_run_id = "{training}") or link its own run to it.
+    wandb_run: Optional[str] = None
     kind: str = field(default=KIND_HELLO, init=False)
 
 

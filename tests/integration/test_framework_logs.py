@@ -153,3 +153,30 @@ def test_an_accelerate_tracker_turns_logged_loss_and_eval_scores_into_evidence(s
     evals = [(m.step, m.scores) for m in sink.messages if isinstance(m, Eval)]
     assert losses == [(7, {"all": 2.5}), (8, {"all": 1.5})]
     assert evals == [(7, {"math": 0.75})]
+
+
+def test_the_hello_names_the_trainings_own_wandb_run_once_training_has_one(sink, tmp_path):
+    """Issue 32 (W&B, "carried in the hello"): the agent's hellos, re-sent every heartbeat, name the W&B run
+    the training process logs to (a real wandb.init, offline: no entity) once there is one, and stop naming it
+    when it is finished."""
+    wandb = pytest.importorskip("wandb")
+    from grokwatch.wire import Hello
+
+    def hellos():
+        return [m.wandb_run for m in sink.messages if isinstance(m, Hello)]
+
+    mon = gw.attach(tiny_model("olmoe"), sink.endpoint, "wb", every_n_steps=1, heartbeat_interval_s=0.1)
+    try:
+        sink.drain(until=lambda ms: len(hellos()) >= 2)
+        assert hellos() and set(hellos()) == {None}  # no W&B run yet
+        run = wandb.init(mode="offline", project="pretrain", id="train-xyz", dir=str(tmp_path),
+                         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        try:
+            sink.drain(until=lambda ms: "/pretrain/train-xyz" in hellos())
+        finally:
+            run.finish()
+        sink.messages.clear()
+        sink.drain(until=lambda ms: len(hellos()) >= 3)
+    finally:
+        mon.close()
+    assert hellos()[-1] is None  # finished: named no more

@@ -100,6 +100,9 @@ def test_bad_wandb_settings_fail_at_start_with_one_line(tmp_path):
         CollectorConfig(wandb_mode="sometimes")
     with pytest.raises(ConfigError, match="wandb_run_id"):
         CollectorConfig(wandb_run_id="{rank}")
+    with pytest.raises(ConfigError, match="wandb_run_id"):  # {training} stands alone: the id is the training's
+        CollectorConfig(wandb_run_id="{training}-{host}")
+    assert CollectorConfig(wandb_run_id="{training}").wandb_run_id == "{training}"
 
 
 def test_the_wandb_run_id_joins_a_training_run_named_after_its_grokwatch_run(tmp_path):
@@ -115,3 +118,50 @@ def test_the_wandb_run_id_joins_a_training_run_named_after_its_grokwatch_run(tmp
     finally:
         c.stop()
     assert read_run(str(wb), "run-a")["history"]
+
+
+def test_wandb_run_id_training_joins_the_run_the_hello_names_and_waits_until_one_does(tmp_path):
+    """Issue 32: with wandb_run_id = "{training}" nothing is written for a run until a hello names the
+    training's W&B run; then that run (its id and project, from the hello) gets the points due then,
+    under grokwatch/ with only those keys on grokwatch/step, and the alerts; the training run's name is not
+    ours to set. Rank 1's hello, naming none, does not unname it. The default (own run) records the
+    training's run in its config instead."""
+    wb = tmp_path / "wb"
+    c = start_collector(tmp_path, wandb_dir=str(wb), wandb_mode="offline", wandb_interval_s=3600,
+                        wandb_run_id="{training}")
+    try:
+        first, seq = _traffic(range(0, 300, 10))
+        send_all(c, [make_hello(world_size=2), *first])
+        assert c.wandb.write_once() == 0 and not c.wandb.runs  # waits: no hello has named a W&B run
+        rest, seq = _traffic(range(300, 600, 10), seq0=seq)
+        send_all(c, [*rest, make_hello(seq=seq, world_size=2, wandb_run="/pretrain/train-xyz"),
+                     make_hello(rank=1, sender="s1", world_size=2)])
+        assert c.wandb.write_once() > 0
+        metrics = scrape(c.metrics_port)
+    finally:
+        c.stop()
+    run = read_run(str(wb), "train-xyz")
+    assert run["run"].project == "pretrain" and run["run"].display_name != "run-a"
+    assert [m.glob_name for m in run["metrics"] if m.glob_name] == ["grokwatch/*"]
+    assert all(m.step_metric == "grokwatch/step" for m in run["metrics"] if m.glob_name)
+    rows = run["history"]
+    assert rows and all(set(row) <= {"_step", "_runtime", "_timestamp"} | {k for k in row if k.startswith("grokwatch/")}
+                        for row in rows)
+    entropy = [(row["grokwatch/step"], row["grokwatch/train/math/routing_entropy_ratio/layer0"]) for row in rows
+               if "grokwatch/train/math/routing_entropy_ratio/layer0" in row]
+    assert entropy and entropy[-1][1] == pytest.approx(value(
+        metrics, "grokwatch_routing_entropy_ratio", run="run-a", source="train", group="math", layer="0"), rel=1e-6)
+    assert "grokwatch: math memorized its data" in [a.title for a in run["alerts"]]
+    assert run["config"]["grokwatch_run"] == "run-a" and run["config"]["grokwatch_experts"] == 8
+    # the default: an own run, which names the training's in its config
+    own = tmp_path / "own"
+    c = start_collector(tmp_path / "c2", wandb_dir=str(own), wandb_mode="offline", wandb_interval_s=3600)
+    try:
+        traffic, _ = _traffic(range(0, 30, 10))
+        send_all(c, [make_hello(), *traffic])
+        c.wandb.write_once()
+        send_all(c, [make_hello(seq=100, wandb_run="team/pretrain/train-xyz")])
+        c.wandb.write_once()
+    finally:
+        c.stop()
+    assert read_run(str(own), "grokwatch-run-a")["config"]["training_wandb_run"] == "team/pretrain/train-xyz"

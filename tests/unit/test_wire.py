@@ -208,6 +208,18 @@ def test_hello_layer_names_are_optional_and_one_per_layer():
         assert info.value.reason == reason
 
 
+def test_hello_may_name_the_trainings_wandb_run():
+    """Issue 32: the training's own W&B run travels in the hello as entity/project/id (entity may be empty:
+    an offline run); an older agent's hello has none; anything not of that form is refused as value_range."""
+    for path in ("team/pretrain/abc123", "/pretrain/abc123", "t/p/run-1_a.b"):
+        assert decode(encode(make_hello(wandb_run=path))).wandb_run == path
+    assert decode(encode(make_hello())).wandb_run is None
+    for bad in ("abc123", "team/pretrain", "team//abc", "t/p/has space", "t/p/" + "x" * 129, "a/b/c/d", "t/p/"):
+        with pytest.raises(WireError) as info:
+            decode(encode(make_hello(wandb_run=bad)))
+        assert info.value.reason == "value_range", bad
+
+
 def test_hello_rank_must_be_below_world_size():
     with pytest.raises(WireError) as info:
         decode(encode(make_hello(rank=4, world_size=4)))
