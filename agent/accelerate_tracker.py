@@ -5,7 +5,10 @@ training loop already logs into grokwatch's evidence —
 
 sends ``loss`` as the training loss at ``step`` (the phases' loss evidence) and each ``eval/<group>`` as that
 data group's held-out score (ground truth; ``Monitor.log_eval``). Router health goes the other way, into
-every tracker: ``accelerator.log({**metrics, **monitor.router_health()}, step=step)`` (agent/health.py).
+the trackers listed after it: each log that carries the loss also gets the router health of the steps shipped
+since the previous one (agent/health.py ``moe/...`` keys, added to the logged dict, which accelerate hands to its
+trackers in ``log_with``'s order — so list this tracker first; ``router_health=False`` turns it off). Elsewhere:
+``accelerator.log({**metrics, **monitor.router_health()}, step=step)``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ class GrokwatchTracker(GeneralTracker):
     requires_logging_directory = False
     main_process_only = False  # every rank has its own monitor (and its own loss)
 
-    def __init__(self, monitor: Monitor, loss_key: str = "loss", eval_prefix: str = EVAL_PREFIX):
+    def __init__(self, monitor: Monitor, loss_key: str = "loss", eval_prefix: str = EVAL_PREFIX,
+                 router_health: bool = True):
         super().__init__()
         self.monitor, self.loss_key, self.eval_prefix = monitor, loss_key, eval_prefix
+        self.router_health = router_health
+        if router_health:
+            monitor.router_health()  # the first read turns the sums on (agent/health.py)
 
     @property
     def tracker(self) -> Monitor:
@@ -50,6 +57,8 @@ class GrokwatchTracker(GeneralTracker):
                   and _finite(v)}  # scores come after an evaluation, outside the step: a tensor is read here
         if scores:
             self.monitor.log_eval(int(step), scores)
+        if self.router_health and loss is not None and isinstance(values, dict):
+            values.update(self.monitor.router_health())  # for the trackers after this one
 
     def finish(self) -> None:
         pass  # the monitor is the user's to close (it may outlive the trackers)

@@ -180,3 +180,40 @@ def test_the_hello_names_the_trainings_own_wandb_run_once_training_has_one(sink,
     finally:
         mon.close()
     assert hellos()[-1] is None  # finished: named no more
+
+
+def test_an_accelerate_run_gives_its_other_trackers_router_health(sink, tmp_path):
+    """Done-when of issue 32: an accelerate run shows moe/... keys in its own logger. GrokwatchTracker listed
+    first adds the router health of the steps shipped since the previous log to each log that carries the loss,
+    so accelerate's real W&B tracker after it (offline, read back) gets them beside the loss; a log without the
+    loss (an evaluation) gets none and leaves the sums for the next training log."""
+    pytest.importorskip("accelerate")
+    pytest.importorskip("wandb")
+    from accelerate import Accelerator
+    from wandb_records import read_run
+
+    model = tiny_model("olmoe")
+    mon = gw.attach(model, sink.endpoint, "acc", every_n_steps=1)
+    try:
+        accelerator = Accelerator(cpu=True, log_with=[gw.GrokwatchTracker(mon), "wandb"])
+        accelerator.init_trackers("grokwatch-test", init_kwargs={"wandb": dict(
+            mode="offline", dir=str(tmp_path), id="acc-run", settings=__import__("wandb").Settings(
+                silent=True, console="off", x_disable_stats=True))})
+        for step in range(3):
+            mon.step(step)
+            ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(step))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            sink.wait_routing(step + 1, source="train")
+            accelerator.log({"loss": loss.item()}, step=step)
+        accelerator.log({"eval/math": 0.5}, step=3)  # a row of its own (W&B merges a step's logs)
+        accelerator.end_training()
+    finally:
+        mon.close()
+    rows = read_run(str(tmp_path), "acc-run")["history"]
+    logged = [r for r in rows if "loss" in r]
+    assert len(logged) == 3
+    assert sum("moe/load_imbalance_max" in r for r in logged) >= 2  # every log after the shipping began
+    assert all(r["moe/load_imbalance_max"] >= 1.0 for r in logged if "moe/load_imbalance_max" in r)
+    assert all("moe/0/dead_experts" in r for r in logged if "moe/load_imbalance_max" in r)
+    assert not any(k.startswith("moe/") for r in rows if "eval/math" in r for k in r)
