@@ -132,36 +132,34 @@ class WandbView:
         fams = scalars.families(build_view(self.state, self.queue_stats, self.memo))
         with self.state.lock:
             training = self.state.senders.wandb_runs()
-        targets = {run: self._run(run, training.get(run)) for run in self._runs_of(fams)}
+        targets: dict[str, Any] = {}  # run -> its W&B run (None: waiting), opened when it first has a point
+
+        def target(run: str):
+            if run not in targets:
+                targets[run] = self._run(run, training.get(run))
+            return targets[run]
+
         steps = scalars.group_steps(fams)
         rows: dict[tuple[str, int], dict[str, float]] = {}
         for point in scalars.points(fams, steps):
-            if targets.get(point.run) is not None:  # a run waiting for its W&B run keeps its points due
+            if target(point.run) is not None:  # a run waiting for its W&B run keeps its points due
                 self._add(rows, point.run, point.tag, point.value, point.step)
         for h in self._deltas.read(fams, steps):
-            if targets.get(h.run) is not None:
+            if target(h.run) is not None:
                 self._add(rows, h.run, f"{h.tag}_mean", h.mean, h.step)
         prefix = JOINED_PREFIX if self.joining else ""
         before = self.points
         for (run, step), row in sorted(rows.items()):
-            target = targets[run]
-            assert target is not None  # rows are only added for runs with a W&B run
-            target.log({STEP: step, **{prefix + tag: v for tag, v in row.items()}})
+            targets[run].log({STEP: step, **{prefix + tag: v for tag, v in row.items()}})
             self.points += len(row)
-        self._alerts(fams, targets)
+        self._alerts(fams, target)
         return self.points - before
-
-    @staticmethod
-    def _runs_of(fams: dict) -> list[str]:
-        """The grokwatch runs the view has series of (the first label of every run-labelled family)."""
-        return sorted({values[0] for fam in fams.values() if fam.labels and fam.labels[0] == "run"
-                       for values, _ in fam.samples})
 
     def _add(self, rows: dict, run: str, tag: str, value: float, step: int) -> None:
         if self._written.due(run, tag, step, value):
             rows.setdefault((run, step), {})[tag] = value
 
-    def _alerts(self, fams: dict, targets: dict) -> None:
+    def _alerts(self, fams: dict, target: Callable[[str], Any]) -> None:
         """The alerts due, each raised once in its run's W&B run (a run still waiting for one raises them later)."""
         AlertLevel = getattr(self._wandb, "AlertLevel")  # noqa: B009 (the stubs do not list it)
         for fam_name, event, title in (("group_memorized_step", "memorized", "memorized its data"),
@@ -169,7 +167,7 @@ class WandbView:
             for (run, source, group), v in fams[fam_name].samples:
                 step = int(scalar(v))
                 key = (run, group, event)
-                if key in self._alerted or targets.get(run) is None:
+                if key in self._alerted or target(run) is None:
                     continue
                 self._alerted.add(key)
                 self._alert(run, f"grokwatch: {group} {title}", f"Group {group} of run {run} {title} at step {step} "
@@ -182,7 +180,7 @@ class WandbView:
                 lowest[(run, layer)] = min(lowest.get((run, layer), 1.0), scalar(v))
         for (run, layer), entropy in sorted(lowest.items()):
             top = ceiling.get(run)
-            if not top or targets.get(run) is None:
+            if not top or target(run) is None:
                 continue
             key = (run, layer, "collapse")
             if entropy / top < self.config.wandb_collapse_ratio:
