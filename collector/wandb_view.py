@@ -12,8 +12,9 @@ step-aligned, beside collector/tensorboard.py (the same series and tags: collect
   ``wandb_dir`` on one collector only. An own run records the training's W&B run, where the agent's hello
   names one (agent/sender.py ``training_wandb_run``), as ``training_wandb_run`` in its config.
 - **Joining the training's own run**: ``wandb_run_id = "{training}"`` writes into the W&B run the training
-  process logs to, as its agent's hello names it (entity, project and id from the hello; nothing is written for
-  a run until a hello names one). Online it joins as a non-primary writer of W&B's shared mode (the training's
+  process logs to, as its agent's hello names it (its id; nothing is written for a run until a hello names one),
+  if it is in ``wandb_project`` (and ``wandb_entity``, where set): a hello is a sender's claim, and the collector
+  writes with its own W&B credentials only where its operator said (another project: logged, not joined). Online it joins as a non-primary writer of W&B's shared mode (the training's
   own ``wandb.init`` should be the primary: W&B's "track all processes to a single run"); offline it writes an
   offline run with that id, which ``wandb sync`` appends to the training's. Its keys are under ``grokwatch/``
   and only they are defined on ``grokwatch/step``: the training's own keys, name, config and step are untouched.
@@ -71,6 +72,7 @@ class WandbView:
         self.joining = config.wandb_run_id == JOIN_TRAINING  # write into the training's own W&B run
         self._linked: dict[str, Optional[str]] = {}  # run -> the training W&B run its own run's config names
         self._waiting: set[str] = set()  # joining runs no hello has named a W&B run for yet (logged once)
+        self._refused: set[tuple[str, str]] = set()  # (run, W&B run) a hello named outside the project (logged once)
         self._written = scalars.Written()
         self._deltas = scalars.HistogramDeltas()
         self._alerted: set[tuple] = set()
@@ -107,10 +109,19 @@ class WandbView:
                              "writes wait", run, JOIN_TRAINING)
                 return None
             entity, project, wid = training.split("/")
+            if project != c.wandb_project or entity and c.wandb_entity and entity != c.wandb_entity:
+                # a hello is a claim (signed only under CURVE): the collector writes with its own W&B key into
+                # the project (and entity) its operator configured, never into one a sender names
+                if (run, training) not in self._refused:
+                    self._refused.add((run, training))
+                    log.warning("run %r: its hello names the W&B run %s, outside wandb_project %r%s: not joined",
+                                run, training, c.wandb_project,
+                                f" / wandb_entity {c.wandb_entity!r}" if c.wandb_entity else "")
+                return None
             m = mode(c.wandb_mode)
             if m == "online":  # a second writer of a live run: W&B's shared mode, not its primary
                 settings.update(mode="shared", x_primary=False, x_label="grokwatch")
-            r = wandb.init(project=project, entity=entity or c.wandb_entity or None, dir=c.wandb_dir, mode=m,
+            r = wandb.init(project=c.wandb_project, entity=c.wandb_entity or entity or None, dir=c.wandb_dir, mode=m,
                            id=wid, resume="allow", reinit="create_new", settings=wandb.Settings(**settings))
             r.config.update({k if k.startswith("grokwatch_") else f"grokwatch_{k}": v for k, v in about.items()},
                             allow_val_change=True)

@@ -122,17 +122,21 @@ def test_the_wandb_run_id_joins_a_training_run_named_after_its_grokwatch_run(tmp
 
 def test_wandb_run_id_training_joins_the_run_the_hello_names_and_waits_until_one_does(tmp_path):
     """Issue 32: with wandb_run_id = "{training}" nothing is written for a run until a hello names the
-    training's W&B run; then that run (its id and project, from the hello) gets the points due then,
+    training's W&B run in the configured project (a hello naming another project is a claim the collector does
+    not act on with its W&B key); then that run (its id and project, from the hello) gets the points due then,
     under grokwatch/ with only those keys on grokwatch/step, and the alerts; the training run's name is not
     ours to set. Rank 1's hello, naming none, does not unname it. The default (own run) records the
     training's run in its config instead."""
     wb = tmp_path / "wb"
     c = start_collector(tmp_path, wandb_dir=str(wb), wandb_mode="offline", wandb_interval_s=3600,
-                        wandb_run_id="{training}")
+                        wandb_run_id="{training}", wandb_project="pretrain")
     try:
         first, seq = _traffic(range(0, 300, 10))
         send_all(c, [make_hello(world_size=2), *first])
         assert c.wandb.write_once() == 0 and not c.wandb.runs  # waits: no hello has named a W&B run
+        send_all(c, [make_hello(seq=seq, world_size=2, wandb_run="someone/elsewhere/their-run")])
+        seq += 1
+        assert c.wandb.write_once() == 0 and not c.wandb.runs  # outside wandb_project: not joined
         rest, seq = _traffic(range(300, 600, 10), seq0=seq)
         send_all(c, [*rest, make_hello(seq=seq, world_size=2, wandb_run="/pretrain/train-xyz"),
                      make_hello(rank=1, sender="s1", world_size=2)])
