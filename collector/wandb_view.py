@@ -125,6 +125,8 @@ class WandbView:
                            id=wid, resume="allow", reinit="create_new", settings=wandb.Settings(**settings))
             r.config.update({k if k.startswith("grokwatch_") else f"grokwatch_{k}": v for k, v in about.items()},
                             allow_val_change=True)
+            log.info("run %r: writing into the training's W&B run %s (%s, keys under %s)", run, training, m,
+                     JOINED_PREFIX)
             r.define_metric(STEP)
             r.define_metric(JOINED_PREFIX + "*", step_metric=STEP)
         else:
