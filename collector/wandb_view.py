@@ -121,7 +121,8 @@ class WandbView:
             m = mode(c.wandb_mode)
             if m == "online":  # a second writer of a live run: W&B's shared mode, not its primary
                 settings.update(mode="shared", x_primary=False, x_label="grokwatch")
-            r = wandb.init(project=c.wandb_project, entity=c.wandb_entity or entity or None, dir=c.wandb_dir, mode=m,
+            # the entity is the operator's too (unset: the API key's default), never the hello's
+            r = wandb.init(project=c.wandb_project, entity=c.wandb_entity or None, dir=c.wandb_dir, mode=m,
                            id=wid, resume="allow", reinit="create_new", settings=wandb.Settings(**settings))
             r.config.update({k if k.startswith("grokwatch_") else f"grokwatch_{k}": v for k, v in about.items()},
                             allow_val_change=True)
