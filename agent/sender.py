@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import re
 import socket as pysocket
@@ -173,8 +174,8 @@ def training_wandb_run() -> Optional[str]:
     wandb = sys.modules.get("wandb")
     try:
         run = getattr(wandb, "run", None)
-        if run is None:
-            return None
+        if run is None or getattr(run, "_attach_pid", os.getpid()) != os.getpid():
+            return None  # none, or a run object inherited over a fork: reading it would attach to it (network)
         entity, project, run_id = (str(getattr(run, k, "") or "") for k in ("entity", "project", "id"))
         path = f"{entity}/{project}/{run_id}"
         if not project or "/" in entity + project or not _WANDB_ID.fullmatch(run_id) or len(path) > 256:

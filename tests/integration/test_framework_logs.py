@@ -217,3 +217,33 @@ def test_an_accelerate_run_gives_its_other_trackers_router_health(sink, tmp_path
     assert all(r["moe/load_imbalance_max"] >= 1.0 for r in logged if "moe/load_imbalance_max" in r)
     assert all("moe/0/dead_experts" in r for r in logged if "moe/load_imbalance_max" in r)
     assert not any(k.startswith("moe/") for r in rows if "eval/math" in r for k in r)
+
+
+def _named_in_child(queue) -> None:
+    from grokwatch.agent.sender import training_wandb_run
+
+    queue.put(training_wandb_run())
+
+
+def test_a_forked_process_does_not_name_nor_attach_to_its_parents_wandb_run(tmp_path):
+    """A process forked after the parent's wandb.init inherits its run object; reading its properties there
+    would attach to the parent's run over W&B's service (from the agent's sender thread). The child names no
+    run and returns at once; the parent names its own."""
+    import multiprocessing
+
+    wandb = pytest.importorskip("wandb")
+    from grokwatch.agent.sender import training_wandb_run
+
+    run = wandb.init(mode="offline", project="pretrain", id="parent-run", dir=str(tmp_path),
+                     settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+    try:
+        assert training_wandb_run() == "/pretrain/parent-run"
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_named_in_child, args=(queue,))
+        child.start()
+        assert queue.get(timeout=30) is None
+        child.join(30)
+        assert child.exitcode == 0
+    finally:
+        run.finish()
