@@ -12,12 +12,14 @@ step-aligned, beside collector/tensorboard.py (the same series and tags: collect
   ``wandb_dir`` on one collector only. An own run records the training's W&B run, where the agent's hello
   names one (agent/sender.py ``training_wandb_run``), as ``training_wandb_run`` in its config.
 - **Joining the training's own run**: ``wandb_run_id = "{training}"`` writes into the W&B run the training
-  process logs to, as its agent's hello names it (its id; nothing is written for a run until a hello names one),
-  if it is in ``wandb_project`` (and ``wandb_entity``, where set): a hello is a sender's claim, and the collector
-  writes with its own W&B credentials only where its operator said (another project: logged, not joined). Online it joins as a non-primary writer of W&B's shared mode (the training's
-  own ``wandb.init`` should be the primary: W&B's "track all processes to a single run"); offline it writes an
-  offline run with that id, which ``wandb sync`` appends to the training's. Its keys are under ``grokwatch/``
-  and only they are defined on ``grokwatch/step``: the training's own keys, name, config and step are untouched.
+  process logs to, as its agent's hello names it (its id; nothing is written for a run until a hello names one;
+  a later hello naming another run — a restarted training — is followed), if it is in ``wandb_project`` (and
+  ``wandb_entity``, where set): a hello is a sender's claim, and the collector writes with its own W&B
+  credentials only where its operator said (another project: logged, not joined). Online it joins as a
+  non-primary writer of W&B's shared mode (the training's own ``wandb.init`` should be the primary: W&B's
+  "track all processes to a single run"); offline it writes an offline run with that id, which ``wandb sync``
+  appends to the training's. Its keys are under ``grokwatch/`` and only they are defined on
+  ``grokwatch/step``: the training's own keys, name, config and step are untouched.
 - **Alerts** (``run.alert``, once each): a group's memorization and its onset of generalization as the phase
   detector dates them (INFO), and a layer's router collapse — its lowest group's entropy ratio under
   ``wandb_collapse_ratio`` of the ceiling its router type allows (WARN; again only after it recovered).
@@ -70,7 +72,7 @@ class WandbView:
         self.memo = ViewMemo()  # this view's stale-read fallbacks (view.py)
         self.runs: dict[str, Any] = {}  # grokwatch run -> its wandb Run
         self.joining = config.wandb_run_id == JOIN_TRAINING  # write into the training's own W&B run
-        self._linked: dict[str, Optional[str]] = {}  # run -> the training W&B run its own run's config names
+        self._linked: dict[str, Optional[str]] = {}  # run -> the training's W&B run (joined, or named in the config)
         self._waiting: set[str] = set()  # joining runs no hello has named a W&B run for yet (logged once)
         self._refused: set[tuple[str, str]] = set()  # (run, W&B run) a hello named outside the project (logged once)
         self._written = scalars.Written()
@@ -92,10 +94,17 @@ class WandbView:
         hello has named it yet). ``training``: the training's own W&B run as the hellos name it."""
         if run in self.runs:
             r = self.runs[run]
-            if training and not self.joining and self._linked.get(run) != training:
-                r.config.update({"training_wandb_run": training}, allow_val_change=True)
-                self._linked[run] = training
-            return r
+            if training and self._linked.get(run) != training:
+                if not self.joining:
+                    r.config.update({"training_wandb_run": training}, allow_val_change=True)
+                    self._linked[run] = training
+                    return r
+                # the training started another W&B run (a restart under the same grokwatch run): follow it
+                log.info("run %r: the training's W&B run is now %s (was %s)", run, training, self._linked.get(run))
+                del self.runs[run]
+                r.finish()
+            else:
+                return r
         wandb, c = self._wandb, self.config
         shape = self.state.runs.shapes.get(run)
         about = dict(grokwatch_run=run, layers=shape[0] if shape else None, experts=shape[1] if shape else None,
@@ -128,6 +137,7 @@ class WandbView:
                             allow_val_change=True)
             log.info("run %r: writing into the training's W&B run %s (%s, keys under %s)", run, training, m,
                      JOINED_PREFIX)
+            self._linked[run] = training
             r.define_metric(STEP)
             r.define_metric(JOINED_PREFIX + "*", step_metric=STEP)
         else:

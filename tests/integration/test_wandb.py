@@ -142,8 +142,13 @@ def test_wandb_run_id_training_joins_the_run_the_hello_names_and_waits_until_one
                      make_hello(rank=1, sender="s1", world_size=2)])
         assert c.wandb.write_once() > 0
         metrics = scrape(c.metrics_port)
+        more, seq = _traffic(range(600, 700, 10), seq0=seq + 1)  # the training restarts under a new W&B run
+        send_all(c, [*more, make_hello(seq=seq, world_size=2, wandb_run="/pretrain/train-restarted")])
+        assert c.wandb.write_once() > 0
     finally:
         c.stop()
+    later = read_run(str(wb), "train-restarted")["history"]
+    assert later and min(row["grokwatch/step"] for row in later) >= 600  # followed, with what came after
     run = read_run(str(wb), "train-xyz")
     assert run["run"].project == "pretrain" and run["run"].display_name != "run-a"
     assert [m.glob_name for m in run["metrics"] if m.glob_name] == ["grokwatch/*"]
