@@ -105,26 +105,37 @@ def test_the_collector_extra_installs_without_torch_or_matplotlib_then_report_ad
                    "print([m for m in ('torch', 'matplotlib', 'datasketches') if u.find_spec(m)])"]).stdout
     assert missing.strip() == "[]"
     print(f"collector-only install: {_site_packages_mb(bin_dir):.0f} MiB of site-packages")  # docs/deploy.md
-    _fast_start(bin_dir, tmp_path)
-    # The report extra, on top: matplotlib for grokwatch report.
-    run([bin_dir / "python", "-m", "pip", "install", "-q", f"{wheel_of(dist)}[report]"])
-    run([bin_dir / "python", "-c", "import matplotlib, grokwatch.collector.report"])
-    # Standard tools resolve the installed wheel (its py.typed files) from user code outside the checkout.
-    (tmp_path / "user").mkdir()
-    check_tools_resolve(bin_dir / "python", tmp_path / "user", COLLECTOR_SIDE)
-    # The training side's extras resolve to torch (and Lightning) without installing them: a dry run (the
-    # import of grokwatch.agent and grokwatch.demo with torch is what the rest of the suite does).
-    for extra, needs in (("agent", "torch"), ("lightning", "lightning")):
-        plan = run([bin_dir / "python", "-m", "pip", "install", "--dry-run", "torch==2.13.0",
-                    f"{wheel_of(dist)}[{extra}]"]).stdout
-        assert "Would install" in plan and needs in plan.split("Would install", 1)[1], plan[-2000:]
+    # The image's kernel build and a fresh pod's start (mostly one core compiling) beside the rest (installs,
+    # static tools): none of these touches what the other reads; the documented start time is
+    # bench/fast_start.py's, measured alone.
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    fast_start = pool.submit(_fast_start, bin_dir, tmp_path)
+    try:
+        # The report extra, on top: matplotlib for grokwatch report.
+        run([bin_dir / "python", "-m", "pip", "install", "-q", f"{wheel_of(dist)}[report]"])
+        run([bin_dir / "python", "-c", "import matplotlib, grokwatch.collector.report"])
+        # Standard tools resolve the installed wheel (its py.typed files) from user code outside the checkout.
+        (tmp_path / "user").mkdir()
+        check_tools_resolve(bin_dir / "python", tmp_path / "user", COLLECTOR_SIDE)
+        # The training side's extras resolve to torch (and Lightning) without installing them: a dry run (the
+        # import of grokwatch.agent and grokwatch.demo with torch is what the rest of the suite does).
+        for extra, needs in (("agent", "torch"), ("lightning", "lightning")):
+            plan = run([bin_dir / "python", "-m", "pip", "install", "--dry-run", "torch==2.13.0",
+                        f"{wheel_of(dist)}[{extra}]"]).stdout
+            assert "Would install" in plan and needs in plan.split("Would install", 1)[1], plan[-2000:]
+    finally:
+        fast_start.result(timeout=600)  # its failures are this test's; a pod never left running
+        pool.shutdown()
 
 
 def _fast_start(bin_dir: Path, tmp_path: Path) -> None:
     """The image's build step (deploy/Dockerfile: the kernels compiled into a prebuilt cache), then a fresh
     'pod': an empty Numba cache directory, the prebuilt one named by GROKWATCH_KERNEL_CACHE. The collector
     must load the kernels, not compile them (its cache directory ends up holding the prebuilt files,
-    unmodified), and serve /readyz; the time to ready is printed for docs/deploy.md."""
+    unmodified), and serve /readyz; the time to ready is printed (under the test's other work: docs/deploy.md's
+    figure is bench/fast_start.py's)."""
     import urllib.request
 
     prebuilt, fresh = tmp_path / "prebuilt", tmp_path / "pod-cache"
