@@ -12,7 +12,7 @@ import numpy as np
 from grokwatch.collector.config import CollectorConfig
 from grokwatch.collector.labels import BUCKET_PREFIX, CROSS_GROUP
 from grokwatch.collector.phases import DATED_STEPS, EVIDENCE_KEYS, PhaseConfig, PhaseTracker
-from grokwatch.collector.points import JournalPoint, point_of
+from grokwatch.collector.points import JournalPoint, points_of
 from grokwatch.collector.stream import Stream
 from grokwatch.wire import FRESH_PREFIX, Loss, Routing
 
@@ -29,10 +29,9 @@ def routing_points(config: CollectorConfig, msg: Routing, stream: Stream, target
                    sums: tuple) -> Iterator[dict]:
     """The journal records of one message's points, one per group it reached, each observed by the
     group's tracker on the way (a bucket's too: it has no phase)."""
-    stats_GV, ent_GL, load_GLE, layer_sum_GL, layer_n_GL = sums
-    for g in np.unique(targets_N2[targets_N2 >= 0]):
+    gs = np.unique(targets_N2[targets_N2 >= 0])
+    for g, point in zip(gs.tolist(), points_of(gs, *sums)):
         label = stream.labels[g]
-        point = point_of(stats_GV[g], ent_GL[g], load_GLE[g], layer_sum_GL[g], layer_n_GL[g])
         record: dict = dict(JournalPoint(kind="point", run=msg.run, source=msg.source, group=label, step=msg.step,
                                          t=msg.wall_time, **point))
         if not label.startswith((BUCKET_PREFIX, FRESH_PREFIX)):  # buckets, fresh documents: no phase, no event

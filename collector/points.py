@@ -1,10 +1,11 @@
 """A journal point: what one routing message adds to one group's series — written by the state
-(``point_of``, then a journal line with the record's keys), read back by the phase detector (live)
+(``points_of``, then a journal line with the record's keys), read back by the phase detector (live)
 and by the analysis (``grokwatch report``, replays of a journal). The one place its keys are named.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Optional, TypedDict
 
 import numpy as np
@@ -61,31 +62,45 @@ class JournalPoint(Point, _Where, _Phase):
     (the phase keys only where the group has a phase)."""
 
 
-def point_of(stats_V: np.ndarray, entropy_L: np.ndarray, load_LE: np.ndarray,
-             layer_sum_L: Optional[np.ndarray] = None, layer_n_L: Optional[np.ndarray] = None) -> Point:
-    """One group's point from the kernel's sums (``kernels.STAT_KEYS`` columns) over a message."""
-    st: dict[str, float] = dict(zip(kernels.STAT_KEYS, stats_V))
+def _mean(st: dict[str, float], key: str, n: str) -> Optional[float]:
+    return st[key] / st[n] if st[n] else None
 
-    def mean(key: str, n: str) -> Optional[float]:
-        return float(st[key] / st[n]) if st[n] else None
 
-    tokens = st["tokens"]
-    mean_L = load_LE.mean(axis=1)
-    return Point(
-        samples=int(st["n"]),
-        distance=mean("dist_sum", "dist_n"),
-        distance_normalized=mean("norm_sum", "dist_n"),
-        cross_distance=mean("x_dist_sum", "x_dist_n"),
-        cross_distance_normalized=mean("x_norm_sum", "x_dist_n"),
-        consistency=mean("cons_sum", "cons_n"),
-        adjacent_cosine=mean("cos_sum", "cos_n"),
-        entropy=mean("entropy_sum", "tokens"),
-        pathway_length=mean("length_sum", "n"),
-        mean_routing_entropy=mean("hbar_sum", "n"),
-        loss=mean("loss_sum", "loss_n"),
-        entropy_layers=(entropy_L / tokens).round(6).tolist() if tokens else None,
-        imbalance_layers=np.where(mean_L > 0, load_LE.max(axis=1) / np.where(mean_L > 0, mean_L, 1),
-                                  0.0).round(6).tolist(),
-        distance_layers=None if layer_sum_L is None or layer_n_L is None or not layer_n_L.any() else [
-            round(float(s / n), 6) if n else None for s, n in zip(layer_sum_L, layer_n_L)],
-    )
+def points_of(gs, stats_GV: np.ndarray, entropy_GL: np.ndarray, load_GLE: np.ndarray,
+              layer_sum_GL: np.ndarray, layer_n_GL: np.ndarray) -> list[Point]:
+    """The points of groups ``gs`` from the kernel's sums over one message (``kernels.Sums``: the
+    ``kernels.STAT_KEYS`` columns per group): the per-layer figures of all of them computed at once (a message
+    reaches several groups; per group, these few small array operations were most of a point's cost)."""
+    gs = np.asarray(gs, np.int64)
+    tokens_g = stats_GV[gs, kernels.S_TOKENS]
+    load = load_GLE[gs]
+    mean_gL = load.mean(axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):  # the quotients of a zero count are not used
+        entropy_gL = (entropy_GL[gs] / tokens_g[:, None]).round(6).tolist()
+        imbalance_gL = np.where(mean_gL > 0, load.max(axis=2) / np.where(mean_gL > 0, mean_gL, 1),
+                                0.0).round(6).tolist()
+        ratio_gL = (layer_sum_GL[gs] / layer_n_GL[gs]).tolist()
+        counted_gL = (layer_n_GL[gs] != 0).tolist()
+    out: list[Point] = []
+    for j, g in enumerate(gs.tolist()):
+        st: dict[str, float] = dict(zip(kernels.STAT_KEYS, stats_GV[g].tolist()))
+        mean = functools.partial(_mean, st)
+        counted = counted_gL[j]
+        out.append(Point(
+            samples=int(st["n"]),
+            distance=mean("dist_sum", "dist_n"),
+            distance_normalized=mean("norm_sum", "dist_n"),
+            cross_distance=mean("x_dist_sum", "x_dist_n"),
+            cross_distance_normalized=mean("x_norm_sum", "x_dist_n"),
+            consistency=mean("cons_sum", "cons_n"),
+            adjacent_cosine=mean("cos_sum", "cos_n"),
+            entropy=mean("entropy_sum", "tokens"),
+            pathway_length=mean("length_sum", "n"),
+            mean_routing_entropy=mean("hbar_sum", "n"),
+            loss=mean("loss_sum", "loss_n"),
+            entropy_layers=entropy_gL[j] if st["tokens"] else None,
+            imbalance_layers=imbalance_gL[j],
+            distance_layers=None if not any(counted) else [
+                round(r, 6) if c else None for r, c in zip(ratio_gL[j], counted)],
+        ))
+    return out
