@@ -34,6 +34,19 @@ from grokwatch.collector.state import State  # noqa: E402
 from grokwatch.wire import decode, encode  # noqa: E402
 
 
+def _timed(fn, total: list):
+    """``fn``, adding the seconds each call takes to ``total[0]``."""
+
+    def timed(*a):
+        t = time.perf_counter()
+        try:
+            return fn(*a)
+        finally:
+            total[0] += time.perf_counter() - t
+
+    return timed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=600)
@@ -53,28 +66,9 @@ def main() -> int:
         warmup.warm_up()
         for data in pool[:8]:  # full windows first
             pipeline.handle(state, decode(data))
-        in_kernel = [0.0]
-        kernel = kernels.process_samples
-
-        def timed(*a):
-            t = time.perf_counter()
-            try:
-                return kernel(*a)
-            finally:
-                in_kernel[0] += time.perf_counter() - t
-
-        stream_module.kernels.process_samples = timed
-        in_finish = [0.0]
-        finish = pipeline.finish
-
-        def timed_finish(*a):
-            t = time.perf_counter()
-            try:
-                return finish(*a)
-            finally:
-                in_finish[0] += time.perf_counter() - t
-
-        pipeline.finish = timed_finish
+        in_kernel, in_finish = [0.0], [0.0]
+        stream_module.kernels.process_samples = _timed(kernels.process_samples, in_kernel)
+        pipeline.finish = _timed(pipeline.finish, in_finish)
         seq, samples, started = 1000, 0, time.perf_counter()
         for n in range(args.messages):
             msg = fresh(pool[n % len(pool)], seq)
