@@ -299,6 +299,7 @@ class MetricsServer(ThreadingWSGIServer):
 
 COALESCE_S = 0.5  # a scrape that waited for another's render takes it, if that render began at most this before
 RENDER_DUTY = 0.1  # renders take at most this share of the time: after one of d s, the next waits 9 d
+RENDER_HOLD_MAX_S = 5.0  # ... but never more than this: a scrape never reads bytes older than this plus a render
 
 
 class CoalescedMetrics:
@@ -309,7 +310,10 @@ class CoalescedMetrics:
     ingest lagged 27.5 s at 20 msg/s). And renders take at most ``RENDER_DUTY`` of the time: after a render
     of d seconds, scrapes within the next d (1 − duty) / duty seconds are answered with its bytes (for a
     small state, d is a few milliseconds: a lone scrape that follows a change is fresh). So a client that
-    scrapes in a tight loop cannot keep the state's lock, nor the interpreter, busy."""
+    scrapes in a tight loop cannot keep the state's lock, nor the interpreter, busy. The hold is capped at
+    ``RENDER_HOLD_MAX_S``: where a render takes over half a second (a large state on a loaded machine), a
+    scrape storm may take more than the duty's share, but no scrape is answered with bytes older than that
+    (a 1 s render had held 9 s; since the view holds the state's lock only for its copy, ingest goes on)."""
 
     def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic):
         self.registry = registry
@@ -337,7 +341,7 @@ class CoalescedMetrics:
                 self.renders += 1
                 ended = self.clock()
                 self._last = (key, began, ended, (status, headers, body))
-                self._next_render = ended + (ended - began) * (1 - RENDER_DUTY) / RENDER_DUTY
+                self._next_render = ended + min((ended - began) * (1 - RENDER_DUTY) / RENDER_DUTY, RENDER_HOLD_MAX_S)
         start_response(status, headers)
         return [body]
 

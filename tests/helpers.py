@@ -39,8 +39,8 @@ def scrape_text(port: int) -> str:
 
 def scrape_after(port: int, ready) -> dict:
     """A scrape that shows a change the test just made: /metrics answers a scrape that follows a render within
-    9x that render's time with its bytes (collector/prometheus.py, RENDER_DUTY; a collector's first render is
-    cold and slow), so scrape until ``ready(scrape)`` holds (at most 10 s)."""
+    9x that render's time (at most 5 s) with its bytes (collector/prometheus.py, RENDER_DUTY; a collector's first
+    render is cold and slow), so scrape until ``ready(scrape)`` holds (at most 10 s)."""
     return wait_until(lambda: (lambda s: s if ready(s) else None)(scrape(port)))
 
 
