@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import queue
-import re
 import socket as pysocket
 import sys
 import threading
@@ -34,7 +33,18 @@ from zmq.utils.monitor import recv_monitor_message
 from grokwatch._version import __version__
 from grokwatch.agent.health import RouterHealth
 from grokwatch.agent.status import Identity
-from grokwatch.wire import AGENT_DROP_REASONS, DEFAULT_MAX_MESSAGE_BYTES, Eval, Heartbeat, Hello, Loss, Routing, encode
+from grokwatch.wire import (
+    AGENT_DROP_REASONS,
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Eval,
+    Heartbeat,
+    Hello,
+    Loss,
+    Routing,
+    encode,
+    is_wandb_run,
+)
 
 log = logging.getLogger("grokwatch.agent")
 
@@ -164,9 +174,6 @@ def _as_slice(indices: list[int]):
     return indices
 
 
-_WANDB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
 def training_wandb_run() -> Optional[str]:
     """This process's active W&B run as "entity/project/id" (the Trainer's WandbCallback, Lightning's
     WandbLogger, accelerate's tracker and a bare ``wandb.init`` all set ``wandb.run``), else None. Never imports
@@ -176,11 +183,8 @@ def training_wandb_run() -> Optional[str]:
         run = getattr(wandb, "run", None)
         if run is None or getattr(run, "_attach_pid", os.getpid()) != os.getpid():
             return None  # none, or a run object inherited over a fork: reading it would attach to it (network)
-        entity, project, run_id = (str(getattr(run, k, "") or "") for k in ("entity", "project", "id"))
-        path = f"{entity}/{project}/{run_id}"
-        if not project or "/" in entity + project or not _WANDB_ID.fullmatch(run_id) or len(path) > 256:
-            return None
-        return path
+        path = "/".join(str(getattr(run, k, "") or "") for k in ("entity", "project", "id"))
+        return path if is_wandb_run(path) and len(path) <= DEFAULT_LIMITS.max_str_len else None
     except Exception:  # a finished or broken run object: no name rather than a fault
         return None
 

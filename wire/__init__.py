@@ -22,6 +22,7 @@ from grokwatch.wire.messages import (
     Loss,
     Message,
     Routing,
+    is_wandb_run,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "WireError",
     "decode",
     "encode",
+    "is_wandb_run",
     "peek_route",
     "peek_sequence",
 ]

@@ -10,7 +10,6 @@ anything else, whatever the bytes.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterator, Optional, cast
 
 import msgpack
@@ -33,6 +32,7 @@ from grokwatch.wire.messages import (
     Loss,
     Message,
     Routing,
+    is_wandb_run,
 )
 from grokwatch.wire.reader import Reader
 
@@ -145,13 +145,8 @@ def _no_empty(names, key: str) -> None:
         raise WireError("value_range", f"{key!r} holds an empty name")
 
 
-_WANDB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
 def _wandb_run(path: str) -> str:
-    """A W&B run path, "entity/project/id": three parts, a project, and an id in W&B's alphabet."""
-    parts = path.split("/")
-    if len(parts) != 3 or not parts[1] or not _WANDB_ID.fullmatch(parts[2]):
+    if not is_wandb_run(path):
         raise WireError("value_range", f"'wandb_run' must be entity/project/id, got {path[:80]!r}")
     return path
 

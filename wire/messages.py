@@ -14,6 +14,7 @@ received bytes (no copy after the msgpack parse).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,6 +39,16 @@ AGENT_DROP_REASONS = ("queue_full", "send_blocked", "too_large", "staging_busy",
                       "closed", "non_finite", "undelivered")
 # What the mean routing weights are the mean of (METRICS.md, Notation).
 DISTRIBUTIONS = ("softmax", "sigmoid", "topk")
+
+
+_WANDB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def is_wandb_run(path: str) -> bool:
+    """A W&B run path as ``Hello.wandb_run`` carries it: "entity/project/id" — three parts (so no slash in a
+    name), a project, and an id in W&B's alphabet (the entity may be empty: an offline run has none)."""
+    parts = path.split("/")
+    return len(parts) == 3 and bool(parts[1]) and _WANDB_ID.fullmatch(parts[2]) is not None
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
