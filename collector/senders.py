@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from grokwatch.wire import AGENT_DROP_REASONS, Heartbeat
 
@@ -182,21 +182,21 @@ class Senders:
 
     def hellos(self) -> dict[str, dict]:
         """Per run, the latest hello of its live senders (agent_version, distribution, ...)."""
-        out: dict[str, tuple[float, dict]] = {}
-        for info in self.records.values():
-            if info.hello is not None and (info.run not in out or info.seen >= out[info.run][0]):
-                out[info.run] = (info.seen, info.hello)
-        return {run: hello for run, (_, hello) in out.items()}
+        return self._latest(lambda hello: hello)
 
     def wandb_runs(self) -> dict[str, str]:
         """Per run, the training's own W&B run ("entity/project/id") as the latest live sender that names one
         says (usually rank 0 alone: the other ranks log to no W&B run)."""
-        out: dict[str, tuple[float, str]] = {}
+        return self._latest(lambda hello: hello.get("wandb_run"))
+
+    def _latest(self, read: Callable[[dict], Any]) -> dict[str, Any]:
+        """Per run, ``read(hello)`` of its most recently seen live sender whose hello gives one (not None)."""
+        out: dict[str, tuple[float, Any]] = {}
         for info in self.records.values():
-            path = (info.hello or {}).get("wandb_run")
-            if path and (info.run not in out or info.seen >= out[info.run][0]):
-                out[info.run] = (info.seen, path)
-        return {run: path for run, (_, path) in out.items()}
+            value = read(info.hello) if info.hello is not None else None
+            if value is not None and (info.run not in out or info.seen >= out[info.run][0]):
+                out[info.run] = (info.seen, value)
+        return {run: value for run, (_, value) in out.items()}
 
     def forget_run(self, run: str) -> None:
         """An expired run: its senders and their counters go (its series end)."""
