@@ -73,3 +73,11 @@ def read_run(wandb_dir: str, run_id: str, timeout_s: float = 30.0) -> dict:
         elif kind == "run":
             run = rec.run
     return dict(history=history, metrics=metrics, alerts=alerts, run=run, config=config)
+
+
+def offline(tmp_dir: str, **kwargs) -> dict:
+    """``wandb.init`` keywords of a quiet offline run written under ``tmp_dir`` (the training's side in the tests)."""
+    import wandb
+
+    return dict(mode="offline", dir=tmp_dir, settings=wandb.Settings(silent=True, console="off",
+                                                                       x_disable_stats=True), **kwargs)

@@ -160,6 +160,8 @@ def test_the_hello_names_the_trainings_own_wandb_run_once_training_has_one(sink,
     the training process logs to (a real wandb.init, offline: no entity) once there is one, and stop naming it
     when it is finished."""
     wandb = pytest.importorskip("wandb")
+    from wandb_records import offline
+
     from grokwatch.wire import Hello
 
     def hellos():
@@ -169,8 +171,7 @@ def test_the_hello_names_the_trainings_own_wandb_run_once_training_has_one(sink,
     try:
         sink.drain(until=lambda ms: len(hellos()) >= 2)
         assert hellos() and set(hellos()) == {None}  # no W&B run yet
-        run = wandb.init(mode="offline", project="pretrain", id="train-xyz", dir=str(tmp_path),
-                         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        run = wandb.init(**offline(str(tmp_path), project="pretrain", id="train-xyz"))
         try:
             sink.drain(until=lambda ms: "/pretrain/train-xyz" in hellos())
         finally:
@@ -190,15 +191,13 @@ def test_an_accelerate_run_gives_its_other_trackers_router_health(sink, tmp_path
     pytest.importorskip("accelerate")
     pytest.importorskip("wandb")
     from accelerate import Accelerator
-    from wandb_records import read_run
+    from wandb_records import offline, read_run
 
     model = tiny_model("olmoe")
     mon = gw.attach(model, sink.endpoint, "acc", every_n_steps=1)
     try:
         accelerator = Accelerator(cpu=True, log_with=[gw.GrokwatchTracker(mon), "wandb"])
-        accelerator.init_trackers("grokwatch-test", init_kwargs={"wandb": dict(
-            mode="offline", dir=str(tmp_path), id="acc-run", settings=__import__("wandb").Settings(
-                silent=True, console="off", x_disable_stats=True))})
+        accelerator.init_trackers("grokwatch-test", init_kwargs={"wandb": offline(str(tmp_path), id="acc-run")})
         for step in range(3):
             mon.step(step)
             ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(step))
@@ -232,10 +231,11 @@ def test_a_forked_process_does_not_name_nor_attach_to_its_parents_wandb_run(tmp_
     import multiprocessing
 
     wandb = pytest.importorskip("wandb")
+    from wandb_records import offline
+
     from grokwatch.agent.sender import training_wandb_run
 
-    run = wandb.init(mode="offline", project="pretrain", id="parent-run", dir=str(tmp_path),
-                     settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+    run = wandb.init(**offline(str(tmp_path), project="pretrain", id="parent-run"))
     try:
         assert training_wandb_run() == "/pretrain/parent-run"
         ctx = multiprocessing.get_context("fork")
